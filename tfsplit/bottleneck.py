@@ -1,0 +1,140 @@
+"""The masked bottleneck inserted at the cut: a gated encoder on the device, a decoder on the server.
+
+The encoder squashes each channel into (0, 1) with a sigmoid and scales it by a learnable gate
+`sigmoid(g)`. Channel importance is `sigmoid(g)^2`; the budget logic in `tfsplit.budget` picks the
+top-k channels by it. The decoder maps the (scattered back) channels to the tail's width again.
+"""
+
+import tensorflow as tf
+import tf_keras as keras
+
+GATE_LOGIT_OPEN = 15.0  # sigmoid(15) = 1 - 3e-7: a channel that is pinned fully open.
+GATE_LOGIT_CLOSED = -15.0
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class MaskedEncoder(keras.layers.Layer):
+    """Device-side end of the bottleneck: conv, batch norm, sigmoid, then a per-channel gate.
+
+    Args:
+      channels: number of channels C' that can cross the cut.
+      resolution_factor: spatial stride of the conv; 1 keeps the resolution, r divides H and W by r.
+      kernel_size: size of the square conv kernel.
+      gate_init_max: gate logits start uniform in [0, gate_init_max] (15 = nearly all open).
+
+    Call arguments:
+      inputs: float tensor (batch, H, W, C).
+      training: whether batch norm uses batch statistics.
+
+    Input shape: (batch, H, W, C). Output shape: (batch, ceil(H/r), ceil(W/r), channels).
+    """
+
+    def __init__(
+        self, channels, resolution_factor=1, kernel_size=3, gate_init_max=15.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("channels", channels)
+        _check_positive_int("resolution_factor", resolution_factor)
+        _check_positive_int("kernel_size", kernel_size)
+        if not gate_init_max >= 0:
+            raise ValueError(
+                f"`gate_init_max` must be >= 0. Received: gate_init_max={gate_init_max!r}"
+            )
+        self.channels = channels
+        self.resolution_factor = resolution_factor
+        self.kernel_size = kernel_size
+        self.gate_init_max = float(gate_init_max)
+        self.conv = keras.layers.Conv2D(
+            channels, kernel_size, strides=resolution_factor, padding="same", name="conv"
+        )
+        self.norm = keras.layers.BatchNormalization(name="norm")
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.norm.build(self.conv.compute_output_shape(input_shape))
+        self.gate_logits = self.add_weight(
+            name="gate_logits",
+            shape=(self.channels,),
+            initializer=keras.initializers.RandomUniform(0.0, self.gate_init_max),
+            trainable=True,
+        )
+        super().build(input_shape)
+
+    def gates(self):
+        return tf.sigmoid(self.gate_logits)
+
+    def importance(self):
+        """Channel importance sigmoid(g)^2, the ranking used for top-k selection."""
+        return tf.square(tf.sigmoid(self.gate_logits))
+
+    def call(self, inputs, training=None):
+        features = tf.sigmoid(self.norm(self.conv(inputs), training=training))
+        return features * tf.sigmoid(self.gate_logits)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            resolution_factor=self.resolution_factor,
+            kernel_size=self.kernel_size,
+            gate_init_max=self.gate_init_max,
+        )
+        return config
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class Decoder(keras.layers.Layer):
+    """Server-side start of the bottleneck: transposed conv, batch norm, ReLU.
+
+    Args:
+      channels: number of channels C the tail expects.
+      resolution_factor: spatial stride of the transposed conv; undoes the encoder's stride.
+      kernel_size: size of the square kernel.
+
+    Call arguments:
+      inputs: float tensor (batch, h, w, C') with unselected channels set to zero.
+      training: whether batch norm uses batch statistics.
+
+    Input shape: (batch, h, w, C'). Output shape: (batch, h*r, w*r, channels).
+    """
+
+    def __init__(self, channels, resolution_factor=1, kernel_size=3, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive_int("channels", channels)
+        _check_positive_int("resolution_factor", resolution_factor)
+        _check_positive_int("kernel_size", kernel_size)
+        self.channels = channels
+        self.resolution_factor = resolution_factor
+        self.kernel_size = kernel_size
+        self.deconv = keras.layers.Conv2DTranspose(
+            channels, kernel_size, strides=resolution_factor, padding="same", name="deconv"
+        )
+        self.norm = keras.layers.BatchNormalization(name="norm")
+
+    def build(self, input_shape):
+        self.deconv.build(input_shape)
+        self.norm.build(self.deconv.compute_output_shape(input_shape))
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
+
+    def compute_output_shape(self, input_shape):
+        return self.deconv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            resolution_factor=self.resolution_factor,
+            kernel_size=self.kernel_size,
+        )
+        return config

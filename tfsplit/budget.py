@@ -1,0 +1,170 @@
+"""Channel budgets: top-k selection, the budget loss, gate resets and phase schedules.
+
+A budget k says how many bottleneck channels may cross the cut. The k channels with the largest
+importance `sigmoid(g)^2` are sent; ties go to the lower channel index, so device and server always
+agree and exactly k channels cross (never more, unlike a threshold from a partition).
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tfsplit.bottleneck import GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN
+
+RESETS = ("none", "deprune", "prune")
+
+
+def channel_importance(gate_logits):
+    return tf.square(tf.sigmoid(gate_logits))
+
+
+def top_k_channels(gate_logits, k):
+    """Indices of the k most important channels, most important first.
+
+    `tf.math.top_k` is documented to return the lower index first among equal values, which makes
+    the choice deterministic and identical on device and server.
+
+    Args:
+      gate_logits: (C,) gate logits.
+      k: number of channels to keep, 1 <= k <= C (Python int or scalar tensor).
+
+    Returns:
+      (k,) int32 channel indices.
+    """
+    return tf.math.top_k(channel_importance(gate_logits), k=k, sorted=True).indices
+
+
+def channel_mask(indices, channels):
+    """A (channels,) float32 vector with ones at `indices`: the whole-tensor form of selection."""
+    indices = tf.convert_to_tensor(indices, tf.int32)
+    return tf.scatter_nd(
+        indices[:, tf.newaxis], tf.ones_like(indices, tf.float32), shape=[channels]
+    )
+
+
+def budget_loss(gate_logits, k, eps, delta):
+    """eps * (exp(delta*(sum(m) - k)) + exp(-delta*(sum(m) - k))), with m = sigmoid(g)^2.
+
+    A cosh-shaped pull of the soft channel count towards the budget k. Its floor is 2*eps, so report
+    it apart from the cross-entropy.
+    """
+    excess = tf.reduce_sum(channel_importance(gate_logits)) - tf.cast(k, tf.float32)
+    return eps * (tf.exp(delta * excess) + tf.exp(-delta * excess))
+
+
+def deprune_reset(gate_logits, threshold, reset_range, rng):
+    """Pin the already-open channels fully open; every other channel must re-earn its place.
+
+    Args:
+      gate_logits: (C,) array of gate logits.
+      threshold: logits >= threshold count as open.
+      reset_range: the others get a fresh logit uniform in [0, reset_range].
+      rng: `np.random.Generator`, so a resumed run redraws the same logits.
+
+    Returns:
+      (C,) float32 array of new logits.
+    """
+    gate_logits = np.asarray(gate_logits, np.float32)
+    fresh = rng.uniform(0.0, reset_range, size=gate_logits.shape).astype(np.float32)
+    return np.where(gate_logits >= threshold, np.float32(GATE_LOGIT_OPEN), fresh)
+
+
+def prune_reset(gate_logits, threshold, reset_range, rng):
+    """Close the weak channels for good; the open ones compete again from a fresh logit.
+
+    Args and Returns as in `deprune_reset`: open channels (logit >= threshold) get a fresh logit in
+    [0, reset_range], all others are closed (logit -15).
+    """
+    gate_logits = np.asarray(gate_logits, np.float32)
+    fresh = rng.uniform(0.0, reset_range, size=gate_logits.shape).astype(np.float32)
+    return np.where(gate_logits >= threshold, fresh, np.float32(GATE_LOGIT_CLOSED))
+
+
+_RESET_FUNCTIONS = {"deprune": deprune_reset, "prune": prune_reset}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of training at a fixed budget.
+
+    budget: channels sent per sample position; 0 means no masking (all channels are sent).
+    epochs: epochs in this phase.
+    learning_rate: base learning rate.
+    boost_learning_rate, boost_epochs: a higher rate for the first `boost_epochs` epochs.
+    reset: gate reset applied on entering the phase: "none", "deprune" or "prune".
+    reset_threshold, reset_range: parameters of the reset.
+    """
+
+    budget: int
+    epochs: int
+    learning_rate: float
+    boost_learning_rate: float = 0.0
+    boost_epochs: int = 0
+    reset: str = "none"
+    reset_threshold: float = 0.9
+    reset_range: float = 3.0
+
+    def learning_rate_at(self, epoch_in_phase):
+        if epoch_in_phase < self.boost_epochs:
+            return self.boost_learning_rate
+        return self.learning_rate
+
+    def effective_budget(self, channels):
+        return channels if self.budget == 0 else self.budget
+
+    def apply_reset(self, gate_logits, rng):
+        if self.reset == "none":
+            return np.asarray(gate_logits, np.float32)
+        return _RESET_FUNCTIONS[self.reset](
+            gate_logits, self.reset_threshold, self.reset_range, rng
+        )
+
+
+def build_phases(phase_configs, channels, has_bottleneck):
+    """Validated `Phase`s from config entries (dicts or ConfigDicts with Phase's fields).
+
+    Raises:
+      ValueError: naming the phase and field when a value is out of range, or when a phase masks
+        channels but the model has no bottleneck to mask.
+    """
+    if not phase_configs:
+        raise ValueError("The schedule needs at least one phase. Received: phases=[]")
+    field_names = {f.name for f in dataclasses.fields(Phase)}
+    phases = []
+    for number, entry in enumerate(phase_configs, start=1):
+        entry = dict(entry)
+        unknown = set(entry) - field_names
+        if unknown:
+            raise ValueError(
+                f"Phase {number} has unknown keys {sorted(unknown)}; expected a subset of "
+                f"{sorted(field_names)}."
+            )
+        phase = Phase(**entry)
+        _check_phase(phase, number, channels, has_bottleneck)
+        phases.append(phase)
+    return phases
+
+
+def _check_phase(phase, number, channels, has_bottleneck):
+    def fail(what):
+        raise ValueError(f"Phase {number}: {what}. Received: {phase}")
+
+    if not isinstance(phase.budget, (int, np.integer)) or not 0 <= phase.budget <= channels:
+        fail(f"budget must be an integer in [0, {channels}] (0 = all channels, no masking)")
+    if phase.budget and not has_bottleneck:
+        fail("a budget needs the masked bottleneck (model.bottleneck.enabled=True)")
+    if phase.reset != "none" and not has_bottleneck:
+        fail("a gate reset needs the masked bottleneck")
+    if not isinstance(phase.epochs, (int, np.integer)) or phase.epochs < 1:
+        fail("epochs must be a positive integer")
+    if not phase.learning_rate > 0:
+        fail("learning_rate must be > 0")
+    if not 0 <= phase.boost_epochs <= phase.epochs:
+        fail("boost_epochs must be in [0, epochs]")
+    if phase.boost_epochs and not phase.boost_learning_rate > 0:
+        fail("boost_learning_rate must be > 0 when boost_epochs > 0")
+    if phase.reset not in RESETS:
+        fail(f"reset must be one of {RESETS}")
+    if not phase.reset_range > 0:
+        fail("reset_range must be > 0")
