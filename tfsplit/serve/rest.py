@@ -1,0 +1,295 @@
+"""TF Serving's REST API in front of a ServedTail, on the standard library's HTTP server.
+
+Routes, as TF Serving has them:
+
+    GET  /v1/models/<name>[/versions/<v>]            model status
+    GET  /v1/models/<name>[/versions/<v>]/metadata   signature def
+    POST /v1/models/<name>[/versions/<v>]:predict    {"inputs": {...}} -> {"outputs": ...}
+                                                     {"instances": [...]} -> {"predictions": [...]}
+
+Numbers travel as plain JSON numbers for every dtype; the signature decides how they are read. In
+the row ("instances") format TF Serving would stack every input along a new batch dimension, which
+`indices`, `scale` and `zero_point` do not have; here every instance must carry the same three and
+only `values` is stacked, so the row format stays usable by hand (curl). Clients use the columnar
+format, which a real TF Serving answers identically.
+"""
+
+import http
+import http.server
+import json
+import re
+import socket
+
+import grpc
+from absl import logging
+from google.protobuf import json_format
+
+from tfsplit.serve import tensors, validation
+
+_ROUTE = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<suffix>:predict|/metadata)?$"
+)
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: http.HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.FAILED_PRECONDITION: http.HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.NOT_FOUND: http.HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: http.HTTPStatus.TOO_MANY_REQUESTS,
+    grpc.StatusCode.UNIMPLEMENTED: http.HTTPStatus.NOT_IMPLEMENTED,
+}
+_BODY_KEYS = {"signature_name", "inputs", "instances"}
+_SHARED_INPUTS = ("indices", "scale", "zero_point")
+_DRAIN_FACTOR = 8
+_DRAIN_CHUNK_BYTES = 1 << 16
+
+
+class _HttpError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _bad_request(message):
+    return _HttpError(http.HTTPStatus.BAD_REQUEST, message)
+
+
+def _route(path):
+    """(name, version or None, label or None, suffix or "") of a TF Serving REST path."""
+    match = _ROUTE.match(path)
+    if match is None:
+        raise _HttpError(
+            http.HTTPStatus.NOT_FOUND,
+            f"Malformed request: {path!r}. Expected /v1/models/<name>[/versions/<v>] followed by "
+            "nothing (status), /metadata or :predict.",
+        )
+    version = match["version"]
+    return match["name"], None if version is None else int(version), match["label"], match["suffix"]
+
+
+def _decode_input(spec, name, value, max_elements):
+    try:
+        return tensors.from_json(value, validation.input_dtype(spec, name), max_elements)
+    except tensors.TensorDecodeError as error:
+        raise _bad_request(f"Input {name!r}: {error}") from None
+
+
+def _columnar_arrays(served, inputs, max_elements):
+    if not isinstance(inputs, dict):
+        raise _bad_request(
+            f"'inputs' must be an object mapping the input names {list(validation.INPUT_NAMES)} "
+            f"to values. Received: {type(inputs).__name__}"
+        )
+    validation.check_input_names(served.spec, inputs)
+    return {name: _decode_input(served.spec, name, inputs[name], max_elements) for name in inputs}
+
+
+def _row_arrays(served, instances, max_elements):
+    """Stacks the instances' `values`; the batch-less inputs must be equal in every instance."""
+    if not isinstance(instances, list) or not instances:
+        raise _bad_request("'instances' must be a non-empty list of objects.")
+    if len(instances) > served.max_batch_size:
+        raise _bad_request(
+            f"Too many instances: at most {served.max_batch_size} accepted. "
+            f"Received: {len(instances)}"
+        )
+    for row in instances:
+        if not isinstance(row, dict):
+            raise _bad_request(f"Every instance must be an object. Received: {type(row).__name__}")
+        validation.check_input_names(served.spec, row)
+    for name in _SHARED_INPUTS:
+        if any(row[name] != instances[0][name] for row in instances[1:]):
+            raise _bad_request(
+                f"In the row format every instance must carry the same {name!r}: it has no batch "
+                "dimension. Send instances that share it, or use the columnar 'inputs' format."
+            )
+    arrays = {name: instances[0][name] for name in _SHARED_INPUTS}
+    arrays["values"] = [row["values"] for row in instances]
+    return {name: _decode_input(served.spec, name, arrays[name], max_elements) for name in arrays}
+
+
+def _output_json(outputs):
+    """TF Serving omits the output name when there is only one output."""
+    if len(outputs) == 1:
+        return tensors.to_json(next(iter(outputs.values())))
+    return {name: tensors.to_json(array) for name, array in outputs.items()}
+
+
+def _predictions_json(outputs):
+    if len(outputs) == 1:
+        return tensors.to_json(next(iter(outputs.values())))
+    batch = len(next(iter(outputs.values())))
+    return [
+        {name: tensors.to_json(array[i]) for name, array in outputs.items()} for i in range(batch)
+    ]
+
+
+def _parse_body(body):
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise _bad_request(f"Malformed JSON in the request body: {error}") from None
+    if not isinstance(request, dict):
+        raise _bad_request(f"The body must be a JSON object. Received: {type(request).__name__}")
+    unknown = sorted(set(request) - _BODY_KEYS)
+    if unknown or ("inputs" in request) == ("instances" in request):
+        raise _bad_request(
+            "The body must hold exactly one of 'inputs' (columnar) or 'instances' (row), and "
+            f"optionally 'signature_name'. Received keys: {sorted(request)}"
+        )
+    signature_name = request.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise _bad_request(f"'signature_name' must be a string. Received: {signature_name!r}")
+    return request, signature_name
+
+
+def predict_json(served, target, body, max_elements):
+    """Answers one :predict body; returns the response object. Raises _HttpError/RequestError."""
+    request, signature_name = _parse_body(body)
+    name, version, label = target
+    served.check_target(name, version, label, signature_name)
+    if "inputs" in request:
+        arrays = _columnar_arrays(served, request["inputs"], max_elements)
+        return {"outputs": _output_json(served.predict(arrays))}
+    arrays = _row_arrays(served, request["instances"], max_elements)
+    return {"predictions": _predictions_json(served.predict(arrays))}
+
+
+def status_json(served):
+    return {
+        "model_version_status": [
+            {
+                "version": str(served.version),
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+
+
+def metadata_json(served):
+    signature_defs = json_format.MessageToDict(
+        served.signature_def_map(), preserving_proto_field_name=True
+    )
+    return {
+        "model_spec": {"name": served.name, "signature_name": "", "version": str(served.version)},
+        "metadata": {"signature_def": signature_defs},
+    }
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection; `self.server` is the RestServer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "tfsplit-serve"
+    timeout = 60  # seconds a stalled client may hold a connection
+
+    def log_message(self, format, *args):  # noqa: A002  (the base class's signature)
+        logging.debug("REST %s: " + format, self.address_string(), *args)
+
+    def _send_json(self, status, obj):
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error_json(self, status, message):
+        # The unread rest of a refused body would be taken for the next request: close instead.
+        self.close_connection = True
+        logging.warning("Rejected REST %s %s (%d): %s", self.command, self.path, status, message)
+        self._send_json(status, {"error": message})
+
+    def _handle(self, answer):
+        try:
+            self._send_json(http.HTTPStatus.OK, answer())
+        except _HttpError as error:
+            self._send_error_json(error.status, str(error))
+        except validation.RequestError as error:
+            status = _HTTP_STATUS.get(error.code, http.HTTPStatus.INTERNAL_SERVER_ERROR)
+            self._send_error_json(status, str(error))
+        except Exception as error:  # noqa: BLE001  (one bad request must not take the server down)
+            logging.exception("Internal error in REST %s %s", self.command, self.path)
+            self._send_error_json(
+                http.HTTPStatus.INTERNAL_SERVER_ERROR, f"Internal error: {type(error).__name__}"
+            )
+
+    def _read_body(self):
+        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+            raise _HttpError(
+                http.HTTPStatus.LENGTH_REQUIRED, "The request needs a Content-Length header."
+            )
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise _bad_request("Content-Length must be an integer.") from None
+        limit = self.server.max_request_bytes
+        if length < 0:
+            raise _bad_request(f"Content-Length must be >= 0. Received: {length}")
+        if length > limit:
+            self._discard(length, limit)
+            raise _HttpError(
+                http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"The request body must be at most {limit} bytes. Received: {length}",
+            )
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise _HttpError(
+                http.HTTPStatus.REQUEST_TIMEOUT,
+                f"Timed out after {self.timeout} s reading a {length}-byte body.",
+            ) from None
+        if len(body) != length:
+            raise _bad_request(f"The body ended after {len(body)} of {length} bytes.")
+        return body
+
+    def _discard(self, length, limit):
+        """Reads and drops a refused body that is not absurdly large, so the client, still
+        sending, reads the 413 answer instead of a connection reset."""
+        if length > _DRAIN_FACTOR * limit:
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, _DRAIN_CHUNK_BYTES))
+            if not chunk:
+                return
+            length -= len(chunk)
+
+    def _get(self):
+        *target, suffix = _route(self.path)
+        served = self.server.served
+        served.check_target(*target, "")
+        if suffix == ":predict":
+            raise _HttpError(http.HTTPStatus.METHOD_NOT_ALLOWED, "Use POST for :predict.")
+        return metadata_json(served) if suffix == "/metadata" else status_json(served)
+
+    def _post(self):
+        *target, suffix = _route(self.path)
+        if suffix != ":predict":
+            raise _HttpError(http.HTTPStatus.METHOD_NOT_ALLOWED, "Only :predict takes POST.")
+        body = self._read_body()
+        return predict_json(self.server.served, target, body, self.server.max_request_bytes)
+
+    def do_GET(self):  # noqa: N802  (the base class's dispatch name)
+        self._handle(self._get)
+
+    def do_POST(self):  # noqa: N802  (the base class's dispatch name)
+        self._handle(self._post)
+
+
+class RestServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server for one ServedTail.
+
+    Args:
+      host, port: where to bind; port 0 picks a free port (read `server_address` after).
+      served: the ServedTail.
+      max_request_bytes: the largest request body accepted.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, host, port, served, max_request_bytes):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.served = served
+        self.max_request_bytes = max_request_bytes
+        super().__init__((host, port), _Handler)

@@ -1,0 +1,174 @@
+"""A tail server that speaks TF Serving's gRPC and REST protocols.
+
+TF Serving serves a tail SavedModel unchanged, but it checks nothing beyond what TensorFlow
+itself refuses: a one-hot scatter takes an out-of-range index as "no channel", a duplicate as a
+channel counted twice, and a bad shape fails deep inside the graph. TailServer serves the same
+SavedModel with the same protocols (so one client works against both) and validates every request
+first, answering what was wrong and what was expected.
+"""
+
+import concurrent.futures
+import threading
+
+import grpc
+from absl import logging
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tfsplit.serve import grpc_service, model, rest
+
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+
+
+def _address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_port(name, port):
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise ValueError(
+            f"`{name}` must be an int in [0, 65535] (0: any free port). Received: {port!r}"
+        )
+
+
+class TailServer:
+    """Serves one tail SavedModel over gRPC (PredictionService) and REST, as TF Serving does.
+
+    The model is loaded in the constructor, so a bad model path or signature fails there; `start`
+    binds the ports. Binds to loopback by default: exposing the tail is a deliberate choice.
+
+    Args:
+      model_base_path: the directory that holds numeric version directories, or its parent (then
+        `<model_base_path>/<model_name>/<version>`).
+      model_name: the name clients address, e.g. "tail".
+      host: interface to bind.
+      grpc_port, rest_port: ports to bind; 0 picks free ones (see the attributes after start).
+      version: version to serve; None serves the latest.
+      signature_name: signature to serve; None takes tfsplit_tail.json's, else serving_default.
+      channels: bottleneck width C when the export wrote no tfsplit_tail.json.
+      max_batch_size: the largest batch N per request.
+      max_request_bytes: the largest request (gRPC message or REST body).
+      max_workers: gRPC handler threads.
+
+    Attributes:
+      grpc_port, rest_port: the ports actually bound (after `start`).
+      served: the ServedTail (model name, version, spec).
+    """
+
+    def __init__(
+        self,
+        model_base_path,
+        model_name,
+        host="127.0.0.1",
+        grpc_port=0,
+        rest_port=0,
+        version=None,
+        signature_name=None,
+        channels=None,
+        max_batch_size=256,
+        max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+        max_workers=8,
+    ):
+        _check_port("grpc_port", grpc_port)
+        _check_port("rest_port", rest_port)
+        if type(max_request_bytes) is not int or max_request_bytes < 1:
+            raise ValueError(f"`max_request_bytes` must be >= 1. Received: {max_request_bytes!r}")
+        if type(max_workers) is not int or max_workers < 1:
+            raise ValueError(f"`max_workers` must be >= 1. Received: {max_workers!r}")
+        self.served = model.ServedTail(
+            model_base_path, model_name, version, signature_name, channels, max_batch_size
+        )
+        self.host = host
+        self.grpc_port = grpc_port
+        self.rest_port = rest_port
+        self._max_request_bytes = max_request_bytes
+        self._max_workers = max_workers
+        self._grpc_server = None
+        self._rest_server = None
+        self._rest_thread = None
+        self._stopped = threading.Event()
+
+    @property
+    def grpc_target(self):
+        """host:port for `grpc.insecure_channel` / GrpcTailClient."""
+        return _address(self.host, self.grpc_port)
+
+    @property
+    def rest_url(self):
+        """Base URL for RestTailClient."""
+        return f"http://{_address(self.host, self.rest_port)}"
+
+    def _start_grpc(self):
+        limit = self._max_request_bytes
+        # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would start and
+        # silently share it; without it, a taken port is an error here.
+        server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(self._max_workers, "tfsplit-grpc"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
+        )
+        servicer = grpc_service.PredictionServicer(self.served, limit)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+        try:
+            port = server.add_insecure_port(_address(self.host, self.grpc_port))
+        except RuntimeError as error:
+            port, reason = 0, error
+        else:
+            reason = "port in use or host not local"
+        if not port:
+            raise OSError(f"Cannot bind gRPC to {_address(self.host, self.grpc_port)}: {reason}")
+        server.start()
+        self._grpc_server, self.grpc_port = server, port
+
+    def _start_rest(self):
+        server = rest.RestServer(self.host, self.rest_port, self.served, self._max_request_bytes)
+        self.rest_port = server.server_address[1]
+        self._rest_thread = threading.Thread(
+            target=server.serve_forever, name="tfsplit-rest", daemon=True
+        )
+        self._rest_thread.start()
+        self._rest_server = server
+
+    def start(self):
+        """Binds both ports and starts answering; returns self.
+
+        Raises:
+          RuntimeError: already started.
+          OSError: a port cannot be bound.
+        """
+        if self._grpc_server is not None:
+            raise RuntimeError("TailServer.start() was already called; a server starts once.")
+        self._start_grpc()
+        try:
+            self._start_rest()
+        except OSError:
+            self._grpc_server.stop(None)
+            raise
+        logging.info(
+            "Serving model %r version %d: gRPC on %s, REST on %s",
+            self.served.name,
+            self.served.version,
+            self.grpc_target,
+            self.rest_url,
+        )
+        return self
+
+    def stop(self, grace_s=1.0):
+        """Stops both frontends; in-flight gRPC calls get `grace_s` seconds to finish."""
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace_s).wait()
+        if self._rest_server is not None:
+            self._rest_server.shutdown()
+            self._rest_server.server_close()
+            self._rest_thread.join()
+        self._rest_server = self._rest_thread = None
+        self._stopped.set()
+        logging.info("Stopped serving model %r", self.served.name)
+
+    def wait(self, timeout_s=None):
+        """Blocks until `stop` (from another thread or a signal handler); True once stopped."""
+        return self._stopped.wait(timeout_s)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
