@@ -14,7 +14,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 
-from tfsplit.models import vgg
+from tfsplit.models import mobilenet, resnet, vgg
 from tfsplit.models.splitter import SplitModel, split_model
 
 
@@ -26,12 +26,24 @@ class _Backbone:
 
 
 _REGISTRY = {
-    name: _Backbone(
-        build=functools.partial(vgg.build_vgg, name),
-        cut_points=vgg.CUT_POINTS[name],
-        layer_names=tuple(vgg.feature_layer_names(name)),
-    )
-    for name in vgg.CONFIGS
+    **{
+        name: _Backbone(
+            build=functools.partial(vgg.build_vgg, name),
+            cut_points=vgg.CUT_POINTS[name],
+            layer_names=tuple(vgg.feature_layer_names(name)),
+        )
+        for name in vgg.CONFIGS
+    },
+    "resnet18": _Backbone(
+        build=resnet.build_resnet18,
+        cut_points=resnet.CUT_POINTS,
+        layer_names=resnet.CUT_LAYERS,
+    ),
+    "mobilenetv2": _Backbone(
+        build=mobilenet.build_mobilenetv2,
+        cut_points=mobilenet.CUT_POINTS,
+        layer_names=mobilenet.CUT_LAYERS,
+    ),
 }
 BACKBONES = tuple(_REGISTRY)
 
@@ -54,7 +66,8 @@ def build_backbone(name, num_classes, input_shape, width_multiplier=1.0, classif
       num_classes: number of logits.
       input_shape: (height, width, channels) of one image.
       width_multiplier: scales the layer widths (0.125 makes test-sized models).
-      classifier: "cifar" (small head for 32x32 data) or "imagenet" (the research code's head).
+      classifier: "cifar" (small head for 32x32 data); VGG also takes "imagenet" (the research
+        code's head).
 
     Returns:
       An uncompiled `keras.Model` whose layer names match `cut_points(name)`.
