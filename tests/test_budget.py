@@ -34,7 +34,7 @@ def test_top_k_eager_and_compiled_agree_with_a_tensor_budget():
     k = tf.Variable(10)
     compiled = tf.function(lambda: budget.top_k_channels(logits, k))
     np.testing.assert_array_equal(compiled().numpy(), budget.top_k_channels(logits, 10).numpy())
-    expected = np.argsort(-(1 / (1 + np.exp(-logits.numpy()))) ** 2, kind="stable")[:10]
+    expected = np.argsort(-((1 / (1 + np.exp(-logits.numpy()))) ** 2), kind="stable")[:10]
     np.testing.assert_array_equal(compiled().numpy(), expected)
 
 
@@ -48,12 +48,14 @@ def test_budget_loss_value():
     soft = sum(sigmoid(v) ** 2 for v in (0.0, 1.0, 2.0))
     excess = soft - 1
     expected = 1000 * (math.exp(0.1 * excess) + math.exp(-0.1 * excess))
-    np.testing.assert_allclose(budget.budget_loss(logits, 1, 1000.0, 0.1).numpy(), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        budget.budget_loss(logits, 1, 1000.0, 0.1).numpy(), expected, rtol=1e-6
+    )
     # At sum(m) == k the penalty sits on its floor 2*eps.
     at_budget = tf.constant([15.0, 15.0, -15.0])
-    np.testing.assert_allclose(budget.budget_loss(at_budget, 2, 1000.0, 0.1).numpy(), 2000.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        budget.budget_loss(at_budget, 2, 1000.0, 0.1).numpy(), 2000.0, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("k, sign", [(1, +1.0), (3, -1.0)])
@@ -84,8 +86,9 @@ def test_prune_reset_closes_weak_gates_and_redraws_open_ones():
 
 
 def test_phase_learning_rate_boost_and_budget():
-    phase = budget.Phase(budget=0, epochs=4, learning_rate=0.01, boost_learning_rate=0.05,
-                         boost_epochs=2)
+    phase = budget.Phase(
+        budget=0, epochs=4, learning_rate=0.01, boost_learning_rate=0.05, boost_epochs=2
+    )
     assert [phase.learning_rate_at(e) for e in range(4)] == [0.05, 0.05, 0.01, 0.01]
     assert phase.effective_budget(128) == 128
     assert budget.Phase(budget=16, epochs=1, learning_rate=0.1).effective_budget(128) == 16
@@ -93,24 +96,35 @@ def test_phase_learning_rate_boost_and_budget():
 
 def test_build_phases_accepts_a_valid_schedule():
     phases = budget.build_phases(
-        [dict(budget=4, epochs=2, learning_rate=0.01),
-         dict(budget=16, epochs=1, learning_rate=0.01, reset="deprune")],
-        channels=32, has_bottleneck=True)
+        [
+            dict(budget=4, epochs=2, learning_rate=0.01),
+            dict(budget=16, epochs=1, learning_rate=0.01, reset="deprune"),
+        ],
+        channels=32,
+        has_bottleneck=True,
+    )
     assert [p.budget for p in phases] == [4, 16]
 
 
-@pytest.mark.parametrize("entry, has_bottleneck, message", [
-    (dict(budget=40, epochs=1, learning_rate=0.1), True, "budget must be an integer in [0, 32]"),
-    (dict(budget=-1, epochs=1, learning_rate=0.1), True, "budget must be"),
-    (dict(budget=4, epochs=1, learning_rate=0.1), False, "needs the masked bottleneck"),
-    (dict(budget=0, epochs=1, learning_rate=0.1, reset="prune"), False, "reset needs"),
-    (dict(budget=4, epochs=0, learning_rate=0.1), True, "epochs must be a positive integer"),
-    (dict(budget=4, epochs=1, learning_rate=0.0), True, "learning_rate must be > 0"),
-    (dict(budget=4, epochs=1, learning_rate=0.1, boost_epochs=2), True, "boost_epochs"),
-    (dict(budget=4, epochs=2, learning_rate=0.1, boost_epochs=1), True, "boost_learning_rate"),
-    (dict(budget=4, epochs=1, learning_rate=0.1, reset="grow"), True, "reset must be one of"),
-    (dict(budget=4, epochs=1, learning_rate=0.1, speed=3), True, "unknown keys ['speed']"),
-])
+@pytest.mark.parametrize(
+    "entry, has_bottleneck, message",
+    [
+        (
+            dict(budget=40, epochs=1, learning_rate=0.1),
+            True,
+            "budget must be an integer in [0, 32]",
+        ),
+        (dict(budget=-1, epochs=1, learning_rate=0.1), True, "budget must be"),
+        (dict(budget=4, epochs=1, learning_rate=0.1), False, "needs the masked bottleneck"),
+        (dict(budget=0, epochs=1, learning_rate=0.1, reset="prune"), False, "reset needs"),
+        (dict(budget=4, epochs=0, learning_rate=0.1), True, "epochs must be a positive integer"),
+        (dict(budget=4, epochs=1, learning_rate=0.0), True, "learning_rate must be > 0"),
+        (dict(budget=4, epochs=1, learning_rate=0.1, boost_epochs=2), True, "boost_epochs"),
+        (dict(budget=4, epochs=2, learning_rate=0.1, boost_epochs=1), True, "boost_learning_rate"),
+        (dict(budget=4, epochs=1, learning_rate=0.1, reset="grow"), True, "reset must be one of"),
+        (dict(budget=4, epochs=1, learning_rate=0.1, speed=3), True, "unknown keys ['speed']"),
+    ],
+)
 def test_build_phases_rejects_bad_entries(entry, has_bottleneck, message):
     with pytest.raises(ValueError, match="Phase 1") as error:
         budget.build_phases([entry], channels=32, has_bottleneck=has_bottleneck)

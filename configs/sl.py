@@ -1,0 +1,23 @@
+"""Split learning (SL) baseline: the plain cut, every channel crosses in float16.
+
+No bottleneck; the device sends the cut activations (and labels) up, the server sends their
+gradients down. The reference point for deprune's network savings.
+
+Default (embedded dataset, VGG-11 width 1/4 cut after conv 5, 10 epochs): a few minutes on 2 CPU
+cores. Variants: `:smoke` (seconds) and `:paper` (VGG-11, CIFAR-10, 40 epochs; a GPU).
+
+  tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl
+"""
+
+from tfsplit.config import apply_variant, base_config, phase
+
+
+def get_config(arg=None):
+    config = base_config("sl")
+    # Model: no bottleneck at the cut.
+    config.model.bottleneck.enabled = False
+    # Schedule: one unmasked phase, as long as deprune's two phases together.
+    config.phases = [phase(budget=0, epochs=10, learning_rate=0.02)]
+    if arg == "paper":
+        config.phases = [phase(budget=0, epochs=40, learning_rate=0.01)]
+    return apply_variant(config, arg or "")

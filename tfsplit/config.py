@@ -1,0 +1,96 @@
+"""The one config schema every experiment file in configs/ fills in.
+
+Every key the trainer reads is here, with its meaning; experiment files change values, never add
+hidden defaults. A config file's `get_config(arg)` takes a variant: "" (the default, a few minutes
+on the embedded dataset), "smoke" (seconds; used by the tests) or "paper" (the research code's
+VGG-11, CIFAR-10 and reference schedule; meant for a GPU).
+"""
+
+import ml_collections
+
+VARIANTS = ("", "smoke", "paper")
+
+
+def phase(budget, epochs, learning_rate, boost_learning_rate=0.0, boost_epochs=0, reset="none",
+          reset_threshold=0.9, reset_range=3.0):
+    """One schedule entry; budget 0 = all channels, no masking. See `tfsplit.budget.Phase`."""
+    return ml_collections.ConfigDict(dict(
+        budget=budget, epochs=epochs, learning_rate=learning_rate,
+        boost_learning_rate=boost_learning_rate, boost_epochs=boost_epochs, reset=reset,
+        reset_threshold=reset_threshold, reset_range=reset_range,
+    ))
+
+
+def base_config(mode):
+    """Defaults shared by all methods: embedded dataset, VGG-11 at width 1/4 cut after conv 5."""
+    config = ml_collections.ConfigDict()
+    config.mode = mode  # "sl", "casl", "deprune" or "prune": recorded in summary.json.
+    config.seed = 0
+    config.init_from = ""  # workdir of an earlier run whose weights start this one (prune).
+    config.log_every_steps = 50
+
+    # Data.
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "synthetic"  # "synthetic" (embedded), "cifar10", "cifar100".
+    config.data.path = ""  # local CIFAR python archive (.tar.gz or extracted); "" = download.
+    config.data.train_size = 0  # 0 = the whole training set.
+    config.data.test_size = 0
+    config.data.batch_size = 64
+    config.data.eval_batch_size = 500
+    config.data.augment = True  # random crop (4-pixel padding) + horizontal flip.
+
+    # Model: backbone, cut and the masked bottleneck.
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "vgg11"
+    config.model.width_multiplier = 0.25
+    config.model.classifier = "cifar"  # "cifar" (global pool + dense) or "imagenet" (research code).
+    config.model.cut = "conv5"  # 128 channels at 4x4 for 32x32 input at width 0.25.
+    config.model.bottleneck = ml_collections.ConfigDict()
+    config.model.bottleneck.enabled = True
+    config.model.bottleneck.feature_compression = 1  # C' = C / feature_compression.
+    config.model.bottleneck.resolution_compression = 1  # encoder stride.
+    config.model.bottleneck.gate_init_max = 15.0  # gate logits start uniform in [0, this].
+
+    # Schedule: a list of phases (see `phase`).
+    config.phases = [phase(budget=0, epochs=1, learning_rate=0.01)]
+
+    # Budget loss eps * (exp(delta*(sum(m)-k)) + exp(-delta*(sum(m)-k))).
+    config.budget_loss = ml_collections.ConfigDict()
+    config.budget_loss.eps = 1000.0
+    config.budget_loss.delta = 0.1
+
+    # Optimizer: SGD; weight decay is decoupled (tf_keras SGD), 0 = none.
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.momentum = 0.9
+    config.optimizer.weight_decay = 5e-4
+
+    # Wire: what crosses the cut, and how it is carried.
+    config.wire = ml_collections.ConfigDict()
+    config.wire.activation_dtype = "float16"  # "float32", "float16" or "int8".
+    config.wire.gradient_dtype = "float16"
+    config.wire.transport = "fused"  # "fused" (one compiled step) or "codec" (real bytes).
+    return config
+
+
+def apply_variant(config, variant):
+    """Shrinks the config to a seconds-long smoke run, or widens it to the paper's setting."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown config variant {variant!r}; expected one of {VARIANTS}.")
+    if variant == "smoke":
+        config.data.train_size = 256
+        config.data.test_size = 128
+        config.data.batch_size = 32
+        config.data.eval_batch_size = 128
+        config.model.width_multiplier = 0.125
+        config.log_every_steps = 0
+        for entry in config.phases:
+            entry.epochs = 1
+            entry.boost_epochs = min(entry.boost_epochs, 1)
+    elif variant == "paper":
+        config.data.name = "cifar10"
+        config.data.batch_size = 16
+        config.model.width_multiplier = 1.0
+        config.model.classifier = "imagenet"
+        config.optimizer.momentum = 0.0
+        config.optimizer.weight_decay = 5e-4
+    return config

@@ -1,0 +1,212 @@
+"""Split training and evaluation steps.
+
+Two interchangeable implementations of one step:
+- `FusedSteps`: one compiled `tf.function` for head, channel selection, wire quantization (both
+  directions, straight-through), tail and budget loss. Bytes are counted by the ledger from the
+  codec's exact size formula.
+- `CodecSteps`: the same step cut where a device and a server would cut it: the head's output is
+  encoded to real bytes by the codec, decoded, run through the tail, and the tail's gradient is
+  encoded and decoded again before the head sees it. This is the path that bytes take when they
+  leave the process; tests use it to prove the fused path and the ledger are exact.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import budget as budget_lib
+from tfsplit import codec
+
+
+def make_wire(activation_dtype, gradient_dtype):
+    """Quantize what crosses the cut both ways: activations forward, their gradient backward.
+
+    Only the masked (selected) channels carry values, in both directions, exactly as the codec
+    sends them; the rest are zero by construction.
+    """
+
+    @tf.custom_gradient
+    def wire(activations, mask):
+        sent = codec.fake_quantize(activations * mask, activation_dtype)
+
+        def backward(upstream):
+            return codec.fake_quantize(upstream * mask, gradient_dtype), tf.zeros_like(mask)
+
+        return sent, backward
+
+    return wire
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Per-step numbers the trainer logs and the ledger counts."""
+
+    cross_entropy: float
+    budget_loss: float
+    correct: int
+    batch_size: int
+    bytes_up: int
+    bytes_down: int
+
+
+class _StepsBase:
+    """State shared by both step implementations.
+
+    Args:
+      split: a `tfsplit.models.SplitModel`.
+      optimizer: a tf_keras optimizer.
+      activation_dtype, gradient_dtype: wire dtypes (see `tfsplit.codec.WIRE_DTYPES`).
+      budget_eps, budget_delta: weights of the budget loss.
+    """
+
+    def __init__(self, split, optimizer, activation_dtype, gradient_dtype, budget_eps, budget_delta):
+        self.split = split
+        self.optimizer = optimizer
+        self.activation_dtype = activation_dtype
+        self.gradient_dtype = gradient_dtype
+        self.budget_eps = float(budget_eps)
+        self.budget_delta = float(budget_delta)
+        self.height, self.width, self.channels = split.wire_shape
+        # Variables, not Python values, so a new phase does not retrace the compiled step.
+        self.k = tf.Variable(self.channels, dtype=tf.int32, trainable=False, name="budget")
+        self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
+        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # Both halves update through one optimizer; it must know every variable up front.
+        self.optimizer.build(split.head.trainable_variables + split.tail.trainable_variables)
+
+    def set_budget(self, k, masking):
+        """k channels are sent; `masking` turns the budget loss on (off for unmasked phases)."""
+        self.k.assign(k)
+        self.penalty_weight.assign(self.budget_eps if masking else 0.0)
+
+    def bytes_for(self, batch_size):
+        k = int(self.k.numpy())
+        up = codec.payload_nbytes(
+            batch_size, self.height, self.width, k, self.activation_dtype, with_labels=True
+        )
+        down = codec.payload_nbytes(
+            batch_size, self.height, self.width, k, self.gradient_dtype, with_labels=False
+        )
+        return up, down
+
+    def _selection(self):
+        encoder = self.split.encoder
+        if encoder is None:
+            return tf.range(self.channels, dtype=tf.int32), tf.ones([self.channels])
+        indices = budget_lib.top_k_channels(encoder.gate_logits, self.k)
+        return indices, budget_lib.channel_mask(indices, self.channels)
+
+    def _budget_penalty(self):
+        if self.split.encoder is None:
+            return tf.constant(0.0)
+        return self.penalty_weight * budget_lib.budget_loss(
+            self.split.encoder.gate_logits, self.k, 1.0, self.budget_delta
+        )
+
+    @tf.function(reduce_retracing=True)
+    def _eval_logits(self, images):
+        _, mask = self._selection()
+        sent = codec.fake_quantize(self.split.head(images, training=False) * mask,
+                                   self.activation_dtype)
+        return self.split.tail(sent, training=False)
+
+    def evaluate(self, dataset):
+        """Top-1 accuracy on `dataset` at the budget in force, sending what inference would send."""
+        correct = total = 0
+        for images, labels in dataset:
+            predictions = tf.argmax(self._eval_logits(images), axis=-1, output_type=tf.int32)
+            correct += int(tf.reduce_sum(tf.cast(predictions == labels, tf.int32)))
+            total += int(tf.shape(labels)[0])
+        if total == 0:
+            raise ValueError("The evaluation dataset is empty; expected at least one batch.")
+        return correct / total
+
+
+class FusedSteps(_StepsBase):
+    """The whole split step as one compiled function (the fast path)."""
+
+    def __init__(self, *args, jit_compile=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wire = make_wire(self.activation_dtype, self.gradient_dtype)
+        self._compiled = tf.function(self._step, jit_compile=jit_compile, reduce_retracing=True)
+
+    def _step(self, images, labels):
+        variables = self.split.head.trainable_variables + self.split.tail.trainable_variables
+        with tf.GradientTape() as tape:
+            _, mask = self._selection()
+            sent = self._wire(self.split.head(images, training=True), mask)
+            logits = self.split.tail(sent, training=True)
+            cross_entropy = self.loss_fn(labels, logits)
+            penalty = self._budget_penalty()
+            loss = cross_entropy + penalty
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        correct = tf.reduce_sum(
+            tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)
+        )
+        return cross_entropy, penalty, correct
+
+    def train_step(self, images, labels):
+        cross_entropy, penalty, correct = self._compiled(images, labels)
+        batch_size = int(labels.shape[0])
+        up, down = self.bytes_for(batch_size)
+        return StepResult(float(cross_entropy), float(penalty), int(correct), batch_size, up, down)
+
+
+class CodecSteps(_StepsBase):
+    """The split step with real bytes between device and server halves.
+
+    Slower than `FusedSteps` (two extra host round trips per step) but it is literally what a
+    networked device and server do, and the bytes it reports are `len()` of encoded payloads.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def _device_forward(self, images):
+        indices, _ = self._selection()
+        return self.split.head(images, training=True), self._budget_penalty(), indices
+
+    @tf.function(reduce_retracing=True)
+    def _server_step(self, received, labels):
+        variables = self.split.tail.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(received)
+            logits = self.split.tail(received, training=True)
+            cross_entropy = self.loss_fn(labels, logits)
+        grads = tape.gradient(cross_entropy, variables)
+        received_gradient = tape.gradient(cross_entropy, received)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        correct = tf.reduce_sum(
+            tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)
+        )
+        return cross_entropy, correct, received_gradient
+
+    def train_step(self, images, labels):
+        head_variables = self.split.head.trainable_variables
+        # The tape spans the byte round trip, as the device keeps its graph while it waits.
+        with tf.GradientTape() as tape:
+            activations, penalty, indices = self._device_forward(images)
+        indices = indices.numpy()
+        upstream = codec.encode(
+            activations.numpy()[..., indices], indices, self.channels, self.activation_dtype,
+            kind="activations", labels=labels.numpy(),
+        )
+        received = codec.decode(upstream, expect_kind="activations")
+        cross_entropy, correct, received_gradient = self._server_step(
+            tf.constant(received.scatter()), tf.constant(received.labels)
+        )
+        downstream = codec.encode(
+            received_gradient.numpy()[..., received.indices], received.indices, self.channels,
+            self.gradient_dtype, kind="gradients",
+        )
+        returned = codec.decode(downstream, expect_kind="gradients")
+        grads = tape.gradient(
+            [activations, penalty], head_variables,
+            output_gradients=[tf.constant(returned.scatter()), tf.ones([])],
+        )
+        self.optimizer.apply_gradients(zip(grads, head_variables))
+        return StepResult(float(cross_entropy), float(penalty), int(correct), int(labels.shape[0]),
+                          len(upstream), len(downstream))
+
+
+STEPS = {"fused": FusedSteps, "codec": CodecSteps}
