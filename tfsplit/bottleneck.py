@@ -6,6 +6,7 @@ top-k channels by it. The decoder maps the (scattered back) channels to the tail
 """
 
 import tensorflow as tf
+import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 GATE_LOGIT_OPEN = 15.0  # sigmoid(15) = 1 - 3e-7: a channel that is pinned fully open.
@@ -138,3 +139,51 @@ class Decoder(keras.layers.Layer):
             kernel_size=self.kernel_size,
         )
         return config
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class MaskedEncoderQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """How quantization-aware training sees a `MaskedEncoder`: as TFLite's int8 kernels will run it.
+
+    tfmot has no built-in config for a custom layer, so this one names what gets fake-quantized:
+    the conv kernel, per output channel and symmetric like TFLite's int8 conv weights; and the
+    layer's output, the wire values, with an asymmetric 8-bit range tracked as a moving average,
+    which becomes the int8 head's output scale and zero point. Batch norm, sigmoid and gate stay
+    in float while training (the converter folds batch norm into the conv). Use it with
+    `tfmot.quantization.keras.quantize_annotate_layer(encoder, MaskedEncoderQuantizeConfig())`
+    inside `quantize_scope({"MaskedEncoder": ..., "MaskedEncoderQuantizeConfig": ...})`.
+    """
+
+    def get_weights_and_quantizers(self, layer):
+        quantizer = tfmot.quantization.keras.quantizers.LastValueQuantizer(
+            num_bits=8, per_axis=True, symmetric=True, narrow_range=True
+        )
+        return [(layer.conv.kernel, quantizer)]
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if len(quantize_weights) != 1:
+            raise ValueError(
+                "MaskedEncoderQuantizeConfig quantizes one weight, the conv kernel. "
+                f"Received: {len(quantize_weights)} weights"
+            )
+        layer.conv.kernel = quantize_weights[0]
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        if quantize_activations:
+            raise ValueError(
+                "MaskedEncoderQuantizeConfig quantizes no inner activation. "
+                f"Received: {len(quantize_activations)} activations"
+            )
+
+    def get_output_quantizers(self, layer):
+        return [
+            tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+            )
+        ]
+
+    def get_config(self):
+        return {}

@@ -1,0 +1,32 @@
+"""Deployment exports of a trained split model: TFLite heads for devices, SavedModel tails for TF
+Serving, and the checks that the exported pair behaves like the Keras model it came from.
+
+  exports = export_split("/tmp/tfsplit/deprune")        # heads + tails + accuracy table
+  print(format_table(exports.rows))
+
+or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_path)`.
+"""
+
+from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
+from tfsplit.export.report import SplitExport, evaluate_exports, export_split, format_table
+from tfsplit.export.run import ExportError, TrainedRun, load_run
+from tfsplit.export.tail import SIGNATURE, TAIL_DTYPES, TailExport, export_tail, run_tail
+
+__all__ = [
+    "ExportError",
+    "HEAD_DTYPES",
+    "HeadExport",
+    "SIGNATURE",
+    "SplitExport",
+    "TAIL_DTYPES",
+    "TailExport",
+    "TrainedRun",
+    "evaluate_exports",
+    "export_head",
+    "export_split",
+    "export_tail",
+    "format_table",
+    "load_run",
+    "run_head",
+    "run_tail",
+]

@@ -1,0 +1,397 @@
+"""Exports the device side: the head, its encoder and the fixed channel selection, as TFLite.
+
+The exported model maps a normalized image to exactly what crosses the network: the k selected
+channels (a `gather` on the last axis with the indices baked in as constants), in the order the
+JSON beside the model lists them. Three flavours:
+
+- float32: the float model; it matches the Keras head up to float rounding.
+- float16: float16 weights; TFLite still computes and returns float32, so the device runner casts
+  the output to float16 before sending (the wire dtype in the JSON says so).
+- int8: full-integer; input and output tensors are int8, and the output tensor IS the wire
+  payload, sent with the output's scale and zero point. Calibrated on training images normalized
+  as in training, optionally fine-tuned with quantization-aware training (`tfsplit.export.qat`).
+
+After writing each model, its LiteRT interpreter output is compared with the Keras reference on
+test images and the agreement is stored in the JSON.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from ai_edge_litert.interpreter import Interpreter
+
+from tfsplit.export import qat as qat_lib
+from tfsplit.export import run as run_lib
+from tfsplit.export.run import ExportError
+
+HEAD_DTYPES = ("float32", "float16", "int8")
+QAT_CHOICES = (True, False, "auto")
+QAT_AUTO_MAX_LOSS = 0.01  # "auto" fine-tunes when int8 loses more than 1 accuracy point.
+FORMAT = "tfsplit-head/1"
+_INT8_MIN, _INT8_MAX = -128, 127
+
+
+@dataclasses.dataclass
+class HeadExport:
+    """One exported head.
+
+    Attributes:
+      dtype: "float32", "float16" or "int8".
+      model_path: the .tflite file.
+      metadata_path: the JSON beside it.
+      metadata: the JSON's content.
+    """
+
+    dtype: str
+    model_path: str
+    metadata_path: str
+    metadata: dict
+
+    @property
+    def size_bytes(self):
+        return os.path.getsize(self.model_path)
+
+
+def check_dtypes(dtypes):
+    """`dtypes` as a tuple of distinct HEAD_DTYPES names; a single name is accepted."""
+    dtypes = (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
+    unknown = [dtype for dtype in dtypes if dtype not in HEAD_DTYPES]
+    if not dtypes or unknown or len(set(dtypes)) != len(dtypes):
+        raise ExportError(
+            f"`dtypes` must be distinct names from {HEAD_DTYPES}, at least one. "
+            f"Received: dtypes={dtypes!r}"
+        )
+    return dtypes
+
+
+def _check_count(name, value, maximum, what):
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise ExportError(
+            f"`{name}` must be an integer in [1, {maximum}] (the {what}). "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_qat(qat):
+    if not (qat is True or qat is False or qat == "auto"):
+        raise ExportError(f"`qat` must be one of {QAT_CHOICES}. Received: qat={qat!r}")
+
+
+def head_function(model_fn, image_shape):
+    """A concrete function image (None, H, W, C) float32 -> selected channels, for the converter.
+
+    The batch axis is left open, so the model's default shape is (1, H, W, C) and a checker can
+    resize it to run many images at once.
+    """
+    spec = tf.TensorSpec([None, *image_shape], tf.float32, name="image")
+    return tf.function(model_fn, input_signature=[spec]).get_concrete_function()
+
+
+def convert_head(concrete_function, trackable, dtype, representative_images=None):
+    """Converts a head function to .tflite bytes in `dtype`.
+
+    Args:
+      concrete_function: from `head_function`.
+      trackable: the Keras model whose variables the function reads.
+      dtype: one of HEAD_DTYPES.
+      representative_images: normalized float32 training images (int8 only), for calibration.
+
+    Returns:
+      The flatbuffer bytes.
+    """
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete_function], trackable)
+    if dtype == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif dtype == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: (
+            [representative_images[i : i + 1]] for i in range(len(representative_images))
+        )
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def _quantization(detail):
+    """(scale, zero_point) of an int8 tensor, None for a float tensor."""
+    if detail["dtype"] != np.int8:
+        return None
+    scale, zero_point = detail["quantization"]
+    return float(scale), int(zero_point)
+
+
+def quantize_images(images, quantization):
+    """Normalized float32 images -> the int8 input of an int8 head, as a device computes it."""
+    scale, zero_point = quantization
+    q = np.rint(np.asarray(images, np.float32) / np.float32(scale)) + np.float32(zero_point)
+    return np.clip(q, _INT8_MIN, _INT8_MAX).astype(np.int8)
+
+
+def _interpreter(model):
+    if isinstance(model, bytes):
+        return Interpreter(model_content=model)
+    return Interpreter(model_path=os.fspath(model))
+
+
+def run_head(model, images, batch_size=256):
+    """Runs a head .tflite with the LiteRT interpreter, as the device does.
+
+    Args:
+      model: path of an exported head, or its flatbuffer bytes.
+      images: normalized float32 NHWC images (int8 heads quantize them with their input scale).
+      batch_size: images per interpreter call; the input is resized to it.
+
+    Returns:
+      (outputs, quantization): outputs in the model's output dtype (int8 values are the wire
+      payload), quantization the output's (scale, zero_point), or None for a float output.
+    """
+    interpreter = _interpreter(model)
+    input_detail = interpreter.get_input_details()[0]
+    output_index = interpreter.get_output_details()[0]["index"]
+    input_quantization = _quantization(input_detail)
+    outputs, shape = [], None
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if input_quantization is not None:
+            batch = quantize_images(batch, input_quantization)
+        if batch.shape != shape:
+            interpreter.resize_tensor_input(input_detail["index"], batch.shape, strict=True)
+            interpreter.allocate_tensors()
+            shape = batch.shape
+        interpreter.set_tensor(input_detail["index"], batch)
+        interpreter.invoke()
+        outputs.append(np.array(interpreter.get_tensor(output_index)))
+    return np.concatenate(outputs), _quantization(interpreter.get_output_details()[0])
+
+
+def dequantize(outputs, quantization):
+    """Head outputs -> float32: scale * (q - zero_point) for int8, a cast otherwise."""
+    if quantization is None:
+        return np.asarray(outputs, np.float32)
+    scale, zero_point = quantization
+    return (outputs.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def head_parity(outputs, quantization, reference):
+    """How far a TFLite head's outputs are from the Keras reference on the same images.
+
+    Returns:
+      dict with samples, max_abs_diff and mean_abs_diff (float32 units); for int8 also
+      max_quantization_steps and mean_quantization_steps, of |q - q_ref| with q_ref the reference
+      quantized with the output's own scale and zero point. Every layer of a full-integer head
+      rounds, so the mean is a few steps and the largest error a few times that.
+    """
+    difference = np.abs(dequantize(outputs, quantization) - reference)
+    parity = {
+        "samples": int(len(outputs)),
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+    }
+    if quantization is not None:
+        expected = quantize_images(reference, quantization)
+        steps = np.abs(outputs.astype(np.int32) - expected.astype(np.int32))
+        parity["max_quantization_steps"] = int(steps.max())
+        parity["mean_quantization_steps"] = float(steps.mean())
+    return parity
+
+
+def _tensor_record(detail):
+    quantization = _quantization(detail)
+    return {
+        "name": detail["name"],
+        "shape": [int(size) for size in detail["shape"]],
+        "dtype": np.dtype(detail["dtype"]).name,
+        "scale": None if quantization is None else quantization[0],
+        "zero_point": None if quantization is None else quantization[1],
+    }
+
+
+def _wire_record(dtype, quantization):
+    if dtype == "int8":
+        scale, zero_point = quantization
+        how = "send the int8 output tensor as is, with its scale and zero point"
+    else:
+        scale, zero_point = 1.0, 0
+        how = (
+            "cast the float32 output to float16 before sending"
+            if dtype == "float16"
+            else ("send the float32 output as is")
+        )
+    return {"dtype": dtype, "scale": scale, "zero_point": zero_point, "how": how}
+
+
+def head_metadata(run, model_path, dtype, k, indices, parity, conversion):
+    """The JSON that travels with a head: everything a device runner needs besides the model."""
+    interpreter = _interpreter(model_path)
+    input_detail = interpreter.get_input_details()[0]
+    output_detail = interpreter.get_output_details()[0]
+    height, width, channels = run.split.wire_shape
+    return {
+        "format": FORMAT,
+        "model": os.path.basename(model_path),
+        "dtype": dtype,
+        "input": _tensor_record(input_detail),
+        "normalization": {
+            "mean": [float(m) for m in run.info.mean],
+            "std": [float(s) for s in run.info.std],
+            "formula": "(pixel / 255 - mean) / std, per channel, NHWC",
+        },
+        "output": _tensor_record(output_detail),
+        "wire": _wire_record(dtype, _quantization(output_detail)),
+        "budget": k,
+        "indices": [int(i) for i in indices],
+        "channels": int(channels),
+        "height": int(height),
+        "width": int(width),
+        "num_classes": int(run.info.num_classes),
+        "dataset": run.info.name,
+        "source": {"workdir": os.path.abspath(run.workdir), "checkpoint": run.checkpoint},
+        "versions": run_lib.versions(),
+        "parity": parity,
+        "conversion": conversion,
+    }
+
+
+def _representative_images(run, count):
+    """`count` training images drawn with the run's seed, normalized as in training."""
+    rng = np.random.default_rng(run.config.seed)
+    chosen = np.sort(rng.choice(len(run.train_images), size=count, replace=False))
+    return run.normalize(run.train_images[chosen])
+
+
+def tflite_split_accuracy(run, model, indices):
+    """Test top-1 accuracy of a TFLite head feeding the float Keras tail (no exported tail)."""
+    outputs, quantization = run_head(model, run.normalize(run.test_images))
+    sent = tf.constant(dequantize(outputs, quantization))
+    full = run_lib.scatter_channels(sent, tf.constant(indices, tf.int32), run.channels)
+    logits = run.split.tail.predict(full, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == run.test_labels))
+
+
+def _int8_model(run, indices, float_function, representative, qat):
+    """Post-training int8 head, replaced by a quantization-aware one when `qat` asks for it.
+
+    With qat="auto" the fine-tuned model is kept only if its accuracy is at least the
+    post-training one; the JSON records both either way.
+
+    Returns:
+      (flatbuffer, reference, record): the model, the Keras function it must agree with, and how
+      it was quantized (with the accuracies that decided it).
+    """
+    flatbuffer = convert_head(float_function, run.split.head, "int8", representative)
+    reference = run_lib.selected_head(run.split.head, indices)
+    record = {"method": "post-training", "qat": qat}
+    if qat is False:
+        return flatbuffer, reference, record
+    float_logits = run_lib.keras_split_logits(run, run.test_images, indices)
+    record["float_accuracy"] = float(np.mean(np.argmax(float_logits, -1) == run.test_labels))
+    record["post_training_accuracy"] = tflite_split_accuracy(run, flatbuffer, indices)
+    loss = record["float_accuracy"] - record["post_training_accuracy"]
+    if qat == "auto" and loss <= QAT_AUTO_MAX_LOSS:
+        return flatbuffer, reference, record
+    qat_head, settings = qat_lib.fine_tune_head(run, indices, representative)
+    qat_reference = run_lib.selected_head(qat_head, indices)
+    function = head_function(qat_reference, run.info.image_shape)
+    qat_flatbuffer = convert_head(function, qat_head, "int8", representative)
+    record["fine_tuning"] = settings
+    record["quantization_aware_accuracy"] = tflite_split_accuracy(run, qat_flatbuffer, indices)
+    if qat == "auto" and record["quantization_aware_accuracy"] < record["post_training_accuracy"]:
+        logging.info("Keeping the post-training int8 head, fine-tuning did not help: %s", record)
+        return flatbuffer, reference, record
+    record["method"] = "quantization-aware"
+    logging.info("Quantization-aware int8 head: %s", record)
+    return qat_flatbuffer, qat_reference, record
+
+
+def _head_model(run, dtype, indices, float_function, representative, qat):
+    if dtype == "int8":
+        return _int8_model(run, indices, float_function, representative, qat)
+    flatbuffer = convert_head(float_function, run.split.head, dtype)
+    method = "float16 weights" if dtype == "float16" else "none"
+    return flatbuffer, run_lib.selected_head(run.split.head, indices), {"method": method}
+
+
+def _output_paths(out_dir, dtypes, overwrite):
+    paths = {
+        dtype: (
+            os.path.join(out_dir, f"head_{dtype}.tflite"),
+            os.path.join(out_dir, f"head_{dtype}.json"),
+        )
+        for dtype in dtypes
+    }
+    existing = [path for pair in paths.values() for path in pair if os.path.exists(path)]
+    if existing and not overwrite:
+        raise ExportError(
+            f"Export files already exist: {existing}; pass overwrite=True to replace them."
+        )
+    return paths
+
+
+def export_head(
+    workdir,
+    out_dir,
+    budget=None,
+    dtypes=HEAD_DTYPES,
+    representative_samples=200,
+    qat="auto",
+    parity_samples=100,
+    overwrite=False,
+):
+    """Writes the head with its channel selection as `head_<dtype>.tflite` + `head_<dtype>.json`.
+
+    Args:
+      workdir: a training workdir, or a `TrainedRun` from `load_run` (to load it only once).
+      out_dir: directory for the files (created).
+      budget: channels k to send; the run's final budget by default, any 1 <= k <= C allowed.
+      dtypes: which of HEAD_DTYPES to write.
+      representative_samples: training images that calibrate the int8 ranges.
+      qat: True fine-tunes the int8 head with quantization-aware training, False never does,
+        "auto" does when post-training int8 (int8 head -> float tail) loses more than 1 top-1
+        point against the float model on the test set.
+      parity_samples: test images on which each model is compared with its Keras reference.
+      overwrite: replace existing files instead of failing.
+
+    Returns:
+      dict dtype -> `HeadExport`.
+
+    Raises:
+      ExportError: bad arguments, a workdir that is not a finished run, or existing files.
+    """
+    run = run_lib.as_run(workdir)
+    dtypes = check_dtypes(dtypes)
+    _check_count(
+        "representative_samples", representative_samples, len(run.train_images), "training set size"
+    )
+    _check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
+    _check_qat(qat)
+    k = run_lib.resolve_budget(run, budget)
+    indices = run_lib.selected_channels(run, k)
+    paths = _output_paths(out_dir, dtypes, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    representative = _representative_images(run, representative_samples)
+    float_function = head_function(
+        run_lib.selected_head(run.split.head, indices), run.info.image_shape
+    )
+    parity_images = run.normalize(run.test_images[:parity_samples])
+    exports = {}
+    for dtype in dtypes:
+        flatbuffer, reference, record = _head_model(
+            run, dtype, indices, float_function, representative, qat
+        )
+        model_path, metadata_path = paths[dtype]
+        with open(model_path, "wb") as f:
+            f.write(flatbuffer)
+        outputs, quantization = run_head(model_path, parity_images)
+        parity = head_parity(outputs, quantization, reference(parity_images).numpy())
+        metadata = head_metadata(run, model_path, dtype, k, indices, parity, record)
+        with open(metadata_path, "w") as f:
+            json.dump(metadata, f, indent=2)
+        logging.info("Wrote %s (%d bytes), parity %s", model_path, len(flatbuffer), parity)
+        exports[dtype] = HeadExport(dtype, model_path, metadata_path, metadata)
+    return exports

@@ -1,0 +1,167 @@
+"""Quantization-aware fine-tuning of the head, for int8 heads that keep the float accuracy.
+
+Route: every head layer is annotated with tfmot's default 8-bit scheme, the `MaskedEncoder` with
+`tfsplit.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a fake-quantized copy
+of the head (the trained model is left untouched). That copy is fine-tuned for a short while on
+training images through the frozen float tail at the export's fixed channel selection, then
+converted to int8 like a post-training head.
+
+Two choices make a *short* fine-tune useful:
+- tfmot starts every activation range at [-6, 6] and moves it as a 0.999 moving average, so after
+  a few hundred steps the ranges would still be far too wide; they are set first from the float
+  head's observed ranges on the representative images (post-training calibration), and the
+  moving averages refine them from there.
+- the gate logits are frozen: the channel selection is fixed at export, and a gate that moved
+  would no longer rank channels as the exported indices say.
+
+Limits: tfmot's `quantize_apply` accepts flat functional or Sequential models of built-in layers
+(plus layers with a QuantizeConfig); a head with nested models or other custom layers raises an
+ExportError, and post-training int8 (qat=False) still works for it. Batch norm inside the encoder
+is fake-quantized unfolded (tfmot folds only Conv+BN pairs of built-in layers), so the int8 model
+differs from the fine-tuned Keras model by slightly more than the usual rounding.
+"""
+
+import re
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+from absl import logging
+
+from tfsplit.bottleneck import MaskedEncoder, MaskedEncoderQuantizeConfig
+from tfsplit.export import run as run_lib
+from tfsplit.export.run import ExportError
+
+LEARNING_RATE_FACTOR = 0.1  # Fine-tuning rate: this times the last phase's learning rate.
+_ACTIVATION_RANGE = re.compile(r"(output|post_activation|quantize_layer)_(min|max):0$")
+_QUANTIZE = tfmot.quantization.keras
+
+
+def _annotate(layer):
+    if isinstance(layer, keras.layers.InputLayer):
+        return layer
+    if isinstance(layer, MaskedEncoder):
+        return _QUANTIZE.quantize_annotate_layer(layer, MaskedEncoderQuantizeConfig())
+    return _QUANTIZE.quantize_annotate_layer(layer)
+
+
+def build_qat_head(head):
+    """A fake-quantized copy of `head` (same weights) ready for quantization-aware training.
+
+    Raises:
+      ExportError: tfmot cannot quantize the head (nested models or unsupported custom layers).
+    """
+    scope = {
+        "MaskedEncoder": MaskedEncoder,
+        "MaskedEncoderQuantizeConfig": MaskedEncoderQuantizeConfig,
+    }
+    try:
+        annotated = keras.models.clone_model(head, clone_function=_annotate)
+        with _QUANTIZE.quantize_scope(scope):
+            return _QUANTIZE.quantize_apply(annotated)
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise ExportError(
+            "Quantization-aware training needs a flat functional head of built-in Keras layers "
+            f"and MaskedEncoder; tfmot refused {head.name!r}: {error}. Export it with qat=False "
+            "(post-training int8) instead."
+        ) from error
+
+
+def _range_variables(layer):
+    return [w for w in layer.non_trainable_weights if _ACTIVATION_RANGE.search(w.name)]
+
+
+def calibrate_ranges(qat_head, head, images):
+    """Starts every activation range of `qat_head` at the float `head`'s range on `images`.
+
+    Args:
+      qat_head: from `build_qat_head(head)`.
+      head: the float head it was built from.
+      images: normalized float32 images, e.g. the int8 representative set.
+    """
+    targets = {}
+    for layer in qat_head.layers:
+        variables = _range_variables(layer)
+        if variables:
+            inner = getattr(layer, "layer", None)
+            targets[layer.name] = (variables, None if inner is None else inner.name)
+    probed = sorted({name for _, name in targets.values() if name is not None})
+    probe = keras.Model(head.input, [head.get_layer(name).output for name in probed])
+    observed = dict(zip(probed, tf.nest.flatten(probe(images, training=False))))
+    for variables, name in targets.values():
+        values = images if name is None else observed[name]
+        low = min(float(tf.reduce_min(values)), 0.0)
+        high = max(float(tf.reduce_max(values)), 0.0)
+        for variable in variables:
+            variable.assign(low if variable.name.endswith("_min:0") else high)
+
+
+def _trainable_variables(qat_head):
+    """All trainable variables but the gate logits, which must keep ranking channels as exported."""
+    gates = {
+        layer.layer.gate_logits.ref()
+        for layer in qat_head.layers
+        if isinstance(getattr(layer, "layer", None), MaskedEncoder)
+    }
+    return [v for v in qat_head.trainable_variables if v.ref() not in gates]
+
+
+def _train_step(run, qat_head, indices, optimizer):
+    variables = _trainable_variables(qat_head)
+    indices = tf.constant(indices, tf.int32)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            sent = tf.gather(qat_head(images, training=True), indices, axis=-1)
+            full = run_lib.scatter_channels(sent, indices, run.channels)
+            loss = loss_fn(labels, run.split.tail(full, training=False))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    return step
+
+
+def fine_tune_head(run, indices, representative, epochs=1, learning_rate=None):
+    """Quantization-aware fine-tuning of the run's head at a fixed channel selection.
+
+    Args:
+      run: a `TrainedRun`.
+      indices: the exported channel indices.
+      representative: normalized training images whose ranges start the activation quantizers.
+      epochs: passes over the training set.
+      learning_rate: SGD rate; by default LEARNING_RATE_FACTOR times the last phase's rate.
+
+    Returns:
+      (qat_head, settings): the fine-tuned fake-quantized head (image -> all C channels) and a
+      dict of what was done, for the export's JSON.
+
+    Raises:
+      ExportError: bad epochs / learning rate, or a head tfmot cannot quantize.
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ExportError(f"`epochs` must be a positive integer. Received: {epochs=!r}")
+    if learning_rate is None:
+        learning_rate = LEARNING_RATE_FACTOR * float(run.config.phases[-1]["learning_rate"])
+    if not learning_rate > 0:
+        raise ExportError(f"`learning_rate` must be > 0. Received: {learning_rate=!r}")
+    qat_head = build_qat_head(run.split.head)
+    calibrate_ranges(qat_head, run.split.head, representative)
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=run.config.optimizer.momentum)
+    step = _train_step(run, qat_head, indices, optimizer)
+    batches = run_lib.image_batches(
+        run, run.train_images, run.train_labels, run.config.data.batch_size, shuffle=True
+    )
+    losses = [float(step(images, labels)) for _ in range(epochs) for images, labels in batches]
+    settings = {
+        "epochs": epochs,
+        "steps": len(losses),
+        "learning_rate": learning_rate,
+        "batch_size": int(run.config.data.batch_size),
+        "first_loss": losses[0],
+        "last_epoch_mean_loss": float(np.mean(losses[-len(losses) // epochs :])),
+    }
+    logging.info("Quantization-aware fine-tuning: %s", settings)
+    return qat_head, settings
