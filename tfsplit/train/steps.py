@@ -17,7 +17,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfsplit import budget as budget_lib
-from tfsplit import codec
+from tfsplit import codec, inference
 
 
 def make_wire(activation_dtype, gradient_dtype):
@@ -75,6 +75,7 @@ class _StepsBase:
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # Both halves update through one optimizer; it must know every variable up front.
         self.optimizer.build(split.head.trainable_variables + split.tail.trainable_variables)
+        self._predict = inference.build_predict_fn(split, activation_dtype)
 
     def set_budget(self, k, masking):
         """k channels are sent; `masking` turns the budget loss on (off for unmasked phases)."""
@@ -105,23 +106,9 @@ class _StepsBase:
             self.split.encoder.gate_logits, self.k, 1.0, self.budget_delta
         )
 
-    @tf.function(reduce_retracing=True)
-    def _eval_logits(self, images):
-        _, mask = self._selection()
-        sent = codec.fake_quantize(self.split.head(images, training=False) * mask,
-                                   self.activation_dtype)
-        return self.split.tail(sent, training=False)
-
     def evaluate(self, dataset):
         """Top-1 accuracy on `dataset` at the budget in force, sending what inference would send."""
-        correct = total = 0
-        for images, labels in dataset:
-            predictions = tf.argmax(self._eval_logits(images), axis=-1, output_type=tf.int32)
-            correct += int(tf.reduce_sum(tf.cast(predictions == labels, tf.int32)))
-            total += int(tf.shape(labels)[0])
-        if total == 0:
-            raise ValueError("The evaluation dataset is empty; expected at least one batch.")
-        return correct / total
+        return inference.accuracy(self._predict, dataset, int(self.k.numpy()))
 
 
 class FusedSteps(_StepsBase):
