@@ -94,3 +94,17 @@ def apply_variant(config, variant):
         config.optimizer.momentum = 0.0
         config.optimizer.weight_decay = 5e-4
     return config
+
+
+def load_config_file(path, variant=""):
+    """`get_config(variant)` of a config file, as `--config=path:variant` would give it."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No config file at {path}; expected a Python file with "
+                                "get_config().")
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant or None)

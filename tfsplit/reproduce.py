@@ -1,0 +1,237 @@
+"""The paper's claims side by side: SL, CA-SL, deprune and prune on the same data, model and wire.
+
+Trains every method into its own sub-directory of one workdir (re-running resumes), then builds one
+table from the runs' own records and computes the paper's three ratios from that table:
+deprune vs SL (network, accuracy), deprune vs CA-SL (accuracy at the same final budget), prune vs
+CA-SL (time to a target accuracy). Prune's starting model is trained as its own run and reported on
+its own row, so the time comparison is honest both ways.
+"""
+
+import copy
+import csv
+import json
+import os
+
+from absl import logging
+
+from tfsplit import curve
+from tfsplit.train import trainer as trainer_lib
+
+METHODS = ("sl", "casl", "deprune", "prune")
+TABLE_FIELDS = ("method", "final_budget", "final_test_accuracy", "train_mb_up", "train_mb_down",
+                "inference_bytes_per_sample", "wall_seconds", "epochs", "seconds_to_target",
+                "epochs_to_target")
+CURVE_FIELDS = ("budget", "deprune_test_accuracy", "casl_test_accuracy", "bytes_per_sample")
+
+
+def split_prune_config(prune_config):
+    """Prune's unmasked first phase as a run of its own, and the prune phases that start from it."""
+    phases = list(prune_config.phases)
+    if len(phases) < 2 or phases[0].budget != 0:
+        raise ValueError("The prune config must start with an unmasked phase (budget 0) followed "
+                         f"by at least one prune phase. Received phases: {phases}")
+    start, finetune = copy.deepcopy(prune_config), copy.deepcopy(prune_config)
+    start.phases = phases[:1]
+    finetune.phases = phases[1:]
+    return start, finetune
+
+
+def casl_at(casl_config, budget):
+    config = copy.deepcopy(casl_config)
+    config.phases[0].budget = budget
+    return config
+
+
+def time_to_target(records, target):
+    """(seconds, epochs) until the first epoch whose test accuracy reaches `target`, else Nones."""
+    for record in records:
+        if record["test_accuracy"] >= target:
+            return record["elapsed_seconds"], record["epoch"]
+    return None, None
+
+
+def table_row(method, summary, records, target):
+    seconds, epochs = time_to_target(records, target)
+    return dict(
+        method=method,
+        final_budget=summary["final_budget"],
+        final_test_accuracy=summary["final_test_accuracy"],
+        train_mb_up=summary["train_bytes_up"] / 1e6,
+        train_mb_down=summary["train_bytes_down"] / 1e6,
+        inference_bytes_per_sample=summary["inference_bytes_per_sample"],
+        wall_seconds=summary["wall_seconds"],
+        epochs=summary["epochs"],
+        seconds_to_target=seconds,
+        epochs_to_target=epochs,
+    )
+
+
+def paper_ratios(rows):
+    """The paper's three comparisons, from the table rows (keyed by method)."""
+    by = {row["method"]: row for row in rows}
+    sl, casl, deprune, prune = by["sl"], by["casl"], by["deprune"], by["prune"]
+    start = by.get("prune (start model)")
+
+    def traffic(row):
+        return row["train_mb_up"] + row["train_mb_down"]
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    prune_total = (None if prune["seconds_to_target"] is None or start is None
+                   else prune["seconds_to_target"] + start["wall_seconds"])
+    return dict(
+        deprune_vs_sl_network=ratio(traffic(sl), traffic(deprune)),
+        deprune_vs_sl_accuracy_points=100 * (deprune["final_test_accuracy"]
+                                             - sl["final_test_accuracy"]),
+        deprune_vs_casl_accuracy_points=100 * (deprune["final_test_accuracy"]
+                                               - casl["final_test_accuracy"]),
+        same_final_budget=deprune["final_budget"] == casl["final_budget"],
+        prune_vs_casl_time_to_target=ratio(casl["seconds_to_target"], prune["seconds_to_target"]),
+        prune_vs_casl_time_to_target_with_start=ratio(casl["seconds_to_target"], prune_total),
+    )
+
+
+def _train(config, workdir):
+    summary = trainer_lib.train(config, workdir)
+    with open(os.path.join(workdir, trainer_lib.METRICS_FILE)) as f:
+        return summary, [json.loads(line) for line in f if line.strip()]
+
+
+def reproduce(configs, workdir, target_accuracy=None, init_from=None):
+    """Trains the four methods (and CA-SL at deprune's curve budgets) and tabulates them.
+
+    Args:
+      configs: dict with ConfigDicts for "sl", "casl", "deprune" and "prune" (prune starting with
+        an unmasked phase unless `init_from` is given). All must share data, model and wire.
+      workdir: one sub-directory per run is made here.
+      target_accuracy: accuracy for the time-to-target columns; default: CA-SL's final accuracy
+        less one point (so CA-SL reaches it, near its end).
+      init_from: a finished run to start prune from instead of training its start model (prune's
+        unmasked first phase is then skipped).
+
+    Returns:
+      dict with "rows" (the table), "ratios", "curve" (deprune's one model at 1/8, 1/4, 1/2 and
+      all of its final budget next to CA-SL trained at each), and "target_accuracy".
+    """
+    _check_same_setting(configs)
+    runs = {}
+    for method in ("sl", "casl", "deprune"):
+        logging.info("reproduce: training %s", method)
+        runs[method] = _train(configs[method], os.path.join(workdir, method))
+    if init_from:
+        finetune = copy.deepcopy(configs["prune"])
+        if finetune.phases[0].budget == 0:  # the start model is given: skip its phase.
+            finetune = split_prune_config(finetune)[1]
+        finetune.init_from = init_from
+    else:
+        start, finetune = split_prune_config(configs["prune"])
+        runs["prune (start model)"] = _train(start, os.path.join(workdir, "prune_start"))
+        finetune.init_from = os.path.join(workdir, "prune_start")
+    runs["prune"] = _train(finetune, os.path.join(workdir, "prune"))
+
+    final_budget = runs["deprune"][0]["final_budget"]
+    curve_rows = _deprune_curve(configs["casl"], runs, workdir, final_budget)
+
+    target = (runs["casl"][0]["final_test_accuracy"] - 0.01 if target_accuracy is None
+              else target_accuracy)
+    order = ["sl", "casl", "deprune", "prune (start model)", "prune"]
+    rows = [table_row(m, *runs[m], target) for m in order if m in runs]
+    return dict(rows=rows, ratios=paper_ratios(rows), curve=curve_rows, target_accuracy=target)
+
+
+def _deprune_curve(casl_config, runs, workdir, final_budget):
+    from tfsplit.export import load_run
+
+    deprune_curve = curve.evaluate_run(load_run(os.path.join(workdir, "deprune")))
+    rows = []
+    for point in deprune_curve:
+        k = point["budget"]
+        if k == final_budget:
+            casl_accuracy = runs["casl"][0]["final_test_accuracy"]
+        else:
+            summary, _ = _train(casl_at(casl_config, k), os.path.join(workdir, f"casl_{k}"))
+            casl_accuracy = summary["final_test_accuracy"]
+        rows.append(dict(budget=k, deprune_test_accuracy=point["test_accuracy"],
+                         casl_test_accuracy=casl_accuracy,
+                         bytes_per_sample=point["bytes_per_sample"]))
+    return rows
+
+
+def _check_same_setting(configs):
+    missing = set(METHODS) - set(configs)
+    if missing:
+        raise ValueError(f"reproduce needs a config for each of {METHODS}; missing "
+                         f"{sorted(missing)}.")
+    reference = configs["deprune"]
+    for method in METHODS:
+        config = configs[method]
+        for section, key in (("data", "name"), ("model", "backbone"), ("model", "cut"),
+                             ("model", "width_multiplier"), ("wire", "activation_dtype")):
+            if config[section][key] != reference[section][key]:
+                raise ValueError(
+                    f"All methods must share {section}.{key}; {method} has "
+                    f"{config[section][key]!r}, deprune has {reference[section][key]!r}."
+                )
+
+
+def _format(value, digits=2):
+    if value is None:
+        return "not reached"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def format_markdown(result):
+    """The table, the curve and the three ratios as Markdown."""
+    rows, ratios = result["rows"], result["ratios"]
+    lines = [
+        "| method | final budget | final test accuracy | training MB up | training MB down | "
+        "inference bytes/sample | wall seconds | epochs | seconds to target | epochs to target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["method"], _format(row["final_budget"]),
+            f"{100 * row['final_test_accuracy']:.2f}%", _format(row["train_mb_up"]),
+            _format(row["train_mb_down"]), _format(row["inference_bytes_per_sample"]),
+            _format(row["wall_seconds"], 1), _format(row["epochs"]),
+            _format(row["seconds_to_target"], 1), _format(row["epochs_to_target"]),
+        ]) + " |")
+    lines += ["", f"Target accuracy: {100 * result['target_accuracy']:.2f}%", "",
+              "| budget | deprune (one model) | CA-SL trained at that budget | bytes/sample |",
+              "|---|---|---|---|"]
+    for point in result["curve"]:
+        lines.append(f"| {point['budget']} | {100 * point['deprune_test_accuracy']:.2f}% | "
+                     f"{100 * point['casl_test_accuracy']:.2f}% | {point['bytes_per_sample']:,} |")
+    lines += [
+        "",
+        f"- deprune vs SL: {_format(ratios['deprune_vs_sl_network'])}x less training traffic, "
+        f"{ratios['deprune_vs_sl_accuracy_points']:+.2f} accuracy points (paper: 4x, no loss).",
+        f"- deprune vs CA-SL at the same final budget: "
+        f"{ratios['deprune_vs_casl_accuracy_points']:+.2f} accuracy points (paper: +4)"
+        + ("" if ratios["same_final_budget"] else " - WARNING: final budgets differ") + ".",
+        f"- prune vs CA-SL, time to target: {_format(ratios['prune_vs_casl_time_to_target'])}x "
+        f"faster fine-tuning, {_format(ratios['prune_vs_casl_time_to_target_with_start'])}x "
+        "counting the start model's training (paper: up to 6x).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result, workdir):
+    """results.csv (the table), budget_curve_vs_casl.csv and results.md; returns their paths."""
+    os.makedirs(workdir, exist_ok=True)
+    paths = {name: os.path.join(workdir, name)
+             for name in ("results.csv", "budget_curve_vs_casl.csv", "results.md")}
+    for name, fields, rows in (("results.csv", TABLE_FIELDS, result["rows"]),
+                               ("budget_curve_vs_casl.csv", CURVE_FIELDS, result["curve"])):
+        with open(paths[name], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(paths["results.md"], "w") as f:
+        f.write(format_markdown(result))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return paths

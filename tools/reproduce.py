@@ -1,0 +1,61 @@
+"""Reproduces the paper's claims side by side: SL, CA-SL, deprune and prune, one table.
+
+  tfsplit-reproduce --preset=quick --workdir=/tmp/tfsplit/reproduce   # embedded data, 2 CPU cores
+  tfsplit-reproduce --preset=paper --workdir=/tmp/tfsplit/paper       # VGG-11, CIFAR-10; a GPU
+
+Each method trains into --workdir/<method> (re-running resumes). Prints the table, deprune's
+accuracy-versus-budget next to CA-SL trained at each budget, and the paper's three ratios; writes
+results.csv, results.md, results.json and budget_curve_vs_casl.csv into --workdir.
+"""
+
+import os
+
+from absl import app, flags
+
+import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit import config as config_lib
+from tfsplit import reproduce
+
+PRESETS = {"quick": "", "paper": "paper"}  # preset -> variant of the files in configs/.
+_DEFAULT_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+
+_PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: embedded dataset, minutes "
+                            "on a CPU; paper: VGG-11, CIFAR-10, reference schedules.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and results.",
+                               required=True)
+_CONFIGS = flags.DEFINE_string("configs_dir", _DEFAULT_CONFIGS, "Folder with sl.py, casl.py, "
+                               "deprune.py and prune.py.")
+_TARGET = flags.DEFINE_float("target_accuracy", None, "Target for time-to-accuracy; default "
+                             "CA-SL's final accuracy less one point.", lower_bound=0, upper_bound=1)
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Start prune from this finished run instead "
+                                 "of training its start model.")
+_DATA_PATH = flags.DEFINE_string("data_path", None, "Local dataset archive for every method "
+                                 "(config data.path), e.g. a CIFAR-10 python tar.gz.")
+
+
+def load_configs():
+    variant = PRESETS[_PRESET.value]
+    configs = {}
+    for method in reproduce.METHODS:
+        path = os.path.join(_CONFIGS.value, f"{method}.py")
+        configs[method] = config_lib.load_config_file(path, variant)
+        if _DATA_PATH.value:
+            configs[method].data.path = _DATA_PATH.value
+    return configs
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    result = reproduce.reproduce(load_configs(), _WORKDIR.value, _TARGET.value, _INIT_FROM.value)
+    paths = reproduce.write_results(result, _WORKDIR.value)
+    print(reproduce.format_markdown(result))
+    print("wrote " + ", ".join(paths.values()))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
