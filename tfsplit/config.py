@@ -31,8 +31,13 @@ def base_config(mode):
 
     # Data.
     config.data = ml_collections.ConfigDict()
-    config.data.name = "synthetic"  # "synthetic" (embedded), "cifar10", "cifar100".
-    config.data.path = ""  # local CIFAR python archive (.tar.gz or extracted); "" = download.
+    # "synthetic" (embedded), "cifar10", "cifar100", "fashion_mnist", "stl10", "image_folder".
+    config.data.name = "synthetic"
+    # Local copy: CIFAR python archive (.tar.gz or extracted), Fashion-MNIST IDX folder, STL-10
+    # binary archive or folder, image-folder root (train/<class>/, val/<class>/); "" = download.
+    config.data.path = ""
+    config.data.image_size = 0  # 0 = the dataset's own (32; STL-10 96; image folders 64).
+    config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.
     config.data.test_size = 0
     config.data.batch_size = 64

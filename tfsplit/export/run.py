@@ -87,11 +87,7 @@ def _read_json(path, what):
 
 def _load_data(config):
     (train_images, train_labels), (test_images, test_labels), info = data.load_arrays(
-        config.data.name,
-        path=config.data.path or None,
-        seed=config.seed,
-        train_size=config.data.train_size or None,
-        test_size=config.data.test_size or None,
+        config.data.name, **trainer.data_arguments(config)
     )
     return info, train_images, train_labels, test_images, test_labels
 

@@ -48,16 +48,25 @@ def build_split_model(config, info):
     return models.split_model(backbone, cut, bottleneck=bottleneck)
 
 
+def data_arguments(config):
+    """What identifies a run's data, shared by training and by everything that reloads a run."""
+    return dict(
+        path=config.data.path or None,
+        seed=config.seed,
+        train_size=config.data.train_size or None,
+        test_size=config.data.test_size or None,
+        image_size=config.data.image_size or None,
+        channels=config.data.channels or None,
+    )
+
+
 def build_data(config):
     return data.build_datasets(
         config.data.name,
         batch_size=config.data.batch_size,
         eval_batch_size=config.data.eval_batch_size,
         augment=config.data.augment,
-        seed=config.seed,
-        path=config.data.path or None,
-        train_size=config.data.train_size or None,
-        test_size=config.data.test_size or None,
+        **data_arguments(config),
     )
 
 
@@ -255,7 +264,7 @@ class Trainer:
             train_bytes_down=self.ledger.total_down,
             inference_bytes_per_sample=codec.payload_nbytes(
                 1, height, width, last["budget"], self.config.wire.activation_dtype,
-                with_labels=False,
+                with_labels=False, channels=self.split.channels,
             ),
             wall_seconds=last["elapsed_seconds"],
             epochs=len(self.records),

@@ -1,0 +1,195 @@
+"""What every dataset reader shares: `DatasetInfo`, the errors, argument checks and resizing.
+
+Readers return uint8 images (N, H, W, C) and int32 labels (N,) with a `DatasetInfo`; the helpers
+here keep their conventions identical (which samples a size takes, how images are resized, what an
+offline download says).
+"""
+
+import contextlib
+import dataclasses
+import socket
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+_DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # A blackholed network fails in seconds, not after minutes.
+
+
+class DatasetFileError(ValueError):
+    """A local dataset file or directory is missing or is not in the expected format."""
+
+
+class DatasetDownloadError(RuntimeError):
+    """A dataset could not be downloaded (the machine is offline or the download failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and an exporter need to know about a dataset.
+
+    Attributes:
+      name: one of `tfsplit.data.DATASETS`.
+      num_classes: number of labels; labels are 0..num_classes-1.
+      image_shape: (H, W, C) of the images after preprocessing.
+      train_size: number of training samples actually loaded.
+      test_size: number of test samples actually loaded.
+      mean: per-channel mean used by `normalize`, in [0, 1] pixel units.
+      std: per-channel standard deviation used by `normalize`, in [0, 1] pixel units.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple
+    train_size: int
+    test_size: int
+    mean: tuple
+    std: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"`name` must be a non-empty string. Received: name={self.name!r}")
+        check_positive_int("num_classes", self.num_classes)
+        shape = tuple(self.image_shape)
+        if len(shape) != 3 or not all(is_int(d) and d > 0 for d in shape):
+            raise ValueError(
+                f"`image_shape` must be (H, W, C) of positive ints. Received: image_shape={shape}"
+            )
+        for field in ("train_size", "test_size"):
+            value = getattr(self, field)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"`{field}` must be an int >= 0. Received: {field}={value!r}")
+        channels = shape[-1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(
+                f"`mean` and `std` need one value per channel ({channels}). "
+                f"Received: mean={self.mean}, std={self.std}"
+            )
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"`std` must be > 0 in every channel. Received: std={self.std}")
+
+
+def is_int(value):
+    """True for Python and numpy integers, False for bools (which are ints to Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_positive_int(name, value):
+    """Raises ValueError naming `name` unless `value` is an int >= 1."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def check_optional_size(name, value):
+    """Raises ValueError unless `value` is None (meaning "all" or "default") or an int >= 1."""
+    if value is not None:
+        check_positive_int(name, value)
+
+
+def check_seed(seed):
+    """Raises ValueError unless `seed` is an int >= 0."""
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"`seed` must be an int >= 0. Received: seed={seed!r}")
+
+
+def check_bytes(name, value):
+    """Raises ValueError unless `value` is bytes-like (the raw content of a file)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"`{name}` must be bytes. Received: {name} of type {type(value).__name__}")
+
+
+def make_info(name, num_classes, train, test, mean, std):
+    """The `DatasetInfo` of (images, labels) splits: shapes and sizes come from the arrays."""
+    return DatasetInfo(
+        name=name,
+        num_classes=num_classes,
+        image_shape=tuple(int(d) for d in train[0].shape[1:]),
+        train_size=len(train[0]),
+        test_size=len(test[0]),
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def take_first(arrays, size, split, title):
+    """The first `size` samples of (images, labels), or all of them when `size` is None.
+
+    Readers keep the stored order, so a smoke run on n samples always sees the same n.
+    """
+    check_optional_size(f"{split}_size", size)
+    if size is None:
+        return arrays
+    if size > len(arrays[0]):
+        raise ValueError(
+            f"{title} has {len(arrays[0])} {split} samples; cannot take the first {size}. "
+            f"Received: {split}_size={size}"
+        )
+    return arrays[0][:size], arrays[1][:size]
+
+
+def to_uint8(images):
+    """Float pixels in 0..255 to uint8, rounded to the nearest value (not truncated)."""
+    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
+def resize_image(image, size):
+    """One (H, W, C) image to float (size, size, C): bilinear, antialiased when shrinking.
+
+    Antialiasing matters when STL-10 (96) or photos are shrunk to 32 pixels: without it, thin
+    details alias into noise. The aspect ratio is not kept (as in Keras's image loaders).
+    """
+    return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+
+
+def resize_images(images, size):
+    """uint8 (N, H, W, C) to uint8 (N, size, size, C); returned unchanged when already that size.
+
+    Images are resized one by one inside a tf.data map and gathered into one batch, so memory
+    holds the uint8 result and a few float images, never the whole set as float32.
+    """
+    check_positive_int("image_size", size)
+    if images.shape[1:3] == (size, size):
+        return images
+    dataset = tf.data.Dataset.from_tensor_slices(images)
+    dataset = dataset.map(
+        lambda image: to_uint8(resize_image(image, size)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return dataset.batch(len(images)).get_single_element().numpy()
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds):
+    """Gives new sockets a default timeout (unless one is set): a dead network fails fast."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def download_with_keras(title, loader_name, advice, **kwargs):
+    """`keras.datasets.<loader_name>.load_data(**kwargs)`, which downloads on first use.
+
+    Args:
+      title: the dataset's name for messages, e.g. "CIFAR-10".
+      loader_name: the module under `keras.datasets`, e.g. "cifar10".
+      advice: what to do instead when offline (which files to fetch and what `path` to pass).
+      **kwargs: passed to `load_data`.
+
+    Returns:
+      What `load_data` returns: ((x_train, y_train), (x_test, y_test)).
+
+    Raises:
+      DatasetDownloadError: when the download fails; the message holds the cause and `advice`.
+    """
+    loader = getattr(keras.datasets, loader_name).load_data
+    try:
+        with _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT_S):
+            return loader(**kwargs)
+    except Exception as err:  # Keras wraps network errors in a bare Exception.
+        raise DatasetDownloadError(
+            f"Could not download {title} with keras.datasets.{loader_name}.load_data(): {err}. "
+            f"This machine looks offline (or the download failed). {advice}"
+        ) from err
