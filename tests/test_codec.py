@@ -56,6 +56,13 @@ def _encode(values=None, indices=(5, 2), channels=8, dtype="float32", **kwargs):
     return codec.encode(values, indices, channels, dtype, **kwargs)
 
 
+def _in_given_order(payload, indices):
+    """The payload's wire values in the sender's index order (a full payload is in channel order)."""
+    position = np.empty(payload.channels, np.int64)
+    position[payload.indices] = np.arange(payload.indices.size)
+    return payload.values[..., position[np.asarray(indices)]]
+
+
 def _assert_round_trip(values, real, dtype, scale):
     """float32 is exact, float16 exact to the float16 cast, int8 within half a step (0 exact)."""
     assert real.dtype == np.float32 and real.shape == values.shape
@@ -178,13 +185,18 @@ def test_round_trip_property(args):
     payload = codec.decode(data, expect_kind=args["kind"], expect_dtype=args["dtype"])
     batch, height, width, k = args["values"].shape
     has_labels = args["labels"] is not None
-    assert len(data) == codec.payload_nbytes(batch, height, width, k, args["dtype"], has_labels)
-    np.testing.assert_array_equal(payload.indices, args["indices"])
+    assert len(data) == codec.payload_nbytes(batch, height, width, k, args["dtype"], has_labels,
+                                               channels=args["channels"])
+    if k == args["channels"]:  # every channel: sent in channel order, no index list.
+        np.testing.assert_array_equal(payload.indices, np.arange(k))
+    else:
+        np.testing.assert_array_equal(payload.indices, args["indices"])
     if has_labels:
         np.testing.assert_array_equal(payload.labels, args["labels"])
     else:
         assert payload.labels is None
-    real = payload.dequantized()
+    real = codec.dequantize(_in_given_order(payload, args["indices"]), payload.scale,
+                            payload.zero_point)
     _assert_round_trip(args["values"], real, args["dtype"], payload.scale)
     expected_full = np.zeros((batch, height, width, args["channels"]), np.float32)
     expected_full[..., args["indices"]] = real
@@ -199,7 +211,7 @@ def test_pre_quantized_int8_is_sent_as_is(args):
     data = codec.encode(**dict(args, values=q, dtype="int8", scale=scale, zero_point=zero_point))
     assert data == quantized_here
     payload = codec.decode(data)
-    np.testing.assert_array_equal(payload.values, q)
+    np.testing.assert_array_equal(_in_given_order(payload, args["indices"]), q)
     assert (payload.scale, payload.zero_point) == (scale, zero_point)
 
 
@@ -262,7 +274,8 @@ def test_decode_rejects_every_truncation(data):
         (_patched(_FLOAT_PAYLOAD, "<B", 4, 2), "format version: expected 1, found 2"),
         (_patched(_FLOAT_PAYLOAD, "<B", 5, 0), "Unknown kind code"),
         (_patched(_FLOAT_PAYLOAD, "<B", 6, 9), "Unknown dtype code"),
-        (_patched(_FLOAT_PAYLOAD, "<B", 7, 3), "Unknown flag bits"),
+        (_patched(_FLOAT_PAYLOAD, "<B", 7, 4), "Unknown flag bits"),
+        (_patched(_FLOAT_PAYLOAD, "<B", 7, 2), "Inconsistent all-channels flag"),
         (_patched(_FLOAT_PAYLOAD, "<I", 8, 0), "expected batch >= 1, found 0"),
         (_patched(_FLOAT_PAYLOAD, "<H", 12, 0), "expected height >= 1"),
         (_patched(_FLOAT_PAYLOAD, "<H", 18, 0), "k <= channels=8, found k=0"),
@@ -432,7 +445,9 @@ def test_fake_quantize_matches_numpy_on_edge_cases(name, dtype):
 @given(payload_args())
 def test_fake_quantize_matches_numpy_property(args):
     x, dtype = args["values"], args["dtype"]
-    expected = codec.decode(codec.encode(**args)).dequantized()
+    payload = codec.decode(codec.encode(**args))
+    expected = codec.dequantize(_in_given_order(payload, args["indices"]), payload.scale,
+                                payload.zero_point)
     np.testing.assert_array_equal(codec.fake_quantize(x, dtype).numpy(), expected)
     np.testing.assert_array_equal(_COMPILED[dtype](tf.constant(x)).numpy(), expected)
 
@@ -449,3 +464,19 @@ def test_fake_quantize_inside_tf_data():
     x = _SPECIAL["ties"]
     dataset = tf.data.Dataset.from_tensors(x).map(lambda t: codec.fake_quantize(t, "int8"))
     np.testing.assert_array_equal(next(iter(dataset)).numpy(), _numpy_round_trip(x, "int8"))
+
+
+def test_all_channels_are_sent_in_channel_order_without_an_index_list():
+    values = np.arange(2 * 3, dtype=np.float32).reshape(1, 1, 2, 3)
+    data = codec.encode(values, [2, 0, 1], 3, "float32")
+    assert len(data) == codec.HEADER_NBYTES + values.nbytes
+    assert len(data) == codec.payload_nbytes(1, 1, 2, 3, "float32", False, channels=3)
+    assert codec.payload_nbytes(1, 1, 2, 3, "float32", False, channels=4) == len(data) + 6
+    payload = codec.decode(data)
+    np.testing.assert_array_equal(payload.indices, [0, 1, 2])
+    np.testing.assert_array_equal(payload.values, values[..., [1, 2, 0]])
+    full = np.zeros((1, 1, 2, 3), np.float32)
+    full[..., [2, 0, 1]] = values
+    np.testing.assert_array_equal(payload.scatter(), full)
+    with pytest.raises(codec.PayloadError, match="`k` must be <= channels"):
+        codec.payload_nbytes(1, 1, 1, 4, "float32", False, channels=3)

@@ -59,7 +59,7 @@ def test_curve_matches_the_trainers_evaluation_and_the_codec(trained):
     assert rows[1]["test_accuracy"] == trainer.records[-1]["test_accuracy"]
     for row in rows:
         assert row["bytes_per_sample"] == codec.payload_nbytes(1, 4, 4, row["budget"], "float16",
-                                                               False)
+                                                               False, channels=64)
 
 
 def test_evaluate_run_writes_csv_and_png(trained, tmp_path):

@@ -55,16 +55,21 @@ def test_fused_ledger_equals_the_encoded_payload_lengths(tmp_path):
     real = train(tiny_config("codec"), str(tmp_path / "codec"))
     assert fused["train_bytes_up"] == real["train_bytes_up"] > 0
     assert fused["train_bytes_down"] == real["train_bytes_down"] > 0
-    # 96 samples in batches of 32: 3 steps per epoch; budget 4 then 16 channels at 4x4 (wire
-    # shape at width 1/8 after conv 5), float16, labels upstream only.
-    height, width = 4, 4
-    expected_up = sum(
-        3 * codec.payload_nbytes(32, height, width, k, "float16", True) for k in (4, 16)
-    )
+    # 96 samples in batches of 32: 3 steps per epoch; budget 4 then 16 of 64 channels at 4x4
+    # (VGG-11 width 1/8 after conv 5), float16, labels upstream only.
+    expected_up = sum(3 * codec.payload_nbytes(32, 4, 4, k, "float16", True, channels=64)
+                      for k in (4, 16))
     assert fused["train_bytes_up"] == expected_up
-    assert fused["inference_bytes_per_sample"] == codec.payload_nbytes(
-        1, 4, 4, 16, "float16", False
-    )
+    assert fused["inference_bytes_per_sample"] == 20 + 2 * 16 + 4 * 4 * 16 * 2
+
+
+def test_plain_split_learning_sends_no_index_list(tmp_path):
+    sl = [phase(budget=0, epochs=1, learning_rate=0.05)]
+    fused = train(tiny_config("fused", sl, bottleneck=False), str(tmp_path / "fused"))
+    real = train(tiny_config("codec", sl, bottleneck=False), str(tmp_path / "codec"))
+    assert fused["train_bytes_up"] == real["train_bytes_up"]
+    assert fused["train_bytes_down"] == real["train_bytes_down"]
+    assert fused["inference_bytes_per_sample"] == 20 + 4 * 4 * 64 * 2  # header + values only.
 
 
 def test_fused_and_codec_steps_train_the_same_model(tmp_path):

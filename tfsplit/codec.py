@@ -13,7 +13,8 @@ Layout (little-endian, no padding, no compression, no pickle):
     4       1     format version (u8), currently 1
     5       1     kind (u8): 1 activations, 2 gradients
     6       1     dtype (u8): 1 float32, 2 float16, 3 int8
-    7       1     flags (u8): bit0 = labels present; all other bits must be 0
+    7       1     flags (u8): bit0 = labels present, bit1 = all channels (k == C', no indices);
+                  all other bits must be 0
     8       4     N, batch size (u32)
     12      2     H (u16)
     14      2     W (u16)
@@ -21,11 +22,13 @@ Layout (little-endian, no padding, no compression, no pickle):
     18      2     k, selected channel count (u16)
     20      4     scale (f32)        -- int8 only
     24      4     zero_point (i32)   -- int8 only
-    then    2k    indices (u16 x k), in the order given by the sender
+    then    2k    indices (u16 x k), in the order given by the sender; absent when bit1 is set
     then    4N    labels (i32 x N), only when flag bit0 is set
     then          values (N*H*W*k elements of the wire dtype, C order, channels last)
 
-So a payload is 20 bytes of header (28 for int8) + 2k + 4N (with labels) + N*H*W*k*itemsize.
+So a payload is 20 bytes of header (28 for int8) + 2k + 4N (with labels) + N*H*W*k*itemsize,
+without the 2k when every channel is sent (k == C'): then the values are put in channel order and
+the indices are implied, so plain split learning pays for no index list it does not need.
 Codes start at 1 so that a zeroed buffer never decodes as a valid payload.
 
 int8 is asymmetric affine quantization with one scale and zero point per payload:
@@ -56,6 +59,7 @@ KINDS = ("activations", "gradients")
 MAGIC = b"TFSP"
 FORMAT_VERSION = 1
 FLAG_LABELS = 0x01
+FLAG_ALL_CHANNELS = 0x02
 
 _HEADER = struct.Struct("<4sBBBBIHHHH")
 _INT8_PARAMS = struct.Struct("<fi")
@@ -125,7 +129,8 @@ class Payload:
 
 
 _Header = collections.namedtuple(
-    "_Header", "kind dtype has_labels batch height width channels k scale zero_point offset"
+    "_Header",
+    "kind dtype has_labels all_channels batch height width channels k scale zero_point offset",
 )
 
 
@@ -337,14 +342,15 @@ def _wire_values(values, dtype, scale, zero_point):
     return quantize(values, dtype)
 
 
-def _nbytes(batch, height, width, k, dtype, with_labels):
+def _nbytes(batch, height, width, k, dtype, with_labels, all_channels):
     params = INT8_PARAMS_NBYTES if dtype == "int8" else 0
+    indices = 0 if all_channels else k * _INDEX_WIRE.itemsize
     labels = batch * _LABEL_WIRE.itemsize if with_labels else 0
     values = batch * height * width * k * _WIRE_NUMPY[dtype].itemsize
-    return HEADER_NBYTES + params + k * _INDEX_WIRE.itemsize + labels + values
+    return HEADER_NBYTES + params + indices + labels + values
 
 
-def payload_nbytes(batch, height, width, k, dtype, with_labels):
+def payload_nbytes(batch, height, width, k, dtype, with_labels, channels=None):
     """Exact length of `encode(...)` for these shapes, without encoding.
 
     The trainer's byte ledger calls this on the hot path; tests prove it equals the encoded length.
@@ -353,6 +359,8 @@ def payload_nbytes(batch, height, width, k, dtype, with_labels):
       batch, height, width, k: the (N, H, W, k) shape of the sent values.
       dtype: wire dtype, one of WIRE_DTYPES.
       with_labels: whether the payload carries labels (training activations).
+      channels: the bottleneck width C'; when k == channels no index list is sent. None means
+        k < C' (a selection, indices sent).
 
     Raises:
       PayloadError: a size outside its header field's range, unknown dtype, non-bool with_labels.
@@ -364,7 +372,11 @@ def payload_nbytes(batch, height, width, k, dtype, with_labels):
     _check_choice("dtype", dtype, WIRE_DTYPES)
     if not isinstance(with_labels, (bool, np.bool_)):
         raise PayloadError(f"`with_labels` must be a bool. Received: with_labels={with_labels!r}")
-    return _nbytes(batch, height, width, k, dtype, bool(with_labels))
+    if channels is not None:
+        channels = _check_count("channels", channels, _U16_MAX)
+        if k > channels:
+            raise PayloadError(f"`k` must be <= channels. Received: k={k}, channels={channels}")
+    return _nbytes(batch, height, width, k, dtype, bool(with_labels), k == channels)
 
 
 def encode(
@@ -405,12 +417,16 @@ def encode(
     indices = _check_indices(indices, channels, k)
     labels = _check_labels(labels, kind, batch)
     wire, scale, zero_point = _wire_values(values, dtype, scale, zero_point)
-    flags = FLAG_LABELS if labels is not None else 0
+    all_channels = k == channels
+    if all_channels:  # channel order, so the indices need not be sent.
+        wire = wire[..., np.argsort(indices)]
+    flags = (FLAG_LABELS if labels is not None else 0) | (FLAG_ALL_CHANNELS if all_channels else 0)
     codes = FORMAT_VERSION, _KIND_CODES[kind], _DTYPE_CODES[dtype], flags
     parts = [_HEADER.pack(MAGIC, *codes, batch, height, width, channels, k)]
     if dtype == "int8":
         parts.append(_INT8_PARAMS.pack(scale, zero_point))
-    parts.append(indices.astype(_INDEX_WIRE).tobytes())
+    if not all_channels:
+        parts.append(indices.astype(_INDEX_WIRE).tobytes())
     if labels is not None:
         parts.append(labels.astype(_LABEL_WIRE).tobytes())
     parts.append(wire.astype(_WIRE_NUMPY[dtype], copy=False).tobytes())
@@ -437,8 +453,11 @@ def _read_header(data):
         raise PayloadError(f"Unknown format version: expected {FORMAT_VERSION}, found {version}.")
     kind = _read_code("kind", kind, _KIND_NAMES)
     dtype = _read_code("dtype", dtype, _DTYPE_NAMES)
-    if flags & ~FLAG_LABELS:
-        raise PayloadError(f"Unknown flag bits: expected only bit0 (labels), found {flags:#04x}.")
+    if flags & ~(FLAG_LABELS | FLAG_ALL_CHANNELS):
+        raise PayloadError(
+            f"Unknown flag bits: expected only bit0 (labels) and bit1 (all channels), "
+            f"found {flags:#04x}."
+        )
     scale, zero_point, offset = 1.0, 0, HEADER_NBYTES
     if dtype == "int8":
         if len(data) < HEADER_NBYTES + INT8_PARAMS_NBYTES:
@@ -448,7 +467,8 @@ def _read_header(data):
             )
         scale, zero_point = _INT8_PARAMS.unpack_from(data, HEADER_NBYTES)
         offset += INT8_PARAMS_NBYTES
-    return _Header(kind, dtype, bool(flags & FLAG_LABELS), *sizes, scale, zero_point, offset)
+    return _Header(kind, dtype, bool(flags & FLAG_LABELS), bool(flags & FLAG_ALL_CHANNELS), *sizes,
+                   scale, zero_point, offset)
 
 
 def _check_header(header, expect_kind, expect_dtype, max_channels):
@@ -468,6 +488,11 @@ def _check_header(header, expect_kind, expect_dtype, max_channels):
         raise PayloadError(
             f"Too many channels: expected at most {max_channels}, found {header.channels}."
         )
+    if header.all_channels != (header.k == header.channels):
+        raise PayloadError(
+            f"Inconsistent all-channels flag: expected it set exactly when k == channels, found "
+            f"flag={header.all_channels} with k={header.k}, channels={header.channels}."
+        )
     if header.has_labels and header.kind != "activations":
         raise PayloadError(f"Labels are only allowed on activations, found them on {header.kind}.")
     if header.dtype == "int8":
@@ -483,8 +508,11 @@ def _check_header(header, expect_kind, expect_dtype, max_channels):
 def _read_body(data, header):
     """Reads indices, labels and values; the total length was already checked."""
     offset = header.offset
-    indices = np.frombuffer(data, _INDEX_WIRE, header.k, offset).astype(np.int32)
-    offset += indices.size * _INDEX_WIRE.itemsize
+    if header.all_channels:
+        indices = np.arange(header.channels, dtype=np.int32)
+    else:
+        indices = np.frombuffer(data, _INDEX_WIRE, header.k, offset).astype(np.int32)
+        offset += indices.size * _INDEX_WIRE.itemsize
     if indices.max() >= header.channels:
         raise PayloadError(
             f"Index out of range: expected every index < channels={header.channels}, "
@@ -531,9 +559,8 @@ def decode(data, expect_kind=None, expect_dtype=None, max_channels=None):
     data = bytes(data)
     header = _read_header(data)
     _check_header(header, expect_kind, expect_dtype, max_channels)
-    expected = _nbytes(
-        header.batch, header.height, header.width, header.k, header.dtype, header.has_labels
-    )
+    expected = _nbytes(header.batch, header.height, header.width, header.k, header.dtype,
+                       header.has_labels, header.all_channels)
     if len(data) < expected:
         raise PayloadError(f"Truncated payload: expected {expected} bytes, found {len(data)}.")
     if len(data) > expected:

@@ -51,7 +51,8 @@ def budget_curve(split, dataset, budgets, wire_dtype):
     height, width, _ = split.wire_shape
     return [
         dict(budget=k, test_accuracy=inference.accuracy(predict, dataset, k),
-             bytes_per_sample=codec.payload_nbytes(1, height, width, k, wire_dtype, False))
+             bytes_per_sample=codec.payload_nbytes(1, height, width, k, wire_dtype, False,
+                                                   channels=split.channels))
         for k in budgets
     ]
 

@@ -84,12 +84,10 @@ class _StepsBase:
 
     def bytes_for(self, batch_size):
         k = int(self.k.numpy())
-        up = codec.payload_nbytes(
-            batch_size, self.height, self.width, k, self.activation_dtype, with_labels=True
-        )
-        down = codec.payload_nbytes(
-            batch_size, self.height, self.width, k, self.gradient_dtype, with_labels=False
-        )
+        up = codec.payload_nbytes(batch_size, self.height, self.width, k, self.activation_dtype,
+                                  with_labels=True, channels=self.channels)
+        down = codec.payload_nbytes(batch_size, self.height, self.width, k, self.gradient_dtype,
+                                    with_labels=False, channels=self.channels)
         return up, down
 
     def _selection(self):
