@@ -1,12 +1,11 @@
 """Accuracy versus budget from one trained model."""
 
 import csv
-import os
 
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit import codec, curve, data
+from tfsplit import codec, curve
 from tfsplit.config import base_config, phase
 from tfsplit.export import load_run
 from tfsplit.train import Trainer

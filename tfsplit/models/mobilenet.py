@@ -57,10 +57,13 @@ MobileNetV2, 32x32 input, width 1.0:
   | top              | top_relu      | 4x4x1280     |          |
 """
 
+
 import math
 import numbers
 
 import tf_keras as keras
+
+from tfsplit.models.checks import check_backbone_arguments, check_positive_int
 
 # (expansion t, channels c, blocks n, stride s of the first block): the paper's Table 2 with the
 # second row's stride 2 -> 1 for 32x32 input.
@@ -101,7 +104,7 @@ def make_divisible(value, divisor=CHANNEL_DIVISOR):
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"`value` must be a finite number > 0. Received: {value=!r}")
-    _check_positive_int("divisor", divisor)
+    check_positive_int("divisor", divisor)
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
 
@@ -134,32 +137,6 @@ CUT_LAYERS = (
     "top_bn",
     "top_relu",
 )
-
-
-def _check_positive_int(label, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{label}` must be a positive integer. Received: {label}={value!r}")
-
-
-def _validate(num_classes, input_shape, width_multiplier, classifier):
-    _check_positive_int("num_classes", num_classes)
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, channels). Received: {input_shape=!r}"
-        )
-    for label, value in zip(("height", "width", "channels"), input_shape):
-        _check_positive_int(f"input_shape {label}", value)
-    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real):
-        raise ValueError(f"`width_multiplier` must be a number. Received: {width_multiplier=!r}")
-    if not 0 < width_multiplier < math.inf:
-        raise ValueError(
-            f"`width_multiplier` must be finite and > 0. Received: {width_multiplier=}"
-        )
-    if classifier not in CLASSIFIERS:
-        raise ValueError(
-            f"MobileNetV2 is the CIFAR variant; `classifier` must be one of {CLASSIFIERS}. "
-            f"Received: {classifier=!r}"
-        )
 
 
 def _bn(x, name):
@@ -211,7 +188,8 @@ def build_mobilenetv2(
       ValueError: for a non-positive class count, a malformed input shape, a width multiplier that
         is not a finite positive number, or a classifier other than "cifar".
     """
-    _validate(num_classes, input_shape, width_multiplier, classifier)
+    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier,
+                             CLASSIFIERS, "MobileNetV2 is the CIFAR variant")
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     stem_channels = make_divisible(STEM_CHANNELS * width_multiplier)
     x = _conv_bn_relu(inputs, stem_channels, 3, STEM_STRIDE, "stem")

@@ -38,10 +38,10 @@ ResNet-18, 32x32 input, width 1.0:
   | block4_2 / stage4 | block4_2_out  | 4x4x512      |
 """
 
-import math
-import numbers
 
 import tf_keras as keras
+
+from tfsplit.models.checks import check_backbone_arguments
 
 STEM_CHANNELS = 64
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride of the stage's first block)
@@ -73,32 +73,6 @@ CUT_LAYERS = (
     "stem_relu",
     *(f"{block}_out" for _, block, _, _ in _blocks()),
 )
-
-
-def _check_positive_int(label, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{label}` must be a positive integer. Received: {label}={value!r}")
-
-
-def _validate(num_classes, input_shape, width_multiplier, classifier):
-    _check_positive_int("num_classes", num_classes)
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, channels). Received: {input_shape=!r}"
-        )
-    for label, value in zip(("height", "width", "channels"), input_shape):
-        _check_positive_int(f"input_shape {label}", value)
-    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real):
-        raise ValueError(f"`width_multiplier` must be a number. Received: {width_multiplier=!r}")
-    if not 0 < width_multiplier < math.inf:
-        raise ValueError(
-            f"`width_multiplier` must be finite and > 0. Received: {width_multiplier=}"
-        )
-    if classifier not in CLASSIFIERS:
-        raise ValueError(
-            f"ResNet-18 is the CIFAR variant; `classifier` must be one of {CLASSIFIERS}. "
-            f"Received: {classifier=!r}"
-        )
 
 
 def _scaled(channels, width_multiplier):
@@ -145,7 +119,8 @@ def build_resnet18(
       ValueError: for a non-positive class count, a malformed input shape, a width multiplier that
         is not a finite positive number, or a classifier other than "cifar".
     """
-    _validate(num_classes, input_shape, width_multiplier, classifier)
+    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier,
+                             CLASSIFIERS, "ResNet-18 is the CIFAR variant")
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = _conv_bn(inputs, _scaled(STEM_CHANNELS, width_multiplier), 3, 1, "stem_conv", "stem_bn")
     x = keras.layers.ReLU(name="stem_relu")(x)

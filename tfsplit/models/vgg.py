@@ -50,11 +50,11 @@ VGG-16 (configuration "D"), 32x32 input, width 1.0:
   | conv13 | pool5        | 1x1x512      | 512      |
 """
 
-import math
 import numbers
 
 import tf_keras as keras
 
+from tfsplit.models.checks import check_backbone_arguments
 from tfsplit.models.layers import AdaptiveAveragePooling2D
 
 CONFIGS = {
@@ -131,32 +131,14 @@ def _check_name(name):
         )
 
 
-def _check_positive_int(label, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{label}` must be a positive integer. Received: {label}={value!r}")
-
-
 def _validate(name, num_classes, input_shape, width_multiplier, classifier, dropout_rate):
     _check_name(name)
-    _check_positive_int("num_classes", num_classes)
-    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real):
-        raise ValueError(f"`width_multiplier` must be a number. Received: {width_multiplier=!r}")
-    if not 0 < width_multiplier < math.inf:
-        raise ValueError(
-            f"`width_multiplier` must be finite and > 0. Received: {width_multiplier=}"
-        )
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"`classifier` must be one of {CLASSIFIERS}. Received: {classifier=!r}")
+    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier, CLASSIFIERS,
+                             "VGG")
     if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
         raise ValueError(f"`dropout_rate` must be a number. Received: {dropout_rate=!r}")
     if not 0 <= dropout_rate < 1:
         raise ValueError(f"`dropout_rate` must be in [0, 1). Received: {dropout_rate=}")
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, channels). Received: {input_shape=!r}"
-        )
-    for label, value in zip(("height", "width", "channels"), input_shape):
-        _check_positive_int(f"input_shape {label}", value)
     if min(input_shape[:2]) < MIN_INPUT_SIZE:
         raise ValueError(
             f"VGG's five 2x2 max pools need an input of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}"

@@ -12,7 +12,6 @@ Two interchangeable implementations of one step:
 
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
