@@ -145,7 +145,7 @@ def test_constructors_reject_bad_arguments(kwargs, name):
         Decoder(**kwargs)
 
 
-@pytest.mark.parametrize("gate_init_max", [-1.0, float("nan")])
+@pytest.mark.parametrize("gate_init_max", [-1.0, 15.5, float("nan")])
 def test_encoder_rejects_bad_gate_init_max(gate_init_max):
     with pytest.raises(ValueError, match="gate_init_max"):
         MaskedEncoder(2, gate_init_max=gate_init_max)

@@ -13,6 +13,15 @@ GATE_LOGIT_OPEN = 15.0  # sigmoid(15) = 1 - 3e-7: a channel that is pinned fully
 GATE_LOGIT_CLOSED = -15.0
 
 
+@keras.utils.register_keras_serializable(package="tfsplit")
+class GateRange(keras.constraints.Constraint):
+    """Keeps gate logits in [-15, 15]: past that the sigmoid is flat, so a gate pushed beyond it by
+    a large budget-loss step would lose its gradient and could never reopen."""
+
+    def __call__(self, w):
+        return tf.clip_by_value(w, GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN)
+
+
 def _check_positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -42,9 +51,10 @@ class MaskedEncoder(keras.layers.Layer):
         _check_positive_int("channels", channels)
         _check_positive_int("resolution_factor", resolution_factor)
         _check_positive_int("kernel_size", kernel_size)
-        if not gate_init_max >= 0:
+        if not 0 <= gate_init_max <= GATE_LOGIT_OPEN:
             raise ValueError(
-                f"`gate_init_max` must be >= 0. Received: gate_init_max={gate_init_max!r}"
+                f"`gate_init_max` must be in [0, {GATE_LOGIT_OPEN}]. "
+                f"Received: gate_init_max={gate_init_max!r}"
             )
         self.channels = channels
         self.resolution_factor = resolution_factor
@@ -62,6 +72,7 @@ class MaskedEncoder(keras.layers.Layer):
             name="gate_logits",
             shape=(self.channels,),
             initializer=keras.initializers.RandomUniform(0.0, self.gate_init_max),
+            constraint=GateRange(),
             trainable=True,
         )
         super().build(input_shape)

@@ -68,6 +68,10 @@ def base_config(mode):
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 5e-4
+    # Gate logits: "shared" (the SGD above, as the reference does) or "adam" (bounded steps, see
+    # tfsplit.train.trainer.build_gate_optimizer) at gate_learning_rate.
+    config.optimizer.gate_optimizer = "adam"
+    config.optimizer.gate_learning_rate = 0.05
 
     # Wire: what crosses the cut, and how it is carried.
     config.wire = ml_collections.ConfigDict()
@@ -98,6 +102,7 @@ def apply_variant(config, variant):
         config.model.classifier = "imagenet"
         config.optimizer.momentum = 0.0
         config.optimizer.weight_decay = 5e-4
+        config.optimizer.gate_optimizer = "shared"
     return config
 
 

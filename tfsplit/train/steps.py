@@ -58,11 +58,15 @@ class _StepsBase:
       optimizer: a tf_keras optimizer.
       activation_dtype, gradient_dtype: wire dtypes (see `tfsplit.codec.WIRE_DTYPES`).
       budget_eps, budget_delta: weights of the budget loss.
+      gate_optimizer: optional optimizer for the gate logits alone; None trains them with
+        `optimizer` like every other weight.
     """
 
-    def __init__(self, split, optimizer, activation_dtype, gradient_dtype, budget_eps, budget_delta):
+    def __init__(self, split, optimizer, activation_dtype, gradient_dtype, budget_eps, budget_delta,
+                 gate_optimizer=None):
         self.split = split
         self.optimizer = optimizer
+        self.gate_optimizer = gate_optimizer if split.encoder is not None else None
         self.activation_dtype = activation_dtype
         self.gradient_dtype = gradient_dtype
         self.budget_eps = float(budget_eps)
@@ -73,8 +77,23 @@ class _StepsBase:
         self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # Both halves update through one optimizer; it must know every variable up front.
-        self.optimizer.build(split.head.trainable_variables + split.tail.trainable_variables)
+        gates = self._gate_variables()
+        self.optimizer.build([v for v in split.head.trainable_variables
+                              + split.tail.trainable_variables if v.ref() not in gates])
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.build([split.encoder.gate_logits])
         self._predict = inference.build_predict_fn(split, activation_dtype)
+
+    def _gate_variables(self):
+        return {self.split.encoder.gate_logits.ref()} if self.gate_optimizer is not None else set()
+
+    def _apply(self, grads, variables):
+        """Applies gradients, the gate logits' through their own optimizer when there is one."""
+        gates = self._gate_variables()
+        pairs = list(zip(grads, variables))
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() not in gates])
+        if gates:
+            self.gate_optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() in gates])
 
     def set_budget(self, k, masking):
         """k channels are sent; `masking` turns the budget loss on (off for unmasked phases)."""
@@ -125,7 +144,7 @@ class FusedSteps(_StepsBase):
             cross_entropy = self.loss_fn(labels, logits)
             penalty = self._budget_penalty()
             loss = cross_entropy + penalty
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self._apply(tape.gradient(loss, variables), variables)
         correct = tf.reduce_sum(
             tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)
         )
@@ -188,7 +207,7 @@ class CodecSteps(_StepsBase):
             [activations, penalty], head_variables,
             output_gradients=[tf.constant(returned.scatter()), tf.ones([])],
         )
-        self.optimizer.apply_gradients(zip(grads, head_variables))
+        self._apply(grads, head_variables)
         return StepResult(float(cross_entropy), float(penalty), int(correct), int(labels.shape[0]),
                           len(upstream), len(downstream))
 

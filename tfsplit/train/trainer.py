@@ -81,6 +81,28 @@ def _check_wire(config):
                          f"Received: {config.wire.transport!r}")
 
 
+GATE_OPTIMIZERS = ("shared", "adam")
+
+
+def build_gate_optimizer(config):
+    """None (gates share the main SGD, as in the reference) or Adam for the gate logits alone.
+
+    The budget loss (eps=1000) can move a gate logit by tens of units in one SGD step, far past
+    the sigmoid's slope; Adam's steps are bounded by its learning rate whatever eps is, so gates
+    settle where the penalty and the task loss balance instead of collapsing.
+    """
+    kind = config.optimizer.gate_optimizer
+    if kind not in GATE_OPTIMIZERS:
+        raise ValueError(f"config.optimizer.gate_optimizer must be one of {GATE_OPTIMIZERS}. "
+                         f"Received: {kind!r}")
+    if kind == "shared":
+        return None
+    if not config.optimizer.gate_learning_rate > 0:
+        raise ValueError("config.optimizer.gate_learning_rate must be > 0. Received: "
+                         f"{config.optimizer.gate_learning_rate!r}")
+    return keras.optimizers.Adam(config.optimizer.gate_learning_rate)
+
+
 def restore_weights(split, source_workdir):
     """Load head and tail weights from the latest checkpoint of another run (prune's start)."""
     latest = tf.train.latest_checkpoint(os.path.join(source_workdir, CHECKPOINT_DIR))
@@ -125,12 +147,15 @@ class Trainer:
             gradient_dtype=config.wire.gradient_dtype,
             budget_eps=config.budget_loss.eps,
             budget_delta=config.budget_loss.delta,
+            gate_optimizer=build_gate_optimizer(config),
         )
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
         checkpoint = tf.train.Checkpoint(
             head=self.split.head, tail=self.split.tail, optimizer=self.optimizer,
             epochs_done=self.epochs_done,
         )
+        if self.steps.gate_optimizer is not None:
+            checkpoint.gate_optimizer = self.steps.gate_optimizer
         self.manager = tf.train.CheckpointManager(
             checkpoint, os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2
         )
@@ -161,9 +186,11 @@ class Trainer:
         encoder = self.split.encoder
         if reset and encoder is not None and phase.reset != "none":
             rng = np.random.default_rng([self.config.seed, number])
-            encoder.gate_logits.assign(phase.apply_reset(encoder.gate_logits.numpy(), rng))
-            logging.info("Phase %d: %s reset, %d channels left open", number, phase.reset,
-                         int(np.sum(encoder.gate_logits.numpy() >= phase.reset_threshold)))
+            before = encoder.gate_logits.numpy()
+            encoder.gate_logits.assign(phase.apply_reset(before, rng))
+            logging.info("Phase %d: %s reset; %d of %d gates were open (logit >= %g)", number,
+                         phase.reset, int(np.sum(before >= phase.reset_threshold)), before.size,
+                         phase.reset_threshold)
         k = phase.effective_budget(self.split.channels)
         self.steps.set_budget(k, masking=phase.budget != 0)
         return k
