@@ -1,0 +1,96 @@
+"""TF Serving's gRPC PredictionService/Predict from the device, with grpcio and no TensorFlow.
+
+The request and the answer are (de)serialized by `tfsplit.device.protowire`; grpcio only carries
+the bytes (a generic unary call with no serializers), so `tensorflow-serving-api`, whose protos
+import TensorFlow, is not needed on the device.
+"""
+
+import grpc
+
+from tfsplit.device import protowire
+from tfsplit.device.head import DeviceError
+from tfsplit.device.rest import OUTPUT_NAME, ServingError, check_client_args
+
+PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+_DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+class GrpcClient:
+    """Calls Predict of TF Serving (or a TailServer) at `target`.
+
+    Args:
+      target: "host:port" of the gRPC endpoint.
+      model_name: the served model's name.
+      signature: the signature key.
+      timeout_s: deadline of each call.
+      version: a model version; None addresses the latest.
+      max_message_bytes: the largest message sent or received (gRPC's default is 4 MiB).
+
+    Raises:
+      DeviceError: a bad target, name or timeout.
+    """
+
+    protocol = "grpc"
+
+    def __init__(
+        self,
+        target,
+        model_name,
+        signature="serving_default",
+        timeout_s=30.0,
+        version=None,
+        max_message_bytes=_DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        check_client_args(model_name, timeout_s)
+        if not isinstance(target, str) or "://" in target or ":" not in target:
+            raise DeviceError(
+                f"`target` must be host:port of a gRPC endpoint, e.g. 127.0.0.1:8500 (no "
+                f"scheme). Received: {target!r}"
+            )
+        self.model_name = model_name
+        self.signature = signature
+        self.version = version
+        self.timeout_s = timeout_s
+        self.url = target
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._predict = self._channel.unary_unary(PREDICT_METHOD)
+
+    def encode(self, payload):
+        """The serialized PredictRequest for a `WirePayload` (its length: the request bytes)."""
+        return protowire.predict_request(
+            self.model_name, payload.inputs(), self.signature, self.version
+        )
+
+    def send(self, request):
+        """Sends a serialized PredictRequest; returns the (N, classes) float32 probabilities.
+
+        Raises:
+          ServingError: the server refused the request (gRPC status and message), its answer is
+            unreadable, or it cannot be reached.
+        """
+        try:
+            answer = self._predict(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise ServingError(error.details(), code=error.code().name) from None
+        try:
+            outputs = protowire.read_outputs(answer)
+        except protowire.ProtoError as error:
+            raise ServingError(f"Unreadable PredictResponse: {error}") from None
+        probabilities = outputs.get(OUTPUT_NAME)
+        if probabilities is None or probabilities.ndim != 2:
+            raise ServingError(
+                f"The answer lacks (N, classes) {OUTPUT_NAME!r}; it has "
+                f"{ {name: array.shape for name, array in outputs.items()} }."
+            )
+        return probabilities.astype("float32")
+
+    def predict(self, payload):
+        """encode + send."""
+        return self.send(self.encode(payload))
+
+    def close(self):
+        self._channel.close()

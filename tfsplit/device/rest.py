@@ -1,0 +1,145 @@
+"""TF Serving's REST predict API from the device, on the standard library alone.
+
+The body is the columnar format, `{"signature_name": ..., "inputs": {"values": ..., "indices":
+..., "scale": ..., "zero_point": ...}}`, with every number plain JSON, byte for byte what
+`tfsplit.serve.build_predict_body` writes (which needs TensorFlow). One HTTP/1.1 connection is
+kept open between requests, as a device sending image after image would; a connection the server
+closed is reopened once.
+"""
+
+import http.client
+import json
+import urllib.parse
+
+import numpy as np
+
+from tfsplit.device.head import DeviceError
+
+OUTPUT_NAME = "probabilities"
+_RECONNECT_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class ServingError(RuntimeError):
+    """The tail server refused a request or could not be reached.
+
+    Attributes:
+      message: the server's explanation, or why it could not be reached.
+      code: the gRPC status name ("UNAVAILABLE" also for an unreachable REST server), or None.
+      http_status: the HTTP status of a REST refusal, or None.
+    """
+
+    def __init__(self, message, code=None, http_status=None):
+        status = f"HTTP {http_status}" if http_status is not None else code
+        super().__init__(f"{status}: {message}" if status else message)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+
+
+def check_client_args(model_name, timeout_s):
+    if not isinstance(model_name, str) or not model_name:
+        raise DeviceError(f"`model_name` must be a non-empty string. Received: {model_name!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise DeviceError(f"`timeout_s` must be > 0 seconds. Received: timeout_s={timeout_s!r}")
+
+
+def predict_body(payload, signature="serving_default"):
+    """The REST :predict body of a `WirePayload`, as compact JSON bytes."""
+    inputs = {name: np.asarray(array).tolist() for name, array in payload.inputs().items()}
+    body = {"signature_name": signature, "inputs": inputs}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def probabilities_from_answer(answer):
+    """(N, classes) float32 from a :predict answer; TF Serving drops the name of a lone output."""
+    outputs = answer.get("outputs") if isinstance(answer, dict) else None
+    if isinstance(outputs, dict):
+        outputs = outputs.get(OUTPUT_NAME)
+    try:
+        probabilities = np.asarray(outputs, np.float32)
+    except (TypeError, ValueError):
+        probabilities = None
+    if probabilities is None or probabilities.ndim != 2:
+        raise ServingError(
+            f"The answer lacks (N, classes) {OUTPUT_NAME!r} outputs: {answer!r:.200}"
+        )
+    return probabilities
+
+
+class RestClient:
+    """Sends payloads to `<base_url>/v1/models/<model_name>[/versions/<v>]:predict`.
+
+    Args:
+      base_url: "http://host:port" of TF Serving's REST port (or a TailServer's).
+      model_name: the served model's name.
+      signature: the signature key.
+      timeout_s: socket timeout of each request.
+      version: a model version; None addresses the latest.
+
+    Raises:
+      DeviceError: a bad URL, name or timeout.
+    """
+
+    protocol = "rest"
+
+    def __init__(
+        self, base_url, model_name, signature="serving_default", timeout_s=30.0, version=None
+    ):
+        check_client_args(model_name, timeout_s)
+        parsed = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise DeviceError(
+                f"`base_url` must be an http(s) URL such as http://127.0.0.1:8501. "
+                f"Received: {base_url!r}"
+            )
+        self.signature = signature
+        versions = "" if version is None else f"/versions/{int(version)}"
+        self._path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}{versions}:predict"
+        connection_class = (
+            http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        )
+        self._connection = connection_class(parsed.hostname, parsed.port, timeout=timeout_s)
+        self.url = f"{base_url.rstrip('/')}{self._path}"
+
+    def encode(self, payload):
+        """The request body for a `WirePayload` (its length is the request's byte count)."""
+        return predict_body(payload, self.signature)
+
+    def _exchange(self, body):
+        self._connection.request(
+            "POST", self._path, body=body, headers={"Content-Type": "application/json"}
+        )
+        response = self._connection.getresponse()
+        return response.status, response.read()
+
+    def send(self, body):
+        """Posts an encoded body; returns the (N, classes) float32 probabilities.
+
+        Raises:
+          ServingError: the server refused the request (its message and HTTP status), sent an
+            unreadable answer, or could not be reached.
+        """
+        try:
+            try:
+                status, answer = self._exchange(body)
+            except _RECONNECT_ERRORS:
+                self._connection.close()
+                status, answer = self._exchange(body)
+        except (OSError, http.client.HTTPException) as error:
+            self._connection.close()
+            raise ServingError(f"Cannot reach {self.url}: {error}", code="UNAVAILABLE") from None
+        try:
+            answer = json.loads(answer)
+        except ValueError as error:
+            raise ServingError(f"Malformed JSON answer (HTTP {status}): {error}") from None
+        if status != http.HTTPStatus.OK:
+            message = answer.get("error") if isinstance(answer, dict) else None
+            raise ServingError(message or repr(answer), http_status=status)
+        return probabilities_from_answer(answer)
+
+    def predict(self, payload):
+        """encode + send."""
+        return self.send(self.encode(payload))
+
+    def close(self):
+        self._connection.close()

@@ -1,0 +1,197 @@
+"""The device side of split inference: image -> LiteRT head -> payload -> tail server -> class.
+
+    head = HeadRunner("export/head_float16.tflite")                  # + head_float16.json
+    client = make_client("rest", "http://127.0.0.1:8501", "tfsplit_tail_float16")
+    prediction = DeviceRunner(head, client).predict(images)         # uint8 (N, H, W, C)
+
+Each request is timed in three stages: `head` (normalize, quantize, interpreter, wire cast),
+`encode` (building the request body) and `network_tail` (send, the server's dequantize and tail,
+answer, parse). TF Serving's predict API reports no server-side time, so the network and the tail
+are measured together. Bytes are counted two ways: the request body as sent (JSON text for REST,
+the protobuf for gRPC) and the raw payload (values + indices + scale + zero point).
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+
+from tfsplit.device import payload as payload_lib
+from tfsplit.device import stats
+from tfsplit.device.head import DeviceError
+from tfsplit.device.rest import RestClient
+
+PROTOCOLS = ("rest", "grpc")
+STAGES = ("head", "encode", "network_tail", "total")
+DEFAULT_SERVERS = {"rest": "http://127.0.0.1:8501", "grpc": "127.0.0.1:8500"}
+
+
+def make_client(protocol, server, model_name, timeout_s=30.0, version=None):
+    """A REST or gRPC client for the tail; gRPC needs grpcio (imported only then).
+
+    Args:
+      protocol: "rest" or "grpc".
+      server: REST base URL ("http://host:port") or gRPC target ("host:port"); None takes
+        DEFAULT_SERVERS (TF Serving's default ports on this machine).
+      model_name: the served model's name.
+      timeout_s: per-request timeout.
+      version: model version, or None for the latest.
+
+    Raises:
+      DeviceError: unknown protocol, bad address, or gRPC asked for without grpcio.
+    """
+    if protocol not in PROTOCOLS:
+        raise DeviceError(f"`protocol` must be one of {PROTOCOLS}. Received: {protocol!r}")
+    server = DEFAULT_SERVERS[protocol] if server is None else server
+    if protocol == "rest":
+        return RestClient(server, model_name, timeout_s=timeout_s, version=version)
+    try:
+        from tfsplit.device import grpc_client  # grpcio: optional on devices
+    except ImportError as error:
+        raise DeviceError(f"gRPC needs grpcio (pip install grpcio), or use REST: {error}") from None
+    return grpc_client.GrpcClient(server, model_name, timeout_s=timeout_s, version=version)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """The answer to one request, with its cost.
+
+    Attributes:
+      probabilities: (N, num_classes) float32 from the tail.
+      seconds: dict stage -> duration of this request (see STAGES).
+      request_bytes: bytes of the request body.
+      payload_bytes: bytes of the raw payload (`WirePayload.raw_nbytes`).
+    """
+
+    probabilities: np.ndarray
+    seconds: dict
+    request_bytes: int
+    payload_bytes: int
+
+    @property
+    def classes(self):
+        return self.probabilities.argmax(axis=-1)
+
+    @property
+    def confidences(self):
+        return self.probabilities.max(axis=-1)
+
+
+class DeviceRunner:
+    """Runs a head and sends its payload to the tail, one request per call.
+
+    Args:
+      head: a `HeadRunner`.
+      client: a `RestClient` or `GrpcClient` (see `make_client`) for the matching tail.
+    """
+
+    def __init__(self, head, client):
+        self.head = head
+        self.client = client
+
+    def predict(self, images):
+        """uint8 (N, H, W, C) images -> a `Prediction` (one request for the whole batch).
+
+        Raises:
+          DeviceError: images that do not fit the head.
+          ServingError: the server refused or could not be reached.
+        """
+        start = time.perf_counter()
+        output = self.head(images)
+        payload = payload_lib.build_payload(output, self.head.spec)
+        encode_start = time.perf_counter()
+        request = self.client.encode(payload)
+        send_start = time.perf_counter()
+        probabilities = self.client.send(request)
+        end = time.perf_counter()
+        expected = (len(images), self.head.spec.num_classes)
+        if probabilities.shape != expected:
+            raise DeviceError(
+                f"The tail answered probabilities of shape {probabilities.shape}, expected "
+                f"{expected}: is the server serving this head's tail?"
+            )
+        seconds = {
+            "head": encode_start - start,
+            "encode": send_start - encode_start,
+            "network_tail": end - send_start,
+            "total": end - start,
+        }
+        return Prediction(probabilities, seconds, len(request), payload.raw_nbytes)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """Many requests' answers and costs, in request order.
+
+    Attributes:
+      probabilities: (samples, num_classes) float32.
+      seconds: dict stage -> (requests,) float64 durations.
+      request_bytes, payload_bytes: (requests,) int64 per request.
+      complete: False when a time limit stopped the run before every image was sent.
+    """
+
+    probabilities: np.ndarray
+    seconds: dict
+    request_bytes: np.ndarray
+    payload_bytes: np.ndarray
+    complete: bool
+
+    @property
+    def samples(self):
+        return len(self.probabilities)
+
+    @property
+    def requests(self):
+        return len(self.request_bytes)
+
+    def summary(self):
+        """Samples, requests, mean bytes per sample and p50/p95/mean ms per stage, flat."""
+        row = {
+            "samples": self.samples,
+            "requests": self.requests,
+            "complete": self.complete,
+            "request_bytes_per_sample": float(self.request_bytes.sum() / self.samples),
+            "payload_bytes_per_sample": float(self.payload_bytes.sum() / self.samples),
+        }
+        for stage in STAGES:
+            for key, value in stats.latency_summary(self.seconds[stage]).items():
+                row[f"{stage}_{key}"] = value
+        return row
+
+
+def run_images(runner, images, batch_size=1, max_seconds=None):
+    """Sends images through `runner` in requests of `batch_size`, bounded in time.
+
+    Args:
+      runner: a `DeviceRunner`.
+      images: uint8 (N, H, W, C).
+      batch_size: images per request (1: a device sends each image as it comes).
+      max_seconds: stop starting new requests after this long (None: no limit); at least one
+        request is always sent.
+
+    Returns:
+      A `RunRecord` of the requests sent.
+
+    Raises:
+      DeviceError: bad arguments or images. ServingError: a refused request.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DeviceError(f"`batch_size` must be an integer >= 1. Received: {batch_size!r}")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise DeviceError(f"`max_seconds` must be None or > 0. Received: {max_seconds!r}")
+    if not len(images):
+        raise DeviceError("`images` must hold at least one image. Received: 0 images")
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        if predictions and deadline is not None and time.monotonic() > deadline:
+            break
+        predictions.append(runner.predict(images[start : start + batch_size]))
+    sent = sum(len(p.probabilities) for p in predictions)
+    return RunRecord(
+        probabilities=np.concatenate([p.probabilities for p in predictions]),
+        seconds={s: np.array([p.seconds[s] for p in predictions]) for s in STAGES},
+        request_bytes=np.array([p.request_bytes for p in predictions], np.int64),
+        payload_bytes=np.array([p.payload_bytes for p in predictions], np.int64),
+        complete=sent == len(images),
+    )

@@ -1,0 +1,35 @@
+"""Latency summaries shared by the device runner, split inference and the head benchmark."""
+
+import numpy as np
+
+from tfsplit.device.head import DeviceError
+
+
+def latency_summary(seconds):
+    """p50, p95 and mean of a list of durations, in milliseconds.
+
+    Raises:
+      DeviceError: no durations, or negative / non-finite ones.
+    """
+    values = np.asarray(seconds, np.float64) * 1e3
+    if values.ndim != 1 or not values.size or not np.isfinite(values).all() or values.min() < 0:
+        raise DeviceError(
+            f"Latencies must be a non-empty list of finite durations >= 0. Received: {seconds!r:.80}"
+        )
+    p50, p95 = np.percentile(values, [50, 95])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "mean_ms": float(values.mean())}
+
+
+def format_table(rows, columns):
+    """Rows (dicts) as a plain-text table: a header, a rule, one line per row.
+
+    Args:
+      rows: list of dicts.
+      columns: list of (key, title, format spec) such as ("p50_ms", "p50 ms", ".2f").
+    """
+    cells = [[title for _, title, _ in columns]]
+    cells += [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
