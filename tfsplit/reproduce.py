@@ -183,6 +183,10 @@ def _format(value, digits=2):
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
+def _times(ratio):
+    return "target not reached" if ratio is None else f"{ratio:.2f}x faster"
+
+
 def format_markdown(result):
     """The table, the curve and the three ratios as Markdown."""
     rows, ratios = result["rows"], result["ratios"]
@@ -212,9 +216,9 @@ def format_markdown(result):
         f"- deprune vs CA-SL at the same final budget: "
         f"{ratios['deprune_vs_casl_accuracy_points']:+.2f} accuracy points (paper: +4)"
         + ("" if ratios["same_final_budget"] else " - WARNING: final budgets differ") + ".",
-        f"- prune vs CA-SL, time to target: {_format(ratios['prune_vs_casl_time_to_target'])}x "
-        f"faster fine-tuning, {_format(ratios['prune_vs_casl_time_to_target_with_start'])}x "
-        "counting the start model's training (paper: up to 6x).",
+        f"- prune vs CA-SL, time to target: {_times(ratios['prune_vs_casl_time_to_target'])} "
+        f"fine-tuning, {_times(ratios['prune_vs_casl_time_to_target_with_start'])} counting "
+        "the start model's training (paper: up to 6x faster).",
     ]
     return "\n".join(lines) + "\n"
 
