@@ -78,7 +78,7 @@ def test_a_target_never_reached_is_reported_as_such(recorded_rows):
     assert ratios["prune_vs_casl_time_to_target"] is None
     text = reproduce.format_markdown(dict(rows=rows, ratios=ratios, target_accuracy=0.8, curve=[]))
     assert "time to target: target not reached fine-tuning" in text
-    assert "| not reached | not reached |" in text
+    assert "| 10.0 | 2 | not reached | 1 |" in text
 
 
 def test_prune_config_is_split_into_start_and_finetune():
