@@ -213,3 +213,28 @@ def test_unknown_gate_optimizer_is_rejected(tmp_path):
     config.optimizer.gate_optimizer = "rmsprop"
     with pytest.raises(ValueError, match="gate_optimizer must be one of"):
         Trainer(config, str(tmp_path))
+
+
+def test_nested_budget_sampling_sends_fewer_channels_and_both_paths_agree(tmp_path):
+    one_phase = [phase(budget=16, epochs=1, learning_rate=0.05)]
+    summaries = {}
+    for name, transport, probability in (("fixed", "fused", 0.0), ("fused", "fused", 1.0),
+                                         ("codec", "codec", 1.0)):
+        config = tiny_config(transport, one_phase)
+        config.budget_sampling.probability = probability
+        summaries[name] = train(config, str(tmp_path / name))
+    fixed, fused, real = summaries["fixed"], summaries["fused"], summaries["codec"]
+    assert fused["train_bytes_up"] == real["train_bytes_up"] < fixed["train_bytes_up"]
+    assert fused["train_bytes_down"] == real["train_bytes_down"] < fixed["train_bytes_down"]
+    # Evaluation and inference always use the phase's budget.
+    assert fused["final_budget"] == 16
+    assert fused["inference_bytes_per_sample"] == fixed["inference_bytes_per_sample"]
+
+
+@pytest.mark.parametrize("probability, min_budget", [(1.5, 1), (-0.1, 1), (0.5, 0)])
+def test_bad_budget_sampling_is_rejected(tmp_path, probability, min_budget):
+    config = tiny_config()
+    config.budget_sampling.probability = probability
+    config.budget_sampling.min_budget = min_budget
+    with pytest.raises(ValueError, match="sampling_probability|min_budget"):
+        Trainer(config, str(tmp_path))

@@ -22,8 +22,10 @@ def channel_importance(gate_logits):
 def top_k_channels(gate_logits, k):
     """Indices of the k most important channels, most important first.
 
-    `tf.math.top_k` is documented to return the lower index first among equal values, which makes
-    the choice deterministic and identical on device and server.
+    Ranked by the logits themselves: importance sigmoid(g)^2 is monotonic in g, so the order is the
+    same, but in float32 it rounds to exactly 1.0 for every g above ~16 and ties gates that the
+    logits still tell apart. `tf.math.top_k` is documented to return the lower index first among
+    equal values, which makes the choice deterministic and identical on device and server.
 
     Args:
       gate_logits: (C,) gate logits.
@@ -32,7 +34,7 @@ def top_k_channels(gate_logits, k):
     Returns:
       (k,) int32 channel indices.
     """
-    return tf.math.top_k(channel_importance(gate_logits), k=k, sorted=True).indices
+    return tf.math.top_k(gate_logits, k=k, sorted=True).indices
 
 
 def channel_mask(indices, channels):

@@ -59,6 +59,12 @@ def base_config(mode):
     # Schedule: a list of phases (see `phase`).
     config.phases = [phase(budget=0, epochs=1, learning_rate=0.01)]
 
+    # Adaptive inference: with this probability a masked training step sends only the top k'
+    # channels, k' uniform in [min_budget, k], so one model serves every budget up to k (0 = off).
+    config.budget_sampling = ml_collections.ConfigDict()
+    config.budget_sampling.probability = 0.0
+    config.budget_sampling.min_budget = 1
+
     # Budget loss eps * (exp(delta*(sum(m)-k)) + exp(-delta*(sum(m)-k))).
     config.budget_loss = ml_collections.ConfigDict()
     config.budget_loss.eps = 1000.0

@@ -60,10 +60,19 @@ class _StepsBase:
       budget_eps, budget_delta: weights of the budget loss.
       gate_optimizer: optional optimizer for the gate logits alone; None trains them with
         `optimizer` like every other weight.
+      sampling_probability, min_budget: nested budget sampling for adaptive inference: with this
+        probability a masked step sends the top k' channels, k' uniform in [min_budget, k], so the
+        tail learns to work from any prefix of the gate ranking. 0 always sends k.
+      seed: seeds the budget draws.
     """
 
     def __init__(self, split, optimizer, activation_dtype, gradient_dtype, budget_eps, budget_delta,
-                 gate_optimizer=None):
+                 gate_optimizer=None, sampling_probability=0.0, min_budget=1, seed=0):
+        if not 0.0 <= sampling_probability <= 1.0:
+            raise ValueError("sampling_probability must be in [0, 1]. Received: "
+                             f"{sampling_probability!r}")
+        if not isinstance(min_budget, int) or min_budget < 1:
+            raise ValueError(f"min_budget must be a positive integer. Received: {min_budget!r}")
         self.split = split
         self.optimizer = optimizer
         self.gate_optimizer = gate_optimizer if split.encoder is not None else None
@@ -75,6 +84,10 @@ class _StepsBase:
         # Variables, not Python values, so a new phase does not retrace the compiled step.
         self.k = tf.Variable(self.channels, dtype=tf.int32, trainable=False, name="budget")
         self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
+        self.sampling_probability = float(sampling_probability)
+        self.min_budget = min_budget
+        self.step_sampling = tf.Variable(0.0, trainable=False, name="step_sampling")
+        self.budget_draws = tf.random.Generator.from_seed(seed)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # Both halves update through one optimizer; it must know every variable up front.
         gates = self._gate_variables()
@@ -99,20 +112,27 @@ class _StepsBase:
         """k channels are sent; `masking` turns the budget loss on (off for unmasked phases)."""
         self.k.assign(k)
         self.penalty_weight.assign(self.budget_eps if masking else 0.0)
+        self.step_sampling.assign(self.sampling_probability if masking else 0.0)
 
-    def bytes_for(self, batch_size):
-        k = int(self.k.numpy())
+    def _step_budget(self):
+        """k, or with probability `step_sampling` a budget drawn uniformly from [min_budget, k]."""
+        low = tf.minimum(self.min_budget, self.k)
+        drawn = self.budget_draws.uniform([], low, self.k + 1, dtype=tf.int32)
+        sample = self.budget_draws.uniform([]) < self.step_sampling
+        return tf.where(sample, drawn, self.k)
+
+    def bytes_for(self, batch_size, k):
         up = codec.payload_nbytes(batch_size, self.height, self.width, k, self.activation_dtype,
                                   with_labels=True, channels=self.channels)
         down = codec.payload_nbytes(batch_size, self.height, self.width, k, self.gradient_dtype,
                                     with_labels=False, channels=self.channels)
         return up, down
 
-    def _selection(self):
+    def _selection(self, k):
         encoder = self.split.encoder
         if encoder is None:
             return tf.range(self.channels, dtype=tf.int32), tf.ones([self.channels])
-        indices = budget_lib.top_k_channels(encoder.gate_logits, self.k)
+        indices = budget_lib.top_k_channels(encoder.gate_logits, k)
         return indices, budget_lib.channel_mask(indices, self.channels)
 
     def _budget_penalty(self):
@@ -137,8 +157,9 @@ class FusedSteps(_StepsBase):
 
     def _step(self, images, labels):
         variables = self.split.head.trainable_variables + self.split.tail.trainable_variables
+        k = self._step_budget()
         with tf.GradientTape() as tape:
-            _, mask = self._selection()
+            _, mask = self._selection(k)
             sent = self._wire(self.split.head(images, training=True), mask)
             logits = self.split.tail(sent, training=True)
             cross_entropy = self.loss_fn(labels, logits)
@@ -148,12 +169,12 @@ class FusedSteps(_StepsBase):
         correct = tf.reduce_sum(
             tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)
         )
-        return cross_entropy, penalty, correct
+        return cross_entropy, penalty, correct, k
 
     def train_step(self, images, labels):
-        cross_entropy, penalty, correct = self._compiled(images, labels)
+        cross_entropy, penalty, correct, k = self._compiled(images, labels)
         batch_size = int(labels.shape[0])
-        up, down = self.bytes_for(batch_size)
+        up, down = self.bytes_for(batch_size, int(k))
         return StepResult(float(cross_entropy), float(penalty), int(correct), batch_size, up, down)
 
 
@@ -166,7 +187,7 @@ class CodecSteps(_StepsBase):
 
     @tf.function(reduce_retracing=True)
     def _device_forward(self, images):
-        indices, _ = self._selection()
+        indices, _ = self._selection(self._step_budget())
         return self.split.head(images, training=True), self._budget_penalty(), indices
 
     @tf.function(reduce_retracing=True)

@@ -148,11 +148,14 @@ class Trainer:
             budget_eps=config.budget_loss.eps,
             budget_delta=config.budget_loss.delta,
             gate_optimizer=build_gate_optimizer(config),
+            sampling_probability=config.budget_sampling.probability,
+            min_budget=config.budget_sampling.min_budget,
+            seed=config.seed,
         )
         self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
         checkpoint = tf.train.Checkpoint(
             head=self.split.head, tail=self.split.tail, optimizer=self.optimizer,
-            epochs_done=self.epochs_done,
+            epochs_done=self.epochs_done, budget_draws=self.steps.budget_draws,
         )
         if self.steps.gate_optimizer is not None:
             checkpoint.gate_optimizer = self.steps.gate_optimizer
