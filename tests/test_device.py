@@ -5,7 +5,6 @@ TensorFlow-based references it replaces: `tfsplit.export.run_head` for the head,
 `tfsplit.serve`'s clients for the two protocols, predict_pb2 for the hand-written protobuf.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,9 +22,7 @@ import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import device
 from tfsplit import export as export_lib
 from tfsplit import serve
-from tfsplit import train as train_lib
 from tfsplit.device import protowire
-from tfsplit.export import run as run_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = device.HEAD_DTYPES
@@ -43,23 +40,9 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-def _smoke_config():
-    spec = importlib.util.spec_from_file_location(
-        "deprune_config", REPO_ROOT / "configs/deprune.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    config = _smoke_config()
-    train_lib.train(config, str(path))
-    if not (path / run_lib.CONFIG_FILE).exists():  # tools/train.py writes it beside the run.
-        (path / run_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    return export_lib.load_run(str(path))
+def run(smoke_workdir):
+    return export_lib.load_run(smoke_workdir)
 
 
 @pytest.fixture(scope="module")

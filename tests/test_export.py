@@ -1,6 +1,5 @@
 """Tests of tfsplit.export on one smoke-trained deprune run (trained once for the module)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,29 +15,15 @@ import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import budget as budget_lib
 from tfsplit import codec
 from tfsplit import export as export_lib
-from tfsplit import train as train_lib
 from tfsplit.export import head as head_lib
 from tfsplit.export import run as run_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILE = REPO_ROOT / "configs" / "deprune.py"
-
-
-def _smoke_config():
-    spec = importlib.util.spec_from_file_location("deprune_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    config = _smoke_config()
-    train_lib.train(config, str(path))
-    if not (path / run_lib.CONFIG_FILE).exists():  # tools/train.py writes it beside the run.
-        (path / run_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    return str(path)
+def workdir(smoke_workdir):
+    return smoke_workdir
 
 
 @pytest.fixture(scope="module")

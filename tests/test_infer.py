@@ -1,7 +1,6 @@
 """Tests of tfsplit.deploy (split inference over loopback) on one smoke-trained deprune run."""
 
 import csv
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -13,7 +12,6 @@ import pytest
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import codec, deploy
 from tfsplit import export as export_lib
-from tfsplit import train as train_lib
 from tfsplit.export import run as run_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,23 +19,9 @@ SAMPLES = 12
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def _smoke_config():
-    spec = importlib.util.spec_from_file_location(
-        "deprune_config", REPO_ROOT / "configs/deprune.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    config = _smoke_config()
-    train_lib.train(config, str(path))
-    if not (path / run_lib.CONFIG_FILE).exists():  # tools/train.py writes it beside the run.
-        (path / run_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    return export_lib.load_run(str(path))
+def run(smoke_workdir):
+    return export_lib.load_run(smoke_workdir)
 
 
 @pytest.fixture(scope="module")
