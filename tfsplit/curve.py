@@ -83,6 +83,7 @@ def write_curve(rows, out_dir, title):
     for row in rows:
         axis.annotate(f"k={row['budget']}", (row["bytes_per_sample"], 100 * row["test_accuracy"]),
                       textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axis.set_xscale("log", base=2)  # budgets double from point to point.
     axis.set_xlabel("inference bytes per sample")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title(title, fontsize=9)
