@@ -134,3 +134,22 @@ def test_build_phases_rejects_bad_entries(entry, has_bottleneck, message):
 def test_build_phases_rejects_an_empty_schedule():
     with pytest.raises(ValueError, match="at least one phase"):
         budget.build_phases([], channels=8, has_bottleneck=True)
+
+
+def test_budget_loss_stays_finite_far_from_the_budget():
+    # 512 nearly open gates against budget 4: delta*excess ~ 51, where cosh overflows float32's
+    # squared gradients. Past 20 the loss continues with cosh's slope at 20, so it is continuous and
+    # still pulls the right way.
+    logits = tf.Variable(tf.fill([512], 15.0))
+    with tf.GradientTape() as tape:
+        loss = budget.budget_loss(logits, 4, 1000.0, 0.1)
+    grad = tape.gradient(loss, logits).numpy()
+    assert np.isfinite(loss.numpy()) and np.all(np.isfinite(grad)) and np.all(grad > 0)
+    assert np.all(np.isfinite(grad.astype(np.float64) ** 2))
+
+    def at(z):
+        soft = 4 + z / 0.1  # sum(m) for a given delta*excess; m = 1 on saturated gates.
+        return budget.budget_loss(tf.fill([int(round(soft))], 30.0), 4, 1.0, 0.1).numpy()
+
+    np.testing.assert_allclose(at(20.0), 2 * math.cosh(20.0), rtol=1e-5)
+    np.testing.assert_allclose(at(21.0) - at(20.0), 2 * math.sinh(20.0), rtol=1e-4)

@@ -6,6 +6,7 @@ agree and exactly k channels cross (never more, unlike a threshold from a partit
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -45,14 +46,25 @@ def channel_mask(indices, channels):
     )
 
 
+COSH_LINEAR_BEYOND = 20.0
+
+
 def budget_loss(gate_logits, k, eps, delta):
     """eps * (exp(delta*(sum(m) - k)) + exp(-delta*(sum(m) - k))), with m = sigmoid(g)^2.
 
     A cosh-shaped pull of the soft channel count towards the budget k. Its floor is 2*eps, so report
-    it apart from the cross-entropy.
+    it apart from the cross-entropy. Beyond |delta*(sum(m) - k)| = 20 it continues as a straight line
+    with cosh's slope there: at the paper's scale (512 open channels, k = 4) the plain formula's
+    gradient (~1e22) squares to inf in an optimizer's moments and turns the gates to NaN.
     """
     excess = tf.reduce_sum(channel_importance(gate_logits)) - tf.cast(k, tf.float32)
-    return eps * (tf.exp(delta * excess) + tf.exp(-delta * excess))
+    z = tf.abs(delta * excess)
+    c = COSH_LINEAR_BEYOND
+    # Both branches are evaluated; min() keeps the unused cosh finite, and no term cancels another.
+    inner = tf.minimum(z, c)
+    curve = tf.exp(inner) + tf.exp(-inner)
+    line = (math.exp(c) + math.exp(-c)) + (math.exp(c) - math.exp(-c)) * (z - c)
+    return eps * tf.where(z <= c, curve, line)
 
 
 def deprune_reset(gate_logits, threshold, reset_range, rng):
