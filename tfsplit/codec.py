@@ -342,9 +342,10 @@ def _wire_values(values, dtype, scale, zero_point):
     return quantize(values, dtype)
 
 
-def _nbytes(batch, height, width, k, dtype, with_labels, all_channels):
+def _nbytes(batch, height, width, k, dtype, with_labels, index_count):
+    """The size formula; plain arithmetic, so ints and int64 tensors both go through it."""
     params = INT8_PARAMS_NBYTES if dtype == "int8" else 0
-    indices = 0 if all_channels else k * _INDEX_WIRE.itemsize
+    indices = index_count * _INDEX_WIRE.itemsize
     labels = batch * _LABEL_WIRE.itemsize if with_labels else 0
     values = batch * height * width * k * _WIRE_NUMPY[dtype].itemsize
     return HEADER_NBYTES + params + indices + labels + values
@@ -376,7 +377,18 @@ def payload_nbytes(batch, height, width, k, dtype, with_labels, channels=None):
         channels = _check_count("channels", channels, _U16_MAX)
         if k > channels:
             raise PayloadError(f"`k` must be <= channels. Received: k={k}, channels={channels}")
-    return _nbytes(batch, height, width, k, dtype, bool(with_labels), k == channels)
+    return _nbytes(batch, height, width, k, dtype, bool(with_labels), 0 if k == channels else k)
+
+
+def payload_nbytes_tensor(batch, k, height, width, dtype, with_labels, channels):
+    """`payload_nbytes` as int64 tensor ops, for a compiled step whose batch and k are tensors.
+
+    No checks: the caller's shapes come from a built model, and the eager `payload_nbytes` is the
+    one that validates.
+    """
+    batch, k = tf.cast(batch, tf.int64), tf.cast(k, tf.int64)
+    index_count = tf.where(k == channels, tf.constant(0, tf.int64), k)
+    return _nbytes(batch, height, width, k, dtype, with_labels, index_count)
 
 
 def encode(
@@ -560,7 +572,7 @@ def decode(data, expect_kind=None, expect_dtype=None, max_channels=None):
     header = _read_header(data)
     _check_header(header, expect_kind, expect_dtype, max_channels)
     expected = _nbytes(header.batch, header.height, header.width, header.k, header.dtype,
-                       header.has_labels, header.all_channels)
+                       header.has_labels, 0 if header.all_channels else header.k)
     if len(data) < expected:
         raise PayloadError(f"Truncated payload: expected {expected} bytes, found {len(data)}.")
     if len(data) > expected:

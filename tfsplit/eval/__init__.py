@@ -1,0 +1,1 @@
+"""Measuring results: the budget curve, the reproduce table, deployment and training benchmarks."""
