@@ -11,3 +11,22 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
+
+# The Keras-facing API, imported on first use so that the TF-free `tfsplit.device` package can be
+# imported on a device without TensorFlow.
+_LAZY = {
+    "SplitModel": "tfsplit.model",
+    "split_model": "tfsplit.models.splitter",
+    "PhaseSchedule": "tfsplit.callbacks",
+    "Phase": "tfsplit.budget",
+    "load_model": "tfsplit.train.trainer",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tfsplit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -27,7 +27,8 @@ def base_config(mode):
     config.mode = mode  # "sl", "casl", "deprune" or "prune": recorded in summary.json.
     config.seed = 0
     config.init_from = ""  # workdir of an earlier run whose weights start this one (prune).
-    config.log_every_steps = 50
+    # Back up the whole training state every this many steps; a killed run resumes from there.
+    config.checkpoint_every_steps = 100
 
     # Data.
     config.data = ml_collections.ConfigDict()
@@ -74,7 +75,7 @@ def base_config(mode):
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 5e-4
-    # Gate logits: "adam" (bounded steps, see tfsplit.train.trainer.build_gate_optimizer) at
+    # Gate logits: "adam" (bounded steps, see tfsplit.train.build_gate_optimizer) at
     # gate_learning_rate, or "shared" (the SGD above, as the reference code does).
     config.optimizer.gate_optimizer = "adam"
     config.optimizer.gate_learning_rate = 0.05
@@ -97,7 +98,6 @@ def apply_variant(config, variant):
         config.data.batch_size = 32
         config.data.eval_batch_size = 128
         config.model.width_multiplier = 0.125
-        config.log_every_steps = 0
         for entry in config.phases:
             entry.epochs = 1
             entry.boost_epochs = min(entry.boost_epochs, 1)

@@ -15,7 +15,8 @@ import functools
 from collections.abc import Callable, Mapping
 
 from tfsplit.models import mobilenet, resnet, vgg
-from tfsplit.models.splitter import SplitModel, split_model
+from tfsplit.model import SplitModel
+from tfsplit.models.splitter import BOTTLENECK_KEYS, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,11 @@ _REGISTRY = {
 }
 BACKBONES = tuple(_REGISTRY)
 
-__all__ = ["BACKBONES", "SplitModel", "build_backbone", "cut_points", "resolve_cut", "split_model"]
+__all__ = [
+    "BACKBONES",
+    "BOTTLENECK_KEYS",
+    "SplitModel",
+    "build_backbone", "cut_points", "resolve_cut", "split_model"]
 
 
 def _backbone(name):

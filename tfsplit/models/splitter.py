@@ -12,7 +12,6 @@ nodes to its layers, and layers called with constants or keyword arguments (`x *
 """
 
 import collections.abc
-import dataclasses
 import numbers
 
 import tensorflow as tf
@@ -20,42 +19,9 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit.bottleneck import Decoder, MaskedEncoder
+from tfsplit.model import SplitModel
 
 BOTTLENECK_KEYS = ("feature_compression", "resolution_compression", "gate_init_max")
-
-
-@dataclasses.dataclass
-class SplitModel:
-    """A model cut in two at `cut`, with the wire between head and tail.
-
-    Attributes:
-      head: image -> wire activations (N, h, w, C'); ends with the encoder when there is one.
-      tail: wire activations -> logits; starts with the decoder when there is one.
-      cut: name of the layer whose output is the cut.
-      encoder: the `MaskedEncoder` at the end of the head, or None for plain split learning.
-      decoder: the `Decoder` at the start of the tail, or None for plain split learning.
-    """
-
-    head: keras.Model
-    tail: keras.Model
-    cut: str
-    encoder: MaskedEncoder | None = None
-    decoder: Decoder | None = None
-
-    @property
-    def wire_shape(self):
-        """Shape of one sample on the wire, without the batch axis, e.g. (h, w, C')."""
-        return tuple(self.head.output.shape[1:])
-
-    @property
-    def channels(self):
-        """Channels C' that cross the cut, the axis the budget selects from."""
-        return self.wire_shape[-1]
-
-    def full_model(self):
-        """Image -> logits through head and tail, sharing their weights, for fit and evaluate."""
-        inputs = keras.Input(shape=self.head.input.shape[1:], dtype=self.head.input.dtype)
-        return keras.Model(inputs, self.tail(self.head(inputs)), name="split_model")
 
 
 def _check_functional(model):
@@ -229,7 +195,7 @@ def _replay(model, tail_nodes, cut_tensor, tail_start):
     return outputs[0] if len(outputs) == 1 else outputs
 
 
-def split_model(model, cut, bottleneck=None):
+def split_model(model, cut, bottleneck=None, **options):
     """Cuts `model` after layer `cut` into head and tail that share its weights.
 
     Args:
@@ -238,10 +204,11 @@ def split_model(model, cut, bottleneck=None):
       bottleneck: None for plain split learning, or a dict / ConfigDict with exactly the keys
         `feature_compression` (C' = C // it), `resolution_compression` (encoder stride; the
         decoder undoes it) and `gate_init_max` (gate logits start uniform in [0, it]).
+      **options: the wire and budget-loss settings of `tfsplit.SplitModel`.
 
     Returns:
-      A `SplitModel`; with a bottleneck its head ends with the layer "encoder" and its tail starts
-      with the layer "decoder".
+      A `tfsplit.SplitModel`; with a bottleneck its head ends with the layer "encoder" and its
+      tail starts with the layer "decoder".
 
     Raises:
       ValueError: when `model` is not functional, has several inputs or shared layers; when `cut`
@@ -263,7 +230,7 @@ def split_model(model, cut, bottleneck=None):
     tail_start = wire_input if decoder is None else decoder(wire_input)
     outputs = _replay(model, tail_nodes, cut_tensor, tail_start)
     tail = keras.Model(wire_input, outputs, name=f"{model.name}_tail")
-    split = SplitModel(head=head, tail=tail, cut=cut, encoder=encoder, decoder=decoder)
+    split = SplitModel(head, tail, cut=cut, name=f"{model.name}_split", **options)
     logging.info(
         "Split %s at %r: wire %s, head %d weights, tail %d weights.",
         model.name,

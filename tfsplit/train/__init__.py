@@ -1,8 +1,19 @@
-"""Split training: steps (fused and through real bytes), the byte ledger and the phase loop."""
+"""Split training from a config: data, a compiled `SplitModel` and `fit` with the run's callbacks."""
 
-from tfsplit.train.ledger import ByteLedger
-from tfsplit.train.steps import STEPS, CodecSteps, FusedSteps
-from tfsplit.train.trainer import Trainer, build_data, build_split_model, train
+from tfsplit.train.codec_step import CodecSplitModel
+from tfsplit.train.trainer import (
+    build_data,
+    build_gate_optimizer,
+    build_split_model,
+    load_model,
+    train,
+)
 
-__all__ = ["ByteLedger", "STEPS", "CodecSteps", "FusedSteps", "Trainer", "build_data",
-           "build_split_model", "train"]
+__all__ = [
+    "CodecSplitModel",
+    "build_data",
+    "build_gate_optimizer",
+    "build_split_model",
+    "load_model",
+    "train",
+]

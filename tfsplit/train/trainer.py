@@ -1,33 +1,42 @@
-"""The split trainer: SL, CA-SL, deprune and prune are phase schedules of this one loop.
+"""Config -> data -> `SplitModel` -> `fit` with the run's callbacks.
 
-Each epoch: train at the phase's budget (gate reset on entering a phase), evaluate test accuracy at
-that budget, append a line to `metrics.jsonl`, write TensorBoard scalars, checkpoint. Re-running on
-the same workdir resumes after the last checkpointed epoch.
+A workdir holds `config.json`, `metrics.jsonl`, `summary.json`, `checkpoints/` (the backup a
+killed run resumes from, every `checkpoint_every_steps` steps, and the final `model.keras`) and
+`tensorboard/`. Re-running on the same workdir resumes from the last backup.
 """
 
 import json
 import os
-import time
+import sys
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from tfsplit import budget as budget_lib
+from tfsplit import callbacks as callbacks_lib
 from tfsplit import codec, data, models
-from tfsplit.train.ledger import ByteLedger
-from tfsplit.train.steps import STEPS
+from tfsplit.model import SplitModel
+from tfsplit.train.codec_step import CodecSplitModel
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
+MODEL_FILE = os.path.join(CHECKPOINT_DIR, "model.keras")
 TENSORBOARD_DIR = "tensorboard"
+TRANSPORTS = {"fused": SplitModel, "codec": CodecSplitModel}
+GATE_OPTIMIZERS = ("shared", "adam")
+
+
+def _check_choice(key, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"config.{key} must be one of {tuple(allowed)}. Received: {value!r}")
 
 
 def build_split_model(config, info):
-    """The backbone of `config.model`, cut and (optionally) given the masked bottleneck."""
+    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled."""
+    for key in ("activation_dtype", "gradient_dtype"):
+        _check_choice(f"wire.{key}", config.wire[key], codec.WIRE_DTYPES)
+    _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
     backbone = models.build_backbone(
         config.model.backbone,
         num_classes=info.num_classes,
@@ -37,15 +46,49 @@ def build_split_model(config, info):
     )
     bottleneck = config.model.bottleneck
     if bottleneck.enabled:
-        bottleneck = dict(
-            feature_compression=bottleneck.feature_compression,
-            resolution_compression=bottleneck.resolution_compression,
-            gate_init_max=bottleneck.gate_init_max,
-        )
+        bottleneck = {key: bottleneck[key] for key in models.BOTTLENECK_KEYS}
     else:
         bottleneck = None
-    cut = models.resolve_cut(config.model.backbone, config.model.cut)
-    return models.split_model(backbone, cut, bottleneck=bottleneck)
+    split = models.split_model(
+        backbone,
+        models.resolve_cut(config.model.backbone, config.model.cut),
+        bottleneck=bottleneck,
+        activation_dtype=config.wire.activation_dtype,
+        gradient_dtype=config.wire.gradient_dtype,
+        budget_eps=config.budget_loss.eps,
+        budget_delta=config.budget_loss.delta,
+        sampling_probability=config.budget_sampling.probability,
+        min_budget=config.budget_sampling.min_budget,
+        seed=config.seed,
+    )
+    if config.wire.transport != "fused":
+        split = TRANSPORTS[config.wire.transport].from_config(split.get_config())
+    optimizer = keras.optimizers.SGD(
+        learning_rate=config.phases[0].learning_rate,
+        momentum=config.optimizer.momentum,
+        weight_decay=config.optimizer.weight_decay or None,
+    )
+    split.compile(optimizer, gate_optimizer=build_gate_optimizer(config))
+    return split
+
+
+def build_gate_optimizer(config):
+    """None (gates share the main SGD, as in the reference) or Adam for the gate logits alone.
+
+    The budget loss (eps=1000) can move a gate logit by tens of units in one SGD step, far past
+    the sigmoid's slope; Adam's steps are bounded by its learning rate whatever eps is, so gates
+    settle where the penalty and the task loss balance instead of collapsing.
+    """
+    kind = config.optimizer.gate_optimizer
+    _check_choice("optimizer.gate_optimizer", kind, GATE_OPTIMIZERS)
+    if kind == "shared":
+        return None
+    if not config.optimizer.gate_learning_rate > 0:
+        raise ValueError(
+            "config.optimizer.gate_learning_rate must be > 0. Received: "
+            f"{config.optimizer.gate_learning_rate!r}"
+        )
+    return keras.optimizers.Adam(config.optimizer.gate_learning_rate)
 
 
 def data_arguments(config):
@@ -70,238 +113,79 @@ def build_data(config):
     )
 
 
-def _check_wire(config):
-    for key in ("activation_dtype", "gradient_dtype"):
-        value = config.wire[key]
-        if value not in codec.WIRE_DTYPES:
-            raise ValueError(f"config.wire.{key} must be one of {codec.WIRE_DTYPES}. "
-                             f"Received: {value!r}")
-    if config.wire.transport not in STEPS:
-        raise ValueError(f"config.wire.transport must be one of {tuple(STEPS)}. "
-                         f"Received: {config.wire.transport!r}")
-
-
-GATE_OPTIMIZERS = ("shared", "adam")
-
-
-def build_gate_optimizer(config):
-    """None (gates share the main SGD, as in the reference) or Adam for the gate logits alone.
-
-    The budget loss (eps=1000) can move a gate logit by tens of units in one SGD step, far past
-    the sigmoid's slope; Adam's steps are bounded by its learning rate whatever eps is, so gates
-    settle where the penalty and the task loss balance instead of collapsing.
-    """
-    kind = config.optimizer.gate_optimizer
-    if kind not in GATE_OPTIMIZERS:
-        raise ValueError(f"config.optimizer.gate_optimizer must be one of {GATE_OPTIMIZERS}. "
-                         f"Received: {kind!r}")
-    if kind == "shared":
-        return None
-    if not config.optimizer.gate_learning_rate > 0:
-        raise ValueError("config.optimizer.gate_learning_rate must be > 0. Received: "
-                         f"{config.optimizer.gate_learning_rate!r}")
-    return keras.optimizers.Adam(config.optimizer.gate_learning_rate)
+def load_model(workdir):
+    """The trained `SplitModel` of a finished run in `workdir`."""
+    path = os.path.join(workdir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No trained model at {path}; expected the workdir of a finished tfsplit-train run."
+        )
+    return keras.models.load_model(path, compile=False)
 
 
 def restore_weights(split, source_workdir):
-    """Load head and tail weights from the latest checkpoint of another run (prune's start)."""
-    latest = tf.train.latest_checkpoint(os.path.join(source_workdir, CHECKPOINT_DIR))
-    if latest is None:
-        raise FileNotFoundError(
-            f"init_from={source_workdir!r} has no checkpoint in its {CHECKPOINT_DIR}/ folder; "
-            "expected the workdir of a finished tfsplit-train run with the same model config."
+    """Copies head and tail weights of another finished run (prune's start model)."""
+    source = load_model(source_workdir)
+    split.head.set_weights(source.head.get_weights())
+    split.tail.set_weights(source.tail.get_weights())
+    logging.info("Initialised weights from %s", source_workdir)
+
+
+def build_callbacks(config, workdir, info):
+    """PhaseSchedule, records, TensorBoard and the backup, in the order they must act."""
+    if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 1:
+        raise ValueError(
+            "config.checkpoint_every_steps must be a positive integer. Received: "
+            f"{config.checkpoint_every_steps!r}"
         )
-    status = tf.train.Checkpoint(head=split.head, tail=split.tail).read(latest)
-    status.expect_partial().assert_existing_objects_matched()
-    logging.info("Initialised weights from %s", latest)
-    return latest
+    summary = dict(
+        mode=config.mode,
+        dataset=info.name,
+        model=f"{config.model.backbone}@{config.model.cut}",
+    )
+    return [
+        callbacks_lib.PhaseSchedule(config.phases, seed=config.seed),
+        callbacks_lib.RunRecords(
+            workdir, info.train_size, summary, model_path=os.path.join(workdir, MODEL_FILE)
+        ),
+        keras.callbacks.TensorBoard(
+            os.path.join(workdir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
+        ),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(workdir, BACKUP_DIR), save_freq=config.checkpoint_every_steps
+        ),
+    ]
 
 
-class Trainer:
-    """Runs a phase schedule on one workdir.
+def train(config, workdir, verbose="auto"):
+    """Trains `config` in `workdir`, resuming from its last backup; returns the run's summary.
 
-    Args:
-      config: a ConfigDict as produced by the files in configs/.
-      workdir: where metrics, summary, checkpoints and TensorBoard logs go.
+    A workdir whose run already finished returns its summary without training again. `verbose`
+    is `fit`'s; "auto" shows the progress bar on a terminal and a line per epoch elsewhere.
     """
-
-    def __init__(self, config, workdir):
-        _check_wire(config)
-        self.config = config
-        self.workdir = workdir
-        write_config(config, workdir)
-        keras.utils.set_random_seed(config.seed)
-        self.train_ds, self.test_ds, self.info = build_data(config)
-        self.split = build_split_model(config, self.info)
-        self.phases = budget_lib.build_phases(
-            config.phases, self.split.channels, self.split.encoder is not None
-        )
-        self.optimizer = keras.optimizers.SGD(
-            learning_rate=self.phases[0].learning_rate,
-            momentum=config.optimizer.momentum,
-            weight_decay=config.optimizer.weight_decay or None,
-        )
-        self.steps = STEPS[config.wire.transport](
-            self.split, self.optimizer,
-            activation_dtype=config.wire.activation_dtype,
-            gradient_dtype=config.wire.gradient_dtype,
-            budget_eps=config.budget_loss.eps,
-            budget_delta=config.budget_loss.delta,
-            gate_optimizer=build_gate_optimizer(config),
-            sampling_probability=config.budget_sampling.probability,
-            min_budget=config.budget_sampling.min_budget,
-            seed=config.seed,
-        )
-        self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
-        checkpoint = tf.train.Checkpoint(
-            head=self.split.head, tail=self.split.tail, optimizer=self.optimizer,
-            epochs_done=self.epochs_done, budget_draws=self.steps.budget_draws,
-        )
-        if self.steps.gate_optimizer is not None:
-            checkpoint.gate_optimizer = self.steps.gate_optimizer
-        self.manager = tf.train.CheckpointManager(
-            checkpoint, os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2
-        )
-        self.ledger = ByteLedger()
-        self.records = []
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
-
-    # ----------------------------------------------------------------------------------------
-    def _resume_or_init(self):
-        if self.manager.latest_checkpoint:
-            self.manager.checkpoint.restore(self.manager.latest_checkpoint).assert_consumed()
-            done = int(self.epochs_done.numpy())
-            self.records = _read_metrics(os.path.join(self.workdir, METRICS_FILE))[:done]
-            if len(self.records) != done:
-                raise ValueError(
-                    f"{self.workdir}/{METRICS_FILE} has {len(self.records)} epochs but the "
-                    f"checkpoint has {done}; expected one metrics line per checkpointed epoch."
-                )
-            self.ledger = ByteLedger(total_up=sum(r["bytes_up"] for r in self.records),
-                                     total_down=sum(r["bytes_down"] for r in self.records))
-            logging.info("Resuming %s after epoch %d", self.workdir, done)
-        elif self.config.init_from:
-            restore_weights(self.split, self.config.init_from)
-        _write_metrics(os.path.join(self.workdir, METRICS_FILE), self.records)
-
-    def _enter_phase(self, number, phase, reset):
-        """Sets the phase's budget; on a fresh entry (not a mid-phase resume) resets the gates."""
-        encoder = self.split.encoder
-        if reset and encoder is not None and phase.reset != "none":
-            rng = np.random.default_rng([self.config.seed, number])
-            before = encoder.gate_logits.numpy()
-            encoder.gate_logits.assign(phase.apply_reset(before, rng))
-            logging.info("Phase %d: %s reset; %d of %d gates were open (logit >= %g)", number,
-                         phase.reset, int(np.sum(before >= phase.reset_threshold)), before.size,
-                         phase.reset_threshold)
-        k = phase.effective_budget(self.split.channels)
-        self.steps.set_budget(k, masking=phase.budget != 0)
-        return k
-
-    def run(self):
-        """Trains every remaining epoch of the schedule; returns the run's summary dict."""
-        self._resume_or_init()
-        epoch, entered = 0, None
-        for number, phase in enumerate(self.phases, start=1):
-            for epoch_in_phase in range(phase.epochs):
-                epoch += 1
-                if epoch <= len(self.records):
-                    continue
-                if entered != number:
-                    k = self._enter_phase(number, phase, reset=epoch_in_phase == 0)
-                    entered = number
-                learning_rate = phase.learning_rate_at(epoch_in_phase)
-                self.optimizer.learning_rate.assign(learning_rate)
-                self._finish_epoch(self._run_epoch(number, epoch, k, learning_rate))
-        return self._write_summary()
-
-    def _run_epoch(self, phase_number, epoch, k, learning_rate):
-        self.ledger.start_epoch()
-        totals = dict(cross_entropy=0.0, budget_loss=0.0, correct=0, samples=0)
-        start = time.perf_counter()
-        log_every = self.config.log_every_steps
-        for step, (images, labels) in enumerate(self.train_ds, start=1):
-            result = self.steps.train_step(images, labels)
-            self.ledger.record(result.bytes_up, result.bytes_down)
-            totals["cross_entropy"] += result.cross_entropy * result.batch_size
-            totals["budget_loss"] += result.budget_loss * result.batch_size
-            totals["correct"] += result.correct
-            totals["samples"] += result.batch_size
-            if log_every and step % log_every == 0:
-                seconds = time.perf_counter() - start
-                logging.info(
-                    "phase %d epoch %d step %d: loss %.4f acc %.3f | %.0f samples/s | "
-                    "sent %.2f MB up, %.2f MB down", phase_number, epoch, step,
-                    totals["cross_entropy"] / totals["samples"],
-                    totals["correct"] / totals["samples"], totals["samples"] / seconds,
-                    self.ledger.total_up / 1e6, self.ledger.total_down / 1e6,
-                )
-        train_seconds = time.perf_counter() - start
-        test_accuracy = self.steps.evaluate(self.test_ds)
-        wall_seconds = time.perf_counter() - start
-        samples = max(totals["samples"], 1)
-        soft_channels = (
-            float(tf.reduce_sum(budget_lib.channel_importance(self.split.encoder.gate_logits)))
-            if self.split.encoder is not None else float(self.split.channels)
-        )
-        return dict(
-            phase=phase_number, epoch=epoch, budget=k, learning_rate=learning_rate,
-            train_cross_entropy=totals["cross_entropy"] / samples,
-            train_budget_loss=totals["budget_loss"] / samples,
-            train_accuracy=totals["correct"] / samples,
-            test_accuracy=test_accuracy,
-            bytes_up=self.ledger.epoch_up, bytes_down=self.ledger.epoch_down,
-            total_bytes_up=self.ledger.total_up, total_bytes_down=self.ledger.total_down,
-            soft_channels=soft_channels,
-            samples_per_second=totals["samples"] / train_seconds,
-            wall_seconds=wall_seconds,
-            elapsed_seconds=wall_seconds + sum(r["wall_seconds"] for r in self.records),
-        )
-
-    def _finish_epoch(self, record):
-        self.records.append(record)
-        with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with self.writer.as_default(step=record["epoch"]):
-            for key in ("test_accuracy", "train_accuracy", "train_cross_entropy",
-                        "train_budget_loss", "budget", "soft_channels", "learning_rate",
-                        "samples_per_second"):
-                tf.summary.scalar(key, record[key])
-            tf.summary.scalar("megabytes_up", record["total_bytes_up"] / 1e6)
-            tf.summary.scalar("megabytes_down", record["total_bytes_down"] / 1e6)
-        self.writer.flush()
-        self.epochs_done.assign(record["epoch"])
-        self.manager.save(checkpoint_number=record["epoch"])
-        logging.info(
-            "epoch %d (phase %d, budget %d): test accuracy %.4f, %.2f MB up, %.2f MB down, %.1f s",
-            record["epoch"], record["phase"], record["budget"], record["test_accuracy"],
-            record["bytes_up"] / 1e6, record["bytes_down"] / 1e6, record["wall_seconds"],
-        )
-
-    def _write_summary(self):
-        if not self.records:
-            raise ValueError("The schedule ran no epoch; expected at least one.")
-        last = self.records[-1]
-        height, width, _ = self.split.wire_shape
-        summary = dict(
-            mode=self.config.mode,
-            dataset=self.info.name,
-            model=f"{self.config.model.backbone}@{self.config.model.cut}",
-            final_test_accuracy=last["test_accuracy"],
-            final_budget=last["budget"],
-            channels=self.split.channels,
-            train_bytes_up=self.ledger.total_up,
-            train_bytes_down=self.ledger.total_down,
-            inference_bytes_per_sample=codec.payload_nbytes(
-                1, height, width, last["budget"], self.config.wire.activation_dtype,
-                with_labels=False, channels=self.split.channels,
-            ),
-            wall_seconds=last["elapsed_seconds"],
-            epochs=len(self.records),
-        )
-        with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        return summary
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    write_config(config, workdir)
+    summary_path = os.path.join(workdir, callbacks_lib.SUMMARY_FILE)
+    if os.path.exists(summary_path) and os.path.exists(os.path.join(workdir, MODEL_FILE)):
+        logging.info("%s already holds a finished run.", workdir)
+        with open(summary_path) as f:
+            return json.load(f)
+    keras.utils.set_random_seed(config.seed)
+    train_ds, test_ds, info = build_data(config)
+    split = build_split_model(config, info)
+    if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
+        restore_weights(split, config.init_from)
+    callbacks = build_callbacks(config, workdir, info)
+    split.fit(
+        train_ds,
+        epochs=callbacks[0].epochs,
+        validation_data=test_ds,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    with open(summary_path) as f:
+        return json.load(f)
 
 
 def write_config(config, workdir):
@@ -319,22 +203,3 @@ def write_config(config, workdir):
         return
     with open(path, "w") as f:
         f.write(text)
-
-
-def _read_metrics(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_metrics(path, records):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
-def train(config, workdir):
-    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
-    return Trainer(config, workdir).run()

@@ -1,0 +1,217 @@
+"""Callbacks that drive and record a split-training run: the phase schedule and the run's files.
+
+SL, CA-SL, deprune and prune are one mechanism: a list of phases that `PhaseSchedule` walks
+through epoch by epoch. `RunRecords` writes what a run leaves in its workdir (`metrics.jsonl`, one
+line per epoch, and `summary.json`), so the tools and the reproduce table read one format.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import tf_keras as keras
+from absl import logging
+
+from tfsplit import budget as budget_lib
+from tfsplit import codec
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class PhaseSchedule(keras.callbacks.Callback):
+    """Sets each epoch's budget and learning rate, and resets the gates on entering a phase.
+
+    Args:
+      phases: `tfsplit.Phase`s, or dicts / ConfigDicts with its fields, in order; budget 0 sends
+        every channel without the budget loss.
+      seed: seeds the gate resets, so a resumed run redraws the same logits.
+
+    Use `epochs` as `fit`'s epochs. Each epoch's logs gain `phase`, `budget`, `learning_rate`,
+    `soft_channels` and, on a reset, `gates_open_at_reset`.
+    """
+
+    def __init__(self, phases, seed=0):
+        super().__init__()
+        self.phase_configs = list(phases)
+        self.seed = seed
+        self.phases = None
+        self.epochs = sum(int(dict(p)["epochs"]) for p in map(_as_dict, self.phase_configs))
+        self._current = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.phases = budget_lib.build_phases(
+            [_as_dict(p) for p in self.phase_configs], model.channels, model.encoder is not None
+        )
+
+    def locate(self, epoch):
+        """(phase number from 1, its Phase, epoch within the phase) of a 0-based `epoch`."""
+        start = 0
+        for number, phase in enumerate(self.phases, start=1):
+            if epoch < start + phase.epochs:
+                return number, phase, epoch - start
+            start += phase.epochs
+        raise ValueError(
+            f"The schedule has {self.epochs} epochs; fit asked for epoch {epoch + 1}. Pass "
+            "epochs=schedule.epochs to fit."
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        number, phase, epoch_in_phase = self.locate(epoch)
+        model = self.model
+        reset = {}
+        if int(model.phase.numpy()) != number:
+            reset = self._enter(number, phase)
+            model.phase.assign(number)
+        k = phase.effective_budget(model.channels)
+        model.set_budget(k, masking=phase.budget != 0)
+        learning_rate = phase.learning_rate_at(epoch_in_phase)
+        keras.backend.set_value(model.optimizer.learning_rate, learning_rate)
+        self._current = dict(phase=number, budget=k, learning_rate=learning_rate, **reset)
+
+    def _enter(self, number, phase):
+        encoder = self.model.encoder
+        if encoder is None or phase.reset == "none":
+            return {}
+        before = encoder.gate_logits.numpy()
+        rng = np.random.default_rng([self.seed, number])
+        encoder.gate_logits.assign(phase.apply_reset(before, rng))
+        open_count = int(np.sum(before >= phase.reset_threshold))
+        logging.info(
+            "Phase %d: %s reset; %d of %d gates were open (logit >= %g)",
+            number, phase.reset, open_count, before.size, phase.reset_threshold,
+        )
+        return dict(gates_open_at_reset=open_count)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._current is not None:
+            logs.update(self._current, soft_channels=self.model.soft_channels())
+
+
+def _as_dict(phase):
+    if isinstance(phase, budget_lib.Phase):
+        return vars(phase)
+    return dict(phase)
+
+
+class RunRecords(keras.callbacks.Callback):
+    """Writes `metrics.jsonl` (a line per epoch) and `summary.json` into a workdir.
+
+    A resumed run keeps the lines of the epochs before the one it resumes in, so byte totals and
+    elapsed time carry over. Put it after `PhaseSchedule` and before `BackupAndRestore`: a record
+    is on disk before the backup that follows it, and the final model is saved before the backup
+    is deleted.
+
+    Args:
+      workdir: the run's directory.
+      train_samples: samples per training epoch (for samples per second).
+      summary: fixed entries of summary.json (mode, dataset, model).
+      model_path: where the trained model is saved at the end (None: not saved).
+    """
+
+    def __init__(self, workdir, train_samples, summary=None, model_path=None):
+        super().__init__()
+        self.workdir = workdir
+        self.train_samples = train_samples
+        self.fixed_summary = dict(summary or {})
+        self.model_path = model_path
+        self.records = []
+        self._start = None
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.workdir, METRICS_FILE)
+
+    def on_train_begin(self, logs=None):
+        self.records = read_records(self.workdir)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if len(self.records) > epoch:
+            self.records = self.records[:epoch]
+            _write_lines(self.metrics_path, self.records)
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        wall_seconds = time.perf_counter() - self._start
+        previous = self.records[-1] if self.records else {}
+        up, down = int(logs["payload_bytes_up"]), int(logs["payload_bytes_down"])
+        record = dict(
+            epoch=epoch + 1,
+            **{key: logs[key] for key in ("phase", "budget", "learning_rate") if key in logs},
+            train_cross_entropy=float(logs["loss"]),
+            train_budget_loss=float(logs["budget_loss"]),
+            train_accuracy=float(logs["accuracy"]),
+            test_accuracy=float(logs["val_accuracy"]),
+            payload_bytes_up=up,
+            payload_bytes_down=down,
+            total_payload_bytes_up=previous.get("total_payload_bytes_up", 0) + up,
+            total_payload_bytes_down=previous.get("total_payload_bytes_down", 0) + down,
+            soft_channels=float(logs.get("soft_channels", self.model.soft_channels())),
+            samples_per_second=self.train_samples / wall_seconds,
+            wall_seconds=wall_seconds,
+            elapsed_seconds=previous.get("elapsed_seconds", 0.0) + wall_seconds,
+        )
+        if "gates_open_at_reset" in logs:
+            record["gates_open_at_reset"] = int(logs["gates_open_at_reset"])
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        logs.update(
+            samples_per_second=record["samples_per_second"],
+            total_payload_megabytes_up=record["total_payload_bytes_up"] / 1e6,
+            total_payload_megabytes_down=record["total_payload_bytes_down"] / 1e6,
+        )
+        logging.info(
+            "epoch %d (budget %s): test accuracy %.4f, %.2f MB up, %.2f MB down, %.1f s",
+            record["epoch"], record.get("budget"), record["test_accuracy"], up / 1e6,
+            down / 1e6, wall_seconds,
+        )
+
+    def on_train_end(self, logs=None):
+        if self.model_path:
+            os.makedirs(os.path.dirname(self.model_path), exist_ok=True)
+            self.model.save(self.model_path)
+        if self.records:
+            write_summary(self.workdir, self.records, self.model, self.fixed_summary)
+
+
+def write_summary(workdir, records, model, fixed):
+    """summary.json from a run's records: final accuracy and budget, bytes, time."""
+    last = records[-1]
+    budget = int(last.get("budget", model.channels))
+    summary = dict(
+        fixed,
+        final_test_accuracy=last["test_accuracy"],
+        final_budget=budget,
+        channels=model.channels,
+        train_payload_bytes_up=last["total_payload_bytes_up"],
+        train_payload_bytes_down=last["total_payload_bytes_down"],
+        inference_payload_bytes_per_sample=codec.payload_nbytes(
+            1, model.height, model.width, budget, model.activation_dtype,
+            with_labels=False, channels=model.channels,
+        ),
+        wall_seconds=last["elapsed_seconds"],
+        epochs=len(records),
+    )
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def read_records(workdir):
+    """The epoch records of `metrics.jsonl` in `workdir` ([] when there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_lines(path, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)

@@ -1,0 +1,274 @@
+"""SplitModel: a Keras model cut into a device head and a server tail, trained with `fit`.
+
+Every forward pass at a budget goes through one pair of methods: `send` (the device half: head,
+then the k selected channels) and `receive` (the server half: the k channels scattered back into
+the bottleneck's width, then the tail). Training, evaluation, the budget curve, QAT and export all
+use them, so what is measured is what is deployed.
+"""
+
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import budget as budget_lib
+from tfsplit import codec
+from tfsplit.bottleneck import Decoder, MaskedEncoder
+
+
+def make_wire(activation_dtype, gradient_dtype):
+    """Quantize what crosses the cut both ways: activations forward, their gradient backward.
+
+    A straight-through estimator: the tail sees exactly what the codec would deliver, and the head
+    gets back exactly the gradient the server would encode.
+    """
+
+    @tf.custom_gradient
+    def wire(values):
+        def backward(upstream):
+            return codec.fake_quantize(upstream, gradient_dtype)
+
+        return codec.fake_quantize(values, activation_dtype), backward
+
+    return wire
+
+
+def _only_layer(model, layer_type):
+    found = [layer for layer in model.layers if isinstance(layer, layer_type)]
+    if len(found) > 1:
+        raise ValueError(
+            f"{model.name} holds {len(found)} {layer_type.__name__} layers; expected at most one."
+        )
+    return found[0] if found else None
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class SplitModel(keras.Model):
+    """A classifier cut at a masked bottleneck; `fit` trains it as device and server would.
+
+    Args:
+      head: functional model image -> wire activations (N, h, w, C'); ends with a `MaskedEncoder`
+        when the cut is compressed, otherwise every channel is sent (plain split learning).
+      tail: functional model wire activations -> logits; starts with a `Decoder` when masked.
+      cut: name of the original model's layer at the cut (recorded, not used).
+      activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
+      budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
+      sampling_probability, min_budget: with this probability a masked training step sends only
+        the top k' channels, k' uniform in [min_budget, k] (nested budgets; 0 = off).
+      seed: seeds those budget draws.
+
+    Call arguments:
+      images: float32 (N, H, W, C) normalized images.
+      budget: channels to send, 1 <= k <= C'; None sends the budget in force (`self.budget`).
+      training: whether batch norm uses batch statistics.
+
+    Metrics: besides the compiled ones, `budget_loss` (the penalty, reported apart from the
+    cross-entropy), `payload_bytes_up` and `payload_bytes_down` (the codec's exact encoded size of
+    what crossed the cut each way; evaluation counts what inference would send up, nothing down).
+    """
+
+    def __init__(
+        self,
+        head,
+        tail,
+        cut=None,
+        activation_dtype="float16",
+        gradient_dtype="float16",
+        budget_eps=1000.0,
+        budget_delta=0.1,
+        sampling_probability=0.0,
+        min_budget=1,
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (("activation_dtype", activation_dtype), ("gradient_dtype", gradient_dtype)):
+            if value not in codec.WIRE_DTYPES:
+                raise ValueError(f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}")
+        if not 0.0 <= sampling_probability <= 1.0:
+            raise ValueError(
+                f"`sampling_probability` must be in [0, 1]. Received: {sampling_probability!r}"
+            )
+        if not isinstance(min_budget, int) or min_budget < 1:
+            raise ValueError(f"`min_budget` must be a positive integer. Received: {min_budget!r}")
+        self.head, self.tail, self.cut = head, tail, cut
+        self.encoder = _only_layer(head, MaskedEncoder)
+        self.decoder = _only_layer(tail, Decoder)
+        self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
+        self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
+        self.sampling_probability, self.min_budget, self.seed = sampling_probability, min_budget, seed
+        self.height, self.width, self.channels = (int(d) for d in head.output.shape[1:])
+        # Variables, so a callback can change them between steps without retracing the step.
+        self.budget = tf.Variable(self.channels, trainable=False, name="budget")
+        self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
+        self.step_sampling = tf.Variable(0.0, trainable=False, name="step_sampling")
+        # The phase a PhaseSchedule last entered; backed up with the weights so a resumed run
+        # does not reset its gates twice.
+        self.phase = tf.Variable(0, trainable=False, name="phase")
+        self.budget_draws = tf.random.Generator.from_seed(seed)
+        self.wire = make_wire(activation_dtype, gradient_dtype)
+        self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
+        self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
+        self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
+        self.gate_optimizer = None
+        self.build((None,) + tuple(head.input.shape[1:]))
+
+    @property
+    def wire_shape(self):
+        """One sample on the wire without the batch axis: (h, w, C')."""
+        return self.height, self.width, self.channels
+
+    # ----------------------------------------------------------------------------- the budget
+    def set_budget(self, k, masking=True):
+        """Sends k channels from now on; `masking` turns the budget loss (and sampling) on."""
+        self.check_budget(k)
+        self.budget.assign(k)
+        self.penalty_weight.assign(self.budget_eps if masking and self.encoder else 0.0)
+        self.step_sampling.assign(self.sampling_probability if masking else 0.0)
+
+    def check_budget(self, k):
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.channels:
+            raise ValueError(
+                f"A budget must be an integer in [1, {self.channels}] (the channels at the cut)."
+                f" Received: budget={k!r}"
+            )
+        if self.encoder is None and k != self.channels:
+            raise ValueError(
+                f"Without a masked bottleneck all {self.channels} channels are sent. "
+                f"Received: budget={k!r}"
+            )
+
+    def channel_indices(self, budget=None):
+        """The k channels to send, most important first (all of them, in order, unmasked)."""
+        if self.encoder is None:
+            return tf.range(self.channels)
+        if budget is None:
+            budget = self.budget
+        elif isinstance(budget, int):
+            self.check_budget(budget)
+        return budget_lib.top_k_channels(self.encoder.gate_logits, budget)
+
+    def soft_channels(self):
+        """The soft channel count sum(m) that the budget loss pulls towards k."""
+        if self.encoder is None:
+            return float(self.channels)
+        return float(tf.reduce_sum(budget_lib.channel_importance(self.encoder.gate_logits)))
+
+    # -------------------------------------------------------------------- the one forward path
+    def send(self, images, indices, training=False):
+        """Device half: the head's activations of channels `indices`, (N, h, w, k)."""
+        return tf.gather(self.head(images, training=training), indices, axis=-1)
+
+    def receive(self, values, indices, training=False):
+        """Server half: k channels scattered back into C' (zeros elsewhere), then the tail."""
+        placement = tf.one_hot(indices, self.channels, dtype=values.dtype)
+        return self.tail(tf.einsum("nhwk,kc->nhwc", values, placement), training=training)
+
+    def call(self, images, budget=None, training=None):
+        indices = self.channel_indices(budget)
+        values = codec.fake_quantize(self.send(images, indices, training), self.activation_dtype)
+        return self.receive(values, indices, training)
+
+    # ------------------------------------------------------------------------------- training
+    def compile(self, optimizer="sgd", loss=None, metrics=None, gate_optimizer=None, **kwargs):
+        """As `keras.Model.compile`, with a loss and accuracy by default.
+
+        Args:
+          gate_optimizer: optional optimizer for the gate logits alone (e.g. Adam, whose steps
+            stay bounded whatever the budget loss's scale); None trains them with `optimizer`.
+        """
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=["accuracy"] if metrics is None else metrics,
+            **kwargs,
+        )
+        if gate_optimizer is not None and self.encoder is not None:
+            self.gate_optimizer = keras.optimizers.get(gate_optimizer)
+
+    def step_budget(self):
+        """k, or with probability `step_sampling` a budget drawn uniformly from [min_budget, k]."""
+        low = tf.minimum(self.min_budget, self.budget)
+        drawn = self.budget_draws.uniform([], low, self.budget + 1, dtype=tf.int32)
+        sample = self.budget_draws.uniform([]) < self.step_sampling
+        return tf.where(sample, drawn, self.budget)
+
+    def budget_penalty(self):
+        if self.encoder is None:
+            return tf.constant(0.0)
+        return self.penalty_weight * budget_lib.budget_loss(
+            self.encoder.gate_logits, self.budget, 1.0, self.budget_delta
+        )
+
+    def apply_gradients(self, gradients, variables):
+        """Updates the weights; the gate logits through their own optimizer when there is one."""
+        pairs = list(zip(gradients, variables))
+        if self.gate_optimizer is None:
+            self.optimizer.apply_gradients(pairs)
+            return
+        gates = self.encoder.gate_logits
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if v is not gates])
+        self.gate_optimizer.apply_gradients([(g, v) for g, v in pairs if v is gates])
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        k = self.step_budget()
+        indices = self.channel_indices(k)
+        with tf.GradientTape() as tape:
+            sent = self.wire(self.send(images, indices, training=True))
+            logits = self.receive(sent, indices, training=True)
+            penalty = self.budget_penalty()
+            loss = self.compute_loss(images, labels, logits) + penalty
+        variables = self.trainable_variables
+        self.apply_gradients(tape.gradient(loss, variables), variables)
+        return self.update_metrics(labels, logits, penalty, k, training=True)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self(images, training=False)
+        self.compute_loss(images, labels, logits)
+        return self.update_metrics(labels, logits, tf.constant(0.0), self.budget, training=False)
+
+    def payload_bytes(self, batch, k, training):
+        """Bytes up and down for one step of `batch` samples at budget k, by the codec's formula."""
+        shape = dict(height=self.height, width=self.width, channels=self.channels)
+        up = codec.payload_nbytes_tensor(
+            batch, k, dtype=self.activation_dtype, with_labels=training, **shape
+        )
+        if not training:
+            return up, tf.constant(0, tf.int64)
+        down = codec.payload_nbytes_tensor(
+            batch, k, dtype=self.gradient_dtype, with_labels=False, **shape
+        )
+        return up, down
+
+    def update_metrics(self, labels, logits, penalty, k, training):
+        self.compiled_metrics.update_state(labels, logits)
+        self.budget_loss_tracker.update_state(penalty)
+        up, down = self.payload_bytes(tf.shape(labels)[0], k, training)
+        self.payload_bytes_up.update_state(up)
+        self.payload_bytes_down.update_state(down)
+        return self.get_metrics_result()
+
+    # ------------------------------------------------------------------------------- saving
+    def get_config(self):
+        return dict(
+            name=self.name,
+            head=keras.layers.serialize(self.head),
+            tail=keras.layers.serialize(self.tail),
+            cut=self.cut,
+            activation_dtype=self.activation_dtype,
+            gradient_dtype=self.gradient_dtype,
+            budget_eps=self.budget_eps,
+            budget_delta=self.budget_delta,
+            sampling_probability=self.sampling_probability,
+            min_budget=self.min_budget,
+            seed=self.seed,
+        )
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for part in ("head", "tail"):
+            config[part] = keras.layers.deserialize(config[part], custom_objects=custom_objects)
+        return cls(**config)
