@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfsplit import data, synthetic
-from tfsplit.datasets import common
+from tfsplit import data
+from tfsplit.data import common, synthetic
 
 # ----------------------------------------------------------------------------------------------
 # Loading by name.

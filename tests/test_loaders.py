@@ -1,4 +1,4 @@
-"""Tests for the dataset readers in tfsplit.datasets (CIFAR, Fashion-MNIST, STL-10, image folders).
+"""Tests for the dataset readers in tfsplit.data (CIFAR, Fashion-MNIST, STL-10, image folders).
 
 Every reader is tested against small files the test writes in the real formats, through the public
 `tfsplit.data.load_arrays` / `build_datasets`, plus its error messages.
@@ -22,7 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfsplit import data
-from tfsplit.datasets import common, fashion_mnist, image_folder, stl10
+from tfsplit.data import common, fashion_mnist, image_folder, stl10
 
 
 def _epoch(dataset):

@@ -1,4 +1,4 @@
-"""Tests for tfsplit.synthetic: the embedded, seeded dataset generator."""
+"""Tests for tfsplit.data.synthetic: the embedded, seeded dataset generator."""
 
 import hashlib
 
@@ -9,8 +9,9 @@ import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow
 import numpy as np
 import pytest
 
-from tfsplit import data, synthetic
-from tfsplit.datasets.common import DatasetInfo
+from tfsplit import data
+from tfsplit.data import synthetic
+from tfsplit.data.common import DatasetInfo
 
 # sha256 of the seed-0 set with 16 train and 8 test samples. Changing the generator changes it:
 # update it only on purpose (and the normalization constants with it).

@@ -22,13 +22,50 @@ class GateRange(keras.constraints.Constraint):
         return tf.clip_by_value(w, GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN)
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+class _ConvNorm(keras.layers.Layer):
+    """What both ends of the bottleneck share: a strided (transposed) conv, then batch norm.
+
+    Subclasses create their convolution and then `self.norm` in `__init__` and return the
+    convolution from `_resample`; the attribute names (`conv`, `deconv`, `norm`) are what
+    checkpoints and the QAT config refer to, so they stay as they are.
+    """
+
+    def __init__(self, channels, resolution_factor=1, kernel_size=3, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in [
+            ("channels", channels),
+            ("resolution_factor", resolution_factor),
+            ("kernel_size", kernel_size),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        self.channels = channels
+        self.resolution_factor = resolution_factor
+        self.kernel_size = kernel_size
+
+    def _resample(self):
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        self._resample().build(input_shape)
+        self.norm.build(self._resample().compute_output_shape(input_shape))
+        super().build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return self._resample().compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            resolution_factor=self.resolution_factor,
+            kernel_size=self.kernel_size,
+        )
+        return config
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
-class MaskedEncoder(keras.layers.Layer):
+class MaskedEncoder(_ConvNorm):
     """Device-side end of the bottleneck: conv, batch norm, sigmoid, then a per-channel gate.
 
     Args:
@@ -44,30 +81,24 @@ class MaskedEncoder(keras.layers.Layer):
     Input shape: (batch, H, W, C). Output shape: (batch, ceil(H/r), ceil(W/r), channels).
     """
 
-    def __init__(
-        self, channels, resolution_factor=1, kernel_size=3, gate_init_max=15.0, **kwargs
-    ):
-        super().__init__(**kwargs)
-        _check_positive_int("channels", channels)
-        _check_positive_int("resolution_factor", resolution_factor)
-        _check_positive_int("kernel_size", kernel_size)
+    def __init__(self, channels, resolution_factor=1, kernel_size=3, gate_init_max=15.0, **kwargs):
+        super().__init__(channels, resolution_factor, kernel_size, **kwargs)
         if not 0 <= gate_init_max <= GATE_LOGIT_OPEN:
             raise ValueError(
                 f"`gate_init_max` must be in [0, {GATE_LOGIT_OPEN}]. "
                 f"Received: gate_init_max={gate_init_max!r}"
             )
-        self.channels = channels
-        self.resolution_factor = resolution_factor
-        self.kernel_size = kernel_size
         self.gate_init_max = float(gate_init_max)
         self.conv = keras.layers.Conv2D(
             channels, kernel_size, strides=resolution_factor, padding="same", name="conv"
         )
         self.norm = keras.layers.BatchNormalization(name="norm")
 
+    def _resample(self):
+        return self.conv
+
     def build(self, input_shape):
-        self.conv.build(input_shape)
-        self.norm.build(self.conv.compute_output_shape(input_shape))
+        super().build(input_shape)  # The conv and norm first: initial values follow this order.
         self.gate_logits = self.add_weight(
             name="gate_logits",
             shape=(self.channels,),
@@ -75,7 +106,6 @@ class MaskedEncoder(keras.layers.Layer):
             constraint=GateRange(),
             trainable=True,
         )
-        super().build(input_shape)
 
     def gates(self):
         return tf.sigmoid(self.gate_logits)
@@ -88,22 +118,14 @@ class MaskedEncoder(keras.layers.Layer):
         features = tf.sigmoid(self.norm(self.conv(inputs), training=training))
         return features * tf.sigmoid(self.gate_logits)
 
-    def compute_output_shape(self, input_shape):
-        return self.conv.compute_output_shape(input_shape)
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            channels=self.channels,
-            resolution_factor=self.resolution_factor,
-            kernel_size=self.kernel_size,
-            gate_init_max=self.gate_init_max,
-        )
+        config.update(gate_init_max=self.gate_init_max)
         return config
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
-class Decoder(keras.layers.Layer):
+class Decoder(_ConvNorm):
     """Server-side start of the bottleneck: transposed conv, batch norm, ReLU.
 
     Args:
@@ -119,37 +141,17 @@ class Decoder(keras.layers.Layer):
     """
 
     def __init__(self, channels, resolution_factor=1, kernel_size=3, **kwargs):
-        super().__init__(**kwargs)
-        _check_positive_int("channels", channels)
-        _check_positive_int("resolution_factor", resolution_factor)
-        _check_positive_int("kernel_size", kernel_size)
-        self.channels = channels
-        self.resolution_factor = resolution_factor
-        self.kernel_size = kernel_size
+        super().__init__(channels, resolution_factor, kernel_size, **kwargs)
         self.deconv = keras.layers.Conv2DTranspose(
             channels, kernel_size, strides=resolution_factor, padding="same", name="deconv"
         )
         self.norm = keras.layers.BatchNormalization(name="norm")
 
-    def build(self, input_shape):
-        self.deconv.build(input_shape)
-        self.norm.build(self.deconv.compute_output_shape(input_shape))
-        super().build(input_shape)
+    def _resample(self):
+        return self.deconv
 
     def call(self, inputs, training=None):
         return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
-
-    def compute_output_shape(self, input_shape):
-        return self.deconv.compute_output_shape(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            channels=self.channels,
-            resolution_factor=self.resolution_factor,
-            kernel_size=self.kernel_size,
-        )
-        return config
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")

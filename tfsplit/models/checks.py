@@ -9,8 +9,9 @@ def check_positive_int(label, value):
         raise ValueError(f"`{label}` must be a positive integer. Received: {label}={value!r}")
 
 
-def check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier, classifiers,
-                             family):
+def check_backbone_arguments(
+    num_classes, input_shape, width_multiplier, classifier, classifiers, family
+):
     """The arguments every `build_*` takes: classes, (H, W, C), width multiplier, classifier."""
     check_positive_int("num_classes", num_classes)
     if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:

@@ -1,4 +1,8 @@
-"""Layers the backbones need that Keras 2 does not ship.
+"""Layers and layer stacks the backbones share, including one that Keras 2 does not ship.
+
+The stacks (`conv_bn`, `conv_bn_relu`, `pooled_logits`) hold the conventions every backbone
+follows in one place: "same" padding, batch norm with PyTorch's defaults (the research code's
+networks behave as they did there), and the layer names that cut points and checkpoints rely on.
 
 `AdaptiveAveragePooling2D` reproduces PyTorch's `nn.AdaptiveAvgPool2d`, which the research code's
 ImageNet-style VGG classifier puts in front of its 25088-wide dense layer. On a 32x32 image VGG's
@@ -9,6 +13,67 @@ paper's network cannot be run as it was.
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+
+BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 written the Keras way.
+BN_EPSILON = 1e-5
+
+
+def scaled(channels, width_multiplier):
+    """`channels` times the width multiplier, rounded and at least 1 (VGG's and ResNet's rule)."""
+    return max(1, round(channels * width_multiplier))
+
+
+def batch_norm(x, name):
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+
+
+def conv_bn(x, filters, kernel_size, names, strides=1, use_bias=False):
+    """A "same" convolution then batch norm, named `names` = (conv name, batch norm name).
+
+    Convolutions have no bias by default, since the batch norm after them has its own offset.
+    """
+    x = keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, name=names[0]
+    )(x)
+    return batch_norm(x, names[1])
+
+
+def conv_bn_relu(x, filters, kernel_size, name, strides=1, max_value=None):
+    """`conv_bn` then ReLU (ReLU6 with `max_value=6`), named `{name}_conv`, `_bn` and `_relu`."""
+    x = conv_bn(x, filters, kernel_size, (f"{name}_conv", f"{name}_bn"), strides)
+    return keras.layers.ReLU(max_value, name=f"{name}_relu")(x)
+
+
+def pooled_logits(x, num_classes, dropout_rate=None):
+    """The CIFAR classifier: global average pool `avg_pool`, `dropout` (given a rate), `logits`."""
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout_rate is not None:
+        x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
+    return keras.layers.Dense(num_classes, name="logits")(x)
+
+
+def residual_cuts(blocks, top=False):
+    """(cut points, cut layers) of a stem, residual blocks and an optional top convolution.
+
+    A skip connection crosses every layer inside its block, so a cut can only follow the stem, a
+    block (`{block}_out`) or the top convolution: "stem", each block's name, "stage{s}" for the
+    last block of stage s, and "top" name them; the stem's and top's layers may be named too.
+
+    Args:
+      blocks: (stage, block name) of every block, in order.
+      top: whether `top_conv`, `top_bn`, `top_relu` end the features (MobileNetV2).
+
+    Returns:
+      (dict from cut name to layer name, tuple of the layer names a cut may sit behind).
+    """
+    cuts = {"stem": "stem_relu"}
+    cuts.update((block, f"{block}_out") for _, block in blocks)
+    cuts.update((f"stage{stage}", f"{block}_out") for stage, block in blocks)  # The last one wins.
+    layers = ("stem_conv", "stem_bn", "stem_relu", *(f"{block}_out" for _, block in blocks))
+    if top:
+        cuts["top"] = "top_relu"
+        layers += ("top_conv", "top_bn", "top_relu")
+    return cuts, layers
 
 
 def _bin_matrix(in_size, out_size):

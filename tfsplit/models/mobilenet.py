@@ -7,7 +7,7 @@ inverted residual block expands its input by a factor t (6, or 1 in the first bl
 has no expansion convolution) with a 1x1 conv, filters it with a 3x3 depthwise conv, and projects
 it back with a linear 1x1 conv; the input is added back when the stride is 1 and the channel
 counts agree. Convolutions have no bias, are followed by batch norm (PyTorch's defaults, as in
-`tfsplit.models.vgg`) and, except the projection, by ReLU6; padding is "same".
+`tfsplit.models.layers`) and, except the projection, by ReLU6; padding is "same".
 
 Widths follow the reference implementations: every channel count is `make_divisible(c * width)`
 (a multiple of 8, at least 8, never more than 10% below c * width), and the final convolution keeps
@@ -32,31 +32,21 @@ the stem, the block outputs and the final convolution: "block{i}" is `block{i}_o
 aliases the last block of stage s (stages are the rows of Table 2), "stem" is `stem_relu` and "top"
 is `top_relu`. `CUT_LAYERS` lists every layer `resolve_cut` accepts by name.
 
-MobileNetV2, 32x32 input, width 1.0:
+MobileNetV2, 32x32 input, width 1.0, by stage. Every block of a stage has the stage's output shape;
+all but the first block of a stage add their input back (blocks 3, 5, 6, 8-10, 12, 13, 15, 16).
 
-  | cut              | layer         | output shape | residual |
-  |------------------|---------------|--------------|----------|
-  | stem             | stem_relu     | 32x32x32     |          |
-  | block1 / stage1  | block1_out    | 32x32x16     | no       |
-  | block2           | block2_out    | 32x32x24     | no       |
-  | block3 / stage2  | block3_out    | 32x32x24     | yes      |
-  | block4           | block4_out    | 16x16x32     | no       |
-  | block5           | block5_out    | 16x16x32     | yes      |
-  | block6 / stage3  | block6_out    | 16x16x32     | yes      |
-  | block7           | block7_out    | 8x8x64       | no       |
-  | block8           | block8_out    | 8x8x64       | yes      |
-  | block9           | block9_out    | 8x8x64       | yes      |
-  | block10 / stage4 | block10_out   | 8x8x64       | yes      |
-  | block11          | block11_out   | 8x8x96       | no       |
-  | block12          | block12_out   | 8x8x96       | yes      |
-  | block13 / stage5 | block13_out   | 8x8x96       | yes      |
-  | block14          | block14_out   | 4x4x160      | no       |
-  | block15          | block15_out   | 4x4x160      | yes      |
-  | block16 / stage6 | block16_out   | 4x4x160      | yes      |
-  | block17 / stage7 | block17_out   | 4x4x320      | no       |
-  | top              | top_relu      | 4x4x1280     |          |
+  | cut    | layer       | blocks | output shape |
+  |--------|-------------|--------|--------------|
+  | stem   | stem_relu   |        | 32x32x32     |
+  | stage1 | block1_out  | 1      | 32x32x16     |
+  | stage2 | block3_out  | 2-3    | 32x32x24     |
+  | stage3 | block6_out  | 4-6    | 16x16x32     |
+  | stage4 | block10_out | 7-10   | 8x8x64       |
+  | stage5 | block13_out | 11-13  | 8x8x96       |
+  | stage6 | block16_out | 14-16  | 4x4x160      |
+  | stage7 | block17_out | 17     | 4x4x320      |
+  | top    | top_relu    |        | 4x4x1280     |
 """
-
 
 import math
 import numbers
@@ -64,6 +54,7 @@ import numbers
 import tf_keras as keras
 
 from tfsplit.models.checks import check_backbone_arguments, check_positive_int
+from tfsplit.models.layers import batch_norm, conv_bn_relu, pooled_logits, residual_cuts
 
 # (expansion t, channels c, blocks n, stride s of the first block): the paper's Table 2 with the
 # second row's stride 2 -> 1 for 32x32 input.
@@ -81,9 +72,8 @@ STEM_STRIDE = 1  # 2 on ImageNet.
 TOP_CHANNELS = 1280
 CHANNEL_DIVISOR = 8
 CLASSIFIERS = ("cifar",)
+_FAMILY = "MobileNetV2 is the CIFAR variant"  # How errors about the classifier start.
 DROPOUT_RATE = 0.2
-BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 written the Keras way.
-BN_EPSILON = 1e-5
 RELU6 = 6.0
 
 
@@ -118,37 +108,9 @@ def _blocks():
             yield stage, f"block{index}", expansion, channels, first_stride if repeat == 0 else 1
 
 
-def _cut_points():
-    cuts = {"stem": "stem_relu"}
-    cuts.update((block, f"{block}_out") for _, block, _, _, _ in _blocks())
-    last_block_of_stage = {stage: block for stage, block, _, _, _ in _blocks()}
-    cuts.update((f"stage{s}", f"{block}_out") for s, block in last_block_of_stage.items())
-    cuts["top"] = "top_relu"
-    return cuts
-
-
-CUT_POINTS = _cut_points()
-CUT_LAYERS = (
-    "stem_conv",
-    "stem_bn",
-    "stem_relu",
-    *(f"{block}_out" for _, block, _, _, _ in _blocks()),
-    "top_conv",
-    "top_bn",
-    "top_relu",
+CUT_POINTS, CUT_LAYERS = residual_cuts(
+    [(stage, block) for stage, block, _, _, _ in _blocks()], top=True
 )
-
-
-def _bn(x, name):
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
-
-
-def _conv_bn_relu(x, filters, kernel_size, strides, name):
-    """Conv, batch norm and ReLU6 named `{name}_conv`, `{name}_bn`, `{name}_relu`."""
-    x = keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
-    )(x)
-    return keras.layers.ReLU(RELU6, name=f"{name}_relu")(_bn(x, f"{name}_bn"))
 
 
 def _inverted_residual(x, expansion, filters, strides, name):
@@ -156,13 +118,14 @@ def _inverted_residual(x, expansion, filters, strides, name):
     in_channels = x.shape[-1]
     y = x
     if expansion != 1:
-        y = _conv_bn_relu(y, in_channels * expansion, 1, 1, f"{name}_expand")
+        y = conv_bn_relu(y, in_channels * expansion, 1, f"{name}_expand", max_value=RELU6)
     y = keras.layers.DepthwiseConv2D(
         3, strides=strides, padding="same", use_bias=False, name=f"{name}_depthwise_conv"
     )(y)
-    y = keras.layers.ReLU(RELU6, name=f"{name}_depthwise_relu")(_bn(y, f"{name}_depthwise_bn"))
+    y = batch_norm(y, f"{name}_depthwise_bn")
+    y = keras.layers.ReLU(RELU6, name=f"{name}_depthwise_relu")(y)
     y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_project_conv")(y)
-    y = _bn(y, f"{name}_project_bn")
+    y = batch_norm(y, f"{name}_project_bn")
     if strides == 1 and in_channels == filters:
         return keras.layers.Add(name=f"{name}_out")([x, y])
     return keras.layers.Identity(name=f"{name}_out")(y)
@@ -171,34 +134,26 @@ def _inverted_residual(x, expansion, filters, strides, name):
 def build_mobilenetv2(
     num_classes=10, input_shape=(32, 32, 3), width_multiplier=1.0, classifier="cifar"
 ):
-    """Builds the 32x32 MobileNetV2 as a functional Keras model that returns logits.
+    """Builds the 32x32 MobileNetV2 as a functional Keras model, `image` -> `logits`.
 
-    Args:
-      num_classes: number of logits.
-      input_shape: (height, width, channels) of one image; 32x32 gives the shapes in the table.
-      width_multiplier: scales every channel count (rounded by `make_divisible`) except the
-        final convolution's 1280, which only grows; tests use 0.25 for speed.
-      classifier: only "cifar" (global average pool, dropout, dense); the research code's
-        ImageNet-style head belongs to VGG.
+    Arguments and errors as `tfsplit.models.build_backbone`. `width_multiplier` scales every
+    channel count (rounded by `make_divisible`) except the final convolution's 1280, which only
+    grows; tests use 0.25 for speed. `classifier` takes only "cifar" (global average pool,
+    dropout, dense): the research code's ImageNet-style head belongs to VGG.
 
     Returns:
-      An uncompiled `keras.Model` named "mobilenetv2", from `image` to `logits`.
-
-    Raises:
-      ValueError: for a non-positive class count, a malformed input shape, a width multiplier that
-        is not a finite positive number, or a classifier other than "cifar".
+      An uncompiled `keras.Model` named "mobilenetv2".
     """
-    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier,
-                             CLASSIFIERS, "MobileNetV2 is the CIFAR variant")
+    check_backbone_arguments(
+        num_classes, input_shape, width_multiplier, classifier, CLASSIFIERS, _FAMILY
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     stem_channels = make_divisible(STEM_CHANNELS * width_multiplier)
-    x = _conv_bn_relu(inputs, stem_channels, 3, STEM_STRIDE, "stem")
+    x = conv_bn_relu(inputs, stem_channels, 3, "stem", STEM_STRIDE, max_value=RELU6)
     for _, block, expansion, channels, strides in _blocks():
         filters = make_divisible(channels * width_multiplier)
         x = _inverted_residual(x, expansion, filters, strides, block)
     top_channels = make_divisible(TOP_CHANNELS * max(1.0, width_multiplier))
-    x = _conv_bn_relu(x, top_channels, 1, 1, "top")
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(DROPOUT_RATE, name="dropout")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    x = conv_bn_relu(x, top_channels, 1, "top", max_value=RELU6)
+    logits = pooled_logits(x, num_classes, DROPOUT_RATE)
     return keras.Model(inputs, logits, name="mobilenetv2")

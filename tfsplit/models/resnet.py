@@ -7,7 +7,7 @@ have 64/128/256/512 channels; the first block of stages 2-4 has stride 2. A bloc
 ReLU - conv 3x3 - BN, added to its shortcut, then ReLU; the shortcut is the identity, or a 1x1 conv
 + BN projection where the shape changes. Convolutions have no bias (batch norm follows each) and
 use "same" padding; batch norm uses PyTorch's defaults (momentum 0.9 in Keras terms, epsilon 1e-5)
-as in `tfsplit.models.vgg`. Channels are `max(1, round(c * width_multiplier))`, VGG's rule. At
+as in `tfsplit.models.layers`. Channels are `max(1, round(c * width_multiplier))`, VGG's rule. At
 width 1.0 with 10 classes the model has 11,173,962 trainable weights, the PyTorch code's count
 (Keras's `count_params` adds the 9,600 batch-norm moving statistics).
 
@@ -38,17 +38,16 @@ ResNet-18, 32x32 input, width 1.0:
   | block4_2 / stage4 | block4_2_out  | 4x4x512      |
 """
 
-
 import tf_keras as keras
 
 from tfsplit.models.checks import check_backbone_arguments
+from tfsplit.models.layers import conv_bn, conv_bn_relu, pooled_logits, residual_cuts, scaled
 
 STEM_CHANNELS = 64
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride of the stage's first block)
 BLOCKS_PER_STAGE = 2
 CLASSIFIERS = ("cifar",)
-BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 written the Keras way.
-BN_EPSILON = 1e-5
+_FAMILY = "ResNet-18 is the CIFAR variant"  # How errors about the classifier start.
 
 
 def _blocks():
@@ -58,44 +57,17 @@ def _blocks():
             yield stage, f"block{stage}_{index}", channels, first_stride if index == 1 else 1
 
 
-def _cut_points():
-    cuts = {"stem": "stem_relu"}
-    cuts.update((block, f"{block}_out") for _, block, _, _ in _blocks())
-    stages = range(1, len(STAGES) + 1)
-    cuts.update((f"stage{s}", f"block{s}_{BLOCKS_PER_STAGE}_out") for s in stages)
-    return cuts
-
-
-CUT_POINTS = _cut_points()
-CUT_LAYERS = (
-    "stem_conv",
-    "stem_bn",
-    "stem_relu",
-    *(f"{block}_out" for _, block, _, _ in _blocks()),
-)
-
-
-def _scaled(channels, width_multiplier):
-    return max(1, round(channels * width_multiplier))
-
-
-def _conv_bn(x, filters, kernel_size, strides, conv_name, bn_name):
-    x = keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=False, name=conv_name
-    )(x)
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=bn_name)(
-        x
-    )
+CUT_POINTS, CUT_LAYERS = residual_cuts([(stage, block) for stage, block, _, _ in _blocks()])
 
 
 def _basic_block(x, filters, strides, name):
     """Two 3x3 convs added to the (projected where the shape changes) input, then ReLU."""
-    y = _conv_bn(x, filters, 3, strides, f"{name}_conv1", f"{name}_bn1")
+    y = conv_bn(x, filters, 3, (f"{name}_conv1", f"{name}_bn1"), strides)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = _conv_bn(y, filters, 3, 1, f"{name}_conv2", f"{name}_bn2")
+    y = conv_bn(y, filters, 3, (f"{name}_conv2", f"{name}_bn2"))
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_shortcut_conv", f"{name}_shortcut_bn")
+        shortcut = conv_bn(x, filters, 1, (f"{name}_shortcut_conv", f"{name}_shortcut_bn"), strides)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
@@ -103,29 +75,20 @@ def _basic_block(x, filters, strides, name):
 def build_resnet18(
     num_classes=10, input_shape=(32, 32, 3), width_multiplier=1.0, classifier="cifar"
 ):
-    """Builds the CIFAR ResNet-18 as a functional Keras model that returns logits.
+    """Builds the CIFAR ResNet-18 as a functional Keras model, `image` -> `logits`.
 
-    Args:
-      num_classes: number of logits.
-      input_shape: (height, width, channels) of one image; 32x32 gives the shapes in the table.
-      width_multiplier: scales every convolution's channels; tests use 0.125 for speed.
-      classifier: only "cifar" (global average pool, dense); the research code's ImageNet-style
-        head belongs to VGG.
+    Arguments and errors as `tfsplit.models.build_backbone`. `classifier` takes only "cifar"
+    (global average pool, dense): the research code's ImageNet-style head belongs to VGG. Tests
+    use width 0.125 for speed.
 
     Returns:
-      An uncompiled `keras.Model` named "resnet18", from `image` to `logits`.
-
-    Raises:
-      ValueError: for a non-positive class count, a malformed input shape, a width multiplier that
-        is not a finite positive number, or a classifier other than "cifar".
+      An uncompiled `keras.Model` named "resnet18".
     """
-    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier,
-                             CLASSIFIERS, "ResNet-18 is the CIFAR variant")
+    check_backbone_arguments(
+        num_classes, input_shape, width_multiplier, classifier, CLASSIFIERS, _FAMILY
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = _conv_bn(inputs, _scaled(STEM_CHANNELS, width_multiplier), 3, 1, "stem_conv", "stem_bn")
-    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = conv_bn_relu(inputs, scaled(STEM_CHANNELS, width_multiplier), 3, "stem")
     for _, block, channels, strides in _blocks():
-        x = _basic_block(x, _scaled(channels, width_multiplier), strides, block)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, logits, name="resnet18")
+        x = _basic_block(x, scaled(channels, width_multiplier), strides, block)
+    return keras.Model(inputs, pooled_logits(x, num_classes), name="resnet18")

@@ -22,6 +22,7 @@ from tfsplit.bottleneck import Decoder, MaskedEncoder
 from tfsplit.model import SplitModel
 
 BOTTLENECK_KEYS = ("feature_compression", "resolution_compression", "gate_init_max")
+DEFAULT_BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
 
 
 def _check_functional(model):
@@ -99,10 +100,12 @@ def _cut_output(model, nodes, cut):
 
 
 def _check_bottleneck_config(bottleneck):
+    if bottleneck is True:
+        return dict(DEFAULT_BOTTLENECK)
     config = bottleneck.to_dict() if hasattr(bottleneck, "to_dict") else bottleneck
     if not isinstance(config, collections.abc.Mapping):
         raise ValueError(
-            f"`bottleneck` must be None, a dict or a ConfigDict with keys {BOTTLENECK_KEYS}. "
+            f"`bottleneck` must be None, True, a dict or a ConfigDict with keys {BOTTLENECK_KEYS}. "
             f"Received: {bottleneck!r}"
         )
     if set(config) != set(BOTTLENECK_KEYS):
@@ -201,7 +204,8 @@ def split_model(model, cut, bottleneck=None, **options):
     Args:
       model: a functional tf_keras model with one input (a Sequential with an Input counts).
       cut: name of the layer whose output crosses the network (see `resolve_cut` for backbones).
-      bottleneck: None for plain split learning, or a dict / ConfigDict with exactly the keys
+      bottleneck: None for plain split learning, True for the reference bottleneck (all channels
+        of the cut, no stride, gates nearly open), or a dict / ConfigDict with exactly the keys
         `feature_compression` (C' = C // it), `resolution_compression` (encoder stride; the
         decoder undoes it) and `gate_init_max` (gate logits start uniform in [0, it]).
       **options: the wire and budget-loss settings of `tfsplit.SplitModel`.

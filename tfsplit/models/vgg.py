@@ -31,23 +31,16 @@ VGG-11 (configuration "A"), 32x32 input, width 1.0:
   | conv7 | conv7_relu  | 2x2x512      | 512      |
   | conv8 | pool5       | 1x1x512      | 512      |
 
-VGG-16 (configuration "D"), 32x32 input, width 1.0:
+VGG-16 (configuration "D"), 32x32 input, width 1.0, by stage: the cut of a stage's last conv is
+the pool after it, the cuts of its other convs are their ReLUs.
 
-  | cut    | layer        | output shape | channels |
-  |--------|--------------|--------------|----------|
-  | conv1  | conv1_relu   | 32x32x64     | 64       |
-  | conv2  | pool1        | 16x16x64     | 64       |
-  | conv3  | conv3_relu   | 16x16x128    | 128      |
-  | conv4  | pool2        | 8x8x128      | 128      |
-  | conv5  | conv5_relu   | 8x8x256      | 256      |
-  | conv6  | conv6_relu   | 8x8x256      | 256      |
-  | conv7  | pool3        | 4x4x256      | 256      |
-  | conv8  | conv8_relu   | 4x4x512      | 512      |
-  | conv9  | conv9_relu   | 4x4x512      | 512      |
-  | conv10 | pool4        | 2x2x512      | 512      |
-  | conv11 | conv11_relu  | 2x2x512      | 512      |
-  | conv12 | conv12_relu  | 2x2x512      | 512      |
-  | conv13 | pool5        | 1x1x512      | 512      |
+  | convs     | conv output | last conv's cut | its output |
+  |-----------|-------------|-----------------|------------|
+  | conv1-2   | 32x32x64    | pool1           | 16x16x64   |
+  | conv3-4   | 16x16x128   | pool2           | 8x8x128    |
+  | conv5-7   | 8x8x256     | pool3           | 4x4x256    |
+  | conv8-10  | 4x4x512     | pool4           | 2x2x512    |
+  | conv11-13 | 2x2x512     | pool5           | 1x1x512    |
 """
 
 import numbers
@@ -55,7 +48,7 @@ import numbers
 import tf_keras as keras
 
 from tfsplit.models.checks import check_backbone_arguments
-from tfsplit.models.layers import AdaptiveAveragePooling2D
+from tfsplit.models.layers import AdaptiveAveragePooling2D, conv_bn, pooled_logits, scaled
 
 CONFIGS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -67,8 +60,6 @@ CLASSIFIERS = ("cifar", "imagenet")
 MIN_INPUT_SIZE = 32  # Five 2x2 pools with stride 2 need at least 2**5 pixels per side.
 IMAGENET_POOL_SIZE = 7
 IMAGENET_HIDDEN_UNITS = 4096
-BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 written the Keras way.
-BN_EPSILON = 1e-5
 
 
 def _blocks(config):
@@ -120,10 +111,6 @@ def feature_layer_names(name):
     return names
 
 
-def _scaled(channels, width_multiplier):
-    return max(1, round(channels * width_multiplier))
-
-
 def _check_name(name):
     if name not in CONFIGS:
         raise ValueError(
@@ -133,8 +120,9 @@ def _check_name(name):
 
 def _validate(name, num_classes, input_shape, width_multiplier, classifier, dropout_rate):
     _check_name(name)
-    check_backbone_arguments(num_classes, input_shape, width_multiplier, classifier, CLASSIFIERS,
-                             "VGG")
+    check_backbone_arguments(
+        num_classes, input_shape, width_multiplier, classifier, CLASSIFIERS, "VGG"
+    )
     if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
         raise ValueError(f"`dropout_rate` must be a number. Received: {dropout_rate=!r}")
     if not 0 <= dropout_rate < 1:
@@ -152,27 +140,21 @@ def _features(x, config, width_multiplier):
             x = keras.layers.MaxPooling2D(2, strides=2, name=f"pool{index}")(x)
             continue
         name = f"conv{index}"
-        x = keras.layers.Conv2D(_scaled(channels, width_multiplier), 3, padding="same", name=name)(
-            x
-        )
-        x = keras.layers.BatchNormalization(
-            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn"
-        )(x)
+        filters = scaled(channels, width_multiplier)
+        x = conv_bn(x, filters, 3, (name, f"{name}_bn"), use_bias=True)
         x = keras.layers.ReLU(name=f"{name}_relu")(x)
     return x
 
 
 def _cifar_classifier(x, num_classes, width_multiplier, dropout_rate):
     del width_multiplier  # The CIFAR head has no hidden layer to scale.
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
-    return keras.layers.Dense(num_classes, name="logits")(x)
+    return pooled_logits(x, num_classes, dropout_rate)
 
 
 def _imagenet_classifier(x, num_classes, width_multiplier, dropout_rate):
     x = AdaptiveAveragePooling2D(IMAGENET_POOL_SIZE, name="adaptive_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    units = _scaled(IMAGENET_HIDDEN_UNITS, width_multiplier)
+    units = scaled(IMAGENET_HIDDEN_UNITS, width_multiplier)
     for name in ("fc1", "fc2"):
         x = keras.layers.Dense(units, name=name)(x)
         x = keras.layers.ReLU(name=f"{name}_relu")(x)

@@ -5,15 +5,15 @@ lets offline machines train on CIFAR. Its batches are pickles: use trusted files
 """
 
 import dataclasses
+import functools
 import pickle
 
 import numpy as np
 
-from tfsplit.datasets import common, files
-from tfsplit.datasets.common import DatasetFileError
+from tfsplit.data import common, files
+from tfsplit.data.common import DatasetFileError
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-NATIVE_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +109,9 @@ def _download_cifar(layout):
         f"its path (or the extracted {layout.folder} directory) as `path`, e.g. "
         f"--config.data.path=/data/{layout.archive}."
     )
-    (x_train, y_train), (x_test, y_test) = common.download_with_keras(
+    return common.download_with_keras(
         layout.title, layout.keras_loader, advice, **layout.keras_kwargs
     )
-    train = (np.asarray(x_train, np.uint8), np.asarray(y_train, np.int32).reshape(-1))
-    return train, (np.asarray(x_test, np.uint8), np.asarray(y_test, np.int32).reshape(-1))
 
 
 def load(name, path=None, train_size=None, test_size=None, image_size=None):
@@ -139,11 +137,8 @@ def load(name, path=None, train_size=None, test_size=None, image_size=None):
         raise ValueError(f"`name` must be one of {tuple(_CIFAR)}. Received: name={name!r}")
     common.check_optional_size("image_size", image_size)
     layout = _CIFAR[name]
-    train, test = _download_cifar(layout) if path is None else _read_cifar(path, layout)
-    train = common.take_first(train, train_size, "train", layout.title)
-    test = common.take_first(test, test_size, "test", layout.title)
-    size = image_size or NATIVE_SIZE
-    train = (common.resize_images(train[0], size), train[1])
-    test = (common.resize_images(test[0], size), test[1])
+    splits = _download_cifar(layout) if path is None else _read_cifar(path, layout)
+    resize = functools.partial(common.resize_images, size=image_size)
+    train, test = common.take_first_and_fit(splits, (train_size, test_size), layout.title, resize)
     info = common.make_info(name, layout.num_classes, train, test, layout.mean, layout.std)
     return train, test, info

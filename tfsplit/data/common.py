@@ -127,6 +127,24 @@ def take_first(arrays, size, split, title):
     return arrays[0][:size], arrays[1][:size]
 
 
+def take_first_and_fit(splits, sizes, title, fit):
+    """(train, test): the first `sizes` samples of both `splits`, their images passed to `fit`.
+
+    Every reader ends this way, so a size means the same (a prefix in stored order) everywhere.
+
+    Args:
+      splits: (train, test) pairs of (images, labels).
+      sizes: (train_size, test_size), each None for all samples.
+      title: the dataset's name for messages.
+      fit: maps images to the shape the caller asked for (resize, pad).
+    """
+    fitted = []
+    for split, arrays, size in zip(("train", "test"), splits, sizes):
+        images, labels = take_first(arrays, size, split, title)
+        fitted.append((fit(images), labels))
+    return tuple(fitted)
+
+
 def to_uint8(images):
     """Float pixels in 0..255 to uint8, rounded to the nearest value (not truncated)."""
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
@@ -142,13 +160,13 @@ def resize_image(image, size):
 
 
 def resize_images(images, size):
-    """uint8 (N, H, W, C) to uint8 (N, size, size, C); returned unchanged when already that size.
+    """uint8 (N, H, W, C) to uint8 (N, size, size, C); unchanged when `size` is None or theirs.
 
     Images are resized one by one inside a tf.data map and gathered into one batch, so memory
     holds the uint8 result and a few float images, never the whole set as float32.
     """
-    check_positive_int("image_size", size)
-    if images.shape[1:3] == (size, size):
+    check_optional_size("image_size", size)
+    if size is None or images.shape[1:3] == (size, size):
         return images
     dataset = tf.data.Dataset.from_tensor_slices(images)
     dataset = dataset.map(
@@ -179,7 +197,7 @@ def download_with_keras(title, loader_name, advice, **kwargs):
       **kwargs: passed to `load_data`.
 
     Returns:
-      What `load_data` returns: ((x_train, y_train), (x_test, y_test)).
+      ((x_train, y_train), (x_test, y_test)) as uint8 images and int32 labels of shape (N,).
 
     Raises:
       DatasetDownloadError: when the download fails; the message holds the cause and `advice`.
@@ -187,9 +205,10 @@ def download_with_keras(title, loader_name, advice, **kwargs):
     loader = getattr(keras.datasets, loader_name).load_data
     try:
         with _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT_S):
-            return loader(**kwargs)
+            splits = loader(**kwargs)
     except Exception as err:  # Keras wraps network errors in a bare Exception.
         raise DatasetDownloadError(
             f"Could not download {title} with keras.datasets.{loader_name}.load_data(): {err}. "
             f"This machine looks offline (or the download failed). {advice}"
         ) from err
+    return tuple((np.asarray(x, np.uint8), np.asarray(y, np.int32).reshape(-1)) for x, y in splits)

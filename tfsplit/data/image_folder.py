@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfsplit.datasets import common
-from tfsplit.datasets.common import DatasetFileError
+from tfsplit.data import common
+from tfsplit.data.common import DatasetFileError
 
 DEFAULT_IMAGE_SIZE = 64
 EXTENSIONS = (".jpg", ".jpeg", ".png")

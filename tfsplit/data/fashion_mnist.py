@@ -11,6 +11,7 @@ repository publishes) from a local directory: `train-images-idx3-ubyte`, `train-
 `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each plain or gzipped (`.gz`).
 """
 
+import functools
 import gzip
 import math
 import os
@@ -19,8 +20,8 @@ import zlib
 
 import numpy as np
 
-from tfsplit.datasets import common
-from tfsplit.datasets.common import DatasetFileError
+from tfsplit.data import common
+from tfsplit.data.common import DatasetFileError
 
 NATIVE_SIZE = 28
 PADDED_SIZE = 32  # The default image size: 2 black pixels on each side.
@@ -129,11 +130,7 @@ def _download():
         f"To use a local copy instead, download {names} from {_URL} into one directory and pass "
         "it as `path`, e.g. --config.data.path=/data/fashion-mnist."
     )
-    (x_train, y_train), (x_test, y_test) = common.download_with_keras(
-        "Fashion-MNIST", "fashion_mnist", advice
-    )
-    train = (np.asarray(x_train, np.uint8), np.asarray(y_train, np.int32).reshape(-1))
-    return train, (np.asarray(x_test, np.uint8), np.asarray(y_test, np.int32).reshape(-1))
+    return common.download_with_keras("Fashion-MNIST", "fashion_mnist", advice)
 
 
 def _fit(images, image_size):
@@ -165,9 +162,7 @@ def load(path=None, train_size=None, test_size=None, image_size=None):
       DatasetDownloadError: when the keras download fails (offline machine).
     """
     common.check_optional_size("image_size", image_size)
-    train, test = _download() if path is None else _read_directory(path)
-    train = common.take_first(train, train_size, "train", "Fashion-MNIST")
-    test = common.take_first(test, test_size, "test", "Fashion-MNIST")
-    train = (_fit(train[0], image_size), train[1])
-    test = (_fit(test[0], image_size), test[1])
+    splits = _download() if path is None else _read_directory(path)
+    fit = functools.partial(_fit, image_size=image_size)
+    train, test = common.take_first_and_fit(splits, (train_size, test_size), "Fashion-MNIST", fit)
     return train, test, common.make_info("fashion_mnist", NUM_CLASSES, train, test, MEAN, STD)

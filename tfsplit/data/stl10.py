@@ -9,10 +9,12 @@ Images are 96x96 RGB; `image_size` resizes them (antialiased), e.g. to 32 for th
 models. Labels are stored as 1..10 and returned as 0..9.
 """
 
+import functools
+
 import numpy as np
 
-from tfsplit.datasets import common, files
-from tfsplit.datasets.common import DatasetFileError
+from tfsplit.data import common, files
+from tfsplit.data.common import DatasetFileError
 
 NATIVE_SIZE = 96
 NUM_CLASSES = 10
@@ -110,10 +112,6 @@ def load(path=None, train_size=None, test_size=None, image_size=None):
             f"{_ARCHIVE} (2.6 GB) from {_URL} and pass it, or the extracted {_FOLDER} directory, "
             f"as `path`, e.g. --config.data.path=/data/{_ARCHIVE}. Received: path=None"
         )
-    train, test = _read(path)
-    train = common.take_first(train, train_size, "train", "STL-10")
-    test = common.take_first(test, test_size, "test", "STL-10")
-    size = image_size or NATIVE_SIZE
-    train = (common.resize_images(train[0], size), train[1])
-    test = (common.resize_images(test[0], size), test[1])
+    resize = functools.partial(common.resize_images, size=image_size)
+    train, test = common.take_first_and_fit(_read(path), (train_size, test_size), "STL-10", resize)
     return train, test, common.make_info("stl10", NUM_CLASSES, train, test, MEAN, STD)

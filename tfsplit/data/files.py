@@ -8,7 +8,7 @@ accepts all three the same way, with errors that say which file was missing and 
 import os
 import tarfile
 
-from tfsplit.datasets.common import DatasetFileError
+from tfsplit.data.common import DatasetFileError
 
 
 def read_dataset_files(path, folder, names, title, expected):

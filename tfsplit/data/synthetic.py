@@ -9,7 +9,7 @@ seed gives byte-identical arrays on every machine (a checksum test pins them).
 
 import numpy as np
 
-from tfsplit.datasets import common
+from tfsplit.data import common
 
 # Each class is (shape, texture, colour). Every attribute value is shared by several classes and
 # some pairs of classes differ in one attribute only (0/1 colour, 0/2 texture, 0/3 shape, 4/5 shape,

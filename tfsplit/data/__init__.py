@@ -1,0 +1,61 @@
+"""Datasets by name, as numpy arrays or as batched, normalized, augmented tf.data pipelines.
+
+`load_arrays` reads a dataset by name; the `build_*` functions turn arrays into tf.data pipelines
+that yield float32 images normalized with the dataset's per-channel mean and std (`normalize`,
+shared with export code). All arrays are uint8 images (N, H, W, C) and int32 labels (N,).
+
+| name          | source (path=None)      | classes | default images                          |
+|---------------|-------------------------|---------|-----------------------------------------|
+| synthetic     | generated from `seed`   | 10      | 32x32x3                                 |
+| cifar10       | keras.datasets download | 10      | 32x32x3                                 |
+| cifar100      | keras.datasets download | 100     | 32x32x3 (fine labels)                   |
+| fashion_mnist | keras.datasets download | 10      | 32x32x1 (28x28 zero-padded by 2 pixels) |
+| stl10         | none: `path` required   | 10      | 96x96x3                                 |
+| image_folder  | none: `path` required   | folders | 64x64x3 (any JPEG/PNG, resized)         |
+
+Two arguments adapt any dataset to a model: `image_size` gives square images of that side
+(resized, antialiased; Fashion-MNIST is padded at 32 and kept at 28) and `channels=3` repeats the
+gray channel of Fashion-MNIST (its mean and std are repeated with it). The augmentation (random
+crop of the image zero-padded by `CROP_PADDING`, random horizontal flip) and the normalization work
+for any height, width and channel count.
+
+Where things are: `arrays` (`load_arrays`, `DATASETS`), `pipeline` (`normalize`, `augment_batch`,
+`build_*`), `common` (`DatasetInfo`, the errors and what every reader shares), `files` (archives
+and extracted folders), one reader module per source (`synthetic`, `cifar`, `fashion_mnist`,
+`stl10`, `image_folder`).
+"""
+
+from tfsplit.data.arrays import DATASETS, load_arrays
+from tfsplit.data.common import DatasetDownloadError, DatasetFileError, DatasetInfo
+from tfsplit.data.pipeline import (
+    CROP_PADDING,
+    augment_batch,
+    build_datasets,
+    build_eval_dataset,
+    build_train_dataset,
+    normalize,
+)
+from tfsplit.data.synthetic import (
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_HUES,
+    SYNTHETIC_TEST_SIZE,
+    SYNTHETIC_TRAIN_SIZE,
+)
+
+__all__ = [
+    "CROP_PADDING",
+    "DATASETS",
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_HUES",
+    "SYNTHETIC_TEST_SIZE",
+    "SYNTHETIC_TRAIN_SIZE",
+    "DatasetDownloadError",
+    "DatasetFileError",
+    "DatasetInfo",
+    "augment_batch",
+    "build_datasets",
+    "build_eval_dataset",
+    "build_train_dataset",
+    "load_arrays",
+    "normalize",
+]
