@@ -61,9 +61,9 @@ def test_vgg11_split_equals_model_at_research_cuts(vgg11, cut, wire):
 def test_full_model_shares_weights_with_head_and_tail(vgg11):
     split = split_model(vgg11, "pool2")
     images = _images()
-    full = split.full_model()
-    np.testing.assert_array_equal(full(images, training=False), vgg11(images, training=False))
-    assert full.count_params() == vgg11.count_params()
+    full = split.tail(split.head(images, training=False), training=False)
+    np.testing.assert_array_equal(full, vgg11(images, training=False))
+    assert split.head.count_params() + split.tail.count_params() == vgg11.count_params()
 
 
 def test_residual_block_after_the_cut_is_replayed_with_its_arguments():
@@ -173,10 +173,9 @@ def test_bottleneck_shapes_and_layers(vgg11):
 
 def test_gradients_reach_gate_logits_head_and_tail(vgg11):
     split = split_model(vgg11, "pool2", BOTTLENECK)
-    full = split.full_model()
     labels = np.array([0, 3, 7])
     with tf.GradientTape() as tape:
-        logits = full(_images(), training=True)
+        logits = split.tail(split.head(_images(), training=True), training=True)
         losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         loss = tf.reduce_mean(losses)
     watched = [
@@ -216,7 +215,7 @@ def test_head_and_tail_save_and_reload(vgg11, tmp_path):
         (dict(BOTTLENECK, gate_init_max=-1.0), "gate_init_max` must be a number >= 0"),
         ({"feature_compression": 2, "resolution_compression": 2}, "exactly the keys"),
         (dict(BOTTLENECK, budget=4), "exactly the keys"),
-        ([2, 2, 15.0], "must be None, a dict or a ConfigDict"),
+        ([2, 2, 15.0], "must be None, True, a dict or a ConfigDict"),
     ],
 )
 def test_bad_bottleneck_config_raises(vgg11, bottleneck, message):

@@ -137,7 +137,10 @@ class RunRecords(keras.callbacks.Callback):
         logs = logs or {}
         wall_seconds = time.perf_counter() - self._start
         previous = self.records[-1] if self.records else {}
-        up, down = int(logs["payload_bytes_up"]), int(logs["payload_bytes_down"])
+        # Epoch counts from the backed-up running totals, so a resumed epoch still counts whole.
+        total_up, total_down = (int(v) for v in self.model.sent_payload_bytes.numpy())
+        up = total_up - previous.get("total_payload_bytes_up", 0)
+        down = total_down - previous.get("total_payload_bytes_down", 0)
         record = dict(
             epoch=epoch + 1,
             **{key: logs[key] for key in ("phase", "budget", "learning_rate") if key in logs},
@@ -147,8 +150,8 @@ class RunRecords(keras.callbacks.Callback):
             test_accuracy=float(logs["val_accuracy"]),
             payload_bytes_up=up,
             payload_bytes_down=down,
-            total_payload_bytes_up=previous.get("total_payload_bytes_up", 0) + up,
-            total_payload_bytes_down=previous.get("total_payload_bytes_down", 0) + down,
+            total_payload_bytes_up=total_up,
+            total_payload_bytes_down=total_down,
             soft_channels=float(logs.get("soft_channels", self.model.soft_channels())),
             samples_per_second=self.train_samples / wall_seconds,
             wall_seconds=wall_seconds,

@@ -6,6 +6,8 @@ the bottleneck's width, then the tail). Training, evaluation, the budget curve, 
 use them, so what is measured is what is deployed.
 """
 
+import numbers
+
 import tensorflow as tf
 import tf_keras as keras
 
@@ -95,7 +97,10 @@ class SplitModel(keras.Model):
         self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
         self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
         self.sampling_probability, self.min_budget, self.seed = sampling_probability, min_budget, seed
-        self.height, self.width, self.channels = (int(d) for d in head.output.shape[1:])
+        self.wire_shape = tuple(int(d) for d in head.output.shape[1:])
+        self.channels = self.wire_shape[-1]
+        # A flat cut (N, C) is sent as one position: the codec's (N, 1, 1, C).
+        self.height, self.width = (self.wire_shape[:-1] + (1, 1))[:2]
         # Variables, so a callback can change them between steps without retracing the step.
         self.budget = tf.Variable(self.channels, trainable=False, name="budget")
         self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
@@ -103,6 +108,11 @@ class SplitModel(keras.Model):
         # The phase a PhaseSchedule last entered; backed up with the weights so a resumed run
         # does not reset its gates twice.
         self.phase = tf.Variable(0, trainable=False, name="phase")
+        # Bytes sent up and down by every training step so far: backed up with the weights, so a
+        # resumed run's ledger counts what was really sent, the steps it redoes included.
+        self.sent_payload_bytes = tf.Variable(
+            [0, 0], dtype=tf.int64, trainable=False, name="sent_payload_bytes"
+        )
         self.budget_draws = tf.random.Generator.from_seed(seed)
         self.wire = make_wire(activation_dtype, gradient_dtype)
         self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
@@ -111,21 +121,16 @@ class SplitModel(keras.Model):
         self.gate_optimizer = None
         self.build((None,) + tuple(head.input.shape[1:]))
 
-    @property
-    def wire_shape(self):
-        """One sample on the wire without the batch axis: (h, w, C')."""
-        return self.height, self.width, self.channels
-
     # ----------------------------------------------------------------------------- the budget
     def set_budget(self, k, masking=True):
         """Sends k channels from now on; `masking` turns the budget loss (and sampling) on."""
         self.check_budget(k)
-        self.budget.assign(k)
+        self.budget.assign(int(k))
         self.penalty_weight.assign(self.budget_eps if masking and self.encoder else 0.0)
         self.step_sampling.assign(self.sampling_probability if masking else 0.0)
 
     def check_budget(self, k):
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.channels:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.channels:
             raise ValueError(
                 f"A budget must be an integer in [1, {self.channels}] (the channels at the cut)."
                 f" Received: budget={k!r}"
@@ -142,7 +147,7 @@ class SplitModel(keras.Model):
             return tf.range(self.channels)
         if budget is None:
             budget = self.budget
-        elif isinstance(budget, int):
+        elif not tf.is_tensor(budget):
             self.check_budget(budget)
         return budget_lib.top_k_channels(self.encoder.gate_logits, budget)
 
@@ -160,7 +165,7 @@ class SplitModel(keras.Model):
     def receive(self, values, indices, training=False):
         """Server half: k channels scattered back into C' (zeros elsewhere), then the tail."""
         placement = tf.one_hot(indices, self.channels, dtype=values.dtype)
-        return self.tail(tf.einsum("nhwk,kc->nhwc", values, placement), training=training)
+        return self.tail(tf.tensordot(values, placement, axes=1), training=training)
 
     def call(self, images, budget=None, training=None):
         indices = self.channel_indices(budget)
@@ -246,9 +251,14 @@ class SplitModel(keras.Model):
         self.compiled_metrics.update_state(labels, logits)
         self.budget_loss_tracker.update_state(penalty)
         up, down = self.payload_bytes(tf.shape(labels)[0], k, training)
+        self.count_sent(up, down, training)
+        return self.get_metrics_result()
+
+    def count_sent(self, up, down, training=True):
+        if training:
+            self.sent_payload_bytes.assign_add(tf.cast(tf.stack([up, down]), tf.int64))
         self.payload_bytes_up.update_state(up)
         self.payload_bytes_down.update_state(down)
-        return self.get_metrics_result()
 
     # ------------------------------------------------------------------------------- saving
     def get_config(self):

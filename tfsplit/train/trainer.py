@@ -62,7 +62,9 @@ def build_split_model(config, info):
         seed=config.seed,
     )
     if config.wire.transport != "fused":
-        split = TRANSPORTS[config.wire.transport].from_config(split.get_config())
+        oracle = TRANSPORTS[config.wire.transport].from_config(split.get_config())
+        oracle.set_weights(split.get_weights())
+        split = oracle
     optimizer = keras.optimizers.SGD(
         learning_rate=config.phases[0].learning_rate,
         momentum=config.optimizer.momentum,
@@ -177,6 +179,8 @@ def train(config, workdir, verbose="auto"):
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
         restore_weights(split, config.init_from)
     callbacks = build_callbacks(config, workdir, info)
+    # Training randomness (dropout) starts from the seed whatever building the model consumed.
+    keras.utils.set_random_seed(config.seed)
     split.fit(
         train_ds,
         epochs=callbacks[0].epochs,

@@ -1,0 +1,191 @@
+"""SplitModel: a user's own Keras model cut, trained with fit, evaluated, called and saved."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfsplit
+from tfsplit import codec
+from tfsplit.model import make_wire
+
+keras = tf.keras
+BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
+
+
+def user_model():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x), name="mine")
+
+
+def data(count=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(count, 8, 8, 3)).astype(np.float32)
+    labels = (images[..., 0].mean(axis=(1, 2)) > 0).astype(np.int32) * 2
+    return images, labels
+
+
+def split(bottleneck=BOTTLENECK, **options):
+    keras.utils.set_random_seed(0)
+    model = tfsplit.split_model(user_model(), "conv_b", bottleneck=bottleneck, **options)
+    model.compile(keras.optimizers.SGD(0.05), gate_optimizer=keras.optimizers.Adam(0.05))
+    return model
+
+
+def test_split_model_returns_a_keras_model_with_the_bottleneck():
+    model = split()
+    assert isinstance(model, keras.Model)
+    assert model.encoder is not None and model.decoder is not None
+    assert model.wire_shape == (8, 8, 16)
+    assert int(model.budget.numpy()) == 16
+
+
+SCHEDULES = {
+    "sl": (None, [dict(budget=0, epochs=1, learning_rate=0.05)]),
+    "casl": (BOTTLENECK, [dict(budget=4, epochs=2, learning_rate=0.05)]),
+    "deprune": (
+        BOTTLENECK,
+        [
+            tfsplit.Phase(budget=2, epochs=1, learning_rate=0.05),
+            tfsplit.Phase(budget=8, epochs=1, learning_rate=0.05, reset="deprune"),
+        ],
+    ),
+    "prune": (
+        BOTTLENECK,
+        [
+            dict(budget=0, epochs=1, learning_rate=0.05),
+            dict(budget=4, epochs=1, learning_rate=0.05, boost_learning_rate=0.1,
+                 boost_epochs=1, reset="prune"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SCHEDULES))
+def test_fit_trains_every_method_with_a_phase_schedule(method):
+    bottleneck, phases = SCHEDULES[method]
+    model = split(bottleneck)
+    schedule = tfsplit.PhaseSchedule(phases)
+    images, labels = data()
+    history = model.fit(images, labels, batch_size=16, epochs=schedule.epochs,
+                        callbacks=[schedule], verbose=0)
+    final_budget = phases[-1]["budget"] if isinstance(phases[-1], dict) else phases[-1].budget
+    final_budget = final_budget or model.channels
+    assert history.history["budget"][-1] == final_budget
+    # 4 steps of 16 samples per epoch; bytes by the codec's own formula.
+    per_step = codec.payload_nbytes(16, 8, 8, final_budget, "float16", True, model.channels)
+    assert history.history["payload_bytes_up"][-1] == 4 * per_step
+    result = model.evaluate(images, labels, batch_size=32, return_dict=True, verbose=0)
+    assert {"accuracy", "loss", "payload_bytes_up", "payload_bytes_down"} <= set(result)
+    inference = codec.payload_nbytes(32, 8, 8, final_budget, "float16", False, model.channels)
+    assert result["payload_bytes_up"] == 2 * inference
+    assert result["payload_bytes_down"] == 0
+
+
+def test_call_at_a_budget_sends_only_the_top_channels():
+    model = split()
+    images, _ = data(4)
+    gates = np.arange(16, dtype=np.float32) - 8.0
+    model.encoder.gate_logits.assign(gates)
+    np.testing.assert_array_equal(model.channel_indices(3).numpy(), [15, 14, 13])
+    full = model.head(images, training=False).numpy()
+    kept = np.zeros_like(full)
+    kept[..., [15, 14, 13]] = full[..., [15, 14, 13]]
+    expected = model.tail(codec.fake_quantize(kept, "float16"), training=False)
+    np.testing.assert_allclose(model(images, budget=3).numpy(), expected.numpy(), atol=1e-5)
+    model.set_budget(3)
+    np.testing.assert_allclose(model(images).numpy(), expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0, 17, 2.5, True])
+def test_a_budget_outside_the_cut_is_rejected(budget):
+    with pytest.raises(ValueError, match="budget must be an integer in"):
+        split()(data(2)[0], budget=budget)
+
+
+def test_plain_split_learning_sends_every_channel():
+    model = split(bottleneck=None)
+    assert model.encoder is None
+    with pytest.raises(ValueError, match="all 16 channels are sent"):
+        model.set_budget(4)
+    images, labels = data()
+    result = model.evaluate(images, labels, batch_size=64, return_dict=True, verbose=0)
+    # No index list when every channel crosses.
+    assert result["payload_bytes_up"] == codec.HEADER_NBYTES + 64 * 8 * 8 * 16 * 2
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
+    model = split(activation_dtype="int8")
+    images, labels = data()
+    model.set_budget(5)
+    model.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+    path = str(tmp_path / "split.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, tfsplit.SplitModel)
+    assert loaded.activation_dtype == "int8" and int(loaded.budget.numpy()) == 5
+    np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
+    np.testing.assert_array_equal(loaded(images, budget=2).numpy(), model(images, budget=2).numpy())
+
+
+def test_wire_quantizes_both_directions():
+    wire = make_wire("float16", "float16")
+    x = tf.constant([[1.0 + 2**-12, 3.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(wire(x) * tf.constant([[1.0 + 2**-13, 7.0]]))
+    np.testing.assert_array_equal(wire(x).numpy(), [[1.0, 3.0]])  # 1 + 2^-12 rounds in float16.
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), [[1.0, 7.0]])
+
+
+def test_unselected_channels_get_no_gradient():
+    model = split()
+    model.set_budget(2)
+    images, _ = data(4)
+    indices = model.channel_indices()
+    with tf.GradientTape() as tape:
+        activations = model.head(images, training=False)
+        tape.watch(activations)
+        values = tf.gather(activations, indices, axis=-1)
+        logits = model.receive(model.wire(values), indices)
+    gradient = tape.gradient(logits, activations).numpy()
+    unselected = np.setdiff1d(np.arange(16), indices.numpy())
+    assert np.all(gradient[..., unselected] == 0)
+    assert np.any(gradient[..., indices.numpy()] != 0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(activation_dtype="bfloat16"), "activation_dtype"),
+        (dict(sampling_probability=1.5), "sampling_probability"),
+        (dict(min_budget=0), "min_budget"),
+    ],
+)
+def test_bad_options_are_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        split(**options)
+
+
+def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes():
+    """CodecSplitModel encodes and decodes every payload; fit gives the same model and bytes."""
+    from tfsplit.train import CodecSplitModel
+
+    fused = split(activation_dtype="int8")
+    real = CodecSplitModel.from_config(fused.get_config())
+    real.set_weights(fused.get_weights())
+    real.compile(keras.optimizers.SGD(0.05), gate_optimizer=keras.optimizers.Adam(0.05))
+    images, labels = data()
+    results = []
+    for model in (fused, real):
+        schedule = tfsplit.PhaseSchedule([dict(budget=4, epochs=2, learning_rate=0.05)])
+        history = model.fit(images, labels, batch_size=16, epochs=2, callbacks=[schedule],
+                            shuffle=False, verbose=0)
+        results.append(history.history)
+    for key in ("payload_bytes_up", "payload_bytes_down"):
+        assert results[0][key] == results[1][key]
+    np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-4)
+    for a, b in zip(fused.weights, real.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
