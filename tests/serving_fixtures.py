@@ -6,6 +6,7 @@ The export writes `<base>/<model_name>/<version>/` with a `serving_default` sign
 This module builds one like it (dequantize, one-hot scatter into C channels, one dense layer,
 softmax) so that the serving tests need no training; `reference_probabilities` computes the same
 in numpy, from the codec's own scatter, so that answers are checked against hand-computable math.
+`wire` turns a codec payload into what the device's clients send.
 """
 
 import json
@@ -14,7 +15,7 @@ import os
 import numpy as np
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import codec
+from tfsplit import codec, device
 
 import tensorflow as tf  # isort: skip  (after tfsplit)
 
@@ -96,6 +97,11 @@ def make_payload(dtype, batch=2, k=MAX_BUDGET, seed=0):
     activations = rng.normal(0.0, 1.0, (batch, HEIGHT, WIDTH, k)).astype(np.float32)
     indices = rng.permutation(CHANNELS)[:k]
     return codec.decode(codec.encode(activations, indices, CHANNELS, dtype))
+
+
+def wire(payload):
+    """The device clients' `WirePayload` of a decoded codec payload (values in the wire dtype)."""
+    return device.wire_payload(payload.values, payload.indices, payload.scale, payload.zero_point)
 
 
 def reference_probabilities(payload):

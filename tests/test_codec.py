@@ -185,8 +185,9 @@ def test_round_trip_property(args):
     payload = codec.decode(data, expect_kind=args["kind"], expect_dtype=args["dtype"])
     batch, height, width, k = args["values"].shape
     has_labels = args["labels"] is not None
-    assert len(data) == codec.payload_nbytes(batch, height, width, k, args["dtype"], has_labels,
-                                               channels=args["channels"])
+    assert len(data) == codec.payload_nbytes(
+        batch, height, width, k, args["dtype"], has_labels, channels=args["channels"]
+    )
     if k == args["channels"]:  # every channel: sent in channel order, no index list.
         np.testing.assert_array_equal(payload.indices, np.arange(k))
     else:
@@ -195,8 +196,9 @@ def test_round_trip_property(args):
         np.testing.assert_array_equal(payload.labels, args["labels"])
     else:
         assert payload.labels is None
-    real = codec.dequantize(_in_given_order(payload, args["indices"]), payload.scale,
-                            payload.zero_point)
+    real = codec.dequantize(
+        _in_given_order(payload, args["indices"]), payload.scale, payload.zero_point
+    )
     _assert_round_trip(args["values"], real, args["dtype"], payload.scale)
     expected_full = np.zeros((batch, height, width, args["channels"]), np.float32)
     expected_full[..., args["indices"]] = real
@@ -446,8 +448,9 @@ def test_fake_quantize_matches_numpy_on_edge_cases(name, dtype):
 def test_fake_quantize_matches_numpy_property(args):
     x, dtype = args["values"], args["dtype"]
     payload = codec.decode(codec.encode(**args))
-    expected = codec.dequantize(_in_given_order(payload, args["indices"]), payload.scale,
-                                payload.zero_point)
+    expected = codec.dequantize(
+        _in_given_order(payload, args["indices"]), payload.scale, payload.zero_point
+    )
     np.testing.assert_array_equal(codec.fake_quantize(x, dtype).numpy(), expected)
     np.testing.assert_array_equal(_COMPILED[dtype](tf.constant(x)).numpy(), expected)
 

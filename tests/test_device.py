@@ -1,8 +1,9 @@
 """Tests of tfsplit.device (the TensorFlow-free device side) on one smoke-trained deprune run.
 
 The run is trained and exported once for the module. The device code is compared with the
-TensorFlow-based references it replaces: `tfsplit.export.run_head` for the head,
-`tfsplit.serve`'s clients for the two protocols, predict_pb2 for the hand-written protobuf.
+TensorFlow-based references: `tfsplit.export.run_head` for the head, TF Serving's predict_pb2 for
+the hand-written protobuf, the tail's SavedModel signature called directly for the two protocols,
+and the codec for `payload_bytes`.
 """
 
 import json
@@ -19,10 +20,13 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import device
+from tfsplit import codec, device
 from tfsplit import export as export_lib
 from tfsplit import serve
 from tfsplit.device import protowire
+from tfsplit.serve import tensors
+
+import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = device.HEAD_DTYPES
@@ -130,7 +134,19 @@ def test_payload_per_dtype(run, exported):
         height, width, k = head.spec.output_shape
         itemsize = {"float32": 4, "float16": 2, "int8": 1}[dtype]
         assert payload.values.dtype == np.dtype(dtype)
-        assert payload.raw_nbytes == 2 * height * width * k * itemsize + 4 * k + 4 + 4
+        header = 20 + (8 if dtype == "int8" else 0)  # magic..k, then int8 scale and zero point
+        index_list = 0 if k == head.spec.channels else 2 * k  # u16 indices unless all are sent
+        assert payload.payload_bytes == header + index_list + 2 * height * width * k * itemsize
+        scale, zero_point = head.spec.output_quantization or (None, None)
+        encoded = codec.encode(
+            payload.values,
+            payload.indices,
+            head.spec.channels,
+            dtype,
+            scale=scale,
+            zero_point=zero_point,
+        )
+        assert payload.payload_bytes == len(encoded)
         np.testing.assert_array_equal(payload.indices, exported.heads[dtype].metadata["indices"])
         if dtype == "float16":  # computed in float32, cast on the device
             assert output.dtype == np.float32
@@ -156,29 +172,30 @@ def test_payload_refuses_overflow_and_wrong_output(exported):
 # --- the protocols --------------------------------------------------------------------------
 
 
-def test_rest_body_is_the_tf_clients_body(run, exported):
+def test_rest_body_is_tf_servings_columnar_format(run, exported):
     for dtype in DTYPES:
         head = _head(exported, dtype)
         payload = device.build_payload(head(run.test_images[:3]), head.spec)
-        expected = serve.build_predict_body(
-            payload.values, payload.indices, payload.scale, int(payload.zero_point)
-        )
-        assert device.predict_body(payload) == expected
+        expected = {
+            "signature_name": "serving_default",
+            "inputs": {name: np.asarray(a).tolist() for name, a in payload.inputs().items()},
+        }
+        assert json.loads(device.predict_body(payload)) == expected
+        assert b" " not in device.predict_body(payload)  # compact: request_bytes count no spaces
 
 
-def test_grpc_request_is_the_tf_clients_request(run, exported):
+def test_grpc_request_is_tf_servings_request(run, exported):
     for dtype in DTYPES:
         head = _head(exported, dtype)
         payload = device.build_payload(head(run.test_images[:3]), head.spec)
         for version in (None, 0, 7):
-            expected = serve.build_predict_request(
-                "tail",
-                payload.values,
-                payload.indices,
-                payload.scale,
-                int(payload.zero_point),
-                version=version,
-            )
+            expected = predict_pb2.PredictRequest()
+            expected.model_spec.name = "tail"
+            expected.model_spec.signature_name = "serving_default"
+            if version is not None:
+                expected.model_spec.version.value = version
+            for name, array in payload.inputs().items():
+                expected.inputs[name].CopyFrom(tensors.to_tensor_proto(array))
             data = protowire.predict_request("tail", payload.inputs(), version=version)
             assert predict_pb2.PredictRequest.FromString(data) == expected
             assert data == expected.SerializeToString(deterministic=True)
@@ -208,24 +225,19 @@ def test_protowire_reads_float_val_and_tensor_content():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_device_clients_match_tf_clients_on_a_tail_server(run, exported, servers, dtype):
+def test_device_clients_answer_as_the_tail_signature(run, exported, servers, dtype):
     head = _head(exported, dtype)
     payload = device.build_payload(head(run.test_images[:4]), head.spec)
     server, name = servers[dtype], f"tfsplit_tail_{dtype}"
-    args = (payload.values, payload.indices, payload.scale, int(payload.zero_point))
-    expected = serve.RestTailClient(server.rest_url, name).predict(*args)
-    with serve.GrpcTailClient(server.grpc_target, name) as tf_grpc:
-        np.testing.assert_array_equal(tf_grpc.predict(*args), expected)
-        assert tf_grpc.last_request_bytes == len(
-            device.make_client("grpc", server.grpc_target, name).encode(payload)
-        )
+    signature = tf.saved_model.load(exported.tails[dtype].path).signatures[export_lib.SIGNATURE]
+    expected = export_lib.run_tail(signature, *payload.inputs().values())
     for protocol, address in (("rest", server.rest_url), ("grpc", server.grpc_target)):
         client = device.make_client(protocol, address, name)
-        np.testing.assert_array_equal(client.predict(payload), expected)
+        np.testing.assert_allclose(client.predict(payload), expected, rtol=1e-6)
         prediction = device.DeviceRunner(head, client).predict(run.test_images[:4])
-        np.testing.assert_array_equal(prediction.probabilities, expected)
-        assert prediction.payload_bytes == payload.raw_nbytes
-        assert prediction.request_bytes == len(client.encode(payload)) > payload.raw_nbytes
+        np.testing.assert_allclose(prediction.probabilities, expected, rtol=1e-6)
+        assert prediction.payload_bytes == payload.payload_bytes
+        assert prediction.request_bytes == len(client.encode(payload)) > payload.payload_bytes
         assert all(prediction.seconds[stage] > 0 for stage in device.STAGES)
         assert prediction.seconds["total"] >= prediction.seconds["head"]
         client.close()
@@ -349,7 +361,7 @@ def test_bench_heads_three_rows(exported):
     rows = device.bench_heads(exported.out_dir, runs=5, warmup=1)
     assert [row["dtype"] for row in rows] == list(DTYPES)
     for row in rows:
-        assert row["size_bytes"] == exported.heads[row["dtype"]].size_bytes
+        assert row["file_bytes"] == exported.heads[row["dtype"]].size_bytes
         assert row["threads"] == 1 and row["runs"] == 5
         assert 0 < row["p50_ms"] <= row["p95_ms"]
     assert len(device.format_bench_table(rows).splitlines()) == 2 + len(rows)
@@ -374,8 +386,8 @@ def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):
     Image.fromarray(images[0]).save(tmp_path / "a.png")
     np.save(tmp_path / "rest.npy", images[1:])
     head = exported.heads["float16"].model_path
-    height, width, k = _head(exported, "float16").spec.output_shape
-    payload_bytes = height * width * k * 2 + 4 * k + 8  # float16 values, int32 indices, scale, zp
+    spec = _head(exported, "float16").spec
+    payload_bytes = codec.payload_nbytes(1, *spec.output_shape, "float16", False, spec.channels)
     files = f"--images={tmp_path / 'a.png'},{tmp_path / 'rest.npy'}"
     for protocol, address in (
         ("rest", servers["float16"].rest_url),
@@ -396,7 +408,7 @@ def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):
         lines = result.stdout.splitlines()
         assert lines[0].startswith(f"float16 head, budget {run.final_budget}")
         assert [line.split()[:2] for line in lines[1:4]] == [["image", f"{i}:"] for i in range(3)]
-        assert "network+tail" in lines[1] and f"payload {payload_bytes} B" in lines[1]
+        assert "network+tail" in lines[1] and f"payload_bytes {payload_bytes}" in lines[1]
         assert lines[4].startswith("p50 ms: head")
     result = _run_python(
         [
@@ -422,8 +434,9 @@ def test_run_head_tool_reports_bad_input(exported, servers, tmp_path):
             f"--server={servers['int8'].rest_url}",
         ]
     )
-    assert result.returncode != 0
-    assert "run_head: " in result.stderr and "the head takes (32, 32, 3)" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]  # a user error: one line, no traceback
+    assert "tfsplit-run-head: error: " in result.stderr and "Traceback" not in result.stderr
+    assert "the head takes (32, 32, 3)" in result.stderr
 
 
 def test_bench_head_tool_without_tensorflow(exported, tmp_path):

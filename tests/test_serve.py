@@ -1,11 +1,14 @@
-"""Tests for tfsplit.serve: the tail server's two protocols, its validation, and the clients.
+"""Tests for tfsplit.serve: the tail server's two protocols and its validation.
 
 Everything runs on 127.0.0.1 with ports picked by the OS, against tiny real SavedModels with the
-export's exact signature (tests/serving_fixtures.py). Answers are checked against the SavedModel
-signature called directly and against numpy math on the codec's own scatter.
+export's exact signature (tests/serving_fixtures.py), through the device's own clients
+(`tfsplit.device`, the project's one client per protocol) and, for what those never send, raw
+HTTP and TF Serving's own gRPC stub. Answers are checked against the SavedModel signature called
+directly and against numpy math on the codec's own scatter.
 """
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -22,21 +25,10 @@ import numpy as np
 import pytest
 import serving_fixtures as fx  # imports tfsplit (Keras 2) before TensorFlow loads
 from tensorflow.core.framework import tensor_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from tfsplit import codec
-from tfsplit.serve import (
-    GrpcTailClient,
-    RestTailClient,
-    ServedTail,
-    TailModelError,
-    TailServer,
-    TailServingError,
-    build_predict_body,
-    build_predict_request,
-)
-from tfsplit.serve import client as client_lib
-from tfsplit.serve import resolve_version_dir, tensors
+from tfsplit import codec, device
+from tfsplit.serve import ServedTail, TailModelError, TailServer, resolve_version_dir, tensors
 from tfsplit.serve.validation import RequestError
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
@@ -71,16 +63,21 @@ def servers(model_base):
         server.stop()
 
 
+def _client(server, protocol, model_name, **kwargs):
+    address = server.grpc_target if protocol == "grpc" else server.rest_url
+    return device.make_client(protocol, address, model_name, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def clients(servers):
-    made = {}
-    for dtype, server in servers.items():
-        made[dtype, "grpc"] = GrpcTailClient(server.grpc_target, _model_name(dtype), timeout_s=20)
-        made[dtype, "rest"] = RestTailClient(server.rest_url, _model_name(dtype), timeout_s=20)
+    made = {
+        (dtype, protocol): _client(server, protocol, _model_name(dtype), timeout_s=20)
+        for dtype, server in servers.items()
+        for protocol in PROTOCOLS
+    }
     yield made
     for client in made.values():
-        if isinstance(client, GrpcTailClient):
-            client.close()
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +89,27 @@ def signatures(model_base):
     return {dtype: module.signatures["serving_default"] for dtype, module in loaded.items()}
 
 
-def _call_signature(signature, payload):
-    inputs = client_lib.prepare_inputs(
-        payload.values, payload.indices, payload.scale, payload.zero_point
-    )
-    return signature(**{name: tf.constant(array) for name, array in inputs.items()})[
-        "probabilities"
-    ].numpy()
+def _call_signature(signature, inputs):
+    outputs = signature(**{name: tf.constant(array) for name, array in inputs.items()})
+    return outputs["probabilities"].numpy()
+
+
+def _predict(client, payload, **changes):
+    """Sends a codec payload through a device client, parts replaced by `changes` if given."""
+    parts = {name: getattr(payload, name) for name in ("values", "indices", "scale", "zero_point")}
+    return client.predict(device.wire_payload(**{**parts, **changes}))
+
+
+def _grpc_request(model_name, payload):
+    """The PredictRequest the device's gRPC client sends, as TF Serving's own proto."""
+    data = device.make_client("grpc", "127.0.0.1:1", model_name).encode(fx.wire(payload))
+    return predict_pb2.PredictRequest.FromString(data)
 
 
 def _assert_good_request_works(client, dtype):
     """After any refusal, the next good request on the same client gets the right answer."""
     payload = fx.make_payload(dtype, batch=1, seed=99)
-    got = client.predict_payload(payload)
+    got = _predict(client, payload)
     np.testing.assert_allclose(got, fx.reference_probabilities(payload), atol=1e-5)
 
 
@@ -115,9 +120,10 @@ def _assert_good_request_works(client, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_answers_match_signature_and_numpy(clients, signatures, dtype, protocol):
     payload = fx.make_payload(dtype, batch=3)
-    got = clients[dtype, protocol].predict_payload(payload)
+    got = _predict(clients[dtype, protocol], payload)
     assert got.shape == (3, fx.NUM_CLASSES) and got.dtype == np.float32
-    np.testing.assert_allclose(got, _call_signature(signatures[dtype], payload), rtol=1e-6)
+    expected = _call_signature(signatures[dtype], fx.wire(payload).inputs())
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
     np.testing.assert_allclose(got, fx.reference_probabilities(payload), atol=1e-5)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
 
@@ -127,7 +133,7 @@ def test_answers_match_signature_and_numpy(clients, signatures, dtype, protocol)
 @pytest.mark.parametrize("k", [1, 3])
 def test_budget_below_the_exported_one(clients, dtype, protocol, k):
     payload = fx.make_payload(dtype, batch=2, k=k, seed=k)
-    got = clients[dtype, protocol].predict_payload(payload)
+    got = _predict(clients[dtype, protocol], payload)
     np.testing.assert_allclose(got, fx.reference_probabilities(payload), atol=1e-5)
 
 
@@ -135,36 +141,35 @@ def test_budget_below_the_exported_one(clients, dtype, protocol, k):
 def test_signature_answers_the_payload_the_clients_send(clients, signatures, dtype):
     """TensorFlow's own reader of the gRPC request and the REST JSON give the same tensors."""
     payload = fx.make_payload(dtype, k=2, seed=5)
-    args = payload.values, payload.indices, payload.scale, payload.zero_point
-    sent = {
-        name: tf.make_ndarray(proto)
-        for name, proto in build_predict_request(_model_name(dtype), *args).inputs.items()
-    }
+    wire = fx.wire(payload)
+    request = predict_pb2.PredictRequest.FromString(clients[dtype, "grpc"].encode(wire))
+    sent = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
     np.testing.assert_array_equal(sent["values"], payload.values)
     assert sent["values"].dtype == np.dtype(dtype)
     assert sent["indices"].dtype == np.int32 and sent["zero_point"].dtype == np.int32
-    inputs = json.loads(build_predict_body(*args))["inputs"]
+    inputs = json.loads(clients[dtype, "rest"].encode(wire))["inputs"]
     for name, array in sent.items():
         np.testing.assert_array_equal(np.asarray(inputs[name]).astype(array.dtype), array)
-    direct = signatures[dtype](**{name: tf.constant(a) for name, a in sent.items()})
+    direct = _call_signature(signatures[dtype], sent)
     for protocol in PROTOCOLS:
-        got = clients[dtype, protocol].predict(*args)
-        np.testing.assert_allclose(got, direct["probabilities"].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(clients[dtype, protocol].predict(wire), direct, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_last_request_bytes_is_what_was_serialized(clients, dtype):
+def test_request_bytes_is_what_is_serialized(clients, dtype):
     payload = fx.make_payload(dtype, batch=2)
-    args = payload.values, payload.indices, payload.scale, payload.zero_point
-    grpc_client, rest_client = clients[dtype, "grpc"], clients[dtype, "rest"]
-    grpc_client.predict(*args)
-    rest_client.predict(*args)
-    request = build_predict_request(_model_name(dtype), *args)
-    assert grpc_client.last_request_bytes == request.ByteSize()
-    assert rest_client.last_request_bytes == len(build_predict_body(*args))
+    encoded = {
+        protocol: clients[dtype, protocol].encode(fx.wire(payload)) for protocol in PROTOCOLS
+    }
+    grpc_request = encoded["grpc"]
+    assert len(grpc_request) == predict_pb2.PredictRequest.FromString(grpc_request).ByteSize()
+    assert json.loads(encoded["rest"])["inputs"]["indices"] == payload.indices.tolist()
+    for protocol, request in encoded.items():  # what is measured is what is sent
+        got = clients[dtype, protocol].send(request)
+        np.testing.assert_allclose(got, fx.reference_probabilities(payload), atol=1e-5)
     # Raw tensor_content: the values cost exactly their bytes, plus a small fixed overhead.
     raw = payload.values.nbytes + 4 * payload.indices.size + 8
-    assert raw < grpc_client.last_request_bytes < raw + 200
+    assert raw < len(grpc_request) < raw + 200
 
 
 def _typed_proto(array):
@@ -186,14 +191,13 @@ def _typed_proto(array):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_typed_field_tensors_are_read_like_tensor_content(servers, clients, dtype):
     payload = fx.make_payload(dtype, batch=2, seed=3)
-    args = payload.values, payload.indices, payload.scale, payload.zero_point
-    request = build_predict_request(_model_name(dtype), *args)
-    for name, array in client_lib.prepare_inputs(*args).items():
+    request = _grpc_request(_model_name(dtype), payload)
+    for name, array in fx.wire(payload).inputs().items():
         request.inputs[name].CopyFrom(_typed_proto(array))
     with grpc.insecure_channel(servers[dtype].grpc_target) as channel:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request)
     got = tf.make_ndarray(response.outputs["probabilities"])
-    np.testing.assert_allclose(got, clients[dtype, "grpc"].predict(*args), rtol=1e-6)
+    np.testing.assert_allclose(got, _predict(clients[dtype, "grpc"], payload), rtol=1e-6)
     assert response.model_spec.name == _model_name(dtype) and response.model_spec.version.value == 1
 
 
@@ -204,16 +208,16 @@ def test_row_format_stacks_values(servers, clients):
     status, answer = _post(servers["float16"], _model_name("float16"), json.dumps(body).encode())
     assert status == 200
     np.testing.assert_allclose(
-        answer["predictions"], clients["float16", "rest"].predict_payload(payload), rtol=1e-6
+        answer["predictions"], _predict(clients["float16", "rest"], payload), rtol=1e-6
     )
     body["instances"][1]["indices"] = payload.indices[::-1].tolist()
     status, answer = _post(servers["float16"], _model_name("float16"), json.dumps(body).encode())
     assert status == 400 and "same 'indices'" in answer["error"]
 
 
-def test_status_and_metadata(clients):
-    rest, grpc_client = clients["int8", "rest"], clients["int8", "grpc"]
-    assert rest.status() == {
+def test_status_and_metadata(servers, clients):
+    server = servers["int8"]
+    assert clients["int8", "rest"].status() == {
         "model_version_status": [
             {
                 "version": "1",
@@ -222,13 +226,21 @@ def test_status_and_metadata(clients):
             }
         ]
     }
-    metadata = rest.metadata()
+    status, metadata = _post(server, "tail_int8", None, "/metadata", "GET")
+    assert status == 200
     assert metadata["model_spec"] == {"name": "tail_int8", "signature_name": "", "version": "1"}
     rest_inputs = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"][
         "inputs"
     ]
     assert rest_inputs["values"]["dtype"] == "DT_INT8"
-    signature = grpc_client.signature_def_map().signature_def["serving_default"]
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "tail_int8"
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.GetModelMetadata(request, timeout=20)
+    signature_defs = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_defs)
+    signature = signature_defs.signature_def["serving_default"]
     assert sorted(signature.inputs) == ["indices", "scale", "values", "zero_point"]
     assert [d.size for d in signature.inputs["values"].tensor_shape.dim] == [-1, 3, 2, -1]
     assert list(signature.outputs) == ["probabilities"]
@@ -238,7 +250,7 @@ def test_concurrent_requests_get_their_own_answers(clients):
     def ask(seed):
         client = clients["float32", PROTOCOLS[seed % 2]]
         payload = fx.make_payload("float32", batch=1 + seed % 3, k=1 + seed % 4, seed=seed)
-        return client.predict_payload(payload), fx.reference_probabilities(payload)
+        return _predict(client, payload), fx.reference_probabilities(payload)
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for got, expected in pool.map(ask, range(16)):
@@ -333,24 +345,20 @@ GRPC_CASES = [
     [c[:1] + c[2:] for c in GRPC_CASES],
     ids=[c[1] for c in GRPC_CASES],
 )
-def test_grpc_refuses_bad_requests_and_keeps_serving(servers, clients, dtype, mutate, code, match):
-    payload = fx.make_payload(dtype, batch=2)
-    request = build_predict_request(
-        _model_name(dtype), payload.values, payload.indices, payload.scale, payload.zero_point
-    )
+def test_grpc_refuses_bad_requests_and_keeps_serving(clients, dtype, mutate, code, match):
+    request = _grpc_request(_model_name(dtype), fx.make_payload(dtype, batch=2))
     mutate(request)
-    with grpc.insecure_channel(servers[dtype].grpc_target) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=20)
-    assert raised.value.code() == code
-    assert raised.value.details() and re.search(match, raised.value.details())
+    with pytest.raises(device.ServingError) as raised:
+        clients[dtype, "grpc"].send(request.SerializeToString())
+    assert raised.value.code == code.name
+    assert raised.value.message and re.search(match, raised.value.message)
     _assert_good_request_works(clients[dtype, "grpc"], dtype)
 
 
 def test_grpc_client_raises_the_servers_message(clients):
     payload = fx.make_payload("int8")
-    with pytest.raises(TailServingError, match="INVALID_ARGUMENT: .*must be distinct") as raised:
-        clients["int8", "grpc"].predict(payload.values, [1, 1, 2, 3], payload.scale, 0)
+    with pytest.raises(device.ServingError, match="INVALID_ARGUMENT: .*must be distinct") as raised:
+        _predict(clients["int8", "grpc"], payload, indices=[1, 1, 2, 3], zero_point=0)
     assert raised.value.code == "INVALID_ARGUMENT" and "channel 1" in raised.value.message
     _assert_good_request_works(clients["int8", "grpc"], "int8")
 
@@ -453,31 +461,31 @@ def test_rest_refuses_oversized_and_unsized_bodies(servers, clients):
 def test_request_size_limit_on_both_protocols(model_base):
     big, small = fx.make_payload("float32", batch=8), fx.make_payload("float32", batch=1)
     with TailServer(model_base, "tail_float32", max_request_bytes=600) as server:
-        with GrpcTailClient(server.grpc_target, "tail_float32") as grpc_client:
-            rest = RestTailClient(server.rest_url, "tail_float32")
-            with pytest.raises(TailServingError) as raised:
-                grpc_client.predict_payload(big)
+        grpc_client = _client(server, "grpc", "tail_float32")
+        rest = _client(server, "rest", "tail_float32")
+        with contextlib.closing(grpc_client), contextlib.closing(rest):
+            with pytest.raises(device.ServingError) as raised:
+                _predict(grpc_client, big)
             assert raised.value.code == "RESOURCE_EXHAUSTED"
-            with pytest.raises(TailServingError, match="at most 600 bytes") as raised:
-                rest.predict_payload(big)
+            with pytest.raises(device.ServingError, match="at most 600 bytes") as raised:
+                _predict(rest, big)
             assert raised.value.http_status == 413
             for client in (grpc_client, rest):
-                got = client.predict_payload(small)
+                got = _predict(client, small)
                 np.testing.assert_allclose(got, fx.reference_probabilities(small), atol=1e-5)
 
 
 def test_rest_client_raises_the_servers_message(clients):
     payload = fx.make_payload("float32")
-    with pytest.raises(TailServingError, match=r"HTTP 400: .*\[0, 6\)") as raised:
-        clients["float32", "rest"].predict(payload.values, [0, 1, 2, 7])
+    with pytest.raises(device.ServingError, match=r"HTTP 400: .*\[0, 6\)") as raised:
+        _predict(clients["float32", "rest"], payload, indices=[0, 1, 2, 7])
     assert raised.value.http_status == 400 and "indices" in raised.value.message
 
 
 # --- clients on their own -------------------------------------------------------------------
 
 
-def test_clients_check_arguments_before_sending(clients):
-    client = RestTailClient("http://127.0.0.1:9", "tail")
+def test_payloads_and_clients_check_arguments_before_sending():
     good = np.zeros((1, _H, _W, 2), np.float32)
     for args, match in [
         ((good.astype(np.float64), [0, 1]), "float32, float16 or int8"),
@@ -487,13 +495,12 @@ def test_clients_check_arguments_before_sending(clients):
         ((good, [0, 1], "1"), "`scale` must be a number"),
         ((good, [0, 1], 1.0, 0.5), "zero_point"),
     ]:
-        with pytest.raises(ValueError, match=match):
-            client.predict(*args)
-    assert client.last_request_bytes is None
-    with pytest.raises(ValueError, match="base_url"):
-        RestTailClient("127.0.0.1:8501", "tail")
-    with pytest.raises(ValueError, match="timeout_s"):
-        GrpcTailClient("127.0.0.1:1", "tail", timeout_s=0)
+        with pytest.raises(device.DeviceError, match=match):
+            device.wire_payload(*args)
+    with pytest.raises(device.DeviceError, match="base_url"):
+        device.make_client("rest", "127.0.0.1:8501", "tail")
+    with pytest.raises(device.DeviceError, match="timeout_s"):
+        device.make_client("grpc", "127.0.0.1:1", "tail", timeout_s=0)
 
 
 def _free_port():
@@ -505,17 +512,17 @@ def _free_port():
 def test_unreachable_server_is_a_clear_error():
     port = _free_port()
     payload = fx.make_payload("float32")
-    with GrpcTailClient(f"127.0.0.1:{port}", "tail", timeout_s=5) as client:
-        with pytest.raises(TailServingError) as raised:
-            client.predict_payload(payload)
+    with contextlib.closing(device.make_client("grpc", f"127.0.0.1:{port}", "tail", 5)) as client:
+        with pytest.raises(device.ServingError) as raised:
+            _predict(client, payload)
         assert raised.value.code == "UNAVAILABLE"
-        with pytest.raises(TailServingError, match="No gRPC server ready"):
+        with pytest.raises(device.ServingError, match="No gRPC server ready"):
             client.wait_ready(0.2)
-    rest = RestTailClient(f"http://127.0.0.1:{port}", "tail", timeout_s=5)
-    with pytest.raises(TailServingError, match="Cannot reach") as raised:
-        rest.predict_payload(payload)
+    rest = device.make_client("rest", f"http://127.0.0.1:{port}", "tail", timeout_s=5)
+    with pytest.raises(device.ServingError, match="Cannot reach") as raised:
+        _predict(rest, payload)
     assert raised.value.code == "UNAVAILABLE"
-    with pytest.raises(TailServingError, match="No REST server ready"):
+    with pytest.raises(device.ServingError, match="No REST server ready"):
         rest.wait_ready(0.3)
 
 
@@ -527,18 +534,18 @@ def test_export_without_spec_file_is_served_from_the_signature(model_base):
     assert (bare.spec.height, bare.spec.width, bare.spec.dtype) == (_H, _W, "float32")
     assert bare.spec.channels is None and bare.spec.max_budget is None
     with TailServer(model_base, "bare") as server:
-        with GrpcTailClient(server.grpc_target, "bare") as client:
+        with contextlib.closing(_client(server, "grpc", "bare")) as client:
             payload = fx.make_payload("float32", k=3)
             np.testing.assert_allclose(
-                client.predict_payload(payload), fx.reference_probabilities(payload), atol=1e-5
+                _predict(client, payload), fx.reference_probabilities(payload), atol=1e-5
             )
-            with pytest.raises(TailServingError, match="distinct"):
-                client.predict(payload.values, [1, 1, 2])
-            with pytest.raises(TailServingError, match=r"shape \(N, 3, 2, k\)"):
-                client.predict(np.zeros((1, _W, _H, 1), np.float32), [1])
+            with pytest.raises(device.ServingError, match="distinct"):
+                _predict(client, payload, indices=[1, 1, 2])
+            with pytest.raises(device.ServingError, match=r"shape \(N, 3, 2, k\)"):
+                _predict(client, payload, values=np.zeros((1, _W, _H, 1), np.float32), indices=[1])
     sized = ServedTail(model_base, "bare", channels=fx.CHANNELS)
     assert sized.spec.max_budget == fx.CHANNELS
-    arrays = client_lib.prepare_inputs(np.zeros((1, _H, _W, 2), np.float32), [0, 6])
+    arrays = device.wire_payload(np.zeros((1, _H, _W, 2), np.float32), [0, 6]).inputs()
     with pytest.raises(RequestError, match=r"\[0, 6\)"):
         sized.predict(arrays)
 
@@ -683,19 +690,20 @@ def test_tool_serves_in_a_separate_process(model_base, tmp_path):
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        rest = RestTailClient(f"http://127.0.0.1:{rest_port}", "tail_int8", timeout_s=20)
+        rest = device.make_client("rest", f"http://127.0.0.1:{rest_port}", "tail_int8", 20)
         try:
             rest.wait_ready(timeout_s=45)
-        except TailServingError:
+        except device.ServingError:
             pytest.fail(f"the server never became ready:\n{log_path.read_text()[-3000:]}")
         payload = fx.make_payload("int8", batch=2)
-        with GrpcTailClient(f"127.0.0.1:{grpc_port}", "tail_int8", timeout_s=20) as grpc_client:
+        grpc_client = device.make_client("grpc", f"127.0.0.1:{grpc_port}", "tail_int8", 20)
+        with contextlib.closing(grpc_client), contextlib.closing(rest):
             grpc_client.wait_ready(timeout_s=10)
             for client in (grpc_client, rest):
-                got = client.predict_payload(payload)
+                got = _predict(client, payload)
                 np.testing.assert_allclose(got, fx.reference_probabilities(payload), atol=1e-5)
-                with pytest.raises(TailServingError, match="zero_point"):
-                    client.predict(payload.values, payload.indices, payload.scale, 500)
+                with pytest.raises(device.ServingError, match="zero_point"):
+                    _predict(client, payload, zero_point=500)
     finally:
         process.terminate()
         return_code = process.wait(timeout=30)

@@ -4,8 +4,8 @@
   python -m tools.bench_head --export_dir=... --runs=1000 --num_threads=4
 
 Needs only numpy, absl-py and ai-edge-litert, so it runs on the device too. Each head runs on one
-image per call after --warmup untimed calls; prints file size and p50/p95/mean milliseconds, and
-writes bench_head.json into --out (default the export directory).
+image per call after --warmup untimed calls; prints file_bytes (the .tflite's size) and
+p50/p95/mean milliseconds, and writes bench_head.json into --out (default the export directory).
 """
 
 import json
@@ -15,6 +15,7 @@ import platform
 from absl import app, flags
 
 from tfsplit import device
+from tools import run_tool
 
 RESULT_FILE = "bench_head.json"
 
@@ -31,12 +32,9 @@ _NUM_THREADS = flags.DEFINE_integer("num_threads", 1, "Interpreter threads.", lo
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        rows = device.bench_heads(
-            _EXPORT_DIR.value, _DTYPES.value, _RUNS.value, _WARMUP.value, _NUM_THREADS.value
-        )
-    except device.DeviceError as error:
-        raise SystemExit(f"bench_head: {error}") from None
+    rows = device.bench_heads(
+        _EXPORT_DIR.value, _DTYPES.value, _RUNS.value, _WARMUP.value, _NUM_THREADS.value
+    )
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     print(f"{_RUNS.value} runs per head after {_WARMUP.value} warm-up, {machine}")
     print(device.format_bench_table(rows))
@@ -49,7 +47,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@
 Exports the heads and tails first if the export directory (default <workdir>/export) lacks them,
 serves each dtype's tail on 127.0.0.1 in this process, sends the run's test images through the
 device runner one per request (--batch_size for more), and prints per dtype and protocol: top-1,
-the Keras split model's top-1 on the same images, their agreement, bytes per sample and p50/p95
-latency per stage. Writes infer.json and infer.csv into --out (default the workdir).
+the Keras split model's top-1 on the same images, their agreement, request_bytes (what a request
+weighs on the wire) and payload_bytes (the codec's encoding of the same selection) per sample, and
+p50/p95 latency per stage. Writes infer.json and infer.csv into --out (default the workdir).
 """
 
 from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import deploy, device
-from tfsplit.export import HEAD_DTYPES, ExportError
+from tfsplit import device
+from tfsplit.eval import deployment
+from tfsplit.export import HEAD_DTYPES
+from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the export's source).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory; default <workdir>/export.")
@@ -40,7 +43,7 @@ def main(argv):
     if _WORKDIR.value is None and _EXPORT_DIR.value is None:
         raise app.UsageError("Pass --workdir, --export_dir, or both.")
     try:
-        result = deploy.run_split_inference(
+        result = deployment.run_split_inference(
             _WORKDIR.value,
             _EXPORT_DIR.value,
             dtypes=_DTYPES.value,
@@ -51,23 +54,23 @@ def main(argv):
             max_seconds=_MAX_SECONDS.value,
             qat="auto" if _QAT.value is None else _QAT.value,
         )
-    except (ExportError, deploy.InferError, device.DeviceError, device.ServingError) as error:
-        raise SystemExit(f"infer: {error}") from None
+    except device.ServingError as error:  # the ValueErrors reach run_tool as they are.
+        raise app.UsageError(str(error)) from None
     settings = result.settings
     print(
         f"Split inference of {result.workdir} ({result.export_dir}), {settings['max_samples']} "
         f"test images, batch {settings['batch_size']}, {settings['num_threads']} head thread(s), "
         f"{settings['machine']} x{settings['cpu_count']}; latencies in ms, bytes per sample"
     )
-    print(deploy.format_infer_table(result.rows))
+    print(deployment.format_table(result.rows))
     if not all(row["complete"] for row in result.rows):
         print("Some passes hit --max_seconds; their 'samples' column says how far they got.")
-    paths = deploy.write_results(result, _OUT.value or result.workdir)
+    paths = deployment.write_results(result, _OUT.value or result.workdir)
     print("Wrote " + " and ".join(paths))
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

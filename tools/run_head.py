@@ -7,13 +7,15 @@
 
 Needs numpy, absl-py and ai-edge-litert (gRPC: grpcio; PNG/JPEG: Pillow). The head's JSON
 (head_<dtype>.json beside it) says how to normalize, quantize and send. Prints one line per
-request (class, probability, per-stage latency, bytes) and a summary. TF Serving reports no
-server-side time, so the network round trip and the tail are one stage, `network+tail`.
+request (class, probability, per-stage latency, request_bytes: what the request weighed on the
+wire, payload_bytes: the codec's encoding of the same selection) and a summary. TF Serving reports
+no server-side time, so the network round trip and the tail are one stage, `network+tail`.
 """
 
 from absl import app, flags
 
 from tfsplit import device
+from tools import run_tool
 
 _HEAD = flags.DEFINE_string("head", None, "Head .tflite file.", required=True)
 _METADATA = flags.DEFINE_string("metadata", None, "Head JSON; default beside the .tflite.")
@@ -32,7 +34,7 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "rest", list(device.PROTOCOLS), "Proto
 _SERVER = flags.DEFINE_string(
     "server",
     None,
-    "REST base URL (default http://127.0.0.1:8501) or gRPC host:port (default " "127.0.0.1:8500).",
+    "REST base URL (default http://127.0.0.1:8501) or gRPC host:port (default 127.0.0.1:8500).",
 )
 _MODEL_NAME = flags.DEFINE_string(
     "model_name", None, "Served tail name; default tfsplit_tail_<head dtype>."
@@ -61,13 +63,13 @@ def _print(record, batch_size, labels):
             f"image {i}: class {label} (p={p:.4f})  head {milliseconds['head'][r]:.3f} ms  "
             f"encode {milliseconds['encode'][r]:.3f} ms  network+tail "
             f"{milliseconds['network_tail'][r]:.3f} ms  total {milliseconds['total'][r]:.3f} ms  "
-            f"request {record.request_bytes[r]} B  payload {record.payload_bytes[r]} B"
+            f"request_bytes {record.request_bytes[r]}  payload_bytes {record.payload_bytes[r]}"
         )
     summary = record.summary()
     print("p50 ms: " + "  ".join(f"{s} {summary[f'{s}_p50_ms']:.3f}" for s in device.STAGES))
     print(
-        f"bytes per image: request {summary['request_bytes_per_sample']:.1f}, "
-        f"payload {summary['payload_bytes_per_sample']:.1f}"
+        f"per image: request_bytes {summary['request_bytes_per_sample']:.1f}, "
+        f"payload_bytes {summary['payload_bytes_per_sample']:.1f}"
     )
     if labels is not None:
         accuracy = (record.probabilities.argmax(-1) == labels).mean()
@@ -89,13 +91,13 @@ def main(argv):
             f"{_PROTOCOL.value} to {client.url}"
         )
         record = device.run_images(device.DeviceRunner(head, client), images, _BATCH_SIZE.value)
-    except (device.DeviceError, device.ServingError) as error:
-        raise SystemExit(f"run_head: {error}") from None
+    except device.ServingError as error:  # DeviceError, a ValueError, reaches run_tool as is.
+        raise app.UsageError(str(error)) from None
     _print(record, _BATCH_SIZE.value, labels)
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.serve.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
+from tools import run_tool
 
 _MODEL_BASE_PATH = flags.DEFINE_string(
     "model_base_path", None, "Directory with the tail's numeric version directories.", required=True
@@ -51,8 +52,8 @@ def main(argv):
         # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         server.start()
-    except (OSError, ValueError) as error:  # TailModelError is a ValueError
-        raise SystemExit(f"tfsplit-serve: {error}") from None
+    except OSError as error:  # a port in use; TailModelError, a ValueError, reaches run_tool
+        raise app.UsageError(str(error)) from None
     try:
         print(
             f"Serving {server.served.name!r} version {server.served.version}: "
@@ -67,7 +68,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -7,24 +7,16 @@ Raspberry Pi or any device that has the LiteRT runtime:
     head = HeadRunner("head_int8.tflite")              # checks head_int8.json against the model
     client = make_client("rest", "http://server:8501", "tfsplit_tail_int8")
     prediction = DeviceRunner(head, client).predict(images)   # uint8 (N, H, W, C)
-    prediction.classes, prediction.seconds, prediction.request_bytes
+    prediction.classes, prediction.seconds, prediction.request_bytes, prediction.payload_bytes
 
-`tfsplit.serve`'s clients need TensorFlow (TF Serving's protos import it); the clients here speak
-the same REST and gRPC protocols from the standard library and grpcio alone.
+The clients speak TF Serving's own REST and gRPC protocols (the protobuf written by hand), so they
+work unchanged against `tfsplit-serve` and against a real TF Serving.
 """
 
 from tfsplit.device.bench import bench_head, bench_heads, find_heads, format_bench_table
-from tfsplit.device.head import (
-    HEAD_DTYPES,
-    DeviceError,
-    HeadRunner,
-    HeadSpec,
-    load_spec,
-    normalize_images,
-    quantize_input,
-)
+from tfsplit.device.head import HeadRunner, LiteModel, normalize_images, quantize_input
 from tfsplit.device.images import load_images, load_run_test_images
-from tfsplit.device.payload import WirePayload, build_payload
+from tfsplit.device.payload import WirePayload, build_payload, wire_payload
 from tfsplit.device.rest import RestClient, ServingError, predict_body
 from tfsplit.device.runner import (
     PROTOCOLS,
@@ -35,6 +27,7 @@ from tfsplit.device.runner import (
     make_client,
     run_images,
 )
+from tfsplit.device.spec import HEAD_DTYPES, DeviceError, HeadSpec, head_json, load_spec
 from tfsplit.device.stats import format_table, latency_summary
 
 __all__ = [
@@ -45,6 +38,7 @@ __all__ = [
     "DeviceRunner",
     "HeadRunner",
     "HeadSpec",
+    "LiteModel",
     "Prediction",
     "RestClient",
     "RunRecord",
@@ -56,6 +50,7 @@ __all__ = [
     "find_heads",
     "format_bench_table",
     "format_table",
+    "head_json",
     "latency_summary",
     "load_images",
     "load_run_test_images",
@@ -65,4 +60,5 @@ __all__ = [
     "predict_body",
     "quantize_input",
     "run_images",
+    "wire_payload",
 ]

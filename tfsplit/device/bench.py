@@ -14,16 +14,15 @@ import numpy as np
 from absl import logging
 
 from tfsplit.device import stats
-from tfsplit.device.head import HEAD_DTYPES, DeviceError, HeadRunner
+from tfsplit.device.head import HeadRunner
+from tfsplit.device.spec import HEAD_DTYPES, DeviceError, check_head_dtypes
 
 TABLE_COLUMNS = (
-    ("dtype", "dtype", "s"),
-    ("file", "file", "s"),
-    ("size_bytes", "bytes", "d"),
-    ("threads", "threads", "d"),
-    ("p50_ms", "p50 ms", ".3f"),
-    ("p95_ms", "p95 ms", ".3f"),
-    ("mean_ms", "mean ms", ".3f"),
+    ("dtype", "dtype"),
+    ("file", "file"),
+    ("file_bytes", "file_bytes"),
+    ("threads", "threads"),
+    *stats.latency_columns(stats=("p50", "p95", "mean")),
 )
 
 
@@ -33,10 +32,7 @@ def find_heads(export_dir, dtypes=HEAD_DTYPES):
     Raises:
       DeviceError: an unknown dtype, or a head that is not there.
     """
-    dtypes = (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
-    unknown = [dtype for dtype in dtypes if dtype not in HEAD_DTYPES]
-    if unknown or not dtypes:
-        raise DeviceError(f"`dtypes` must be names from {HEAD_DTYPES}. Received: {dtypes!r}")
+    dtypes = check_head_dtypes(dtypes)
     paths = {dtype: os.path.join(os.fspath(export_dir), f"head_{dtype}.tflite") for dtype in dtypes}
     missing = [path for path in paths.values() if not os.path.isfile(path)]
     if missing:
@@ -44,7 +40,7 @@ def find_heads(export_dir, dtypes=HEAD_DTYPES):
     return paths
 
 
-def _check_positive(name, value, minimum):
+def _check_count(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DeviceError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
 
@@ -60,13 +56,13 @@ def bench_head(model_path, runs=200, warmup=20, num_threads=1, seed=0):
       seed: seed of the random test image.
 
     Returns:
-      dict: dtype, file, size_bytes, threads, runs, p50_ms, p95_ms, mean_ms.
+      dict: dtype, file, file_bytes (the .tflite's size), threads, runs, p50_ms, p95_ms, mean_ms.
 
     Raises:
       DeviceError: bad arguments, a missing model or a bad JSON.
     """
-    _check_positive("runs", runs, 1)
-    _check_positive("warmup", warmup, 0)
+    _check_count("runs", runs, 1)
+    _check_count("warmup", warmup, 0)
     head = HeadRunner(model_path, num_threads=num_threads)
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (1, *head.spec.image_shape), dtype=np.uint8)
@@ -81,7 +77,7 @@ def bench_head(model_path, runs=200, warmup=20, num_threads=1, seed=0):
     row = {
         "dtype": head.spec.dtype,
         "file": os.path.basename(model_path),
-        "size_bytes": os.path.getsize(model_path),
+        "file_bytes": os.path.getsize(model_path),
         "threads": num_threads,
         "runs": runs,
         **stats.latency_summary(seconds),

@@ -2,21 +2,22 @@
 
 The request and the answer are (de)serialized by `tfsplit.device.protowire`; grpcio only carries
 the bytes (a generic unary call with no serializers), so `tensorflow-serving-api`, whose protos
-import TensorFlow, is not needed on the device.
+import TensorFlow, is not needed on the device. The same client works against `tfsplit-serve` and
+a real TF Serving.
 """
 
 import grpc
 
 from tfsplit.device import protowire
-from tfsplit.device.head import DeviceError
 from tfsplit.device.rest import OUTPUT_NAME, ServingError, check_client_args
+from tfsplit.device.spec import DeviceError
 
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 _DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 class GrpcClient:
-    """Calls Predict of TF Serving (or a TailServer) at `target`.
+    """Calls Predict of TF Serving (or a TailServer) at `target`; safe to share between threads.
 
     Args:
       target: "host:port" of the gRPC endpoint.
@@ -60,7 +61,7 @@ class GrpcClient:
         self._predict = self._channel.unary_unary(PREDICT_METHOD)
 
     def encode(self, payload):
-        """The serialized PredictRequest for a `WirePayload` (its length: the request bytes)."""
+        """The serialized PredictRequest for a `WirePayload`; its length is the request_bytes."""
         return protowire.predict_request(
             self.model_name, payload.inputs(), self.signature, self.version
         )
@@ -91,6 +92,19 @@ class GrpcClient:
     def predict(self, payload):
         """encode + send."""
         return self.send(self.encode(payload))
+
+    def wait_ready(self, timeout_s):
+        """Blocks until the channel connects (e.g. a server still starting); bounded.
+
+        Raises:
+          ServingError: not connected within `timeout_s`.
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ServingError(
+                f"No gRPC server ready within {timeout_s} s.", code="UNAVAILABLE"
+            ) from None
 
     def close(self):
         self._channel.close()

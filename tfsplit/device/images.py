@@ -6,12 +6,11 @@ PNG/JPEG need Pillow and .npy only numpy; a run's test set needs tfsplit's data 
 TensorFlow, so it is for a development machine, imported only when asked for.
 """
 
-import json
 import os
 
 import numpy as np
 
-from tfsplit.device.head import DeviceError
+from tfsplit.device.spec import DeviceError, read_json
 
 NUMPY_SUFFIX = ".npy"
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -95,16 +94,11 @@ def load_images(paths, image_shape):
 
 def _run_config(workdir):
     path = os.path.join(os.fspath(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise DeviceError(
-            f"No training config at {path}: --dataset_images needs the workdir of the run that "
-            "made the head (pass it, or keep the head JSON's source.workdir valid)."
-        )
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise DeviceError(f"{path} is not valid JSON: {error}") from None
+    missing = (
+        f"No training config at {path}: --dataset_images needs the workdir of the run that made "
+        "the head (pass it, or keep the head JSON's source.workdir valid)."
+    )
+    return read_json(path, missing)
 
 
 def load_run_test_images(workdir, count):

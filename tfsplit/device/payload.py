@@ -4,19 +4,20 @@ The four parts are exactly the tail signature's inputs (`values`, `indices`, `sc
 `zero_point`), so both protocols carry them unchanged. The head JSON's `wire` section says how the
 head output becomes the values: float32 as is, float16 cast on the device (a float16 head still
 computes and returns float32), int8 the output tensor itself with the output's scale and zero
-point.
+point. `payload_bytes` is what the codec's encoding of the same selection weighs; what a request
+weighs on the wire (`request_bytes`) depends on the protocol and is the client's to measure.
 """
 
 import dataclasses
 
 import numpy as np
 
-from tfsplit.device.head import DeviceError
+from tfsplit import codec_layout
+from tfsplit.device.spec import DeviceError
 
 _WIRE_NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 _HEAD_OUTPUT = {"float32": np.float32, "float16": np.float32, "int8": np.int8}
-SCALE_NBYTES = 4  # float32
-ZERO_POINT_NBYTES = 4  # int32
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,21 +29,21 @@ class WirePayload:
       indices: (k,) int32 channel of each value slice.
       scale: float32 int8 scale (1.0 for float wires).
       zero_point: int32 int8 zero point (0 for float wires).
+      channels: the bottleneck width C, or None when unknown (then k < C is assumed).
     """
 
     values: np.ndarray
     indices: np.ndarray
     scale: np.float32
     zero_point: np.int32
+    channels: int | None = None
 
     @property
-    def raw_nbytes(self):
-        """Bytes of the payload itself: values + int32 indices + float32 scale + int32 zero point.
-
-        What any protocol must carry at least; the request adds the protocol's own framing (JSON
-        text, protobuf tags) on top.
-        """
-        return self.values.nbytes + self.indices.nbytes + SCALE_NBYTES + ZERO_POINT_NBYTES
+    def payload_bytes(self):
+        """`codec.payload_nbytes` of these values: the codec's encoding of what crosses the cut."""
+        batch, height, width, k = self.values.shape
+        dtype = self.values.dtype.name
+        return codec_layout.payload_nbytes(batch, height, width, k, dtype, False, self.channels)
 
     def inputs(self):
         """The signature's inputs by name, in the order TF Serving clients send them."""
@@ -52,6 +53,47 @@ class WirePayload:
             "scale": self.scale,
             "zero_point": self.zero_point,
         }
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def wire_payload(values, indices, scale=1.0, zero_point=0, channels=None):
+    """A `WirePayload` of arrays given by hand, in the dtypes the tail signature declares.
+
+    Values are sent in the dtype they have: quantizing is the codec's job (`codec.quantize`), and
+    a silent cast here would send something other than what the caller measured. What the tail
+    itself refuses (an index out of range, a repeated one) is left for the server to say.
+
+    Raises:
+      DeviceError: values not a rank-4 float32/float16/int8 array, indices not 1-D integers
+        within int32, scale not a number, zero_point not an integer within int32.
+    """
+    values = np.asarray(values)
+    if values.dtype.name not in _WIRE_NUMPY or values.ndim != 4:
+        raise DeviceError(
+            "`values` must be a rank-4 (N, h, w, k) array of the export's wire dtype: float32, "
+            "float16 or int8 (see tfsplit.codec.quantize). "
+            f"Received: dtype={values.dtype}, shape={values.shape}"
+        )
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise DeviceError(
+            f"`indices` must be a 1-D integer array. Received: dtype={indices.dtype}, "
+            f"shape={indices.shape}"
+        )
+    if indices.size and (indices.min() < _INT32_MIN or indices.max() > _INT32_MAX):
+        raise DeviceError(f"`indices` must fit in int32. Received: indices={indices}")
+    if not isinstance(scale, (float, np.floating)) and not _is_int(scale):
+        raise DeviceError(f"`scale` must be a number. Received: scale={scale!r}")
+    if not _is_int(zero_point) or not _INT32_MIN <= zero_point <= _INT32_MAX:
+        raise DeviceError(
+            f"`zero_point` must be an int32 integer. Received: zero_point={zero_point!r}"
+        )
+    return WirePayload(
+        values, indices.astype(np.int32), np.float32(scale), np.int32(zero_point), channels
+    )
 
 
 def build_payload(output, spec):
@@ -83,9 +125,4 @@ def build_payload(output, spec):
             f"The head output is not finite in {spec.wire_dtype} (NaN, inf or overflow); the "
             "tail would refuse it."
         )
-    return WirePayload(
-        values=values,
-        indices=spec.indices.astype(np.int32),
-        scale=np.float32(spec.wire_scale),
-        zero_point=np.int32(spec.wire_zero_point),
-    )
+    return wire_payload(values, spec.indices, spec.wire_scale, spec.wire_zero_point, spec.channels)

@@ -1,19 +1,21 @@
-"""TF Serving's REST predict API from the device, on the standard library alone.
+"""TF Serving's REST API from the device, on the standard library alone.
 
-The body is the columnar format, `{"signature_name": ..., "inputs": {"values": ..., "indices":
-..., "scale": ..., "zero_point": ...}}`, with every number plain JSON, byte for byte what
-`tfsplit.serve.build_predict_body` writes (which needs TensorFlow). One HTTP/1.1 connection is
-kept open between requests, as a device sending image after image would; a connection the server
-closed is reopened once.
+The :predict body is the columnar format, `{"signature_name": ..., "inputs": {"values": ...,
+"indices": ..., "scale": ..., "zero_point": ...}}`, with every number plain JSON (float16 and
+float32 values survive the trip bit for bit). One HTTP/1.1 connection is kept open between
+requests, as a device sending image after image would; a connection the server closed is reopened
+once. The same client works against `tfsplit-serve` and a real TF Serving.
 """
 
 import http.client
 import json
+import threading
+import time
 import urllib.parse
 
 import numpy as np
 
-from tfsplit.device.head import DeviceError
+from tfsplit.device.spec import DeviceError
 
 OUTPUT_NAME = "probabilities"
 _RECONNECT_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -69,6 +71,8 @@ def probabilities_from_answer(answer):
 class RestClient:
     """Sends payloads to `<base_url>/v1/models/<model_name>[/versions/<v>]:predict`.
 
+    Safe to share between threads: requests on its one connection take turns.
+
     Args:
       base_url: "http://host:port" of TF Serving's REST port (or a TailServer's).
       model_name: the served model's name.
@@ -94,37 +98,33 @@ class RestClient:
             )
         self.signature = signature
         versions = "" if version is None else f"/versions/{int(version)}"
-        self._path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}{versions}:predict"
+        self._model_path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}{versions}"
         connection_class = (
             http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
         )
         self._connection = connection_class(parsed.hostname, parsed.port, timeout=timeout_s)
-        self.url = f"{base_url.rstrip('/')}{self._path}"
+        self._lock = threading.Lock()
+        self.url = f"{base_url.rstrip('/')}{self._model_path}:predict"
 
     def encode(self, payload):
-        """The request body for a `WirePayload` (its length is the request's byte count)."""
+        """The request body for a `WirePayload`; its length is the request_bytes."""
         return predict_body(payload, self.signature)
 
-    def _exchange(self, body):
-        self._connection.request(
-            "POST", self._path, body=body, headers={"Content-Type": "application/json"}
-        )
+    def _exchange(self, method, path, body):
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        self._connection.request(method, path, body=body, headers=headers)
         response = self._connection.getresponse()
         return response.status, response.read()
 
-    def send(self, body):
-        """Posts an encoded body; returns the (N, classes) float32 probabilities.
-
-        Raises:
-          ServingError: the server refused the request (its message and HTTP status), sent an
-            unreadable answer, or could not be reached.
-        """
+    def _call(self, method, path, body=None):
+        """One HTTP exchange -> the parsed JSON answer; a refusal raises its error message."""
         try:
-            try:
-                status, answer = self._exchange(body)
-            except _RECONNECT_ERRORS:
-                self._connection.close()
-                status, answer = self._exchange(body)
+            with self._lock:
+                try:
+                    status, answer = self._exchange(method, path, body)
+                except _RECONNECT_ERRORS:
+                    self._connection.close()
+                    status, answer = self._exchange(method, path, body)
         except (OSError, http.client.HTTPException) as error:
             self._connection.close()
             raise ServingError(f"Cannot reach {self.url}: {error}", code="UNAVAILABLE") from None
@@ -135,11 +135,45 @@ class RestClient:
         if status != http.HTTPStatus.OK:
             message = answer.get("error") if isinstance(answer, dict) else None
             raise ServingError(message or repr(answer), http_status=status)
-        return probabilities_from_answer(answer)
+        return answer
+
+    def send(self, body):
+        """Posts an encoded body; returns the (N, classes) float32 probabilities.
+
+        Raises:
+          ServingError: the server refused the request (its message and HTTP status), sent an
+            unreadable answer, or could not be reached.
+        """
+        return probabilities_from_answer(self._call("POST", f"{self._model_path}:predict", body))
 
     def predict(self, payload):
         """encode + send."""
         return self.send(self.encode(payload))
+
+    def status(self):
+        """GET /v1/models/<name>: the served version's status, as TF Serving answers it."""
+        return self._call("GET", self._model_path)
+
+    def wait_ready(self, timeout_s, poll_s=0.1):
+        """Polls the model status until the server answers (e.g. a server still starting).
+
+        Raises:
+          ServingError: no answer within `timeout_s`, or a refusal (the server is up but does
+            not serve this model).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.status()
+            except ServingError as error:
+                if error.code != "UNAVAILABLE":
+                    raise
+                if time.monotonic() + poll_s > deadline:
+                    raise ServingError(
+                        f"No REST server ready within {timeout_s} s: {error.message}",
+                        code="UNAVAILABLE",
+                    ) from None
+            time.sleep(poll_s)
 
     def close(self):
         self._connection.close()

@@ -7,8 +7,10 @@
 Each request is timed in three stages: `head` (normalize, quantize, interpreter, wire cast),
 `encode` (building the request body) and `network_tail` (send, the server's dequantize and tail,
 answer, parse). TF Serving's predict API reports no server-side time, so the network and the tail
-are measured together. Bytes are counted two ways: the request body as sent (JSON text for REST,
-the protobuf for gRPC) and the raw payload (values + indices + scale + zero point).
+are measured together. Bytes are counted two ways: `request_bytes`, what the request weighs on the
+wire (JSON text for REST, the protobuf for gRPC), and `payload_bytes`, what the codec's encoding of
+the same selection weighs (`codec.payload_nbytes`), the protocol-independent figure that training
+reports too.
 """
 
 import dataclasses
@@ -18,8 +20,8 @@ import numpy as np
 
 from tfsplit.device import payload as payload_lib
 from tfsplit.device import stats
-from tfsplit.device.head import DeviceError
 from tfsplit.device.rest import RestClient
+from tfsplit.device.spec import DeviceError
 
 PROTOCOLS = ("rest", "grpc")
 STAGES = ("head", "encode", "network_tail", "total")
@@ -59,8 +61,8 @@ class Prediction:
     Attributes:
       probabilities: (N, num_classes) float32 from the tail.
       seconds: dict stage -> duration of this request (see STAGES).
-      request_bytes: bytes of the request body.
-      payload_bytes: bytes of the raw payload (`WirePayload.raw_nbytes`).
+      request_bytes: what the request weighs on the wire (its serialized body).
+      payload_bytes: the codec's encoding of the same payload (`WirePayload.payload_bytes`).
     """
 
     probabilities: np.ndarray
@@ -116,7 +118,7 @@ class DeviceRunner:
             "network_tail": end - send_start,
             "total": end - start,
         }
-        return Prediction(probabilities, seconds, len(request), payload.raw_nbytes)
+        return Prediction(probabilities, seconds, len(request), payload.payload_bytes)
 
 
 @dataclasses.dataclass
@@ -145,7 +147,7 @@ class RunRecord:
         return len(self.request_bytes)
 
     def summary(self):
-        """Samples, requests, mean bytes per sample and p50/p95/mean ms per stage, flat."""
+        """Samples, requests, request_bytes and payload_bytes per sample, ms per stage; flat."""
         row = {
             "samples": self.samples,
             "requests": self.requests,

@@ -1,8 +1,9 @@
-"""Latency summaries shared by the device runner, split inference and the head benchmark."""
+"""Latency summaries and plain-text tables shared by the device runner, the deployment
+measurement, the export report and the head benchmark."""
 
 import numpy as np
 
-from tfsplit.device.head import DeviceError
+from tfsplit.device.spec import DeviceError
 
 
 def latency_summary(seconds):
@@ -20,15 +21,31 @@ def latency_summary(seconds):
     return {"p50_ms": float(p50), "p95_ms": float(p95), "mean_ms": float(values.mean())}
 
 
+def latency_columns(stage="", title="", stats=("p50", "p95")):
+    """`format_table` columns of one stage's `latency_summary`, e.g. ("head_p50_ms", "head p50").
+
+    Args:
+      stage: the key prefix ("" for an unprefixed summary, titled "p50 ms").
+      title: the title prefix; the stage by default.
+      stats: which of p50, p95 and mean.
+    """
+    prefix, title = (f"{stage}_" if stage else ""), title or stage
+    return tuple(
+        (f"{prefix}{stat}_ms", f"{title} {stat}" if title else f"{stat} ms", ".3f")
+        for stat in stats
+    )
+
+
 def format_table(rows, columns):
     """Rows (dicts) as a plain-text table: a header, a rule, one line per row.
 
     Args:
       rows: list of dicts.
-      columns: list of (key, title, format spec) such as ("p50_ms", "p50 ms", ".2f").
+      columns: list of (key, title) or (key, title, format spec) such as ("p50_ms", "p50 ms",
+        ".2f"); without a spec a value is shown as `str` shows it.
     """
-    cells = [[title for _, title, _ in columns]]
-    cells += [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    cells = [[title for _, title, *_ in columns]]
+    cells += [[format(row[key], *spec) for key, _, *spec in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))

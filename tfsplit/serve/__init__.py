@@ -1,34 +1,22 @@
-"""Serving the tail: a TF Serving-compatible server with request validation, and its clients.
+"""Serving the tail: a TF Serving-compatible server that validates every request first.
 
     server = TailServer("/models/tail", "tail").start()  # gRPC + REST on free ports
-    client = GrpcTailClient(server.grpc_target, "tail")  # or RestTailClient(server.rest_url, ..)
-    probabilities = client.predict(values, indices, scale, zero_point)
+    client = tfsplit.device.make_client("grpc", server.grpc_target, "tail")  # or "rest", rest_url
+    probabilities = client.predict(payload)
 
-The clients speak TF Serving's own protocols, so they work unchanged against a real model server
-serving the same SavedModel.
+The server speaks TF Serving's own protocols, so the device's clients (`tfsplit.device`, no
+TensorFlow) work unchanged against it and against a real model server serving the same SavedModel.
 """
 
-from tfsplit.serve.client import (
-    GrpcTailClient,
-    RestTailClient,
-    TailServingError,
-    build_predict_body,
-    build_predict_request,
-)
 from tfsplit.serve.model import ServedTail, resolve_version_dir
 from tfsplit.serve.server import TailServer
 from tfsplit.serve.validation import RequestError, TailModelError, TailSpec
 
 __all__ = [
-    "GrpcTailClient",
     "RequestError",
-    "RestTailClient",
     "ServedTail",
     "TailModelError",
     "TailServer",
-    "TailServingError",
     "TailSpec",
-    "build_predict_body",
-    "build_predict_request",
     "resolve_version_dir",
 ]

@@ -9,10 +9,6 @@ from tfsplit.serve import tensors, validation
 _SIGNATURE_DEF_FIELD = "signature_def"
 
 
-def _invalid(message):
-    return validation.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def _target(model_spec):
     """(name, version or None, label or None, signature) of a request's ModelSpec."""
     version = model_spec.version.value if model_spec.HasField("version") else None
@@ -48,7 +44,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             return tensors.from_tensor_proto(proto, self._max_elements)
         except tensors.TensorDecodeError as error:
-            raise _invalid(f"Input {name!r}: {error}") from None
+            raise validation.invalid(f"Input {name!r}: {error}") from None
 
     def _predict(self, request):
         self._served.check_target(*_target(request.model_spec))
@@ -70,7 +66,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         name, version, label, _ = _target(request.model_spec)
         self._served.check_target(name, version, label, "")
         if list(request.metadata_field) != [_SIGNATURE_DEF_FIELD]:
-            raise _invalid(
+            raise validation.invalid(
                 f"GetModelMetadata supports exactly metadata_field=[{_SIGNATURE_DEF_FIELD!r}]. "
                 f"Received: {list(request.metadata_field)}"
             )

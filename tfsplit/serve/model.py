@@ -3,7 +3,6 @@
 import os
 import threading
 
-import grpc
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import saved_model_pb2
@@ -139,10 +138,9 @@ class ServedTail:
     def _output_names(self, output_filter):
         unknown = sorted(set(output_filter) - set(self.spec.output_names))
         if unknown:
-            raise validation.RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise validation.invalid(
                 f"Unknown output(s) {unknown} in the output filter; the signature "
-                f"{self.spec.signature_name!r} returns {list(self.spec.output_names)}.",
+                f"{self.spec.signature_name!r} returns {list(self.spec.output_names)}."
             )
         return sorted(set(output_filter)) or list(self.spec.output_names)
 
@@ -168,9 +166,8 @@ class ServedTail:
             try:
                 outputs = self._signature(**{key: tf.constant(arrays[key]) for key in arrays})
             except tf.errors.InvalidArgumentError as error:
-                raise validation.RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"The model rejected the request: {error.message}",
+                raise validation.invalid(
+                    f"The model rejected the request: {error.message}"
                 ) from None
         return {name: outputs[name].numpy() for name in names}
 

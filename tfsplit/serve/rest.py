@@ -31,34 +31,22 @@ _ROUTE = re.compile(
     r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<suffix>:predict|/metadata)?$"
 )
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: http.HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.FAILED_PRECONDITION: http.HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.NOT_FOUND: http.HTTPStatus.NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: http.HTTPStatus.TOO_MANY_REQUESTS,
-    grpc.StatusCode.UNIMPLEMENTED: http.HTTPStatus.NOT_IMPLEMENTED,
-}
 _BODY_KEYS = {"signature_name", "inputs", "instances"}
 _SHARED_INPUTS = ("indices", "scale", "zero_point")
 _DRAIN_FACTOR = 8
 _DRAIN_CHUNK_BYTES = 1 << 16
 
 
-class _HttpError(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-def _bad_request(message):
-    return _HttpError(http.HTTPStatus.BAD_REQUEST, message)
+def _http_error(status, message):
+    """A refusal that only REST has (a route, a method, a body size)."""
+    return validation.RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, http_status=status)
 
 
 def _route(path):
     """(name, version or None, label or None, suffix or "") of a TF Serving REST path."""
     match = _ROUTE.match(path)
     if match is None:
-        raise _HttpError(
+        raise _http_error(
             http.HTTPStatus.NOT_FOUND,
             f"Malformed request: {path!r}. Expected /v1/models/<name>[/versions/<v>] followed by "
             "nothing (status), /metadata or :predict.",
@@ -71,12 +59,12 @@ def _decode_input(spec, name, value, max_elements):
     try:
         return tensors.from_json(value, validation.input_dtype(spec, name), max_elements)
     except tensors.TensorDecodeError as error:
-        raise _bad_request(f"Input {name!r}: {error}") from None
+        raise validation.invalid(f"Input {name!r}: {error}") from None
 
 
 def _columnar_arrays(served, inputs, max_elements):
     if not isinstance(inputs, dict):
-        raise _bad_request(
+        raise validation.invalid(
             f"'inputs' must be an object mapping the input names {list(validation.INPUT_NAMES)} "
             f"to values. Received: {type(inputs).__name__}"
         )
@@ -87,19 +75,21 @@ def _columnar_arrays(served, inputs, max_elements):
 def _row_arrays(served, instances, max_elements):
     """Stacks the instances' `values`; the batch-less inputs must be equal in every instance."""
     if not isinstance(instances, list) or not instances:
-        raise _bad_request("'instances' must be a non-empty list of objects.")
+        raise validation.invalid("'instances' must be a non-empty list of objects.")
     if len(instances) > served.max_batch_size:
-        raise _bad_request(
+        raise validation.invalid(
             f"Too many instances: at most {served.max_batch_size} accepted. "
             f"Received: {len(instances)}"
         )
     for row in instances:
         if not isinstance(row, dict):
-            raise _bad_request(f"Every instance must be an object. Received: {type(row).__name__}")
+            raise validation.invalid(
+                f"Every instance must be an object. Received: {type(row).__name__}"
+            )
         validation.check_input_names(served.spec, row)
     for name in _SHARED_INPUTS:
         if any(row[name] != instances[0][name] for row in instances[1:]):
-            raise _bad_request(
+            raise validation.invalid(
                 f"In the row format every instance must carry the same {name!r}: it has no batch "
                 "dimension. Send instances that share it, or use the columnar 'inputs' format."
             )
@@ -128,23 +118,25 @@ def _parse_body(body):
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError) as error:
-        raise _bad_request(f"Malformed JSON in the request body: {error}") from None
+        raise validation.invalid(f"Malformed JSON in the request body: {error}") from None
     if not isinstance(request, dict):
-        raise _bad_request(f"The body must be a JSON object. Received: {type(request).__name__}")
+        raise validation.invalid(
+            f"The body must be a JSON object. Received: {type(request).__name__}"
+        )
     unknown = sorted(set(request) - _BODY_KEYS)
     if unknown or ("inputs" in request) == ("instances" in request):
-        raise _bad_request(
+        raise validation.invalid(
             "The body must hold exactly one of 'inputs' (columnar) or 'instances' (row), and "
             f"optionally 'signature_name'. Received keys: {sorted(request)}"
         )
     signature_name = request.get("signature_name", "")
     if not isinstance(signature_name, str):
-        raise _bad_request(f"'signature_name' must be a string. Received: {signature_name!r}")
+        raise validation.invalid(f"'signature_name' must be a string. Received: {signature_name!r}")
     return request, signature_name
 
 
 def predict_json(served, target, body, max_elements):
-    """Answers one :predict body; returns the response object. Raises _HttpError/RequestError."""
+    """Answers one :predict body; returns the response object. Raises RequestError."""
     request, signature_name = _parse_body(body)
     name, version, label = target
     served.check_target(name, version, label, signature_name)
@@ -207,11 +199,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self, answer):
         try:
             self._send_json(http.HTTPStatus.OK, answer())
-        except _HttpError as error:
-            self._send_error_json(error.status, str(error))
         except validation.RequestError as error:
-            status = _HTTP_STATUS.get(error.code, http.HTTPStatus.INTERNAL_SERVER_ERROR)
-            self._send_error_json(status, str(error))
+            self._send_error_json(error.http_status, str(error))
         except Exception as error:  # noqa: BLE001  (one bad request must not take the server down)
             logging.exception("Internal error in REST %s %s", self.command, self.path)
             self._send_error_json(
@@ -220,31 +209,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
-            raise _HttpError(
+            raise _http_error(
                 http.HTTPStatus.LENGTH_REQUIRED, "The request needs a Content-Length header."
             )
         try:
             length = int(self.headers["Content-Length"])
         except ValueError:
-            raise _bad_request("Content-Length must be an integer.") from None
+            raise validation.invalid("Content-Length must be an integer.") from None
         limit = self.server.max_request_bytes
         if length < 0:
-            raise _bad_request(f"Content-Length must be >= 0. Received: {length}")
+            raise validation.invalid(f"Content-Length must be >= 0. Received: {length}")
         if length > limit:
             self._discard(length, limit)
-            raise _HttpError(
+            raise _http_error(
                 http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"The request body must be at most {limit} bytes. Received: {length}",
             )
         try:
             body = self.rfile.read(length)
         except TimeoutError:
-            raise _HttpError(
+            raise _http_error(
                 http.HTTPStatus.REQUEST_TIMEOUT,
                 f"Timed out after {self.timeout} s reading a {length}-byte body.",
             ) from None
         if len(body) != length:
-            raise _bad_request(f"The body ended after {len(body)} of {length} bytes.")
+            raise validation.invalid(f"The body ended after {len(body)} of {length} bytes.")
         return body
 
     def _discard(self, length, limit):
@@ -263,13 +252,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         served = self.server.served
         served.check_target(*target, "")
         if suffix == ":predict":
-            raise _HttpError(http.HTTPStatus.METHOD_NOT_ALLOWED, "Use POST for :predict.")
+            raise _http_error(http.HTTPStatus.METHOD_NOT_ALLOWED, "Use POST for :predict.")
         return metadata_json(served) if suffix == "/metadata" else status_json(served)
 
     def _post(self):
         *target, suffix = _route(self.path)
         if suffix != ":predict":
-            raise _HttpError(http.HTTPStatus.METHOD_NOT_ALLOWED, "Only :predict takes POST.")
+            raise _http_error(http.HTTPStatus.METHOD_NOT_ALLOWED, "Only :predict takes POST.")
         body = self._read_body()
         return predict_json(self.server.served, target, body, self.server.max_request_bytes)
 

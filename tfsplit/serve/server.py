@@ -89,12 +89,12 @@ class TailServer:
 
     @property
     def grpc_target(self):
-        """host:port for `grpc.insecure_channel` / GrpcTailClient."""
+        """host:port for `grpc.insecure_channel` or the device's gRPC client."""
         return _address(self.host, self.grpc_port)
 
     @property
     def rest_url(self):
-        """Base URL for RestTailClient."""
+        """Base URL for the device's REST client."""
         return f"http://{_address(self.host, self.rest_port)}"
 
     def _start_grpc(self):

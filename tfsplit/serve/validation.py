@@ -12,6 +12,7 @@ with what was wrong and what was expected.
 """
 
 import dataclasses
+import http
 import json
 import os
 
@@ -19,7 +20,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 
-from tfsplit import codec
+from tfsplit import codec, codec_layout
 
 INPUT_NAMES = ("values", "indices", "scale", "zero_point")
 OUTPUT_NAME = "probabilities"
@@ -32,6 +33,13 @@ _FIXED_INPUTS = {
     "scale": (tf.float32, 0),
     "zero_point": (tf.int32, 0),
 }
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: http.HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.FAILED_PRECONDITION: http.HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.NOT_FOUND: http.HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: http.HTTPStatus.TOO_MANY_REQUESTS,
+    grpc.StatusCode.UNIMPLEMENTED: http.HTTPStatus.NOT_IMPLEMENTED,
+}
 
 
 class TailModelError(ValueError):
@@ -39,14 +47,21 @@ class TailModelError(ValueError):
 
 
 class RequestError(ValueError):
-    """A request the server refuses; `code` is the gRPC status (REST maps it to HTTP)."""
+    """A request the server refuses, with its gRPC status `code` and REST `http_status`.
 
-    def __init__(self, code, message):
+    `http_status` follows from the code unless given (REST-only refusals: routes, body size).
+    """
+
+    def __init__(self, code, message, http_status=None):
         super().__init__(message)
         self.code = code
+        self.http_status = http_status or _HTTP_STATUS.get(
+            code, http.HTTPStatus.INTERNAL_SERVER_ERROR
+        )
 
 
-def _invalid(message):
+def invalid(message):
+    """The INVALID_ARGUMENT (HTTP 400) refusal of a malformed request."""
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
@@ -233,7 +248,7 @@ def check_target(spec, served_name, served_version, name, version, label, signat
             f"{served_version}.",
         )
     if (signature_name or DEFAULT_SIGNATURE) != spec.signature_name:
-        raise _invalid(
+        raise invalid(
             f"Serving signature name {signature_name!r} not found in the signature def; "
             f"available: [{spec.signature_name!r}]."
         )
@@ -245,7 +260,7 @@ def check_input_names(spec, names):
     missing = sorted(set(INPUT_NAMES) - names)
     extra = sorted(names - set(INPUT_NAMES))
     if missing or extra:
-        raise _invalid(
+        raise invalid(
             f"Signature {spec.signature_name!r} takes exactly the inputs {sorted(INPUT_NAMES)}. "
             f"Missing: {missing}; unexpected: {extra}."
         )
@@ -263,7 +278,7 @@ def check_dtype(spec, name, dtype):
     expected = input_dtype(spec, name)
     if dtype != expected.name:
         role = " (the exported wire dtype)" if name == "values" else ""
-        raise _invalid(f"Input {name!r} must be {expected.name}{role}. Received: dtype={dtype}")
+        raise invalid(f"Input {name!r} must be {expected.name}{role}. Received: dtype={dtype}")
 
 
 def _dim_fits(size, expected):
@@ -279,14 +294,14 @@ def _check_values_shape(spec, shape, max_batch_size):
         and _dim_fits(shape[1], spec.height)
         and _dim_fits(shape[2], spec.width)
     ):
-        raise _invalid(
+        raise invalid(
             f"Input 'values' must have shape (N, {height}, {width}, k) with "
             f"1 <= N <= {max_batch_size}. Received: shape={shape}"
         )
     k = shape[3]
     upper = "C" if spec.max_budget is None else spec.max_budget
     if k < 1 or (spec.max_budget is not None and k > spec.max_budget):
-        raise _invalid(
+        raise invalid(
             f"Budget k={k} (the last dimension of 'values') must be in [1, {upper}]: the tail was "
             f"exported for at most {upper} channels. Received: values.shape={shape}"
         )
@@ -294,40 +309,38 @@ def _check_values_shape(spec, shape, max_batch_size):
 
 def _check_indices(spec, indices, k):
     if indices.shape != (k,):
-        raise _invalid(
+        raise invalid(
             f"Input 'indices' must have shape (k,) = ({k},), one index per channel in the last "
             f"dimension of 'values'. Received: shape={indices.shape}"
         )
     upper = "C" if spec.channels is None else spec.channels
     if indices.min() < 0 or (spec.channels is not None and indices.max() >= spec.channels):
-        raise _invalid(
+        raise invalid(
             f"Input 'indices' must lie in [0, {upper}), the bottleneck's channels. "
             f"Received: indices={np.array2string(indices, threshold=16)}"
         )
-    unique, counts = np.unique(indices, return_counts=True)
-    if unique.size != indices.size:
-        raise _invalid(
-            f"Input 'indices' must be distinct; channel {int(unique[counts > 1][0])} appears "
-            f"more than once. Received: indices={np.array2string(indices, threshold=16)}"
-        )
+    try:
+        codec_layout.check_unique_indices(indices, "Input 'indices'")
+    except codec.PayloadError as error:
+        raise invalid(str(error)) from None
 
 
 def _check_quantization(spec, scale, zero_point):
     if scale.shape != () or zero_point.shape != ():
-        raise _invalid(
+        raise invalid(
             "Inputs 'scale' and 'zero_point' must be scalars (shape ()). "
             f"Received: scale.shape={scale.shape}, zero_point.shape={zero_point.shape}"
         )
     scale, zero_point = float(scale), int(zero_point)
     if spec.dtype == "int8":
         if not np.isfinite(scale) or scale <= 0 or not -128 <= zero_point <= 127:
-            raise _invalid(
+            raise invalid(
                 "int8 values need a finite scale > 0 and a zero_point in [-128, 127] "
                 f"(real = scale * (q - zero_point)). Received: scale={scale!r}, "
                 f"zero_point={zero_point}"
             )
     elif scale != 1.0 or zero_point != 0:
-        raise _invalid(
+        raise invalid(
             f"{spec.dtype} values carry no quantization: expected scale=1.0 and zero_point=0. "
             f"Received: scale={scale!r}, zero_point={zero_point}"
         )
@@ -354,4 +367,4 @@ def validate_inputs(spec, arrays, max_batch_size):
     _check_indices(spec, arrays["indices"], values.shape[3])
     _check_quantization(spec, arrays["scale"], arrays["zero_point"])
     if spec.dtype != "int8" and not np.isfinite(values).all():
-        raise _invalid(f"Input 'values' must be finite {spec.dtype} numbers; found NaN or inf.")
+        raise invalid(f"Input 'values' must be finite {spec.dtype} numbers; found NaN or inf.")

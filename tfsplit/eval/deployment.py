@@ -1,13 +1,18 @@
-"""Split inference end to end over loopback: the deployed path measured against the Keras model.
+"""Deployment measured end to end over loopback: the deployed path against the Keras model.
+
+    result = run_split_inference("/tmp/tfsplit/deprune", protocols=("rest", "grpc"))
+    print(format_table(result.rows))
 
 For every head dtype a TailServer serves the matching exported tail on 127.0.0.1 (ports picked by
 the OS) and the device runner (`tfsplit.device`: LiteRT head, wire cast, its own REST or gRPC
 client) sends it the run's test images, one per request by default, as a device would. Each
 (dtype, protocol) pass reports top-1 accuracy, the float Keras split model's accuracy on the same
-images and the share of equal top-1 predictions (agreement), bytes per sample (request body, raw
-payload, and the codec's framed payload that the trainer's byte ledger counts), and p50/p95
-latency per stage. Server and device share this process and its cores, so the latencies are an
-upper bound on loopback and say nothing about a real network.
+images and the share of equal top-1 predictions (agreement), bytes per sample twice
+(`request_bytes`, what the requests weighed on the wire; `payload_bytes`, the codec's encoding of
+the same selections, as training counts it), and p50/p95 latency per stage. Server and device
+share this process and its cores, so the latencies are an upper bound on loopback and say nothing
+about a real network. Needs TensorFlow (the server, the Keras reference); the device side alone
+is `tfsplit.device`.
 """
 
 import csv
@@ -19,9 +24,9 @@ import platform
 import numpy as np
 from absl import logging
 
-from tfsplit import codec
 from tfsplit import device as device_lib
 from tfsplit import export as export_lib
+from tfsplit.device import stats
 from tfsplit.export import head as head_lib
 from tfsplit.export import report as report_lib
 from tfsplit.export import run as run_lib
@@ -31,20 +36,15 @@ RESULT_JSON = "infer.json"
 RESULT_CSV = "infer.csv"
 DEFAULT_MODEL_NAME = "tfsplit_tail"  # export_split's default prefix; the dtype is appended.
 TABLE_COLUMNS = (
-    ("dtype", "dtype", "s"),
-    ("protocol", "proto", "s"),
-    ("samples", "samples", "d"),
-    ("accuracy", "top-1", ".4f"),
-    ("keras_accuracy", "Keras top-1", ".4f"),
-    ("agreement", "agreement", ".4f"),
-    ("request_bytes_per_sample", "request B", ".0f"),
-    ("payload_bytes_per_sample", "payload B", ".0f"),
-    ("head_p50_ms", "head p50", ".3f"),
-    ("head_p95_ms", "head p95", ".3f"),
-    ("network_tail_p50_ms", "net+tail p50", ".3f"),
-    ("network_tail_p95_ms", "net+tail p95", ".3f"),
-    ("total_p50_ms", "total p50", ".3f"),
-    ("total_p95_ms", "total p95", ".3f"),
+    ("dtype", "dtype"),
+    ("protocol", "proto"),
+    ("samples", "samples"),
+    *report_lib.ACCURACY_COLUMNS,
+    ("request_bytes_per_sample", "request_bytes", ".0f"),
+    ("payload_bytes_per_sample", "payload_bytes", ".0f"),
+    *stats.latency_columns("head"),
+    *stats.latency_columns("network_tail", "net+tail"),
+    *stats.latency_columns("total"),
 )
 
 
@@ -69,6 +69,10 @@ class InferResult:
     rows: list
 
 
+def _is_positive(value, types=(int,)):
+    return not isinstance(value, bool) and isinstance(value, types) and value > 0
+
+
 def _check_args(dtypes, protocols, max_samples, batch_size, num_threads, max_seconds):
     dtypes = head_lib.check_dtypes(dtypes)
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
@@ -76,20 +80,15 @@ def _check_args(dtypes, protocols, max_samples, batch_size, num_threads, max_sec
         raise InferError(
             f"`protocols` must be names from {device_lib.PROTOCOLS}. Received: {protocols!r}"
         )
-    for name, value in (("batch_size", batch_size), ("num_threads", num_threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    counts = (
+        ("batch_size", batch_size),
+        ("num_threads", num_threads),
+        ("max_samples", max_samples),
+    )
+    for name, value in counts:
+        if not (_is_positive(value) or (name == "max_samples" and value is None)):
             raise InferError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise InferError(
-            f"`max_samples` must be None or an integer >= 1. Received: {max_samples!r}"
-        )
-    if (
-        isinstance(max_seconds, bool)
-        or not isinstance(max_seconds, (int, float))
-        or max_seconds <= 0
-    ):
+    if not _is_positive(max_seconds, (int, float)):
         raise InferError(f"`max_seconds` must be > 0. Received: max_seconds={max_seconds!r}")
     return dtypes, protocols
 
@@ -172,18 +171,13 @@ def _keras_predictions(run, images, indices, cache):
 def _row(dtype, protocol, spec, record, labels, keras):
     predictions = record.probabilities.argmax(-1)
     samples = record.samples
-    height, width, k = spec.output_shape
-    codec_bytes = codec.payload_nbytes(
-        1, height, width, k, spec.wire_dtype, with_labels=False, channels=spec.channels
-    )
     row = {
         "dtype": dtype,
         "protocol": protocol,
-        "budget": k,
+        "budget": spec.budget,
         "accuracy": float(np.mean(predictions == labels[:samples])),
         "keras_accuracy": float(np.mean(keras[:samples] == labels[:samples])),
         "agreement": float(np.mean(predictions == keras[:samples])),
-        "codec_bytes_per_sample": int(codec_bytes),
     }
     row.update(record.summary())
     return row
@@ -262,8 +256,8 @@ def run_split_inference(
     Returns:
       An `InferResult`; each row: dtype, protocol, budget, samples, requests, complete,
       accuracy, keras_accuracy (float Keras split model at the head's budget, same images),
-      agreement (equal top-1 share), request_bytes_per_sample, payload_bytes_per_sample (values +
-      int32 indices + scale + zero point), codec_bytes_per_sample (tfsplit.codec's framing), and
+      agreement (equal top-1 share), request_bytes_per_sample (what the requests weighed on the
+      wire), payload_bytes_per_sample (`codec.payload_nbytes` of the same selections), and
       <stage>_p50_ms/_p95_ms/_mean_ms for the stages head, encode, network_tail, total.
 
     Raises:
@@ -302,7 +296,7 @@ def run_split_inference(
     return InferResult(os.path.abspath(run.workdir), os.path.abspath(export_dir), settings, rows)
 
 
-def format_infer_table(rows):
+def format_table(rows):
     """The rows of `run_split_inference` as a plain-text table (latencies in ms)."""
     return device_lib.format_table(rows, TABLE_COLUMNS)
 
