@@ -1,75 +1,121 @@
-"""Accuracy versus budget from one trained model."""
+"""Accuracy versus budget from one trained SplitModel (tfsplit.eval.curve)."""
 
 import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
+import ml_collections
 import pytest
 
-import tfsplit  # noqa: F401
-from tfsplit import codec, curve
-from tfsplit.config import base_config, phase
-from tfsplit.export import load_run
-from tfsplit.train import Trainer
+import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit import codec
+from tfsplit.config import load_config_file
+from tfsplit.eval import curve
+from tfsplit.train import trainer
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    config = base_config("casl")
-    config.data.train_size = 128
-    config.data.test_size = 100
-    config.data.batch_size = 32
-    config.model.width_multiplier = 0.125
-    config.log_every_steps = 0
-    config.phases = [phase(budget=16, epochs=1, learning_rate=0.05)]
-    workdir = str(tmp_path_factory.mktemp("run"))
-    trainer = Trainer(config, workdir)
-    trainer.run()
-    return trainer, workdir
+def split(smoke_workdir):
+    return trainer.load_model(smoke_workdir)
+
+
+@pytest.fixture(scope="module")
+def test_ds(smoke_workdir):
+    """The run's test pipeline, built from its recorded config as training built it."""
+    with open(os.path.join(smoke_workdir, trainer.CONFIG_FILE)) as f:
+        return trainer.build_data(ml_collections.ConfigDict(json.load(f)))[1]
 
 
 def test_default_budgets():
     assert curve.default_budgets(32) == [4, 8, 16, 32]
     assert curve.default_budgets(4) == [1, 2, 4]
+    assert curve.default_budgets(1) == [1]
 
 
-@pytest.mark.parametrize("budgets, message", [
-    ([], "at least one budget"),
-    ([0], r"integer in \[1, 64\]"),
-    ([65], r"integer in \[1, 64\]"),
-    ([2.5], "integer"),
-    ([True], "integer"),
-])
-def test_bad_budgets_are_rejected(budgets, message):
+@pytest.mark.parametrize(
+    "budgets, message",
+    [
+        ([], "at least one budget"),
+        ([0], r"integer in \[1, 64\]"),
+        ([65], r"integer in \[1, 64\]"),
+        ([2.5], "integer"),
+        ([True], "integer"),
+    ],
+)
+def test_bad_budgets_are_rejected(split, test_ds, budgets, message):
     with pytest.raises(ValueError, match=message):
-        curve.check_budgets(budgets, 64, has_bottleneck=True)
+        curve.budget_curve(split, test_ds, budgets)
 
 
 def test_a_model_without_bottleneck_only_has_its_full_width():
-    assert curve.check_budgets([64], 64, has_bottleneck=False) == [64]
-    with pytest.raises(ValueError, match="no ranking"):
-        curve.check_budgets([8], 64, has_bottleneck=False)
+    config = load_config_file(str(REPO_ROOT / "configs" / "sl.py"), "smoke")
+    _, sl_test_ds, info = trainer.build_data(config)
+    unmasked = trainer.build_split_model(config, info)
+    with pytest.raises(ValueError, match="Without a masked bottleneck"):
+        curve.budget_curve(unmasked, sl_test_ds, [8])
+    rows = curve.budget_curve(unmasked, sl_test_ds, [unmasked.channels])
+    assert [row["budget"] for row in rows] == [unmasked.channels]
 
 
-def test_curve_matches_the_trainers_evaluation_and_the_codec(trained):
-    trainer, _ = trained
-    rows = curve.budget_curve(trainer.split, trainer.test_ds, [2, 16, 64], "float16")
-    assert [r["budget"] for r in rows] == [2, 16, 64]
-    trainer.steps.set_budget(16, masking=True)
-    assert rows[1]["test_accuracy"] == trainer.steps.evaluate(trainer.test_ds)
-    assert rows[1]["test_accuracy"] == trainer.records[-1]["test_accuracy"]
+def test_curve_is_the_models_own_evaluation(smoke_workdir, split, test_ds):
+    with open(os.path.join(smoke_workdir, "summary.json")) as f:
+        summary = json.load(f)
+    final = summary["final_budget"]
+    in_force = int(split.budget.numpy())
+    rows = curve.budget_curve(split, test_ds, [2, final, split.channels])
+    assert int(split.budget.numpy()) == in_force  # restored
+    assert [r["budget"] for r in rows] == [2, final, split.channels]
+    # At the final budget it is exactly what training measured on the same test set.
+    assert rows[1]["test_accuracy"] == pytest.approx(summary["final_test_accuracy"])
+    split.budget.assign(2)
+    assert rows[0]["test_accuracy"] == pytest.approx(
+        split.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"]
+    )
+    split.budget.assign(in_force)
+    # Bytes are the codec's, one message per test batch, spread over the samples.
+    height, width, channels = split.wire_shape
+    sizes = [int(labels.shape[0]) for _, labels in test_ds]
     for row in rows:
-        assert row["bytes_per_sample"] == codec.payload_nbytes(1, 4, 4, row["budget"], "float16",
-                                                               False, channels=64)
+        total = sum(
+            codec.payload_nbytes(n, height, width, row["budget"], "float16", False, channels)
+            for n in sizes
+        )
+        assert row["payload_bytes_per_sample"] == pytest.approx(total / sum(sizes))
 
 
-def test_evaluate_run_writes_csv_and_png(trained, tmp_path):
-    _, workdir = trained
-    run = load_run(workdir)
-    rows = curve.evaluate_run(run)
-    assert [r["budget"] for r in rows] == [2, 4, 8, 16]
+def test_evaluate_workdir_writes_csv_and_png(smoke_workdir, tmp_path):
+    rows, summary = curve.evaluate_workdir(smoke_workdir)
+    budgets = curve.default_budgets(summary["final_budget"])
+    assert [r["budget"] for r in rows] == budgets
     csv_path, png_path = curve.write_curve(rows, str(tmp_path), "test")
     with open(csv_path) as f:
         written = list(csv.DictReader(f))
-    assert [int(r["budget"]) for r in written] == [2, 4, 8, 16]
+    assert list(written[0]) == list(curve.FIELDS)
+    assert [int(r["budget"]) for r in written] == budgets
     assert float(written[-1]["test_accuracy"]) == rows[-1]["test_accuracy"]
     with open(png_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="finished tfsplit-train run"):
+        curve.evaluate_workdir(str(tmp_path))
+
+
+def test_tool_prints_the_curve(smoke_workdir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.evaluate", "--workdir", smoke_workdir, "--budgets=2,4"]
+        + ["--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["budget", "test", "accuracy", "payload", "bytes/sample"]
+    assert [line.split()[0] for line in lines[1:3]] == ["2", "4"]
+    assert (tmp_path / curve.CSV_FILE).exists() and (tmp_path / curve.PNG_FILE).exists()

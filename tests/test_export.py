@@ -15,8 +15,11 @@ import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import budget as budget_lib
 from tfsplit import codec
 from tfsplit import export as export_lib
+from tfsplit.device.head import quantize_input
 from tfsplit.export import head as head_lib
+from tfsplit.export import qat as qat_lib
 from tfsplit.export import run as run_lib
+from tfsplit.train import trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,7 +75,7 @@ def test_head_files_run_with_litert_at_batch_one(run, heads):
         assert tuple(output_detail["shape"]) == (1, height, width, k)
         image = run.normalize(run.test_images[:1])
         if dtype == "int8":
-            image = head_lib.quantize_images(image, input_detail["quantization"])
+            image = quantize_input(image, input_detail["quantization"])
         interpreter.set_tensor(input_detail["index"], image)
         interpreter.invoke()
         output = interpreter.get_tensor(output_detail["index"])
@@ -114,7 +117,7 @@ def test_selected_indices_are_top_k_of_gates(run, heads):
 def test_head_parity_with_keras(run, heads):
     images = run.normalize(run.test_images[:16])
     indices = heads["float32"].metadata["indices"]
-    reference = run_lib.selected_head(run.split.head, indices)(images).numpy()
+    reference = run.split.send(images, indices).numpy()
     outputs, quantization = export_lib.run_head(heads["float32"].model_path, images)
     assert quantization is None
     np.testing.assert_allclose(outputs, reference, atol=1e-5)
@@ -228,9 +231,9 @@ def test_tail_equals_keras_tail_on_same_payload(run, tails):
 
 def test_tail_accepts_a_smaller_budget(run, tails):
     k = 2
-    indices = run_lib.selected_channels(run, k)
+    indices = run.split.channel_indices(k).numpy()
     images = run.test_images[:8]
-    sent = run_lib.selected_head(run.split.head, indices)(run.normalize(images)).numpy()
+    sent = run.split.send(run.normalize(images), indices).numpy()
     expected = tf.nn.softmax(run_lib.keras_split_logits(run, images, indices)).numpy()
     served = export_lib.run_tail(_signature(tails["float32"]), sent, indices)
     np.testing.assert_allclose(served, expected, atol=1e-5)
@@ -239,10 +242,14 @@ def test_tail_accepts_a_smaller_budget(run, tails):
     np.testing.assert_allclose(served, expected, atol=0.1)
 
 
-def test_scatter_places_channels_by_hand():
-    values = tf.constant([[[[1.0, 2.0]]], [[[3.0, 4.0]]]])  # (2, 1, 1, 2)
-    full = run_lib.scatter_channels(values, tf.constant([3, 0]), 4).numpy()
-    np.testing.assert_array_equal(full[:, 0, 0], [[2.0, 0.0, 0.0, 1.0], [4.0, 0.0, 0.0, 3.0]])
+def test_tail_is_the_models_server_half(run, tails):
+    k = run.final_budget
+    indices = run.split.channel_indices(k).numpy()
+    values = np.random.default_rng(0).normal(size=(4, *run.split.wire_shape[:2], k))
+    values = values.astype(np.float32)
+    expected = tf.nn.softmax(run.split.receive(values, indices)).numpy()
+    served = export_lib.run_tail(_signature(tails["float32"]), values, indices)
+    np.testing.assert_allclose(served, expected, atol=1e-6)
 
 
 def test_tail_rejects_bad_payloads(run, tails):
@@ -274,6 +281,12 @@ def test_tflite_head_to_saved_model_tail_agrees_with_keras(run, heads, tails):
     assert by_dtype["float32"]["accuracy"] == by_dtype["float32"]["keras_accuracy"]
     assert by_dtype["float16"]["agreement"] >= 0.95
     assert by_dtype["int8"]["agreement"] >= 0.85
+    height, width, channels = run.split.wire_shape
+    for dtype, row in by_dtype.items():
+        assert row["head_file_bytes"] == heads[dtype].size_bytes
+        assert row["payload_bytes"] == codec.payload_nbytes(
+            1, height, width, run.final_budget, dtype, False, channels
+        )
     with pytest.raises(export_lib.ExportError, match="float16 tail"):
         export_lib.evaluate_exports(run, heads, {"float32": tails["float32"]})
     table = export_lib.format_table(rows)
@@ -294,7 +307,8 @@ def test_tool_exports_and_prints_table(workdir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     header, rule, row = result.stdout.splitlines()[1:4]
-    assert header.split()[:3] == ["dtype", "file", "bytes"] and set(rule) <= {"-", " "}
+    assert header.split()[:4] == ["dtype", "file", "file_bytes", "payload_bytes"]
+    assert set(rule) <= {"-", " "}
     assert row.split()[:2] == ["float32", "head_float32.tflite"] and row.endswith("100.00%")
     assert (tmp_path / "head_float32.tflite").exists()
     assert (tmp_path / "serving" / "tfsplit_tail_float32" / "1" / "saved_model.pb").exists()
@@ -333,7 +347,72 @@ def test_workdir_without_checkpoint_fails_clearly(workdir, tmp_path):
         export_lib.load_run(str(tmp_path / "missing"))
     with pytest.raises(export_lib.ExportError, match="config"):
         export_lib.export_head(str(tmp_path), str(tmp_path / "out"))
-    for name in (run_lib.CONFIG_FILE, "summary.json"):
+    for name in (trainer.CONFIG_FILE, "summary.json"):
         (tmp_path / name).write_text(pathlib.Path(workdir, name).read_text())
-    with pytest.raises(export_lib.ExportError, match="no checkpoint"):
+    with pytest.raises(export_lib.ExportError, match="no trained model"):
         export_lib.export_tail(str(tmp_path), str(tmp_path / "serving"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: a loaded SplitModel, or one given with its data.
+
+
+def test_load_run_loads_the_saved_split_model(run, workdir):
+    saved = trainer.load_model(workdir)
+    assert type(run.split) is type(saved)
+    for loaded, expected in zip(run.split.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(loaded, expected)
+    assert run.final_budget == int(saved.budget.numpy()) == run.summary["final_budget"]
+    assert run.source == {
+        "workdir": os.path.abspath(workdir),
+        "model": os.path.abspath(os.path.join(workdir, trainer.MODEL_FILE)),
+    }
+    k, indices = run.select()
+    assert k == run.final_budget
+    np.testing.assert_array_equal(indices, run.split.channel_indices(k).numpy())
+
+
+def test_a_split_model_exports_with_its_data(run, tmp_path):
+    train, test = (run.train_images, run.train_labels), (run.test_images, run.test_labels)
+    with pytest.raises(export_lib.ExportError, match="TrainedRun.from_model"):
+        export_lib.export_tail(run.split, str(tmp_path))
+    with pytest.raises(export_lib.ExportError, match="uint8 images"):
+        export_lib.TrainedRun.from_model(run.split, run.info, train, (run.test_images[:, :8], []))
+    with pytest.raises(export_lib.ExportError, match="budget"):
+        export_lib.TrainedRun.from_model(run.split, run.info, train, test, budget=0)
+    given = export_lib.TrainedRun.from_model(run.split, run.info, train, test, budget=4)
+    assert given.source == {"workdir": "", "model": ""} and given.final_budget == 4
+    heads = export_lib.export_head(
+        given, str(tmp_path), dtypes="float32", qat=False, representative_samples=8
+    )
+    assert heads["float32"].metadata["indices"] == run.split.channel_indices(4).numpy().tolist()
+    tail = export_lib.export_tail(given, str(tmp_path / "serving"), parity_samples=8)
+    assert tail.metadata["max_budget"] == 4 and tail.metadata["source"] == ""
+    assert tail.parity["max_abs_diff"] < 1e-5
+    with pytest.raises(export_lib.ExportError, match="out_dir"):
+        export_lib.export_split(given)
+
+
+def test_qat_fine_tunes_with_fit_at_a_fixed_selection(run):
+    k, indices = run.select()
+    float_weights = [w.copy() for w in run.split.get_weights()]
+    representative = run.normalize(run.train_images[:16])
+    qat_split, settings = qat_lib.fine_tune_head(run, indices, representative)
+    assert isinstance(qat_split, tfsplit.SplitModel) and qat_split.tail is not run.split.tail
+    assert not qat_split.tail.trainable_weights  # the tail is a frozen copy
+    assert float(qat_split.penalty_weight.numpy()) == 0.0  # budget loss off
+    assert int(qat_split.budget.numpy()) == k
+    # The gates did not move, so the selection is still the exported one.
+    np.testing.assert_array_equal(
+        qat_split.encoder.gate_logits.numpy(), run.split.encoder.gate_logits.numpy()
+    )
+    np.testing.assert_array_equal(qat_split.channel_indices().numpy(), indices)
+    # The rest of the head did train; the float model is untouched.
+    first_kernel = qat_split.head.trainable_weights[0].numpy()
+    assert first_kernel.shape == run.split.head.trainable_weights[0].shape
+    assert not np.array_equal(first_kernel, run.split.head.trainable_weights[0].numpy())
+    for before, after in zip(float_weights, run.split.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    batches = -(-len(run.train_images) // run.batch_size)
+    assert settings["steps"] == batches and len(settings["epoch_losses"]) == 1
+    assert qat_split.send(representative[:2], indices).shape == (2, *run.split.wire_shape[:2], k)

@@ -6,21 +6,29 @@ import os
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit import reproduce
 from tfsplit.config import load_config_file, phase
+from tfsplit.eval import reproduce
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def summary(accuracy, up, down, budget, wall, epochs):
-    return dict(final_test_accuracy=accuracy, train_bytes_up=up, train_bytes_down=down,
-                final_budget=budget, inference_bytes_per_sample=20 + 2 * budget, wall_seconds=wall,
-                epochs=epochs)
+    return dict(
+        final_test_accuracy=accuracy,
+        train_payload_bytes_up=up,
+        train_payload_bytes_down=down,
+        final_budget=budget,
+        inference_payload_bytes_per_sample=20 + 2 * budget,
+        wall_seconds=wall,
+        epochs=epochs,
+    )
 
 
 def records(accuracies, seconds_per_epoch):
-    return [dict(epoch=i + 1, test_accuracy=a, elapsed_seconds=seconds_per_epoch * (i + 1))
-            for i, a in enumerate(accuracies)]
+    return [
+        dict(epoch=i + 1, test_accuracy=a, elapsed_seconds=seconds_per_epoch * (i + 1))
+        for i, a in enumerate(accuracies)
+    ]
 
 
 @pytest.fixture
@@ -30,7 +38,10 @@ def recorded_rows():
         "sl": (summary(0.90, 400e6, 400e6, 128, 100.0, 4), records([0.5, 0.7, 0.85, 0.90], 25)),
         "casl": (summary(0.81, 100e6, 100e6, 32, 80.0, 4), records([0.4, 0.6, 0.75, 0.81], 20)),
         "deprune": (summary(0.86, 60e6, 40e6, 32, 90.0, 4), records([0.3, 0.6, 0.80, 0.86], 22.5)),
-        "prune (start model)": (summary(0.88, 300e6, 300e6, 128, 60.0, 2), records([0.7, 0.88], 30)),
+        "prune (start model)": (
+            summary(0.88, 300e6, 300e6, 128, 60.0, 2),
+            records([0.7, 0.88], 30),
+        ),
         "prune": (summary(0.83, 20e6, 20e6, 32, 10.0, 2), records([0.82, 0.83], 5)),
     }
     return [reproduce.table_row(m, *runs[m], target) for m in runs]
@@ -43,7 +54,8 @@ def test_time_to_target_is_the_first_epoch_that_reaches_it():
 
 def test_table_rows_from_recorded_runs(recorded_rows):
     by = {r["method"]: r for r in recorded_rows}
-    assert by["sl"]["train_mb_up"] == 400.0
+    assert by["sl"]["payload_mb_up"] == 400.0 and by["deprune"]["payload_mb_down"] == 40.0
+    assert by["deprune"]["inference_payload_bytes_per_sample"] == 84
     assert by["sl"]["seconds_to_target"] == 75 and by["sl"]["epochs_to_target"] == 3
     assert by["casl"]["seconds_to_target"] == 80 and by["casl"]["epochs_to_target"] == 4
     assert by["prune"]["seconds_to_target"] == 5 and by["prune"]["epochs_to_target"] == 1
@@ -60,20 +72,32 @@ def test_paper_ratios_from_recorded_runs(recorded_rows):
 
 
 def test_markdown_quotes_the_numbers(recorded_rows):
-    result = dict(rows=recorded_rows, ratios=reproduce.paper_ratios(recorded_rows),
-                  target_accuracy=0.8, curve=[dict(budget=4, deprune_test_accuracy=0.5,
-                                                   casl_test_accuracy=0.6, bytes_per_sample=292)])
+    result = dict(
+        rows=recorded_rows,
+        ratios=reproduce.paper_ratios(recorded_rows),
+        target_accuracy=0.8,
+        curve=[
+            dict(
+                budget=4,
+                deprune_test_accuracy=0.5,
+                casl_test_accuracy=0.6,
+                payload_bytes_per_sample=292.5,
+            )
+        ],
+    )
     text = reproduce.format_markdown(result)
-    assert "| deprune | 32 | 86.00% | 60.00 | 40.00 |" in text
-    assert "8.00x less training traffic, -4.00 accuracy points" in text
+    header = text.splitlines()[0]
+    assert "payload MB up" in header and "payload MB down" in header
+    assert "inference payload bytes/sample" in header
+    assert "| deprune | 32 | 86.00% | 60.00 | 40.00 | 84 |" in text
+    assert "8.00x less training payload, -4.00 accuracy points" in text
     assert "+5.00 accuracy points" in text
     assert "16.00x faster fine-tuning, 1.23x faster counting the start model" in text
-    assert "| 4 | 50.00% | 60.00% | 292 |" in text
+    assert "| 4 | 50.00% | 60.00% | 292.5 |" in text
 
 
 def test_a_target_never_reached_is_reported_as_such(recorded_rows):
-    rows = [dict(r, seconds_to_target=None) if r["method"] == "prune" else r
-            for r in recorded_rows]
+    rows = [dict(r, seconds_to_target=None) if r["method"] == "prune" else r for r in recorded_rows]
     ratios = reproduce.paper_ratios(rows)
     assert ratios["prune_vs_casl_time_to_target"] is None
     text = reproduce.format_markdown(dict(rows=rows, ratios=ratios, target_accuracy=0.8, curve=[]))
@@ -92,8 +116,9 @@ def test_prune_config_is_split_into_start_and_finetune():
 
 
 def test_methods_must_share_the_setting():
-    configs = {m: load_config_file(os.path.join(CONFIG_DIR, f"{m}.py"), "smoke")
-               for m in reproduce.METHODS}
+    configs = {
+        m: load_config_file(os.path.join(CONFIG_DIR, f"{m}.py"), "smoke") for m in reproduce.METHODS
+    }
     configs["sl"].model.cut = "conv2"
     with pytest.raises(ValueError, match="All methods must share model.cut"):
         reproduce.reproduce(configs, "/nonexistent")
@@ -104,11 +129,17 @@ def test_methods_must_share_the_setting():
 
 @pytest.mark.slow
 def test_reproduce_end_to_end_on_smoke_configs(tmp_path):
-    configs = {m: load_config_file(os.path.join(CONFIG_DIR, f"{m}.py"), "smoke")
-               for m in reproduce.METHODS}
+    configs = {
+        m: load_config_file(os.path.join(CONFIG_DIR, f"{m}.py"), "smoke") for m in reproduce.METHODS
+    }
     result = reproduce.reproduce(configs, str(tmp_path))
     assert [r["method"] for r in result["rows"]] == [
-        "sl", "casl", "deprune", "prune (start model)", "prune"]
+        "sl",
+        "casl",
+        "deprune",
+        "prune (start model)",
+        "prune",
+    ]
     assert [p["budget"] for p in result["curve"]] == [4, 8, 16, 32]
     assert glob.glob(str(tmp_path / "casl_*"))
     paths = reproduce.write_results(result, str(tmp_path))
@@ -117,5 +148,9 @@ def test_reproduce_end_to_end_on_smoke_configs(tmp_path):
     sl = result["rows"][0]
     deprune = result["rows"][2]
     assert result["ratios"]["deprune_vs_sl_network"] == pytest.approx(
-        (sl["train_mb_up"] + sl["train_mb_down"])
-        / (deprune["train_mb_up"] + deprune["train_mb_down"]))
+        (sl["payload_mb_up"] + sl["payload_mb_down"])
+        / (deprune["payload_mb_up"] + deprune["payload_mb_down"])
+    )
+    # The curve at deprune's final budget is deprune's own final evaluation.
+    final = [p for p in result["curve"] if p["budget"] == deprune["final_budget"]][0]
+    assert final["deprune_test_accuracy"] == pytest.approx(deprune["final_test_accuracy"])

@@ -2,20 +2,23 @@
 
   tfsplit-evaluate --workdir=/tmp/tfsplit/deprune --budgets=4,8,16,32
 
-Sends the top-k' channels by gate importance for each budget k' and reports test accuracy and
-inference bytes per sample; writes budget_curve.csv and budget_curve.png into --out (default: the
-run's workdir).
+Evaluates the trained SplitModel at each budget k' (its top-k' channels by gate importance) on
+the run's test set and reports test accuracy and inference payload bytes per sample; writes
+budget_curve.csv and budget_curve.png into --out (default: the run's workdir).
 """
 
 from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import curve
-from tfsplit.export import load_run
+from tfsplit.eval import curve
+from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished training run.", required=True)
-_BUDGETS = flags.DEFINE_list("budgets", None, "Budgets to evaluate; default 1/8, 1/4, 1/2 and "
-                             "all of the run's final budget.")
+_BUDGETS = flags.DEFINE_list(
+    "budgets",
+    None,
+    "Budgets to evaluate; default 1/8, 1/4, 1/2 and all of the run's final budget.",
+)
 _OUT = flags.DEFINE_string("out", None, "Where to write the CSV and PNG; default --workdir.")
 
 
@@ -29,20 +32,21 @@ def parse_budgets(values):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    run = load_run(_WORKDIR.value)
     budgets = parse_budgets(_BUDGETS.value) if _BUDGETS.value else None
-    rows = curve.evaluate_run(run, budgets)
-    title = f"{run.config.mode}, {run.summary['model']}, {run.info.name}"
+    rows, summary = curve.evaluate_workdir(_WORKDIR.value, budgets)
+    title = f"{summary['mode']}, {summary['model']}, {summary['dataset']}"
     csv_path, png_path = curve.write_curve(rows, _OUT.value or _WORKDIR.value, title)
-    print(f"{'budget':>7} {'test accuracy':>14} {'bytes/sample':>13}")
+    print(f"{'budget':>7} {'test accuracy':>14} {'payload bytes/sample':>21}")
     for row in rows:
-        print(f"{row['budget']:>7} {100 * row['test_accuracy']:>13.2f}% "
-              f"{row['bytes_per_sample']:>13}")
+        print(
+            f"{row['budget']:>7} {100 * row['test_accuracy']:>13.2f}% "
+            f"{row['payload_bytes_per_sample']:>21,.1f}"
+        )
     print(f"wrote {csv_path} and {png_path}")
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import export as export_lib
+from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Workdir of a finished training run.", required=True
@@ -63,7 +64,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

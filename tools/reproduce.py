@@ -14,23 +14,39 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import config as config_lib
-from tfsplit import reproduce
+from tfsplit.eval import reproduce
+from tools import run_tool
 
 PRESETS = {"quick": "", "paper": "paper"}  # preset -> variant of the files in configs/.
 _DEFAULT_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 
-_PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS), "quick: embedded dataset, minutes "
-                            "on a CPU; paper: VGG-11, CIFAR-10, reference schedules.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and results.",
-                               required=True)
-_CONFIGS = flags.DEFINE_string("configs_dir", _DEFAULT_CONFIGS, "Folder with sl.py, casl.py, "
-                               "deprune.py and prune.py.")
-_TARGET = flags.DEFINE_float("target_accuracy", None, "Target for time-to-accuracy; default "
-                             "CA-SL's final accuracy less one point.", lower_bound=0, upper_bound=1)
-_INIT_FROM = flags.DEFINE_string("init_from", None, "Start prune from this finished run instead "
-                                 "of training its start model.")
-_DATA_PATH = flags.DEFINE_string("data_path", None, "Local dataset archive for every method "
-                                 "(config data.path), e.g. a CIFAR-10 python tar.gz.")
+_PRESET = flags.DEFINE_enum(
+    "preset",
+    "quick",
+    list(PRESETS),
+    "quick: embedded dataset, minutes on a CPU; paper: VGG-11, CIFAR-10, reference schedules.",
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for all runs and results.", required=True
+)
+_CONFIGS = flags.DEFINE_string(
+    "configs_dir", _DEFAULT_CONFIGS, "Folder with sl.py, casl.py, deprune.py and prune.py."
+)
+_TARGET = flags.DEFINE_float(
+    "target_accuracy",
+    None,
+    "Target for time-to-accuracy; default CA-SL's final accuracy less one point.",
+    lower_bound=0,
+    upper_bound=1,
+)
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Start prune from this finished run instead of training its start model."
+)
+_DATA_PATH = flags.DEFINE_string(
+    "data_path",
+    None,
+    "Local dataset archive for every method (config data.path), e.g. a CIFAR-10 python tar.gz.",
+)
 
 
 def load_configs():
@@ -54,7 +70,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

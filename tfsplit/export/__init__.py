@@ -4,7 +4,11 @@ Serving, and the checks that the exported pair behaves like the Keras model it c
   exports = export_split("/tmp/tfsplit/deprune")        # heads + tails + accuracy table
   print(format_table(exports.rows))
 
-or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_path)`.
+or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_path)`. A
+`SplitModel` trained in Python exports the same way with its data:
+
+  run = TrainedRun.from_model(model, info, (x_train, y_train), (x_test, y_test))
+  exports = export_split(run, out_dir="/tmp/deploy")
 """
 
 from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head

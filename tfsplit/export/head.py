@@ -12,7 +12,8 @@ JSON beside the model lists them. Three flavours:
   as in training, optionally fine-tuned with quantization-aware training (`tfsplit.export.qat`).
 
 After writing each model, its LiteRT interpreter output is compared with the Keras reference on
-test images and the agreement is stored in the JSON.
+test images and the agreement is stored in the JSON. The JSON itself is declared, and checked
+before it is written, by `tfsplit.device.spec`: the module the device reads it with.
 """
 
 import dataclasses
@@ -22,17 +23,17 @@ import os
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from ai_edge_litert.interpreter import Interpreter
 
+from tfsplit import codec
+from tfsplit.device import spec as spec_lib
+from tfsplit.device.head import LiteModel, quantize_input
+from tfsplit.device.spec import HEAD_DTYPES, DeviceError
 from tfsplit.export import qat as qat_lib
 from tfsplit.export import run as run_lib
 from tfsplit.export.run import ExportError
 
-HEAD_DTYPES = ("float32", "float16", "int8")
 QAT_CHOICES = (True, False, "auto")
 QAT_AUTO_MAX_LOSS = 0.01  # "auto" fine-tunes when int8 loses more than 1 accuracy point.
-FORMAT = "tfsplit-head/1"
-_INT8_MIN, _INT8_MAX = -128, 127
 
 
 @dataclasses.dataclass
@@ -58,14 +59,10 @@ class HeadExport:
 
 def check_dtypes(dtypes):
     """`dtypes` as a tuple of distinct HEAD_DTYPES names; a single name is accepted."""
-    dtypes = (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
-    unknown = [dtype for dtype in dtypes if dtype not in HEAD_DTYPES]
-    if not dtypes or unknown or len(set(dtypes)) != len(dtypes):
-        raise ExportError(
-            f"`dtypes` must be distinct names from {HEAD_DTYPES}, at least one. "
-            f"Received: dtypes={dtypes!r}"
-        )
-    return dtypes
+    try:
+        return spec_lib.check_head_dtypes(dtypes)
+    except DeviceError as error:
+        raise ExportError(str(error)) from None
 
 
 def _check_count(name, value, maximum, what):
@@ -118,27 +115,6 @@ def convert_head(concrete_function, trackable, dtype, representative_images=None
     return converter.convert()
 
 
-def _quantization(detail):
-    """(scale, zero_point) of an int8 tensor, None for a float tensor."""
-    if detail["dtype"] != np.int8:
-        return None
-    scale, zero_point = detail["quantization"]
-    return float(scale), int(zero_point)
-
-
-def quantize_images(images, quantization):
-    """Normalized float32 images -> the int8 input of an int8 head, as a device computes it."""
-    scale, zero_point = quantization
-    q = np.rint(np.asarray(images, np.float32) / np.float32(scale)) + np.float32(zero_point)
-    return np.clip(q, _INT8_MIN, _INT8_MAX).astype(np.int8)
-
-
-def _interpreter(model):
-    if isinstance(model, bytes):
-        return Interpreter(model_content=model)
-    return Interpreter(model_path=os.fspath(model))
-
-
 def run_head(model, images, batch_size=256):
     """Runs a head .tflite with the LiteRT interpreter, as the device does.
 
@@ -151,31 +127,19 @@ def run_head(model, images, batch_size=256):
       (outputs, quantization): outputs in the model's output dtype (int8 values are the wire
       payload), quantization the output's (scale, zero_point), or None for a float output.
     """
-    interpreter = _interpreter(model)
-    input_detail = interpreter.get_input_details()[0]
-    output_index = interpreter.get_output_details()[0]["index"]
-    input_quantization = _quantization(input_detail)
-    outputs, shape = [], None
+    lite = LiteModel(model if isinstance(model, bytes) else os.fspath(model))
+    outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        if input_quantization is not None:
-            batch = quantize_images(batch, input_quantization)
-        if batch.shape != shape:
-            interpreter.resize_tensor_input(input_detail["index"], batch.shape, strict=True)
-            interpreter.allocate_tensors()
-            shape = batch.shape
-        interpreter.set_tensor(input_detail["index"], batch)
-        interpreter.invoke()
-        outputs.append(np.array(interpreter.get_tensor(output_index)))
-    return np.concatenate(outputs), _quantization(interpreter.get_output_details()[0])
+        if lite.input_quantization is not None:
+            batch = quantize_input(batch, lite.input_quantization)
+        outputs.append(lite(batch))
+    return np.concatenate(outputs), lite.output_quantization
 
 
 def dequantize(outputs, quantization):
-    """Head outputs -> float32: scale * (q - zero_point) for int8, a cast otherwise."""
-    if quantization is None:
-        return np.asarray(outputs, np.float32)
-    scale, zero_point = quantization
-    return (outputs.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+    """Head outputs -> float32 as the receiver computes them (`codec.dequantize`)."""
+    return codec.dequantize(outputs, *(quantization or (1.0, 0)))
 
 
 def head_parity(outputs, quantization, reference):
@@ -194,73 +158,37 @@ def head_parity(outputs, quantization, reference):
         "mean_abs_diff": float(difference.mean()),
     }
     if quantization is not None:
-        expected = quantize_images(reference, quantization)
+        expected = quantize_input(reference, quantization)
         steps = np.abs(outputs.astype(np.int32) - expected.astype(np.int32))
         parity["max_quantization_steps"] = int(steps.max())
         parity["mean_quantization_steps"] = float(steps.mean())
     return parity
 
 
-def _tensor_record(detail):
-    quantization = _quantization(detail)
-    return {
-        "name": detail["name"],
-        "shape": [int(size) for size in detail["shape"]],
-        "dtype": np.dtype(detail["dtype"]).name,
-        "scale": None if quantization is None else quantization[0],
-        "zero_point": None if quantization is None else quantization[1],
-    }
-
-
-def _wire_record(dtype, quantization):
-    if dtype == "int8":
-        scale, zero_point = quantization
-        how = "send the int8 output tensor as is, with its scale and zero point"
-    else:
-        scale, zero_point = 1.0, 0
-        how = (
-            "cast the float32 output to float16 before sending"
-            if dtype == "float16"
-            else ("send the float32 output as is")
-        )
-    return {"dtype": dtype, "scale": scale, "zero_point": zero_point, "how": how}
-
-
-def head_metadata(run, model_path, dtype, k, indices, parity, conversion):
+def head_metadata(run, model_path, dtype, indices, parity, conversion):
     """The JSON that travels with a head: everything a device runner needs besides the model."""
-    interpreter = _interpreter(model_path)
-    input_detail = interpreter.get_input_details()[0]
-    output_detail = interpreter.get_output_details()[0]
-    height, width, channels = run.split.wire_shape
-    return {
-        "format": FORMAT,
-        "model": os.path.basename(model_path),
-        "dtype": dtype,
-        "input": _tensor_record(input_detail),
-        "normalization": {
-            "mean": [float(m) for m in run.info.mean],
-            "std": [float(s) for s in run.info.std],
-            "formula": "(pixel / 255 - mean) / std, per channel, NHWC",
-        },
-        "output": _tensor_record(output_detail),
-        "wire": _wire_record(dtype, _quantization(output_detail)),
-        "budget": k,
-        "indices": [int(i) for i in indices],
-        "channels": int(channels),
-        "height": int(height),
-        "width": int(width),
-        "num_classes": int(run.info.num_classes),
-        "dataset": run.info.name,
-        "source": {"workdir": os.path.abspath(run.workdir), "checkpoint": run.checkpoint},
-        "versions": run_lib.versions(),
-        "parity": parity,
-        "conversion": conversion,
-    }
+    lite = LiteModel(model_path)
+    return spec_lib.head_json(
+        os.path.basename(model_path),
+        dtype,
+        lite.input_detail,
+        lite.output_detail,
+        run.info.mean,
+        run.info.std,
+        indices,
+        run.split.wire_shape,
+        run.info.num_classes,
+        dataset=run.info.name,
+        source=run.source,
+        versions=run_lib.versions(),
+        parity=parity,
+        conversion=conversion,
+    )
 
 
 def _representative_images(run, count):
     """`count` training images drawn with the run's seed, normalized as in training."""
-    rng = np.random.default_rng(run.config.seed)
+    rng = np.random.default_rng(run.seed)
     chosen = np.sort(rng.choice(len(run.train_images), size=count, replace=False))
     return run.normalize(run.train_images[chosen])
 
@@ -268,9 +196,7 @@ def _representative_images(run, count):
 def tflite_split_accuracy(run, model, indices):
     """Test top-1 accuracy of a TFLite head feeding the float Keras tail (no exported tail)."""
     outputs, quantization = run_head(model, run.normalize(run.test_images))
-    sent = tf.constant(dequantize(outputs, quantization))
-    full = run_lib.scatter_channels(sent, tf.constant(indices, tf.int32), run.channels)
-    logits = run.split.tail.predict(full, batch_size=256, verbose=0)
+    logits = run_lib.keras_tail_logits(run, dequantize(outputs, quantization), indices)
     return float(np.mean(np.argmax(logits, axis=-1) == run.test_labels))
 
 
@@ -285,7 +211,7 @@ def _int8_model(run, indices, float_function, representative, qat):
       it was quantized (with the accuracies that decided it).
     """
     flatbuffer = convert_head(float_function, run.split.head, "int8", representative)
-    reference = run_lib.selected_head(run.split.head, indices)
+    reference = lambda images: run.split.send(images, indices)  # noqa: E731
     record = {"method": "post-training", "qat": qat}
     if qat is False:
         return flatbuffer, reference, record
@@ -295,10 +221,10 @@ def _int8_model(run, indices, float_function, representative, qat):
     loss = record["float_accuracy"] - record["post_training_accuracy"]
     if qat == "auto" and loss <= QAT_AUTO_MAX_LOSS:
         return flatbuffer, reference, record
-    qat_head, settings = qat_lib.fine_tune_head(run, indices, representative)
-    qat_reference = run_lib.selected_head(qat_head, indices)
+    qat_split, settings = qat_lib.fine_tune_head(run, indices, representative)
+    qat_reference = lambda images: qat_split.send(images, indices)  # noqa: E731
     function = head_function(qat_reference, run.info.image_shape)
-    qat_flatbuffer = convert_head(function, qat_head, "int8", representative)
+    qat_flatbuffer = convert_head(function, qat_split.head, "int8", representative)
     record["fine_tuning"] = settings
     record["quantization_aware_accuracy"] = tflite_split_accuracy(run, qat_flatbuffer, indices)
     if qat == "auto" and record["quantization_aware_accuracy"] < record["post_training_accuracy"]:
@@ -314,7 +240,7 @@ def _head_model(run, dtype, indices, float_function, representative, qat):
         return _int8_model(run, indices, float_function, representative, qat)
     flatbuffer = convert_head(float_function, run.split.head, dtype)
     method = "float16 weights" if dtype == "float16" else "none"
-    return flatbuffer, run_lib.selected_head(run.split.head, indices), {"method": method}
+    return flatbuffer, lambda images: run.split.send(images, indices), {"method": method}
 
 
 def _output_paths(out_dir, dtypes, overwrite):
@@ -346,7 +272,7 @@ def export_head(
     """Writes the head with its channel selection as `head_<dtype>.tflite` + `head_<dtype>.json`.
 
     Args:
-      workdir: a training workdir, or a `TrainedRun` from `load_run` (to load it only once).
+      workdir: a training workdir, or a `TrainedRun` (`load_run`, `TrainedRun.from_model`).
       out_dir: directory for the files (created).
       budget: channels k to send; the run's final budget by default, any 1 <= k <= C allowed.
       dtypes: which of HEAD_DTYPES to write.
@@ -370,13 +296,12 @@ def export_head(
     )
     _check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
     _check_qat(qat)
-    k = run_lib.resolve_budget(run, budget)
-    indices = run_lib.selected_channels(run, k)
+    _, indices = run.select(budget)
     paths = _output_paths(out_dir, dtypes, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     representative = _representative_images(run, representative_samples)
     float_function = head_function(
-        run_lib.selected_head(run.split.head, indices), run.info.image_shape
+        lambda images: run.split.send(images, indices), run.info.image_shape
     )
     parity_images = run.normalize(run.test_images[:parity_samples])
     exports = {}
@@ -389,7 +314,7 @@ def export_head(
             f.write(flatbuffer)
         outputs, quantization = run_head(model_path, parity_images)
         parity = head_parity(outputs, quantization, reference(parity_images).numpy())
-        metadata = head_metadata(run, model_path, dtype, k, indices, parity, record)
+        metadata = head_metadata(run, model_path, dtype, indices, parity, record)
         with open(metadata_path, "w") as f:
             json.dump(metadata, f, indent=2)
         logging.info("Wrote %s (%d bytes), parity %s", model_path, len(flatbuffer), parity)

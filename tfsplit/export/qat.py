@@ -2,17 +2,18 @@
 
 Route: every head layer is annotated with tfmot's default 8-bit scheme, the `MaskedEncoder` with
 `tfsplit.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a fake-quantized copy
-of the head (the trained model is left untouched). That copy is fine-tuned for a short while on
-training images through the frozen float tail at the export's fixed channel selection, then
-converted to int8 like a post-training head.
+of the head (the trained model is left untouched). That copy and a frozen copy of the float tail
+make a `SplitModel` that `fit` fine-tunes for a short while on the training images at the export's
+budget (budget loss off), then the head is converted to int8 like a post-training head.
 
 Two choices make a *short* fine-tune useful:
 - tfmot starts every activation range at [-6, 6] and moves it as a 0.999 moving average, so after
   a few hundred steps the ranges would still be far too wide; they are set first from the float
   head's observed ranges on the representative images (post-training calibration), and the
   moving averages refine them from there.
-- the gate logits are frozen: the channel selection is fixed at export, and a gate that moved
-  would no longer rank channels as the exported indices say.
+- the gate logits do not move (their own optimizer has a zero learning rate): the channel
+  selection is fixed at export, and a gate that moved would no longer rank channels as the
+  exported indices say.
 
 Limits: tfmot's `quantize_apply` accepts flat functional or Sequential models of built-in layers
 (plus layers with a QuantizeConfig); a head with nested models or other custom layers raises an
@@ -32,8 +33,9 @@ from absl import logging
 from tfsplit.bottleneck import MaskedEncoder, MaskedEncoderQuantizeConfig
 from tfsplit.export import run as run_lib
 from tfsplit.export.run import ExportError
+from tfsplit.model import SplitModel
 
-LEARNING_RATE_FACTOR = 0.1  # Fine-tuning rate: this times the last phase's learning rate.
+LEARNING_RATE_FACTOR = 0.1  # Fine-tuning rate: this times the run's last learning rate.
 _ACTIVATION_RANGE = re.compile(r"(output|post_activation|quantize_layer)_(min|max):0$")
 _QUANTIZE = tfmot.quantization.keras
 
@@ -97,46 +99,56 @@ def calibrate_ranges(qat_head, head, images):
             variable.assign(low if variable.name.endswith("_min:0") else high)
 
 
-def _trainable_variables(qat_head):
-    """All trainable variables but the gate logits, which must keep ranking channels as exported."""
-    gates = {
-        layer.layer.gate_logits.ref()
-        for layer in qat_head.layers
-        if isinstance(getattr(layer, "layer", None), MaskedEncoder)
-    }
-    return [v for v in qat_head.trainable_variables if v.ref() not in gates]
+def _frozen_copy(tail):
+    """The tail, copied and frozen: fine-tuning the head must not change the exported tail.
+
+    A frozen Keras model also runs its batch norm in inference mode, as the server will.
+    """
+    copy = keras.models.clone_model(tail)
+    copy.set_weights(tail.get_weights())
+    copy.trainable = False
+    return copy
 
 
-def _train_step(run, qat_head, indices, optimizer):
-    variables = _trainable_variables(qat_head)
-    indices = tf.constant(indices, tf.int32)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+def build_qat_split(split, qat_head, budget):
+    """A `SplitModel` of `qat_head` and a frozen copy of the float tail, at a fixed selection.
 
-    @tf.function
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            sent = tf.gather(qat_head(images, training=True), indices, axis=-1)
-            full = run_lib.scatter_channels(sent, indices, run.channels)
-            loss = loss_fn(labels, run.split.tail(full, training=False))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
-    return step
+    The fake-quantized head already rounds its output as the int8 wire will, so the wire here is
+    float32 both ways, and the budget loss is off. Compile it with a zero-rate `gate_optimizer`
+    (as `fine_tune_head` does) so the top-k channels stay the exported ones: gates that moved
+    would rank channels differently from the indices baked into the head.
+    """
+    qat_split = SplitModel(
+        qat_head,
+        _frozen_copy(split.tail),
+        cut=split.cut,
+        activation_dtype="float32",
+        gradient_dtype="float32",
+        name=f"{split.name}_qat",
+    )
+    # tfmot wraps the encoder in a QuantizeWrapper, which SplitModel does not look into.
+    wrapped = [getattr(layer, "layer", None) for layer in qat_head.layers]
+    encoders = [layer for layer in wrapped if isinstance(layer, MaskedEncoder)]
+    if encoders:
+        qat_split.encoder = encoders[0]
+    qat_split.set_budget(budget, masking=False)
+    return qat_split
 
 
 def fine_tune_head(run, indices, representative, epochs=1, learning_rate=None):
-    """Quantization-aware fine-tuning of the run's head at a fixed channel selection.
+    """Quantization-aware fine-tuning of the run's head with `fit`, at a fixed channel selection.
 
     Args:
       run: a `TrainedRun`.
-      indices: the exported channel indices.
+      indices: the exported channel indices (the run's top-k for their count k).
       representative: normalized training images whose ranges start the activation quantizers.
       epochs: passes over the training set.
-      learning_rate: SGD rate; by default LEARNING_RATE_FACTOR times the last phase's rate.
+      learning_rate: SGD rate; by default LEARNING_RATE_FACTOR times the run's last rate.
 
     Returns:
-      (qat_head, settings): the fine-tuned fake-quantized head (image -> all C channels) and a
-      dict of what was done, for the export's JSON.
+      (qat_split, settings): the fine-tuned `SplitModel` (its `head` is fake-quantized, its
+      `send(images, indices)` is what the int8 head must compute) and a dict of what was done,
+      for the export's JSON.
 
     Raises:
       ExportError: bad epochs / learning rate, or a head tfmot cannot quantize.
@@ -144,24 +156,33 @@ def fine_tune_head(run, indices, representative, epochs=1, learning_rate=None):
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ExportError(f"`epochs` must be a positive integer. Received: {epochs=!r}")
     if learning_rate is None:
-        learning_rate = LEARNING_RATE_FACTOR * float(run.config.phases[-1]["learning_rate"])
+        learning_rate = LEARNING_RATE_FACTOR * float(run.learning_rate)
     if not learning_rate > 0:
         raise ExportError(f"`learning_rate` must be > 0. Received: {learning_rate=!r}")
+    indices = np.asarray(indices, np.int32)
     qat_head = build_qat_head(run.split.head)
     calibrate_ranges(qat_head, run.split.head, representative)
-    optimizer = keras.optimizers.SGD(learning_rate, momentum=run.config.optimizer.momentum)
-    step = _train_step(run, qat_head, indices, optimizer)
-    batches = run_lib.image_batches(
-        run, run.train_images, run.train_labels, run.config.data.batch_size, shuffle=True
+    qat_split = build_qat_split(run.split, qat_head, len(indices))
+    qat_split.compile(
+        keras.optimizers.SGD(learning_rate, momentum=run.momentum),
+        gate_optimizer=keras.optimizers.SGD(0.0),
     )
-    losses = [float(step(images, labels)) for _ in range(epochs) for images, labels in batches]
+    batches = run_lib.image_batches(
+        run, run.train_images, run.train_labels, run.batch_size, shuffle=True
+    )
+    history = qat_split.fit(batches, epochs=epochs, verbose=0).history
+    if not np.array_equal(qat_split.channel_indices(len(indices)).numpy(), indices):
+        raise ExportError(
+            "Quantization-aware fine-tuning changed the channel selection; expected the exported "
+            f"indices {indices.tolist()}."
+        )
     settings = {
         "epochs": epochs,
-        "steps": len(losses),
+        "steps": epochs * int(batches.cardinality()),
         "learning_rate": learning_rate,
-        "batch_size": int(run.config.data.batch_size),
-        "first_loss": losses[0],
-        "last_epoch_mean_loss": float(np.mean(losses[-len(losses) // epochs :])),
+        "batch_size": int(run.batch_size),
+        "epoch_losses": [float(loss) for loss in history["loss"]],
+        "epoch_accuracies": [float(accuracy) for accuracy in history["accuracy"]],
     }
     logging.info("Quantization-aware fine-tuning: %s", settings)
-    return qat_head, settings
+    return qat_split, settings

@@ -3,7 +3,9 @@
 For every head dtype the matching tail takes the same wire dtype (float32 -> float32,
 float16 -> float16, int8 -> int8). The comparison runs the real deployed path on the test set:
 TFLite head in the LiteRT interpreter -> wire values as the device sends them -> the reloaded
-SavedModel tail, against the float Keras split model at the same budget.
+SavedModel tail, against the float Keras split model at the same budget. Each row also says what
+one image costs on the wire as `payload_bytes` (`codec.payload_nbytes`); what a request weighs
+depends on the protocol and is measured by `tfsplit.eval.deployment`.
 """
 
 import dataclasses
@@ -12,20 +14,29 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfsplit import codec
+from tfsplit.device import spec as device_spec
+from tfsplit.device import stats
+from tfsplit.device.payload import build_payload
 from tfsplit.export import head as head_lib
 from tfsplit.export import run as run_lib
 from tfsplit.export import tail as tail_lib
 
 EXPORT_DIR = "export"
 SERVING_DIR = "serving"
+# The deployed pair against the float Keras split model; `tfsplit.eval.deployment` shows them too.
+ACCURACY_COLUMNS = (
+    ("accuracy", "top-1", ".2%"),
+    ("keras_accuracy", "Keras top-1", ".2%"),
+    ("agreement", "agreement", ".2%"),
+)
 TABLE_COLUMNS = (
     ("dtype", "dtype"),
     ("head_file", "file"),
-    ("head_bytes", "bytes"),
+    ("head_file_bytes", "file_bytes"),
+    ("payload_bytes", "payload_bytes"),
     ("parity", "parity vs Keras"),
-    ("accuracy", "top-1"),
-    ("keras_accuracy", "Keras top-1"),
-    ("agreement", "agreement"),
+    *ACCURACY_COLUMNS,
 )
 
 
@@ -46,11 +57,6 @@ class SplitExport:
     rows: list
 
 
-def _wire_values(outputs, dtype):
-    """What the device sends: float16 heads compute in float32 and are cast before sending."""
-    return outputs.astype(np.float16) if dtype == "float16" else outputs
-
-
 def _check_pairs(heads, tails):
     """Every head needs a tail of its wire dtype that accepts its budget; all share one budget."""
     budgets = {head.metadata["budget"] for head in heads.values()}
@@ -66,13 +72,12 @@ def _check_pairs(heads, tails):
 
 
 def _deployed_predictions(head, tail, images):
-    """Top-1 classes through the deployed path: LiteRT head -> wire values -> SavedModel tail."""
-    outputs, quantization = head_lib.run_head(head.model_path, images)
-    scale, zero_point = quantization or (1.0, 0)
+    """Top-1 classes through the deployed path: LiteRT head -> device payload -> SavedModel tail."""
+    outputs, _ = head_lib.run_head(head.model_path, images)
+    spec = device_spec.spec_from_json(head.metadata, head.metadata_path)
+    payload = build_payload(outputs, spec)  # what the device sends, float16 cast included
     signature = tf.saved_model.load(tail.path).signatures[tail_lib.SIGNATURE]
-    values = _wire_values(outputs, head.dtype)
-    indices = head.metadata["indices"]
-    return tail_lib.run_tail(signature, values, indices, scale, zero_point).argmax(-1)
+    return tail_lib.run_tail(signature, *payload.inputs().values()).argmax(-1)
 
 
 def evaluate_exports(workdir, heads, tails):
@@ -84,10 +89,11 @@ def evaluate_exports(workdir, heads, tails):
       tails: dtype -> `TailExport`, one for every head dtype, accepting that budget.
 
     Returns:
-      A list of dicts, one per dtype: dtype, head_file, head_bytes, tail_dir, tail_bytes, budget,
-      head_max_abs_diff (and head_max_quantization_steps for int8), tail_max_abs_diff, accuracy
-      (deployed), keras_accuracy (float Keras split at the same budget), agreement (share of
-      test images where both predict the same class).
+      A list of dicts, one per dtype: dtype, head_file, head_file_bytes (the .tflite's size),
+      tail_dir, tail_dir_bytes (the SavedModel's size), budget, payload_bytes (one image's
+      selection as the codec encodes it), head_max_abs_diff (and head_max_quantization_steps for
+      int8), tail_max_abs_diff, accuracy (deployed), keras_accuracy (float Keras split at the same
+      budget), agreement (share of test images where both predict the same class).
 
     Raises:
       ExportError: heads without a matching tail, or heads at different budgets.
@@ -97,17 +103,19 @@ def evaluate_exports(workdir, heads, tails):
     indices = next(iter(heads.values())).metadata["indices"]
     keras_predictions = run_lib.keras_split_logits(run, run.test_images, indices).argmax(-1)
     images = run.normalize(run.test_images)
+    height, width, channels = run.split.wire_shape
     rows = []
     for dtype, head in heads.items():
         predictions = _deployed_predictions(head, tails[dtype], images)
-        parity = head.metadata["parity"]
+        parity, k = head.metadata["parity"], head.metadata["budget"]
         row = {
             "dtype": dtype,
             "head_file": head.model_path,
-            "head_bytes": head.size_bytes,
+            "head_file_bytes": head.size_bytes,
             "tail_dir": tails[dtype].path,
-            "tail_bytes": tails[dtype].size_bytes,
-            "budget": head.metadata["budget"],
+            "tail_dir_bytes": tails[dtype].size_bytes,
+            "budget": k,
+            "payload_bytes": codec.payload_nbytes(1, height, width, k, dtype, False, channels),
             "head_max_abs_diff": parity["max_abs_diff"],
             "tail_max_abs_diff": tails[dtype].parity["max_abs_diff"],
             "accuracy": float(np.mean(predictions == run.test_labels)),
@@ -120,26 +128,18 @@ def evaluate_exports(workdir, heads, tails):
     return rows
 
 
-def _cell(row, key):
-    if key == "head_file":
-        return os.path.basename(row[key])
-    if key == "parity":
-        steps = row.get("head_max_quantization_steps")
-        text = f"max |d| {row['head_max_abs_diff']:.2e}"
-        return text if steps is None else f"{text} ({steps} steps)"
-    if key in ("accuracy", "keras_accuracy", "agreement"):
-        return f"{100 * row[key]:.2f}%"
-    return str(row[key])
+def _parity(row):
+    steps = row.get("head_max_quantization_steps")
+    text = f"max |d| {row['head_max_abs_diff']:.2e}"
+    return text if steps is None else f"{text} ({steps} steps)"
 
 
 def format_table(rows):
     """The rows of `evaluate_exports` as a plain-text table with a header line."""
-    cells = [[title for _, title in TABLE_COLUMNS]]
-    cells += [[_cell(row, key) for key, _ in TABLE_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    shown = [
+        dict(row, head_file=os.path.basename(row["head_file"]), parity=_parity(row)) for row in rows
+    ]
+    return stats.format_table(shown, TABLE_COLUMNS)
 
 
 def export_split(
@@ -171,6 +171,8 @@ def export_split(
       ExportError: bad arguments, a workdir that is not a finished run, or existing files.
     """
     run = run_lib.as_run(workdir)
+    if out_dir is None and not run.workdir:
+        raise run_lib.ExportError("`out_dir` is required for a run without a workdir.")
     out_dir = os.path.join(run.workdir, EXPORT_DIR) if out_dir is None else os.fspath(out_dir)
     base_path = os.path.join(out_dir, SERVING_DIR)
     dtypes = head_lib.check_dtypes(dtypes)

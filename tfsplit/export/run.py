@@ -1,15 +1,16 @@
-"""A finished training run loaded for export: config, weights, data and the Keras reference.
+"""A trained `SplitModel` with its data, ready for export: from a workdir or from the model itself.
 
-Every exporter starts from a training workdir (what `tfsplit.train.train` wrote: `config.json`,
-`summary.json`, `checkpoints/`). `load_run` rebuilds the split model from the config, restores
-its latest checkpoint and loads the run's dataset, so the exported files can be checked against
-the very model that was trained, on the data it was trained and tested on.
+Every exporter checks the files it writes against the Keras model they came from, on the data it
+was trained and tested on, so a `TrainedRun` carries both. `load_run(workdir)` loads the model
+that `tfsplit-train` saved (`checkpoints/model.keras`) and reloads the run's dataset;
+`TrainedRun.from_model` wraps a `SplitModel` trained anywhere with data the caller passes. The
+forward pass at a budget is always the model's own (`channel_indices`, `send`, `receive`), so an
+export is checked against exactly what training measured.
 """
 
 import dataclasses
 import importlib.metadata
 import json
-import numbers
 import os
 
 import ml_collections
@@ -19,12 +20,9 @@ import tf_keras as keras
 from absl import logging
 
 import tfsplit
-from tfsplit import budget as budget_lib
-from tfsplit import data
-from tfsplit.models import SplitModel
+from tfsplit import callbacks, data
+from tfsplit.model import SplitModel
 from tfsplit.train import trainer
-
-CONFIG_FILE = "config.json"
 
 
 class ExportError(ValueError):
@@ -33,29 +31,64 @@ class ExportError(ValueError):
 
 @dataclasses.dataclass
 class TrainedRun:
-    """A training run ready for export.
+    """A trained split model and its data.
 
     Attributes:
-      workdir: the training workdir.
-      config: the run's ConfigDict.
-      summary: the run's summary.json (final budget, accuracy, ...).
+      split: the trained `SplitModel`.
       info: the dataset's `DatasetInfo` (normalization, shapes, classes).
-      split: the `SplitModel` with the checkpoint's weights.
-      checkpoint: path prefix of the restored checkpoint.
-      train_images, train_labels, test_images, test_labels: the run's data, uint8 NHWC images and
-        int32 labels, exactly as the trainer loaded them.
+      train_images, train_labels, test_images, test_labels: uint8 NHWC images and int32 labels;
+        training images calibrate int8 heads and fine-tune them, test images check every export.
+      final_budget: the budget in force at the end of training, the default for export.
+      seed: seeds the choice of calibration images and the fine-tuning order.
+      batch_size, learning_rate, momentum: SGD settings of quantization-aware fine-tuning
+        (`learning_rate` is the one training ended with; fine-tuning scales it down).
+      workdir: the training workdir ("" for a model given directly).
+      model_path: the saved model file ("" for a model given directly).
+      config: the run's ConfigDict (None for a model given directly).
+      summary: the run's summary.json ({} for a model given directly).
     """
 
-    workdir: str
-    config: ml_collections.ConfigDict
-    summary: dict
-    info: data.DatasetInfo
     split: SplitModel
-    checkpoint: str
+    info: data.DatasetInfo
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    final_budget: int
+    seed: int = 0
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    momentum: float = 0.0
+    workdir: str = ""
+    model_path: str = ""
+    config: ml_collections.ConfigDict = None
+    summary: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model, info, train, test, budget=None, **settings):
+        """A run from a trained `SplitModel` and its data, to export a model built in Python.
+
+        Args:
+          model: the trained `SplitModel`.
+          info: its dataset's `DatasetInfo`; `normalize` must give what the model was trained on.
+          train: (uint8 images, int labels) of the training set.
+          test: (uint8 images, int labels) of the test set.
+          budget: the default export budget; the model's budget in force by default.
+          **settings: seed, batch_size, learning_rate, momentum (see the attributes).
+
+        Raises:
+          ExportError: a model that is not a `SplitModel`, data of the wrong shape, a bad budget.
+        """
+        if not isinstance(model, SplitModel):
+            raise ExportError(f"`model` must be a tfsplit SplitModel. Received: {type(model)}")
+        if not isinstance(info, data.DatasetInfo):
+            raise ExportError(f"`info` must be a tfsplit.data.DatasetInfo. Received: {type(info)}")
+        arrays = {}
+        for name, pair in (("train", train), ("test", test)):
+            arrays[f"{name}_images"], arrays[f"{name}_labels"] = _check_split(name, pair, model)
+        budget = int(model.budget.numpy()) if budget is None else budget
+        _check_budget(model, budget)
+        return cls(split=model, info=info, final_budget=budget, **arrays, **settings)
 
     @property
     def channels(self):
@@ -63,13 +96,56 @@ class TrainedRun:
         return self.split.channels
 
     @property
-    def final_budget(self):
-        """The budget in force at the end of training: the default for export."""
-        return int(self.summary["final_budget"])
+    def source(self):
+        """Where the exported model came from, recorded in the exports' JSON."""
+        return {
+            "workdir": os.path.abspath(self.workdir) if self.workdir else "",
+            "model": os.path.abspath(self.model_path) if self.model_path else "",
+        }
 
     def normalize(self, images):
         """uint8 images -> float32 numpy array normalized as in training (the head's input)."""
         return np.asarray(data.normalize(images, self.info), np.float32)
+
+    def select(self, budget=None):
+        """(k, indices): the budget to export (the final one by default) and its top-k channels.
+
+        Any 1 <= k <= C is allowed (adaptive inference); a k above the final budget sends channels
+        whose gates training had no reason to keep useful, so it is logged.
+
+        Raises:
+          ExportError: k is not an integer in [1, C], or the model has no masked bottleneck and
+            k < C.
+        """
+        k = self.final_budget if budget is None else budget
+        _check_budget(self.split, k)
+        if k > self.final_budget:
+            logging.warning("Budget %d exceeds the run's final budget %d.", k, self.final_budget)
+        return k, self.split.channel_indices(k).numpy().astype(np.int32)
+
+
+def _check_budget(split, budget):
+    try:
+        split.check_budget(budget)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+
+
+def _check_split(name, pair, model):
+    try:
+        images, labels = pair
+    except (TypeError, ValueError):
+        raise ExportError(f"`{name}` must be a pair (images, labels).") from None
+    images, labels = np.asarray(images), np.asarray(labels)
+    expected = tuple(model.head.input.shape[1:])
+    if images.dtype != np.uint8 or images.shape[1:] != expected or len(images) != len(labels):
+        raise ExportError(
+            f"`{name}` must be uint8 images (N, {', '.join(map(str, expected))}) and N labels. "
+            f"Received: {images.dtype} {images.shape} and {labels.shape}"
+        )
+    if not len(images):
+        raise ExportError(f"`{name}` must hold at least one sample.")
+    return images, labels.astype(np.int32)
 
 
 def _read_json(path, what):
@@ -85,123 +161,61 @@ def _read_json(path, what):
             raise ExportError(f"{path} is not valid JSON: {error}") from error
 
 
-def _load_data(config):
-    (train_images, train_labels), (test_images, test_labels), info = data.load_arrays(
-        config.data.name, **trainer.data_arguments(config)
-    )
-    return info, train_images, train_labels, test_images, test_labels
-
-
 def load_run(workdir):
-    """Rebuilds a trained split model and its data from a training workdir.
-
-    Args:
-      workdir: directory of a finished `tfsplit-train` run.
-
-    Returns:
-      A `TrainedRun`.
+    """The trained `SplitModel` of a training workdir, with the run's data and settings.
 
     Raises:
-      ExportError: the directory is missing, lacks config.json / summary.json, or has no
-        checkpoint.
+      ExportError: the directory is missing, lacks config.json / summary.json, or has no saved
+        model.
     """
     if not isinstance(workdir, (str, os.PathLike)) or not os.path.isdir(workdir):
         raise ExportError(f"`workdir` must be an existing directory. Received: workdir={workdir!r}")
     workdir = os.fspath(workdir)
-    config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, CONFIG_FILE), "config"))
-    summary = _read_json(os.path.join(workdir, trainer.SUMMARY_FILE), "summary")
-    checkpoint_dir = os.path.join(workdir, trainer.CHECKPOINT_DIR)
-    if tf.train.latest_checkpoint(checkpoint_dir) is None:
+    config = ml_collections.ConfigDict(
+        _read_json(os.path.join(workdir, trainer.CONFIG_FILE), "config")
+    )
+    summary = _read_json(os.path.join(workdir, callbacks.SUMMARY_FILE), "summary")
+    model_path = os.path.join(workdir, trainer.MODEL_FILE)
+    if not os.path.isfile(model_path):
         raise ExportError(
-            f"The workdir has no checkpoint: expected one in {checkpoint_dir}/ (written by "
-            f"tfsplit-train). Received: workdir={workdir!r}"
+            f"The workdir has no trained model: expected {model_path} (saved by tfsplit-train "
+            f"at the end of a run). Received: workdir={workdir!r}"
         )
-    info, train_images, train_labels, test_images, test_labels = _load_data(config)
-    split = trainer.build_split_model(config, info)
-    checkpoint = trainer.restore_weights(split, workdir)
-    logging.info("Loaded %s: %s, final budget %s", workdir, checkpoint, summary["final_budget"])
+    split = trainer.load_model(workdir)
+    (train_images, train_labels), (test_images, test_labels), info = data.load_arrays(
+        config.data.name, **trainer.data_arguments(config)
+    )
+    logging.info("Loaded %s, final budget %s", model_path, summary["final_budget"])
     return TrainedRun(
-        workdir=workdir,
-        config=config,
-        summary=summary,
-        info=info,
         split=split,
-        checkpoint=checkpoint,
+        info=info,
         train_images=train_images,
         train_labels=train_labels,
         test_images=test_images,
         test_labels=test_labels,
+        final_budget=int(summary["final_budget"]),
+        seed=config.seed,
+        batch_size=config.data.batch_size,
+        learning_rate=float(config.phases[-1]["learning_rate"]),
+        momentum=config.optimizer.momentum,
+        workdir=workdir,
+        model_path=model_path,
+        config=config,
+        summary=summary,
     )
 
 
-def as_run(workdir_or_run):
+def as_run(source):
     """A `TrainedRun` from a workdir path, or the run itself (lets callers load only once)."""
-    if isinstance(workdir_or_run, TrainedRun):
-        return workdir_or_run
-    return load_run(workdir_or_run)
-
-
-def resolve_budget(run, budget=None):
-    """The number of channels k to send: the run's final budget by default.
-
-    Any 1 <= k <= C is allowed (adaptive inference); a k above the final budget sends channels
-    whose gates training had no reason to keep useful, so it is logged.
-
-    Raises:
-      ExportError: k is not an integer in [1, C], or the run has no masked bottleneck and k < C.
-    """
-    if budget is None:
-        return run.final_budget
-    channels = run.channels
-    if not isinstance(budget, numbers.Integral) or isinstance(budget, bool):
-        raise ExportError(f"`budget` must be an integer in [1, {channels}]. Received: {budget=!r}")
-    if not 1 <= budget <= channels:
+    if isinstance(source, TrainedRun):
+        return source
+    if isinstance(source, SplitModel):
         raise ExportError(
-            f"`budget` must be in [1, {channels}] (the channels at the cut). Received: {budget=}"
+            "Exporting a SplitModel needs its data: pass "
+            "TrainedRun.from_model(model, info, (train_images, train_labels), "
+            "(test_images, test_labels)), or the workdir of a tfsplit-train run."
         )
-    if run.split.encoder is None and budget != channels:
-        raise ExportError(
-            f"The run has no masked bottleneck, so every one of its {channels} channels is sent. "
-            f"Received: {budget=}"
-        )
-    if budget > run.final_budget:
-        logging.warning(
-            "Budget %d exceeds the run's final budget %d.", int(budget), run.final_budget
-        )
-    return int(budget)
-
-
-def selected_channels(run, k):
-    """The k channel indices to send, most important first, as a numpy int32 array.
-
-    The ranking is `tfsplit.budget.top_k_channels` on the restored gates, the one the trainer used;
-    a run without a bottleneck sends all its channels in order.
-    """
-    if run.split.encoder is None:
-        return np.arange(run.channels, dtype=np.int32)
-    return budget_lib.top_k_channels(run.split.encoder.gate_logits, k).numpy().astype(np.int32)
-
-
-def scatter_channels(values, indices, channels):
-    """(N, h, w, k) values -> (N, h, w, channels): channel indices[i] holds values[..., i].
-
-    Channels not in `indices` are zero, as the server's decoder expects. The channel axis is moved
-    first so one `scatter_nd` places all k channels at once.
-    """
-    moved = tf.transpose(values, [3, 0, 1, 2])
-    shape = tf.concat([[channels], tf.shape(moved)[1:]], axis=0)
-    full = tf.scatter_nd(tf.reshape(indices, [-1, 1]), moved, shape)
-    return tf.transpose(full, [1, 2, 3, 0])
-
-
-def selected_head(head, indices):
-    """Keras head -> a function image -> its k selected channels, in inference mode."""
-    indices = tf.constant(indices, tf.int32)
-
-    def head_with_selection(images):
-        return tf.gather(head(images, training=False), indices, axis=-1)
-
-    return head_with_selection
+    return load_run(source)
 
 
 def image_batches(run, images, labels=None, batch_size=256, shuffle=False):
@@ -213,15 +227,21 @@ def image_batches(run, images, labels=None, batch_size=256, shuffle=False):
     elements = images if labels is None else (images, labels)
     dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
-        dataset = dataset.shuffle(len(images), seed=run.config.seed)
+        dataset = dataset.shuffle(len(images), seed=run.seed)
     dataset = dataset.batch(batch_size)
     if labels is None:
         return dataset.map(lambda x: data.normalize(x, run.info))
     return dataset.map(lambda x, y: (data.normalize(x, run.info), y))
 
 
+def _logits(function, batches, indices):
+    indices = tf.constant(indices, tf.int32)
+    compiled = tf.function(lambda batch: function(batch, indices), reduce_retracing=True)
+    return np.concatenate([compiled(batch).numpy() for batch in batches])
+
+
 def keras_split_logits(run, images, indices, batch_size=256):
-    """Logits of the float Keras split model sending only `indices`: the accuracy reference.
+    """Logits of the Keras split model sending `indices` over a float32 wire: the reference.
 
     Args:
       run: a `TrainedRun`.
@@ -232,16 +252,22 @@ def keras_split_logits(run, images, indices, batch_size=256):
     Returns:
       (N, num_classes) float32 numpy logits.
     """
-    head = selected_head(run.split.head, indices)
-    indices = tf.constant(indices, tf.int32)
-
-    @tf.function(reduce_retracing=True)
-    def logits(batch):
-        full = scatter_channels(head(batch), indices, run.channels)
-        return run.split.tail(full, training=False)
-
+    split = run.split
     batches = image_batches(run, images, batch_size=batch_size)
-    return np.concatenate([logits(batch).numpy() for batch in batches])
+    return _logits(lambda x, i: split.receive(split.send(x, i), i), batches, indices)
+
+
+def keras_tail_logits(run, values, indices, batch_size=256):
+    """Logits of the Keras server half on received channels: a float tail's answer to a payload.
+
+    Args:
+      run: a `TrainedRun`.
+      values: float (N, h, w, k) channel values, dequantized.
+      indices: the k channel indices they belong to.
+      batch_size: samples per forward pass.
+    """
+    batches = tf.data.Dataset.from_tensor_slices(np.asarray(values, np.float32)).batch(batch_size)
+    return _logits(run.split.receive, batches, indices)
 
 
 def versions():

@@ -12,9 +12,9 @@ Layout: `<base_path>/<model_name>/<version>/` (TF Serving's), with one signature
 
 Inside the graph: payload checks (k matches the values, k <= max_budget, indices distinct and in
 [0, C), a sane int8 scale and zero point; a bad payload is an InvalidArgumentError, which TF
-Serving returns as a request error), dequantization `scale * (q - zero_point)` or a cast, the
-scatter of the k channels back to C (zeros elsewhere, so any budget up to max_budget works),
-decoder and tail in inference mode, softmax. `assets.extra/tfsplit_tail.json` beside it tells a
+Serving returns as a request error), dequantization `scale * (q - zero_point)` or a cast, then the
+model's own server half `SplitModel.receive` (the k channels placed back among C, zeros elsewhere,
+so any budget up to max_budget works; decoder and tail in inference mode) and a softmax. `assets.extra/tfsplit_tail.json` beside it tells a
 server the sizes the signature leaves open.
 """
 
@@ -113,7 +113,7 @@ def serving_function(split, dtype, max_budget):
         checks = _payload_checks(values, indices, scale, zero_point, dtype, channels, max_budget)
         with tf.control_dependencies(checks):
             real = _dequantize(values, scale, zero_point, dtype)
-        logits = split.tail(run_lib.scatter_channels(real, indices, channels), training=False)
+        logits = split.receive(real, indices)
         return {OUTPUT: tf.nn.softmax(tf.cast(logits, tf.float32))}
 
     return tf.function(serve, input_signature=specs)
@@ -161,8 +161,7 @@ def run_tail(signature, values, indices, scale=1.0, zero_point=0, batch_size=256
 def keras_tail_probabilities(run, values, indices, scale=1.0, zero_point=0):
     """Softmax of the Keras tail on a payload (dequantized by the codec): the tail's reference."""
     real = codec.dequantize(values, scale, zero_point)
-    full = run_lib.scatter_channels(tf.constant(real), tf.constant(indices, tf.int32), run.channels)
-    return tf.nn.softmax(run.split.tail(full, training=False)).numpy()
+    return tf.nn.softmax(run_lib.keras_tail_logits(run, real, indices)).numpy()
 
 
 def tail_parity(run, signature, dtype, indices, images):
@@ -175,7 +174,7 @@ def tail_parity(run, signature, dtype, indices, images):
       max_abs_diff_vs_float (against the Keras split model with an unquantized float32 wire)
       and agreement_vs_float (share of equal top-1 predictions).
     """
-    sent = run_lib.selected_head(run.split.head, indices)(tf.constant(images)).numpy()
+    sent = run.split.send(tf.constant(images), indices).numpy()
     wire, scale, zero_point = codec.quantize(sent, dtype)
     served = run_tail(signature, wire, indices, scale, zero_point)
     same_payload = keras_tail_probabilities(run, wire, indices, scale, zero_point)
@@ -221,7 +220,7 @@ def export_tail(
     """Writes the tail SavedModel to `<base_path>/<model_name>/<version>/` and checks it.
 
     Args:
-      workdir: a training workdir, or a `TrainedRun` from `load_run`.
+      workdir: a training workdir, or a `TrainedRun` (`load_run`, `TrainedRun.from_model`).
       base_path: TF Serving's model base path.
       model_name: the served model's name (a directory).
       version: the version directory, a positive integer.
@@ -238,7 +237,7 @@ def export_tail(
     """
     run = run_lib.as_run(workdir)
     _check_args(dtype, model_name, version, max_budget, run.channels)
-    max_budget = run_lib.resolve_budget(run, max_budget)
+    max_budget, indices = run.select(max_budget)
     if not isinstance(parity_samples, int) or not 1 <= parity_samples <= len(run.test_images):
         raise ExportError(
             f"`parity_samples` must be an integer in [1, {len(run.test_images)}] (the test set "
@@ -254,12 +253,11 @@ def export_tail(
         "max_budget": max_budget,
         "num_classes": int(run.info.num_classes),
         "signature": SIGNATURE,
-        "source": os.path.abspath(run.workdir),
+        "source": run.source["workdir"],
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _save(run, metadata, path, overwrite)
     signature = tf.saved_model.load(path).signatures[SIGNATURE]
-    indices = run_lib.selected_channels(run, max_budget)
     images = run.normalize(run.test_images[:parity_samples])
     parity = tail_parity(run, signature, dtype, indices, images)
     logging.info("Wrote tail %s (%s wire, k <= %d), parity %s", path, dtype, max_budget, parity)

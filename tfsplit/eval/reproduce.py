@@ -14,22 +14,21 @@ import os
 
 from absl import logging
 
-from tfsplit import curve
+from tfsplit import callbacks
+from tfsplit.eval import curve
 from tfsplit.train import trainer as trainer_lib
 
 METHODS = ("sl", "casl", "deprune", "prune")
-TABLE_FIELDS = ("method", "final_budget", "final_test_accuracy", "train_mb_up", "train_mb_down",
-                "inference_bytes_per_sample", "wall_seconds", "epochs", "seconds_to_target",
-                "epochs_to_target")
-CURVE_FIELDS = ("budget", "deprune_test_accuracy", "casl_test_accuracy", "bytes_per_sample")
 
 
 def split_prune_config(prune_config):
     """Prune's unmasked first phase as a run of its own, and the prune phases that start from it."""
     phases = list(prune_config.phases)
     if len(phases) < 2 or phases[0].budget != 0:
-        raise ValueError("The prune config must start with an unmasked phase (budget 0) followed "
-                         f"by at least one prune phase. Received phases: {phases}")
+        raise ValueError(
+            "The prune config must start with an unmasked phase (budget 0) followed "
+            f"by at least one prune phase. Received phases: {phases}"
+        )
     start, finetune = copy.deepcopy(prune_config), copy.deepcopy(prune_config)
     start.phases = phases[:1]
     finetune.phases = phases[1:]
@@ -56,9 +55,9 @@ def table_row(method, summary, records, target):
         method=method,
         final_budget=summary["final_budget"],
         final_test_accuracy=summary["final_test_accuracy"],
-        train_mb_up=summary["train_bytes_up"] / 1e6,
-        train_mb_down=summary["train_bytes_down"] / 1e6,
-        inference_bytes_per_sample=summary["inference_bytes_per_sample"],
+        payload_mb_up=summary["train_payload_bytes_up"] / 1e6,
+        payload_mb_down=summary["train_payload_bytes_down"] / 1e6,
+        inference_payload_bytes_per_sample=summary["inference_payload_bytes_per_sample"],
         wall_seconds=summary["wall_seconds"],
         epochs=summary["epochs"],
         seconds_to_target=seconds,
@@ -73,19 +72,23 @@ def paper_ratios(rows):
     start = by.get("prune (start model)")
 
     def traffic(row):
-        return row["train_mb_up"] + row["train_mb_down"]
+        return row["payload_mb_up"] + row["payload_mb_down"]
 
     def ratio(a, b):
         return None if a is None or b is None or b == 0 else a / b
 
-    prune_total = (None if prune["seconds_to_target"] is None or start is None
-                   else prune["seconds_to_target"] + start["wall_seconds"])
+    def points(a, b):
+        return 100 * (a["final_test_accuracy"] - b["final_test_accuracy"])
+
+    prune_total = (
+        None
+        if prune["seconds_to_target"] is None or start is None
+        else prune["seconds_to_target"] + start["wall_seconds"]
+    )
     return dict(
         deprune_vs_sl_network=ratio(traffic(sl), traffic(deprune)),
-        deprune_vs_sl_accuracy_points=100 * (deprune["final_test_accuracy"]
-                                             - sl["final_test_accuracy"]),
-        deprune_vs_casl_accuracy_points=100 * (deprune["final_test_accuracy"]
-                                               - casl["final_test_accuracy"]),
+        deprune_vs_sl_accuracy_points=points(deprune, sl),
+        deprune_vs_casl_accuracy_points=points(deprune, casl),
         same_final_budget=deprune["final_budget"] == casl["final_budget"],
         prune_vs_casl_time_to_target=ratio(casl["seconds_to_target"], prune["seconds_to_target"]),
         prune_vs_casl_time_to_target_with_start=ratio(casl["seconds_to_target"], prune_total),
@@ -94,8 +97,7 @@ def paper_ratios(rows):
 
 def _train(config, workdir):
     summary = trainer_lib.train(config, workdir)
-    with open(os.path.join(workdir, trainer_lib.METRICS_FILE)) as f:
-        return summary, [json.loads(line) for line in f if line.strip()]
+    return summary, callbacks.read_records(workdir)
 
 
 def reproduce(configs, workdir, target_accuracy=None, init_from=None):
@@ -133,17 +135,16 @@ def reproduce(configs, workdir, target_accuracy=None, init_from=None):
     final_budget = runs["deprune"][0]["final_budget"]
     curve_rows = _deprune_curve(configs["casl"], runs, workdir, final_budget)
 
-    target = (runs["casl"][0]["final_test_accuracy"] - 0.01 if target_accuracy is None
-              else target_accuracy)
+    target = target_accuracy
+    if target is None:
+        target = runs["casl"][0]["final_test_accuracy"] - 0.01
     order = ["sl", "casl", "deprune", "prune (start model)", "prune"]
     rows = [table_row(m, *runs[m], target) for m in order if m in runs]
     return dict(rows=rows, ratios=paper_ratios(rows), curve=curve_rows, target_accuracy=target)
 
 
 def _deprune_curve(casl_config, runs, workdir, final_budget):
-    from tfsplit.export import load_run
-
-    deprune_curve = curve.evaluate_run(load_run(os.path.join(workdir, "deprune")))
+    deprune_curve, _ = curve.evaluate_workdir(os.path.join(workdir, "deprune"))
     rows = []
     for point in deprune_curve:
         k = point["budget"]
@@ -152,22 +153,33 @@ def _deprune_curve(casl_config, runs, workdir, final_budget):
         else:
             summary, _ = _train(casl_at(casl_config, k), os.path.join(workdir, f"casl_{k}"))
             casl_accuracy = summary["final_test_accuracy"]
-        rows.append(dict(budget=k, deprune_test_accuracy=point["test_accuracy"],
-                         casl_test_accuracy=casl_accuracy,
-                         bytes_per_sample=point["bytes_per_sample"]))
+        rows.append(
+            dict(
+                budget=k,
+                deprune_test_accuracy=point["test_accuracy"],
+                casl_test_accuracy=casl_accuracy,
+                payload_bytes_per_sample=point["payload_bytes_per_sample"],
+            )
+        )
     return rows
 
 
 def _check_same_setting(configs):
     missing = set(METHODS) - set(configs)
     if missing:
-        raise ValueError(f"reproduce needs a config for each of {METHODS}; missing "
-                         f"{sorted(missing)}.")
+        raise ValueError(
+            f"reproduce needs a config for each of {METHODS}; missing {sorted(missing)}."
+        )
     reference = configs["deprune"]
     for method in METHODS:
         config = configs[method]
-        for section, key in (("data", "name"), ("model", "backbone"), ("model", "cut"),
-                             ("model", "width_multiplier"), ("wire", "activation_dtype")):
+        for section, key in (
+            ("data", "name"),
+            ("model", "backbone"),
+            ("model", "cut"),
+            ("model", "width_multiplier"),
+            ("wire", "activation_dtype"),
+        ):
             if config[section][key] != reference[section][key]:
                 raise ValueError(
                     f"All methods must share {section}.{key}; {method} has "
@@ -191,31 +203,47 @@ def format_markdown(result):
     """The table, the curve and the three ratios as Markdown."""
     rows, ratios = result["rows"], result["ratios"]
     lines = [
-        "| method | final budget | final test accuracy | training MB up | training MB down | "
-        "inference bytes/sample | wall seconds | epochs | seconds to target | epochs to target |",
+        "| method | final budget | final test accuracy | training payload MB up | "
+        "training payload MB down | inference payload bytes/sample | wall seconds | epochs | "
+        "seconds to target | epochs to target |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join([
-            row["method"], _format(row["final_budget"]),
-            f"{100 * row['final_test_accuracy']:.2f}%", _format(row["train_mb_up"]),
-            _format(row["train_mb_down"]), _format(row["inference_bytes_per_sample"]),
-            _format(row["wall_seconds"], 1), _format(row["epochs"]),
-            _format(row["seconds_to_target"], 1), _format(row["epochs_to_target"]),
-        ]) + " |")
-    lines += ["", f"Target accuracy: {100 * result['target_accuracy']:.2f}%", "",
-              "| budget | deprune (one model) | CA-SL trained at that budget | bytes/sample |",
-              "|---|---|---|---|"]
-    for point in result["curve"]:
-        lines.append(f"| {point['budget']} | {100 * point['deprune_test_accuracy']:.2f}% | "
-                     f"{100 * point['casl_test_accuracy']:.2f}% | {point['bytes_per_sample']:,} |")
+        cells = [
+            row["method"],
+            _format(row["final_budget"]),
+            f"{100 * row['final_test_accuracy']:.2f}%",
+            _format(row["payload_mb_up"]),
+            _format(row["payload_mb_down"]),
+            _format(row["inference_payload_bytes_per_sample"]),
+            _format(row["wall_seconds"], 1),
+            _format(row["epochs"]),
+            _format(row["seconds_to_target"], 1),
+            _format(row["epochs_to_target"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"- deprune vs SL: {_format(ratios['deprune_vs_sl_network'])}x less training traffic, "
+        f"Target accuracy: {100 * result['target_accuracy']:.2f}%",
+        "",
+        "| budget | deprune (one model) | CA-SL trained at that budget | "
+        "inference payload bytes/sample |",
+        "|---|---|---|---|",
+    ]
+    for point in result["curve"]:
+        lines.append(
+            f"| {point['budget']} | {100 * point['deprune_test_accuracy']:.2f}% | "
+            f"{100 * point['casl_test_accuracy']:.2f}% | "
+            f"{_format(point['payload_bytes_per_sample'], 1)} |"
+        )
+    lines += [
+        "",
+        f"- deprune vs SL: {_format(ratios['deprune_vs_sl_network'])}x less training payload, "
         f"{ratios['deprune_vs_sl_accuracy_points']:+.2f} accuracy points (paper: 4x, no loss).",
         f"- deprune vs CA-SL at the same final budget: "
         f"{ratios['deprune_vs_casl_accuracy_points']:+.2f} accuracy points (paper: +4)"
-        + ("" if ratios["same_final_budget"] else " - WARNING: final budgets differ") + ".",
+        + ("" if ratios["same_final_budget"] else " - WARNING: final budgets differ")
+        + ".",
         f"- prune vs CA-SL, time to target: {_times(ratios['prune_vs_casl_time_to_target'])} "
         f"fine-tuning, {_times(ratios['prune_vs_casl_time_to_target_with_start'])} counting "
         "the start model's training (paper: up to 6x faster).",
@@ -226,12 +254,17 @@ def format_markdown(result):
 def write_results(result, workdir):
     """results.csv (the table), budget_curve_vs_casl.csv and results.md; returns their paths."""
     os.makedirs(workdir, exist_ok=True)
-    paths = {name: os.path.join(workdir, name)
-             for name in ("results.csv", "budget_curve_vs_casl.csv", "results.md")}
-    for name, fields, rows in (("results.csv", TABLE_FIELDS, result["rows"]),
-                               ("budget_curve_vs_casl.csv", CURVE_FIELDS, result["curve"])):
+    paths = {
+        name: os.path.join(workdir, name)
+        for name in ("results.csv", "budget_curve_vs_casl.csv", "results.md")
+    }
+    for name, rows in (
+        ("results.csv", result["rows"]),
+        ("budget_curve_vs_casl.csv", result["curve"]),
+    ):
         with open(paths[name], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
+            # The columns are those of `table_row` and `_deprune_curve`, in their order.
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
             writer.writeheader()
             writer.writerows(rows)
     with open(paths["results.md"], "w") as f:

@@ -1,0 +1,139 @@
+"""Accuracy versus budget: one trained model serving many budgets (adaptive inference).
+
+The gates rank the channels, so a model trained at budget k can send its k' <= k most important
+channels when the link is poor. Each point is `SplitModel.evaluate` at budget k': the same test
+step that measured the run during training, with its accuracy and its byte count (what inference
+sends up, in the codec's encoding), so the curve and the training records agree by construction.
+"""
+
+import csv
+import json
+import os
+
+import ml_collections
+
+from tfsplit import callbacks
+from tfsplit.train import trainer
+
+CSV_FILE = "budget_curve.csv"
+PNG_FILE = "budget_curve.png"
+FIELDS = ("budget", "test_accuracy", "payload_bytes_per_sample")
+
+
+def default_budgets(final_budget):
+    """1/8, 1/4, 1/2 and all of the final budget (at least one channel each)."""
+    return sorted({max(1, final_budget // fraction) for fraction in (8, 4, 2, 1)})
+
+
+def _count_samples(dataset):
+    samples = sum(int(labels.shape[0]) for _, labels in dataset)
+    if not samples:
+        raise ValueError("The evaluation dataset is empty; expected at least one batch.")
+    return samples
+
+
+def budget_curve(split, dataset, budgets):
+    """Test accuracy and payload bytes per sample of one model at each budget.
+
+    The model's budget in force is restored afterwards. A model loaded without compiling is
+    compiled with `SplitModel.compile`'s defaults (loss and accuracy); evaluation trains nothing.
+
+    Args:
+      split: a trained `SplitModel`.
+      dataset: batched (images, labels) test data, normalized as in training.
+      budgets: channel counts to evaluate, each in [1, C] (only C without a masked bottleneck).
+
+    Returns:
+      list of dicts with FIELDS, in the order of `budgets`. `payload_bytes_per_sample` is the
+      codec's size of what inference sent up, headers included, over the samples: it depends a
+      little on the batch size, as one message carries a batch.
+
+    Raises:
+      ValueError: no budgets, a bad budget (see `SplitModel.check_budget`) or an empty dataset.
+    """
+    budgets = list(budgets)
+    if not budgets:
+        raise ValueError("Expected at least one budget. Received: budgets=[]")
+    for k in budgets:
+        split.check_budget(k)
+    if split.compiled_loss is None:
+        split.compile()
+    samples = _count_samples(dataset)
+    in_force = int(split.budget.numpy())
+    rows = []
+    try:
+        for k in budgets:
+            split.budget.assign(k)
+            result = split.evaluate(dataset, verbose=0, return_dict=True)
+            rows.append(
+                dict(
+                    budget=int(k),
+                    test_accuracy=float(result["accuracy"]),
+                    payload_bytes_per_sample=float(result["payload_bytes_up"]) / samples,
+                )
+            )
+    finally:
+        split.budget.assign(in_force)
+    return rows
+
+
+def _read_json(workdir, name):
+    path = os.path.join(workdir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No {name} in {workdir}; expected the workdir of a finished tfsplit-train run."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def evaluate_workdir(workdir, budgets=None):
+    """`budget_curve` of a finished training run on its own test set, as training evaluated it.
+
+    Args:
+      workdir: the workdir of a finished `tfsplit-train` run.
+      budgets: default 1/8, 1/4, 1/2 and all of the run's final budget.
+
+    Returns:
+      (rows, summary): the curve and the run's summary.json.
+
+    Raises:
+      FileNotFoundError: `workdir` is not a finished run.
+    """
+    config = ml_collections.ConfigDict(_read_json(workdir, trainer.CONFIG_FILE))
+    summary = _read_json(workdir, callbacks.SUMMARY_FILE)
+    split = trainer.load_model(workdir)
+    _, test_ds, _ = trainer.build_data(config)
+    budgets = default_budgets(int(summary["final_budget"])) if budgets is None else budgets
+    return budget_curve(split, test_ds, budgets), summary
+
+
+def write_curve(rows, out_dir, title):
+    """Writes the rows as CSV and as a PNG plot (accuracy against bytes); returns both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, png_path = os.path.join(out_dir, CSV_FILE), os.path.join(out_dir, PNG_FILE)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({key: row[key] for key in FIELDS} for row in rows)
+    points = [(row["payload_bytes_per_sample"], 100 * row["test_accuracy"]) for row in rows]
+    figure, axis = pyplot.subplots(figsize=(5, 3.5), dpi=120)
+    axis.plot(*zip(*points), marker="o")
+    for row, point in zip(rows, points):
+        axis.annotate(
+            f"k={row['budget']}", point, textcoords="offset points", xytext=(4, -10), fontsize=8
+        )
+    axis.set_xscale("log", base=2)  # budgets double from point to point.
+    axis.set_xlabel("inference payload bytes per sample")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path)
+    pyplot.close(figure)
+    return csv_path, png_path
