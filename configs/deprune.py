@@ -20,13 +20,29 @@ def get_config(arg=None):
     # Schedule: small budget first, then the de-prune reset and a larger budget.
     config.phases = [
         phase(budget=8, epochs=6, learning_rate=0.02),
-        phase(budget=32, epochs=4, learning_rate=0.02, boost_learning_rate=0.05, boost_epochs=1,
-              reset="deprune", reset_threshold=0.9, reset_range=3.0),
+        phase(
+            budget=32,
+            epochs=4,
+            learning_rate=0.02,
+            boost_learning_rate=0.05,
+            boost_epochs=1,
+            reset="deprune",
+            reset_threshold=0.9,
+            reset_range=3.0,
+        ),
     ]
     if arg == "paper":
         config.phases = [
             phase(budget=4, epochs=25, learning_rate=0.01),
-            phase(budget=16, epochs=15, learning_rate=0.01, boost_learning_rate=0.05,
-                  boost_epochs=3, reset="deprune", reset_threshold=0.9, reset_range=3.0),
+            phase(
+                budget=16,
+                epochs=15,
+                learning_rate=0.01,
+                boost_learning_rate=0.05,
+                boost_epochs=3,
+                reset="deprune",
+                reset_threshold=0.9,
+                reset_range=3.0,
+            ),
         ]
     return apply_variant(config, arg or "")

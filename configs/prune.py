@@ -23,12 +23,32 @@ from tfsplit.config import apply_variant, base_config, phase
 def get_config(arg=None):
     config = base_config("prune")
     pretrain = phase(budget=0, epochs=6, learning_rate=0.02)
-    finetune = [phase(budget=32, epochs=3, learning_rate=0.02, boost_learning_rate=0.05,
-                      boost_epochs=1, reset="prune", reset_threshold=0.9, reset_range=3.0)]
+    finetune = [
+        phase(
+            budget=32,
+            epochs=3,
+            learning_rate=0.02,
+            boost_learning_rate=0.05,
+            boost_epochs=1,
+            reset="prune",
+            reset_threshold=0.9,
+            reset_range=3.0,
+        )
+    ]
     if arg == "paper":
         pretrain = phase(budget=0, epochs=20, learning_rate=0.001)
-        finetune = [phase(budget=16, epochs=5, learning_rate=0.01, boost_learning_rate=0.05,
-                          boost_epochs=2, reset="prune", reset_threshold=0.9, reset_range=3.0)]
+        finetune = [
+            phase(
+                budget=16,
+                epochs=5,
+                learning_rate=0.01,
+                boost_learning_rate=0.05,
+                boost_epochs=2,
+                reset="prune",
+                reset_threshold=0.9,
+                reset_range=3.0,
+            )
+        ]
     # Schedule: unmasked pretraining (unless starting from `init_from`), then prune.
     config.phases = finetune if arg == "finetune" else [pretrain] + finetune
     config = apply_variant(config, "" if arg == "finetune" else arg or "")

@@ -56,8 +56,14 @@ SCHEDULES = {
         BOTTLENECK,
         [
             dict(budget=0, epochs=1, learning_rate=0.05),
-            dict(budget=4, epochs=1, learning_rate=0.05, boost_learning_rate=0.1,
-                 boost_epochs=1, reset="prune"),
+            dict(
+                budget=4,
+                epochs=1,
+                learning_rate=0.05,
+                boost_learning_rate=0.1,
+                boost_epochs=1,
+                reset="prune",
+            ),
         ],
     ),
 }
@@ -69,8 +75,9 @@ def test_fit_trains_every_method_with_a_phase_schedule(method):
     model = split(bottleneck)
     schedule = tfsplit.PhaseSchedule(phases)
     images, labels = data()
-    history = model.fit(images, labels, batch_size=16, epochs=schedule.epochs,
-                        callbacks=[schedule], verbose=0)
+    history = model.fit(
+        images, labels, batch_size=16, epochs=schedule.epochs, callbacks=[schedule], verbose=0
+    )
     final_budget = phases[-1]["budget"] if isinstance(phases[-1], dict) else phases[-1].budget
     final_budget = final_budget or model.channels
     assert history.history["budget"][-1] == final_budget
@@ -181,8 +188,9 @@ def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes():
     results = []
     for model in (fused, real):
         schedule = tfsplit.PhaseSchedule([dict(budget=4, epochs=2, learning_rate=0.05)])
-        history = model.fit(images, labels, batch_size=16, epochs=2, callbacks=[schedule],
-                            shuffle=False, verbose=0)
+        history = model.fit(
+            images, labels, batch_size=16, epochs=2, callbacks=[schedule], shuffle=False, verbose=0
+        )
         results.append(history.history)
     for key in ("payload_bytes_up", "payload_bytes_down"):
         assert results[0][key] == results[1][key]

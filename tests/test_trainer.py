@@ -47,8 +47,9 @@ def test_fused_ledger_equals_the_encoded_payload_lengths(tmp_path):
     assert fused["train_payload_bytes_down"] == real["train_payload_bytes_down"] > 0
     # 96 samples in batches of 32: 3 steps per epoch; budget 4 then 16 of 64 channels at 4x4
     # (VGG-11 width 1/8 after conv 5), float16, labels upstream only.
-    expected_up = sum(3 * codec.payload_nbytes(32, 4, 4, k, "float16", True, channels=64)
-                      for k in (4, 16))
+    expected_up = sum(
+        3 * codec.payload_nbytes(32, 4, 4, k, "float16", True, channels=64) for k in (4, 16)
+    )
     assert fused["train_payload_bytes_up"] == expected_up
     assert fused["inference_payload_bytes_per_sample"] == 20 + 2 * 16 + 4 * 4 * 16 * 2
 
@@ -59,7 +60,9 @@ def test_plain_split_learning_sends_no_index_list(tmp_path):
     real = train(tiny_config("codec", sl, bottleneck=False), str(tmp_path / "codec"))
     assert fused["train_payload_bytes_up"] == real["train_payload_bytes_up"]
     assert fused["train_payload_bytes_down"] == real["train_payload_bytes_down"]
-    assert fused["inference_payload_bytes_per_sample"] == 20 + 4 * 4 * 64 * 2  # header + values only.
+    assert (
+        fused["inference_payload_bytes_per_sample"] == 20 + 4 * 4 * 64 * 2
+    )  # header + values only.
 
 
 def test_metrics_summary_and_tensorboard_files(tmp_path):
@@ -109,8 +112,9 @@ def test_resume_after_interruption_keeps_finished_epochs(tmp_path, monkeypatch):
         if len(seen) == 6:  # epoch 2, step 3, after the backup of step 2.
             raise Interrupt()
 
-    monkeypatch.setattr(callbacks.RunRecords, "on_train_batch_end", interrupt_in_epoch_two,
-                        raising=False)
+    monkeypatch.setattr(
+        callbacks.RunRecords, "on_train_batch_end", interrupt_in_epoch_two, raising=False
+    )
     with pytest.raises(Interrupt):
         train(config, workdir)
     first = read_metrics(workdir)
@@ -194,8 +198,11 @@ def test_gate_logits_stay_in_range_and_can_have_their_own_optimizer(tmp_path):
 def test_nested_budget_sampling_sends_fewer_channels_and_both_paths_agree(tmp_path):
     one_phase = [phase(budget=16, epochs=1, learning_rate=0.05)]
     summaries = {}
-    for name, transport, probability in (("fixed", "fused", 0.0), ("fused", "fused", 1.0),
-                                         ("codec", "codec", 1.0)):
+    for name, transport, probability in (
+        ("fixed", "fused", 0.0),
+        ("fused", "fused", 1.0),
+        ("codec", "codec", 1.0),
+    ):
         config = tiny_config(transport, one_phase)
         config.budget_sampling.probability = probability
         summaries[name] = train(config, str(tmp_path / name))
@@ -205,8 +212,9 @@ def test_nested_budget_sampling_sends_fewer_channels_and_both_paths_agree(tmp_pa
     assert fused["train_payload_bytes_down"] == real["train_payload_bytes_down"]
     # Evaluation and inference always use the phase's budget.
     assert fused["final_budget"] == 16
-    assert (fused["inference_payload_bytes_per_sample"]
-            == fixed["inference_payload_bytes_per_sample"])
+    assert (
+        fused["inference_payload_bytes_per_sample"] == fixed["inference_payload_bytes_per_sample"]
+    )
 
 
 # Killed in the second phase, budget 8 -> 32 without a reset: its low learning rate keeps the

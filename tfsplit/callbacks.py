@@ -81,7 +81,11 @@ class PhaseSchedule(keras.callbacks.Callback):
         open_count = int(np.sum(before >= phase.reset_threshold))
         logging.info(
             "Phase %d: %s reset; %d of %d gates were open (logit >= %g)",
-            number, phase.reset, open_count, before.size, phase.reset_threshold,
+            number,
+            phase.reset,
+            open_count,
+            before.size,
+            phase.reset_threshold,
         )
         return dict(gates_open_at_reset=open_count)
 
@@ -169,8 +173,12 @@ class RunRecords(keras.callbacks.Callback):
         )
         logging.info(
             "epoch %d (budget %s): test accuracy %.4f, %.2f MB up, %.2f MB down, %.1f s",
-            record["epoch"], record.get("budget"), record["test_accuracy"], up / 1e6,
-            down / 1e6, wall_seconds,
+            record["epoch"],
+            record.get("budget"),
+            record["test_accuracy"],
+            up / 1e6,
+            down / 1e6,
+            wall_seconds,
         )
 
     def on_train_end(self, logs=None):
@@ -193,8 +201,13 @@ def write_summary(workdir, records, model, fixed):
         train_payload_bytes_up=last["total_payload_bytes_up"],
         train_payload_bytes_down=last["total_payload_bytes_down"],
         inference_payload_bytes_per_sample=codec.payload_nbytes(
-            1, model.height, model.width, budget, model.activation_dtype,
-            with_labels=False, channels=model.channels,
+            1,
+            model.height,
+            model.width,
+            budget,
+            model.activation_dtype,
+            with_labels=False,
+            channels=model.channels,
         ),
         wall_seconds=last["elapsed_seconds"],
         epochs=len(records),

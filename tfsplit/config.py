@@ -11,14 +11,29 @@ import ml_collections
 VARIANTS = ("", "smoke", "paper")
 
 
-def phase(budget, epochs, learning_rate, boost_learning_rate=0.0, boost_epochs=0, reset="none",
-          reset_threshold=0.9, reset_range=3.0):
+def phase(
+    budget,
+    epochs,
+    learning_rate,
+    boost_learning_rate=0.0,
+    boost_epochs=0,
+    reset="none",
+    reset_threshold=0.9,
+    reset_range=3.0,
+):
     """One schedule entry; budget 0 = all channels, no masking. See `tfsplit.budget.Phase`."""
-    return ml_collections.ConfigDict(dict(
-        budget=budget, epochs=epochs, learning_rate=learning_rate,
-        boost_learning_rate=boost_learning_rate, boost_epochs=boost_epochs, reset=reset,
-        reset_threshold=reset_threshold, reset_range=reset_range,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            budget=budget,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            boost_learning_rate=boost_learning_rate,
+            boost_epochs=boost_epochs,
+            reset=reset,
+            reset_threshold=reset_threshold,
+            reset_range=reset_range,
+        )
+    )
 
 
 def base_config(mode):
@@ -49,7 +64,9 @@ def base_config(mode):
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "vgg11"
     config.model.width_multiplier = 0.25
-    config.model.classifier = "cifar"  # "cifar" (global pool + dense) or "imagenet" (research code).
+    config.model.classifier = (
+        "cifar"  # "cifar" (global pool + dense) or "imagenet" (research code).
+    )
     config.model.cut = "conv5"  # 128 channels at 4x4 for 32x32 input at width 0.25.
     config.model.bottleneck = ml_collections.ConfigDict()
     config.model.bottleneck.enabled = True
@@ -120,8 +137,9 @@ def load_config_file(path, variant=""):
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No config file at {path}; expected a Python file with "
-                                "get_config().")
+        raise FileNotFoundError(
+            f"No config file at {path}; expected a Python file with " "get_config()."
+        )
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

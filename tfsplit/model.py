@@ -82,9 +82,14 @@ class SplitModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (("activation_dtype", activation_dtype), ("gradient_dtype", gradient_dtype)):
+        for name, value in (
+            ("activation_dtype", activation_dtype),
+            ("gradient_dtype", gradient_dtype),
+        ):
             if value not in codec.WIRE_DTYPES:
-                raise ValueError(f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}")
+                raise ValueError(
+                    f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}"
+                )
         if not 0.0 <= sampling_probability <= 1.0:
             raise ValueError(
                 f"`sampling_probability` must be in [0, 1]. Received: {sampling_probability!r}"
@@ -96,7 +101,11 @@ class SplitModel(keras.Model):
         self.decoder = _only_layer(tail, Decoder)
         self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
         self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
-        self.sampling_probability, self.min_budget, self.seed = sampling_probability, min_budget, seed
+        self.sampling_probability, self.min_budget, self.seed = (
+            sampling_probability,
+            min_budget,
+            seed,
+        )
         self.wire_shape = tuple(int(d) for d in head.output.shape[1:])
         self.channels = self.wire_shape[-1]
         # A flat cut (N, C) is sent as one position: the codec's (N, 1, 1, C).
@@ -130,7 +139,11 @@ class SplitModel(keras.Model):
         self.step_sampling.assign(self.sampling_probability if masking else 0.0)
 
     def check_budget(self, k):
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.channels:
+        if (
+            not isinstance(k, numbers.Integral)
+            or isinstance(k, bool)
+            or not 1 <= k <= self.channels
+        ):
             raise ValueError(
                 f"A budget must be an integer in [1, {self.channels}] (the channels at the cut)."
                 f" Received: budget={k!r}"

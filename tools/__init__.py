@@ -24,7 +24,13 @@ from absl import app, flags
 
 # Library exceptions that mean bad input; the tfsplit ones (ExportError, DeviceError, PayloadError,
 # DatasetFileError, ...) derive from ValueError.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 USER_ERROR_STATUS = 2
 
 _SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3

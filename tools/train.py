@@ -16,10 +16,12 @@ import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import train as train_lib
 from tools import run_tool
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and checkpoints.",
-                               required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for results and checkpoints.", required=True
+)
 flags.mark_flags_as_required(["config"])
 
 

@@ -14,8 +14,8 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 
-from tfsplit.models import mobilenet, resnet, vgg
 from tfsplit.model import SplitModel
+from tfsplit.models import mobilenet, resnet, vgg
 from tfsplit.models.splitter import BOTTLENECK_KEYS, split_model
 
 
@@ -52,7 +52,11 @@ __all__ = [
     "BACKBONES",
     "BOTTLENECK_KEYS",
     "SplitModel",
-    "build_backbone", "cut_points", "resolve_cut", "split_model"]
+    "build_backbone",
+    "cut_points",
+    "resolve_cut",
+    "split_model",
+]
 
 
 def _backbone(name):

@@ -30,8 +30,12 @@ class CodecSplitModel(SplitModel):
             values = self.send(images, indices, training=True)
             penalty = self.budget_penalty()
         upstream = codec.encode(
-            values.numpy(), indices.numpy(), self.channels, self.activation_dtype,
-            kind="activations", labels=labels.numpy(),
+            values.numpy(),
+            indices.numpy(),
+            self.channels,
+            self.activation_dtype,
+            kind="activations",
+            labels=labels.numpy(),
         )
         received = codec.decode(upstream, expect_kind="activations")
         received_values = tf.constant(received.dequantized(), tf.float32)
@@ -45,12 +49,16 @@ class CodecSplitModel(SplitModel):
             loss, [tail_variables, received_values]
         )
         downstream = codec.encode(
-            value_gradient.numpy(), received.indices, self.channels, self.gradient_dtype,
+            value_gradient.numpy(),
+            received.indices,
+            self.channels,
+            self.gradient_dtype,
             kind="gradients",
         )
         returned = codec.decode(downstream, expect_kind="gradients")
         head_gradients = device_tape.gradient(
-            [values, penalty], head_variables,
+            [values, penalty],
+            head_variables,
             output_gradients=[tf.constant(returned.dequantized(), tf.float32), tf.ones([])],
         )
         self.apply_gradients(
