@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from tfsplit import budget
 from tfsplit.bottleneck import Decoder, MaskedEncoder
 
 BN_SCALE = 1 / math.sqrt(1 + 1e-3)  # Fresh batch norm in inference: (x - 0) / sqrt(1 + eps).
@@ -95,7 +96,9 @@ def test_encoder_math_with_ones_kernel():
     np.testing.assert_allclose(out[0, ..., 0], 0.5 * features, rtol=1e-5)
     np.testing.assert_allclose(out[0, ..., 1], 0.75 * features, rtol=1e-5)
     np.testing.assert_allclose(encoder.gates().numpy(), [0.5, 0.75], rtol=1e-6)
-    np.testing.assert_allclose(encoder.importance().numpy(), [0.25, 0.5625], rtol=1e-6)
+    np.testing.assert_allclose(
+        budget.channel_importance(encoder.gate_logits).numpy(), [0.25, 0.5625], rtol=1e-6
+    )
 
 
 def test_encoder_math_with_stride_two():

@@ -38,11 +38,6 @@ def test_top_k_eager_and_compiled_agree_with_a_tensor_budget():
     np.testing.assert_array_equal(compiled().numpy(), expected)
 
 
-def test_channel_mask():
-    mask = budget.channel_mask([3, 0], 5).numpy()
-    np.testing.assert_array_equal(mask, [1.0, 0.0, 0.0, 1.0, 0.0])
-
-
 def test_budget_loss_value():
     logits = tf.constant([0.0, 1.0, 2.0])
     soft = sum(sigmoid(v) ** 2 for v in (0.0, 1.0, 2.0))

@@ -41,7 +41,7 @@ def test_smoke_variant_trains(path, tmp_path):
     summary = train(load(path, "smoke"), str(tmp_path))
     assert summary["epochs"] >= 1
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
-    assert summary["train_bytes_up"] > 0
+    assert summary["train_payload_bytes_up"] > 0
 
 
 def test_unknown_variant_is_rejected():

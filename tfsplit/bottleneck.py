@@ -107,13 +107,6 @@ class MaskedEncoder(_ConvNorm):
             trainable=True,
         )
 
-    def gates(self):
-        return tf.sigmoid(self.gate_logits)
-
-    def importance(self):
-        """Channel importance sigmoid(g)^2, the ranking used for top-k selection."""
-        return tf.square(tf.sigmoid(self.gate_logits))
-
     def call(self, inputs, training=None):
         features = tf.sigmoid(self.norm(self.conv(inputs), training=training))
         return features * tf.sigmoid(self.gate_logits)

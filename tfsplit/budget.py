@@ -38,14 +38,6 @@ def top_k_channels(gate_logits, k):
     return tf.math.top_k(gate_logits, k=k, sorted=True).indices
 
 
-def channel_mask(indices, channels):
-    """A (channels,) float32 vector with ones at `indices`: the whole-tensor form of selection."""
-    indices = tf.convert_to_tensor(indices, tf.int32)
-    return tf.scatter_nd(
-        indices[:, tf.newaxis], tf.ones_like(indices, tf.float32), shape=[channels]
-    )
-
-
 COSH_LINEAR_BEYOND = 20.0
 
 

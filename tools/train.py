@@ -3,8 +3,9 @@
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
   tfsplit-train --config=configs/deprune.py:smoke --config.data.name=cifar10 --workdir=...
 
+Config -> data -> SplitModel -> fit with PhaseSchedule, records, TensorBoard and BackupAndRestore.
 Writes metrics.jsonl, summary.json, config.json, checkpoints/ and tensorboard/ into --workdir;
-re-running on the same --workdir resumes after the last finished epoch.
+re-running on the same --workdir resumes from the last backup (every checkpoint_every_steps).
 """
 
 import json
