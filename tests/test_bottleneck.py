@@ -95,7 +95,7 @@ def test_encoder_math_with_ones_kernel():
     features = _sigmoid(0.1 * counts * BN_SCALE)
     np.testing.assert_allclose(out[0, ..., 0], 0.5 * features, rtol=1e-5)
     np.testing.assert_allclose(out[0, ..., 1], 0.75 * features, rtol=1e-5)
-    np.testing.assert_allclose(encoder.gates().numpy(), [0.5, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(tf.sigmoid(encoder.gate_logits).numpy(), [0.5, 0.75], rtol=1e-6)
     np.testing.assert_allclose(
         budget.channel_importance(encoder.gate_logits).numpy(), [0.25, 0.5625], rtol=1e-6
     )
