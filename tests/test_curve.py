@@ -77,15 +77,13 @@ def test_curve_is_the_models_own_evaluation(smoke_workdir, split, test_ds):
         split.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"]
     )
     split.budget.assign(in_force)
-    # Bytes are the codec's, one message per test batch, spread over the samples.
+    # Bytes are the codec's for one image sent alone, as in the run's summary.
     height, width, channels = split.wire_shape
-    sizes = [int(labels.shape[0]) for _, labels in test_ds]
     for row in rows:
-        total = sum(
-            codec.payload_nbytes(n, height, width, row["budget"], "float16", False, channels)
-            for n in sizes
+        assert row["payload_bytes_per_sample"] == codec.payload_nbytes(
+            1, height, width, row["budget"], "float16", False, channels
         )
-        assert row["payload_bytes_per_sample"] == pytest.approx(total / sum(sizes))
+    assert rows[1]["payload_bytes_per_sample"] == summary["inference_payload_bytes_per_sample"]
 
 
 def test_evaluate_workdir_writes_csv_and_png(smoke_workdir, tmp_path):

@@ -197,14 +197,7 @@ def payload_nbytes(batch, height, width, k, dtype, with_labels, channels=None):
 
 
 def encode(
-    values,
-    indices,
-    channels,
-    dtype,
-    kind="activations",
-    labels=None,
-    scale=None,
-    zero_point=None,
+    values, indices, channels, dtype, kind="activations", labels=None, scale=None, zero_point=None
 ):
     """Serialises the selected channels of a bottleneck tensor into one payload.
 
@@ -384,13 +377,7 @@ def decode(data, expect_kind=None, expect_dtype=None, max_channels=None):
     if len(data) > expected:
         raise PayloadError(f"Trailing bytes: expected {expected} bytes, found {len(data)}.")
     indices, labels, values = _read_body(data, header)
+    scale, zero_point = float(header.scale), int(header.zero_point)
     return Payload(
-        kind=header.kind,
-        dtype=header.dtype,
-        channels=header.channels,
-        indices=indices,
-        values=values,
-        scale=float(header.scale),
-        zero_point=int(header.zero_point),
-        labels=labels,
+        header.kind, header.dtype, header.channels, indices, values, scale, zero_point, labels
     )

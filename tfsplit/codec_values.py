@@ -96,19 +96,14 @@ def _finite_float32(values):
     return array
 
 
-def _int8_params(lo, hi):
-    """Scale and zero point for the range [lo, hi] (lo <= 0 <= hi); see the module docstring."""
-    lo64 = np.float64(lo)
-    scale = np.float32((np.float64(hi) - lo64) / 255.0)
+def _quantize_int8(x):
+    """(q, scale, zero_point) of the per-payload affine scheme in the module docstring."""
+    x = np.where(np.abs(x) < FLOAT32_TINY, np.float32(0.0), x)
+    lo, hi = np.float64(min(x.min(), 0.0)), np.float64(max(x.max(), 0.0))
+    scale = np.float32((hi - lo) / 255.0)
     if scale < MIN_INT8_SCALE:
         scale = np.float32(1.0)
-    zero_point = np.clip(np.rint(-128.0 - lo64 / np.float64(scale)), INT8_MIN, INT8_MAX)
-    return scale, int(zero_point)
-
-
-def _quantize_int8(x):
-    x = np.where(np.abs(x) < FLOAT32_TINY, np.float32(0.0), x)
-    scale, zero_point = _int8_params(min(x.min(), 0.0), max(x.max(), 0.0))
+    zero_point = int(np.clip(np.rint(-128.0 - lo / np.float64(scale)), INT8_MIN, INT8_MAX))
     q = np.clip(np.rint(x / scale) + np.float32(zero_point), INT8_MIN, INT8_MAX)
     return q.astype(np.int8), float(scale), zero_point
 

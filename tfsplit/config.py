@@ -6,6 +6,9 @@ on the embedded dataset), "smoke" (seconds; used by the tests) or "paper" (the r
 VGG-11, CIFAR-10 and reference schedule; meant for a GPU).
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 VARIANTS = ("", "smoke", "paper")
@@ -22,18 +25,7 @@ def phase(
     reset_range=3.0,
 ):
     """One schedule entry; budget 0 = all channels, no masking. See `tfsplit.budget.Phase`."""
-    return ml_collections.ConfigDict(
-        dict(
-            budget=budget,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            boost_learning_rate=boost_learning_rate,
-            boost_epochs=boost_epochs,
-            reset=reset,
-            reset_threshold=reset_threshold,
-            reset_range=reset_range,
-        )
-    )
+    return ml_collections.ConfigDict(locals())  # the arguments, by name
 
 
 def base_config(mode):
@@ -64,9 +56,7 @@ def base_config(mode):
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "vgg11"
     config.model.width_multiplier = 0.25
-    config.model.classifier = (
-        "cifar"  # "cifar" (global pool + dense) or "imagenet" (research code).
-    )
+    config.model.classifier = "cifar"  # global pool + dense; "imagenet": the research code's.
     config.model.cut = "conv5"  # 128 channels at 4x4 for 32x32 input at width 0.25.
     config.model.bottleneck = ml_collections.ConfigDict()
     config.model.bottleneck.enabled = True
@@ -133,12 +123,9 @@ def apply_variant(config, variant):
 
 def load_config_file(path, variant=""):
     """`get_config(variant)` of a config file, as `--config=path:variant` would give it."""
-    import importlib.util
-    import os
-
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"No config file at {path}; expected a Python file with " "get_config()."
+            f"No config file at {path}; expected a Python file with get_config()."
         )
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from tfsplit.codec_values import is_int
+
 _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # A blackholed network fails in seconds, not after minutes.
 
 
@@ -69,13 +71,7 @@ class DatasetInfo:
             raise ValueError(f"`std` must be > 0 in every channel. Received: std={self.std}")
 
 
-def is_int(value):
-    """True for Python and numpy integers, False for bools (which are ints to Python)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def check_positive_int(name, value):
-    """Raises ValueError naming `name` unless `value` is an int >= 1."""
     if not is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
@@ -87,7 +83,6 @@ def check_optional_size(name, value):
 
 
 def check_seed(seed):
-    """Raises ValueError unless `seed` is an int >= 0."""
     if not is_int(seed) or seed < 0:
         raise ValueError(f"`seed` must be an int >= 0. Received: seed={seed!r}")
 
@@ -100,14 +95,9 @@ def check_bytes(name, value):
 
 def make_info(name, num_classes, train, test, mean, std):
     """The `DatasetInfo` of (images, labels) splits: shapes and sizes come from the arrays."""
+    shape = tuple(int(d) for d in train[0].shape[1:])
     return DatasetInfo(
-        name=name,
-        num_classes=num_classes,
-        image_shape=tuple(int(d) for d in train[0].shape[1:]),
-        train_size=len(train[0]),
-        test_size=len(test[0]),
-        mean=tuple(mean),
-        std=tuple(std),
+        name, num_classes, shape, len(train[0]), len(test[0]), tuple(mean), tuple(std)
     )
 
 
@@ -168,8 +158,7 @@ def resize_images(images, size):
     check_optional_size("image_size", size)
     if size is None or images.shape[1:3] == (size, size):
         return images
-    dataset = tf.data.Dataset.from_tensor_slices(images)
-    dataset = dataset.map(
+    dataset = tf.data.Dataset.from_tensor_slices(images).map(
         lambda image: to_uint8(resize_image(image, size)), num_parallel_calls=tf.data.AUTOTUNE
     )
     return dataset.batch(len(images)).get_single_element().numpy()

@@ -69,11 +69,10 @@ def list_classes(path):
         raise DatasetFileError(f"{train} holds no class directories; {_LAYOUT}")
     test_classes = _subdirectories(test)
     if test_classes != classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
         raise DatasetFileError(
-            f"{train} and {test} must hold the same class directories. "
-            f"Only in train: {only_train}; only in {os.path.basename(test)}: {only_test}"
+            f"{train} and {test} must hold the same class directories. Only in train: "
+            f"{sorted(set(classes) - set(test_classes))}; only in {os.path.basename(test)}: "
+            f"{sorted(set(test_classes) - set(classes))}"
         )
     return tuple(classes)
 

@@ -70,8 +70,7 @@ def augment_batch(images, seed):
     rows = offsets[:, :1] + tf.range(height)
     cols = offsets[:, 1:] + tf.range(width)
     cols = tf.where(flip, tf.reverse(cols, axis=[1]), cols)
-    pad = CROP_PADDING
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    padded = tf.pad(images, [[0, 0], [CROP_PADDING] * 2, [CROP_PADDING] * 2, [0, 0]])
     return tf.gather(tf.gather(padded, rows, batch_dims=1), cols, axis=2, batch_dims=1)
 
 

@@ -40,6 +40,7 @@ SYNTHETIC_MEAN = (0.4212, 0.4209, 0.4053)
 SYNTHETIC_STD = (0.2317, 0.2303, 0.2303)
 _SPLITS = {"train": 0, "test": 1}
 _STREAMS = ("labels", "object", "scene", "clutter", "noise")
+_PIXELS = np.arange(_SYNTH_SIZE, dtype=np.float32) + 0.5  # pixel centres along x or y
 
 
 def _synthetic_streams(seed, split):
@@ -76,55 +77,26 @@ def _pick(uniforms, count):
 
 # Unit shapes centred at 0, from offsets u (N, 1, W) and v (N, H, 1) measured in radii. None is
 # mirror-asymmetric, so a horizontal flip keeps the label.
-def _disc(u, v):
-    return u * u + v * v <= 1.0
-
-
-def _square(u, v):
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.85
-
-
-def _triangle(u, v):
-    return (v >= -0.95) & (v <= 0.85) & (1.8 * np.abs(u) - v <= 0.95)  # apex up, flat base
-
-
-def _cross(u, v):
-    return (np.minimum(np.abs(u), np.abs(v)) <= 0.3) & (np.maximum(np.abs(u), np.abs(v)) <= 1.0)
-
-
-def _ring(u, v):
-    return (u * u + v * v <= 1.0) & (u * u + v * v >= 0.3)
-
-
+_SHAPES = {
+    "disc": lambda u, v: u * u + v * v <= 1.0,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.85,
+    "triangle": lambda u, v: (v >= -0.95) & (v <= 0.85) & (1.8 * np.abs(u) - v <= 0.95),  # apex up
+    "cross": lambda u, v: (
+        (np.minimum(np.abs(u), np.abs(v)) <= 0.3) & (np.maximum(np.abs(u), np.abs(v)) <= 1.0)
+    ),
+    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.3),
+}
 # Textures: True where the light colour is, from stripe masks along x (N, 1, W) and y (N, H, 1).
-def _solid(x, y):
-    return True
-
-
-def _hstripes(x, y):
-    return y
-
-
-def _vstripes(x, y):
-    return x
-
-
-def _checker(x, y):
-    return x ^ y
-
-
-_SHAPES = {"disc": _disc, "square": _square, "triangle": _triangle, "cross": _cross, "ring": _ring}
-_TEXTURES = {"solid": _solid, "hstripes": _hstripes, "vstripes": _vstripes, "checker": _checker}
-
-
+_TEXTURES = {
+    "solid": lambda x, y: True,
+    "hstripes": lambda x, y: y,
+    "vstripes": lambda x, y: x,
+    "checker": lambda x, y: x ^ y,
+}
 _SYNTH_CLASS_TABLE = np.array(
     [
-        (
-            list(_SHAPES).index(shape),
-            list(_TEXTURES).index(texture),
-            list(SYNTHETIC_HUES).index(hue),
-        )
-        for shape, texture, hue in SYNTHETIC_CLASSES
+        (list(_SHAPES).index(s), list(_TEXTURES).index(t), list(SYNTHETIC_HUES).index(h))
+        for s, t, h in SYNTHETIC_CLASSES
     ]
 )
 _SYNTH_HUES = np.array(list(SYNTHETIC_HUES.values()), np.float32)
@@ -158,13 +130,12 @@ def _draw_objects(shape_ids, texture_ids, hue, radius_range, draws):
     # Centres keep the object inside the image, give or take a pixel.
     centre_x = radius_x - 1.0 + (_SYNTH_SIZE + 2.0 - 2.0 * radius_x) * draws[:, 1]
     centre_y = radius_y - 1.0 + (_SYNTH_SIZE + 2.0 - 2.0 * radius_y) * draws[:, 2]
-    pixels = np.arange(_SYNTH_SIZE, dtype=np.float32) + 0.5
-    u = (pixels[None, None, :] - _column(centre_x)) / _column(radius_x)
-    v = (pixels[None, :, None] - _column(centre_y)) / _column(radius_y)
+    u = (_PIXELS[None, None, :] - _column(centre_x)) / _column(radius_x)
+    v = (_PIXELS[None, :, None] - _column(centre_y)) / _column(radius_y)
     inside = _paint_by_kind(shape_ids, _SHAPES.values(), _SYNTH_SIZE, u, v)
     period = _column(_lerp((3.0, 5.5), draws[:, 3]))
-    light_x = (pixels[None, None, :] + period * _column(draws[:, 4])) % period < period / 2
-    light_y = (pixels[None, :, None] + period * _column(draws[:, 5])) % period < period / 2
+    light_x = (_PIXELS[None, None, :] + period * _column(draws[:, 4])) % period < period / 2
+    light_y = (_PIXELS[None, :, None] + period * _column(draws[:, 5])) % period < period / 2
     light = _paint_by_kind(texture_ids, _TEXTURES.values(), _SYNTH_SIZE, light_x, light_y)
     bright = _hsv_to_rgb(hue % 1.0, _lerp((0.5, 1.0), draws[:, 6]), _lerp((0.5, 1.0), draws[:, 7]))
     dark = bright * _lerp((0.2, 0.55), draws[:, 8])[:, None]
@@ -228,8 +199,7 @@ def _compose(layers, scene):
     )
     colour_index = 2 * owner + light + _column(np.arange(size) * palette.shape[1])
     images = np.take(palette.reshape(-1, 3), colour_index, axis=0)
-    pixels = np.arange(_SYNTH_SIZE, dtype=np.float32) + 0.5
-    centred = (pixels - _SYNTH_SIZE / 2) / (_SYNTH_SIZE / 2)
+    centred = (_PIXELS - _SYNTH_SIZE / 2) / (_SYNTH_SIZE / 2)
     lighting = 0.3 * (_column(scene[:, 10]) - 0.5) * centred[None, None, :]
     lighting = lighting + 0.3 * (_column(scene[:, 11]) - 0.5) * centred[None, :, None]
     return images + lighting[..., None]
@@ -237,10 +207,9 @@ def _compose(layers, scene):
 
 def _occluder_masks(draws):
     """A small rectangle (2-6 pixels a side) anywhere, painted over everything."""
-    pixels = np.arange(_SYNTH_SIZE, dtype=np.float32) + 0.5
     half_w, half_h = _column(1.0 + 2.0 * draws[:, 1]), _column(1.0 + 2.0 * draws[:, 3])
-    in_x = np.abs(pixels[None, None, :] - _column(draws[:, 0] * _SYNTH_SIZE)) < half_w
-    in_y = np.abs(pixels[None, :, None] - _column(draws[:, 2] * _SYNTH_SIZE)) < half_h
+    in_x = np.abs(_PIXELS[None, None, :] - _column(draws[:, 0] * _SYNTH_SIZE)) < half_w
+    in_y = np.abs(_PIXELS[None, :, None] - _column(draws[:, 2] * _SYNTH_SIZE)) < half_h
     return in_x & in_y
 
 

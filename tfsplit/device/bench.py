@@ -15,13 +15,10 @@ from absl import logging
 
 from tfsplit.device import stats
 from tfsplit.device.head import HeadRunner
-from tfsplit.device.spec import HEAD_DTYPES, DeviceError, check_head_dtypes
+from tfsplit.device.spec import HEAD_DTYPES, DeviceError, check_count, check_head_dtypes
 
 TABLE_COLUMNS = (
-    ("dtype", "dtype"),
-    ("file", "file"),
-    ("file_bytes", "file_bytes"),
-    ("threads", "threads"),
+    *((key, key) for key in ("dtype", "file", "file_bytes", "threads")),
     *stats.latency_columns(stats=("p50", "p95", "mean")),
 )
 
@@ -40,11 +37,6 @@ def find_heads(export_dir, dtypes=HEAD_DTYPES):
     return paths
 
 
-def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DeviceError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
-
-
 def bench_head(model_path, runs=200, warmup=20, num_threads=1, seed=0):
     """Times one head on single images.
 
@@ -61,8 +53,8 @@ def bench_head(model_path, runs=200, warmup=20, num_threads=1, seed=0):
     Raises:
       DeviceError: bad arguments, a missing model or a bad JSON.
     """
-    _check_count("runs", runs, 1)
-    _check_count("warmup", warmup, 0)
+    check_count("runs", runs)
+    check_count("warmup", warmup, minimum=0)
     head = HeadRunner(model_path, num_threads=num_threads)
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (1, *head.spec.image_shape), dtype=np.uint8)
@@ -88,10 +80,8 @@ def bench_head(model_path, runs=200, warmup=20, num_threads=1, seed=0):
 
 def bench_heads(export_dir, dtypes=HEAD_DTYPES, runs=200, warmup=20, num_threads=1):
     """`bench_head` for every head_<dtype>.tflite of an export directory; one row per dtype."""
-    return [
-        bench_head(path, runs, warmup, num_threads)
-        for path in find_heads(export_dir, dtypes).values()
-    ]
+    paths = find_heads(export_dir, dtypes).values()
+    return [bench_head(path, runs, warmup, num_threads) for path in paths]
 
 
 def format_bench_table(rows):

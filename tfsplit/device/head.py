@@ -107,13 +107,11 @@ class HeadRunner:
     def __init__(self, model_path, metadata_path=None, num_threads=1):
         if not isinstance(model_path, (str, os.PathLike)) or not os.path.isfile(model_path):
             raise DeviceError(f"No head model at {model_path!r}: expected a .tflite file.")
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise DeviceError(f"`num_threads` must be an integer >= 1. Received: {num_threads!r}")
+        spec_lib.check_count("num_threads", num_threads)
         if metadata_path is None:
             metadata_path = os.path.splitext(os.fspath(model_path))[0] + ".json"
         self.spec = spec_lib.load_spec(metadata_path)
         self.model_path = os.fspath(model_path)
-        self.num_threads = num_threads
         self._model = LiteModel(self.model_path, num_threads)
         self._check_against_spec()
         logging.info("Loaded %s head %s on %d thread(s)", self.spec.dtype, model_path, num_threads)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from tfsplit.device.spec import DeviceError, read_json
+from tfsplit.device.spec import DeviceError, check_count, read_json
 
 NUMPY_SUFFIX = ".npy"
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -92,15 +92,6 @@ def load_images(paths, image_shape):
     return np.concatenate(batches)
 
 
-def _run_config(workdir):
-    path = os.path.join(os.fspath(workdir), "config.json")
-    missing = (
-        f"No training config at {path}: --dataset_images needs the workdir of the run that made "
-        "the head (pass it, or keep the head JSON's source.workdir valid)."
-    )
-    return read_json(path, missing)
-
-
 def load_run_test_images(workdir, count):
     """The first `count` test images and labels of a training run's dataset (development only).
 
@@ -113,9 +104,13 @@ def load_run_test_images(workdir, count):
     Raises:
       DeviceError: no TensorFlow here, a workdir without config.json, or too few test images.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise DeviceError(f"`count` must be an integer >= 1. Received: count={count!r}")
-    config = _run_config(workdir)
+    check_count("count", count)
+    path = os.path.join(os.fspath(workdir), "config.json")
+    missing = (
+        f"No training config at {path}: --dataset_images needs the workdir of the run that made "
+        "the head (pass it, or keep the head JSON's source.workdir valid)."
+    )
+    config = read_json(path, missing)
     try:
         # TensorFlow and tfsplit.data: development machines only.
         import ml_collections

@@ -41,9 +41,8 @@ class WirePayload:
     @property
     def payload_bytes(self):
         """`codec.payload_nbytes` of these values: the codec's encoding of what crosses the cut."""
-        batch, height, width, k = self.values.shape
-        dtype = self.values.dtype.name
-        return codec_layout.payload_nbytes(batch, height, width, k, dtype, False, self.channels)
+        shape, dtype = self.values.shape, self.values.dtype.name
+        return codec_layout.payload_nbytes(*shape, dtype, False, self.channels)
 
     def inputs(self):
         """The signature's inputs by name, in the order TF Serving clients send them."""

@@ -20,12 +20,7 @@ are read from `tensor_content` or `float_val` (TF Serving uses either).
 import numpy as np
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-DATA_TYPES = {  # numpy dtype name -> tensorflow DataType enum
-    "float32": 1,
-    "int32": 3,
-    "int8": 6,
-    "float16": 19,
-}
+DATA_TYPES = {"float32": 1, "int32": 3, "int8": 6, "float16": 19}  # numpy name -> DataType enum
 _NUMPY = {enum: np.dtype(name).newbyteorder("<") for name, enum in DATA_TYPES.items()}
 
 
@@ -37,14 +32,11 @@ def _varint(value):
     """Base-128 varint; negative int64 values take ten bytes, as in protobuf."""
     value &= (1 << 64) - 1
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
 
 
 def _tag(field, wire_type):
@@ -66,14 +58,11 @@ def tensor_proto(array):
         raise ProtoError(
             f"Unsupported dtype: expected one of {sorted(DATA_TYPES)}. Received: {array.dtype}"
         )
+    dtype = DATA_TYPES[array.dtype.name]
     dims = b"".join(_length_field(2, _varint_field(1, size)) for size in array.shape)
-    content = np.ascontiguousarray(array, _NUMPY[DATA_TYPES[array.dtype.name]]).tobytes()
+    content = np.ascontiguousarray(array, _NUMPY[dtype]).tobytes()
     shape = _length_field(2, dims) if array.ndim else b""
-    return (
-        _varint_field(1, DATA_TYPES[array.dtype.name])
-        + shape
-        + (_length_field(4, content) if content else b"")
-    )
+    return _varint_field(1, dtype) + shape + (_length_field(4, content) if content else b"")
 
 
 def predict_request(model_name, inputs, signature="serving_default", version=None):

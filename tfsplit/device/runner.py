@@ -21,7 +21,7 @@ import numpy as np
 from tfsplit.device import payload as payload_lib
 from tfsplit.device import stats
 from tfsplit.device.rest import RestClient
-from tfsplit.device.spec import DeviceError
+from tfsplit.device.spec import DeviceError, check_count
 
 PROTOCOLS = ("rest", "grpc")
 STAGES = ("head", "encode", "network_tail", "total")
@@ -73,10 +73,6 @@ class Prediction:
     @property
     def classes(self):
         return self.probabilities.argmax(axis=-1)
-
-    @property
-    def confidences(self):
-        return self.probabilities.max(axis=-1)
 
 
 class DeviceRunner:
@@ -142,15 +138,11 @@ class RunRecord:
     def samples(self):
         return len(self.probabilities)
 
-    @property
-    def requests(self):
-        return len(self.request_bytes)
-
     def summary(self):
         """Samples, requests, request_bytes and payload_bytes per sample, ms per stage; flat."""
         row = {
             "samples": self.samples,
-            "requests": self.requests,
+            "requests": len(self.request_bytes),
             "complete": self.complete,
             "request_bytes_per_sample": float(self.request_bytes.sum() / self.samples),
             "payload_bytes_per_sample": float(self.payload_bytes.sum() / self.samples),
@@ -177,8 +169,7 @@ def run_images(runner, images, batch_size=1, max_seconds=None):
     Raises:
       DeviceError: bad arguments or images. ServingError: a refused request.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DeviceError(f"`batch_size` must be an integer >= 1. Received: {batch_size!r}")
+    check_count("batch_size", batch_size)
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise DeviceError(f"`max_seconds` must be None or > 0. Received: {max_seconds!r}")
     if not len(images):

@@ -36,6 +36,12 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_count(name, value, minimum=1):
+    """Refuses anything but an integer >= minimum (a bool is no count)."""
+    if not _is_int(value) or value < minimum:
+        raise DeviceError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
+
+
 def check_head_dtypes(dtypes):
     """`dtypes` as a tuple of distinct HEAD_DTYPES names; a single name is accepted."""
     dtypes = (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
@@ -68,6 +74,10 @@ def _positive_int(value):
     return _is_int(value) and value >= 1
 
 
+def _int8(value):
+    return _is_int(value) and INT8_MIN <= value <= INT8_MAX
+
+
 def _count(record, key):
     return _field(record, key, "", _positive_int, "an integer >= 1")
 
@@ -80,13 +90,7 @@ def _quantization(record, where):
     if dtype != "int8":
         return None
     scale = _field(record, "scale", where, lambda v: _is_number(v) and v > 0, "a number > 0")
-    zero_point = _field(
-        record,
-        "zero_point",
-        where,
-        lambda v: _is_int(v) and INT8_MIN <= v <= INT8_MAX,
-        "an integer in [-128, 127]",
-    )
+    zero_point = _field(record, "zero_point", where, _int8, "an integer in [-128, 127]")
     return float(scale), int(zero_point)
 
 
@@ -252,11 +256,7 @@ def spec_from_json(meta, path):
 
 
 def read_json(path, missing):
-    """The parsed content of a JSON file; `missing` is the message when there is no such file.
-
-    Raises:
-      DeviceError: no file at `path`, or a file that is not JSON.
-    """
+    """The parsed JSON at `path`; a DeviceError if it is not JSON, or saying `missing` if absent."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise DeviceError(missing)
     with open(path) as f:
@@ -267,11 +267,7 @@ def read_json(path, missing):
 
 
 def load_spec(path):
-    """Reads and checks a head JSON file (see `spec_from_json`).
-
-    Raises:
-      DeviceError: the file is missing, is not JSON, or fails the checks.
-    """
+    """The `HeadSpec` of a head JSON file; a DeviceError if it is missing, not JSON or invalid."""
     missing = (
         f"No head JSON at {path!r}: expected the head_<dtype>.json that tfsplit-export writes "
         "beside each .tflite head."
@@ -321,9 +317,6 @@ def head_json(
       wire_shape: (height, width, channels) of the bottleneck.
       num_classes: width of the tail's probabilities.
       **provenance: recorded as given (dataset, source, versions, parity, conversion).
-
-    Returns:
-      The JSON object.
 
     Raises:
       DeviceError: parts that contradict one another, e.g. a model that is not this head.

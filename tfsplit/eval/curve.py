@@ -45,8 +45,8 @@ def budget_curve(split, dataset, budgets):
 
     Returns:
       list of dicts with FIELDS, in the order of `budgets`. `payload_bytes_per_sample` is the
-      codec's size of what inference sent up, headers included, over the samples: it depends a
-      little on the batch size, as one message carries a batch.
+      codec's size of one image's payload sent alone (header and indices included), the same
+      count as a run's `inference_payload_bytes_per_sample`.
 
     Raises:
       ValueError: no budgets, a bad budget (see `SplitModel.check_budget`) or an empty dataset.
@@ -58,20 +58,15 @@ def budget_curve(split, dataset, budgets):
         split.check_budget(k)
     if split.compiled_loss is None:
         split.compile()
-    samples = _count_samples(dataset)
+    _count_samples(dataset)
     in_force = int(split.budget.numpy())
     rows = []
     try:
         for k in budgets:
             split.budget.assign(k)
             result = split.evaluate(dataset, verbose=0, return_dict=True)
-            rows.append(
-                dict(
-                    budget=int(k),
-                    test_accuracy=float(result["accuracy"]),
-                    payload_bytes_per_sample=float(result["payload_bytes_up"]) / samples,
-                )
-            )
+            sent = int(split.payload_bytes(1, k, training=False)[0])
+            rows.append(dict(zip(FIELDS, (int(k), float(result["accuracy"]), sent))))
     finally:
         split.budget.assign(in_force)
     return rows

@@ -80,12 +80,8 @@ def _check_args(dtypes, protocols, max_samples, batch_size, num_threads, max_sec
         raise InferError(
             f"`protocols` must be names from {device_lib.PROTOCOLS}. Received: {protocols!r}"
         )
-    counts = (
-        ("batch_size", batch_size),
-        ("num_threads", num_threads),
-        ("max_samples", max_samples),
-    )
-    for name, value in counts:
+    counts = {"batch_size": batch_size, "num_threads": num_threads, "max_samples": max_samples}
+    for name, value in counts.items():
         if not (_is_positive(value) or (name == "max_samples" and value is None)):
             raise InferError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
     if not _is_positive(max_seconds, (int, float)):
@@ -170,22 +166,21 @@ def _keras_predictions(run, images, indices, cache):
 
 def _row(dtype, protocol, spec, record, labels, keras):
     predictions = record.probabilities.argmax(-1)
-    samples = record.samples
-    row = {
+    labels, keras = labels[: record.samples], keras[: record.samples]
+    return {
         "dtype": dtype,
         "protocol": protocol,
         "budget": spec.budget,
-        "accuracy": float(np.mean(predictions == labels[:samples])),
-        "keras_accuracy": float(np.mean(keras[:samples] == labels[:samples])),
-        "agreement": float(np.mean(predictions == keras[:samples])),
+        "accuracy": float(np.mean(predictions == labels)),
+        "keras_accuracy": float(np.mean(keras == labels)),
+        "agreement": float(np.mean(predictions == keras)),
+        **record.summary(),
     }
-    row.update(record.summary())
-    return row
 
 
 def _serve_and_run(run, export_dir, dtype, protocols, images, options, keras_cache):
     """All protocols' passes for one dtype against one in-process TailServer."""
-    head = device_lib.HeadRunner(_head_path(export_dir, dtype), num_threads=options["threads"])
+    head = device_lib.HeadRunner(_head_path(export_dir, dtype), num_threads=options["num_threads"])
     source = head.spec.source_workdir
     if source and os.path.realpath(source) != os.path.realpath(run.workdir):
         logging.warning(
@@ -196,24 +191,17 @@ def _serve_and_run(run, export_dir, dtype, protocols, images, options, keras_cac
         )
     keras = _keras_predictions(run, images, head.spec.indices, keras_cache)
     name = f"{options['model_name']}_{dtype}"
-    server = TailServer(
-        _tail_base(export_dir, options["model_name"], dtype),
-        name,
-        version=options["version"],
-        max_batch_size=options["batch_size"],
-    ).start()
+    base_path = _tail_base(export_dir, options["model_name"], dtype)
+    batch_size, version = options["batch_size"], options["version"]
+    server = TailServer(base_path, name, version=version, max_batch_size=batch_size).start()
     rows = []
     try:
         for protocol in protocols:
             address = server.rest_url if protocol == "rest" else server.grpc_target
             client = device_lib.make_client(protocol, address, name, options["timeout_s"])
+            runner = device_lib.DeviceRunner(head, client)
             try:
-                record = device_lib.run_images(
-                    device_lib.DeviceRunner(head, client),
-                    images,
-                    options["batch_size"],
-                    options["max_seconds"],
-                )
+                record = device_lib.run_images(runner, images, batch_size, options["max_seconds"])
             finally:
                 client.close()
             rows.append(_row(dtype, protocol, head.spec, record, run.test_labels, keras))
@@ -270,14 +258,8 @@ def run_split_inference(
     run, export_dir = prepare_export(workdir, export_dir, dtypes, qat, model_name, version)
     count = len(run.test_images) if max_samples is None else min(max_samples, len(run.test_images))
     images = run.test_images[:count]
-    options = {
-        "threads": num_threads,
-        "batch_size": batch_size,
-        "max_seconds": max_seconds,
-        "timeout_s": timeout_s,
-        "model_name": model_name,
-        "version": version,
-    }
+    limits = {"batch_size": batch_size, "num_threads": num_threads, "max_seconds": max_seconds}
+    options = {**limits, "timeout_s": timeout_s, "model_name": model_name, "version": version}
     keras_cache = {}
     rows = [
         row
@@ -286,9 +268,7 @@ def run_split_inference(
     ]
     settings = {
         "max_samples": count,
-        "batch_size": batch_size,
-        "num_threads": num_threads,
-        "max_seconds": max_seconds,
+        **limits,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "server": "TailServer in the same process, 127.0.0.1",

@@ -19,6 +19,8 @@ from tfsplit.eval import curve
 from tfsplit.train import trainer as trainer_lib
 
 METHODS = ("sl", "casl", "deprune", "prune")
+# The "section.key" settings every method's config must share.
+_SHARED = "data.name model.backbone model.cut model.width_multiplier wire.activation_dtype"
 
 
 def split_prune_config(prune_config):
@@ -33,12 +35,6 @@ def split_prune_config(prune_config):
     start.phases = phases[:1]
     finetune.phases = phases[1:]
     return start, finetune
-
-
-def casl_at(casl_config, budget):
-    config = copy.deepcopy(casl_config)
-    config.phases[0].budget = budget
-    return config
 
 
 def time_to_target(records, target):
@@ -80,11 +76,9 @@ def paper_ratios(rows):
     def points(a, b):
         return 100 * (a["final_test_accuracy"] - b["final_test_accuracy"])
 
-    prune_total = (
-        None
-        if prune["seconds_to_target"] is None or start is None
-        else prune["seconds_to_target"] + start["wall_seconds"]
-    )
+    prune_total = None
+    if prune["seconds_to_target"] is not None and start is not None:
+        prune_total = prune["seconds_to_target"] + start["wall_seconds"]
     return dict(
         deprune_vs_sl_network=ratio(traffic(sl), traffic(deprune)),
         deprune_vs_sl_accuracy_points=points(deprune, sl),
@@ -151,7 +145,9 @@ def _deprune_curve(casl_config, runs, workdir, final_budget):
         if k == final_budget:
             casl_accuracy = runs["casl"][0]["final_test_accuracy"]
         else:
-            summary, _ = _train(casl_at(casl_config, k), os.path.join(workdir, f"casl_{k}"))
+            config = copy.deepcopy(casl_config)
+            config.phases[0].budget = k
+            summary, _ = _train(config, os.path.join(workdir, f"casl_{k}"))
             casl_accuracy = summary["final_test_accuracy"]
         rows.append(
             dict(
@@ -173,13 +169,7 @@ def _check_same_setting(configs):
     reference = configs["deprune"]
     for method in METHODS:
         config = configs[method]
-        for section, key in (
-            ("data", "name"),
-            ("model", "backbone"),
-            ("model", "cut"),
-            ("model", "width_multiplier"),
-            ("wire", "activation_dtype"),
-        ):
+        for section, key in (setting.split(".") for setting in _SHARED.split()):
             if config[section][key] != reference[section][key]:
                 raise ValueError(
                     f"All methods must share {section}.{key}; {method} has "
@@ -254,14 +244,9 @@ def format_markdown(result):
 def write_results(result, workdir):
     """results.csv (the table), budget_curve_vs_casl.csv and results.md; returns their paths."""
     os.makedirs(workdir, exist_ok=True)
-    paths = {
-        name: os.path.join(workdir, name)
-        for name in ("results.csv", "budget_curve_vs_casl.csv", "results.md")
-    }
-    for name, rows in (
-        ("results.csv", result["rows"]),
-        ("budget_curve_vs_casl.csv", result["curve"]),
-    ):
+    names = ("results.csv", "budget_curve_vs_casl.csv", "results.md")
+    paths = {name: os.path.join(workdir, name) for name in names}
+    for name, rows in zip(names, (result["rows"], result["curve"])):
         with open(paths[name], "w", newline="") as f:
             # The columns are those of `table_row` and `_deprune_curve`, in their order.
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])

@@ -65,14 +65,6 @@ def check_dtypes(dtypes):
         raise ExportError(str(error)) from None
 
 
-def _check_count(name, value, maximum, what):
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
-        raise ExportError(
-            f"`{name}` must be an integer in [1, {maximum}] (the {what}). "
-            f"Received: {name}={value!r}"
-        )
-
-
 def _check_qat(qat):
     if not (qat is True or qat is False or qat == "auto"):
         raise ExportError(f"`qat` must be one of {QAT_CHOICES}. Received: qat={qat!r}")
@@ -89,16 +81,9 @@ def head_function(model_fn, image_shape):
 
 
 def convert_head(concrete_function, trackable, dtype, representative_images=None):
-    """Converts a head function to .tflite bytes in `dtype`.
+    """The .tflite bytes of a `head_function` (reading `trackable`'s variables) in `dtype`.
 
-    Args:
-      concrete_function: from `head_function`.
-      trackable: the Keras model whose variables the function reads.
-      dtype: one of HEAD_DTYPES.
-      representative_images: normalized float32 training images (int8 only), for calibration.
-
-    Returns:
-      The flatbuffer bytes.
+    An int8 head calibrates its ranges on `representative_images`, normalized training images.
     """
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete_function], trackable)
     if dtype == "float16":
@@ -207,32 +192,30 @@ def _int8_model(run, indices, float_function, representative, qat):
     post-training one; the JSON records both either way.
 
     Returns:
-      (flatbuffer, reference, record): the model, the Keras function it must agree with, and how
-      it was quantized (with the accuracies that decided it).
+      (flatbuffer, split, record): the model, the `SplitModel` whose `send` it must agree with,
+      and how it was quantized (with the accuracies that decided it).
     """
     flatbuffer = convert_head(float_function, run.split.head, "int8", representative)
-    reference = lambda images: run.split.send(images, indices)  # noqa: E731
     record = {"method": "post-training", "qat": qat}
     if qat is False:
-        return flatbuffer, reference, record
+        return flatbuffer, run.split, record
     float_logits = run_lib.keras_split_logits(run, run.test_images, indices)
     record["float_accuracy"] = float(np.mean(np.argmax(float_logits, -1) == run.test_labels))
     record["post_training_accuracy"] = tflite_split_accuracy(run, flatbuffer, indices)
     loss = record["float_accuracy"] - record["post_training_accuracy"]
     if qat == "auto" and loss <= QAT_AUTO_MAX_LOSS:
-        return flatbuffer, reference, record
+        return flatbuffer, run.split, record
     qat_split, settings = qat_lib.fine_tune_head(run, indices, representative)
-    qat_reference = lambda images: qat_split.send(images, indices)  # noqa: E731
-    function = head_function(qat_reference, run.info.image_shape)
+    function = head_function(lambda images: qat_split.send(images, indices), run.info.image_shape)
     qat_flatbuffer = convert_head(function, qat_split.head, "int8", representative)
     record["fine_tuning"] = settings
     record["quantization_aware_accuracy"] = tflite_split_accuracy(run, qat_flatbuffer, indices)
     if qat == "auto" and record["quantization_aware_accuracy"] < record["post_training_accuracy"]:
         logging.info("Keeping the post-training int8 head, fine-tuning did not help: %s", record)
-        return flatbuffer, reference, record
+        return flatbuffer, run.split, record
     record["method"] = "quantization-aware"
     logging.info("Quantization-aware int8 head: %s", record)
-    return qat_flatbuffer, qat_reference, record
+    return qat_flatbuffer, qat_split, record
 
 
 def _head_model(run, dtype, indices, float_function, representative, qat):
@@ -240,16 +223,12 @@ def _head_model(run, dtype, indices, float_function, representative, qat):
         return _int8_model(run, indices, float_function, representative, qat)
     flatbuffer = convert_head(float_function, run.split.head, dtype)
     method = "float16 weights" if dtype == "float16" else "none"
-    return flatbuffer, lambda images: run.split.send(images, indices), {"method": method}
+    return flatbuffer, run.split, {"method": method}
 
 
 def _output_paths(out_dir, dtypes, overwrite):
     paths = {
-        dtype: (
-            os.path.join(out_dir, f"head_{dtype}.tflite"),
-            os.path.join(out_dir, f"head_{dtype}.json"),
-        )
-        for dtype in dtypes
+        d: [os.path.join(out_dir, f"head_{d}.{ext}") for ext in ("tflite", "json")] for d in dtypes
     }
     existing = [path for pair in paths.values() for path in pair if os.path.exists(path)]
     if existing and not overwrite:
@@ -291,10 +270,10 @@ def export_head(
     """
     run = run_lib.as_run(workdir)
     dtypes = check_dtypes(dtypes)
-    _check_count(
+    run_lib.check_count(
         "representative_samples", representative_samples, len(run.train_images), "training set size"
     )
-    _check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
+    run_lib.check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
     _check_qat(qat)
     _, indices = run.select(budget)
     paths = _output_paths(out_dir, dtypes, overwrite)
@@ -306,14 +285,14 @@ def export_head(
     parity_images = run.normalize(run.test_images[:parity_samples])
     exports = {}
     for dtype in dtypes:
-        flatbuffer, reference, record = _head_model(
+        flatbuffer, split, record = _head_model(
             run, dtype, indices, float_function, representative, qat
         )
         model_path, metadata_path = paths[dtype]
         with open(model_path, "wb") as f:
             f.write(flatbuffer)
         outputs, quantization = run_head(model_path, parity_images)
-        parity = head_parity(outputs, quantization, reference(parity_images).numpy())
+        parity = head_parity(outputs, quantization, split.send(parity_images, indices).numpy())
         metadata = head_metadata(run, model_path, dtype, indices, parity, record)
         with open(metadata_path, "w") as f:
             json.dump(metadata, f, indent=2)

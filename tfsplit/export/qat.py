@@ -54,10 +54,7 @@ def build_qat_head(head):
     Raises:
       ExportError: tfmot cannot quantize the head (nested models or unsupported custom layers).
     """
-    scope = {
-        "MaskedEncoder": MaskedEncoder,
-        "MaskedEncoderQuantizeConfig": MaskedEncoderQuantizeConfig,
-    }
+    scope = {cls.__name__: cls for cls in (MaskedEncoder, MaskedEncoderQuantizeConfig)}
     try:
         annotated = keras.models.clone_model(head, clone_function=_annotate)
         with _QUANTIZE.quantize_scope(scope):
@@ -70,10 +67,6 @@ def build_qat_head(head):
         ) from error
 
 
-def _range_variables(layer):
-    return [w for w in layer.non_trainable_weights if _ACTIVATION_RANGE.search(w.name)]
-
-
 def calibrate_ranges(qat_head, head, images):
     """Starts every activation range of `qat_head` at the float `head`'s range on `images`.
 
@@ -84,7 +77,7 @@ def calibrate_ranges(qat_head, head, images):
     """
     targets = {}
     for layer in qat_head.layers:
-        variables = _range_variables(layer)
+        variables = [w for w in layer.non_trainable_weights if _ACTIVATION_RANGE.search(w.name)]
         if variables:
             inner = getattr(layer, "layer", None)
             targets[layer.name] = (variables, None if inner is None else inner.name)

@@ -176,24 +176,15 @@ def export_split(
     out_dir = os.path.join(run.workdir, EXPORT_DIR) if out_dir is None else os.fspath(out_dir)
     base_path = os.path.join(out_dir, SERVING_DIR)
     dtypes = head_lib.check_dtypes(dtypes)
-    existing = [
-        path
-        for path in (os.path.join(base_path, f"{model_name}_{d}", str(version)) for d in dtypes)
-        if os.path.exists(path)
-    ]
+    tail_paths = [os.path.join(base_path, f"{model_name}_{d}", str(version)) for d in dtypes]
+    existing = [path for path in tail_paths if os.path.exists(path)]
     if existing and not overwrite:
         raise run_lib.ExportError(f"Tails already exist: {existing}; pass overwrite=True.")
     heads = head_lib.export_head(run, out_dir, budget, dtypes, qat=qat, overwrite=overwrite)
     k = next(iter(heads.values())).metadata["budget"]
     tails = {
         dtype: tail_lib.export_tail(
-            run,
-            base_path,
-            model_name=f"{model_name}_{dtype}",
-            version=version,
-            dtype=dtype,
-            max_budget=k,
-            overwrite=overwrite,
+            run, base_path, f"{model_name}_{dtype}", version, dtype, k, overwrite=overwrite
         )
         for dtype in heads
     }

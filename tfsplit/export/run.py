@@ -10,7 +10,6 @@ export is checked against exactly what training measured.
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 
 import ml_collections
@@ -21,6 +20,7 @@ from absl import logging
 
 import tfsplit
 from tfsplit import callbacks, data
+from tfsplit.device import spec as spec_lib
 from tfsplit.model import SplitModel
 from tfsplit.train import trainer
 
@@ -124,6 +124,15 @@ class TrainedRun:
         return k, self.split.channel_indices(k).numpy().astype(np.int32)
 
 
+def check_count(name, value, maximum, what):
+    """Refuses anything but an integer in [1, maximum]; `what` says what the maximum is."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise ExportError(
+            f"`{name}` must be an integer in [1, {maximum}] (the {what}). "
+            f"Received: {name}={value!r}"
+        )
+
+
 def _check_budget(split, budget):
     try:
         split.check_budget(budget)
@@ -149,16 +158,14 @@ def _check_split(name, pair, model):
 
 
 def _read_json(path, what):
-    if not os.path.isfile(path):
-        raise ExportError(
-            f"The workdir has no {what}: expected {path} (written by tfsplit-train). "
-            "Received a directory that is not a finished training run."
-        )
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise ExportError(f"{path} is not valid JSON: {error}") from error
+    missing = (
+        f"The workdir has no {what}: expected {path} (written by tfsplit-train). "
+        "Received a directory that is not a finished training run."
+    )
+    try:
+        return spec_lib.read_json(path, missing)
+    except spec_lib.DeviceError as error:
+        raise ExportError(str(error)) from error
 
 
 def load_run(workdir):
@@ -182,18 +189,14 @@ def load_run(workdir):
             f"at the end of a run). Received: workdir={workdir!r}"
         )
     split = trainer.load_model(workdir)
-    (train_images, train_labels), (test_images, test_labels), info = data.load_arrays(
-        config.data.name, **trainer.data_arguments(config)
-    )
+    train, test, info = data.load_arrays(config.data.name, **trainer.data_arguments(config))
     logging.info("Loaded %s, final budget %s", model_path, summary["final_budget"])
     return TrainedRun(
-        split=split,
-        info=info,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        final_budget=int(summary["final_budget"]),
+        split,
+        info,
+        *train,
+        *test,
+        int(summary["final_budget"]),
         seed=config.seed,
         batch_size=config.data.batch_size,
         learning_rate=float(config.phases[-1]["learning_rate"]),
@@ -241,31 +244,14 @@ def _logits(function, batches, indices):
 
 
 def keras_split_logits(run, images, indices, batch_size=256):
-    """Logits of the Keras split model sending `indices` over a float32 wire: the reference.
-
-    Args:
-      run: a `TrainedRun`.
-      images: uint8 NHWC images.
-      indices: channel indices to send.
-      batch_size: images per forward pass.
-
-    Returns:
-      (N, num_classes) float32 numpy logits.
-    """
+    """(N, classes) logits of the Keras split model on uint8 images, float32 wire: the reference."""
     split = run.split
     batches = image_batches(run, images, batch_size=batch_size)
     return _logits(lambda x, i: split.receive(split.send(x, i), i), batches, indices)
 
 
 def keras_tail_logits(run, values, indices, batch_size=256):
-    """Logits of the Keras server half on received channels: a float tail's answer to a payload.
-
-    Args:
-      run: a `TrainedRun`.
-      values: float (N, h, w, k) channel values, dequantized.
-      indices: the k channel indices they belong to.
-      batch_size: samples per forward pass.
-    """
+    """Logits of the Keras server half on dequantized (N, h, w, k) values of channels `indices`."""
     batches = tf.data.Dataset.from_tensor_slices(np.asarray(values, np.float32)).batch(batch_size)
     return _logits(run.split.receive, batches, indices)
 

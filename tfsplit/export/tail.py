@@ -14,8 +14,8 @@ Inside the graph: payload checks (k matches the values, k <= max_budget, indices
 [0, C), a sane int8 scale and zero point; a bad payload is an InvalidArgumentError, which TF
 Serving returns as a request error), dequantization `scale * (q - zero_point)` or a cast, then the
 model's own server half `SplitModel.receive` (the k channels placed back among C, zeros elsewhere,
-so any budget up to max_budget works; decoder and tail in inference mode) and a softmax. `assets.extra/tfsplit_tail.json` beside it tells a
-server the sizes the signature leaves open.
+so any budget up to max_budget works; decoder and tail in inference mode) and a softmax.
+`assets.extra/tfsplit_tail.json` beside it tells a server the sizes the signature leaves open.
 """
 
 import dataclasses
@@ -91,14 +91,6 @@ def _payload_checks(values, indices, scale, zero_point, dtype, channels, max_bud
     return checks
 
 
-def _dequantize(values, scale, zero_point, dtype):
-    """The float32 values a payload stands for, in the codec's order of operations."""
-    real = tf.cast(values, tf.float32)
-    if dtype == "int8":
-        return (real - tf.cast(zero_point, tf.float32)) * scale
-    return real
-
-
 def serving_function(split, dtype, max_budget):
     """The `serving_default` function of a tail taking `dtype` payloads of up to max_budget."""
     height, width, channels = split.wire_shape
@@ -112,7 +104,9 @@ def serving_function(split, dtype, max_budget):
     def serve(values, indices, scale, zero_point):
         checks = _payload_checks(values, indices, scale, zero_point, dtype, channels, max_budget)
         with tf.control_dependencies(checks):
-            real = _dequantize(values, scale, zero_point, dtype)
+            real = tf.cast(values, tf.float32)
+            if dtype == "int8":  # the codec's order of operations
+                real = (real - tf.cast(zero_point, tf.float32)) * scale
         logits = split.receive(real, indices)
         return {OUTPUT: tf.nn.softmax(tf.cast(logits, tf.float32))}
 
@@ -142,20 +136,14 @@ def _check_args(dtype, model_name, version, max_budget, channels):
 
 def run_tail(signature, values, indices, scale=1.0, zero_point=0, batch_size=256):
     """Calls a tail signature on a payload batch by batch; returns the probabilities (numpy)."""
-    indices = tf.constant(indices, tf.int32)
-    scale = tf.constant(scale, tf.float32)
-    zero_point = tf.constant(zero_point, tf.int32)
-    return np.concatenate(
-        [
-            signature(
-                values=tf.constant(values[start : start + batch_size]),
-                indices=indices,
-                scale=scale,
-                zero_point=zero_point,
-            )[OUTPUT].numpy()
-            for start in range(0, len(values), batch_size)
-        ]
-    )
+    shared = {
+        "indices": tf.constant(indices, tf.int32),
+        "scale": tf.constant(scale, tf.float32),
+        "zero_point": tf.constant(zero_point, tf.int32),
+    }
+    starts = range(0, len(values), batch_size)
+    outputs = [signature(values=tf.constant(values[i : i + batch_size]), **shared) for i in starts]
+    return np.concatenate([output[OUTPUT].numpy() for output in outputs])
 
 
 def keras_tail_probabilities(run, values, indices, scale=1.0, zero_point=0):
@@ -238,11 +226,7 @@ def export_tail(
     run = run_lib.as_run(workdir)
     _check_args(dtype, model_name, version, max_budget, run.channels)
     max_budget, indices = run.select(max_budget)
-    if not isinstance(parity_samples, int) or not 1 <= parity_samples <= len(run.test_images):
-        raise ExportError(
-            f"`parity_samples` must be an integer in [1, {len(run.test_images)}] (the test set "
-            f"size). Received: parity_samples={parity_samples!r}"
-        )
+    run_lib.check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
     path = os.path.join(os.fspath(base_path), model_name, str(version))
     height, width, channels = run.split.wire_shape
     metadata = {

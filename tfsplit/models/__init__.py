@@ -35,15 +35,9 @@ _REGISTRY = {
         )
         for name in vgg.CONFIGS
     },
-    "resnet18": _Backbone(
-        build=resnet.build_resnet18,
-        cut_points=resnet.CUT_POINTS,
-        layer_names=resnet.CUT_LAYERS,
-    ),
+    "resnet18": _Backbone(resnet.build_resnet18, resnet.CUT_POINTS, resnet.CUT_LAYERS),
     "mobilenetv2": _Backbone(
-        build=mobilenet.build_mobilenetv2,
-        cut_points=mobilenet.CUT_POINTS,
-        layer_names=mobilenet.CUT_LAYERS,
+        mobilenet.build_mobilenetv2, mobilenet.CUT_POINTS, mobilenet.CUT_LAYERS
     ),
 }
 BACKBONES = tuple(_REGISTRY)
@@ -84,12 +78,7 @@ def build_backbone(name, num_classes, input_shape, width_multiplier=1.0, classif
     Raises:
       ValueError: for an unknown backbone or arguments the backbone rejects.
     """
-    return _backbone(name).build(
-        num_classes=num_classes,
-        input_shape=input_shape,
-        width_multiplier=width_multiplier,
-        classifier=classifier,
-    )
+    return _backbone(name).build(num_classes, input_shape, width_multiplier, classifier)
 
 
 def cut_points(name):

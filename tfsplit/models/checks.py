@@ -3,10 +3,7 @@
 import math
 import numbers
 
-
-def check_positive_int(label, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{label}` must be a positive integer. Received: {label}={value!r}")
+from tfsplit.data.common import check_positive_int
 
 
 def check_backbone_arguments(

@@ -140,14 +140,11 @@ class AdaptiveAveragePooling2D(keras.layers.Layer):
     def call(self, inputs):
         rows = tf.constant(self._rows, dtype=inputs.dtype)
         cols = tf.constant(self._cols, dtype=inputs.dtype)
-        pooled_rows = tf.einsum("ih,nhwc->niwc", rows, inputs)
-        return tf.einsum("jw,niwc->nijc", cols, pooled_rows)
+        return tf.einsum("jw,niwc->nijc", cols, tf.einsum("ih,nhwc->niwc", rows, inputs))
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
         return tf.TensorShape([input_shape[0], *self.output_size, input_shape[3]])
 
     def get_config(self):
-        config = super().get_config()
-        config.update(output_size=self.output_size)
-        return config
+        return {**super().get_config(), "output_size": self.output_size}

@@ -146,11 +146,6 @@ def _features(x, config, width_multiplier):
     return x
 
 
-def _cifar_classifier(x, num_classes, width_multiplier, dropout_rate):
-    del width_multiplier  # The CIFAR head has no hidden layer to scale.
-    return pooled_logits(x, num_classes, dropout_rate)
-
-
 def _imagenet_classifier(x, num_classes, width_multiplier, dropout_rate):
     x = AdaptiveAveragePooling2D(IMAGENET_POOL_SIZE, name="adaptive_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
@@ -160,9 +155,6 @@ def _imagenet_classifier(x, num_classes, width_multiplier, dropout_rate):
         x = keras.layers.ReLU(name=f"{name}_relu")(x)
         x = keras.layers.Dropout(dropout_rate, name=f"{name}_dropout")(x)
     return keras.layers.Dense(num_classes, name="logits")(x)
-
-
-_CLASSIFIER_BUILDERS = {"cifar": _cifar_classifier, "imagenet": _imagenet_classifier}
 
 
 def build_vgg(
@@ -193,6 +185,8 @@ def build_vgg(
     """
     _validate(name, num_classes, input_shape, width_multiplier, classifier, dropout_rate)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    features = _features(inputs, CONFIGS[name], width_multiplier)
-    logits = _CLASSIFIER_BUILDERS[classifier](features, num_classes, width_multiplier, dropout_rate)
+    x = _features(inputs, CONFIGS[name], width_multiplier)
+    if classifier == "cifar":
+        return keras.Model(inputs, pooled_logits(x, num_classes, dropout_rate), name=name)
+    logits = _imagenet_classifier(x, num_classes, width_multiplier, dropout_rate)
     return keras.Model(inputs, logits, name=name)

@@ -112,9 +112,6 @@ class ServedTail:
         self.spec = validation.build_tail_spec(self._signature, signature_name, spec_file, channels)
         self.signature_def = _read_signature_def(self.version_dir, signature_name)
         self._lock = threading.Lock()
-        self._log_loaded(spec_file is not None)
-
-    def _log_loaded(self, has_spec_file):
         logging.info(
             "Loaded model %r version %d from %s: %s",
             self.name,
@@ -122,7 +119,7 @@ class ServedTail:
             self.version_dir,
             self.spec,
         )
-        if not has_spec_file and self.spec.channels is None:
+        if spec_file is None and self.spec.channels is None:
             logging.warning(
                 "%s is missing and no channel count was given: indices are checked for sign and "
                 "distinctness only, and budgets are not limited (pass channels=C).",
@@ -136,8 +133,7 @@ class ServedTail:
         )
 
     def _output_names(self, output_filter):
-        unknown = sorted(set(output_filter) - set(self.spec.output_names))
-        if unknown:
+        if unknown := sorted(set(output_filter) - set(self.spec.output_names)):
             raise validation.invalid(
                 f"Unknown output(s) {unknown} in the output filter; the signature "
                 f"{self.spec.signature_name!r} returns {list(self.spec.output_names)}."

@@ -98,20 +98,14 @@ def _row_arrays(served, instances, max_elements):
     return {name: _decode_input(served.spec, name, arrays[name], max_elements) for name in arrays}
 
 
-def _output_json(outputs):
-    """TF Serving omits the output name when there is only one output."""
+def _outputs_json(outputs, rows):
+    """Columnar, or one object per instance; TF Serving omits the name of a single output."""
+    first = next(iter(outputs.values()))
     if len(outputs) == 1:
-        return tensors.to_json(next(iter(outputs.values())))
-    return {name: tensors.to_json(array) for name, array in outputs.items()}
-
-
-def _predictions_json(outputs):
-    if len(outputs) == 1:
-        return tensors.to_json(next(iter(outputs.values())))
-    batch = len(next(iter(outputs.values())))
-    return [
-        {name: tensors.to_json(array[i]) for name, array in outputs.items()} for i in range(batch)
-    ]
+        return tensors.to_json(first)
+    if not rows:
+        return {name: tensors.to_json(array) for name, array in outputs.items()}
+    return [{name: tensors.to_json(a[i]) for name, a in outputs.items()} for i in range(len(first))]
 
 
 def _parse_body(body):
@@ -142,21 +136,15 @@ def predict_json(served, target, body, max_elements):
     served.check_target(name, version, label, signature_name)
     if "inputs" in request:
         arrays = _columnar_arrays(served, request["inputs"], max_elements)
-        return {"outputs": _output_json(served.predict(arrays))}
+        return {"outputs": _outputs_json(served.predict(arrays), rows=False)}
     arrays = _row_arrays(served, request["instances"], max_elements)
-    return {"predictions": _predictions_json(served.predict(arrays))}
+    return {"predictions": _outputs_json(served.predict(arrays), rows=True)}
 
 
 def status_json(served):
-    return {
-        "model_version_status": [
-            {
-                "version": str(served.version),
-                "state": "AVAILABLE",
-                "status": {"error_code": "OK", "error_message": ""},
-            }
-        ]
-    }
+    status = {"error_code": "OK", "error_message": ""}
+    version = {"version": str(served.version), "state": "AVAILABLE", "status": status}
+    return {"model_version_status": [version]}
 
 
 def metadata_json(served):

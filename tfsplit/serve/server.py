@@ -70,10 +70,9 @@ class TailServer:
     ):
         _check_port("grpc_port", grpc_port)
         _check_port("rest_port", rest_port)
-        if type(max_request_bytes) is not int or max_request_bytes < 1:
-            raise ValueError(f"`max_request_bytes` must be >= 1. Received: {max_request_bytes!r}")
-        if type(max_workers) is not int or max_workers < 1:
-            raise ValueError(f"`max_workers` must be >= 1. Received: {max_workers!r}")
+        for name, value in (("max_request_bytes", max_request_bytes), ("max_workers", max_workers)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"`{name}` must be >= 1. Received: {value!r}")
         self.served = model.ServedTail(
             model_base_path, model_name, version, signature_name, channels, max_batch_size
         )
@@ -121,11 +120,9 @@ class TailServer:
     def _start_rest(self):
         server = rest.RestServer(self.host, self.rest_port, self.served, self._max_request_bytes)
         self.rest_port = server.server_address[1]
-        self._rest_thread = threading.Thread(
-            target=server.serve_forever, name="tfsplit-rest", daemon=True
-        )
-        self._rest_thread.start()
-        self._rest_server = server
+        thread = threading.Thread(target=server.serve_forever, name="tfsplit-rest", daemon=True)
+        thread.start()
+        self._rest_server, self._rest_thread = server, thread
 
     def start(self):
         """Binds both ports and starts answering; returns self.

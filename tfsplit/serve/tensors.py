@@ -16,21 +16,16 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
 
-# The dtypes a tail signature uses: the three wire dtypes and int32 (indices, zero point).
+# The dtypes a tail signature uses (the three wire dtypes and int32 for indices and zero point),
+# each with its numpy dtype and the typed field a TensorProto keeps its values in.
 _NUMPY_DTYPES = {
-    tf.float32.as_datatype_enum: np.dtype("<f4"),
-    tf.float16.as_datatype_enum: np.dtype("<f2"),
-    tf.int8.as_datatype_enum: np.dtype("i1"),
-    tf.int32.as_datatype_enum: np.dtype("<i4"),
+    tf.float32.as_datatype_enum: (np.dtype("<f4"), "float_val"),
+    tf.float16.as_datatype_enum: (np.dtype("<f2"), "half_val"),
+    tf.int8.as_datatype_enum: (np.dtype("i1"), "int_val"),
+    tf.int32.as_datatype_enum: (np.dtype("<i4"), "int_val"),
 }
 _INT_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.int32): (-(2**31), 2**31 - 1)}
 _TYPED_FIELDS = ("float_val", "half_val", "int_val", "double_val", "int64_val", "string_val")
-_OWN_FIELD = {
-    np.float32: "float_val",
-    np.float16: "half_val",
-    np.int8: "int_val",
-    np.int32: "int_val",
-}
 
 
 class TensorDecodeError(ValueError):
@@ -45,19 +40,6 @@ def dtype_name(enum):
         return f"DataType enum {enum}"
 
 
-def datatype_enum(dtype):
-    """The DataType enum of a numpy or TF dtype that the tail signature may use."""
-    try:
-        enum = tf.dtypes.as_dtype(dtype).as_datatype_enum
-    except TypeError:
-        enum = None
-    if enum not in _NUMPY_DTYPES:
-        raise TensorDecodeError(
-            f"Unsupported dtype: expected float32, float16, int8 or int32. Received: dtype={dtype}"
-        )
-    return enum
-
-
 def to_tensor_proto(array):
     """Packs a float32/float16/int8/int32 array as a TensorProto with raw `tensor_content`.
 
@@ -65,24 +47,20 @@ def to_tensor_proto(array):
     for all of these dtypes (a typed field costs a varint or more per element).
     """
     array = np.asarray(array)
-    enum = datatype_enum(array.dtype)
+    try:
+        enum = tf.dtypes.as_dtype(array.dtype).as_datatype_enum
+    except TypeError:
+        enum = None
+    if enum not in _NUMPY_DTYPES:
+        raise TensorDecodeError(
+            "Unsupported dtype: expected float32, float16, int8 or int32. "
+            f"Received: dtype={array.dtype}"
+        )
     proto = tensor_pb2.TensorProto(dtype=enum)
     for size in array.shape:
         proto.tensor_shape.dim.add(size=size)
-    proto.tensor_content = np.ascontiguousarray(array, _NUMPY_DTYPES[enum]).tobytes()
+    proto.tensor_content = np.ascontiguousarray(array, _NUMPY_DTYPES[enum][0]).tobytes()
     return proto
-
-
-def proto_shape(proto):
-    """The shape a TensorProto declares, checked to be known and non-negative."""
-    if proto.tensor_shape.unknown_rank:
-        raise TensorDecodeError("The tensor declares an unknown rank; expected a known shape.")
-    shape = tuple(int(dim.size) for dim in proto.tensor_shape.dim)
-    if any(size < 0 for size in shape):
-        raise TensorDecodeError(
-            f"The tensor declares a negative dimension. Received: shape={shape}"
-        )
-    return shape
 
 
 def _typed_values(proto, dtype):
@@ -133,8 +111,14 @@ def from_tensor_proto(proto, max_elements=None):
             f"Unsupported tensor dtype {dtype_name(proto.dtype)}: expected float32, float16, int8 "
             "or int32."
         )
-    dtype = _NUMPY_DTYPES[proto.dtype]
-    shape = proto_shape(proto)
+    dtype, own = _NUMPY_DTYPES[proto.dtype]
+    if proto.tensor_shape.unknown_rank:
+        raise TensorDecodeError("The tensor declares an unknown rank; expected a known shape.")
+    shape = tuple(int(dim.size) for dim in proto.tensor_shape.dim)
+    if any(size < 0 for size in shape):
+        raise TensorDecodeError(
+            f"The tensor declares a negative dimension. Received: shape={shape}"
+        )
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise TensorDecodeError(
@@ -146,7 +130,6 @@ def from_tensor_proto(proto, max_elements=None):
         if filled:
             raise TensorDecodeError(f"A tensor must not carry both `tensor_content` and {filled}.")
         return _from_content(proto.tensor_content, dtype, shape, count)
-    own = _OWN_FIELD[dtype.type]
     if set(filled) - {own}:
         raise TensorDecodeError(f"A {dtype.name} tensor keeps its values in `{own}`, not {filled}.")
     values = _typed_values(proto, dtype)
@@ -180,12 +163,21 @@ def from_json(value, dtype, max_elements=None):
     if array.size == 0:
         return array.astype(dtype)
     if array.dtype.kind not in "iuf":
+        text = repr(value)
         raise TensorDecodeError(
             f"Expected JSON numbers (a number or nested lists of numbers) for {dtype.name}. "
-            f"Received: {_describe(value)}"
+            f"Received: {text if len(text) <= 80 else text[:77] + '...'}"
         )
     if dtype.kind == "i":
-        return _json_ints(array, dtype)
+        if array.dtype.kind == "f":
+            raise TensorDecodeError(f"Expected JSON integers for {dtype.name}; found non-integers.")
+        low, high = _INT_RANGES[dtype]
+        if array.min() < low or array.max() > high:
+            raise TensorDecodeError(
+                f"Expected integers in {dtype.name} range [{low}, {high}]. "
+                f"Received: min={array.min()}, max={array.max()}"
+            )
+        return array.astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(dtype)
     if not np.isfinite(converted).all():
@@ -193,23 +185,6 @@ def from_json(value, dtype, max_elements=None):
             f"Expected finite numbers within {dtype.name} range; found NaN, inf or overflow."
         )
     return converted
-
-
-def _json_ints(array, dtype):
-    if array.dtype.kind == "f":
-        raise TensorDecodeError(f"Expected JSON integers for {dtype.name}; found non-integers.")
-    low, high = _INT_RANGES[dtype]
-    if array.min() < low or array.max() > high:
-        raise TensorDecodeError(
-            f"Expected integers in {dtype.name} range [{low}, {high}]. "
-            f"Received: min={array.min()}, max={array.max()}"
-        )
-    return array.astype(dtype)
-
-
-def _describe(value):
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def to_json(array):

@@ -28,11 +28,7 @@ SPEC_FILE = os.path.join("assets.extra", "tfsplit_tail.json")
 DEFAULT_SIGNATURE = "serving_default"
 
 _SPEC_KEYS = ("dtype", "channels", "height", "width", "max_budget", "num_classes", "signature")
-_FIXED_INPUTS = {
-    "indices": (tf.int32, 1),
-    "scale": (tf.float32, 0),
-    "zero_point": (tf.int32, 0),
-}
+_FIXED_INPUTS = {"indices": (tf.int32, 1), "scale": (tf.float32, 0), "zero_point": (tf.int32, 0)}
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: http.HTTPStatus.BAD_REQUEST,
     grpc.StatusCode.FAILED_PRECONDITION: http.HTTPStatus.BAD_REQUEST,
@@ -192,26 +188,11 @@ def build_tail_spec(signature, signature_name, spec_file=None, channels=None):
         return TailSpec(
             signature_name, dtype, height, width, channels, channels, num_classes, output_names
         )
-    for name, signature_value in [
-        ("dtype", dtype),
-        ("height", height),
-        ("width", width),
-        ("num_classes", num_classes),
-        ("signature", signature_name),
-    ]:
-        _agree(name, spec_file[name], signature_value)
-    if channels is not None:
-        _agree("channels", spec_file["channels"], channels)
-    return TailSpec(
-        signature_name,
-        dtype,
-        spec_file["height"],
-        spec_file["width"],
-        spec_file["channels"],
-        spec_file["max_budget"],
-        spec_file["num_classes"],
-        output_names,
-    )
+    given = dict(dtype=dtype, height=height, width=width, num_classes=num_classes)
+    for name, value in dict(given, signature=signature_name, channels=channels).items():
+        _agree(name, spec_file[name], value)  # None (open or not given) agrees with anything.
+    sizes = (spec_file[key] for key in ("height", "width", "channels", "max_budget", "num_classes"))
+    return TailSpec(signature_name, dtype, *sizes, output_names)
 
 
 def check_target(spec, served_name, served_version, name, version, label, signature_name):
