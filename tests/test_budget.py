@@ -64,20 +64,36 @@ def test_budget_loss_gradient_pulls_soft_count_towards_budget(k, sign):
     assert np.all(np.sign(grad) == sign)
 
 
-def test_deprune_reset_pins_open_gates_and_reopens_the_rest():
-    logits = np.array([0.95, 0.9, 0.2, -3.0, 14.0], np.float32)
-    new = budget.deprune_reset(logits, 0.9, 3.0, np.random.default_rng(0))
-    np.testing.assert_array_equal(new[[0, 1, 4]], [GATE_LOGIT_OPEN] * 3)
-    assert np.all((new[[2, 3]] >= 0) & (new[[2, 3]] <= 3.0))
-    again = budget.deprune_reset(logits, 0.9, 3.0, np.random.default_rng(0))
+def test_deprune_reset_pins_the_sent_channels_and_reopens_the_rest():
+    logits = np.array([0.05, 0.06, 0.2, -3.0, 0.01], np.float32)
+    new = budget.deprune_reset(logits, [4, 1], 3.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(new[[1, 4]], [GATE_LOGIT_OPEN] * 2)
+    assert np.all((new[[0, 2, 3]] >= 0) & (new[[0, 2, 3]] <= 3.0))
+    again = budget.deprune_reset(logits, [4, 1], 3.0, np.random.default_rng(0))
     np.testing.assert_array_equal(new, again)
 
 
-def test_prune_reset_closes_weak_gates_and_redraws_open_ones():
-    logits = np.array([0.95, 0.5, 10.0, -2.0], np.float32)
-    new = budget.prune_reset(logits, 0.9, 5.0, np.random.default_rng(1))
+def test_deprune_reset_keeps_the_previous_selection_inside_the_larger_one():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 0.01, size=64).astype(np.float32)  # no gate stands out
+    sent = budget.top_k_channels(logits, 8).numpy()
+    new = budget.deprune_reset(logits, sent, 3.0, rng)
+    assert set(sent) <= set(budget.top_k_channels(new, 32).numpy())
+
+
+def test_prune_reset_closes_weak_gates_and_keeps_the_ranking_of_open_ones():
+    logits = np.array([0.95, 0.5, 10.0, -2.0, 4.0], np.float32)
+    new = budget.prune_reset(logits, 0.9, 5.0)
     np.testing.assert_array_equal(new[[1, 3]], [GATE_LOGIT_CLOSED] * 2)
-    assert np.all((new[[0, 2]] >= 0) & (new[[0, 2]] <= 5.0))
+    np.testing.assert_allclose(new[[0, 4, 2]], [0.0, 5.0 * 3.05 / 9.05, 5.0], rtol=1e-6)
+    order = budget.top_k_channels(logits, 5).numpy()
+    np.testing.assert_array_equal(budget.top_k_channels(new, 5).numpy()[:3], order[:3])
+
+
+def test_prune_reset_with_no_open_gate_keeps_every_channel_in_order():
+    logits = np.array([0.1, -1.0, 0.5], np.float32)
+    new = budget.prune_reset(logits, 0.9, 3.0)
+    np.testing.assert_array_equal(np.argsort(new), np.argsort(logits))
 
 
 def test_phase_learning_rate_boost_and_budget():
@@ -148,3 +164,9 @@ def test_budget_loss_stays_finite_far_from_the_budget():
 
     np.testing.assert_allclose(at(20.0), 2 * math.cosh(20.0), rtol=1e-5)
     np.testing.assert_allclose(at(21.0) - at(20.0), 2 * math.sinh(20.0), rtol=1e-4)
+
+
+def test_gate_separation_is_the_gap_at_the_budget():
+    logits = np.array([15.0, -15.0, 15.0, 0.0], np.float32)
+    assert budget.gate_separation(logits, 2) == pytest.approx(1.0 - 0.25, abs=1e-6)
+    assert budget.gate_separation(logits, 3) == pytest.approx(0.25, abs=1e-6)

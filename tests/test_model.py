@@ -197,3 +197,24 @@ def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes():
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-4)
     for a, b in zip(fused.weights, real.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_deprune_reset_keeps_the_channels_phase_one_sent():
+    model = split()
+    schedule = tfsplit.PhaseSchedule(SCHEDULES["deprune"][1])
+    selections = {}
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: selections.setdefault(
+            epoch, set(model.channel_indices().numpy())
+        ),
+        on_epoch_end=lambda epoch, logs: selections.setdefault(
+            f"end {epoch}", set(model.channel_indices().numpy())
+        ),
+    )
+    images, labels = data()
+    history = model.fit(
+        images, labels, batch_size=16, epochs=2, callbacks=[schedule, record], verbose=0
+    )
+    assert len(selections["end 0"]) == 2 and len(selections[1]) == 8
+    assert selections["end 0"] <= selections[1]
+    assert "gate_separation" in history.history

@@ -38,6 +38,16 @@ def top_k_channels(gate_logits, k):
     return tf.math.top_k(gate_logits, k=k, sorted=True).indices
 
 
+def gate_separation(gate_logits, k):
+    """min(m) of the k sent channels minus max(m) of the others, m = sigmoid(g)^2.
+
+    Near 1 when the gates have polarized (the sent channels open, the rest closed); near 0 or
+    negative when they sit together and the choice of k hangs on small differences.
+    """
+    ranked = tf.sort(channel_importance(gate_logits), direction="DESCENDING")
+    return float(ranked[k - 1] - ranked[k])
+
+
 COSH_LINEAR_BEYOND = 20.0
 
 
@@ -59,12 +69,16 @@ def budget_loss(gate_logits, k, eps, delta):
     return eps * tf.where(z <= c, curve, line)
 
 
-def deprune_reset(gate_logits, threshold, reset_range, rng):
-    """Pin the already-open channels fully open; every other channel must re-earn its place.
+def deprune_reset(gate_logits, sent, reset_range, rng):
+    """Pin the channels the previous phase sent fully open; every other one must earn its place.
+
+    Pinned at the top, the sent channels stay in every larger top-k, so the new phase builds on
+    what the previous one learned instead of redrawing its choice (a threshold on the logits finds
+    nothing when the budget loss has settled every gate near the same small value).
 
     Args:
       gate_logits: (C,) array of gate logits.
-      threshold: logits >= threshold count as open.
+      sent: indices of the channels the previous phase sent.
       reset_range: the others get a fresh logit uniform in [0, reset_range].
       rng: `np.random.Generator`, so a resumed run redraws the same logits.
 
@@ -73,21 +87,27 @@ def deprune_reset(gate_logits, threshold, reset_range, rng):
     """
     gate_logits = np.asarray(gate_logits, np.float32)
     fresh = rng.uniform(0.0, reset_range, size=gate_logits.shape).astype(np.float32)
-    return np.where(gate_logits >= threshold, np.float32(GATE_LOGIT_OPEN), fresh)
+    fresh[np.asarray(sent, np.int64)] = GATE_LOGIT_OPEN
+    return fresh
 
 
-def prune_reset(gate_logits, threshold, reset_range, rng):
-    """Close the weak channels for good; the open ones compete again from a fresh logit.
+def prune_reset(gate_logits, threshold, reset_range):
+    """Close the weak channels for good; the open ones compete again, in the start model's order.
 
-    Args and Returns as in `deprune_reset`: open channels (logit >= threshold) get a fresh logit in
-    [0, reset_range], all others are closed (logit -15).
+    Open channels (logit >= threshold; all of them when none is) are mapped onto [0, reset_range]
+    by an increasing affine map, so they can move again but keep their ranking; all others are
+    closed (logit -15).
+
+    Returns:
+      (C,) float32 array of new logits.
     """
     gate_logits = np.asarray(gate_logits, np.float32)
-    fresh = rng.uniform(0.0, reset_range, size=gate_logits.shape).astype(np.float32)
-    return np.where(gate_logits >= threshold, fresh, np.float32(GATE_LOGIT_CLOSED))
-
-
-_RESET_FUNCTIONS = {"deprune": deprune_reset, "prune": prune_reset}
+    is_open = gate_logits >= threshold
+    if not is_open.any():
+        is_open[:] = True
+    low, high = gate_logits[is_open].min(), gate_logits[is_open].max()
+    spread = (gate_logits - low) / (high - low) if high > low else np.ones_like(gate_logits)
+    return np.where(is_open, reset_range * spread, GATE_LOGIT_CLOSED).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +119,8 @@ class Phase:
     learning_rate: base learning rate.
     boost_learning_rate, boost_epochs: a higher rate for the first `boost_epochs` epochs.
     reset: gate reset applied on entering the phase: "none", "deprune" or "prune".
-    reset_threshold, reset_range: parameters of the reset.
+    reset_threshold: logits >= it count as open (prune keeps those; logged for every reset).
+    reset_range: reopened gates start in [0, reset_range].
     """
 
     budget: int
@@ -119,12 +140,13 @@ class Phase:
     def effective_budget(self, channels):
         return channels if self.budget == 0 else self.budget
 
-    def apply_reset(self, gate_logits, rng):
-        if self.reset == "none":
-            return np.asarray(gate_logits, np.float32)
-        return _RESET_FUNCTIONS[self.reset](
-            gate_logits, self.reset_threshold, self.reset_range, rng
-        )
+    def apply_reset(self, gate_logits, sent, rng):
+        """The gate logits on entering this phase; `sent`: what the previous phase sent."""
+        if self.reset == "deprune":
+            return deprune_reset(gate_logits, sent, self.reset_range, rng)
+        if self.reset == "prune":
+            return prune_reset(gate_logits, self.reset_threshold, self.reset_range)
+        return np.asarray(gate_logits, np.float32)
 
 
 def build_phases(phase_configs, channels, has_bottleneck):

@@ -29,7 +29,7 @@ class PhaseSchedule(keras.callbacks.Callback):
       seed: seeds the gate resets, so a resumed run redraws the same logits.
 
     Use `epochs` as `fit`'s epochs. Each epoch's logs gain `phase`, `budget`, `learning_rate`,
-    `soft_channels` and, on a reset, `gates_open_at_reset`.
+    `soft_channels`, `gate_separation` (masked phases) and, on a reset, `gates_open_at_reset`.
     """
 
     def __init__(self, phases, seed=0):
@@ -76,13 +76,15 @@ class PhaseSchedule(keras.callbacks.Callback):
         if encoder is None or phase.reset == "none":
             return {}
         before = encoder.gate_logits.numpy()
+        sent = self.model.channel_indices().numpy()  # at the budget of the phase that ends
         rng = np.random.default_rng([self.seed, number])
-        encoder.gate_logits.assign(phase.apply_reset(before, rng))
+        encoder.gate_logits.assign(phase.apply_reset(before, sent, rng))
         open_count = int(np.sum(before >= phase.reset_threshold))
         logging.info(
-            "Phase %d: %s reset; %d of %d gates were open (logit >= %g)",
+            "Phase %d: %s reset after sending %d channels; %d of %d gates were open (logit >= %g)",
             number,
             phase.reset,
+            sent.size,
             open_count,
             before.size,
             phase.reset_threshold,
@@ -92,6 +94,10 @@ class PhaseSchedule(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self._current is not None:
             logs.update(self._current, soft_channels=self.model.soft_channels())
+            if self.model.encoder is not None and self._current["budget"] < self.model.channels:
+                logs["gate_separation"] = budget_lib.gate_separation(
+                    self.model.encoder.gate_logits, self._current["budget"]
+                )
 
 
 def _as_dict(phase):
@@ -163,6 +169,8 @@ class RunRecords(keras.callbacks.Callback):
         )
         if "gates_open_at_reset" in logs:
             record["gates_open_at_reset"] = int(logs["gates_open_at_reset"])
+        if "gate_separation" in logs:
+            record["gate_separation"] = float(logs["gate_separation"])
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
