@@ -218,3 +218,28 @@ def test_deprune_reset_keeps_the_channels_phase_one_sent():
     assert len(selections["end 0"]) == 2 and len(selections[1]) == 8
     assert selections["end 0"] <= selections[1]
     assert "gate_separation" in history.history
+
+
+def test_gate_travel_fraction_sets_the_gate_rate_from_the_phase_length():
+    model = split()
+    phases = [dict(budget=4, epochs=2, learning_rate=0.05)]
+    schedule = tfsplit.PhaseSchedule(phases, gate_travel_fraction=0.5)
+    images, labels = data()
+    history = model.fit(images, labels, batch_size=16, epochs=2, callbacks=[schedule], verbose=0)
+    # 4 steps per epoch, 2 epochs: a gate may cross 15 logits in half of 8 steps.
+    expected = 15.0 / (0.5 * 8)
+    assert history.history["gate_learning_rate"] == [expected, expected]
+    assert float(model.gate_optimizer.learning_rate.numpy()) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="gate_travel_fraction"):
+        tfsplit.PhaseSchedule(phases, gate_travel_fraction=1.5)
+
+
+def test_polarization_adds_the_distance_of_the_gates_from_zero_or_one():
+    model = split(polarization=0.5)
+    model.set_budget(4)
+    gates = np.zeros(16, np.float32)  # m = 0.25 everywhere: sum 4 = k, so the cosh term is 2.
+    model.encoder.gate_logits.assign(gates)
+    expected = 1000.0 * (2.0 + 0.5 * 16 * 0.25 * 0.75)
+    assert float(model.budget_penalty()) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="polarization"):
+        split(polarization=-1.0)

@@ -15,9 +15,14 @@ from absl import logging
 
 from tfsplit import budget as budget_lib
 from tfsplit import codec
+from tfsplit.bottleneck import GATE_LOGIT_OPEN
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+
+
+# Logit distance a gate may have to cover in a masked phase: from fully open to undecided.
+GATE_TRAVEL = GATE_LOGIT_OPEN
 
 
 class PhaseSchedule(keras.callbacks.Callback):
@@ -27,15 +32,24 @@ class PhaseSchedule(keras.callbacks.Callback):
       phases: `tfsplit.Phase`s, or dicts / ConfigDicts with its fields, in order; budget 0 sends
         every channel without the budget loss.
       seed: seeds the gate resets, so a resumed run redraws the same logits.
+      gate_travel_fraction: when > 0 and the model has a gate optimizer, its learning rate in a
+        masked phase is set so that a gate can cross `GATE_TRAVEL` logits within this fraction of
+        the phase's steps: the gates then move at a pace set in epochs, whatever the dataset's
+        size (a fixed per-step rate takes most of a short phase on a small dataset).
 
     Use `epochs` as `fit`'s epochs. Each epoch's logs gain `phase`, `budget`, `learning_rate`,
     `soft_channels`, `gate_separation` (masked phases) and, on a reset, `gates_open_at_reset`.
     """
 
-    def __init__(self, phases, seed=0):
+    def __init__(self, phases, seed=0, gate_travel_fraction=0.0):
         super().__init__()
+        if not 0.0 <= gate_travel_fraction <= 1.0:
+            raise ValueError(
+                f"`gate_travel_fraction` must be in [0, 1]. Received: {gate_travel_fraction!r}"
+            )
         self.phase_configs = list(phases)
         self.seed = seed
+        self.gate_travel_fraction = gate_travel_fraction
         self.phases = None
         self.epochs = sum(int(dict(p)["epochs"]) for p in map(_as_dict, self.phase_configs))
         self._current = None
@@ -70,6 +84,11 @@ class PhaseSchedule(keras.callbacks.Callback):
         learning_rate = phase.learning_rate_at(epoch_in_phase)
         keras.backend.set_value(model.optimizer.learning_rate, learning_rate)
         self._current = dict(phase=number, budget=k, learning_rate=learning_rate, **reset)
+        if self.gate_travel_fraction and model.gate_optimizer is not None and phase.budget:
+            steps = phase.epochs * self.params["steps"] * self.gate_travel_fraction
+            gate_rate = GATE_TRAVEL / steps
+            keras.backend.set_value(model.gate_optimizer.learning_rate, gate_rate)
+            self._current["gate_learning_rate"] = gate_rate
 
     def _enter(self, number, phase):
         encoder = self.model.encoder
@@ -153,7 +172,11 @@ class RunRecords(keras.callbacks.Callback):
         down = total_down - previous.get("total_payload_bytes_down", 0)
         record = dict(
             epoch=epoch + 1,
-            **{key: logs[key] for key in ("phase", "budget", "learning_rate") if key in logs},
+            **{
+                key: logs[key]
+                for key in ("phase", "budget", "learning_rate", "gate_learning_rate")
+                if key in logs
+            },
             train_cross_entropy=float(logs["loss"]),
             train_budget_loss=float(logs["budget_loss"]),
             train_accuracy=float(logs["accuracy"]),

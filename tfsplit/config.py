@@ -77,6 +77,8 @@ def base_config(mode):
     config.budget_loss = ml_collections.ConfigDict()
     config.budget_loss.eps = 1000.0
     config.budget_loss.delta = 0.1
+    # Weight of sum(m * (1 - m)) in masked phases: pushes each gate fully open or closed.
+    config.budget_loss.polarization = 0.0
 
     # Optimizer: SGD; weight decay is decoupled (tf_keras SGD), 0 = none.
     config.optimizer = ml_collections.ConfigDict()
@@ -86,6 +88,9 @@ def base_config(mode):
     # gate_learning_rate, or "shared" (the SGD above, as the reference code does).
     config.optimizer.gate_optimizer = "adam"
     config.optimizer.gate_learning_rate = 0.05
+    # > 0: in each masked phase the gates' Adam rate is set so that a gate can cross from fully
+    # open to undecided within this fraction of the phase, whatever the steps per epoch.
+    config.optimizer.gate_travel_fraction = 0.0
 
     # Wire: what crosses the cut, and how it is carried.
     config.wire = ml_collections.ConfigDict()

@@ -56,6 +56,8 @@ class SplitModel(keras.Model):
       sampling_probability, min_budget: with this probability a masked training step sends only
         the top k' channels, k' uniform in [min_budget, k] (nested budgets; 0 = off).
       seed: seeds those budget draws.
+      polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
+        drives each gate fully open or closed (0 = off).
 
     Call arguments:
       images: float32 (N, H, W, C) normalized images.
@@ -79,6 +81,7 @@ class SplitModel(keras.Model):
         sampling_probability=0.0,
         min_budget=1,
         seed=0,
+        polarization=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -106,6 +109,9 @@ class SplitModel(keras.Model):
             min_budget,
             seed,
         )
+        if not polarization >= 0.0:
+            raise ValueError(f"`polarization` must be >= 0. Received: {polarization!r}")
+        self.polarization = float(polarization)
         self.wire_shape = tuple(int(d) for d in head.output.shape[1:])
         self.channels = self.wire_shape[-1]
         # A flat cut (N, C) is sent as one position: the codec's (N, 1, 1, C).
@@ -214,9 +220,14 @@ class SplitModel(keras.Model):
     def budget_penalty(self):
         if self.encoder is None:
             return tf.constant(0.0)
-        return self.penalty_weight * budget_lib.budget_loss(
-            self.encoder.gate_logits, self.budget, 1.0, self.budget_delta
-        )
+        gates = self.encoder.gate_logits
+        penalty = budget_lib.budget_loss(gates, self.budget, 1.0, self.budget_delta)
+        if self.polarization:
+            # Zero only when every gate is fully open or closed: with the sum held at k by the
+            # budget loss, it pushes k gates open and the rest shut instead of all to k / C.
+            importance = budget_lib.channel_importance(gates)
+            penalty += self.polarization * tf.reduce_sum(importance * (1.0 - importance))
+        return self.penalty_weight * penalty
 
     def apply_gradients(self, gradients, variables):
         """Updates the weights; the gate logits through their own optimizer when there is one."""
@@ -287,6 +298,7 @@ class SplitModel(keras.Model):
             sampling_probability=self.sampling_probability,
             min_budget=self.min_budget,
             seed=self.seed,
+            polarization=self.polarization,
         )
 
     @classmethod

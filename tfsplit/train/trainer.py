@@ -60,6 +60,7 @@ def build_split_model(config, info):
         sampling_probability=config.budget_sampling.probability,
         min_budget=config.budget_sampling.min_budget,
         seed=config.seed,
+        polarization=config.budget_loss.polarization,
     )
     if config.wire.transport != "fused":
         oracle = TRANSPORTS[config.wire.transport].from_config(split.get_config())
@@ -146,7 +147,11 @@ def build_callbacks(config, workdir, info):
         model=f"{config.model.backbone}@{config.model.cut}",
     )
     return [
-        callbacks_lib.PhaseSchedule(config.phases, seed=config.seed),
+        callbacks_lib.PhaseSchedule(
+            config.phases,
+            seed=config.seed,
+            gate_travel_fraction=config.optimizer.gate_travel_fraction,
+        ),
         callbacks_lib.RunRecords(
             workdir, info.train_size, summary, model_path=os.path.join(workdir, MODEL_FILE)
         ),
