@@ -90,7 +90,7 @@ def base_config(mode):
     config.optimizer.gate_learning_rate = 0.05
     # > 0: in each masked phase the gates' Adam rate is set so that a gate can cross from fully
     # open to undecided within this fraction of the phase, whatever the steps per epoch.
-    config.optimizer.gate_travel_fraction = 0.0
+    config.optimizer.gate_travel_fraction = 0.3
 
     # Wire: what crosses the cut, and how it is carried.
     config.wire = ml_collections.ConfigDict()
