@@ -160,6 +160,7 @@ def test_init_from_without_a_finished_run_fails_clearly(tmp_path):
         (("wire", "activation_dtype"), "bfloat16", "config.wire.activation_dtype must be one of"),
         (("wire", "transport"), "pigeon", "config.wire.transport must be one of"),
         (("optimizer", "gate_optimizer"), "rmsprop", "gate_optimizer must be one of"),
+        (("optimizer", "gate_beta_2"), 1.0, "gate_beta_2 must be in"),
         (("budget_sampling", "probability"), 1.5, "sampling_probability"),
         (("budget_sampling", "min_budget"), 0, "min_budget"),
     ],

@@ -91,6 +91,9 @@ def base_config(mode):
     # > 0: in each masked phase the gates' Adam rate is set so that a gate can cross from fully
     # open to undecided within this fraction of the phase, whatever the steps per epoch.
     config.optimizer.gate_travel_fraction = 0.3
+    # The gates' Adam beta_2: its second moment remembers the budget loss's huge first gradients
+    # for about 1 / (1 - beta_2) steps, and while it does every gate step is tiny.
+    config.optimizer.gate_beta_2 = 0.999
 
     # Wire: what crosses the cut, and how it is carried.
     config.wire = ml_collections.ConfigDict()

@@ -91,7 +91,14 @@ def build_gate_optimizer(config):
             "config.optimizer.gate_learning_rate must be > 0. Received: "
             f"{config.optimizer.gate_learning_rate!r}"
         )
-    return keras.optimizers.Adam(config.optimizer.gate_learning_rate)
+    if not 0.0 <= config.optimizer.gate_beta_2 < 1.0:
+        raise ValueError(
+            "config.optimizer.gate_beta_2 must be in [0, 1). Received: "
+            f"{config.optimizer.gate_beta_2!r}"
+        )
+    return keras.optimizers.Adam(
+        config.optimizer.gate_learning_rate, beta_2=config.optimizer.gate_beta_2
+    )
 
 
 def data_arguments(config):
