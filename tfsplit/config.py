@@ -78,7 +78,7 @@ def base_config(mode):
     config.budget_loss.eps = 1000.0
     config.budget_loss.delta = 0.1
     # Weight of sum(m * (1 - m)) in masked phases: pushes each gate fully open or closed.
-    config.budget_loss.polarization = 0.0
+    config.budget_loss.polarization = 0.01
 
     # Optimizer: SGD; weight decay is decoupled (tf_keras SGD), 0 = none.
     config.optimizer = ml_collections.ConfigDict()
@@ -93,7 +93,7 @@ def base_config(mode):
     config.optimizer.gate_travel_fraction = 0.3
     # The gates' Adam beta_2: its second moment remembers the budget loss's huge first gradients
     # for about 1 / (1 - beta_2) steps, and while it does every gate step is tiny.
-    config.optimizer.gate_beta_2 = 0.999
+    config.optimizer.gate_beta_2 = 0.9
 
     # Wire: what crosses the cut, and how it is carried.
     config.wire = ml_collections.ConfigDict()
