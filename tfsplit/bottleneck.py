@@ -25,10 +25,12 @@ class GateRange(keras.constraints.Constraint):
 class _ConvNorm(keras.layers.Layer):
     """What both ends of the bottleneck share: a strided (transposed) conv, then batch norm.
 
-    Subclasses create their convolution and then `self.norm` in `__init__` and return the
-    convolution from `_resample`; the attribute names (`conv`, `deconv`, `norm`) are what
+    Subclasses create their convolution and then `self.norm` in `__init__`, and name the
+    convolution's attribute in `RESAMPLE`; the attribute names (`conv`, `deconv`, `norm`) are what
     checkpoints and the QAT config refer to, so they stay as they are.
     """
+
+    RESAMPLE = "conv"
 
     def __init__(self, channels, resolution_factor=1, kernel_size=3, **kwargs):
         super().__init__(**kwargs)
@@ -44,7 +46,7 @@ class _ConvNorm(keras.layers.Layer):
         self.kernel_size = kernel_size
 
     def _resample(self):
-        raise NotImplementedError
+        return getattr(self, self.RESAMPLE)
 
     def build(self, input_shape):
         self._resample().build(input_shape)
@@ -94,9 +96,6 @@ class MaskedEncoder(_ConvNorm):
         )
         self.norm = keras.layers.BatchNormalization(name="norm")
 
-    def _resample(self):
-        return self.conv
-
     def build(self, input_shape):
         super().build(input_shape)  # The conv and norm first: initial values follow this order.
         self.gate_logits = self.add_weight(
@@ -133,15 +132,14 @@ class Decoder(_ConvNorm):
     Input shape: (batch, h, w, C'). Output shape: (batch, h*r, w*r, channels).
     """
 
+    RESAMPLE = "deconv"
+
     def __init__(self, channels, resolution_factor=1, kernel_size=3, **kwargs):
         super().__init__(channels, resolution_factor, kernel_size, **kwargs)
         self.deconv = keras.layers.Conv2DTranspose(
             channels, kernel_size, strides=resolution_factor, padding="same", name="deconv"
         )
         self.norm = keras.layers.BatchNormalization(name="norm")
-
-    def _resample(self):
-        return self.deconv
 
     def call(self, inputs, training=None):
         return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
