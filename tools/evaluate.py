@@ -40,7 +40,7 @@ def main(argv):
     for row in rows:
         print(
             f"{row['budget']:>7} {100 * row['test_accuracy']:>13.2f}% "
-            f"{row['payload_bytes_per_sample']:>21,.1f}"
+            f"{row['payload_bytes_per_sample']:>21,}"
         )
     print(f"wrote {csv_path} and {png_path}")
 
