@@ -5,44 +5,47 @@ pins the open gates and reopens the rest, which train at budget 32 for 4 epochs 
 learning-rate boost in the first epoch. Compare with configs/sl.py (same epochs, all channels) and
 configs/casl.py (budget 32 throughout).
 
-Default (embedded dataset, 10 epochs): a few minutes on 2 CPU cores. Variants: `:smoke`
-(seconds) and `:paper` (VGG-11, CIFAR-10, budget 4 -> 16 of 512 channels, 25 + 15 epochs, SGD
-1e-2 with a 5e-2 boost for 3 epochs, batch 16; a GPU).
+Default (embedded dataset, 10 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
+e.g. `:grow,smoke`; see tfsplit/config.py):
+  paper: VGG-11, CIFAR-10, budget 4 -> 16 of 512, 25 + 15 epochs, SGD 1e-2 (5e-2 for 3); a GPU.
+  grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
+  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """
 
-from tfsplit.config import apply_variant, base_config, phase
+from tfsplit.config import apply_variant, base_config, parse_variants, phase
+
+METHOD_VARIANTS = ("grow",)
 
 
-def get_config(arg=None):
-    config = base_config("deprune")
-    # Schedule: small budget first, then the de-prune reset and a larger budget.
-    config.phases = [
-        phase(budget=8, epochs=6, learning_rate=0.02),
+def deprune_phases(small_budget, small_epochs, budget, epochs, learning_rate, boost_epochs):
+    """Phase 1 at the small budget, then the de-prune reset into `budget` (0: every channel)."""
+    return [
+        phase(budget=small_budget, epochs=small_epochs, learning_rate=learning_rate),
         phase(
-            budget=32,
-            epochs=4,
-            learning_rate=0.02,
+            budget=budget,
+            epochs=epochs,
+            learning_rate=learning_rate,
             boost_learning_rate=0.05,
-            boost_epochs=1,
+            boost_epochs=boost_epochs,
             reset="deprune",
             reset_threshold=0.9,
             reset_range=3.0,
         ),
     ]
-    if arg == "paper":
-        config.phases = [
-            phase(budget=4, epochs=25, learning_rate=0.01),
-            phase(
-                budget=16,
-                epochs=15,
-                learning_rate=0.01,
-                boost_learning_rate=0.05,
-                boost_epochs=3,
-                reset="deprune",
-                reset_threshold=0.9,
-                reset_range=3.0,
-            ),
-        ]
-    return apply_variant(config, arg or "")
+
+
+def get_config(arg=None):
+    variants = parse_variants(arg, METHOD_VARIANTS)
+    config = base_config("deprune")
+    # Schedule: small budget first, then the de-prune reset and a larger budget. By (paper, grow):
+    # (small budget, its epochs, budget, its epochs, learning rate, boost epochs).
+    schedules = {
+        (False, False): (8, 6, 32, 4, 0.02, 1),
+        (False, True): (4, 6, 0, 4, 0.02, 1),
+        (True, False): (4, 25, 16, 15, 0.01, 3),
+        (True, True): (4, 15, 0, 7, 0.01, 3),
+    }
+    config.phases = deprune_phases(*schedules["paper" in variants, "grow" in variants])
+    return apply_variant(config, arg, METHOD_VARIANTS)

@@ -10,48 +10,59 @@ phase with the `:finetune` variant and point `init_from` at that run's workdir:
   tfsplit-train --config=configs/prune.py:finetune --config.init_from=/tmp/tfsplit/start \
       --workdir=/tmp/tfsplit/prune
 
-Default (embedded dataset, 6 + 3 epochs): a few minutes on 2 CPU cores. Variants: `:smoke`,
-`:finetune` and `:paper` (VGG-11, CIFAR-10; pretraining with SGD 1e-3 momentum 0.9, then budget 16
-for 5 epochs; a GPU).
+Default (embedded dataset, 6 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
+e.g. `:steps,smoke`; see tfsplit/config.py):
+  paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
+  steps: the research code's prune 32 -> 4: 6 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
+  finetune: drops the pretraining phase (start from `init_from`).
+  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
 
   tfsplit-train --config=configs/prune.py --workdir=/tmp/tfsplit/prune
 """
 
-from tfsplit.config import apply_variant, base_config, phase
+from tfsplit.config import apply_variant, base_config, parse_variants, phase
+
+METHOD_VARIANTS = ("finetune", "steps")
 
 
-def get_config(arg=None):
-    config = base_config("prune")
-    pretrain = phase(budget=0, epochs=6, learning_rate=0.02)
-    finetune = [
+def prune_phases(pretrain_epochs, pretrain_learning_rate, steps, learning_rate, boost_epochs):
+    """Unmasked pretraining, the prune reset into the first (budget, epochs) step, then the rest.
+
+    The later steps keep the gates as they are (no reset): the open ones compete for less.
+    """
+    (budget, epochs), *later = steps
+    phases = [
+        phase(budget=0, epochs=pretrain_epochs, learning_rate=pretrain_learning_rate),
         phase(
-            budget=32,
-            epochs=3,
-            learning_rate=0.02,
+            budget=budget,
+            epochs=epochs,
+            learning_rate=learning_rate,
             boost_learning_rate=0.05,
-            boost_epochs=1,
+            boost_epochs=boost_epochs,
             reset="prune",
             reset_threshold=0.9,
             reset_range=3.0,
-        )
+        ),
     ]
-    if arg == "paper":
-        pretrain = phase(budget=0, epochs=20, learning_rate=0.001)
-        finetune = [
-            phase(
-                budget=16,
-                epochs=5,
-                learning_rate=0.01,
-                boost_learning_rate=0.05,
-                boost_epochs=2,
-                reset="prune",
-                reset_threshold=0.9,
-                reset_range=3.0,
-            )
-        ]
-    # Schedule: unmasked pretraining (unless starting from `init_from`), then prune.
-    config.phases = finetune if arg == "finetune" else [pretrain] + finetune
-    config = apply_variant(config, "" if arg == "finetune" else arg or "")
-    if arg == "paper":
+    phases += [phase(budget=b, epochs=e, learning_rate=learning_rate) for b, e in later]
+    return phases
+
+
+def get_config(arg=None):
+    variants = parse_variants(arg, METHOD_VARIANTS)
+    config = base_config("prune")
+    # Schedule: unmasked pretraining, then prune. By (paper, steps): (pretraining epochs, its
+    # learning rate, [(budget, epochs), ...], learning rate, boost epochs).
+    schedules = {
+        (False, False): (6, 0.02, [(32, 3)], 0.02, 1),
+        (False, True): (6, 0.02, [(32, 2), (4, 2)], 0.02, 1),
+        (True, False): (20, 0.001, [(16, 5)], 0.01, 2),
+        (True, True): (30, 0.001, [(32, 10), (4, 10)], 0.01, 2),
+    }
+    config.phases = prune_phases(*schedules["paper" in variants, "steps" in variants])
+    if "finetune" in variants:  # the starting model comes from `init_from`.
+        config.phases = config.phases[1:]
+    config = apply_variant(config, arg, METHOD_VARIANTS)
+    if "paper" in variants:
         config.optimizer.momentum = 0.9  # the reference pretrains with momentum 0.9.
     return config

@@ -4,20 +4,23 @@ No bottleneck; the device sends the cut activations (and labels) up, the server 
 gradients down. The reference point for deprune's network savings.
 
 Default (embedded dataset, VGG-11 width 1/4 cut after conv 5, 10 epochs): a few minutes on 2 CPU
-cores. Variants: `:smoke` (seconds) and `:paper` (VGG-11, CIFAR-10, 40 epochs; a GPU).
+cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
+  paper: VGG-11, CIFAR-10, 40 epochs; a GPU.
+  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
 
   tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl
 """
 
-from tfsplit.config import apply_variant, base_config, phase
+from tfsplit.config import apply_variant, base_config, parse_variants, phase
 
 
 def get_config(arg=None):
+    variants = parse_variants(arg)
     config = base_config("sl")
     # Model: no bottleneck at the cut.
     config.model.bottleneck.enabled = False
     # Schedule: one unmasked phase, as long as deprune's two phases together.
     config.phases = [phase(budget=0, epochs=10, learning_rate=0.02)]
-    if arg == "paper":
+    if "paper" in variants:
         config.phases = [phase(budget=0, epochs=40, learning_rate=0.01)]
-    return apply_variant(config, arg or "")
+    return apply_variant(config, arg)

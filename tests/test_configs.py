@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 import tfsplit  # noqa: F401
 from tfsplit import config as config_lib
@@ -13,6 +15,14 @@ from tfsplit.train import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+# file -> the variants it offers besides config_lib.GENERIC_VARIANTS.
+METHOD_VARIANTS = {"sl": (), "casl": (), "deprune": ("grow",), "prune": ("finetune", "steps")}
+COMPOSED = {
+    "sl": ["hard,smoke", "small,smoke", "small,paper"],
+    "casl": ["hard,smoke", "small,smoke", "small,paper"],
+    "deprune": ["hard,smoke", "small,smoke", "grow,smoke", "grow,paper", "grow,hard,small"],
+    "prune": ["hard,smoke", "small,smoke", "steps,smoke", "steps,paper", "finetune,steps"],
+}
 
 
 def load(path, arg=None):
@@ -22,18 +32,117 @@ def load(path, arg=None):
     return module.get_config(arg)
 
 
+def method(path):
+    return os.path.basename(path)[:-3]
+
+
+def schedule(config):
+    """(budget, epochs, learning rate, boost rate, boost epochs, reset) of every phase."""
+    return [
+        (p.budget, p.epochs, p.learning_rate, p.boost_learning_rate, p.boost_epochs, p.reset)
+        for p in config.phases
+    ]
+
+
 def test_the_four_methods_have_configs():
-    names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+    names = {method(p) for p in CONFIG_FILES}
     assert {"sl", "casl", "deprune", "prune"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_variants_load_and_serialize(path):
-    for arg in config_lib.VARIANTS:
+    offered = config_lib.VARIANTS + METHOD_VARIANTS[method(path)]
+    for arg in offered + tuple(COMPOSED[method(path)]):
         config = load(path, arg or None)
-        assert config.mode == os.path.basename(path)[:-3]
+        assert config.mode == method(path)
         json.loads(config.to_json_best_effort())
     assert load(path, "paper").data.name == "cifar10"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_generic_variants_set_the_data_they_name(path):
+    default = load(path)
+    assert default.data.name == "synthetic" and default.data.train_size == 0
+    hard = load(path, "hard")
+    assert hard.data.name == "synthetic_hard" and hard.data.train_size == 0
+    assert schedule(hard) == schedule(default)
+    small = load(path, "small")
+    assert small.data.name == "synthetic" and small.data.train_size == 1500
+    assert schedule(small) == schedule(default)
+    both = load(path, "small,hard")
+    assert (both.data.name, both.data.train_size) == ("synthetic_hard", 1500)
+    assert load(path, "small,paper").data.train_size == 1500
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_smoke_shrinks_every_composition_whatever_the_order(path):
+    for arg in COMPOSED[method(path)]:
+        names = arg.split(",")
+        if "smoke" not in names:
+            continue
+        config = load(path, arg)
+        assert load(path, ",".join(reversed(names))).to_dict() == config.to_dict()
+        assert all(p.epochs == 1 and p.boost_epochs <= 1 for p in config.phases)
+        assert config.data.train_size == 256 and config.model.width_multiplier == 0.125
+    assert load(path, "hard,smoke").data.name == "synthetic_hard"
+
+
+def test_deprune_schedules():
+    path = os.path.join(CONFIG_DIR, "deprune.py")
+    assert schedule(load(path)) == [
+        (8, 6, 0.02, 0.0, 0, "none"),
+        (32, 4, 0.02, 0.05, 1, "deprune"),
+    ]
+    assert schedule(load(path, "paper")) == [
+        (4, 25, 0.01, 0.0, 0, "none"),
+        (16, 15, 0.01, 0.05, 3, "deprune"),
+    ]
+    # grow: the de-prune reset opens every channel (budget 0: no masking).
+    assert schedule(load(path, "grow")) == [
+        (4, 6, 0.02, 0.0, 0, "none"),
+        (0, 4, 0.02, 0.05, 1, "deprune"),
+    ]
+    grow_paper = load(path, "grow,paper")
+    assert schedule(grow_paper) == [
+        (4, 15, 0.01, 0.0, 0, "none"),
+        (0, 7, 0.01, 0.05, 3, "deprune"),
+    ]
+    assert grow_paper.data.name == "cifar10" and grow_paper.model.width_multiplier == 1.0
+    assert schedule(load(path, "grow,smoke")) == [
+        (4, 1, 0.02, 0.0, 0, "none"),
+        (0, 1, 0.02, 0.05, 1, "deprune"),
+    ]
+
+
+def test_prune_schedules():
+    path = os.path.join(CONFIG_DIR, "prune.py")
+    assert schedule(load(path)) == [(0, 6, 0.02, 0.0, 0, "none"), (32, 3, 0.02, 0.05, 1, "prune")]
+    paper = load(path, "paper")
+    assert schedule(paper) == [(0, 20, 0.001, 0.0, 0, "none"), (16, 5, 0.01, 0.05, 2, "prune")]
+    assert paper.optimizer.momentum == 0.9
+    # steps: prune 32 -> 4, the second step without a reset.
+    steps = [(32, 2, 0.02, 0.05, 1, "prune"), (4, 2, 0.02, 0.0, 0, "none")]
+    assert schedule(load(path, "steps")) == [(0, 6, 0.02, 0.0, 0, "none")] + steps
+    assert schedule(load(path, "finetune,steps")) == steps
+    assert schedule(load(path, "steps,finetune")) == steps
+    assert schedule(load(path, "finetune")) == [(32, 3, 0.02, 0.05, 1, "prune")]
+    steps_paper = load(path, "steps,paper")
+    assert schedule(steps_paper) == [
+        (0, 30, 0.001, 0.0, 0, "none"),
+        (32, 10, 0.01, 0.05, 2, "prune"),
+        (4, 10, 0.01, 0.0, 0, "none"),
+    ]
+    assert steps_paper.optimizer.momentum == 0.9 and steps_paper.data.name == "cifar10"
+    assert [p.budget for p in load(path, "steps,smoke").phases] == [0, 32, 4]
+
+
+def test_variant_list_passes_through_the_config_flag():
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flag_values(["prog", f"--config={os.path.join(CONFIG_DIR, 'deprune.py')}:grow,hard,smoke"])
+    config = flag_values.config
+    assert config.data.name == "synthetic_hard"
+    assert [(p.budget, p.epochs) for p in config.phases] == [(4, 1), (0, 1)]
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -44,6 +153,47 @@ def test_smoke_variant_trains(path, tmp_path):
     assert summary["train_payload_bytes_up"] > 0
 
 
+@pytest.mark.parametrize("name, arg", [("deprune", "grow,smoke"), ("prune", "steps,smoke")])
+def test_composed_smoke_variant_trains(name, arg, tmp_path):
+    config = load(os.path.join(CONFIG_DIR, f"{name}.py"), arg)
+    summary = train(config, str(tmp_path))
+    assert summary["epochs"] == len(config.phases)
+    # grow ends with every channel open; steps at budget 4.
+    assert summary["final_budget"] == (summary["channels"] if name == "deprune" else 4)
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    assert summary["train_payload_bytes_up"] > 0
+
+
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="Unknown config variant 'huge'"):
         load(CONFIG_FILES[0], "huge")
+
+
+@pytest.mark.parametrize(
+    "name, arg, message",
+    [
+        ("deprune", "hard,huge", r"Unknown config variant 'huge' in 'hard,huge'.*'grow'"),
+        ("sl", "grow", r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'smoke'\)"),
+        ("casl", "steps,smoke", r"Unknown config variant 'steps'"),
+        ("deprune", "finetune", r"Unknown config variant 'finetune'.*'grow', 'paper'"),
+        ("prune", "grow", r"Unknown config variant 'grow'.*'finetune', 'steps', 'paper'"),
+        ("deprune", "hard,", r"Empty config variant in 'hard,'"),
+        ("prune", ",smoke", r"Empty config variant in ',smoke'"),
+        ("casl", "hard,,smoke", r"Empty config variant in 'hard,,smoke'"),
+        ("prune", "steps,smoke,steps", r"Config variant 'steps' is repeated"),
+        ("sl", "smoke,smoke", r"Config variant 'smoke' is repeated"),
+        ("deprune", "hard,paper", r"\['hard', 'paper'\] in 'hard,paper' set the same keys"),
+    ],
+)
+def test_bad_variant_lists_are_rejected(name, arg, message):
+    with pytest.raises(ValueError, match=message):
+        load(os.path.join(CONFIG_DIR, f"{name}.py"), arg)
+
+
+def test_parse_variants():
+    assert config_lib.parse_variants(None) == frozenset()
+    assert config_lib.parse_variants("") == frozenset()
+    assert config_lib.parse_variants("smoke, hard") == {"smoke", "hard"}
+    assert config_lib.parse_variants("grow,smoke", ("grow",)) == {"grow", "smoke"}
+    with pytest.raises(ValueError, match="must be a string.*Received: 3"):
+        config_lib.parse_variants(3)

@@ -28,6 +28,7 @@ def _synthetic(seed=0, train_size=200, test_size=50):
 def test_datasets_and_public_names():
     assert data.DATASETS == (
         "synthetic",
+        "synthetic_hard",
         "cifar10",
         "cifar100",
         "fashion_mnist",

@@ -1,7 +1,10 @@
 """The reproduce table and the paper's ratios, on recorded runs and end to end on smoke configs."""
 
 import glob
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +12,21 @@ import tfsplit  # noqa: F401
 from tfsplit.config import load_config_file, phase
 from tfsplit.eval import reproduce
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+# Prints {preset: {method: [data.name, data.train_size]}} from the tool's own load_configs().
+PRESETS_SCRIPT = """
+import json
+from absl import flags
+from tools import reproduce
+loaded = {}
+for preset in reproduce.PRESETS:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=" + preset])
+    configs = reproduce.load_configs()
+    loaded[preset] = {m: [c.data.name, c.data.train_size] for m, c in configs.items()}
+print(json.dumps(loaded))
+"""
 
 
 def summary(accuracy, up, down, budget, wall, epochs):
@@ -154,3 +171,26 @@ def test_reproduce_end_to_end_on_smoke_configs(tmp_path):
     # The curve at deprune's final budget is deprune's own final evaluation.
     final = [p for p in result["curve"] if p["budget"] == deprune["final_budget"]][0]
     assert final["deprune_test_accuracy"] == pytest.approx(deprune["final_test_accuracy"])
+
+
+def test_tool_presets_load_the_data_they_name():
+    # A subprocess, as in test_tools.py: the tools' absl flags are global to a process.
+    result = subprocess.run(
+        [sys.executable, "-c", PRESETS_SCRIPT],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper"}
+    expected = {
+        "quick": ["synthetic", 0],
+        "quick_hard": ["synthetic_hard", 0],
+        "quick_small": ["synthetic", 1500],
+        "paper": ["cifar10", 0],
+    }
+    for preset, data in expected.items():
+        assert loaded[preset] == {m: data for m in reproduce.METHODS}, preset

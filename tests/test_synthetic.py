@@ -126,3 +126,24 @@ def test_load_arrays_gives_the_generator_output_unchanged():
 def test_load_synthetic_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         synthetic.load_synthetic(**kwargs)
+
+
+def test_hard_set_makes_every_attribute_combination_a_class():
+    (x, y), (xt, yt), info = synthetic.load_synthetic(0, 400, 160, name="synthetic_hard")
+    assert info.num_classes == len(synthetic.SYNTHETIC_HARD_CLASSES) == 80
+    assert len(set(synthetic.SYNTHETIC_HARD_CLASSES)) == 80
+    # Balanced at any prefix: 400 samples hold each class 5 times.
+    np.testing.assert_array_equal(np.bincount(y, minlength=80), np.full(80, 5))
+    assert x.shape == (400, 32, 32, 3) and xt.shape == (160, 32, 32, 3)
+    # Same scenes as the default set, other labels: the draws are shared, the classes are not.
+    (x_default, _), _, _ = synthetic.load_synthetic(0, 400, 160)
+    assert not np.array_equal(x, x_default)
+    # Its normalization constants are its own seed-0 statistics, to 1e-2.
+    pixels = synthetic.load_synthetic(0, name="synthetic_hard")[0][0].astype(np.float32) / 255
+    np.testing.assert_allclose(pixels.mean((0, 1, 2)), info.mean, atol=1e-2)
+    np.testing.assert_allclose(pixels.std((0, 1, 2)), info.std, atol=1e-2)
+
+
+def test_unknown_embedded_set_is_rejected():
+    with pytest.raises(ValueError, match="synthetic_hard"):
+        synthetic.load_synthetic(name="synthetic_medium")

@@ -2,8 +2,13 @@
 
 Every key the trainer reads is here, with its meaning; experiment files change values, never add
 hidden defaults. A config file's `get_config(arg)` takes a variant: "" (the default, a few minutes
-on the embedded dataset), "smoke" (seconds; used by the tests) or "paper" (the research code's
-VGG-11, CIFAR-10 and reference schedule; meant for a GPU).
+on the embedded dataset) or comma-separated names, all applied, e.g. `deprune.py:hard,smoke`.
+Every file offers these generic ones (a file may add its own schedules, applied before them):
+
+  paper: the research code's VGG-11 and CIFAR-10 (with the file's reference schedule); a GPU.
+  hard: the harder embedded dataset "synthetic_hard" (80 classes, same 32x32x3 images).
+  small: the small-data setting, 1500 training images.
+  smoke: seconds (1 epoch a phase, 256 training images, width 1/8); used by the tests.
 """
 
 import importlib.util
@@ -11,7 +16,12 @@ import os
 
 import ml_collections
 
-VARIANTS = ("", "smoke", "paper")
+# The generic variants, in the order they are applied whatever order they are given in: smoke
+# last, so that it shrinks whatever the others chose.
+GENERIC_VARIANTS = ("paper", "hard", "small", "smoke")
+VARIANTS = ("",) + GENERIC_VARIANTS  # what every config file accepts alone; "" = the default.
+# Variants that each set the same key differently; together they would silently drop one.
+_CONFLICTS = ({"hard", "paper"},)
 
 
 def phase(
@@ -39,7 +49,8 @@ def base_config(mode):
 
     # Data.
     config.data = ml_collections.ConfigDict()
-    # "synthetic" (embedded), "cifar10", "cifar100", "fashion_mnist", "stl10", "image_folder".
+    # "synthetic" or "synthetic_hard" (embedded), "cifar10", "cifar100", "fashion_mnist", "stl10",
+    # "image_folder".
     config.data.name = "synthetic"
     # Local copy: CIFAR python archive (.tar.gz or extracted), Fashion-MNIST IDX folder, STL-10
     # binary archive or folder, image-folder root (train/<class>/, val/<class>/); "" = download.
@@ -103,34 +114,103 @@ def base_config(mode):
     return config
 
 
-def apply_variant(config, variant):
-    """Shrinks the config to a seconds-long smoke run, or widens it to the paper's setting."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown config variant {variant!r}; expected one of {VARIANTS}.")
-    if variant == "smoke":
-        config.data.train_size = 256
-        config.data.test_size = 128
-        config.data.batch_size = 32
-        config.data.eval_batch_size = 128
-        config.model.width_multiplier = 0.125
-        for entry in config.phases:
-            entry.epochs = 1
-            entry.boost_epochs = min(entry.boost_epochs, 1)
-    elif variant == "paper":
-        config.data.name = "cifar10"
-        config.data.batch_size = 16
-        config.model.width_multiplier = 1.0
-        config.model.classifier = "imagenet"
-        config.optimizer.momentum = 0.0
-        config.optimizer.weight_decay = 5e-4
-        # The gates keep their own Adam here too: with the reference's shared SGD the budget
-        # loss closes every gate within a few steps (measured); --config.optimizer.gate_optimizer
-        # =shared runs the reference literally.
+def parse_variants(arg, method_variants=()):
+    """The names in a config argument such as "hard,smoke"; checked so that a typo fails loudly.
+
+    Args:
+      arg: None or "" for the default, else comma-separated variant names (order does not matter).
+      method_variants: the names the calling config file handles itself, besides GENERIC_VARIANTS.
+
+    Returns:
+      frozenset of the names given.
+
+    Raises:
+      ValueError: naming an unknown, empty or repeated item, or two variants that conflict.
+    """
+    if arg is None or arg == "":
+        return frozenset()
+    allowed = tuple(method_variants) + GENERIC_VARIANTS
+    if not isinstance(arg, str):
+        raise ValueError(
+            f"A config variant must be a string of comma-separated names from {allowed}. "
+            f"Received: {arg!r}"
+        )
+    names = [name.strip() for name in arg.split(",")]
+    for name in names:
+        if not name:
+            raise ValueError(
+                f"Empty config variant in {arg!r}; expected comma-separated names from {allowed}."
+            )
+        if name not in allowed:
+            raise ValueError(
+                f"Unknown config variant {name!r} in {arg!r}; expected comma-separated names "
+                f"from {allowed}."
+            )
+        if names.count(name) > 1:
+            raise ValueError(f"Config variant {name!r} is repeated in {arg!r}; give it once.")
+    for conflict in _CONFLICTS:
+        if conflict <= set(names):
+            raise ValueError(
+                f"Config variants {sorted(conflict)} in {arg!r} set the same keys (the dataset) "
+                "differently; give one of them."
+            )
+    return frozenset(names)
+
+
+def apply_variant(config, variant, method_variants=()):
+    """Applies the generic variants named in `variant`, in GENERIC_VARIANTS' order.
+
+    Args:
+      config: the file's config, its own variants (`method_variants`) already applied.
+      variant: the config argument, e.g. "grow,smoke" (see `parse_variants`).
+      method_variants: the names the calling config file offers and has handled; skipped here.
+
+    Returns:
+      `config`, changed in place.
+    """
+    names = parse_variants(variant, method_variants)
+    for name in GENERIC_VARIANTS:
+        if name in names:
+            _APPLY[name](config)
     return config
 
 
+def _paper(config):
+    config.data.name = "cifar10"
+    config.data.batch_size = 16
+    config.model.width_multiplier = 1.0
+    config.model.classifier = "imagenet"
+    config.optimizer.momentum = 0.0
+    config.optimizer.weight_decay = 5e-4
+    # The gates keep their own Adam here too: with the reference's shared SGD the budget loss
+    # closes every gate within a few steps (measured); --config.optimizer.gate_optimizer=shared
+    # runs the reference literally.
+
+
+def _hard(config):
+    config.data.name = "synthetic_hard"
+
+
+def _small(config):
+    config.data.train_size = 1500
+
+
+def _smoke(config):
+    config.data.train_size = 256
+    config.data.test_size = 128
+    config.data.batch_size = 32
+    config.data.eval_batch_size = 128
+    config.model.width_multiplier = 0.125
+    for entry in config.phases:
+        entry.epochs = 1
+        entry.boost_epochs = min(entry.boost_epochs, 1)
+
+
+_APPLY = {"paper": _paper, "hard": _hard, "small": _small, "smoke": _smoke}
+
+
 def load_config_file(path, variant=""):
-    """`get_config(variant)` of a config file, as `--config=path:variant` would give it."""
+    """`get_config(variant)` of a config file (e.g. "hard,smoke"), as `--config=path:variant` does."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"No config file at {path}; expected a Python file with get_config()."

@@ -3,6 +3,12 @@
   tfsplit-reproduce --preset=quick --workdir=/tmp/tfsplit/reproduce   # embedded data, 2 CPU cores
   tfsplit-reproduce --preset=paper --workdir=/tmp/tfsplit/paper       # VGG-11, CIFAR-10; a GPU
 
+Presets (each loads configs/<method>.py with one variant):
+  quick: the embedded dataset; minutes on a CPU.
+  quick_hard: the harder embedded dataset (synthetic_hard, 20 classes); minutes on a CPU.
+  quick_small: the embedded dataset with 1500 training images (the small-data setting).
+  paper: VGG-11, CIFAR-10 and the reference schedules; a GPU.
+
 Each method trains into --workdir/<method> (re-running resumes). Prints the table, deprune's
 accuracy-versus-budget next to CA-SL trained at each budget, and the paper's three ratios; writes
 results.csv, results.md, results.json and budget_curve_vs_casl.csv into --workdir.
@@ -17,14 +23,16 @@ from tfsplit import config as config_lib
 from tfsplit.eval import reproduce
 from tools import run_tool
 
-PRESETS = {"quick": "", "paper": "paper"}  # preset -> variant of the files in configs/.
+# preset -> variant of the files in configs/.
+PRESETS = {"quick": "", "quick_hard": "hard", "quick_small": "small", "paper": "paper"}
 _DEFAULT_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 
 _PRESET = flags.DEFINE_enum(
     "preset",
     "quick",
     list(PRESETS),
-    "quick: embedded dataset, minutes on a CPU; paper: VGG-11, CIFAR-10, reference schedules.",
+    "quick: embedded dataset, minutes on a CPU; quick_hard: its harder 20-class version; "
+    "quick_small: 1500 training images; paper: VGG-11, CIFAR-10, reference schedules.",
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for all runs and results.", required=True
@@ -50,6 +58,7 @@ _DATA_PATH = flags.DEFINE_string(
 
 
 def load_configs():
+    """Every method's config for --preset, with --data_path where given."""
     variant = PRESETS[_PRESET.value]
     configs = {}
     for method in reproduce.METHODS:

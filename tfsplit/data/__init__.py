@@ -7,6 +7,7 @@ shared with export code). All arrays are uint8 images (N, H, W, C) and int32 lab
 | name          | source (path=None)      | classes | default images                          |
 |---------------|-------------------------|---------|-----------------------------------------|
 | synthetic     | generated from `seed`   | 10      | 32x32x3                                 |
+| synthetic_hard| generated from `seed`   | 80      | 32x32x3 (every attribute combination)   |
 | cifar10       | keras.datasets download | 10      | 32x32x3                                 |
 | cifar100      | keras.datasets download | 100     | 32x32x3 (fine labels)                   |
 | fashion_mnist | keras.datasets download | 10      | 32x32x1 (28x28 zero-padded by 2 pixels) |

@@ -22,7 +22,8 @@ _READERS = {
     "stl10": stl10.load,
     "image_folder": image_folder.load,
 }
-DATASETS = ("synthetic", *_READERS)
+_GENERATED = ("synthetic", "synthetic_hard")  # Embedded sets, generated from the seed.
+DATASETS = (*_GENERATED, *_READERS)
 _GRAYSCALE = ("fashion_mnist",)  # Datasets with one channel, which `channels=3` can repeat.
 
 
@@ -31,8 +32,8 @@ def _check_load_arguments(name, path, seed, train_size, test_size, image_size, c
         raise ValueError(f"`name` must be one of {DATASETS}. Received: name={name!r}")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`path` must be None, a str or a path. Received: path={path!r}")
-    if name == "synthetic" and path is not None:
-        raise ValueError(f"The synthetic set is generated, not read. Received: path={path!r}")
+    if name in _GENERATED and path is not None:
+        raise ValueError(f"The {name} set is generated, not read. Received: path={path!r}")
     common.check_seed(seed)
     common.check_optional_size("train_size", train_size)
     common.check_optional_size("test_size", test_size)
@@ -85,8 +86,8 @@ def load_arrays(
       DatasetDownloadError: when the keras download fails (offline machine).
     """
     _check_load_arguments(name, path, seed, train_size, test_size, image_size, channels)
-    if name == "synthetic":
-        train, test, info = synthetic.load_synthetic(seed, train_size, test_size)
+    if name in _GENERATED:
+        train, test, info = synthetic.load_synthetic(seed, train_size, test_size, name)
         resize = functools.partial(common.resize_images, size=image_size)
         train, test, info = _map_images(train, test, info, resize)
     else:  # Files fix their content; only the synthetic set is generated from the seed.
