@@ -9,7 +9,7 @@ Default (embedded dataset, 10 epochs): a few minutes on 2 CPU cores. Variants (c
 e.g. `:grow,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10, budget 4 -> 16 of 512, 25 + 15 epochs, SGD 1e-2 (5e-2 for 3); a GPU.
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
-  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
+  hard, small, smoke: the harder embedded set; 1500 training images, 3x epochs; seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """
@@ -19,7 +19,9 @@ from tfsplit.config import apply_variant, base_config, parse_variants, phase
 METHOD_VARIANTS = ("grow",)
 
 
-def deprune_phases(small_budget, small_epochs, budget, epochs, learning_rate, boost_epochs):
+def deprune_phases(
+    small_budget, small_epochs, budget, epochs, learning_rate, boost_epochs, anneal_epochs
+):
     """Phase 1 at the small budget, then the de-prune reset into `budget` (0: every channel)."""
     return [
         phase(budget=small_budget, epochs=small_epochs, learning_rate=learning_rate),
@@ -29,6 +31,7 @@ def deprune_phases(small_budget, small_epochs, budget, epochs, learning_rate, bo
             learning_rate=learning_rate,
             boost_learning_rate=0.05,
             boost_epochs=boost_epochs,
+            anneal_epochs=anneal_epochs,
             reset="deprune",
             reset_threshold=0.9,
             reset_range=3.0,
@@ -40,12 +43,15 @@ def get_config(arg=None):
     variants = parse_variants(arg, METHOD_VARIANTS)
     config = base_config("deprune")
     # Schedule: small budget first, then the de-prune reset and a larger budget. By (paper, grow):
-    # (small budget, its epochs, budget, its epochs, learning rate, boost epochs).
+    # (small budget, its epochs, budget, its epochs, learning rate, boost and anneal epochs).
     schedules = {
-        (False, False): (8, 6, 32, 4, 0.02, 1),
-        (False, True): (4, 6, 0, 4, 0.02, 1),
-        (True, False): (4, 25, 16, 15, 0.01, 3),
-        (True, True): (4, 15, 0, 7, 0.01, 3),
+        (False, False): (8, 6, 32, 4, 0.02, 1, 2),
+        (False, True): (4, 6, 0, 4, 0.02, 1, 2),
+        (True, False): (4, 25, 16, 15, 0.01, 3, 0),
+        (True, True): (4, 15, 0, 7, 0.01, 3, 0),
     }
     config.phases = deprune_phases(*schedules["paper" in variants, "grow" in variants])
+    # One model for every budget up to the final one: 0.4 points at budget 32 on the embedded set
+    # buys 88.6% instead of 19.9% at budget 4 (README, "one model for every budget").
+    config.budget_sampling.nested = True
     return apply_variant(config, arg, METHOD_VARIANTS)

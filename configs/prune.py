@@ -15,7 +15,7 @@ e.g. `:steps,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
   steps: the research code's prune 32 -> 4: 6 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
-  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
+  hard, small, smoke: the harder embedded set; 1500 training images, 3x epochs; seconds.
 
   tfsplit-train --config=configs/prune.py --workdir=/tmp/tfsplit/prune
 """
@@ -25,10 +25,13 @@ from tfsplit.config import apply_variant, base_config, parse_variants, phase
 METHOD_VARIANTS = ("finetune", "steps")
 
 
-def prune_phases(pretrain_epochs, pretrain_learning_rate, steps, learning_rate, boost_epochs):
+def prune_phases(
+    pretrain_epochs, pretrain_learning_rate, steps, learning_rate, boost_epochs, anneal_epochs
+):
     """Unmasked pretraining, the prune reset into the first (budget, epochs) step, then the rest.
 
-    The later steps keep the gates as they are (no reset): the open ones compete for less.
+    The later steps keep the gates as they are (no reset): the open ones compete for less. The
+    last phase anneals its learning rate over its last `anneal_epochs` epochs.
     """
     (budget, epochs), *later = steps
     phases = [
@@ -45,6 +48,7 @@ def prune_phases(pretrain_epochs, pretrain_learning_rate, steps, learning_rate, 
         ),
     ]
     phases += [phase(budget=b, epochs=e, learning_rate=learning_rate) for b, e in later]
+    phases[-1].anneal_epochs = anneal_epochs
     return phases
 
 
@@ -52,12 +56,12 @@ def get_config(arg=None):
     variants = parse_variants(arg, METHOD_VARIANTS)
     config = base_config("prune")
     # Schedule: unmasked pretraining, then prune. By (paper, steps): (pretraining epochs, its
-    # learning rate, [(budget, epochs), ...], learning rate, boost epochs).
+    # learning rate, [(budget, epochs), ...], learning rate, boost epochs, anneal epochs).
     schedules = {
-        (False, False): (6, 0.02, [(32, 3)], 0.02, 1),
-        (False, True): (6, 0.02, [(32, 2), (4, 2)], 0.02, 1),
-        (True, False): (20, 0.001, [(16, 5)], 0.01, 2),
-        (True, True): (30, 0.001, [(32, 10), (4, 10)], 0.01, 2),
+        (False, False): (6, 0.02, [(32, 3)], 0.02, 1, 2),
+        (False, True): (6, 0.02, [(32, 2), (4, 2)], 0.02, 1, 1),
+        (True, False): (20, 0.001, [(16, 5)], 0.01, 2, 0),
+        (True, True): (30, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),
     }
     config.phases = prune_phases(*schedules["paper" in variants, "steps" in variants])
     if "finetune" in variants:  # the starting model comes from `init_from`.

@@ -6,7 +6,7 @@ gradients down. The reference point for deprune's network savings.
 Default (embedded dataset, VGG-11 width 1/4 cut after conv 5, 10 epochs): a few minutes on 2 CPU
 cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10, 40 epochs; a GPU.
-  hard, small, smoke: the harder embedded dataset, 1500 training images, seconds.
+  hard, small, smoke: the harder embedded set; 1500 training images, 3x epochs; seconds.
 
   tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl
 """
@@ -20,7 +20,7 @@ def get_config(arg=None):
     # Model: no bottleneck at the cut.
     config.model.bottleneck.enabled = False
     # Schedule: one unmasked phase, as long as deprune's two phases together.
-    config.phases = [phase(budget=0, epochs=10, learning_rate=0.02)]
+    config.phases = [phase(budget=0, epochs=10, learning_rate=0.02, anneal_epochs=3)]
     if "paper" in variants:
         config.phases = [phase(budget=0, epochs=40, learning_rate=0.01)]
     return apply_variant(config, arg)

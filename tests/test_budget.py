@@ -105,6 +105,23 @@ def test_phase_learning_rate_boost_and_budget():
     assert budget.Phase(budget=16, epochs=1, learning_rate=0.1).effective_budget(128) == 16
 
 
+def test_phase_anneals_its_last_epochs_along_a_half_cosine():
+    phase = budget.Phase(
+        budget=8,
+        epochs=5,
+        learning_rate=0.02,
+        boost_learning_rate=0.05,
+        boost_epochs=1,
+        anneal_epochs=3,
+    )
+    rates = [phase.learning_rate_at(e) for e in range(5)]
+    np.testing.assert_allclose(rates, [0.05, 0.02, 0.02 * 0.853553, 0.01, 0.02 * 0.146447], 1e-5)
+    with pytest.raises(ValueError, match="anneal_epochs must be in"):
+        budget.build_phases(
+            [dict(budget=8, epochs=2, learning_rate=0.1, anneal_epochs=3)], 16, True
+        )
+
+
 def test_build_phases_accepts_a_valid_schedule():
     phases = budget.build_phases(
         [

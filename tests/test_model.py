@@ -167,8 +167,8 @@ def test_unselected_channels_get_no_gradient():
     "options, message",
     [
         (dict(activation_dtype="bfloat16"), "activation_dtype"),
-        (dict(sampling_probability=1.5), "sampling_probability"),
-        (dict(min_budget=0), "min_budget"),
+        (dict(min_budget_fraction=0.0), "min_budget_fraction"),
+        (dict(min_budget_fraction=1.5), "min_budget_fraction"),
     ],
 )
 def test_bad_options_are_rejected(options, message):
@@ -176,11 +176,12 @@ def test_bad_options_are_rejected(options, message):
         split(**options)
 
 
-def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes():
+@pytest.mark.parametrize("nested_budgets", [False, True])
+def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budgets):
     """CodecSplitModel encodes and decodes every payload; fit gives the same model and bytes."""
     from tfsplit.train import CodecSplitModel
 
-    fused = split(activation_dtype="int8")
+    fused = split(activation_dtype="int8", nested_budgets=nested_budgets)
     real = CodecSplitModel.from_config(fused.get_config())
     real.set_weights(fused.get_weights())
     real.compile(keras.optimizers.SGD(0.05), gate_optimizer=keras.optimizers.Adam(0.05))
@@ -243,3 +244,47 @@ def test_polarization_adds_the_distance_of_the_gates_from_zero_or_one():
     assert float(model.budget_penalty()) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="polarization"):
         split(polarization=-1.0)
+
+
+def test_batch_norm_calibration_measures_the_selection_in_force():
+    """After calibration the moving statistics are those of the data at the current budget."""
+    model = split()
+    model.set_budget(4)
+    images, labels = data(128)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
+    norm = model.decoder.norm
+    momentum = norm.momentum
+    model.calibrate_batch_norm(dataset, batches=4)
+    assert norm.momentum == momentum  # restored for training.
+    # The decoder's input at budget 4: the head's top-4 channels scattered back into 16.
+    indices = model.channel_indices()
+    received = tf.tensordot(
+        codec.fake_quantize(model.send(images, indices, training=True), "float16"),
+        tf.one_hot(indices, model.channels),
+        axes=1,
+    )
+    before_norm = model.decoder.deconv(received).numpy()
+    np.testing.assert_allclose(norm.moving_mean.numpy(), before_norm.mean((0, 1, 2)), atol=1e-4)
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(), before_norm.var((0, 1, 2)), rtol=1e-3, atol=1e-5
+    )
+
+
+def test_calibration_callback_runs_only_when_the_sent_channels_changed():
+    model = split()
+    images, labels = data(64)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
+    calibration = tfsplit.BatchNormCalibration(dataset, batches=1)
+    calibration.set_model(model)
+    norm = model.decoder.norm
+    model.set_budget(4)
+    calibration.on_test_begin()
+    calibrated = norm.moving_mean.numpy()
+    norm.moving_mean.assign(np.zeros_like(calibrated))
+    calibration.on_test_begin()  # same channels, same gates: nothing to redo.
+    assert not norm.moving_mean.numpy().any()
+    model.set_budget(8)
+    calibration.on_test_begin()
+    assert norm.moving_mean.numpy().any()
+    with pytest.raises(ValueError, match="batches"):
+        tfsplit.BatchNormCalibration(dataset, batches=0)

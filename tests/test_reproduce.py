@@ -76,6 +76,7 @@ def test_table_rows_from_recorded_runs(recorded_rows):
     assert by["sl"]["seconds_to_target"] == 75 and by["sl"]["epochs_to_target"] == 3
     assert by["casl"]["seconds_to_target"] == 80 and by["casl"]["epochs_to_target"] == 4
     assert by["prune"]["seconds_to_target"] == 5 and by["prune"]["epochs_to_target"] == 1
+    assert by["prune"]["last_epoch_change_points"] == pytest.approx(1.0)
 
 
 def test_paper_ratios_from_recorded_runs(recorded_rows):

@@ -18,6 +18,7 @@ _LAZY = {
     "SplitModel": "tfsplit.model",
     "split_model": "tfsplit.models.splitter",
     "PhaseSchedule": "tfsplit.callbacks",
+    "BatchNormCalibration": "tfsplit.callbacks",
     "Phase": "tfsplit.budget",
     "load_model": "tfsplit.train.trainer",
 }

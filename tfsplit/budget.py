@@ -118,6 +118,8 @@ class Phase:
     epochs: epochs in this phase.
     learning_rate: base learning rate.
     boost_learning_rate, boost_epochs: a higher rate for the first `boost_epochs` epochs.
+    anneal_epochs: the last `anneal_epochs` epochs run at a rate falling along a half cosine
+      towards 0, so the phase ends on weights that have settled instead of on one noisy step.
     reset: gate reset applied on entering the phase: "none", "deprune" or "prune".
     reset_threshold: logits >= it count as open (prune keeps those; logged for every reset).
     reset_range: reopened gates start in [0, reset_range].
@@ -128,6 +130,7 @@ class Phase:
     learning_rate: float
     boost_learning_rate: float = 0.0
     boost_epochs: int = 0
+    anneal_epochs: int = 0
     reset: str = "none"
     reset_threshold: float = 0.9
     reset_range: float = 3.0
@@ -135,6 +138,13 @@ class Phase:
     def learning_rate_at(self, epoch_in_phase):
         if epoch_in_phase < self.boost_epochs:
             return self.boost_learning_rate
+        annealed = epoch_in_phase - (self.epochs - self.anneal_epochs) + 1
+        if annealed > 0:
+            return (
+                self.learning_rate
+                * 0.5
+                * (1 + math.cos(math.pi * annealed / (self.anneal_epochs + 1)))
+            )
         return self.learning_rate
 
     def effective_budget(self, channels):
@@ -192,6 +202,8 @@ def _check_phase(phase, number, channels, has_bottleneck):
         fail("boost_epochs must be in [0, epochs]")
     if phase.boost_epochs and not phase.boost_learning_rate > 0:
         fail("boost_learning_rate must be > 0 when boost_epochs > 0")
+    if not 0 <= phase.anneal_epochs <= phase.epochs - phase.boost_epochs:
+        fail("anneal_epochs must be in [0, epochs - boost_epochs]")
     if phase.reset not in RESETS:
         fail(f"reset must be one of {RESETS}")
     if not phase.reset_range > 0:

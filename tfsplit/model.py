@@ -53,9 +53,12 @@ class SplitModel(keras.Model):
       cut: name of the original model's layer at the cut (recorded, not used).
       activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
       budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
-      sampling_probability, min_budget: with this probability a masked training step sends only
-        the top k' channels, k' uniform in [min_budget, k] (nested budgets; 0 = off).
-      seed: seeds those budget draws.
+      nested_budgets: one model for every budget (the sandwich rule): in masked phases each step
+        also runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k'
+        (k' uniform in between), each distilled from the full budget's predictions. The smaller
+        sets are prefixes of what was sent, so the bytes on the wire do not change.
+      min_budget_fraction: the smallest nested budget as a fraction of k, in (0, 1].
+      seed: seeds the nested budget draws.
       polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
         drives each gate fully open or closed (0 = off).
 
@@ -78,8 +81,8 @@ class SplitModel(keras.Model):
         gradient_dtype="float16",
         budget_eps=1000.0,
         budget_delta=0.1,
-        sampling_probability=0.0,
-        min_budget=1,
+        nested_budgets=False,
+        min_budget_fraction=0.125,
         seed=0,
         polarization=0.0,
         **kwargs,
@@ -93,22 +96,17 @@ class SplitModel(keras.Model):
                 raise ValueError(
                     f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}"
                 )
-        if not 0.0 <= sampling_probability <= 1.0:
+        if not 0.0 < min_budget_fraction <= 1.0:
             raise ValueError(
-                f"`sampling_probability` must be in [0, 1]. Received: {sampling_probability!r}"
+                f"`min_budget_fraction` must be in (0, 1]. Received: {min_budget_fraction!r}"
             )
-        if not isinstance(min_budget, int) or min_budget < 1:
-            raise ValueError(f"`min_budget` must be a positive integer. Received: {min_budget!r}")
         self.head, self.tail, self.cut = head, tail, cut
         self.encoder = _only_layer(head, MaskedEncoder)
         self.decoder = _only_layer(tail, Decoder)
         self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
         self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
-        self.sampling_probability, self.min_budget, self.seed = (
-            sampling_probability,
-            min_budget,
-            seed,
-        )
+        self.nested_budgets = bool(nested_budgets) and self.encoder is not None
+        self.min_budget_fraction, self.seed = float(min_budget_fraction), seed
         if not polarization >= 0.0:
             raise ValueError(f"`polarization` must be >= 0. Received: {polarization!r}")
         self.polarization = float(polarization)
@@ -119,7 +117,7 @@ class SplitModel(keras.Model):
         # Variables, so a callback can change them between steps without retracing the step.
         self.budget = tf.Variable(self.channels, trainable=False, name="budget")
         self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
-        self.step_sampling = tf.Variable(0.0, trainable=False, name="step_sampling")
+        self.step_nesting = tf.Variable(False, trainable=False, name="step_nesting")
         # The phase a PhaseSchedule last entered; backed up with the weights so a resumed run
         # does not reset its gates twice.
         self.phase = tf.Variable(0, trainable=False, name="phase")
@@ -134,15 +132,16 @@ class SplitModel(keras.Model):
         self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
         self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
         self.gate_optimizer = None
+        self._calibration_pass = None
         self.build((None,) + tuple(head.input.shape[1:]))
 
     # ----------------------------------------------------------------------------- the budget
     def set_budget(self, k, masking=True):
-        """Sends k channels from now on; `masking` turns the budget loss (and sampling) on."""
+        """Sends k channels from now on; `masking` turns the budget loss (and nesting) on."""
         self.check_budget(k)
         self.budget.assign(int(k))
         self.penalty_weight.assign(self.budget_eps if masking and self.encoder else 0.0)
-        self.step_sampling.assign(self.sampling_probability if masking else 0.0)
+        self.step_nesting.assign(masking and self.nested_budgets)
 
     def check_budget(self, k):
         if (
@@ -210,12 +209,38 @@ class SplitModel(keras.Model):
         if gate_optimizer is not None and self.encoder is not None:
             self.gate_optimizer = keras.optimizers.get(gate_optimizer)
 
-    def step_budget(self):
-        """k, or with probability `step_sampling` a budget drawn uniformly from [min_budget, k]."""
-        low = tf.minimum(self.min_budget, self.budget)
-        drawn = self.budget_draws.uniform([], low, self.budget + 1, dtype=tf.int32)
-        sample = self.budget_draws.uniform([]) < self.step_sampling
-        return tf.where(sample, drawn, self.budget)
+    def nested_budget_range(self, k):
+        """(smallest, drawn): the sandwich rule's two smaller budgets below k."""
+        scaled = tf.math.ceil(self.min_budget_fraction * tf.cast(k, tf.float32))
+        smallest = tf.maximum(1, tf.cast(scaled, tf.int32))
+        return smallest, self.budget_draws.uniform([], smallest, k + 1, dtype=tf.int32)
+
+    def distillation_loss(self, values, indices, teacher_logits):
+        """The tail on prefixes of the sent channels, each taught by the full budget's softmax.
+
+        Batch norm runs on its moving statistics here, so the smaller budgets neither pollute
+        the statistics inference uses nor see statistics of their own that inference would lack.
+        """
+        target = tf.nn.softmax(tf.stop_gradient(teacher_logits))
+        loss = tf.constant(0.0)
+        for k in self.nested_budget_range(tf.shape(indices)[0]):
+            logits = self.receive(values[..., :k], indices[:k], training=False)
+            loss += tf.reduce_mean(
+                keras.losses.categorical_crossentropy(target, logits, from_logits=True)
+            )
+        return loss
+
+    def server_loss(self, images, labels, values, indices):
+        """What the server computes from the k channels it received: (loss, logits)."""
+        logits = self.receive(values, indices, training=True)
+        loss = self.compute_loss(images, labels, logits)
+        if self.nested_budgets:
+            loss += tf.cond(
+                self.step_nesting,
+                lambda: self.distillation_loss(values, indices, logits),
+                lambda: tf.constant(0.0),
+            )
+        return loss, logits
 
     def budget_penalty(self):
         if self.encoder is None:
@@ -241,16 +266,15 @@ class SplitModel(keras.Model):
 
     def train_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        k = self.step_budget()
-        indices = self.channel_indices(k)
+        indices = self.channel_indices()
         with tf.GradientTape() as tape:
             sent = self.wire(self.send(images, indices, training=True))
-            logits = self.receive(sent, indices, training=True)
+            loss, logits = self.server_loss(images, labels, sent, indices)
             penalty = self.budget_penalty()
-            loss = self.compute_loss(images, labels, logits) + penalty
+            loss += penalty
         variables = self.trainable_variables
         self.apply_gradients(tape.gradient(loss, variables), variables)
-        return self.update_metrics(labels, logits, penalty, k, training=True)
+        return self.update_metrics(labels, logits, penalty, self.budget, training=True)
 
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -284,6 +308,44 @@ class SplitModel(keras.Model):
         self.payload_bytes_up.update_state(up)
         self.payload_bytes_down.update_state(down)
 
+    def calibrate_batch_norm(self, dataset, batches):
+        """Recomputes every batch norm's statistics at the budget in force, weights unchanged.
+
+        The moving averages mix the steps of a run in which the gates, and so the values the tail
+        saw, kept moving; this replaces them with the plain mean over `batches` batches of
+        `dataset` ((images, labels) batches, augmented as in training) as the model is now.
+        """
+        norms = [m for m in self.submodules if isinstance(m, keras.layers.BatchNormalization)]
+        if not norms:
+            return
+        if self._calibration_pass is None:
+            self._calibration_pass = tf.function(lambda images: self(images, training=True))
+        momenta = [norm.momentum for norm in norms]
+        means, squares, count = 0.0, 0.0, 0
+        try:
+            for norm in norms:
+                norm.momentum = 0.0  # each pass leaves exactly its batch's statistics.
+            for images, _ in dataset.take(batches):
+                self._calibration_pass(images)
+                mean = [norm.moving_mean.numpy() for norm in norms]
+                variance = [norm.moving_variance.numpy() for norm in norms]
+                means = [a + m for a, m in zip(means or [0.0] * len(norms), mean)]
+                squares = [
+                    a + v + m * m for a, v, m in zip(squares or [0.0] * len(norms), variance, mean)
+                ]
+                count += 1
+        finally:
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
+        if not count:
+            raise ValueError(
+                "Batch norm calibration needs at least one batch; the dataset is empty."
+            )
+        for norm, total, total_square in zip(norms, means, squares):
+            mean = total / count
+            norm.moving_mean.assign(mean)
+            norm.moving_variance.assign(total_square / count - mean * mean)
+
     # ------------------------------------------------------------------------------- saving
     def get_config(self):
         return dict(
@@ -295,8 +357,8 @@ class SplitModel(keras.Model):
             gradient_dtype=self.gradient_dtype,
             budget_eps=self.budget_eps,
             budget_delta=self.budget_delta,
-            sampling_probability=self.sampling_probability,
-            min_budget=self.min_budget,
+            nested_budgets=self.nested_budgets,
+            min_budget_fraction=self.min_budget_fraction,
             seed=self.seed,
             polarization=self.polarization,
         )

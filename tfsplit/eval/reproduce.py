@@ -58,6 +58,12 @@ def table_row(method, summary, records, target):
         epochs=summary["epochs"],
         seconds_to_target=seconds,
         epochs_to_target=epochs,
+        # How settled the run ended: test accuracy change over its last epoch, in points.
+        last_epoch_change_points=(
+            100 * (records[-1]["test_accuracy"] - records[-2]["test_accuracy"])
+            if len(records) > 1
+            else None
+        ),
     )
 
 
@@ -195,8 +201,8 @@ def format_markdown(result):
     lines = [
         "| method | final budget | final test accuracy | training payload MB up | "
         "training payload MB down | inference payload bytes/sample | wall seconds | epochs | "
-        "seconds to target | epochs to target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "seconds to target | epochs to target | last epoch's change (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [
@@ -210,6 +216,11 @@ def format_markdown(result):
             _format(row["epochs"]),
             _format(row["seconds_to_target"], 1),
             _format(row["epochs_to_target"]),
+            (
+                "-"
+                if row["last_epoch_change_points"] is None
+                else f"{row['last_epoch_change_points']:+.2f}"
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [

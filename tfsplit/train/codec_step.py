@@ -22,8 +22,7 @@ class CodecSplitModel(SplitModel):
 
     def train_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        k = self.step_budget()
-        indices = self.channel_indices(k)
+        indices = self.channel_indices()
         head_variables = self.head.trainable_variables
         # The tape spans the byte round trip, as the device keeps its graph while it waits.
         with tf.GradientTape() as device_tape:
@@ -43,8 +42,9 @@ class CodecSplitModel(SplitModel):
         tail_variables = self.tail.trainable_variables
         with tf.GradientTape() as server_tape:
             server_tape.watch(received_values)
-            logits = self.receive(received_values, received_indices, training=True)
-            loss = self.compute_loss(images, tf.constant(received.labels), logits)
+            loss, logits = self.server_loss(
+                images, tf.constant(received.labels), received_values, received_indices
+            )
         tail_gradients, value_gradient = server_tape.gradient(
             loss, [tail_variables, received_values]
         )

@@ -57,8 +57,8 @@ def build_split_model(config, info):
         gradient_dtype=config.wire.gradient_dtype,
         budget_eps=config.budget_loss.eps,
         budget_delta=config.budget_loss.delta,
-        sampling_probability=config.budget_sampling.probability,
-        min_budget=config.budget_sampling.min_budget,
+        nested_budgets=config.budget_sampling.nested,
+        min_budget_fraction=config.budget_sampling.min_fraction,
         seed=config.seed,
         polarization=config.budget_loss.polarization,
     )
@@ -141,8 +141,9 @@ def restore_weights(split, source_workdir):
     logging.info("Initialised weights from %s", source_workdir)
 
 
-def build_callbacks(config, workdir, info):
-    """PhaseSchedule, records, TensorBoard and the backup, in the order they must act."""
+def build_callbacks(config, workdir, info, train_ds):
+    """PhaseSchedule, batch norm calibration (on `train_ds`), records, TensorBoard and the backup,
+    in the order they must act."""
     if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 1:
         raise ValueError(
             "config.checkpoint_every_steps must be a positive integer. Received: "
@@ -153,12 +154,21 @@ def build_callbacks(config, workdir, info):
         dataset=info.name,
         model=f"{config.model.backbone}@{config.model.cut}",
     )
-    return [
+    calibration = config.calibration_batches
+    if not isinstance(calibration, int) or calibration < 0:
+        raise ValueError(
+            f"config.calibration_batches must be an integer >= 0. Received: {calibration!r}"
+        )
+    schedule = [
         callbacks_lib.PhaseSchedule(
             config.phases,
             seed=config.seed,
             gate_travel_fraction=config.optimizer.gate_travel_fraction,
-        ),
+        )
+    ]
+    if calibration:
+        schedule.append(callbacks_lib.BatchNormCalibration(train_ds, calibration))
+    return schedule + [
         callbacks_lib.RunRecords(
             workdir, info.train_size, summary, model_path=os.path.join(workdir, MODEL_FILE)
         ),
@@ -190,7 +200,7 @@ def train(config, workdir, verbose="auto"):
     split = build_split_model(config, info)
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
         restore_weights(split, config.init_from)
-    callbacks = build_callbacks(config, workdir, info)
+    callbacks = build_callbacks(config, workdir, info, train_ds)
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
     keras.utils.set_random_seed(config.seed)
     split.fit(
