@@ -235,6 +235,30 @@ def test_gate_travel_fraction_sets_the_gate_rate_from_the_phase_length():
         tfsplit.PhaseSchedule(phases, gate_travel_fraction=1.5)
 
 
+def test_nested_budgets_train_in_the_final_phase_once_its_channels_are_chosen():
+    model = split(nested_budgets=True)
+    phases = [
+        dict(budget=2, epochs=1, learning_rate=0.05),
+        dict(
+            budget=8,
+            epochs=4,
+            learning_rate=0.05,
+            boost_learning_rate=0.1,
+            boost_epochs=1,
+            reset="deprune",
+        ),
+    ]
+    schedule = tfsplit.PhaseSchedule(phases, gate_travel_fraction=0.5)
+    nesting = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: nesting.append(bool(model.step_nesting.numpy()))
+    )
+    images, labels = data()
+    model.fit(images, labels, batch_size=16, epochs=5, callbacks=[schedule, record], verbose=0)
+    # Phase 1: never; phase 2: after its boost epoch and half its epochs of gate travel.
+    assert nesting == [False, False, False, True, True]
+
+
 def test_polarization_adds_the_distance_of_the_gates_from_zero_or_one():
     model = split(polarization=0.5)
     model.set_budget(4)

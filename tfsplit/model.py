@@ -53,7 +53,8 @@ class SplitModel(keras.Model):
       cut: name of the original model's layer at the cut (recorded, not used).
       activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
       budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
-      nested_budgets: one model for every budget (the sandwich rule): in masked phases each step
+      nested_budgets: one model for every budget (the sandwich rule): while on (see `set_budget`;
+        `PhaseSchedule` turns it on in the final phase only) each masked step
         also runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k'
         (k' uniform in between), each distilled from the full budget's predictions. The smaller
         sets are prefixes of what was sent, so the bytes on the wire do not change.
@@ -136,12 +137,16 @@ class SplitModel(keras.Model):
         self.build((None,) + tuple(head.input.shape[1:]))
 
     # ----------------------------------------------------------------------------- the budget
-    def set_budget(self, k, masking=True):
-        """Sends k channels from now on; `masking` turns the budget loss (and nesting) on."""
+    def set_budget(self, k, masking=True, nesting=True):
+        """Sends k channels from now on.
+
+        `masking` turns the budget loss on; `nesting` the nested budgets (with masking, when the
+        model was built with them).
+        """
         self.check_budget(k)
         self.budget.assign(int(k))
         self.penalty_weight.assign(self.budget_eps if masking and self.encoder else 0.0)
-        self.step_nesting.assign(masking and self.nested_budgets)
+        self.step_nesting.assign(bool(masking and nesting and self.nested_budgets))
 
     def check_budget(self, k):
         if (
