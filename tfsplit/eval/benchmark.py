@@ -75,7 +75,8 @@ def benchmark_training(config, steps=50, repeats=3):
         [dict(p) for p in config.phases], split.channels, split.encoder is not None
     )[0]
     budget, learning_rate = phase.effective_budget(split.channels), phase.learning_rate_at(0)
-    split.set_budget(budget, masking=phase.budget != 0)
+    # As in the phase's first epoch: nested budgets start once the gates have settled.
+    split.set_budget(budget, masking=phase.budget != 0, nesting=False)
     keras.backend.set_value(split.optimizer.learning_rate, learning_rate)
     unsplit = build_unsplit_model(split, config, learning_rate)
     dataset = _cached_batches(train_ds, steps)

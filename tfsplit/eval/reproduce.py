@@ -19,6 +19,7 @@ from tfsplit.eval import curve
 from tfsplit.train import trainer as trainer_lib
 
 METHODS = ("sl", "casl", "deprune", "prune")
+NESTED = "deprune (nested budgets)"  # deprune trained to serve every budget: the curve's model.
 # The "section.key" settings every method's config must share.
 _SHARED = "data.name model.backbone model.cut model.width_multiplier wire.activation_dtype"
 
@@ -113,14 +114,23 @@ def reproduce(configs, workdir, target_accuracy=None, init_from=None):
         unmasked first phase is then skipped).
 
     Returns:
-      dict with "rows" (the table), "ratios", "curve" (deprune's one model at 1/8, 1/4, 1/2 and
-      all of its final budget next to CA-SL trained at each), and "target_accuracy".
+      dict with "rows" (the table), "ratios", "curve" (one deprune model with nested budgets, at
+      1/8, 1/4, 1/2 and all of its final budget, next to CA-SL trained at each), and
+      "target_accuracy". Without nested budgets in the deprune config, that model is trained as
+      an extra run and row, "deprune (nested budgets)".
     """
     _check_same_setting(configs)
     runs = {}
     for method in ("sl", "casl", "deprune"):
         logging.info("reproduce: training %s", method)
         runs[method] = _train(configs[method], os.path.join(workdir, method))
+    curve_dir = "deprune"
+    if not configs["deprune"].budget_sampling.nested:
+        # One model for every budget is its own run: nesting costs accuracy at the final budget.
+        curve_dir = "deprune_nested"
+        nested = copy.deepcopy(configs["deprune"])
+        nested.budget_sampling.nested = True
+        runs[NESTED] = _train(nested, os.path.join(workdir, curve_dir))
     if init_from:
         finetune = copy.deepcopy(configs["prune"])
         if finetune.phases[0].budget == 0:  # the start model is given: skip its phase.
@@ -132,19 +142,19 @@ def reproduce(configs, workdir, target_accuracy=None, init_from=None):
         finetune.init_from = os.path.join(workdir, "prune_start")
     runs["prune"] = _train(finetune, os.path.join(workdir, "prune"))
 
-    final_budget = runs["deprune"][0]["final_budget"]
-    curve_rows = _deprune_curve(configs["casl"], runs, workdir, final_budget)
+    curve_rows = _deprune_curve(configs["casl"], runs, workdir, os.path.join(workdir, curve_dir))
 
     target = target_accuracy
     if target is None:
         target = runs["casl"][0]["final_test_accuracy"] - 0.01
-    order = ["sl", "casl", "deprune", "prune (start model)", "prune"]
+    order = ["sl", "casl", "deprune", NESTED, "prune (start model)", "prune"]
     rows = [table_row(m, *runs[m], target) for m in order if m in runs]
     return dict(rows=rows, ratios=paper_ratios(rows), curve=curve_rows, target_accuracy=target)
 
 
-def _deprune_curve(casl_config, runs, workdir, final_budget):
-    deprune_curve, _ = curve.evaluate_workdir(os.path.join(workdir, "deprune"))
+def _deprune_curve(casl_config, runs, workdir, deprune_workdir):
+    deprune_curve, summary = curve.evaluate_workdir(deprune_workdir)
+    final_budget = summary["final_budget"]
     rows = []
     for point in deprune_curve:
         k = point["budget"]
@@ -227,7 +237,7 @@ def format_markdown(result):
         "",
         f"Target accuracy: {100 * result['target_accuracy']:.2f}%",
         "",
-        "| budget | deprune (one model) | CA-SL trained at that budget | "
+        "| budget | deprune with nested budgets (one model) | CA-SL trained at that budget | "
         "inference payload bytes/sample |",
         "|---|---|---|---|",
     ]
