@@ -10,10 +10,10 @@ phase with the `:finetune` variant and point `init_from` at that run's workdir:
   tfsplit-train --config=configs/prune.py:finetune --config.init_from=/tmp/tfsplit/start \
       --workdir=/tmp/tfsplit/prune
 
-Default (embedded dataset, 6 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
+Default (embedded dataset, 10 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
 e.g. `:steps,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
-  steps: the research code's prune 32 -> 4: 6 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
+  steps: the research code's prune 32 -> 4: 10 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
   hard, small, smoke: the harder embedded set; 1500 training images, 3x epochs; seconds.
 
@@ -26,7 +26,13 @@ METHOD_VARIANTS = ("finetune", "steps")
 
 
 def prune_phases(
-    pretrain_epochs, pretrain_learning_rate, steps, learning_rate, boost_epochs, anneal_epochs
+    pretrain_epochs,
+    pretrain_anneal_epochs,
+    pretrain_learning_rate,
+    steps,
+    learning_rate,
+    boost_epochs,
+    anneal_epochs,
 ):
     """Unmasked pretraining, the prune reset into the first (budget, epochs) step, then the rest.
 
@@ -35,7 +41,12 @@ def prune_phases(
     """
     (budget, epochs), *later = steps
     phases = [
-        phase(budget=0, epochs=pretrain_epochs, learning_rate=pretrain_learning_rate),
+        phase(
+            budget=0,
+            epochs=pretrain_epochs,
+            learning_rate=pretrain_learning_rate,
+            anneal_epochs=pretrain_anneal_epochs,
+        ),
         phase(
             budget=budget,
             epochs=epochs,
@@ -55,13 +66,14 @@ def prune_phases(
 def get_config(arg=None):
     variants = parse_variants(arg, METHOD_VARIANTS)
     config = base_config("prune")
-    # Schedule: unmasked pretraining, then prune. By (paper, steps): (pretraining epochs, its
-    # learning rate, [(budget, epochs), ...], learning rate, boost epochs, anneal epochs).
+    # Schedule: unmasked pretraining (a start model trained as long as SL), then prune. By
+    # (paper, steps): (pretraining epochs, its anneal epochs and learning rate, [(budget, epochs),
+    # ...], learning rate, boost epochs, anneal epochs).
     schedules = {
-        (False, False): (6, 0.02, [(32, 3)], 0.02, 1, 2),
-        (False, True): (6, 0.02, [(32, 2), (4, 2)], 0.02, 1, 1),
-        (True, False): (20, 0.001, [(16, 5)], 0.01, 2, 0),
-        (True, True): (30, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),
+        (False, False): (10, 3, 0.02, [(32, 3)], 0.02, 1, 2),
+        (False, True): (10, 3, 0.02, [(32, 2), (4, 2)], 0.02, 1, 1),
+        (True, False): (20, 0, 0.001, [(16, 5)], 0.01, 2, 0),
+        (True, True): (30, 0, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),
     }
     config.phases = prune_phases(*schedules["paper" in variants, "steps" in variants])
     if "finetune" in variants:  # the starting model comes from `init_from`.

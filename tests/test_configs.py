@@ -120,13 +120,13 @@ def test_deprune_schedules():
 
 def test_prune_schedules():
     path = os.path.join(CONFIG_DIR, "prune.py")
-    assert schedule(load(path)) == [(0, 6, 0.02, 0.0, 0, "none"), (32, 3, 0.02, 0.05, 1, "prune")]
+    assert schedule(load(path)) == [(0, 10, 0.02, 0.0, 0, "none"), (32, 3, 0.02, 0.05, 1, "prune")]
     paper = load(path, "paper")
     assert schedule(paper) == [(0, 20, 0.001, 0.0, 0, "none"), (16, 5, 0.01, 0.05, 2, "prune")]
     assert paper.optimizer.momentum == 0.9
     # steps: prune 32 -> 4, the second step without a reset.
     steps = [(32, 2, 0.02, 0.05, 1, "prune"), (4, 2, 0.02, 0.0, 0, "none")]
-    assert schedule(load(path, "steps")) == [(0, 6, 0.02, 0.0, 0, "none")] + steps
+    assert schedule(load(path, "steps")) == [(0, 10, 0.02, 0.0, 0, "none")] + steps
     assert schedule(load(path, "finetune,steps")) == steps
     assert schedule(load(path, "steps,finetune")) == steps
     assert schedule(load(path, "finetune")) == [(32, 3, 0.02, 0.05, 1, "prune")]

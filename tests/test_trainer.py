@@ -210,6 +210,7 @@ def test_nested_budgets_send_the_same_bytes_and_both_paths_agree(tmp_path):
     ):
         config = tiny_config(transport, one_phase)
         config.budget_sampling.nested = nested
+        config.optimizer.gate_travel_fraction = 0.0  # nesting from the first step (no travel).
         summaries[name] = train(config, str(tmp_path / name))
         models[name] = load_model(str(tmp_path / name))
     for key in ("train_payload_bytes_up", "train_payload_bytes_down"):
