@@ -14,6 +14,7 @@ import tfsplit  # noqa: F401
 from tfsplit import codec
 from tfsplit.config import base_config, phase
 from tfsplit.train import load_model, train
+from tfsplit.train.trainer import build_data
 
 
 def tiny_config(transport="fused", phases=None, bottleneck=True):
@@ -173,6 +174,19 @@ def test_bad_config_values_are_rejected(tmp_path, key, value, message):
         config[key[0]][key[1]] = value
     with pytest.raises(ValueError, match=message):
         train(config, str(tmp_path))
+
+
+def test_each_device_trains_on_its_own_part_of_the_data():
+    config = tiny_config()
+    config.data.num_shards = 2
+    parts = []
+    for shard_index in range(2):
+        config.data.shard_index = shard_index
+        train_ds, test_ds, info = build_data(config)
+        assert info.train_size == 48 and info.test_size == 64  # the test set is not split.
+        parts.append(np.concatenate([labels.numpy() for _, labels in train_ds]))
+    whole = np.concatenate([labels.numpy() for _, labels in build_data(tiny_config())[0]])
+    assert sorted(np.concatenate(parts)) == sorted(whole)
 
 
 def test_bad_checkpoint_interval_is_rejected(tmp_path):

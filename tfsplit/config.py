@@ -55,11 +55,17 @@ def base_config(mode):
     # Data.
     config.data = ml_collections.ConfigDict()
     # "synthetic" or "synthetic_hard" (embedded), "cifar10", "cifar100", "fashion_mnist", "stl10",
-    # "image_folder".
+    # "image_folder", or "shards" (TFRecord shards written by tfsplit-prepare-data, streamed).
     config.data.name = "synthetic"
     # Local copy: CIFAR python archive (.tar.gz or extracted), Fashion-MNIST IDX folder, STL-10
-    # binary archive or folder, image-folder root (train/<class>/, val/<class>/); "" = download.
+    # binary archive or folder, image-folder root (train/<class>/, val/<class>/), the shards'
+    # directory; "" = download.
     config.data.path = ""
+    # This device's part of the training set: device shard_index of num_shards trains on every
+    # num_shards-th shard file (shards) or sample (in memory); the test set is not split.
+    config.data.shard_index = 0
+    config.data.num_shards = 1
+    config.data.cache = False  # shards: keep decoded training samples after the first epoch.
     config.data.image_size = 0  # 0 = the dataset's own (32; STL-10 96; image folders 64).
     config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.

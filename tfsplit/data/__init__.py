@@ -14,19 +14,26 @@ shared with export code). All arrays are uint8 images (N, H, W, C) and int32 lab
 | stl10         | none: `path` required   | 10      | 96x96x3                                 |
 | image_folder  | none: `path` required   | folders | 64x64x3 (any JPEG/PNG, resized)         |
 
+`build_datasets` also streams "shards" (not a `load_arrays` name; `SOURCES` lists both): TFRecord
+shards and their index.json, written from any dataset above by `write_shards`
+(`tfsplit-prepare-data`) and read by `build_shard_datasets` with `path` the shard directory.
+The `shard_index`/`num_shards` arguments give each device its own part of the training set, for
+every source.
+
 Two arguments adapt any dataset to a model: `image_size` gives square images of that side
 (resized, antialiased; Fashion-MNIST is padded at 32 and kept at 28) and `channels=3` repeats the
 gray channel of Fashion-MNIST (its mean and std are repeated with it). The augmentation (random
 crop of the image zero-padded by `CROP_PADDING`, random horizontal flip) and the normalization work
 for any height, width and channel count.
 
-Where things are: `arrays` (`load_arrays`, `DATASETS`), `pipeline` (`normalize`, `augment_batch`,
-`build_*`), `common` (`DatasetInfo`, the errors and what every reader shares), `files` (archives
-and extracted folders), one reader module per source (`synthetic`, `cifar`, `fashion_mnist`,
-`stl10`, `image_folder`).
+Where things are: `arrays` (`load_arrays`, `DATASETS`, `SOURCES`), `pipeline` (`normalize`,
+`augment_batch`, `build_*`), `shards` (the TFRecord shards' public names, from `shard_index`:
+file names, index.json and file access; `shard_writer`; `shard_reader`), `common` (`DatasetInfo`,
+the errors and what every reader shares), `files` (archives and extracted folders), one reader
+module per source (`synthetic`, `cifar`, `fashion_mnist`, `stl10`, `image_folder`).
 """
 
-from tfsplit.data.arrays import DATASETS, load_arrays
+from tfsplit.data.arrays import DATASETS, SOURCES, load_arrays
 from tfsplit.data.common import DatasetDownloadError, DatasetFileError, DatasetInfo
 from tfsplit.data.pipeline import (
     CROP_PADDING,
@@ -35,6 +42,14 @@ from tfsplit.data.pipeline import (
     build_eval_dataset,
     build_train_dataset,
     normalize,
+)
+from tfsplit.data.shards import (
+    ShardIndex,
+    build_shard_datasets,
+    load_index,
+    load_shard_arrays,
+    write_array_shards,
+    write_shards,
 )
 from tfsplit.data.synthetic import (
     SYNTHETIC_CLASSES,
@@ -50,13 +65,20 @@ __all__ = [
     "SYNTHETIC_HUES",
     "SYNTHETIC_TEST_SIZE",
     "SYNTHETIC_TRAIN_SIZE",
+    "SOURCES",
+    "ShardIndex",
     "DatasetDownloadError",
     "DatasetFileError",
     "DatasetInfo",
     "augment_batch",
     "build_datasets",
     "build_eval_dataset",
+    "build_shard_datasets",
     "build_train_dataset",
     "load_arrays",
+    "load_index",
+    "load_shard_arrays",
     "normalize",
+    "write_array_shards",
+    "write_shards",
 ]

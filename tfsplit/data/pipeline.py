@@ -6,11 +6,13 @@ tf.image pipeline. `normalize` is shared with export code, so a deployed model s
 was trained on.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 from tfsplit.data import common
-from tfsplit.data.arrays import load_arrays
+from tfsplit.data.arrays import SOURCES, load_arrays
 from tfsplit.data.common import DatasetInfo
 
 CROP_PADDING = 4  # The paper's augmentation: random crop of the image zero-padded by 4 pixels.
@@ -147,26 +149,86 @@ def build_datasets(
     test_size=None,
     image_size=None,
     channels=None,
+    shard_index=0,
+    num_shards=1,
+    cache=False,
 ):
     """Training and test pipelines of (float32 normalized images, int32 labels) batches.
 
     Args:
-      name, path, seed, train_size, test_size, image_size, channels: as in `load_arrays`; `seed`
-        also fixes the shuffling order and the augmentation.
+      name: one of `SOURCES`: a `load_arrays` dataset (held in memory) or "shards" (TFRecord
+        shards streamed from the directory `path`, see `tfsplit.data.shards`).
+      path, seed, train_size, test_size, image_size, channels: as in `load_arrays`; `seed`
+        also fixes the shuffling order and the augmentation. For "shards", `path` is required
+        and the sizes and `channels` must be None: the shards fix them.
       batch_size: training batch size.
       eval_batch_size: test batch size.
       augment: whether training batches get the random crop and flip.
+      shard_index: this device's number, 0 <= shard_index < num_shards.
+      num_shards: devices sharing the training set. Device i trains on every num_shards-th
+        sample from the i-th (in memory) or on every num_shards-th shard file (shards), so the
+        devices' parts are disjoint and cover the set; the test set is never split.
+      cache: keep the decoded training samples after the first epoch (shards; in-memory sets
+        are held decoded already).
 
     Returns:
-      (train_ds, test_ds, info).
+      (train_ds, test_ds, info); `info.train_size` counts this device's training samples.
     """
     common.check_positive_int("batch_size", batch_size)
     common.check_positive_int("eval_batch_size", eval_batch_size)
     if not isinstance(augment, bool):
         raise ValueError(f"`augment` must be a bool. Received: augment={augment!r}")
+    check_device_shard(shard_index, num_shards)
+    if name == "shards":
+        from tfsplit.data import shards  # Imported here: shards builds on this module.
+
+        _check_unset_for_shards(
+            path,
+            train_size=train_size,
+            test_size=test_size,
+            image_size=image_size,
+            channels=channels,
+        )
+        return shards.build_shard_datasets(
+            path, batch_size, eval_batch_size, augment, seed, shard_index, num_shards, cache
+        )
+    if name not in SOURCES:
+        raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
     (x_train, y_train), (x_test, y_test), info = load_arrays(
         name, path, seed, train_size, test_size, image_size, channels
     )
+    if num_shards > len(x_train):
+        raise ValueError(
+            f"{name} has {len(x_train)} training samples, fewer than the devices sharing them. "
+            f"Received: num_shards={num_shards}"
+        )
+    x_train, y_train = x_train[shard_index::num_shards], y_train[shard_index::num_shards]
+    info = dataclasses.replace(info, train_size=len(x_train))
     train = build_train_dataset(x_train, y_train, info, batch_size, augment=augment, seed=seed)
     test = build_eval_dataset(x_test, y_test, info, eval_batch_size)
     return train, test, info
+
+
+def check_device_shard(shard_index, num_shards):
+    """Raises ValueError unless device `shard_index` of `num_shards` is a valid pair."""
+    common.check_positive_int("num_shards", num_shards)
+    if not common.is_int(shard_index) or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"`shard_index` must be an int in [0, num_shards={num_shards}). "
+            f"Received: shard_index={shard_index!r}"
+        )
+
+
+def _check_unset_for_shards(path, **fixed):
+    """Shards fix the sizes and channels they were written with, and are read from `path`."""
+    for key, value in fixed.items():
+        if value is not None:
+            raise ValueError(
+                f"`{key}` must be None for shards: the shards fix it (rewrite them with "
+                f"tfsplit-prepare-data to change it). Received: {key}={value!r}"
+            )
+    if path is None:
+        raise ValueError(
+            "shards are read from `path`, a directory written by tfsplit-prepare-data. "
+            "Received: path=None"
+        )

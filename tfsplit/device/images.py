@@ -123,6 +123,13 @@ def load_run_test_images(workdir, count):
             "device pass image files instead."
         ) from None
     config = ml_collections.ConfigDict(config)
+    if config.data.name == "shards":
+        _, (images, labels), _ = data.load_shard_arrays(config.data.path)
+        if count > len(images):
+            raise DeviceError(
+                f"The run's test set has {len(images)} images. Received: count={count}"
+            )
+        return images[:count], labels[:count]
     arguments = trainer.data_arguments(config)
     test_size = arguments["test_size"] or count
     if count > test_size:

@@ -119,6 +119,10 @@ def build_data(config):
         batch_size=config.data.batch_size,
         eval_batch_size=config.data.eval_batch_size,
         augment=config.data.augment,
+        # Runs recorded before these keys existed trained on the whole set.
+        shard_index=config.data.get("shard_index", 0),
+        num_shards=config.data.get("num_shards", 1),
+        cache=config.data.get("cache", False),
         **data_arguments(config),
     )
 

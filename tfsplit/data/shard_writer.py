@@ -1,0 +1,205 @@
+"""Writes a dataset once as TFRecord shards plus index.json (what `tfsplit-prepare-data` runs).
+
+Each split becomes `num_shards` files of tf.train.Example records: "image" (PNG bytes, lossless,
+so decoding gives the exact uint8 pixels) and "label" (int64). Samples go to shards in contiguous
+blocks (shard i of a split holds the i-th slice of the stored order, `np.array_split` sizes), so
+reading a split's shards in file order gives the stored order. Every file is written under a
+partial name and renamed into place once complete; the index goes last (see `shard_index`).
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tfsplit.data import common
+from tfsplit.data.arrays import load_arrays
+from tfsplit.data.common import DatasetInfo
+from tfsplit.data.shard_index import (
+    INDEX_FILE,
+    MAX_SHARDS,
+    PARTIAL_SUFFIX,
+    SPLITS,
+    file_sha256,
+    filesystem,
+    is_shard_output,
+    shard_name,
+    write_index,
+)
+
+
+def _check_out_dir(out_dir, overwrite):
+    """Raises unless `out_dir` is missing, empty or an earlier output (or `overwrite`)."""
+    files = filesystem(out_dir)
+    out_dir = os.fspath(out_dir)
+    if not files.exists(out_dir):
+        return out_dir
+    if not files.isdir(out_dir):
+        raise NotADirectoryError(f"`out_dir` must be a directory. Received: {out_dir} (a file)")
+    foreign = sorted(n for n in files.listdir(out_dir) if not is_shard_output(n))
+    if foreign and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} is not empty and holds files other than earlier shards "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+            "expected an empty directory or an earlier output (pass overwrite to write anyway)"
+        )
+    return out_dir
+
+
+def _check_num_shards(num_shards):
+    common.check_positive_int("num_shards", num_shards)
+    if num_shards > MAX_SHARDS:
+        raise ValueError(f"`num_shards` must be <= {MAX_SHARDS}. Received: {num_shards}")
+
+
+def _check_arrays(split, arrays, info):
+    images, labels = arrays
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.shape[1:] != tuple(info.image_shape)
+        or np.ndim(labels) != 1
+        or len(labels) != len(images)
+    ):
+        raise ValueError(
+            f"`{split}` must be (uint8 images of shape (N, *{tuple(info.image_shape)}), labels "
+            f"(N,)). Received: images {getattr(images, 'dtype', type(images))} "
+            f"{np.shape(images)}, labels {np.shape(labels)}"
+        )
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"`{split}` labels must be integers. Received: dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise ValueError(
+            f"`{split}` labels must be in 0..{info.num_classes - 1}. "
+            f"Received: {labels.min()}..{labels.max()}"
+        )
+
+
+def _encoded(images, labels):
+    """(PNG bytes, label) per sample, PNG-encoded in parallel by tf.data."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
+    encode = lambda image, label: (tf.io.encode_png(image), label)  # noqa: E731
+    dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.as_numpy_iterator()
+
+
+def _example(png, label):
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_shard(path, images, labels):
+    """Writes one shard (via a partial file renamed into place); returns its index entry."""
+    files = filesystem(path)
+    partial = path + PARTIAL_SUFFIX
+    # TFRecordWriter writes local files; a remote store would upload the partial file here.
+    with tf.io.TFRecordWriter(partial) as writer:
+        for png, label in _encoded(images, labels):
+            writer.write(_example(png, label))
+    entry = dict(
+        file=os.path.basename(path),
+        num_samples=len(labels),
+        num_bytes=files.size(partial),
+        sha256=file_sha256(partial),
+    )
+    files.rename(partial, path)
+    return entry
+
+
+def _write_split(out_dir, split, images, labels, num_shards):
+    blocks = np.array_split(np.arange(len(labels)), num_shards)  # contiguous, sizes differ by <= 1
+    entries = []
+    for i, block in enumerate(blocks):
+        path = filesystem(out_dir).join(out_dir, shard_name(split, i, num_shards))
+        entries.append(_write_shard(path, images[block[0] : block[-1] + 1], labels[block]))
+    return dict(
+        num_samples=len(labels),
+        num_bytes=sum(e["num_bytes"] for e in entries),
+        shards=entries,
+    )
+
+
+def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False):
+    """Writes arrays as `num_shards` TFRecord shards per split plus index.json (see module doc).
+
+    The index is removed first and written last (through a partial file and a rename), so a
+    crash never leaves an index that lists missing or half-written shards. Shards of an earlier
+    output that the new index does not list are removed.
+
+    Args:
+      train: (uint8 images (N, H, W, C), int labels (N,)), as `load_arrays` gives; C in 1..4.
+      test: the same for the test split.
+      info: the dataset's `DatasetInfo` (name, classes, shape, mean and std go into the index).
+      out_dir: directory to write; created if missing. It must be empty or an earlier output.
+      num_shards: shards per split; each split needs at least this many samples.
+      overwrite: write into a directory that also holds other files (they are left alone).
+
+    Returns:
+      The written `ShardIndex`.
+
+    Raises:
+      ValueError: on bad arrays or `num_shards`.
+      FileExistsError: when `out_dir` holds other files and `overwrite` is False.
+    """
+    if not isinstance(info, DatasetInfo):
+        raise ValueError(f"`info` must be a DatasetInfo. Received: info={info!r}")
+    if info.image_shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"PNG holds 1 to 4 channels. Received: image_shape={info.image_shape}")
+    _check_num_shards(num_shards)
+    for split, arrays in zip(SPLITS, (train, test)):
+        _check_arrays(split, arrays, info)
+        if not num_shards <= len(arrays[1]):
+            raise ValueError(
+                f"Every shard needs a sample: the {split} split has {len(arrays[1])} samples. "
+                f"Received: num_shards={num_shards}"
+            )
+    out_dir = _check_out_dir(out_dir, overwrite)
+    files = filesystem(out_dir)
+    files.makedirs(out_dir)
+    old = [n.rstrip("/") for n in files.listdir(out_dir) if is_shard_output(n)]
+    if INDEX_FILE in old:
+        files.remove(files.join(out_dir, INDEX_FILE))
+    splits = {
+        split: _write_split(out_dir, split, arrays[0], np.asarray(arrays[1]), num_shards)
+        for split, arrays in zip(SPLITS, (train, test))
+    }
+    listed = {e["file"] for s in splits.values() for e in s["shards"]}
+    for name in old:  # Stale shards and partial files of an earlier (or crashed) run.
+        stale = files.join(out_dir, name)
+        if name != INDEX_FILE and name not in listed and files.exists(stale):
+            files.remove(stale)
+    index = write_index(out_dir, info, splits)
+    logging.info("Wrote %d + %d shards of %s to %s", num_shards, num_shards, info.name, out_dir)
+    return index
+
+
+def write_shards(
+    name,
+    out_dir,
+    num_shards=8,
+    path=None,
+    seed=0,
+    train_size=None,
+    test_size=None,
+    image_size=None,
+    channels=None,
+    overwrite=False,
+):
+    """Writes the dataset `load_arrays(name, path, seed, ...)` gives as TFRecord shards.
+
+    Args:
+      name, path, seed, train_size, test_size, image_size, channels: as in `load_arrays`.
+      out_dir, num_shards, overwrite: as in `write_array_shards`.
+
+    Returns:
+      The written `ShardIndex`.
+    """
+    _check_num_shards(num_shards)  # Fail before a long load or download.
+    _check_out_dir(out_dir, overwrite)
+    train, test, info = load_arrays(name, path, seed, train_size, test_size, image_size, channels)
+    return write_array_shards(train, test, info, out_dir, num_shards, overwrite)
