@@ -96,10 +96,9 @@ class PhaseSchedule(keras.callbacks.Callback):
     def _nesting(self, number, epoch_in_phase):
         """Nested budgets serve the deployed budget, once its channels are chosen.
 
-        Only the final phase: on 1,500 samples, nesting deprune's budget-8 phase as well cost 20
-        points. Only after its boost and the gates' travel: while the selection still moves,
-        its prefixes are not the ones inference will send, and the extra losses on top of the
-        boosted rate cost another 20.
+        Only in the final phase, after its boost epochs and the gates' travel: while the selection
+        still moves, its prefixes are not the ones inference will send. On 1,500 samples deprune
+        nested from the start of its final phase ended at 63.0%; with this rule at 82.1%.
         """
         phase = self.phases[number - 1]
         settled = max(phase.boost_epochs, math.ceil(self.gate_travel_fraction * phase.epochs))

@@ -53,11 +53,11 @@ class SplitModel(keras.Model):
       cut: name of the original model's layer at the cut (recorded, not used).
       activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
       budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
-      nested_budgets: one model for every budget (the sandwich rule): while on (see `set_budget`;
-        `PhaseSchedule` turns it on in the final phase only) each masked step
-        also runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k'
-        (k' uniform in between), each distilled from the full budget's predictions. The smaller
-        sets are prefixes of what was sent, so the bytes on the wire do not change.
+      nested_budgets: one model for every budget (the sandwich rule). While nesting is on (see
+        `set_budget`; `PhaseSchedule` turns it on late in the final phase), each masked step also
+        runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k' (k'
+        uniform in between), each distilled from the full budget's predictions. The smaller sets
+        are prefixes of what was sent, so the bytes on the wire do not change.
       min_budget_fraction: the smallest nested budget as a fraction of k, in (0, 1].
       seed: seeds the nested budget draws.
       polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
@@ -326,18 +326,17 @@ class SplitModel(keras.Model):
         if self._calibration_pass is None:
             self._calibration_pass = tf.function(lambda images: self(images, training=True))
         momenta = [norm.momentum for norm in norms]
-        means, squares, count = 0.0, 0.0, 0
+        # Per norm: the sums over batches of E[x] and of E[x^2] = variance + mean^2.
+        means, squares, count = [0.0] * len(norms), [0.0] * len(norms), 0
         try:
             for norm in norms:
                 norm.momentum = 0.0  # each pass leaves exactly its batch's statistics.
             for images, _ in dataset.take(batches):
                 self._calibration_pass(images)
-                mean = [norm.moving_mean.numpy() for norm in norms]
-                variance = [norm.moving_variance.numpy() for norm in norms]
-                means = [a + m for a, m in zip(means or [0.0] * len(norms), mean)]
-                squares = [
-                    a + v + m * m for a, v, m in zip(squares or [0.0] * len(norms), variance, mean)
-                ]
+                for i, norm in enumerate(norms):
+                    mean = norm.moving_mean.numpy()
+                    means[i] = means[i] + mean
+                    squares[i] = squares[i] + norm.moving_variance.numpy() + mean * mean
                 count += 1
         finally:
             for norm, momentum in zip(norms, momenta):
