@@ -65,7 +65,7 @@ def base_config(mode):
     # num_shards-th shard file (shards) or sample (in memory); the test set is not split.
     config.data.shard_index = 0
     config.data.num_shards = 1
-    config.data.cache = False  # shards: keep decoded training samples after the first epoch.
+    config.data.cache = False  # shards: decode this device's part once, then train from memory.
     config.data.image_size = 0  # 0 = the dataset's own (32; STL-10 96; image folders 64).
     config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.

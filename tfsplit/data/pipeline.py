@@ -168,8 +168,8 @@ def build_datasets(
       num_shards: devices sharing the training set. Device i trains on every num_shards-th
         sample from the i-th (in memory) or on every num_shards-th shard file (shards), so the
         devices' parts are disjoint and cover the set; the test set is never split.
-      cache: keep the decoded training samples after the first epoch (shards; in-memory sets
-        are held decoded already).
+      cache: shards: decode this device's training shards once and train from memory (in-memory
+        sets are held decoded already).
 
     Returns:
       (train_ds, test_ds, info); `info.train_size` counts this device's training samples.

@@ -112,7 +112,7 @@ def _stored_order(shards, info):
     return _shard_table(shards).flat_map(lambda path, n: _read_shard(path, n, info))
 
 
-def _train_batches(shards, info, batch_size, augment, seed, cache):
+def _train_batches(shards, info, batch_size, augment, seed):
     total = sum(s.num_samples for s in shards)
     files = _shard_table(shards).shuffle(len(shards), seed=seed, reshuffle_each_iteration=True)
     samples = files.interleave(
@@ -122,8 +122,6 @@ def _train_batches(shards, info, batch_size, augment, seed, cache):
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    if cache:
-        samples = samples.cache()
     samples = samples.shuffle(
         min(total, _SHUFFLE_BUFFER_SAMPLES), seed=seed, reshuffle_each_iteration=True
     )
@@ -195,7 +193,8 @@ def build_shard_datasets(
       batch_size, eval_batch_size, augment, seed: as in `build_datasets`.
       shard_index: this device's number, 0 <= shard_index < num_shards.
       num_shards: devices sharing the training shards; each reads whole shard files.
-      cache: keep the decoded uint8 training samples in memory after the first epoch.
+      cache: decode this device's training shards once, up front, and train from them in memory
+        (the in-memory pipeline's order and speed; the shards' checks still apply).
       verify_checksums: hash every shard read against the index first (sizes are always checked).
 
     Returns:
@@ -225,9 +224,22 @@ def build_shard_datasets(
         len(train_shards),
         info.train_size,
     )
-    train = _train_batches(train_shards, info, batch_size, augment, seed, cache)
+    if cache:
+        # Decoded once, the device's part trains as an in-memory set does (index shuffle, batch
+        # gather): 0.91x of memory's samples/s through a sample cache, measured on 2 cores.
+        images, labels = _decoded(train_shards, info)
+        train = pipeline.build_train_dataset(images, labels, info, batch_size, augment, seed)
+    else:
+        train = _train_batches(train_shards, info, batch_size, augment, seed)
     test = _eval_batches(index.test, info, eval_batch_size)
     return train, test, info
+
+
+def _decoded(shards, info):
+    """uint8 images and int32 labels of `shards` in stored order, each shard's count checked."""
+    batch = _stored_order(shards, info).batch(sum(s.num_samples for s in shards))
+    images, labels = batch.get_single_element()
+    return images.numpy(), labels.numpy()
 
 
 def load_shard_arrays(path, verify_checksums=True):
@@ -238,9 +250,5 @@ def load_shard_arrays(path, verify_checksums=True):
     """
     index = load_index(path)
     _check_shard_files(index.train + index.test, verify_checksums)
-    splits = []
-    for shards in (index.train, index.test):
-        batch = _stored_order(shards, index.info).batch(sum(s.num_samples for s in shards))
-        images, labels = batch.get_single_element()
-        splits.append((images.numpy(), labels.numpy()))
-    return splits[0], splits[1], index.info
+    train, test = (_decoded(shards, index.info) for shards in (index.train, index.test))
+    return train, test, index.info
