@@ -20,8 +20,8 @@ from test_tools import run_tool  # the tools in a subprocess, as test_tools runs
 from tfsplit import data
 from tfsplit.config import base_config, phase
 from tfsplit.data import shards
-from tfsplit.export import run as export_run
 from tfsplit.train import train
+from tfsplit.train.trainer import load_run_arrays
 
 TRAIN_SIZE, TEST_SIZE = 200, 50
 
@@ -365,7 +365,7 @@ def test_export_reloads_a_shards_run_from_its_shard_directory(written, arrays):
     config.data.name = "shards"
     config.data.path = str(written)
     config.data.train_size = 10  # Ignored: the shards fix the sizes.
-    (x, y), (xt, yt), info = export_run.load_run_data(config)
+    (x, y), (xt, yt), info = load_run_arrays(config)
     assert info == arrays[2]
     np.testing.assert_array_equal(x, arrays[0][0])
     np.testing.assert_array_equal(yt, arrays[1][1])

@@ -115,7 +115,6 @@ def load_run_test_images(workdir, count):
         # TensorFlow and tfsplit.data: development machines only.
         import ml_collections
 
-        from tfsplit import data
         from tfsplit.train import trainer
     except ImportError as error:
         raise DeviceError(
@@ -123,17 +122,10 @@ def load_run_test_images(workdir, count):
             "device pass image files instead."
         ) from None
     config = ml_collections.ConfigDict(config)
-    if config.data.name == "shards":
-        _, (images, labels), _ = data.load_shard_arrays(config.data.path)
-        if count > len(images):
-            raise DeviceError(
-                f"The run's test set has {len(images)} images. Received: count={count}"
-            )
-        return images[:count], labels[:count]
-    arguments = trainer.data_arguments(config)
-    test_size = arguments["test_size"] or count
+    test_size = config.data.test_size or count
     if count > test_size:
         raise DeviceError(f"The run's test set has {test_size} images. Received: count={count}")
-    arguments.update(train_size=1, test_size=count)
-    _, (images, labels), _ = data.load_arrays(config.data.name, **arguments)
-    return images, labels
+    _, (images, labels), _ = trainer.load_run_arrays(config, train_size=1, test_size=count)
+    if count > len(images):  # a shards run: its whole test split, whatever its size.
+        raise DeviceError(f"The run's test set has {len(images)} images. Received: count={count}")
+    return images[:count], labels[:count]

@@ -189,7 +189,7 @@ def load_run(workdir):
             f"at the end of a run). Received: workdir={workdir!r}"
         )
     split = trainer.load_model(workdir)
-    train, test, info = load_run_data(config)
+    train, test, info = trainer.load_run_arrays(config)
     logging.info("Loaded %s, final budget %s", model_path, summary["final_budget"])
     return TrainedRun(
         split,
@@ -206,17 +206,6 @@ def load_run(workdir):
         config=config,
         summary=summary,
     )
-
-
-def load_run_data(config):
-    """(train, test, info) arrays of the data a run's `config` trained on, in stored order.
-
-    A "shards" run reads its shard directory back whole: the shards fixed the sizes, so the
-    size arguments do not apply (training refused them).
-    """
-    if config.data.name == "shards":
-        return data.load_shard_arrays(config.data.path)
-    return data.load_arrays(config.data.name, **trainer.data_arguments(config))
 
 
 def as_run(source):

@@ -113,6 +113,17 @@ def data_arguments(config):
     )
 
 
+def load_run_arrays(config, **sizes):
+    """(train, test, info) arrays of the data a run's `config` trained on, in stored order.
+
+    `sizes` (train_size, test_size) override the config's to read less. A "shards" run reads its
+    shard directory back whole: the shards fixed the sizes (training refused size arguments).
+    """
+    if config.data.name == "shards":
+        return data.load_shard_arrays(config.data.path)
+    return data.load_arrays(config.data.name, **dict(data_arguments(config), **sizes))
+
+
 def build_data(config):
     return data.build_datasets(
         config.data.name,
