@@ -66,6 +66,9 @@ def base_config(mode):
     config.data.shard_index = 0
     config.data.num_shards = 1
     config.data.cache = False  # shards: decode this device's part once, then train from memory.
+    # shards: a tf.data service dispatcher ("grpc://host:port") whose workers read and decode the
+    # shards when this machine's CPUs cannot keep up; "" = decode here.
+    config.data.service_address = ""
     config.data.image_size = 0  # 0 = the dataset's own (32; STL-10 96; image folders 64).
     config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.

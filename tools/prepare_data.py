@@ -5,7 +5,7 @@
       --config.data.path=/data/cifar10-shards --workdir=...
 
 Any dataset tfsplit reads (the flags are `load_arrays`'s arguments) becomes N shards per split
-(contiguous blocks of the stored order, PNG images) and an index with the counts, classes, image
+(contiguous blocks of the stored order; raw pixels, or PNG with --encoding=png) and an index with the counts, classes, image
 shape, normalization and each shard's size and sha256. The index is written last, so a crash
 never leaves one that lists missing shards. --out must be empty or an earlier output.
 """
@@ -25,6 +25,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side of the square image
 _CHANNELS = flags.DEFINE_integer("channels", None, "3 repeats a gray dataset's channel.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the shards into.", required=True)
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "Shards per split.")
+_ENCODING = flags.DEFINE_enum(
+    "encoding",
+    shards.DEFAULT_ENCODING,
+    shards.ENCODINGS,
+    "raw: uint8 pixels (fastest to train from); png: lossless, smaller, slower to decode.",
+)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Write into a non-empty directory that is not an earlier output."
 )
@@ -44,6 +50,7 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
         channels=_CHANNELS.value,
         overwrite=_OVERWRITE.value,
+        encoding=_ENCODING.value,
     )
     info = index.info
     print(f"{info.name}: {info.num_classes} classes, images {'x'.join(map(str, info.image_shape))}")

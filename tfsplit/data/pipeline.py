@@ -152,6 +152,7 @@ def build_datasets(
     shard_index=0,
     num_shards=1,
     cache=False,
+    service_address=None,
 ):
     """Training and test pipelines of (float32 normalized images, int32 labels) batches.
 
@@ -170,6 +171,8 @@ def build_datasets(
         devices' parts are disjoint and cover the set; the test set is never split.
       cache: shards: decode this device's training shards once and train from memory (in-memory
         sets are held decoded already).
+      service_address: shards: a tf.data service dispatcher whose workers read and decode the
+        shards (see `build_shard_datasets`).
 
     Returns:
       (train_ds, test_ds, info); `info.train_size` counts this device's training samples.
@@ -190,10 +193,24 @@ def build_datasets(
             channels=channels,
         )
         return shards.build_shard_datasets(
-            path, batch_size, eval_batch_size, augment, seed, shard_index, num_shards, cache
+            path,
+            batch_size,
+            eval_batch_size,
+            augment,
+            seed,
+            shard_index,
+            num_shards,
+            cache,
+            service_address=service_address,
         )
     if name not in SOURCES:
         raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
+    if service_address is not None:
+        raise ValueError(
+            "`service_address` applies to streamed shards (name='shards'); an in-memory set "
+            f"is batched in this process. Received: name={name!r}, "
+            f"service_address={service_address!r}"
+        )
     (x_train, y_train), (x_test, y_test), info = load_arrays(
         name, path, seed, train_size, test_size, image_size, channels
     )

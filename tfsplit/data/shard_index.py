@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import struct
 
 import tensorflow as tf
 
@@ -25,6 +26,7 @@ INDEX_FILE = "index.json"
 FORMAT = "tfsplit-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
+ENCODINGS = ("raw", "png")  # How "image" holds the pixels: uint8 bytes as stored, or a PNG.
 PARTIAL_SUFFIX = ".partial"  # Files being written; renamed into place once complete.
 MAX_SHARDS = 99999  # Five digits in the file names.
 _SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}\.tfrecord$")
@@ -72,6 +74,11 @@ def filesystem(path):
     return _LOCAL
 
 
+def is_local(path):
+    """Whether `path` is on the local filesystem (tf.data reads it natively)."""
+    return filesystem(path) is _LOCAL
+
+
 def file_sha256(path):
     """Hex sha256 of a file, streamed in chunks (bounded memory)."""
     digest = hashlib.sha256()
@@ -79,6 +86,29 @@ def file_sha256(path):
         for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def split_records(data, path):
+    """The records of a whole TFRecord file held in `data` (bytes), in order.
+
+    Each record is framed as: uint64 length, uint32 CRC of the length, the bytes, uint32 CRC of
+    the bytes (little-endian). The CRCs are not checked: the caller verifies the whole file's
+    sha256 first. A frame that runs past the end names `path` (a truncated file).
+    """
+    records, offset, end = [], 0, len(data)
+    while offset < end:
+        if end - offset < 12:
+            raise DatasetFileError(f"{path} ends inside a record header at byte {offset}")
+        (length,) = struct.unpack_from("<Q", data, offset)
+        start = offset + 12
+        offset = start + length + 4
+        if offset > end:
+            raise DatasetFileError(
+                f"{path}: a record of {length} bytes at byte {start - 12} runs past the end of "
+                f"the file ({end} bytes; truncated or not a TFRecord file)"
+            )
+        records.append(data[start : start + length])
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +134,7 @@ class ShardIndex:
     info: DatasetInfo
     train: tuple
     test: tuple
+    encoding: str
 
     def split(self, name):
         return {"train": self.train, "test": self.test}[name]
@@ -225,6 +256,7 @@ def _parse_index(obj, index_path):
         fields.fail("mean", per_channel, mean)
     if not all(_is_number(v) and v > 0 for v in std):
         fields.fail("std", "a list of numbers > 0", std)
+    encoding = fields.get(obj, "encoding", "", lambda v: v in ENCODINGS, f"one of {ENCODINGS}")
     splits = fields.get(obj, "splits", "", lambda v: isinstance(v, dict), "an object")
     directory = os.path.dirname(index_path)
     train, test = (
@@ -242,7 +274,7 @@ def _parse_index(obj, index_path):
         tuple(float(v) for v in mean),
         tuple(float(v) for v in std),
     )
-    return ShardIndex(index_path, info, train, test)
+    return ShardIndex(index_path, info, train, test, encoding)
 
 
 def _index_path(path):
@@ -280,7 +312,7 @@ def load_index(path):
     return _parse_index(obj, index_path)
 
 
-def write_index(out_dir, info, splits):
+def write_index(out_dir, info, splits, encoding):
     """Writes index.json for `info` and the written `splits` (each split's entries by name).
 
     Written through a partial file and a rename, so a reader never sees half an index.
@@ -296,7 +328,7 @@ def write_index(out_dir, info, splits):
         image_shape=list(info.image_shape),
         mean=list(info.mean),
         std=list(info.std),
-        encoding="png",
+        encoding=encoding,
         shard_assignment="contiguous",
         splits=splits,
     )

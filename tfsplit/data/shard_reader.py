@@ -2,27 +2,38 @@
 
 A device (`shard_index` of `num_shards`) reads whole shard files: every num_shards-th one.
 
-An epoch never ends short without an error. Every shard is read through `_read_shard`: records
-that fail to parse or decode are dropped (their cause logged) and an end-of-shard marker then
-asserts that the shard gave exactly the count its index entry lists, naming the file; so a
-corrupt, truncated or replaced shard fails the epoch when that shard ends, whether or not its
-checksum was verified up front. The batched pipelines also assert their number of batches
-(`assert_cardinality`), which gives Keras its steps per epoch.
+Shards are decoded whole: a shard's records are read as one tensor (natively for local files,
+through the object store's checked, retried reads for `s3://`), parsed by one `parse_example`
+and, for raw pixels, turned into images by one reshape. Training shuffles the shard order every
+epoch, gathers `_WINDOW_SHARDS` decoded shards, permutes their samples and rebatches them, so
+no per-sample work runs in Python or in tf.data's per-element machinery; the per-sample cost is
+what makes streaming keep up with training on two cores.
+
+An epoch never ends short without an error: every shard asserts that it gave exactly the
+count its index entry lists, naming the file (a corrupt, truncated or replaced shard fails the
+epoch when it is read, whether or not its checksum was verified up front), and the batched
+pipelines assert their number of batches (`assert_cardinality`, which gives Keras its steps).
 """
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import math
+import os
+import tempfile
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from tfsplit.data import common, pipeline
 from tfsplit.data.common import DatasetFileError
-from tfsplit.data.shard_index import file_sha256, filesystem, load_index
+from tfsplit.data.shard_index import file_sha256, filesystem, is_local, load_index, split_records
 
-_INTERLEAVE_CYCLE = 8  # Shards read at once; fixed (not AUTOTUNE) so the order is machine-free.
-_SHUFFLE_BUFFER_SAMPLES = 10000  # Decoded uint8 samples held for shuffling (30 MB for CIFAR).
+# Shards decoded and shuffled together; fixed (not AUTOTUNE) so that the order is machine-free.
+# Memory holds about two windows of decoded samples (one being batched, one being read).
+_WINDOW_SHARDS = 8
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -30,25 +41,35 @@ _FEATURES = {
 
 
 def _check_shard_files(shards, verify_checksums):
-    """Every shard exists with its indexed size and (when asked) sha256; hashed in parallel."""
-    for shard in shards:
+    """Every shard exists with its indexed size; local ones (when asked) also their sha256.
+
+    Object-store shards are hashed as they stream in instead (see `_remote_records`), so that
+    training starts without reading the whole dataset first.
+    """
+
+    def size_of(shard):
         files = filesystem(shard.path)
-        if not files.exists(shard.path):
-            raise DatasetFileError(
-                f"Shard {shard.path} is missing; its index lists it with {shard.num_samples} "
-                "samples"
-            )
-        size = files.size(shard.path)
-        if size != shard.num_bytes:
-            raise DatasetFileError(
-                f"Shard {shard.path} has {size} bytes; its index expects {shard.num_bytes} "
-                "(truncated or replaced)"
-            )
-    if not verify_checksums:
-        return
-    with concurrent.futures.ThreadPoolExecutor(min(8, len(shards))) as pool:
-        digests = list(pool.map(file_sha256, [s.path for s in shards]))
-    for shard, digest in zip(shards, digests):
+        return files.size(shard.path) if files.exists(shard.path) else None
+
+    workers = max(1, min(16, len(shards)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        sizes = list(pool.map(size_of, shards))
+        for shard, size in zip(shards, sizes):
+            if size is None:
+                raise DatasetFileError(
+                    f"Shard {shard.path} is missing; its index lists it with "
+                    f"{shard.num_samples} samples"
+                )
+            if size != shard.num_bytes:
+                raise DatasetFileError(
+                    f"Shard {shard.path} has {size} bytes; its index expects {shard.num_bytes} "
+                    "(truncated or replaced)"
+                )
+        local = [s for s in shards if is_local(s.path)]
+        if not verify_checksums or not local:
+            return
+        digests = list(pool.map(file_sha256, [s.path for s in local]))
+    for shard, digest in zip(local, digests):
         if digest != shard.sha256:
             raise DatasetFileError(
                 f"Shard {shard.path} has sha256 {digest}; its index expects {shard.sha256} "
@@ -56,76 +77,178 @@ def _check_shard_files(shards, verify_checksums):
             )
 
 
-def _read_shard(path, expected, info):
-    """(uint8 image, int32 label) samples of one shard; fails at its end unless it gave
-    exactly `expected` samples, naming the file (see the module doc)."""
+def _local_records(path, expected):
+    """One element: the (n,) serialized records of a local shard file.
+
+    Records that fail their CRC are dropped (the error logged) and the count check in `_decode`
+    then names the file; an empty file gives an empty element so that the check still runs.
+    """
+    records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
+    whole = records.batch(expected + 1).take(1)
+    return whole.concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))).take(1)
+
+
+def _remote_records(path, num_bytes, sha256, local_cache_dir):
+    """One element: the (n,) records of an object-store shard, read whole with its size and
+    sha256 checked (retried with backoff; the error names the object).
+
+    With `local_cache_dir`, a verified shard is kept there under its sha256 and read from disk
+    (checked again) on later epochs and runs. Memory holds the shards being read: at most
+    `_WINDOW_SHARDS` of them, each about three times its file size while it is split.
+    """
+
+    def read(path, num_bytes, sha256):
+        path, sha256 = path.numpy().decode(), sha256.numpy().decode()
+        data = _cached_object(path, int(num_bytes), sha256, local_cache_dir)
+        return tf.constant(split_records(data, path), tf.string)
+
+    records = tf.py_function(read, [path, num_bytes, sha256], tf.string)
+    return tf.data.Dataset.from_tensors(tf.ensure_shape(records, [None]))
+
+
+def _cached_object(path, num_bytes, sha256, local_cache_dir):
+    """The bytes of object `path`, through the local cache directory when there is one."""
+    if not local_cache_dir:
+        return filesystem(path).read_object(path, num_bytes, sha256)
+    local = os.path.join(local_cache_dir, f"{sha256}.tfrecord")
+    if os.path.isfile(local) and os.path.getsize(local) == num_bytes:
+        with open(local, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+        logging.warning("Cached copy %s of %s is corrupt; reading the object again", local, path)
+    data = filesystem(path).read_object(path, num_bytes, sha256)
+    os.makedirs(local_cache_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=local_cache_dir, suffix=".partial", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, local)
+    return data
+
+
+def _decode(records, path, expected, info, encoding):
+    """(uint8 images (n, H, W, C), int32 labels (n,)) of a whole shard's records."""
     shape = tuple(info.image_shape)
 
-    def decode(record):
-        example = tf.io.parse_single_example(record, _FEATURES)
-        image = tf.ensure_shape(tf.io.decode_png(example["image"], channels=shape[-1]), shape)
-        label = example["label"]
-        valid = tf.logical_and(label >= 0, label < info.num_classes)
-        with tf.control_dependencies([tf.debugging.Assert(valid, ["label out of range", label])]):
-            return image, tf.cast(label, tf.int32), True
+    def fail_unless(condition, *what):
+        message = tf.strings.join(["Shard ", path, *what])
+        return tf.debugging.Assert(condition, [message])
 
-    samples = tf.data.TFRecordDataset(path).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    samples = samples.ignore_errors(log_warning=True)  # counted below instead
-    end = tf.data.Dataset.from_tensors((tf.zeros(shape, tf.uint8), tf.constant(-1), False))
-
-    def count(n, sample):
-        n += tf.cast(sample[2], tf.int64)
-        return n, (*sample, n)
-
-    def check_end(n):
-        message = tf.strings.join(
-            [
-                "Shard ",
-                path,
-                " gave ",
-                tf.strings.as_string(n),
-                " samples but its index lists ",
-                tf.strings.as_string(expected),
-                ": the file is corrupt or truncated (the first error is logged)",
-            ]
+    count = tf.cast(tf.size(records), tf.int64)
+    checks = [
+        fail_unless(
+            tf.equal(count, expected),
+            " gave ",
+            tf.strings.as_string(count),
+            " samples but its index lists ",
+            tf.strings.as_string(expected),
+            ": the file is corrupt or truncated (a record error, if any, is logged)",
         )
-        with tf.control_dependencies([tf.debugging.Assert(tf.equal(n, expected), [message])]):
-            return tf.constant(False)
-
-    def keep(image, label, is_sample, n):
-        return tf.cond(is_sample, lambda: tf.constant(True), lambda: check_end(n))
-
-    counted = samples.concatenate(end).scan(tf.constant(0, tf.int64), count).filter(keep)
-    return counted.map(lambda image, label, is_sample, n: (image, label))
+    ]
+    with tf.control_dependencies(checks):
+        example = tf.io.parse_example(records, _FEATURES)
+    labels = example["label"]
+    checks = [
+        fail_unless(
+            tf.reduce_all((labels >= 0) & (labels < info.num_classes)),
+            f" holds a label outside 0..{info.num_classes - 1}",
+        )
+    ]
+    if encoding == "raw":
+        pixels = math.prod(shape)
+        checks.append(
+            fail_unless(
+                tf.reduce_all(tf.strings.length(example["image"]) == pixels),
+                f" holds an image that is not {pixels} bytes of {shape} uint8 pixels",
+            )
+        )
+        with tf.control_dependencies(checks):
+            images = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (-1, *shape))
+    else:
+        decode_png = lambda png: tf.ensure_shape(  # noqa: E731
+            tf.io.decode_png(png, channels=shape[-1]), shape
+        )
+        checks.append(
+            fail_unless(
+                tf.reduce_all(tf.strings.substr(example["image"], 0, 8) == _PNG_SIGNATURE),
+                " holds an image that is not a PNG",
+            )
+        )
+        with tf.control_dependencies(checks):
+            images = tf.map_fn(
+                decode_png,
+                example["image"],
+                fn_output_signature=tf.TensorSpec(shape, tf.uint8),
+                parallel_iterations=16,
+            )
+    return images, tf.cast(labels, tf.int32)
 
 
 def _shard_table(shards):
-    paths = tf.constant([s.path for s in shards])
-    counts = tf.constant([s.num_samples for s in shards], tf.int64)
-    return tf.data.Dataset.from_tensor_slices((paths, counts))
+    return tf.data.Dataset.from_tensor_slices(
+        (
+            tf.constant([s.path for s in shards]),
+            tf.constant([s.num_samples for s in shards], tf.int64),
+            tf.constant([s.num_bytes for s in shards], tf.int64),
+            tf.constant([s.sha256 for s in shards]),
+        )
+    )
 
 
-def _stored_order(shards, info):
-    """The samples of `shards` in stored order: one shard after the other."""
-    return _shard_table(shards).flat_map(lambda path, n: _read_shard(path, n, info))
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+    """How one index's shards are read: its dataset, image encoding and filesystem."""
+
+    info: common.DatasetInfo
+    encoding: str
+    remote: bool  # An object store: read through `_remote_records`.
+    local_cache_dir: str = None
+
+    def decoded(self, shards, table=None, parallel=4):
+        """One (images, labels) element per shard of `table` (default: `shards` in stored
+        order), `parallel` shards read at a time, in the table's order."""
+        table = _shard_table(shards) if table is None else table
+
+        def load(path, num_samples, num_bytes, sha256):
+            if self.remote:
+                records = _remote_records(path, num_bytes, sha256, self.local_cache_dir)
+            else:
+                records = _local_records(path, num_samples)
+            return records.map(lambda r: _decode(r, path, num_samples, self.info, self.encoding))
+
+        return table.interleave(
+            load,
+            cycle_length=min(parallel, len(shards)),
+            block_length=1,
+            num_parallel_calls=min(parallel, len(shards)),
+            deterministic=True,
+        )
 
 
-def _train_batches(shards, info, batch_size, augment, seed):
+def _train_batches(reader, shards, batch_size, augment, seed, service_address):
+    info = reader.info
     total = sum(s.num_samples for s in shards)
+    window = min(len(shards), _WINDOW_SHARDS)
     files = _shard_table(shards).shuffle(len(shards), seed=seed, reshuffle_each_iteration=True)
-    samples = files.interleave(
-        lambda path, n: _read_shard(path, n, info),
-        cycle_length=min(len(shards), _INTERLEAVE_CYCLE),
-        block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+    decoded = reader.decoded(shards, files, window)
+    if service_address:
+        decoded = decoded.apply(
+            tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+                service=service_address,
+            )
+        )
+    windows = decoded.ragged_batch(window).map(
+        lambda images, labels: (images.values, labels.values)
     )
-    samples = samples.shuffle(
-        min(total, _SHUFFLE_BUFFER_SAMPLES), seed=seed, reshuffle_each_iteration=True
-    )
-    batches = samples.batch(batch_size)
+
+    def permute(window, window_seed):
+        images, labels = window
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels)[0]), window_seed)
+        return tf.gather(images, order), tf.gather(labels, order)
+
+    window_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+    windows = tf.data.Dataset.zip(windows, window_seeds).map(permute)
+    batches = windows.rebatch(batch_size)
 
     def make_batch(images, labels, augment_seed=None):
         if augment_seed is not None:
@@ -142,12 +265,15 @@ def _train_batches(shards, info, batch_size, augment, seed):
     return _finish(batches, total, batch_size)
 
 
-def _eval_batches(shards, info, batch_size):
-    batches = _stored_order(shards, info).batch(batch_size)
-    normalized = batches.map(
-        lambda images, labels: (pipeline.normalize(images, info), labels),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+def _eval_batches(reader, shards, batch_size):
+    normalized = (
+        reader.decoded(shards)
+        .rebatch(batch_size)
+        .map(
+            lambda images, labels: (pipeline.normalize(images, reader.info), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     )
     return _finish(normalized, sum(s.num_samples for s in shards), batch_size)
 
@@ -179,23 +305,31 @@ def build_shard_datasets(
     num_shards=1,
     cache=False,
     verify_checksums=True,
+    service_address=None,
+    local_cache_dir=None,
 ):
     """Training and test pipelines streamed from a shard directory, as `build_datasets` gives.
 
-    Training: this device's shard files in an order shuffled from `seed` every epoch, read
-    `_INTERLEAVE_CYCLE` at a time in parallel (deterministic), decoded in parallel, shuffled in
-    a seeded buffer, batched, then augmented and normalized by one map per batch. Same seed, same
+    Training: this device's shard files in an order shuffled from `seed` every epoch, read and
+    decoded whole `_WINDOW_SHARDS` at a time in parallel, the samples of each window permuted
+    (seeded), rebatched, then augmented and normalized by one map per batch. Same seed, same
     batches on any machine. Test: all test shards in stored order, normalized, not augmented
     (evaluation is not split across devices).
 
     Args:
-      path: the shard directory (or its index.json).
+      path: the shard directory (or its index.json): a local path or `s3://bucket/prefix`.
       batch_size, eval_batch_size, augment, seed: as in `build_datasets`.
       shard_index: this device's number, 0 <= shard_index < num_shards.
       num_shards: devices sharing the training shards; each reads whole shard files.
       cache: decode this device's training shards once, up front, and train from them in memory
         (the in-memory pipeline's order and speed; the shards' checks still apply).
-      verify_checksums: hash every shard read against the index first (sizes are always checked).
+      verify_checksums: hash every local shard against the index first (sizes are always
+        checked up front; object-store shards are always hashed as they are read).
+      service_address: a tf.data service dispatcher ("grpc://host:port"): its workers read and
+        decode the shards (each shard once per epoch, in the order workers finish them) and
+        this process windows, batches and augments. Local (or shared) shard paths only.
+      local_cache_dir: object-store shards: keep each verified shard in this local directory
+        (named by its sha256) and read it from there on later epochs and runs.
 
     Returns:
       (train_ds, test_ds, info): float32 normalized (B, H, W, C) images and int32 (B,) labels;
@@ -212,34 +346,60 @@ def build_shard_datasets(
             raise ValueError(f"`{key}` must be a bool. Received: {key}={value!r}")
     common.check_seed(seed)
     index = load_index(path)
+    _check_service(service_address, index, cache)
     train_shards = device_shards(index.train, shard_index, num_shards)
     _check_shard_files(train_shards + index.test, verify_checksums)
     info = dataclasses.replace(index.info, train_size=sum(s.num_samples for s in train_shards))
+    reader = _Reader(info, index.encoding, not is_local(index.path), local_cache_dir or None)
     logging.info(
-        "Reading %s shards from %s: device %d of %d, %d training shards (%d samples).",
+        "Reading %s shards from %s: device %d of %d, %d training shards (%d samples, %s).",
         info.name,
         index.path,
         shard_index,
         num_shards,
         len(train_shards),
         info.train_size,
+        index.encoding,
     )
     if cache:
         # Decoded once, the device's part trains as an in-memory set does (index shuffle, batch
-        # gather): 0.91x of memory's samples/s through a sample cache, measured on 2 cores.
-        images, labels = _decoded(train_shards, info)
+        # gather), at the in-memory pipeline's speed.
+        images, labels = _decoded(reader, train_shards)
         train = pipeline.build_train_dataset(images, labels, info, batch_size, augment, seed)
     else:
-        train = _train_batches(train_shards, info, batch_size, augment, seed)
-    test = _eval_batches(index.test, info, eval_batch_size)
+        train = _train_batches(reader, train_shards, batch_size, augment, seed, service_address)
+    test = _eval_batches(reader, index.test, eval_batch_size)
     return train, test, info
 
 
-def _decoded(shards, info):
+def _check_service(service_address, index, cache):
+    if service_address is None:
+        return
+    if not isinstance(service_address, str) or not service_address.strip():
+        raise ValueError(
+            "`service_address` must be a tf.data service dispatcher address such as "
+            f"'grpc://127.0.0.1:5050'. Received: service_address={service_address!r}"
+        )
+    if cache:
+        raise ValueError(
+            "`cache` decodes the shards in this process; it cannot be combined with "
+            f"`service_address`. Received: cache=True, service_address={service_address!r}"
+        )
+    if not is_local(index.path):
+        raise ValueError(
+            "tf.data service workers read shards from a local or shared filesystem; "
+            f"{index.path} is in an object store (copy the shards to the workers' filesystem, "
+            "or train without the service)"
+        )
+
+
+def _decoded(reader, shards):
     """uint8 images and int32 labels of `shards` in stored order, each shard's count checked."""
-    batch = _stored_order(shards, info).batch(sum(s.num_samples for s in shards))
-    images, labels = batch.get_single_element()
-    return images.numpy(), labels.numpy()
+    parts = list(reader.decoded(shards))
+    return (
+        np.concatenate([images.numpy() for images, _ in parts]),
+        np.concatenate([labels.numpy() for _, labels in parts]),
+    )
 
 
 def load_shard_arrays(path, verify_checksums=True):
@@ -250,5 +410,6 @@ def load_shard_arrays(path, verify_checksums=True):
     """
     index = load_index(path)
     _check_shard_files(index.train + index.test, verify_checksums)
-    train, test = (_decoded(shards, index.info) for shards in (index.train, index.test))
+    reader = _Reader(index.info, index.encoding, not is_local(index.path))
+    train, test = (_decoded(reader, shards) for shards in (index.train, index.test))
     return train, test, index.info

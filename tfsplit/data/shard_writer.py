@@ -1,13 +1,16 @@
 """Writes a dataset once as TFRecord shards plus index.json (what `tfsplit-prepare-data` runs).
 
-Each split becomes `num_shards` files of tf.train.Example records: "image" (PNG bytes, lossless,
-so decoding gives the exact uint8 pixels) and "label" (int64). Samples go to shards in contiguous
+Each split becomes `num_shards` files of tf.train.Example records: "image" (the uint8 pixels,
+raw or as a lossless PNG, as the index's "encoding" says) and "label" (int64). Samples go to shards in contiguous
 blocks (shard i of a split holds the i-th slice of the stored order, `np.array_split` sizes), so
 reading a split's shards in file order gives the stored order. Every file is written under a
 partial name and renamed into place once complete; the index goes last (see `shard_index`).
 """
 
 import os
+import posixpath
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -17,16 +20,21 @@ from tfsplit.data import common
 from tfsplit.data.arrays import load_arrays
 from tfsplit.data.common import DatasetInfo
 from tfsplit.data.shard_index import (
+    ENCODINGS,
     INDEX_FILE,
     MAX_SHARDS,
     PARTIAL_SUFFIX,
     SPLITS,
     file_sha256,
     filesystem,
+    is_local,
     is_shard_output,
     shard_name,
     write_index,
 )
+
+DEFAULT_ENCODING = "raw"
+_UPLOAD_CHUNK_BYTES = 8 << 20
 
 
 def _check_out_dir(out_dir, overwrite):
@@ -77,46 +85,57 @@ def _check_arrays(split, arrays, info):
         )
 
 
-def _encoded(images, labels):
-    """(PNG bytes, label) per sample, PNG-encoded in parallel by tf.data."""
+def _encoded(images, labels, encoding):
+    """(image bytes, label) per sample: the uint8 pixels as stored, or PNG (encoded in parallel)."""
+    if encoding == "raw":
+        return ((image.tobytes(), label) for image, label in zip(images, labels))
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
     encode = lambda image, label: (tf.io.encode_png(image), label)  # noqa: E731
     dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.as_numpy_iterator()
 
 
-def _example(png, label):
+def _example(image, label):
     feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def _write_shard(path, images, labels):
-    """Writes one shard (via a partial file renamed into place); returns its index entry."""
+def _write_shard(path, images, labels, encoding):
+    """Writes one shard (via a partial file renamed into place); returns its index entry.
+
+    TFRecordWriter writes local files only: a shard for object storage is written to a local
+    temporary file first and then uploaded (streamed) under the partial name.
+    """
     files = filesystem(path)
     partial = path + PARTIAL_SUFFIX
-    # TFRecordWriter writes local files; a remote store would upload the partial file here.
-    with tf.io.TFRecordWriter(partial) as writer:
-        for png, label in _encoded(images, labels):
-            writer.write(_example(png, label))
-    entry = dict(
-        file=os.path.basename(path),
-        num_samples=len(labels),
-        num_bytes=files.size(partial),
-        sha256=file_sha256(partial),
-    )
+    with tempfile.TemporaryDirectory(prefix="tfsplit-shard-") as scratch:
+        local = partial if is_local(path) else os.path.join(scratch, os.path.basename(partial))
+        with tf.io.TFRecordWriter(local) as writer:
+            for image, label in _encoded(images, labels, encoding):
+                writer.write(_example(image, label))
+        entry = dict(
+            file=posixpath.basename(path),
+            num_samples=len(labels),
+            num_bytes=os.path.getsize(local),
+            sha256=file_sha256(local),
+        )
+        if local != partial:
+            with open(local, "rb") as source, files.open(partial, "wb") as target:
+                shutil.copyfileobj(source, target, _UPLOAD_CHUNK_BYTES)
     files.rename(partial, path)
     return entry
 
 
-def _write_split(out_dir, split, images, labels, num_shards):
+def _write_split(out_dir, split, images, labels, num_shards, encoding):
     blocks = np.array_split(np.arange(len(labels)), num_shards)  # contiguous, sizes differ by <= 1
     entries = []
     for i, block in enumerate(blocks):
         path = filesystem(out_dir).join(out_dir, shard_name(split, i, num_shards))
-        entries.append(_write_shard(path, images[block[0] : block[-1] + 1], labels[block]))
+        block_images = images[block[0] : block[-1] + 1]
+        entries.append(_write_shard(path, block_images, labels[block], encoding))
     return dict(
         num_samples=len(labels),
         num_bytes=sum(e["num_bytes"] for e in entries),
@@ -124,7 +143,9 @@ def _write_split(out_dir, split, images, labels, num_shards):
     )
 
 
-def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False):
+def write_array_shards(
+    train, test, info, out_dir, num_shards=8, overwrite=False, encoding=DEFAULT_ENCODING
+):
     """Writes arrays as `num_shards` TFRecord shards per split plus index.json (see module doc).
 
     The index is removed first and written last (through a partial file and a rename), so a
@@ -138,6 +159,8 @@ def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False
       out_dir: directory to write; created if missing. It must be empty or an earlier output.
       num_shards: shards per split; each split needs at least this many samples.
       overwrite: write into a directory that also holds other files (they are left alone).
+      encoding: "raw" (the uint8 pixels; decoding is a reshape, the fastest to train from) or
+        "png" (lossless and smaller, decoded image by image).
 
     Returns:
       The written `ShardIndex`.
@@ -148,7 +171,9 @@ def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False
     """
     if not isinstance(info, DatasetInfo):
         raise ValueError(f"`info` must be a DatasetInfo. Received: info={info!r}")
-    if info.image_shape[-1] not in (1, 2, 3, 4):
+    if encoding not in ENCODINGS:
+        raise ValueError(f"`encoding` must be one of {ENCODINGS}. Received: encoding={encoding!r}")
+    if encoding == "png" and info.image_shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"PNG holds 1 to 4 channels. Received: image_shape={info.image_shape}")
     _check_num_shards(num_shards)
     for split, arrays in zip(SPLITS, (train, test)):
@@ -165,7 +190,7 @@ def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False
     if INDEX_FILE in old:
         files.remove(files.join(out_dir, INDEX_FILE))
     splits = {
-        split: _write_split(out_dir, split, arrays[0], np.asarray(arrays[1]), num_shards)
+        split: _write_split(out_dir, split, arrays[0], np.asarray(arrays[1]), num_shards, encoding)
         for split, arrays in zip(SPLITS, (train, test))
     }
     listed = {e["file"] for s in splits.values() for e in s["shards"]}
@@ -173,7 +198,7 @@ def write_array_shards(train, test, info, out_dir, num_shards=8, overwrite=False
         stale = files.join(out_dir, name)
         if name != INDEX_FILE and name not in listed and files.exists(stale):
             files.remove(stale)
-    index = write_index(out_dir, info, splits)
+    index = write_index(out_dir, info, splits, encoding)
     logging.info("Wrote %d + %d shards of %s to %s", num_shards, num_shards, info.name, out_dir)
     return index
 
@@ -189,12 +214,13 @@ def write_shards(
     image_size=None,
     channels=None,
     overwrite=False,
+    encoding=DEFAULT_ENCODING,
 ):
     """Writes the dataset `load_arrays(name, path, seed, ...)` gives as TFRecord shards.
 
     Args:
       name, path, seed, train_size, test_size, image_size, channels: as in `load_arrays`.
-      out_dir, num_shards, overwrite: as in `write_array_shards`.
+      out_dir, num_shards, overwrite, encoding: as in `write_array_shards`.
 
     Returns:
       The written `ShardIndex`.
@@ -202,4 +228,4 @@ def write_shards(
     _check_num_shards(num_shards)  # Fail before a long load or download.
     _check_out_dir(out_dir, overwrite)
     train, test, info = load_arrays(name, path, seed, train_size, test_size, image_size, channels)
-    return write_array_shards(train, test, info, out_dir, num_shards, overwrite)
+    return write_array_shards(train, test, info, out_dir, num_shards, overwrite, encoding)

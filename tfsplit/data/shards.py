@@ -3,10 +3,13 @@
 Layout of a shard directory (written by `write_shards`, i.e. `tfsplit-prepare-data`):
 
     index.json                       format version, dataset, classes, image shape, mean and std,
-                                     per split: shards with sample count, byte size and sha256
-    train-00000-of-00008.tfrecord    tf.train.Example records: "image" (PNG bytes, lossless, so
-    ...                              decoding gives the exact uint8 pixels) and "label" (int64)
+                                     image encoding, per split: shards with sample count, byte
+                                     size and sha256
+    train-00000-of-00008.tfrecord    tf.train.Example records: "image" (the uint8 pixels, raw or
+    ...                              as a lossless PNG) and "label" (int64)
     test-00000-of-00008.tfrecord
+
+The directory is a local path or an object-store URL (`s3://bucket/prefix`).
 
 This module is the format's public face; the code is in three modules with one job each:
 `shard_index` (file names, the index: parsed, validated, written; file access and checksums),
@@ -15,6 +18,7 @@ This module is the format's public face; the code is in three modules with one j
 """
 
 from tfsplit.data.shard_index import (
+    ENCODINGS,
     FORMAT,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -25,9 +29,11 @@ from tfsplit.data.shard_index import (
     shard_name,
 )
 from tfsplit.data.shard_reader import build_shard_datasets, device_shards, load_shard_arrays
-from tfsplit.data.shard_writer import write_array_shards, write_shards
+from tfsplit.data.shard_writer import DEFAULT_ENCODING, write_array_shards, write_shards
 
 __all__ = [
+    "DEFAULT_ENCODING",
+    "ENCODINGS",
     "FORMAT",
     "FORMAT_VERSION",
     "INDEX_FILE",

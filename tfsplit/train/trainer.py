@@ -134,6 +134,7 @@ def build_data(config):
         shard_index=config.data.get("shard_index", 0),
         num_shards=config.data.get("num_shards", 1),
         cache=config.data.get("cache", False),
+        service_address=config.data.get("service_address", "") or None,
         **data_arguments(config),
     )
 
