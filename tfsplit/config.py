@@ -65,7 +65,9 @@ def base_config(mode):
     # num_shards-th shard file (shards) or sample (in memory); the test set is not split.
     config.data.shard_index = 0
     config.data.num_shards = 1
-    config.data.cache = False  # shards: decode this device's part once, then train from memory.
+    config.data.cache = (
+        False  # shards, image folders: decode this device's part once, train from memory.
+    )
     # shards: a tf.data service dispatcher ("grpc://host:port") whose workers read and decode the
     # shards when this machine's CPUs cannot keep up; "" = decode here.
     config.data.service_address = ""

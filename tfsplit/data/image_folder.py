@@ -10,10 +10,16 @@ Class names sorted (Python string order) give the label ids 0..C-1, as in Keras'
 round-robin over the classes (the first file of every class, then the second, ...) so that the
 first n samples of a split are balanced, which keeps `train_size`/`test_size` smoke runs sensible.
 
-Every image is decoded with tf.io (JPEG or PNG whatever its extension says, gray and RGBA turned
-into RGB) and resized to image_size x image_size (bilinear, antialiased, aspect ratio not kept),
-in parallel inside tf.data. The whole split is then held in memory as uint8: 126k Imagenet100
-training images take 1.5 GB at 64x64 and 0.4 GB at 32x32.
+Every image is decoded by `_decode_image` (JPEG or PNG whatever its extension says, gray and RGBA
+turned into RGB) and resized to image_size x image_size (bilinear, antialiased, aspect ratio not
+kept), in parallel inside tf.data. Two ways use it:
+
+- `build_image_folder_datasets` (for training): only the file list is held in memory; every epoch
+  reads and decodes the files again inside the tf.data pipeline, so a set of any size trains in
+  constant memory. A file that cannot be read or decoded fails the epoch, naming the file.
+- `load` (behind `load_arrays`, for tools that want arrays): the whole split is decoded once and
+  held in memory as uint8: 126k Imagenet100 training images take 1.5 GB at 64x64 and 0.4 GB at
+  32x32. Every bad file is named before anything is returned.
 """
 
 import os
@@ -33,6 +39,7 @@ STD = (0.229, 0.224, 0.225)
 _TEST_FOLDERS = ("val", "test")
 _LAYOUT = "expected path/train/<class>/*.jpg|*.jpeg|*.png and path/val/<class>/* (or test/)"
 _MAX_NAMED_FILES = 10
+_UNREADABLE = " could not be read or decoded as JPEG or PNG (its error is logged above)"
 
 
 def _subdirectories(folder):
@@ -94,19 +101,23 @@ def _list_split(folder, classes):
     return paths[order], labels[order]
 
 
+def _decode_image(path, image_size):
+    """uint8 (S, S, 3) image of the file `path` (a string tensor): the one decode both ways use."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return common.to_uint8(common.resize_image(image, image_size))
+
+
 def _decode_files(paths, image_size):
     """uint8 (N, S, S, 3) images of `paths`, decoded and resized in parallel.
 
     Files that cannot be read or decoded are dropped by `ignore_errors` and found again from the
     indices that did not come through, so the error can name every bad file.
     """
-
-    def decode(path, index):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return common.to_uint8(common.resize_image(image, image_size)), index
-
     dataset = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths))))
-    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = dataset.map(
+        lambda path, index: (_decode_image(path, image_size), index),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).ignore_errors()
     batches = list(dataset.batch(len(paths)).as_numpy_iterator())
     decoded = batches[0][1] if batches else np.zeros(0, np.int64)
     bad = np.setdiff1d(np.arange(len(paths)), decoded)
@@ -119,11 +130,30 @@ def _decode_files(paths, image_size):
     return batches[0][0]
 
 
-def _load_split(folder, classes, size, split, image_size):
+def _split_files(folder, classes, size, split):
+    """(paths, labels) of the first `size` files of a split (all when None), round-robin."""
     paths, labels = _list_split(folder, classes)
-    paths, labels = common.take_first((paths, labels), size, split, f"Image folder {folder}")
+    return common.take_first((paths, labels), size, split, f"Image folder {folder}")
+
+
+def _load_split(folder, classes, size, split, image_size):
+    paths, labels = _split_files(folder, classes, size, split)
     logging.info("Decoding %d %s images from %s at %dpx.", len(paths), split, folder, image_size)
     return _decode_files(paths, image_size), labels
+
+
+def _open(path, image_size):
+    """(path, classes, train folder, test folder, image side) of the image folder at `path`."""
+    common.check_optional_size("image_size", image_size)
+    if path is None:
+        raise DatasetFileError(f"The image_folder dataset needs `path`; {_LAYOUT}. Received: None")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DatasetFileError(f"Image folder path is not a directory: {path}; {_LAYOUT}")
+    classes = list_classes(path)
+    train_folder, test_folder = _split_folders(path)
+    logging.info("Image folder %s: %d classes (label: name) %s", path, len(classes), classes)
+    return path, classes, train_folder, test_folder, image_size or DEFAULT_IMAGE_SIZE
 
 
 def load(path=None, train_size=None, test_size=None, image_size=None):
@@ -145,16 +175,142 @@ def load(path=None, train_size=None, test_size=None, image_size=None):
       DatasetFileError: when `path` is None or the layout is wrong, a class has no images, the
         class sets differ, or an image cannot be decoded (the message names the files).
     """
-    common.check_optional_size("image_size", image_size)
-    if path is None:
-        raise DatasetFileError(f"The image_folder dataset needs `path`; {_LAYOUT}. Received: None")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise DatasetFileError(f"Image folder path is not a directory: {path}; {_LAYOUT}")
-    classes = list_classes(path)
-    train_folder, test_folder = _split_folders(path)
-    size = image_size or DEFAULT_IMAGE_SIZE
-    logging.info("Image folder %s: %d classes (label: name) %s", path, len(classes), classes)
+    path, classes, train_folder, test_folder, size = _open(path, image_size)
     train = _load_split(train_folder, classes, train_size, "train", size)
     test = _load_split(test_folder, classes, test_size, "test", size)
     return train, test, common.make_info("image_folder", len(classes), train, test, MEAN, STD)
+
+
+def _decoded_in_order(paths, labels, order, image_size):
+    """(uint8 image, int32 label) of the files `paths[order]`, in that order.
+
+    The files are read and decoded in parallel (deterministic order). One that cannot be read or
+    decoded is dropped by `ignore_errors` (its error logged), and the gap it leaves in the
+    positions fails the epoch with an error naming it (the first such file): at the next sample
+    that comes through, or at the end.
+    """
+    count = tf.size(order, out_type=tf.int64)
+
+    def decode(position):
+        index = order[position]
+        return _decode_image(paths[index], image_size), labels[index], position
+
+    samples = tf.data.Dataset.range(count).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    samples = samples.ignore_errors(log_warning=True)  # found again below, to name the file
+    # Pulled only when a file is missing (then fewer than `count` samples come through).
+    blank = tf.zeros((image_size, image_size, 3), tf.uint8)
+    end = tf.data.Dataset.from_tensors((blank, tf.constant(-1, tf.int32), count))
+
+    def check(expected, sample):
+        image, label, position = sample
+        missing = paths[order[tf.minimum(expected, count - 1)]]
+        message = tf.strings.join(["Image file ", missing, _UNREADABLE])
+        in_order = tf.debugging.Assert(tf.equal(position, expected), [message])
+        with tf.control_dependencies([in_order]):
+            return position + 1, (image, label)
+
+    return samples.concatenate(end).scan(tf.constant(0, tf.int64), check).take(count)
+
+
+def _train_batches(paths, labels, info, batch_size, augment, seed):
+    """This device's files in a new order every epoch, decoded, batched, augmented, normalized."""
+    count = len(paths)
+    paths, labels = tf.constant(paths), tf.constant(labels)
+    # Each epoch's order is one permutation of the indices: the index shuffle of pipeline.py, so
+    # the same seed gives the order the in-memory pipeline gives.
+    indices = tf.data.Dataset.range(count)
+    orders = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True).batch(count)
+    samples = orders.flat_map(
+        lambda order: _decoded_in_order(paths, labels, order, info.image_shape[0])
+    )
+    from tfsplit.data import pipeline  # Imported here: pipeline builds on this module (arrays).
+
+    batches = pipeline.augmented_and_normalized(samples.batch(batch_size), info, augment, seed)
+    return pipeline.finish_epoch(batches, count, batch_size)
+
+
+def _eval_batches(paths, labels, info, batch_size):
+    """The files in stored order, decoded, batched and normalized."""
+    order = tf.range(len(paths), dtype=tf.int64)
+    samples = _decoded_in_order(tf.constant(paths), tf.constant(labels), order, info.image_shape[0])
+    from tfsplit.data import pipeline  # Imported here: pipeline builds on this module (arrays).
+
+    batches = pipeline.augmented_and_normalized(samples.batch(batch_size), info)
+    return pipeline.finish_epoch(batches, len(paths), batch_size)
+
+
+def build_image_folder_datasets(
+    path,
+    batch_size,
+    eval_batch_size,
+    image_size=DEFAULT_IMAGE_SIZE,
+    augment=True,
+    seed=0,
+    shard_index=0,
+    num_shards=1,
+    train_size=None,
+    test_size=None,
+):
+    """Training and test pipelines that decode the image files every epoch, as `build_datasets`
+    gives.
+
+    Only the file list (paths and labels) is held in memory. Training: this device's files in an
+    order shuffled from `seed` every epoch (the index shuffle of `pipeline.build_train_dataset`, so
+    the same seed gives the same batches as that pipeline on `load`'s arrays, on any machine),
+    read and decoded in parallel, batched, then augmented and normalized by one map per batch.
+    Test: all test files in stored order, normalized, not augmented (never split across devices).
+    A file that cannot be read or decoded fails the epoch with an error naming it.
+
+    Args:
+      path: the dataset directory holding train/ and val/ (or test/).
+      batch_size, eval_batch_size, augment, seed: as in `build_datasets`.
+      image_size: side of the square images; None uses `DEFAULT_IMAGE_SIZE` (64).
+      shard_index: this device's number, 0 <= shard_index < num_shards.
+      num_shards: devices sharing the training files; device i trains on every num_shards-th
+        file (round-robin order) from the i-th, as `build_datasets` splits in-memory arrays.
+      train_size, test_size: the first n files of each split (round-robin order, so balanced
+        over the classes), before the device split; None takes all.
+
+    Returns:
+      (train_ds, test_ds, info): float32 normalized (B, S, S, 3) images and int32 (B,) labels;
+      `info.train_size` counts this device's samples. Both know their batches per epoch.
+
+    Raises:
+      ValueError: on a bad argument, a size larger than its split, or more devices than files.
+      DatasetFileError: when the layout is wrong, a class has no images or the class sets differ.
+    """
+    common.check_positive_int("batch_size", batch_size)
+    common.check_positive_int("eval_batch_size", eval_batch_size)
+    if not isinstance(augment, bool):
+        raise ValueError(f"`augment` must be a bool. Received: augment={augment!r}")
+    common.check_seed(seed)
+    from tfsplit.data import pipeline  # Imported here: pipeline builds on this module (arrays).
+
+    pipeline.check_device_shard(shard_index, num_shards)
+    path, classes, train_folder, test_folder, size = _open(path, image_size)
+    train_paths, train_labels = _split_files(train_folder, classes, train_size, "train")
+    test_paths, test_labels = _split_files(test_folder, classes, test_size, "test")
+    if num_shards > len(train_paths):
+        raise ValueError(
+            f"Image folder {path} has {len(train_paths)} training files, fewer than the devices "
+            f"sharing them. Received: num_shards={num_shards}"
+        )
+    train_paths = train_paths[shard_index::num_shards]
+    train_labels = train_labels[shard_index::num_shards]
+    info = common.DatasetInfo(
+        "image_folder", len(classes), (size, size, 3), len(train_paths), len(test_paths), MEAN, STD
+    )
+    logging.info(
+        "Streaming image folder %s at %dpx: device %d of %d, %d training and %d test files.",
+        path,
+        size,
+        shard_index,
+        num_shards,
+        info.train_size,
+        info.test_size,
+    )
+    train = _train_batches(train_paths, train_labels, info, batch_size, augment, seed)
+    test = _eval_batches(test_paths, test_labels, info, eval_batch_size)
+    return train, test, info

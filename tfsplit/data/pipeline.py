@@ -7,11 +7,12 @@ was trained on.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
 
-from tfsplit.data import common
+from tfsplit.data import common, image_folder
 from tfsplit.data.arrays import SOURCES, load_arrays
 from tfsplit.data.common import DatasetInfo
 
@@ -74,6 +75,31 @@ def augment_batch(images, seed):
     cols = tf.where(flip, tf.reverse(cols, axis=[1]), cols)
     padded = tf.pad(images, [[0, 0], [CROP_PADDING] * 2, [CROP_PADDING] * 2, [0, 0]])
     return tf.gather(tf.gather(padded, rows, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def augmented_and_normalized(batches, info, augment=False, seed=None):
+    """One map per batch of uint8 (images, labels): `augment_batch` when asked (one (2,) seed per
+    batch, drawn from `seed` as the in-memory pipeline draws them), then `normalize`."""
+
+    def make_batch(images, labels, augment_seed=None):
+        if augment_seed is not None:
+            images = augment_batch(images, augment_seed)
+        return normalize(images, info), labels
+
+    if augment:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        batches = tf.data.Dataset.zip(batches, seeds)
+        batch_map = lambda batch, augment_seed: make_batch(*batch, augment_seed)  # noqa: E731
+    else:
+        batch_map = make_batch
+    return batches.map(batch_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def finish_epoch(batches, total, batch_size):
+    """Streamed batches with their count per epoch asserted (Keras's steps; an epoch that ends
+    short fails), then prefetched."""
+    cardinality = tf.data.experimental.assert_cardinality(math.ceil(total / batch_size))
+    return batches.apply(cardinality).prefetch(tf.data.AUTOTUNE)
 
 
 def _batches(images, labels, info, batch_size, shuffle_seed=None, augment=False):
@@ -157,8 +183,9 @@ def build_datasets(
     """Training and test pipelines of (float32 normalized images, int32 labels) batches.
 
     Args:
-      name: one of `SOURCES`: a `load_arrays` dataset (held in memory) or "shards" (TFRecord
-        shards streamed from the directory `path`, see `tfsplit.data.shards`).
+      name: one of `SOURCES`: a `load_arrays` dataset (held in memory), "image_folder" (files
+        read and decoded while training, unless `cache`) or "shards" (TFRecord shards streamed
+        from the directory or object-store URL `path`, see `tfsplit.data.shards`).
       path, seed, train_size, test_size, image_size, channels: as in `load_arrays`; `seed`
         also fixes the shuffling order and the augmentation. For "shards", `path` is required
         and the sizes and `channels` must be None: the shards fix them.
@@ -169,8 +196,8 @@ def build_datasets(
       num_shards: devices sharing the training set. Device i trains on every num_shards-th
         sample from the i-th (in memory) or on every num_shards-th shard file (shards), so the
         devices' parts are disjoint and cover the set; the test set is never split.
-      cache: shards: decode this device's training shards once and train from memory (in-memory
-        sets are held decoded already).
+      cache: shards and image folders: decode this device's training part once and train from
+        memory (the other sets are held decoded already).
       service_address: shards: a tf.data service dispatcher whose workers read and decode the
         shards (see `build_shard_datasets`).
 
@@ -205,6 +232,21 @@ def build_datasets(
         )
     if name not in SOURCES:
         raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
+    if name == "image_folder" and not cache and service_address is None:
+        if channels not in (None, 3):
+            raise ValueError(f"Image folders give RGB images. Received: channels={channels!r}")
+        return image_folder.build_image_folder_datasets(
+            path,
+            batch_size,
+            eval_batch_size,
+            image_size,
+            augment,
+            seed,
+            shard_index,
+            num_shards,
+            train_size,
+            test_size,
+        )
     if service_address is not None:
         raise ValueError(
             "`service_address` applies to streamed shards (name='shards'); an in-memory set "

@@ -248,40 +248,15 @@ def _train_batches(reader, shards, batch_size, augment, seed, service_address):
 
     window_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
     windows = tf.data.Dataset.zip(windows, window_seeds).map(permute)
-    batches = windows.rebatch(batch_size)
-
-    def make_batch(images, labels, augment_seed=None):
-        if augment_seed is not None:
-            images = pipeline.augment_batch(images, augment_seed)
-        return pipeline.normalize(images, info), labels
-
-    if augment:  # Augmentation seeds as pipeline.py draws them: one (2,) seed per batch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        batches = tf.data.Dataset.zip(batches, seeds)
-        batch_map = lambda batch, augment_seed: make_batch(*batch, augment_seed)  # noqa: E731
-    else:
-        batch_map = make_batch
-    batches = batches.map(batch_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _finish(batches, total, batch_size)
+    batches = pipeline.augmented_and_normalized(windows.rebatch(batch_size), info, augment, seed)
+    return pipeline.finish_epoch(batches, total, batch_size)
 
 
 def _eval_batches(reader, shards, batch_size):
-    normalized = (
-        reader.decoded(shards)
-        .rebatch(batch_size)
-        .map(
-            lambda images, labels: (pipeline.normalize(images, reader.info), labels),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
+    batches = pipeline.augmented_and_normalized(
+        reader.decoded(shards).rebatch(batch_size), reader.info
     )
-    return _finish(normalized, sum(s.num_samples for s in shards), batch_size)
-
-
-def _finish(batches, total, batch_size):
-    """Known batches per epoch (Keras's steps; a short epoch fails here too), then prefetch."""
-    cardinality = tf.data.experimental.assert_cardinality(math.ceil(total / batch_size))
-    return batches.apply(cardinality).prefetch(tf.data.AUTOTUNE)
+    return pipeline.finish_epoch(batches, sum(s.num_samples for s in shards), batch_size)
 
 
 def device_shards(shards, shard_index, num_shards):
