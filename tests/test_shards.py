@@ -219,7 +219,7 @@ def test_build_datasets_reads_shards_and_splits_in_memory_sets_per_device(writte
         (dict(image_size=16), "`image_size` must be None for shards"),
         (dict(channels=3), "`channels` must be None for shards"),
         (dict(path=None), "Received: path=None"),
-        (dict(path="s3://bucket/data"), "s3:// paths are not supported yet"),
+        (dict(path="gs://bucket/data"), "gs:// paths are not supported"),
         (dict(num_shards=0), "num_shards"),
         (dict(shard_index=-1), "shard_index"),
         (dict(batch_size=0), "batch_size"),

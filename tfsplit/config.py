@@ -59,7 +59,8 @@ def base_config(mode):
     config.data.name = "synthetic"
     # Local copy: CIFAR python archive (.tar.gz or extracted), Fashion-MNIST IDX folder, STL-10
     # binary archive or folder, image-folder root (train/<class>/, val/<class>/), the shards'
-    # directory; "" = download.
+    # directory or s3://bucket/prefix (endpoint and credentials from the standard AWS_* variables
+    # and ~/.aws files); "" = download.
     config.data.path = ""
     # This device's part of the training set: device shard_index of num_shards trains on every
     # num_shards-th shard file (shards) or sample (in memory); the test set is not split.
@@ -71,6 +72,9 @@ def base_config(mode):
     # shards: a tf.data service dispatcher ("grpc://host:port") whose workers read and decode the
     # shards when this machine's CPUs cannot keep up; "" = decode here.
     config.data.service_address = ""
+    # s3:// shards: keep each verified shard in this local directory and read it from there on
+    # later epochs and runs; "" = stream every epoch from the bucket.
+    config.data.local_cache_dir = ""
     config.data.image_size = 0  # 0 = the dataset's own (32; STL-10 96; image folders 64).
     config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.

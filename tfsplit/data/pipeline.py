@@ -179,6 +179,7 @@ def build_datasets(
     num_shards=1,
     cache=False,
     service_address=None,
+    local_cache_dir=None,
 ):
     """Training and test pipelines of (float32 normalized images, int32 labels) batches.
 
@@ -200,6 +201,7 @@ def build_datasets(
         memory (the other sets are held decoded already).
       service_address: shards: a tf.data service dispatcher whose workers read and decode the
         shards (see `build_shard_datasets`).
+      local_cache_dir: s3:// shards: a local directory that keeps the verified shards.
 
     Returns:
       (train_ds, test_ds, info); `info.train_size` counts this device's training samples.
@@ -229,9 +231,15 @@ def build_datasets(
             num_shards,
             cache,
             service_address=service_address,
+            local_cache_dir=local_cache_dir,
         )
     if name not in SOURCES:
         raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
+    if local_cache_dir is not None:
+        raise ValueError(
+            "`local_cache_dir` keeps shards read from an object store (name='shards', path "
+            f"s3://...). Received: name={name!r}, local_cache_dir={local_cache_dir!r}"
+        )
     if name == "image_folder" and not cache and service_address is None:
         if channels not in (None, 3):
             raise ValueError(f"Image folders give RGB images. Received: channels={channels!r}")

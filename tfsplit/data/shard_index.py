@@ -5,8 +5,8 @@ its shards with sample count, byte size and sha256. `load_index` checks every fi
 counts add up, naming the file and the field on any error, so a reader can trust the index
 before it opens a shard; `write_index` writes it last, through a partial file and a rename.
 
-All access to shard and index files goes through `filesystem(path)`: local paths use tf.io.gfile
-now; an object store (an fsspec S3 filesystem) plugs in there, with tf.data reading a local copy.
+All access to shard and index files goes through `filesystem(path)`: local paths use tf.io.gfile,
+`s3://bucket/prefix` paths the checked, retried S3 client of `object_store`.
 """
 
 import dataclasses
@@ -62,16 +62,20 @@ _LOCAL = _LocalFiles()
 
 
 def filesystem(path):
-    """The filesystem of `path`; only local paths for now."""
+    """The filesystem of `path`: local files, or S3 for `s3://bucket/key`."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`path` must be a str or a path. Received: path={path!r}")
     scheme = re.match(r"^([a-zA-Z][\w+.-]*)://", os.fspath(path))
-    if scheme:
-        raise ValueError(
-            f"{scheme.group(1)}:// paths are not supported yet; expected a local directory. "
-            f"Received: path={os.fspath(path)!r}"
-        )
-    return _LOCAL
+    if not scheme:
+        return _LOCAL
+    if scheme.group(1) == "s3":
+        from tfsplit.data import object_store  # Imported here: boto3 loads only when used.
+
+        return object_store.s3_filesystem()
+    raise ValueError(
+        f"{scheme.group(1)}:// paths are not supported; expected a local directory or "
+        f"s3://bucket/prefix. Received: path={os.fspath(path)!r}"
+    )
 
 
 def is_local(path):

@@ -325,7 +325,8 @@ def build_shard_datasets(
     train_shards = device_shards(index.train, shard_index, num_shards)
     _check_shard_files(train_shards + index.test, verify_checksums)
     info = dataclasses.replace(index.info, train_size=sum(s.num_samples for s in train_shards))
-    reader = _Reader(info, index.encoding, not is_local(index.path), local_cache_dir or None)
+    _check_local_cache_dir(local_cache_dir, index)
+    reader = _Reader(info, index.encoding, not is_local(index.path), local_cache_dir)
     logging.info(
         "Reading %s shards from %s: device %d of %d, %d training shards (%d samples, %s).",
         info.name,
@@ -345,6 +346,21 @@ def build_shard_datasets(
         train = _train_batches(reader, train_shards, batch_size, augment, seed, service_address)
     test = _eval_batches(reader, index.test, eval_batch_size)
     return train, test, info
+
+
+def _check_local_cache_dir(local_cache_dir, index):
+    if local_cache_dir is None:
+        return
+    if not isinstance(local_cache_dir, str) or not local_cache_dir or not is_local(local_cache_dir):
+        raise ValueError(
+            "`local_cache_dir` must be a local directory. "
+            f"Received: local_cache_dir={local_cache_dir!r}"
+        )
+    if is_local(index.path):
+        raise ValueError(
+            f"`local_cache_dir` keeps shards read from an object store; {index.path} is local "
+            "already (leave local_cache_dir unset)"
+        )
 
 
 def _check_service(service_address, index, cache):

@@ -135,6 +135,7 @@ def build_data(config):
         num_shards=config.data.get("num_shards", 1),
         cache=config.data.get("cache", False),
         service_address=config.data.get("service_address", "") or None,
+        local_cache_dir=config.data.get("local_cache_dir", "") or None,
         **data_arguments(config),
     )
 

@@ -1,0 +1,625 @@
+"""S3 object storage behind the file methods of local paths (`S3Files`), retried and checked.
+
+Endpoint, region and credentials come only from boto3's standard sources (AWS_ENDPOINT_URL_S3 or
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and friends, `endpoint_url` in ~/.aws/config), so the same
+code reads AWS S3 or MinIO by configuration alone. Object stores and networks fail transiently:
+every call is retried with exponential backoff and jitter per a `RetryPolicy` (botocore's own
+retries are kept to one, so the two do not multiply), and every error that reaches the user names
+the object as `s3://bucket/key`.
+
+Object stores have no directories: a "directory" is a key prefix ending in "/", `makedirs` creates
+nothing, and an empty directory cannot be told from a missing one.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import math
+import posixpath
+import random
+import re
+import tempfile
+import threading
+import time
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+from absl import logging
+from boto3.s3.transfer import TransferConfig
+
+from tfsplit.codec_values import is_int
+from tfsplit.data.common import DatasetFileError
+
+SCHEME = "s3://"
+CHUNK_BYTES = 1 << 20  # Reads stream objects in 1 MiB pieces (bounded memory per reader).
+_MAX_KEY_BYTES = 1024
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CLIENT_CONFIG = botocore.config.Config(
+    connect_timeout=3,  # A dead endpoint fails in seconds; `RetryPolicy` decides how often.
+    read_timeout=10,  # No byte for this long: the connection is treated as lost and resumed.
+    # Two tries per call in all (botocore's `max_attempts` would count retries only, so 3 tries);
+    # our `RetryPolicy` does the patient retrying, and nesting two patient loops multiplies them.
+    retries={"mode": "standard", "total_max_attempts": 2},
+    max_pool_connections=16,  # tf.data reads several shards at once from one client.
+)
+_TRANSFER_CONFIG = TransferConfig(max_concurrency=4)
+# Errors of the connection or of the transfer, not of the request: always worth another try.
+_TRANSIENT_ERRORS = (
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.FlexibleChecksumError,
+    urllib3.exceptions.HTTPError,
+)
+# Of those, the ones where the server answered but the body did not arrive whole.
+_BROKEN_TRANSFER_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.FlexibleChecksumError,
+    urllib3.exceptions.ProtocolError,
+)
+# Everything a call can raise: the transient errors, the server's answers and the rest of botocore.
+_S3_ERRORS = (
+    botocore.exceptions.ClientError,
+    botocore.exceptions.BotoCoreError,
+    urllib3.exceptions.HTTPError,
+)
+_MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+_DENIED_CODES = ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_THROTTLE_CODES = ("SlowDown", "Throttling", "RequestTimeout", "RequestTimeTooSkewed")
+
+
+def parse_s3_url(url):
+    """(bucket, key) of `s3://bucket[/key]`; key is "" for a bucket or "prefix/" for a directory.
+
+    Raises:
+      ValueError: when `url` is not an s3:// URL with a valid bucket name and key.
+    """
+    if not isinstance(url, str) or not url.startswith(SCHEME):
+        raise ValueError(f"Expected an s3://bucket/key URL. Received: {url!r}")
+    bucket, _, key = url[len(SCHEME) :].partition("/")
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket or re.match(r"^\d+(\.\d+){3}$", bucket):
+        raise ValueError(
+            f"{url!r} does not name a valid bucket: expected 3-63 lowercase letters, digits, "
+            f"'.' or '-', starting and ending with a letter or digit. Received: bucket={bucket!r}"
+        )
+    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+        raise ValueError(f"{url!r}: an S3 key has at most {_MAX_KEY_BYTES} bytes")
+    return bucket, key
+
+
+def _object_key(url):
+    """(bucket, key) of a URL that must name an object (not a bucket or a directory)."""
+    bucket, key = parse_s3_url(url)
+    if not key or key.endswith("/"):
+        raise ValueError(f"Expected an s3://bucket/key URL naming an object. Received: {url!r}")
+    return bucket, key
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failed object-store call is tried again.
+
+    Attributes:
+      attempts: tries in all (1 means no retry).
+      initial_backoff_s: the wait before the first retry; it doubles with every retry.
+      max_backoff_s: the longest wait between two tries.
+    """
+
+    attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 4.0
+
+    def __post_init__(self):
+        if not is_int(self.attempts) or self.attempts < 1:
+            raise ValueError(
+                f"`attempts` must be an int >= 1. Received: attempts={self.attempts!r}"
+            )
+        for name in ("initial_backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if not _is_seconds(value):
+                raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                "`max_backoff_s` must be >= `initial_backoff_s`. Received: "
+                f"initial_backoff_s={self.initial_backoff_s}, max_backoff_s={self.max_backoff_s}"
+            )
+
+    def backoff_s(self, retry):
+        """Seconds to wait before retry number `retry` (1, 2, ...).
+
+        Jittered into [half, full] of the doubled wait, so that the many readers of a tf.data
+        pipeline that lost the same server do not all come back in the same instant.
+        """
+        full = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(retry - 1, 30))
+        return random.uniform(full / 2, full)
+
+
+def _is_seconds(value):
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+class _Retry(Exception):
+    """A failed try worth repeating; its message says what went wrong."""
+
+
+def _with_retries(policy, what, attempt):
+    """`attempt()`'s result, repeated per `policy` while it raises `_Retry`.
+
+    Raises:
+      DatasetFileError: after the last try, naming `what`, the last problem and the tries made.
+    """
+    for tries in range(1, policy.attempts + 1):
+        try:
+            return attempt()
+        except _Retry as err:
+            last = err
+            if tries < policy.attempts:
+                delay = policy.backoff_s(tries)
+                logging.warning(
+                    "Could not %s (attempt %d of %d): %s; retrying in %.2f s",
+                    what,
+                    tries,
+                    policy.attempts,
+                    err,
+                    delay,
+                )
+                time.sleep(delay)
+    attempts = f"{policy.attempts} attempt{'s' if policy.attempts > 1 else ''}"
+    raise DatasetFileError(f"Could not {what} after {attempts}: {last}") from last
+
+
+def _error_code(err):
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _is_missing(err):
+    return isinstance(err, botocore.exceptions.ClientError) and _error_code(err) in _MISSING_CODES
+
+
+def _is_missing_bucket(err):
+    return isinstance(err, botocore.exceptions.ClientError) and _error_code(err) == "NoSuchBucket"
+
+
+class S3Files:
+    """`s3://bucket/key` paths with the methods of shard_index's local files, plus `read_object`.
+
+    One boto3 client per instance, created on first use: clients are thread-safe (sessions are
+    not), so the shard reader may call `read_object` from several tf.py_function threads at once.
+    The endpoint is resolved when the client is made; see `clear_s3_filesystems`.
+
+    Args:
+      retry: the `RetryPolicy` of every call.
+    """
+
+    def __init__(self, retry=DEFAULT_RETRY):
+        if not isinstance(retry, RetryPolicy):
+            raise ValueError(f"`retry` must be a RetryPolicy. Received: retry={retry!r}")
+        self.retry = retry
+        self._lock = threading.Lock()
+        self._s3 = None
+
+    @property
+    def client(self):
+        if self._s3 is None:
+            with self._lock:
+                if self._s3 is None:
+                    self._s3 = boto3.session.Session().client("s3", config=_CLIENT_CONFIG)
+        return self._s3
+
+    @property
+    def endpoint(self):
+        return self.client.meta.endpoint_url
+
+    def _client_for(self, what):
+        """The client, or a DatasetFileError naming `what` when the AWS configuration is bad."""
+        try:
+            return self.client
+        except (ValueError, botocore.exceptions.BotoCoreError) as err:
+            raise DatasetFileError(
+                f"Could not {what}: no S3 client from the AWS configuration "
+                f"(AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws/config): {err}"
+            ) from err
+
+    def _problem(self, err, what, retry_missing=False):
+        """`_Retry` for a transient error (or a missing object, when asked), else the final
+        DatasetFileError; both name what failed."""
+        if isinstance(err, _BROKEN_TRANSFER_ERRORS):
+            return _Retry(f"the transfer from {self.endpoint} broke off: {err}")
+        if isinstance(err, _TRANSIENT_ERRORS):
+            return _Retry(f"server unreachable at {self.endpoint}: {err}")
+        if isinstance(err, botocore.exceptions.NoCredentialsError):
+            return DatasetFileError(
+                f"Could not {what}: {err} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE)"
+            )
+        if not isinstance(err, botocore.exceptions.ClientError):
+            return DatasetFileError(f"Could not {what}: {err}")
+        code = _error_code(err)
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _MISSING_CODES:
+            problem = f"the object is missing ({code} at {self.endpoint})"
+            return (
+                _Retry(problem)
+                if retry_missing
+                else DatasetFileError(f"Could not {what}: {problem}")
+            )
+        if code == "NoSuchBucket":
+            return DatasetFileError(
+                f"Could not {what}: the bucket does not exist at {self.endpoint}"
+            )
+        if code in _DENIED_CODES:
+            return DatasetFileError(
+                f"Could not {what}: access denied by {self.endpoint} ({code}); check the "
+                "credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's policy"
+            )
+        if code == "PreconditionFailed":
+            return DatasetFileError(f"Could not {what}: the object changed while it was read")
+        if status >= 500 or code in _THROTTLE_CODES:
+            return _Retry(f"{self.endpoint} answered {code or status}: {err}")
+        return DatasetFileError(f"Could not {what}: {err}")
+
+    def _call(self, what, request, retry_missing=False):
+        """`request(client)` with retries; errors become DatasetFileError naming `what`."""
+        client = self._client_for(what)
+
+        def attempt():
+            try:
+                return request(client)
+            except _S3_ERRORS as err:
+                raise self._problem(err, what, retry_missing) from err
+
+        return _with_retries(self.retry, what, attempt)
+
+    def _head(self, url, what):
+        """head_object's response for `url`, or None when the object does not exist."""
+        bucket, key = _object_key(url)
+
+        def head(s3):
+            try:
+                return s3.head_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as err:
+                if _is_missing(err) or _is_missing_bucket(err):
+                    return None
+                raise
+
+        return self._call(what, head)
+
+    # ------------------------------------------------------------------------------------------
+    # The methods of shard_index's local files.
+    # ------------------------------------------------------------------------------------------
+
+    def open(self, path, mode="r"):
+        """A reader ("rb", "r") or a writer ("wb", "w"; uploaded on close) of one object."""
+        bucket, key = _object_key(path)
+        if mode in ("r", "rb"):
+            reader = io.BufferedReader(_ObjectReader(self, path, bucket, key), CHUNK_BYTES)
+            return reader if mode == "rb" else io.TextIOWrapper(reader, encoding="utf-8")
+        if mode in ("w", "wb"):
+            return _ObjectWriter(self, path, bucket, key, text=mode == "w")
+        raise ValueError(f"`mode` must be 'r', 'rb', 'w' or 'wb'. Received: mode={mode!r}")
+
+    def exists(self, path):
+        """Whether `path` is an object, a directory (a prefix holding keys) or a bucket."""
+        bucket, key = parse_s3_url(path)
+        if key and not key.endswith("/") and self._head(path, f"check {path}") is not None:
+            return True
+        return self.isdir(path)
+
+    def isdir(self, path):
+        """Whether any key starts with `key/` (or, for s3://bucket, whether the bucket exists)."""
+        bucket, key = parse_s3_url(path)
+        if not key:
+            return self._bucket_exists(bucket, f"check {path}")
+        prefix = key.rstrip("/") + "/"
+
+        def any_key(s3):
+            try:
+                return s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)["KeyCount"] > 0
+            except botocore.exceptions.ClientError as err:
+                if _is_missing_bucket(err):
+                    return False
+                raise
+
+        return self._call(f"list {path}", any_key)
+
+    def listdir(self, path):
+        """Names directly under `path`, sub-directories ending in "/" (as tf.io.gfile.listdir).
+
+        An empty or missing directory lists as [] (object stores cannot tell them apart).
+        """
+        bucket, key = parse_s3_url(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        def names(s3):
+            found = set()
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                found.update(o["Key"][len(prefix) :] for o in page.get("Contents", ()))
+                found.update(p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", ()))
+            found.discard("")  # A zero-byte "directory marker" object some tools create.
+            return sorted(found)
+
+        return self._call(f"list {path}", names)
+
+    def makedirs(self, path):
+        """Creates nothing (keys need no parent); fails unless the bucket exists."""
+        bucket, _ = parse_s3_url(path)
+        if not self._bucket_exists(bucket, f"create {path}"):
+            raise DatasetFileError(
+                f"Could not create {path}: bucket {bucket} does not exist at {self.endpoint} "
+                "(create the bucket first; nothing else needs creating)"
+            )
+
+    def _bucket_exists(self, bucket, what):
+        def head_bucket(s3):
+            try:
+                s3.head_bucket(Bucket=bucket)
+                return True
+            except botocore.exceptions.ClientError as err:
+                if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+                    return False
+                raise
+
+        return self._call(what, head_bucket)
+
+    def remove(self, path):
+        """Deletes one object; raises when it does not exist, as a local remove would."""
+        bucket, key = _object_key(path)
+        what = f"remove {path}"
+        if self._head(path, what) is None:
+            raise DatasetFileError(f"Could not {what}: the object is missing")
+        self._call(what, lambda s3: s3.delete_object(Bucket=bucket, Key=key))
+
+    @staticmethod
+    def join(path, *paths):
+        """posixpath.join, which keeps `s3://`; an absolute part would leave the bucket."""
+        joined = posixpath.join(path, *paths)
+        if not joined.startswith(SCHEME):
+            raise ValueError(f"Joining {(path, *paths)} leaves s3://. Received: {joined!r}")
+        return joined
+
+    def size(self, path):
+        """The object's length in bytes."""
+        response = self._head(path, f"get the size of {path}")
+        if response is None:
+            raise DatasetFileError(f"Could not get the size of {path}: the object is missing")
+        return response["ContentLength"]
+
+    def rename(self, source, target):
+        """Server-side copy, then delete: S3 has no rename, so a reader may briefly see both."""
+        (source_bucket, source_key), (bucket, key) = _object_key(source), _object_key(target)
+        if (source_bucket, source_key) == (bucket, key):
+            return
+        what = f"rename {source} to {target}"
+        if self._head(source, what) is None:
+            raise DatasetFileError(f"Could not {what}: {source} is missing")
+        copy_source = {"Bucket": source_bucket, "Key": source_key}
+        self._call(what, lambda s3: s3.copy(copy_source, bucket, key, Config=_TRANSFER_CONFIG))
+        self._call(what, lambda s3: s3.delete_object(Bucket=source_bucket, Key=source_key))
+
+    # ------------------------------------------------------------------------------------------
+    # Whole-object reads for the shard reader.
+    # ------------------------------------------------------------------------------------------
+
+    def read_object(self, path, expected_size=None, expected_sha256=None):
+        """The object's bytes, streamed in CHUNK_BYTES reads and checked against the index.
+
+        The whole read is retried per the policy when the server is unreachable, the object is
+        missing (a store that is only eventually consistent) or the size or sha256 differ (a
+        corrupt transfer). Safe to call from several threads at once.
+
+        Args:
+          path: s3://bucket/key of the object.
+          expected_size: its size in bytes, or None to accept any.
+          expected_sha256: its sha256 as 64 lowercase hex digits, or None to skip the check.
+
+        Raises:
+          DatasetFileError: after the last attempt, naming the object, what was wrong and how many
+            attempts were made; or at once when retrying cannot help (no bucket, access denied).
+        """
+        bucket, key = _object_key(path)
+        if expected_size is not None and (not is_int(expected_size) or expected_size < 0):
+            raise ValueError(f"`expected_size` must be an int >= 0. Received: {expected_size!r}")
+        if expected_sha256 is not None and not _SHA256.match(str(expected_sha256)):
+            raise ValueError(
+                f"`expected_sha256` must be 64 lowercase hex digits. Received: {expected_sha256!r}"
+            )
+        what = f"read {path}"
+        client = self._client_for(what)
+
+        def attempt():
+            try:
+                response = client.get_object(Bucket=bucket, Key=key)
+                with contextlib.closing(response["Body"]) as body:
+                    size = response["ContentLength"]
+                    if expected_size is not None and size != expected_size:
+                        raise _Retry(f"{size} bytes but the index expects {expected_size}")
+                    digest, chunks = hashlib.sha256(), []
+                    for chunk in iter(lambda: body.read(CHUNK_BYTES), b""):
+                        digest.update(chunk)
+                        chunks.append(chunk)
+            except _S3_ERRORS as err:
+                raise self._problem(err, what, retry_missing=True) from err
+            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                raise _Retry(f"sha256 {digest.hexdigest()} but expected {expected_sha256}")
+            return b"".join(chunks)
+
+        return _with_retries(self.retry, what, attempt)
+
+
+class _ObjectReader(io.RawIOBase):
+    """Streams one object; a connection lost mid-object resumes at the byte reached.
+
+    The resumed request is a Range request conditioned on the first response's ETag, so an
+    object replaced in between fails (naming it) instead of splicing two versions together.
+    """
+
+    def __init__(self, files, url, bucket, key):
+        super().__init__()
+        self._files, self._url, self._bucket, self._key = files, url, bucket, key
+        self._what, self._body = f"read {url}", None
+        response = files._call(self._what, lambda s3: s3.get_object(Bucket=bucket, Key=key))
+        self._body, self._etag = response["Body"], response["ETag"]
+        self._size, self._pos = response["ContentLength"], 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if start + offset < 0:
+            raise ValueError(f"Cannot seek {self._url} to {start + offset}")
+        if start + offset != self._pos:
+            self._drop_body()
+            self._pos = start + offset
+        return self._pos
+
+    def readinto(self, buffer):
+        wanted = min(len(buffer), CHUNK_BYTES, max(0, self._size - self._pos))
+        if wanted == 0:
+            return 0
+        data = _with_retries(self._files.retry, self._what, lambda: self._read(wanted))
+        memoryview(buffer)[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def readall(self):
+        chunks = []
+        for chunk in iter(lambda: self.read(CHUNK_BYTES), b""):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _read(self, wanted):
+        """Up to `wanted` bytes at the current position; a lost connection raises `_Retry`."""
+        try:
+            if self._body is None:
+                self._body = self._files.client.get_object(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    Range=f"bytes={self._pos}-",
+                    IfMatch=self._etag,
+                )["Body"]
+                logging.info("Resuming %s at byte %d of %d", self._url, self._pos, self._size)
+            data = self._body.read(wanted)
+            if not data:
+                raise _Retry(f"the stream ended at byte {self._pos} of {self._size}")
+            return data
+        except _S3_ERRORS as err:
+            self._drop_body()
+            raise self._files._problem(err, self._what) from err
+        except _Retry:
+            self._drop_body()
+            raise
+
+    def _drop_body(self):
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            self._body = None
+
+    def close(self):
+        self._drop_body()
+        super().close()
+
+
+class _ObjectWriter:
+    """Spools writes to a local temporary file and uploads it on close.
+
+    S3 has no appends, and spooling keeps memory flat for shards of any size. A with-block that
+    raises uploads nothing, so a failed write never leaves half an object under its name.
+    """
+
+    def __init__(self, files, url, bucket, key, text):
+        self._files, self._url, self._bucket, self._key = files, url, bucket, key
+        self._text = text
+        self._spool = tempfile.TemporaryFile(prefix="tfsplit-s3-")
+        self.closed = False
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self._text:
+            if not isinstance(data, str):
+                raise TypeError(f"Writing {self._url} in text mode takes str, not {type(data)}")
+            self._spool.write(data.encode("utf-8"))
+            return len(data)
+        return self._spool.write(data)
+
+    def tell(self):
+        return self._spool.tell()
+
+    def flush(self):
+        """Nothing to do: the object is uploaded whole on close."""
+
+    def close(self):
+        """Uploads what was written (with boto3's managed, multipart upload) and frees it."""
+        if self.closed:
+            return
+        try:
+            self._files._call(f"write {self._url}", self._upload)
+        finally:
+            self.discard()
+
+    def _upload(self, s3):
+        self._spool.seek(0)
+        s3.upload_fileobj(self._spool, self._bucket, self._key, Config=_TRANSFER_CONFIG)
+
+    def discard(self):
+        """Drops what was written without uploading it."""
+        self.closed = True
+        self._spool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            logging.warning("Not uploading %s: the write failed (%s)", self._url, exc)
+            self.discard()
+
+
+_FILESYSTEMS = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def s3_filesystem(retry=None):
+    """The shared `S3Files` for `retry` (default `DEFAULT_RETRY`): one client per policy, so
+    every reader shares its connection pool."""
+    retry = DEFAULT_RETRY if retry is None else retry
+    if not isinstance(retry, RetryPolicy):
+        raise ValueError(f"`retry` must be a RetryPolicy. Received: retry={retry!r}")
+    with _FILESYSTEMS_LOCK:
+        if retry not in _FILESYSTEMS:
+            _FILESYSTEMS[retry] = S3Files(retry)
+        return _FILESYSTEMS[retry]
+
+
+def clear_s3_filesystems():
+    """Forgets the shared `S3Files`: the next ones resolve endpoint and credentials anew (for
+    tests, and for programs that change the AWS environment)."""
+    with _FILESYSTEMS_LOCK:
+        _FILESYSTEMS.clear()
