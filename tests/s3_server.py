@@ -5,44 +5,23 @@ The object-store code is tested against a real HTTP server process (never a mock
 module to use them.
 """
 
-import os
-import tempfile
 import uuid
 
 import boto3
 import pytest
 
 from tfsplit.data import object_store
-from tfsplit.eval.local_s3 import FaultProxy, MotoServer
+from tfsplit.eval.local_s3 import FaultProxy, MotoServer, client_environment
 
 
 def point_boto3_at(monkeypatch, endpoint):
-    """Points boto3 (and so `object_store`) at `endpoint` through the environment only.
-
-    The developer's own ~/.aws files, profile, proxies and instance credentials are kept out; cached filesystems are
-    dropped so that the next one resolves this endpoint.
-    """
-    for name in (
-        "AWS_ENDPOINT_URL",
-        "AWS_PROFILE",
-        "AWS_DEFAULT_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
-        "AWS_MAX_ATTEMPTS",
-        "AWS_RETRY_MODE",
-    ):
+    """Points boto3 (and so `object_store`) at `endpoint` through the environment only; cached
+    filesystems are dropped so that the next one resolves this endpoint."""
+    settings, foreign = client_environment(endpoint)
+    for name in foreign:
         monkeypatch.delenv(name, raising=False)
-    missing = os.path.join(tempfile.gettempdir(), f"no-aws-config-{uuid.uuid4().hex}")
-    monkeypatch.setenv("AWS_CONFIG_FILE", missing)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # No credential probes off the box.
-    no_proxy = "127.0.0.1,localhost"
-    monkeypatch.setenv("NO_PROXY", no_proxy)
-    monkeypatch.setenv("no_proxy", no_proxy)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
     object_store.clear_s3_filesystems()
 
 

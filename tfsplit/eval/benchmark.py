@@ -53,6 +53,23 @@ def _timed_fit(model, dataset):
     return time.perf_counter() - start, history.history
 
 
+def first_phase_model(config, info):
+    """The config's compiled `SplitModel`, set to its first phase's budget and learning rate.
+
+    Returns:
+      (split_model, budget, learning_rate).
+    """
+    split = trainer.build_split_model(config, info)
+    phase = budget_lib.build_phases(
+        [dict(p) for p in config.phases], split.channels, split.encoder is not None
+    )[0]
+    budget, learning_rate = phase.effective_budget(split.channels), phase.learning_rate_at(0)
+    # As in the phase's first epoch: nested budgets start once the gates have settled.
+    split.set_budget(budget, masking=phase.budget != 0, nesting=False)
+    keras.backend.set_value(split.optimizer.learning_rate, learning_rate)
+    return split, budget, learning_rate
+
+
 def benchmark_training(config, steps=50, repeats=3):
     """Samples per second of `fit` on the split model and on the unsplit network, and their ratio.
 
@@ -70,14 +87,7 @@ def benchmark_training(config, steps=50, repeats=3):
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     keras.utils.set_random_seed(config.seed)
     train_ds, _, info = trainer.build_data(config)
-    split = trainer.build_split_model(config, info)
-    phase = budget_lib.build_phases(
-        [dict(p) for p in config.phases], split.channels, split.encoder is not None
-    )[0]
-    budget, learning_rate = phase.effective_budget(split.channels), phase.learning_rate_at(0)
-    # As in the phase's first epoch: nested budgets start once the gates have settled.
-    split.set_budget(budget, masking=phase.budget != 0, nesting=False)
-    keras.backend.set_value(split.optimizer.learning_rate, learning_rate)
+    split, budget, learning_rate = first_phase_model(config, info)
     unsplit = build_unsplit_model(split, config, learning_rate)
     dataset = _cached_batches(train_ds, steps)
     batch_size = int(next(iter(dataset))[1].shape[0])

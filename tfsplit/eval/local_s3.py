@@ -114,6 +114,38 @@ class MotoServer:
         self.stop()
 
 
+# AWS settings that would point boto3 elsewhere than the local server (a profile, a proxy...).
+_FOREIGN_AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+)
+
+
+def client_environment(endpoint):
+    """(variables to set, variables to remove) that point boto3 at the local server `endpoint`
+    through the standard AWS settings alone, keeping the user's own ~/.aws files and profile
+    out."""
+    missing = os.path.join(tempfile.gettempdir(), "tfsplit-no-aws-config")
+    no_proxy = "127.0.0.1,localhost"
+    settings = dict(
+        AWS_CONFIG_FILE=missing,
+        AWS_SHARED_CREDENTIALS_FILE=missing,
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",  # No credential probes off the box.
+        NO_PROXY=no_proxy,
+        no_proxy=no_proxy,
+    )
+    return settings, _FOREIGN_AWS_VARIABLES
+
+
 def _reset(sock):
     """Closes `sock` with a TCP reset, waking any thread blocked in recv on it."""
     with contextlib.suppress(OSError):
