@@ -238,6 +238,9 @@ class RunRecords(keras.callbacks.Callback):
             record["gates_open_at_reset"] = int(logs["gates_open_at_reset"])
         if "gate_separation" in logs:
             record["gate_separation"] = float(logs["gate_separation"])
+        for key in ("wire_bytes_up", "wire_bytes_down"):  # networked training: gRPC messages
+            if key in logs:
+                record[key] = int(logs[key])
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")

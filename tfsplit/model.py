@@ -42,6 +42,53 @@ def _only_layer(model, layer_type):
     return found[0] if found else None
 
 
+class BatchNormAverage:
+    """The plain mean of batch norm statistics over forward passes (`calibrate_batch_norm`).
+
+    Inside `with`, every norm's momentum is 0, so each training-mode pass leaves exactly its
+    batch's statistics; `record` adds them up after each pass, and leaving the block assigns the
+    means (E[x] and E[x^2] - E[x]^2) and restores the momenta. An exception leaves the
+    statistics of the last pass and restores the momenta.
+    """
+
+    def __init__(self, norms):
+        self.norms = list(norms)
+        self.count = 0
+
+    @classmethod
+    def of(cls, model):
+        """The averager of `model`'s batch norms, or None when it has none."""
+        norms = [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
+        return cls(norms) if norms else None
+
+    def __enter__(self):
+        self._momenta = [norm.momentum for norm in self.norms]
+        self._means, self._squares, self.count = [0.0] * len(self.norms), [0.0] * len(self.norms), 0
+        for norm in self.norms:
+            norm.momentum = 0.0
+        return self
+
+    def record(self):
+        for i, norm in enumerate(self.norms):
+            mean = norm.moving_mean.numpy()
+            self._means[i] = self._means[i] + mean
+            self._squares[i] = self._squares[i] + norm.moving_variance.numpy() + mean * mean
+        self.count += 1
+
+    def __exit__(self, error_type, error, traceback):
+        for norm, momentum in zip(self.norms, self._momenta):
+            norm.momentum = momentum
+        if error_type is not None:
+            return False
+        if not self.count:
+            raise ValueError("Batch norm calibration needs at least one batch; none was given.")
+        for norm, total, total_square in zip(self.norms, self._means, self._squares):
+            mean = total / self.count
+            norm.moving_mean.assign(mean)
+            norm.moving_variance.assign(total_square / self.count - mean * mean)
+        return False
+
+
 @keras.utils.register_keras_serializable(package="tfsplit")
 class SplitModel(keras.Model):
     """A classifier cut at a masked bottleneck; `fit` trains it as device and server would.
@@ -320,35 +367,15 @@ class SplitModel(keras.Model):
         saw, kept moving; this replaces them with the plain mean over `batches` batches of
         `dataset` ((images, labels) batches, augmented as in training) as the model is now.
         """
-        norms = [m for m in self.submodules if isinstance(m, keras.layers.BatchNormalization)]
-        if not norms:
+        norms = BatchNormAverage.of(self)
+        if norms is None:
             return
         if self._calibration_pass is None:
             self._calibration_pass = tf.function(lambda images: self(images, training=True))
-        momenta = [norm.momentum for norm in norms]
-        # Per norm: the sums over batches of E[x] and of E[x^2] = variance + mean^2.
-        means, squares, count = [0.0] * len(norms), [0.0] * len(norms), 0
-        try:
-            for norm in norms:
-                norm.momentum = 0.0  # each pass leaves exactly its batch's statistics.
+        with norms:
             for images, _ in dataset.take(batches):
                 self._calibration_pass(images)
-                for i, norm in enumerate(norms):
-                    mean = norm.moving_mean.numpy()
-                    means[i] = means[i] + mean
-                    squares[i] = squares[i] + norm.moving_variance.numpy() + mean * mean
-                count += 1
-        finally:
-            for norm, momentum in zip(norms, momenta):
-                norm.momentum = momentum
-        if not count:
-            raise ValueError(
-                "Batch norm calibration needs at least one batch; the dataset is empty."
-            )
-        for norm, total, total_square in zip(norms, means, squares):
-            mean = total / count
-            norm.moving_mean.assign(mean)
-            norm.moving_variance.assign(total_square / count - mean * mean)
+                norms.record()
 
     # ------------------------------------------------------------------------------- saving
     def get_config(self):

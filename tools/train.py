@@ -2,6 +2,10 @@
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
   tfsplit-train --config=configs/deprune.py:smoke --config.data.name=cifar10 --workdir=...
+  tfsplit-train --config=configs/deprune.py --workdir=... --server=HOST:50051   # networked
+
+With --server this process is the device (data, head, gates, phases) and the tail trains on a
+`tfsplit-train-server` of the same config.
 
 Config -> data -> SplitModel -> fit with PhaseSchedule, records, TensorBoard and BackupAndRestore.
 Writes metrics.jsonl, summary.json, config.json, checkpoints/ and tensorboard/ into --workdir;
@@ -23,6 +27,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for results and checkpoints.", required=True
 )
+_SERVER = flags.DEFINE_string(
+    "server", None, "host:port of a tfsplit-train-server: train the tail there."
+)
+_TOKEN_FILE = flags.DEFINE_string("token_file", None, "--server: the shared token's file.")
+_TLS_CA = flags.DEFINE_string("tls_ca", None, "--server: PEM CA of the server's certificate (TLS).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -31,7 +40,17 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     logging.info("Training %s in %s", config.mode, _WORKDIR.value)
-    summary = train_lib.train(config, _WORKDIR.value)
+    client = None
+    if _SERVER.value:
+        from tfsplit.net import security
+        from tfsplit.net.device import TrainingClient
+
+        client = TrainingClient(
+            _SERVER.value,
+            token=_TOKEN_FILE.value and security.read_token_file(_TOKEN_FILE.value),
+            root_certificates=_TLS_CA.value and security.read_pem(_TLS_CA.value, "TLS CA"),
+        )
+    summary = train_lib.train(config, _WORKDIR.value, client=client)
     print(json.dumps(summary, indent=2))
 
 

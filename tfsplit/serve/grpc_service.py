@@ -15,7 +15,7 @@ def _target(model_spec):
     return model_spec.name, version, model_spec.version_label or None, model_spec.signature_name
 
 
-def _answer(context, method, handler):
+def answer_or_abort(context, method, handler):
     """Runs a handler; a refused request becomes its gRPC status, the server keeps serving."""
     try:
         return handler()
@@ -77,7 +77,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     def Predict(self, request, context):  # noqa: N802  (the gRPC method name)
-        return _answer(context, "Predict", lambda: self._predict(request))
+        return answer_or_abort(context, "Predict", lambda: self._predict(request))
 
     def GetModelMetadata(self, request, context):  # noqa: N802  (the gRPC method name)
-        return _answer(context, "GetModelMetadata", lambda: self._metadata(request))
+        return answer_or_abort(context, "GetModelMetadata", lambda: self._metadata(request))

@@ -59,7 +59,8 @@ class CodecSplitModel(SplitModel):
         head_gradients = device_tape.gradient(
             [values, penalty],
             head_variables,
-            output_gradients=[tf.constant(returned.dequantized(), tf.float32), tf.ones([])],
+            # In the order sent: a payload of every channel comes back in channel order.
+            output_gradients=[tf.constant(returned.scatter()[..., indices.numpy()]), tf.ones([])],
         )
         self.apply_gradients(
             list(head_gradients) + list(tail_gradients), head_variables + tail_variables

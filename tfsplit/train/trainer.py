@@ -16,6 +16,7 @@ from absl import logging
 from tfsplit import callbacks as callbacks_lib
 from tfsplit import codec, data, models
 from tfsplit.model import SplitModel
+from tfsplit.net.device import RemoteSplitModel, RemoteTail
 from tfsplit.train.codec_step import CodecSplitModel
 
 CONFIG_FILE = "config.json"
@@ -32,8 +33,11 @@ def _check_choice(key, value, allowed):
         raise ValueError(f"config.{key} must be one of {tuple(allowed)}. Received: {value!r}")
 
 
-def build_split_model(config, info):
-    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled."""
+def build_split_model(config, info, remote=False):
+    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled.
+
+    `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
+    """
     for key in ("activation_dtype", "gradient_dtype"):
         _check_choice(f"wire.{key}", config.wire[key], codec.WIRE_DTYPES)
     _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
@@ -62,10 +66,12 @@ def build_split_model(config, info):
         seed=config.seed,
         polarization=config.budget_loss.polarization,
     )
-    if config.wire.transport != "fused":
-        oracle = TRANSPORTS[config.wire.transport].from_config(split.get_config())
-        oracle.set_weights(split.get_weights())
-        split = oracle
+    if remote or config.wire.transport != "fused":
+        model_class = RemoteSplitModel if remote else TRANSPORTS[config.wire.transport]
+        other = model_class.from_config(split.get_config())
+        for part in ("head", "tail"):
+            getattr(other, part).set_weights(getattr(split, part).get_weights())
+        split = other
     optimizer = keras.optimizers.SGD(
         learning_rate=config.phases[0].learning_rate,
         momentum=config.optimizer.momentum,
@@ -198,11 +204,13 @@ def build_callbacks(config, workdir, info, train_ds):
     ]
 
 
-def train(config, workdir, verbose="auto"):
+def train(config, workdir, verbose="auto", client=None):
     """Trains `config` in `workdir`, resuming from its last backup; returns the run's summary.
 
     A workdir whose run already finished returns its summary without training again. `verbose`
     is `fit`'s; "auto" shows the progress bar on a terminal and a line per epoch elsewhere.
+    With `client` (a `TrainingClient` to a `tfsplit-train-server` of the same config), this
+    process is the device and the tail trains on the server.
     """
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -214,10 +222,14 @@ def train(config, workdir, verbose="auto"):
             return json.load(f)
     keras.utils.set_random_seed(config.seed)
     train_ds, test_ds, info = build_data(config)
-    split = build_split_model(config, info)
+    split = build_split_model(config, info, remote=client is not None)
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
         restore_weights(split, config.init_from)
     callbacks = build_callbacks(config, workdir, info, train_ds)
+    if client is not None:
+        split.connect(client)
+        records = next(i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords))
+        callbacks.insert(records, RemoteTail())
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
     keras.utils.set_random_seed(config.seed)
     split.fit(

@@ -1,0 +1,316 @@
+"""Split training over gRPC: a device (`RemoteSplitModel`) and a `tfsplit-train-server`.
+
+The service runs for real on 127.0.0.1, in this process (a thread) for the model-level tests and
+as two processes (`tfsplit-train-server` and `tfsplit-train --server`) end to end.
+"""
+
+# isort: off
+import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: on
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+
+import grpc
+import numpy as np
+import pytest
+
+from tfsplit import codec
+from tfsplit.config import base_config, phase
+from tfsplit.net import security
+from tfsplit.net import server as server_lib
+from tfsplit.net import split_training_pb2 as pb
+from tfsplit.net import split_training_pb2_grpc as pb_grpc
+from tfsplit.net.device import TrainingClient
+from tfsplit.train import trainer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    """ResNet-18 (no dropout: both halves draw no random masks) at 1/8 width, 2 short phases."""
+    config = base_config("deprune")
+    config.model.backbone = "resnet18"
+    config.model.cut = "stage2"
+    config.model.width_multiplier = 0.125
+    config.data.train_size = 128
+    config.data.test_size = 64
+    config.data.batch_size = 32
+    config.data.eval_batch_size = 32
+    config.calibration_batches = 2
+    config.phases = [
+        phase(budget=4, epochs=1, learning_rate=0.05),
+        phase(budget=8, epochs=1, learning_rate=0.05, reset="deprune"),
+    ]
+    return config
+
+
+def _servicer(config):
+    def build_split(image_shape, num_classes):
+        info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
+        return trainer.build_split_model(config, info)
+
+    return server_lib.TrainingServicer(build_split)
+
+
+@pytest.fixture
+def serving():
+    """Starts a servicer on 127.0.0.1 (a free port) and stops it after the test."""
+    servers = []
+
+    def start(config, **kwargs):
+        servicer = _servicer(config)
+        server, port = server_lib.serve(servicer, 0, **kwargs)
+        servers.append(server)
+        return servicer, port
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def test_networked_training_equals_in_process_training(serving, tmp_path):
+    config = tiny_config()
+    _, port = serving(config)
+    remote = trainer.train(config, str(tmp_path / "remote"), 0, TrainingClient(f"127.0.0.1:{port}"))
+    local = trainer.train(config, str(tmp_path / "local"), 0)
+    for key in ("train_payload_bytes_up", "train_payload_bytes_down", "final_test_accuracy"):
+        assert remote[key] == local[key], key
+    a, b = trainer.load_model(str(tmp_path / "remote")), trainer.load_model(str(tmp_path / "local"))
+    for part in ("head", "tail"):  # the device saved the tail the server trained
+        for x, y in zip(getattr(a, part).get_weights(), getattr(b, part).get_weights()):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").open()]
+    for record in records:  # gRPC messages carry the payloads plus a little framing
+        assert record["wire_bytes_up"] > record["payload_bytes_up"]
+        assert record["wire_bytes_down"] > record["payload_bytes_down"]
+        assert record["wire_bytes_up"] < 1.05 * record["payload_bytes_up"] + 50_000
+
+
+def _hello(stub, servicer_model, **fields):
+    request = pb.HelloRequest(
+        model_digest=server_lib.model_digest(servicer_model),
+        image_shape=list(servicer_model.head.input.shape[1:]),
+        num_classes=int(servicer_model.tail.output.shape[-1]),
+        **fields,
+    )
+    return stub.Hello(request, timeout=60)
+
+
+@pytest.fixture
+def opened(serving):
+    """A server with an open run and a stub to it; yields (stub, device model, servicer)."""
+    config = tiny_config()
+    servicer, port = serving(config)
+    info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+    model = trainer.build_split_model(config, info)
+    stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    assert _hello(stub, model).next_step == 0
+    return stub, model, servicer
+
+
+def _train_request(model, step, batch=4, labels=None, **fields):
+    values = np.random.default_rng(step).normal(size=(batch, 16, 16, 4)).astype(np.float32)
+    labels = np.arange(batch) % 10 if labels is None else labels
+    payload = codec.encode(values, [3, 1, 2, 0], model.channels, "float16", labels=labels)
+    return pb.StepRequest(
+        kind=pb.StepRequest.TRAIN,
+        model_digest=server_lib.model_digest(model),
+        step=step,
+        payload=payload,
+        learning_rate=0.05,
+        **fields,
+    )
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value.code()
+
+
+def test_steps_are_idempotent_and_in_order(opened):
+    stub, model, servicer = opened
+    first = stub.Step(_train_request(model, 0))
+    weights = servicer.trainer.split.tail.get_weights()
+    again = stub.Step(_train_request(model, 0))  # a retry after a lost answer
+    assert again == first
+    for x, y in zip(weights, servicer.trainer.split.tail.get_weights()):
+        np.testing.assert_array_equal(x, y)  # no second update
+    assert _code(lambda: stub.Step(_train_request(model, 5))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert stub.Step(_train_request(model, 1)).step == 1
+
+
+@pytest.mark.parametrize(
+    "mutate, code",
+    [
+        (lambda r: setattr(r, "payload", b"junk"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda r: setattr(r, "payload", r.payload[:-3]), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda r: setattr(r, "model_digest", "0" * 64), grpc.StatusCode.FAILED_PRECONDITION),
+        (lambda r: setattr(r, "kind", 7), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda r: setattr(r, "learning_rate", float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_messages_are_refused_and_the_server_keeps_serving(opened, mutate, code):
+    stub, model, servicer = opened
+    request = _train_request(model, 0)
+    mutate(request)
+    assert _code(lambda: stub.Step(request)) == code
+    assert servicer.trainer.next_step == 0  # nothing changed
+    assert stub.Step(_train_request(model, 0)).step == 0
+
+
+def test_labels_out_of_range_and_missing_labels_are_refused(opened):
+    stub, model, _ = opened
+    bad = _train_request(model, 0, labels=np.array([0, 1, 2, 99]))
+    assert _code(lambda: stub.Step(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    no_labels = _train_request(model, 0)
+    decoded = codec.decode(no_labels.payload)
+    no_labels.payload = codec.encode(
+        decoded.dequantized(), decoded.indices, model.channels, "float16"
+    )
+    assert _code(lambda: stub.Step(no_labels)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_ten_thousand_fuzzed_messages_crash_nothing(opened):
+    """Random bit flips, truncations and field values: refused or served, never a crash; then
+    the next good step is served."""
+    stub, model, servicer = opened
+    rng = np.random.default_rng(0)
+    good = _train_request(model, 0).SerializeToString()
+    deadline = time.monotonic() + 120
+    codes = {}
+    for i in range(10_000):
+        message = bytearray(good)
+        for _ in range(rng.integers(1, 6)):
+            message[rng.integers(len(message))] = rng.integers(256)
+        if i % 3 == 0:
+            message = message[: rng.integers(len(message))]
+        try:
+            request = pb.StepRequest.FromString(bytes(message))
+        except Exception:  # noqa: BLE001  (not even a message: send raw bytes below)
+            request = pb.StepRequest(payload=bytes(message))
+        request.step = 10_000  # never a valid step: nothing is trained
+        try:
+            stub.Step(request, timeout=10)
+            codes["OK"] = codes.get("OK", 0) + 1
+        except grpc.RpcError as error:
+            assert error.code() != grpc.StatusCode.INTERNAL, error.details()
+            codes[error.code().name] = codes.get(error.code().name, 0) + 1
+        assert time.monotonic() < deadline
+    assert sum(codes.values()) == 10_000 and servicer.trainer.next_step == 0
+    assert stub.Step(_train_request(model, 0)).step == 0
+
+
+def test_a_call_without_the_token_is_refused_and_changes_nothing(serving):
+    config = tiny_config()
+    servicer, port = serving(config, interceptors=[security.TokenInterceptor("s3cret")])
+    info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+    model = trainer.build_split_model(config, info)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.SplitTrainingStub(channel)
+    for metadata in ((), security.call_metadata("wrong")):
+        code = _code(lambda: stub.Hello(pb.HelloRequest(), metadata=metadata, timeout=30))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert servicer.trainer is None  # no run was opened
+    request = _hello_request(model)
+    assert stub.Hello(request, metadata=security.call_metadata("s3cret"), timeout=60).next_step == 0
+
+
+def _hello_request(model):
+    return pb.HelloRequest(
+        model_digest=server_lib.model_digest(model), image_shape=[32, 32, 3], num_classes=10
+    )
+
+
+def test_tls_with_a_self_signed_test_pair(serving, tmp_path):
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    config = tiny_config()
+    _, port = serving(config, credentials=security.server_credentials(str(cert), str(key)))
+    model = trainer.build_split_model(
+        config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+    )
+    client = TrainingClient(
+        f"127.0.0.1:{port}", root_certificates=security.read_pem(str(cert), "TLS CA")
+    )
+    assert client.call("Hello", _hello_request(model)).next_step == 0
+    plain = TrainingClient(f"127.0.0.1:{port}", retry_for_s=0, deadline_s=5)
+    with pytest.raises(grpc.RpcError):
+        plain.call("Hello", _hello_request(model))
+
+
+@pytest.mark.slow
+def test_server_and_device_processes_train_the_smoke_config(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    (tmp_path / "token").write_text("t0ken\n")
+    config = ["--config=configs/deprune.py:smoke", f"--token_file={tmp_path / 'token'}"]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.train_server",
+            *config,
+            "--port=0",
+            f"--workdir={tmp_path / 'server'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        match = re.match(r"listening on (127\.0\.0\.1:\d+)", line)
+        assert match, line
+        device = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tools.train",
+                *config,
+                f"--server={match.group(1)}",
+                f"--workdir={tmp_path / 'device'}",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert device.returncode == 0, device.stderr[-3000:]
+        summary = json.loads((tmp_path / "device" / "summary.json").read_text())
+        assert summary["train_payload_bytes_up"] > 0
+        assert (tmp_path / "device" / "checkpoints" / "model.keras").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

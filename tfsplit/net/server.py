@@ -1,0 +1,314 @@
+"""The server half of split training: the decoder, the tail and their optimizer, over gRPC.
+
+One `TailTrainer` holds one run. The device opens it with Hello (its model's digest, the shapes,
+and for a new run its tail weights, so both halves start from one model), then sends one Step per
+batch. A training step decodes the activations payload, runs the tail forward and backward,
+updates the tail with SGD at the learning rate the device's schedule sent, and answers with the
+activations' gradient as a codec payload: what `SplitModel.train_step` computes in one process.
+
+Step ids make retries idempotent: the step after the last one is trained, the last one is
+answered again from its kept reply (a retry after a lost answer), anything else is refused.
+Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITION and changes
+nothing, and the server keeps serving.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import threading
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tfsplit import codec
+from tfsplit.model import BatchNormAverage
+from tfsplit.net import split_training_pb2 as pb
+from tfsplit.net import split_training_pb2_grpc as pb_grpc
+from tfsplit.serve import validation
+from tfsplit.serve.grpc_service import answer_or_abort
+
+MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch: plenty.
+_MAX_SIDE, _MAX_CLASSES = 4096, 100000
+_TRAIN, _EVALUATE, _CALIBRATE = (
+    pb.StepRequest.TRAIN,
+    pb.StepRequest.EVALUATE,
+    pb.StepRequest.CALIBRATE,
+)
+
+
+def model_digest(split):
+    """sha256 of what both halves must agree on: every weight's shape and dtype in order, the
+    wire dtypes and the bottleneck's width."""
+    description = dict(
+        weights=[(w.shape.as_list(), w.dtype.name) for w in split.weights],
+        wire=[split.activation_dtype, split.gradient_dtype, split.channels],
+        wire_shape=list(split.wire_shape),
+    )
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def weights_to_protos(weights):
+    return [tf.make_tensor_proto(np.asarray(w)).SerializeToString() for w in weights]
+
+
+def weights_from_protos(blobs, like):
+    """Arrays of serialized TensorProtos, checked against the shapes and dtypes of `like`."""
+    if len(blobs) != len(like):
+        raise validation.invalid(f"Expected {len(like)} tail weights. Received: {len(blobs)}")
+    weights = []
+    for i, (blob, reference) in enumerate(zip(blobs, like)):
+        try:
+            array = tf.make_ndarray(tf.make_tensor_proto(0).FromString(blob))
+        except Exception as error:  # noqa: BLE001  (any malformed bytes)
+            raise validation.invalid(f"Tail weight {i} is not a TensorProto: {error}") from None
+        if array.shape != reference.shape or array.dtype != reference.dtype:
+            raise validation.invalid(
+                f"Tail weight {i} must be {reference.dtype} {reference.shape}. "
+                f"Received: {array.dtype} {array.shape}"
+            )
+        weights.append(array)
+    return weights
+
+
+class TailTrainer:
+    """The tail of `split` (a compiled `SplitModel` built from the run's config), trained by
+    the steps a device sends. Thread-safe: one step at a time."""
+
+    def __init__(self, split):
+        self.split = split
+        self.digest = model_digest(split)
+        self.next_step = 0
+        self._last_reply = None
+        self._started = False
+        self._lock = threading.Lock()
+        self._norms = BatchNormAverage.of(split.tail) or BatchNormAverage([])
+        self._calibrating = False
+        variables = split.tail.trainable_variables
+
+        @tf.function(reduce_retracing=True)
+        def train(values, indices, labels, learning_rate, nesting):
+            split.optimizer.learning_rate.assign(learning_rate)
+            split.step_nesting.assign(nesting)
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                loss, logits = split.server_loss(None, labels, values, indices)
+            tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
+            split.optimizer.apply_gradients(zip(tail_gradients, variables))
+            return value_gradient, logits, loss
+
+        @tf.function(reduce_retracing=True)
+        def forward(values, indices, training):
+            return split.receive(values, indices, training=training)
+
+        self._train, self._forward = train, forward
+
+    # ------------------------------------------------------------------------------- requests
+    def hello(self, request):
+        if request.model_digest != self.digest:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"The device's model (digest {request.model_digest[:12]}) differs from this "
+                f"server's ({self.digest[:12]}); start both with the same config.",
+            )
+        expected = list(self.split.head.input.shape[1:])
+        if list(request.image_shape) != expected:
+            raise validation.invalid(
+                f"image_shape must be {expected}. Received: {list(request.image_shape)}"
+            )
+        with self._lock:
+            if not self._started and request.tail_weights:
+                self.split.tail.set_weights(
+                    weights_from_protos(request.tail_weights, self.split.tail.get_weights())
+                )
+            self._started = True
+            return pb.HelloReply(model_digest=self.digest, next_step=self.next_step)
+
+    def step(self, request):
+        if request.model_digest != self.digest:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "Step of another model; open the run with Hello first.",
+            )
+        if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
+            raise validation.invalid(f"Unknown step kind {request.kind}.")
+        payload = self._decode(request.payload, with_labels=request.kind == _TRAIN)
+        values = tf.constant(payload.dequantized(), tf.float32)
+        indices = tf.constant(payload.indices, tf.int32)
+        with self._lock:
+            if not self._started:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "No run is open; call Hello first."
+                )
+            if request.kind == _TRAIN:
+                return self._train_step(request, values, indices, payload)
+            if request.kind == _CALIBRATE:
+                return self._calibrate(request, values, indices)
+            logits = self._forward(values, indices, False)
+            return _logits_reply(request.step, logits)
+
+    def tail_weights(self, request):
+        if request.model_digest != self.digest:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, "Tail weights of another model."
+            )
+        with self._lock:
+            return pb.TailWeightsReply(weights=weights_to_protos(self.split.tail.get_weights()))
+
+    # -------------------------------------------------------------------------------- steps
+    def _decode(self, payload, with_labels):
+        try:
+            decoded = codec.decode(
+                payload, expect_kind="activations", max_channels=self.split.channels
+            )
+        except codec.PayloadError as error:
+            raise validation.invalid(f"Bad activations payload: {error}") from None
+        wire = self.split
+        if decoded.dtype != wire.activation_dtype or decoded.channels != wire.channels:
+            raise validation.invalid(
+                f"The payload must carry {wire.activation_dtype} values of a {wire.channels}-"
+                f"channel bottleneck. Received: {decoded.dtype}, {decoded.channels} channels"
+            )
+        spatial = (decoded.values.shape[1], decoded.values.shape[2])
+        if spatial != (wire.height, wire.width):
+            raise validation.invalid(
+                f"The payload's positions must be {wire.height}x{wire.width}. Received: "
+                f"{spatial[0]}x{spatial[1]}"
+            )
+        if with_labels:
+            if decoded.labels is None:
+                raise validation.invalid("A training payload must carry the batch's labels.")
+            classes = self.split.tail.output.shape[-1]
+            if decoded.labels.min() < 0 or decoded.labels.max() >= classes:
+                raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
+        return decoded
+
+    def _train_step(self, request, values, indices, payload):
+        if request.step == self.next_step - 1 and self._last_reply is not None:
+            logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
+            return self._last_reply
+        if request.step != self.next_step:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Expected training step {self.next_step}. Received: step {request.step}",
+            )
+        if not np.isfinite(request.learning_rate) or request.learning_rate < 0:
+            raise validation.invalid(
+                f"learning_rate must be finite and >= 0. Received: {request.learning_rate}"
+            )
+        gradient, logits, loss = self._train(
+            values,
+            indices,
+            tf.constant(payload.labels),
+            tf.constant(request.learning_rate, tf.float32),
+            tf.constant(request.nesting),
+        )
+        downstream = codec.encode(
+            gradient.numpy(),
+            payload.indices,
+            self.split.channels,
+            self.split.gradient_dtype,
+            kind="gradients",
+        )
+        reply = _logits_reply(request.step, logits)
+        reply.payload, reply.loss = downstream, float(loss)
+        self._last_reply, self.next_step = reply, self.next_step + 1
+        return reply
+
+    def _calibrate(self, request, values, indices):
+        if request.calibration_begin:
+            if self._calibrating:
+                self._norms.__exit__(RuntimeError, None, None)  # An abandoned one: dropped.
+            self._norms.__enter__()
+            self._calibrating = True
+        elif not self._calibrating:
+            raise validation.invalid("A calibration starts with calibration_begin.")
+        logits = self._forward(values, indices, True)
+        self._norms.record()
+        if request.calibration_finish:
+            self._calibrating = False
+            self._norms.__exit__(None, None, None)
+        return _logits_reply(request.step, logits)
+
+
+def _logits_reply(step, logits):
+    logits = np.asarray(logits, np.float32)
+    return pb.StepReply(
+        step=step, logits=logits.astype("<f4").tobytes(), num_classes=logits.shape[-1]
+    )
+
+
+class TrainingServicer(pb_grpc.SplitTrainingServicer):
+    """The gRPC service of one run; its `TailTrainer` is built at the first Hello.
+
+    Args:
+      build_split: (image_shape, num_classes) -> the run's compiled `SplitModel` (the server
+        learns the data's shapes from the device, which holds the data).
+    """
+
+    def __init__(self, build_split):
+        self._build_split = build_split
+        self._lock = threading.Lock()
+        self.trainer = None
+
+    def _hello(self, request):
+        with self._lock:
+            if self.trainer is None:
+                shape, classes = list(request.image_shape), request.num_classes
+                if len(shape) != 3 or not all(0 < d <= _MAX_SIDE for d in shape):
+                    raise validation.invalid(
+                        f"image_shape must be [H, W, C] in 1..{_MAX_SIDE}. Received: {shape}"
+                    )
+                if not 0 < classes <= _MAX_CLASSES:
+                    raise validation.invalid(
+                        f"num_classes must be in 1..{_MAX_CLASSES}. Received: {classes}"
+                    )
+                self.trainer = TailTrainer(self._build_split(tuple(shape), classes))
+        return self.trainer.hello(request)
+
+    def _opened(self):
+        if self.trainer is None:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, "No run is open; call Hello first."
+            )
+        return self.trainer
+
+    def Hello(self, request, context):  # noqa: N802  (the gRPC method name)
+        return answer_or_abort(context, "Hello", lambda: self._hello(request))
+
+    def Step(self, request, context):  # noqa: N802
+        return answer_or_abort(context, "Step", lambda: self._opened().step(request))
+
+    def TailWeights(self, request, context):  # noqa: N802
+        return answer_or_abort(context, "TailWeights", lambda: self._opened().tail_weights(request))
+
+
+def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=()):
+    """Starts `servicer` (a `TrainingServicer`) on host:port (0 picks one); returns
+    (server, port).
+
+    Args:
+      credentials: grpc.ServerCredentials for TLS, or None for plain TCP.
+      interceptors: server interceptors (the token check).
+    """
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_SplitTrainingServicer_to_server(servicer, server)
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials
+        else server.add_insecure_port(address)
+    )
+    if not bound:
+        raise OSError(f"Could not listen on {address}")
+    server.start()
+    logging.info("Split training server listening on %s:%d", host, bound)
+    return server, bound

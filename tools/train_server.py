@@ -1,0 +1,70 @@
+"""The server half of networked split training: holds the decoder, the tail and their optimizer.
+
+  tfsplit-train-server --config=configs/deprune.py --workdir=/tmp/tfsplit/server --port=50051
+  tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/device --server=127.0.0.1:50051
+
+Use the same config (and overrides) on both sides: the device drives the run (data, head, gates,
+phases) and the server refuses a device whose model differs. Listens on 127.0.0.1 unless --host
+says otherwise; prints the address, then serves until stopped.
+"""
+
+import sys
+import types
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit.net import security
+from tfsplit.net import server as server_lib
+from tfsplit.train import trainer
+from tools import run_tool
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The server's directory.", required=True)
+_PORT = flags.DEFINE_integer("port", 50051, "Port to listen on; 0 picks a free one.", lower_bound=0)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_TOKEN_FILE = flags.DEFINE_string("token_file", None, "Refuse calls without the token in it.")
+_TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: serve over TLS.")
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    trainer.write_config(config, _WORKDIR.value)
+
+    def build_split(image_shape, num_classes):
+        info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
+        return trainer.build_split_model(config, info)
+
+    if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
+        raise app.UsageError("--tls_cert and --tls_key go together.")
+    credentials = None
+    if _TLS_CERT.value:
+        credentials = security.server_credentials(_TLS_CERT.value, _TLS_KEY.value)
+    interceptors = []
+    if _TOKEN_FILE.value:
+        interceptors.append(security.TokenInterceptor(security.read_token_file(_TOKEN_FILE.value)))
+    server, port = server_lib.serve(
+        server_lib.TrainingServicer(build_split),
+        _PORT.value,
+        _HOST.value,
+        credentials=credentials,
+        interceptors=interceptors,
+    )
+    print(f"listening on {_HOST.value}:{port}")
+    sys.stdout.flush()
+    server.wait_for_termination()
+
+
+def run():
+    run_tool(main)
+
+
+if __name__ == "__main__":
+    run()
