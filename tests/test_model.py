@@ -200,6 +200,25 @@ def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budge
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
 
 
+def test_the_byte_step_keeps_the_channel_order_when_every_channel_is_sent():
+    """A payload of every channel travels in channel order; the gradient must come back to the
+    order the head sent (gates that rank the channels out of index order)."""
+    from tfsplit.train import CodecSplitModel
+
+    fused = split(activation_dtype="float32", gradient_dtype="float32")
+    fused.encoder.gate_logits.assign(np.random.default_rng(1).normal(size=16).astype(np.float32))
+    real = CodecSplitModel.from_config(fused.get_config())
+    real.set_weights(fused.get_weights())
+    real.compile(keras.optimizers.SGD(0.05), gate_optimizer=keras.optimizers.Adam(0.05))
+    assert sorted(fused.channel_indices().numpy()) != list(fused.channel_indices().numpy())
+    images, labels = data(16)
+    for model in (fused, real):
+        model.set_budget(16, masking=True, nesting=False)
+        model.train_on_batch(images, labels)
+    for a, b in zip(fused.weights, real.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_deprune_reset_keeps_the_channels_phase_one_sent():
     model = split()
     schedule = tfsplit.PhaseSchedule(SCHEDULES["deprune"][1])
