@@ -72,3 +72,16 @@ def test_too_few_batches_fail_clearly():
         benchmark.benchmark_training(config, steps=1000, repeats=1)
     with pytest.raises(ValueError, match="repeats"):
         benchmark.benchmark_training(config, steps=2, repeats=0)
+
+
+def test_networked_benchmark_runs_a_server_process_and_reports_both_sides():
+    config = _smoke_config()
+    result = benchmark.benchmark_networked(config, steps=2, repeats=1)
+    assert result["in_process_samples_per_second"] > 0
+    assert result["networked_samples_per_second"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["networked_samples_per_second"] / result["in_process_samples_per_second"]
+    )
+    payload_up, payload_down = result["payload_bytes_per_step"]
+    wire_up, wire_down = result["wire_bytes_per_step"]
+    assert wire_up > payload_up > 0 and wire_down > payload_down > 0

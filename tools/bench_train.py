@@ -3,7 +3,9 @@
   tfsplit-bench-train --config=configs/deprune.py --workdir=/tmp/tfsplit/bench
 
 Prints samples/s of both and the ratio (split / unsplit; 1.0 = split learning costs nothing in
-process, the target is >= 0.95) and writes bench_train.json into --workdir.
+process, the target is >= 0.95) and writes bench_train.json into --workdir. With --networked it
+also times the same step over gRPC on loopback (a training server in this process) against the
+in-process step (the target is >= 0.7) and adds those figures under "networked".
 """
 
 import json
@@ -23,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory.", required=True)
 _STEPS = flags.DEFINE_integer("steps", 50, "Batches per timed pass.", lower_bound=2)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per side.", lower_bound=1)
+_NETWORKED = flags.DEFINE_bool("networked", False, "Also time the step over gRPC on loopback.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -38,6 +41,16 @@ def main(argv):
     )
     print(f"unsplit fit : {result['unsplit_samples_per_second']:9.1f} samples/s")
     print(f"ratio       : {result['ratio']:.3f} (split / unsplit)")
+    if _NETWORKED.value:
+        networked = benchmark.benchmark_networked(_CONFIG.value, _STEPS.value, _REPEATS.value)
+        result["networked"] = networked
+        up, down = networked["wire_bytes_per_step"]
+        print(
+            f"in process  : {networked['in_process_samples_per_second']:9.1f} samples/s\n"
+            f"over gRPC   : {networked['networked_samples_per_second']:9.1f} samples/s "
+            f"({up:,.0f} bytes up / {down:,.0f} down per step in gRPC messages)\n"
+            f"ratio       : {networked['ratio']:.3f} (networked / in process, loopback)"
+        )
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, "bench_train.json"), "w") as f:
         json.dump(result, f, indent=2)

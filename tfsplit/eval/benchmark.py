@@ -7,6 +7,7 @@ functional `keras.Model` of the very same head and tail layers, compiled with th
 both, and the fastest pass of each counts (the ratio target is >= 0.95).
 """
 
+import multiprocessing
 import time
 
 import tensorflow as tf
@@ -111,4 +112,74 @@ def benchmark_training(config, steps=50, repeats=3):
         payload_bytes_down_per_step=logs["payload_bytes_down"][-1] / steps,
     )
     logging.info("benchmark: %s", result)
+    return result
+
+
+def _serve_config(config, ports):
+    """A training server for `config` until killed (the body of the server process)."""
+    import types
+
+    from tfsplit.net import server as server_lib
+
+    def build_split(image_shape, num_classes):
+        shapes = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
+        return trainer.build_split_model(config, shapes)
+
+    server, port = server_lib.serve(server_lib.TrainingServicer(build_split))
+    ports.put(port)
+    server.wait_for_termination()
+
+
+def benchmark_networked(config, steps=50, repeats=3):
+    """Samples per second of `fit` in process against the same step over gRPC on loopback.
+
+    The server runs in a process of its own on 127.0.0.1 (as a device and an edge server on one
+    machine would, they share the CPUs); the device half is a `RemoteSplitModel` with the same
+    weights, budget and batches. Interleaved passes after a warm-up; the fastest pass of each
+    counts.
+
+    Returns:
+      dict with in_process_samples_per_second, networked_samples_per_second, ratio
+      (networked / in process), wire_bytes_per_step (gRPC messages up and down) and
+      payload_bytes_per_step.
+    """
+    from tfsplit.net.device import TrainingClient
+
+    keras.utils.set_random_seed(config.seed)
+    train_ds, _, info = trainer.build_data(config)
+    split, budget, _ = first_phase_model(config, info)
+    remote = trainer.build_split_model(config, info, remote=True)
+    for part in ("head", "tail"):
+        getattr(remote, part).set_weights(getattr(split, part).get_weights())
+    remote.set_budget(budget, masking=split.encoder is not None, nesting=False)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter, not a forked TF
+    ports = context.Queue()
+    process = context.Process(target=_serve_config, args=(config, ports), daemon=True)
+    process.start()
+    try:
+        remote.connect(TrainingClient(f"127.0.0.1:{ports.get(timeout=120)}"))
+        dataset = _cached_batches(train_ds, steps)
+        batch_size = int(next(iter(dataset))[1].shape[0])
+        for model in (split, remote):  # warm-up: trace both steps, open the connection.
+            _timed_fit(model, dataset.take(2))
+        seconds = {"in_process": [], "networked": []}
+        for _ in range(repeats):
+            seconds["in_process"].append(_timed_fit(split, dataset)[0])
+            elapsed, logs = _timed_fit(remote, dataset)
+            seconds["networked"].append(elapsed)
+    finally:
+        process.kill()
+        process.join(30)
+    samples = steps * batch_size
+    result = dict(
+        in_process_samples_per_second=samples / min(seconds["in_process"]),
+        networked_samples_per_second=samples / min(seconds["networked"]),
+        ratio=min(seconds["in_process"]) / min(seconds["networked"]),
+        batch_size=batch_size,
+        steps=steps,
+        budget=budget,
+        payload_bytes_per_step=[logs[f"payload_bytes_{d}"][-1] / steps for d in ("up", "down")],
+        wire_bytes_per_step=[logs[f"wire_bytes_{d}"][-1] / steps for d in ("up", "down")],
+    )
+    logging.info("networked benchmark: %s", result)
     return result

@@ -228,7 +228,9 @@ def train(config, workdir, verbose="auto", client=None):
     callbacks = build_callbacks(config, workdir, info, train_ds)
     if client is not None:
         split.connect(client)
-        records = next(i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords))
+        records = next(
+            i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords)
+        )
         callbacks.insert(records, RemoteTail())
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
     keras.utils.set_random_seed(config.seed)
