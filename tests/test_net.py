@@ -92,11 +92,12 @@ def test_networked_training_equals_in_process_training(serving, tmp_path):
         assert record["wire_bytes_up"] < 1.05 * record["payload_bytes_up"] + 50_000
 
 
-def _hello(stub, servicer_model, **fields):
+def _hello(stub, servicer_model, device_id="device-0", **fields):
     request = pb.HelloRequest(
         model_digest=server_lib.model_digest(servicer_model),
         image_shape=list(servicer_model.head.input.shape[1:]),
         num_classes=int(servicer_model.tail.output.shape[-1]),
+        device_id=device_id,
         **fields,
     )
     return stub.Hello(request, timeout=60)
@@ -124,6 +125,7 @@ def _train_request(model, step, batch=4, labels=None, **fields):
         step=step,
         payload=payload,
         learning_rate=0.05,
+        device_id="device-0",
         **fields,
     )
 
@@ -224,7 +226,10 @@ def test_a_call_without_the_token_is_refused_and_changes_nothing(serving):
 
 def _hello_request(model):
     return pb.HelloRequest(
-        model_digest=server_lib.model_digest(model), image_shape=[32, 32, 3], num_classes=10
+        model_digest=server_lib.model_digest(model),
+        image_shape=[32, 32, 3],
+        num_classes=10,
+        device_id="device-0",
     )
 
 
@@ -267,8 +272,34 @@ def test_tls_with_a_self_signed_test_pair(serving, tmp_path):
         plain.call("Hello", _hello_request(model))
 
 
+def test_two_devices_keep_their_own_step_ids_and_share_the_tail(opened):
+    stub, model, servicer = opened
+    _hello(stub, model, device_id="device-1")
+    assert stub.Step(_train_request(model, 0)).step == 0
+    weights = servicer.trainer.split.tail.get_weights()
+    second = _train_request(model, 0)
+    second.device_id = "device-1"
+    assert stub.Step(second).step == 0  # its own first step, not a retry of device-0's
+    changed = [
+        not np.array_equal(x, y) for x, y in zip(weights, servicer.trainer.split.tail.get_weights())
+    ]
+    assert any(changed)  # one shared tail, trained by both
+    assert {d: v.next_step for d, v in servicer.trainer.devices.items()} == {
+        "device-0": 1,
+        "device-1": 1,
+    }
+    unknown = _train_request(model, 0)
+    unknown.device_id = "device-9"
+    assert _code(lambda: stub.Step(unknown)) == grpc.StatusCode.FAILED_PRECONDITION
+    bad_id = pb.HelloRequest()
+    bad_id.CopyFrom(_hello_request(model))
+    bad_id.device_id = "no spaces"
+    assert _code(lambda: stub.Hello(bad_id)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.slow
-def test_server_and_device_processes_train_the_smoke_config(tmp_path):
+def test_a_server_and_two_device_processes_train_the_smoke_config(tmp_path):
+    """Each device reads its own half of the data and trains its head; both train one tail."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     (tmp_path / "token").write_text("t0ken\n")
     config = ["--config=configs/deprune.py:smoke", f"--token_file={tmp_path / 'token'}"]
@@ -291,26 +322,33 @@ def test_server_and_device_processes_train_the_smoke_config(tmp_path):
         line = server.stdout.readline()
         match = re.match(r"listening on (127\.0\.0\.1:\d+)", line)
         assert match, line
-        device = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tools.train",
-                *config,
-                f"--server={match.group(1)}",
-                f"--workdir={tmp_path / 'device'}",
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert device.returncode == 0, device.stderr[-3000:]
-        summary = json.loads((tmp_path / "device" / "summary.json").read_text())
-        assert summary["train_payload_bytes_up"] > 0
-        assert (tmp_path / "device" / "checkpoints" / "model.keras").exists()
+        devices = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tools.train",
+                    *config,
+                    f"--server={match.group(1)}",
+                    f"--config.data.shard_index={i}",
+                    "--config.data.num_shards=2",
+                    f"--workdir={tmp_path / f'device{i}'}",
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for device in devices:
+            _, stderr = device.communicate(timeout=300)
+            assert device.returncode == 0, stderr[-3000:]
+        for i in range(2):
+            summary = json.loads((tmp_path / f"device{i}" / "summary.json").read_text())
+            assert summary["train_payload_bytes_up"] > 0
+            assert (tmp_path / f"device{i}" / "checkpoints" / "model.keras").exists()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -5,7 +5,8 @@
 Prints samples/s of both and the ratio (split / unsplit; 1.0 = split learning costs nothing in
 process, the target is >= 0.95) and writes bench_train.json into --workdir. With --networked it
 also times the same step over gRPC on loopback (a training server in this process) against the
-in-process step (the target is >= 0.7) and adds those figures under "networked".
+in-process step (the target is >= 0.7) and adds those figures under "networked"; --devices=1,2,4
+times that many device processes (each its own data shard and head) training one tail.
 """
 
 import json
@@ -26,6 +27,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory.", required=T
 _STEPS = flags.DEFINE_integer("steps", 50, "Batches per timed pass.", lower_bound=2)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per side.", lower_bound=1)
 _NETWORKED = flags.DEFINE_bool("networked", False, "Also time the step over gRPC on loopback.")
+_DEVICES = flags.DEFINE_list(
+    "devices", [], "Also time N device processes sharing one server, for each N listed."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -51,6 +55,19 @@ def main(argv):
             f"({up:,.0f} bytes up / {down:,.0f} down per step in gRPC messages)\n"
             f"ratio       : {networked['ratio']:.3f} (networked / in process, loopback)"
         )
+    if _DEVICES.value:
+        try:
+            counts = [int(n) for n in _DEVICES.value]
+        except ValueError:
+            raise app.UsageError(
+                f"--devices must list integers. Received: {_DEVICES.value}"
+            ) from None
+        if not all(1 <= n <= 64 for n in counts):
+            raise app.UsageError(f"--devices must be in 1..64. Received: {counts}")
+        result["devices"] = benchmark.benchmark_devices(_CONFIG.value, counts, _STEPS.value)
+        print("devices  samples/s (all devices, one server, loopback)")
+        for row in result["devices"]:
+            print(f"{row['devices']:7d}  {row['samples_per_second']:9.1f}")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, "bench_train.json"), "w") as f:
         json.dump(result, f, indent=2)

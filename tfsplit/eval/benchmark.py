@@ -54,13 +54,14 @@ def _timed_fit(model, dataset):
     return time.perf_counter() - start, history.history
 
 
-def first_phase_model(config, info):
-    """The config's compiled `SplitModel`, set to its first phase's budget and learning rate.
+def first_phase_model(config, info, remote=False):
+    """The config's compiled `SplitModel` (the device half with `remote`), set to its first
+    phase's budget and learning rate.
 
     Returns:
       (split_model, budget, learning_rate).
     """
-    split = trainer.build_split_model(config, info)
+    split = trainer.build_split_model(config, info, remote=remote)
     phase = budget_lib.build_phases(
         [dict(p) for p in config.phases], split.channels, split.encoder is not None
     )[0]
@@ -183,3 +184,61 @@ def benchmark_networked(config, steps=50, repeats=3):
     )
     logging.info("networked benchmark: %s", result)
     return result
+
+
+def _device_worker(config, port, shard_index, num_shards, steps, ready, start, results):
+    """One device process of `benchmark_devices`: its shard, its head, `steps` timed steps."""
+    from tfsplit.net.device import TrainingClient
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.shard_index, config.data.num_shards = shard_index, num_shards
+    keras.utils.set_random_seed(config.seed + shard_index)
+    train_ds, _, info = trainer.build_data(config)
+    remote, budget, _ = first_phase_model(config, info, remote=True)
+    remote.connect(TrainingClient(f"127.0.0.1:{port}"), device_id=f"device-{shard_index}")
+    dataset = _cached_batches(train_ds, steps)
+    _timed_fit(remote, dataset.take(2))  # warm-up
+    ready.put(shard_index)
+    start.wait()
+    seconds, _ = _timed_fit(remote, dataset)
+    results.put((steps * int(next(iter(dataset))[1].shape[0]), seconds))
+
+
+def benchmark_devices(config, device_counts=(1, 2, 4, 8), steps=30):
+    """Samples per second of N device processes training one tail over gRPC on loopback.
+
+    For each N, a server process and N device processes (device i reads every N-th sample of
+    the training set and trains its own head); they warm up, start together, and the figure is
+    all their samples over the time from the start to the last device's end.
+
+    Returns:
+      A list of dicts: devices, samples_per_second, seconds.
+    """
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for count in device_counts:
+        ports, ready, results = context.Queue(), context.Queue(), context.Queue()
+        start = context.Event()
+        server = context.Process(target=_serve_config, args=(config, ports), daemon=True)
+        server.start()
+        devices = []
+        try:
+            port = ports.get(timeout=120)
+            for i in range(count):
+                args = (config, port, i, count, steps, ready, start, results)
+                devices.append(context.Process(target=_device_worker, args=args, daemon=True))
+                devices[-1].start()
+            for _ in range(count):
+                ready.get(timeout=600)
+            began = time.perf_counter()
+            start.set()
+            samples = sum(results.get(timeout=600)[0] for _ in range(count))
+            seconds = time.perf_counter() - began
+        finally:
+            for process in devices + [server]:
+                process.kill()
+                process.join(30)
+        rows.append(dict(devices=count, samples_per_second=samples / seconds, seconds=seconds))
+        logging.info("devices benchmark: %s", rows[-1])
+    return rows

@@ -99,7 +99,7 @@ class RemoteSplitModel(SplitModel):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.client = None
+        self.client, self.device_id = None, None
         self.digest = model_digest(self)
         self.wire_bytes_up = keras.metrics.Sum(name="wire_bytes_up", dtype="float64")
         self.wire_bytes_down = keras.metrics.Sum(name="wire_bytes_down", dtype="float64")
@@ -110,8 +110,9 @@ class RemoteSplitModel(SplitModel):
     def metrics(self):
         return super().metrics + [self.wire_bytes_up, self.wire_bytes_down]
 
-    def connect(self, client):
-        """Opens the run on the server (a new run starts from this model's tail weights)."""
+    def connect(self, client, device_id="device-0"):
+        """Joins the run on the server as `device_id` (a new run starts from this model's tail
+        weights; a device that joins a started run trains the tail as it is)."""
         reply = client.call(
             "Hello",
             pb.HelloRequest(
@@ -119,9 +120,10 @@ class RemoteSplitModel(SplitModel):
                 image_shape=list(self.head.input.shape[1:]),
                 num_classes=int(self.tail.output.shape[-1]),
                 tail_weights=weights_to_protos(self.tail.get_weights()),
+                device_id=device_id,
             ),
         )
-        self.client = client
+        self.client, self.device_id = client, device_id
         self.remote_step.assign(reply.next_step)
         logging.info("Connected to %s; its next step is %d.", client.address, reply.next_step)
 
@@ -159,6 +161,7 @@ class RemoteSplitModel(SplitModel):
             pb.StepRequest(
                 kind=pb.StepRequest.TRAIN,
                 model_digest=self.digest,
+                device_id=self.device_id,
                 step=step,
                 payload=self._payload(values, indices, labels),
                 learning_rate=float(learning_rate.numpy()),
@@ -178,6 +181,7 @@ class RemoteSplitModel(SplitModel):
             pb.StepRequest(
                 kind=pb.StepRequest.CALIBRATE if calibrate else pb.StepRequest.EVALUATE,
                 model_digest=self.digest,
+                device_id=self.device_id,
                 payload=self._payload(values, indices),
                 calibration_begin=begin,
                 calibration_finish=finish,

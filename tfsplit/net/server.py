@@ -15,15 +15,16 @@ nothing, and the server keeps serving.
 import concurrent.futures
 import hashlib
 import json
+import re
 import threading
 
 import grpc
 import numpy as np
 import tensorflow as tf
+import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
-from tfsplit.model import BatchNormAverage
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.net import split_training_pb2_grpc as pb_grpc
 from tfsplit.serve import validation
@@ -31,6 +32,8 @@ from tfsplit.serve.grpc_service import answer_or_abort
 
 MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch: plenty.
 _MAX_SIDE, _MAX_CLASSES = 4096, 100000
+MAX_DEVICES = 64
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TRAIN, _EVALUATE, _CALIBRATE = (
     pb.StepRequest.TRAIN,
     pb.StepRequest.EVALUATE,
@@ -72,19 +75,33 @@ def weights_from_protos(blobs, like):
     return weights
 
 
+class _Device:
+    """What the server keeps per device: its next step id, its last reply (for a retry) and
+    the batch norm statistics of a calibration in progress."""
+
+    def __init__(self):
+        self.next_step = 0
+        self.last_reply = None
+        self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
+
+
 class TailTrainer:
     """The tail of `split` (a compiled `SplitModel` built from the run's config), trained by
-    the steps a device sends. Thread-safe: one step at a time."""
+    the steps its devices send, one step at a time (thread-safe).
 
-    def __init__(self, split):
+    Several devices may share the tail: each keeps its own step ids, and their steps update the
+    tail in the order they arrive.
+    """
+
+    def __init__(self, split, max_devices=MAX_DEVICES):
         self.split = split
         self.digest = model_digest(split)
-        self.next_step = 0
-        self._last_reply = None
-        self._started = False
+        self.devices = {}
+        self.max_devices = max_devices
         self._lock = threading.Lock()
-        self._norms = BatchNormAverage.of(split.tail) or BatchNormAverage([])
-        self._calibrating = False
+        self._norms = [
+            m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
+        ]
         variables = split.tail.trainable_variables
 
         @tf.function(reduce_retracing=True)
@@ -104,55 +121,68 @@ class TailTrainer:
 
         self._train, self._forward = train, forward
 
+    @property
+    def next_step(self):
+        """The next step of the only device (for a one-device run)."""
+        (device,) = self.devices.values()
+        return device.next_step
+
     # ------------------------------------------------------------------------------- requests
-    def hello(self, request):
-        if request.model_digest != self.digest:
+    def _check_digest(self, digest):
+        if digest != self.digest:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"The device's model (digest {request.model_digest[:12]}) differs from this "
-                f"server's ({self.digest[:12]}); start both with the same config.",
+                f"The device's model (digest {digest[:12]}) differs from this server's "
+                f"({self.digest[:12]}); start both with the same config.",
             )
+
+    def hello(self, request):
+        self._check_digest(request.model_digest)
+        _check_device_id(request.device_id)
         expected = list(self.split.head.input.shape[1:])
         if list(request.image_shape) != expected:
             raise validation.invalid(
                 f"image_shape must be {expected}. Received: {list(request.image_shape)}"
             )
         with self._lock:
-            if not self._started and request.tail_weights:
-                self.split.tail.set_weights(
-                    weights_from_protos(request.tail_weights, self.split.tail.get_weights())
-                )
-            self._started = True
-            return pb.HelloReply(model_digest=self.digest, next_step=self.next_step)
+            if request.device_id not in self.devices:
+                if len(self.devices) >= self.max_devices:
+                    raise validation.RequestError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"This run already has {self.max_devices} devices.",
+                    )
+                if not self.devices and request.tail_weights:  # the run starts here
+                    self.split.tail.set_weights(
+                        weights_from_protos(request.tail_weights, self.split.tail.get_weights())
+                    )
+                self.devices[request.device_id] = _Device()
+                logging.info("Device %r joined the run.", request.device_id)
+            device = self.devices[request.device_id]
+            return pb.HelloReply(model_digest=self.digest, next_step=device.next_step)
 
     def step(self, request):
-        if request.model_digest != self.digest:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "Step of another model; open the run with Hello first.",
-            )
+        self._check_digest(request.model_digest)
         if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
             raise validation.invalid(f"Unknown step kind {request.kind}.")
         payload = self._decode(request.payload, with_labels=request.kind == _TRAIN)
         values = tf.constant(payload.dequantized(), tf.float32)
         indices = tf.constant(payload.indices, tf.int32)
         with self._lock:
-            if not self._started:
+            device = self.devices.get(request.device_id)
+            if device is None:
                 raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "No run is open; call Hello first."
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Device {request.device_id!r} has not opened the run; call Hello first.",
                 )
             if request.kind == _TRAIN:
-                return self._train_step(request, values, indices, payload)
+                return self._train_step(device, request, values, indices, payload)
             if request.kind == _CALIBRATE:
-                return self._calibrate(request, values, indices)
+                return self._calibrate(device, request, values, indices)
             logits = self._forward(values, indices, False)
             return _logits_reply(request.step, logits)
 
     def tail_weights(self, request):
-        if request.model_digest != self.digest:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, "Tail weights of another model."
-            )
+        self._check_digest(request.model_digest)
         with self._lock:
             return pb.TailWeightsReply(weights=weights_to_protos(self.split.tail.get_weights()))
 
@@ -184,14 +214,14 @@ class TailTrainer:
                 raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
         return decoded
 
-    def _train_step(self, request, values, indices, payload):
-        if request.step == self.next_step - 1 and self._last_reply is not None:
+    def _train_step(self, device, request, values, indices, payload):
+        if request.step == device.next_step - 1 and device.last_reply is not None:
             logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
-            return self._last_reply
-        if request.step != self.next_step:
+            return device.last_reply
+        if request.step != device.next_step:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"Expected training step {self.next_step}. Received: step {request.step}",
+                f"Expected training step {device.next_step}. Received: step {request.step}",
             )
         if not np.isfinite(request.learning_rate) or request.learning_rate < 0:
             raise validation.invalid(
@@ -213,23 +243,53 @@ class TailTrainer:
         )
         reply = _logits_reply(request.step, logits)
         reply.payload, reply.loss = downstream, float(loss)
-        self._last_reply, self.next_step = reply, self.next_step + 1
+        device.last_reply, device.next_step = reply, device.next_step + 1
         return reply
 
-    def _calibrate(self, request, values, indices):
+    def _calibrate(self, device, request, values, indices):
+        """One pass of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`):
+        its batch's statistics are added up apart from other devices' and the moving
+        statistics are left as they were; the last pass assigns the averages."""
         if request.calibration_begin:
-            if self._calibrating:
-                self._norms.__exit__(RuntimeError, None, None)  # An abandoned one: dropped.
-            self._norms.__enter__()
-            self._calibrating = True
-        elif not self._calibrating:
+            device.calibration = [0.0, 0.0, 0]
+        elif device.calibration is None:
             raise validation.invalid("A calibration starts with calibration_begin.")
-        logits = self._forward(values, indices, True)
-        self._norms.record()
+        saved = [
+            (n.momentum, n.moving_mean.numpy(), n.moving_variance.numpy()) for n in self._norms
+        ]
+        try:
+            for norm in self._norms:
+                norm.momentum = 0.0  # the pass leaves exactly its batch's statistics
+            logits = self._forward(values, indices, True)
+            means = [n.moving_mean.numpy() for n in self._norms]
+            squares = [n.moving_variance.numpy() + m * m for n, m in zip(self._norms, means)]
+        finally:
+            for norm, (momentum, mean, variance) in zip(self._norms, saved):
+                norm.momentum = momentum
+                norm.moving_mean.assign(mean)
+                norm.moving_variance.assign(variance)
+        sums, sum_squares, passes = device.calibration
+        device.calibration = [
+            [a + b for a, b in zip(sums, means)] if passes else means,
+            [a + b for a, b in zip(sum_squares, squares)] if passes else squares,
+            passes + 1,
+        ]
         if request.calibration_finish:
-            self._calibrating = False
-            self._norms.__exit__(None, None, None)
+            sums, sum_squares, passes = device.calibration
+            for norm, total, total_square in zip(self._norms, sums, sum_squares):
+                mean = total / passes
+                norm.moving_mean.assign(mean)
+                norm.moving_variance.assign(total_square / passes - mean * mean)
+            device.calibration = None
         return _logits_reply(request.step, logits)
+
+
+def _check_device_id(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise validation.invalid(
+            "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
+            f"Received: {device_id[:80]!r}"
+        )
 
 
 def _logits_reply(step, logits):

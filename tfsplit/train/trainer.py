@@ -227,7 +227,7 @@ def train(config, workdir, verbose="auto", client=None):
         restore_weights(split, config.init_from)
     callbacks = build_callbacks(config, workdir, info, train_ds)
     if client is not None:
-        split.connect(client)
+        split.connect(client, device_id=f"device-{config.data.get('shard_index', 0)}")
         records = next(
             i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords)
         )
