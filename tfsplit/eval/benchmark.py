@@ -197,12 +197,14 @@ def _device_worker(config, port, shard_index, num_shards, steps, ready, start, r
     train_ds, _, info = trainer.build_data(config)
     remote, budget, _ = first_phase_model(config, info, remote=True)
     remote.connect(TrainingClient(f"127.0.0.1:{port}"), device_id=f"device-{shard_index}")
-    dataset = _cached_batches(train_ds, steps)
+    batch_size = config.data.batch_size  # Full batches, the shard's as often as needed.
+    full = train_ds.filter(lambda images, labels: tf.shape(labels)[0] == batch_size)
+    dataset = _cached_batches(full.repeat(), steps)
     _timed_fit(remote, dataset.take(2))  # warm-up
     ready.put(shard_index)
     start.wait()
     seconds, _ = _timed_fit(remote, dataset)
-    results.put((steps * int(next(iter(dataset))[1].shape[0]), seconds))
+    results.put((steps * batch_size, seconds))
 
 
 def benchmark_devices(config, device_counts=(1, 2, 4, 8), steps=30):
