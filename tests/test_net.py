@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tfsplit import codec
-from tfsplit.config import base_config, phase
+from tfsplit.config import base_config, load_config_file, phase
 from tfsplit.net import security
 from tfsplit.net import server as server_lib
 from tfsplit.net import split_training_pb2 as pb
@@ -72,24 +72,6 @@ def serving():
     yield start
     for server in servers:
         server.stop(0)
-
-
-def test_networked_training_equals_in_process_training(serving, tmp_path):
-    config = tiny_config()
-    _, port = serving(config)
-    remote = trainer.train(config, str(tmp_path / "remote"), 0, TrainingClient(f"127.0.0.1:{port}"))
-    local = trainer.train(config, str(tmp_path / "local"), 0)
-    for key in ("train_payload_bytes_up", "train_payload_bytes_down", "final_test_accuracy"):
-        assert remote[key] == local[key], key
-    a, b = trainer.load_model(str(tmp_path / "remote")), trainer.load_model(str(tmp_path / "local"))
-    for part in ("head", "tail"):  # the device saved the tail the server trained
-        for x, y in zip(getattr(a, part).get_weights(), getattr(b, part).get_weights()):
-            np.testing.assert_allclose(x, y, atol=1e-6)
-    records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").open()]
-    for record in records:  # gRPC messages carry the payloads plus a little framing
-        assert record["wire_bytes_up"] > record["payload_bytes_up"]
-        assert record["wire_bytes_down"] > record["payload_bytes_down"]
-        assert record["wire_bytes_up"] < 1.05 * record["payload_bytes_up"] + 50_000
 
 
 def _hello(stub, servicer_model, device_id="device-0", **fields):
@@ -352,3 +334,151 @@ def test_a_server_and_two_device_processes_train_the_smoke_config(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9 of either side, then a restart: the run carries on.
+# ----------------------------------------------------------------------------------------------
+
+TINY_OVERRIDES = [
+    "--config=configs/deprune.py",
+    "--config.model.backbone=resnet18",
+    "--config.model.cut=stage2",
+    "--config.model.width_multiplier=0.125",
+    "--config.data.train_size=256",
+    "--config.data.test_size=64",
+    "--config.data.batch_size=32",
+    "--config.data.eval_batch_size=32",
+    "--config.calibration_batches=2",
+    "--config.phases[0].epochs=1",
+    "--config.phases[1].epochs=1",
+    "--config.phases[1].budget=8",
+    "--config.phases[1].anneal_epochs=0",
+]
+
+
+def _tiny_from_overrides():
+    """`TINY_OVERRIDES` as a config in this process (for the uninterrupted reference run)."""
+    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"))
+    config.model.backbone, config.model.cut, config.model.width_multiplier = (
+        "resnet18",
+        "stage2",
+        0.125,
+    )
+    config.data.train_size, config.data.test_size = 256, 64
+    config.data.batch_size = config.data.eval_batch_size = 32
+    config.calibration_batches = 2
+    config.phases[0].epochs = config.phases[1].epochs = 1
+    config.phases[1].budget, config.phases[1].anneal_epochs = 8, 0
+    return config
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(workdir, port, env):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.train_server",
+            *TINY_OVERRIDES,
+            f"--port={port}",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _start_device(workdir, port, env, *extra):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.train",
+            *TINY_OVERRIDES,
+            *extra,
+            f"--server=127.0.0.1:{port}",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path, process, timeout_s=180):
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        assert process.poll() is None, "the process ended before the fault was injected"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_server_mid_epoch_then_a_restart_loses_nothing(tmp_path):
+    """The device retries until the restarted server has replayed its log; the model and the
+    bytes equal an uninterrupted in-process run's (no dropout in ResNet-18: both runs draw the
+    same numbers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    port, server_dir = _free_port(), tmp_path / "server"
+    server = _start_server(server_dir, port, env)
+    device = _start_device(tmp_path / "device", port, env, "--config.checkpoint_every_steps=2")
+    try:
+        _wait_for(server_dir / "state.json", server)  # the first checkpoint: step 2 of 8
+        server.kill()
+        server.wait(timeout=30)
+        server = _start_server(server_dir, port, env)
+        _, stderr = device.communicate(timeout=300)
+        assert device.returncode == 0, stderr[-3000:]
+    finally:
+        for process in (server, device):
+            process.kill()
+    remote = json.loads((tmp_path / "device" / "summary.json").read_text())
+    local = trainer.train(_tiny_from_overrides(), str(tmp_path / "local"), 0)
+    for key in ("train_payload_bytes_up", "train_payload_bytes_down", "final_test_accuracy"):
+        assert remote[key] == local[key], key
+    a, b = trainer.load_model(str(tmp_path / "device")), trainer.load_model(str(tmp_path / "local"))
+    for part in ("head", "tail"):  # the device saved the tail the server trained
+        for x, y in zip(getattr(a, part).get_weights(), getattr(b, part).get_weights()):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "device" / "metrics.jsonl").open()]
+    for record in records:  # gRPC messages carry the payloads plus a little framing
+        assert record["wire_bytes_up"] > record["payload_bytes_up"]
+        assert record["wire_bytes_down"] > record["payload_bytes_down"]
+        assert record["wire_bytes_up"] < 1.05 * record["payload_bytes_up"] + 50_000
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_device_mid_epoch_then_a_restart_resumes_from_its_backup(tmp_path):
+    """Backed up every step, the restarted device and the server go back to the backup's step
+    together and finish the run."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    port, device_dir = _free_port(), tmp_path / "device"
+    server = _start_server(tmp_path / "server", port, env)
+    extra = ("--config.checkpoint_every_steps=1",)
+    device = _start_device(device_dir, port, env, *extra)
+    try:
+        _wait_for(tmp_path / "server" / "state.json", device)
+        time.sleep(0.3)  # a few more steps
+        device.kill()
+        device.wait(timeout=30)
+        device = _start_device(device_dir, port, env, *extra)
+        _, stderr = device.communicate(timeout=300)
+        assert device.returncode == 0, stderr[-3000:]
+    finally:
+        for process in (server, device):
+            process.kill()
+    summary = json.loads((device_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (device_dir / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == [1, 2] and summary["train_payload_bytes_up"] > 0

@@ -36,8 +36,18 @@ CASES = {
     "infer": ("infer", ["--export_dir={tmp}/missing"], "missing"),
     "reproduce": ("reproduce", ["--workdir={tmp}/run", "--configs_dir={tmp}/missing"], "missing"),
     "serve": ("serve", ["--model_base_path={tmp}/missing", "--model_name=tail"], "missing"),
+    "serve-tls-cert-without-key": (
+        "serve",
+        ["--model_base_path={tmp}/missing", "--model_name=tail", "--tls_cert={tmp}/server.crt"],
+        "--tls_key",
+    ),
     "run_head": ("run_head", ["--head={tmp}/missing.tflite", "--images=a.png"], "missing.tflite"),
     "run_head-required-flag": ("run_head", ["--images=a.png"], "--head"),
+    "run_head-token-file": (
+        "run_head",
+        ["--head={tmp}/missing.tflite", "--images=a.png", "--token_file={tmp}/missing_token"],
+        "missing_token",
+    ),
     "bench_head": ("bench_head", ["--export_dir={tmp}/missing"], "missing"),
     "bench_head-unknown-flag": ("bench_head", ["--export_dir={tmp}", "--bogus"], "bogus"),
 }

@@ -3,6 +3,8 @@
   python -m tools.run_head --head=export/head_int8.tflite --images=cat.png,dog.npy \
       --server=http://192.168.1.10:8501 --model_name=tfsplit_tail_int8
   tfsplit-run-head --head=... --protocol=grpc --server=192.168.1.10:8500
+  tfsplit-run-head --head=... --server=https://192.168.1.10:8501 --token_file=token \
+      --tls_ca=server.crt                               # tfsplit-serve --token_file --tls_cert
   tfsplit-run-head --head=... --dataset_images=20     # a development machine with tfsplit + TF
 
 Needs numpy, absl-py and ai-edge-litert (gRPC: grpcio; PNG/JPEG: Pillow). The head's JSON
@@ -14,7 +16,7 @@ no server-side time, so the network round trip and the tail are one stage, `netw
 
 from absl import app, flags
 
-from tfsplit import device
+from tfsplit import credentials, device
 from tools import run_tool
 
 _HEAD = flags.DEFINE_string("head", None, "Head .tflite file.", required=True)
@@ -43,6 +45,12 @@ _MODEL_VERSION = flags.DEFINE_integer("model_version", None, "Tail version; defa
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Images per request.", lower_bound=1)
 _NUM_THREADS = flags.DEFINE_integer("num_threads", 1, "Interpreter threads.", lower_bound=1)
 _TIMEOUT = flags.DEFINE_float("timeout_s", 30.0, "Per-request timeout in seconds.")
+_TOKEN_FILE = flags.DEFINE_string(
+    "token_file", None, "Send the token in this file with every request (tfsplit-serve's)."
+)
+_TLS_CA = flags.DEFINE_string(
+    "tls_ca", None, "PEM CA of the server's certificate: TLS (REST: an https:// --server)."
+)
 
 
 def _images(spec):
@@ -79,12 +87,20 @@ def _print(record, batch_size, labels):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    token = _TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value)
+    ca = _TLS_CA.value and credentials.read_pem(_TLS_CA.value, "TLS CA")
     try:
         head = device.HeadRunner(_HEAD.value, _METADATA.value, _NUM_THREADS.value)
         images, labels = _images(head.spec)
         model_name = _MODEL_NAME.value or f"tfsplit_tail_{head.spec.wire_dtype}"
         client = device.make_client(
-            _PROTOCOL.value, _SERVER.value, model_name, _TIMEOUT.value, _MODEL_VERSION.value
+            _PROTOCOL.value,
+            _SERVER.value,
+            model_name,
+            _TIMEOUT.value,
+            _MODEL_VERSION.value,
+            token=token or None,
+            root_certificates=ca or None,
         )
         print(
             f"{head.spec.dtype} head, budget {head.spec.budget} of {head.spec.channels} channels, "

@@ -7,6 +7,11 @@
 parent, as in TF Serving's Docker image). Binds to 127.0.0.1 unless --host says otherwise; port 0
 picks a free port. Prints one line with the bound ports when ready; runs until interrupted
 (Ctrl-C or SIGTERM).
+
+`--token_file`, `--tls_cert` and `--tls_key` mean what they mean for tfsplit-train-server: every
+gRPC call and REST request must carry the token (`Authorization: Bearer <token>`), and both
+protocols serve over TLS (REST as HTTPS). The device's side: tfsplit-run-head --token_file
+--tls_ca.
 """
 
 import signal
@@ -14,6 +19,7 @@ import signal
 from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit import credentials
 from tfsplit.serve.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
 from tools import run_tool
 
@@ -32,11 +38,17 @@ _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 256, "Largest batch per
 _MAX_REQUEST_BYTES = flags.DEFINE_integer(
     "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES, "Largest request accepted."
 )
+_TOKEN_FILE = flags.DEFINE_string("token_file", None, "Refuse calls without the token in it.")
+_TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: serve over TLS.")
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
+        raise app.UsageError("--tls_cert and --tls_key go together.")
+    token = _TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value)
     try:
         server = TailServer(
             _MODEL_BASE_PATH.value,
@@ -48,16 +60,20 @@ def main(argv):
             channels=_CHANNELS.value,
             max_batch_size=_MAX_BATCH_SIZE.value,
             max_request_bytes=_MAX_REQUEST_BYTES.value,
+            token=token or None,
+            tls_cert_file=_TLS_CERT.value or None,
+            tls_key_file=_TLS_KEY.value or None,
         )
         # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         server.start()
-    except OSError as error:  # a port in use; TailModelError, a ValueError, reaches run_tool
+    except OSError as error:  # a port in use, a missing TLS file; ValueErrors reach run_tool
         raise app.UsageError(str(error)) from None
     try:
         print(
             f"Serving {server.served.name!r} version {server.served.version}: "
-            f"grpc={server.grpc_target} rest={server.rest_url}",
+            f"grpc={server.grpc_target} rest={server.rest_url}"
+            f"{' (TLS)' if server.tls else ''}{' (token required)' if token else ''}",
             flush=True,
         )
         server.wait()

@@ -4,7 +4,10 @@
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/device --server=127.0.0.1:50051
 
 Use the same config (and overrides) on both sides: the device drives the run (data, head, gates,
-phases) and the server refuses a device whose model differs. Listens on 127.0.0.1 unless --host
+phases) and the server refuses a device whose model differs. The server keeps its state in
+--workdir (a checkpoint each time the device backs up, and a log of every step since): restarted
+on the same --workdir after a crash, it carries on where the run was, and the device's retries
+reach it without any action. Listens on 127.0.0.1 unless --host
 says otherwise; prints the address, then serves until stopped.
 """
 
@@ -51,7 +54,7 @@ def main(argv):
     if _TOKEN_FILE.value:
         interceptors.append(security.TokenInterceptor(security.read_token_file(_TOKEN_FILE.value)))
     server, port = server_lib.serve(
-        server_lib.TrainingServicer(build_split),
+        server_lib.TrainingServicer(build_split, state_dir=_WORKDIR.value),
         _PORT.value,
         _HOST.value,
         credentials=credentials,

@@ -10,7 +10,9 @@ Raspberry Pi or any device that has the LiteRT runtime:
     prediction.classes, prediction.seconds, prediction.request_bytes, prediction.payload_bytes
 
 The clients speak TF Serving's own REST and gRPC protocols (the protobuf written by hand), so they
-work unchanged against `tfsplit-serve` and against a real TF Serving.
+work unchanged against `tfsplit-serve` and against a real TF Serving. `make_client(...,
+token=..., root_certificates=...)` sends the token of a server that asks for one (`tfsplit-serve
+--token_file`) and speaks TLS, verifying the server against that CA (`--tls_cert`).
 """
 
 from tfsplit.device.bench import bench_head, bench_heads, find_heads, format_bench_table

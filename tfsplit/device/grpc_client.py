@@ -4,12 +4,17 @@ The request and the answer are (de)serialized by `tfsplit.device.protowire`; grp
 the bytes (a generic unary call with no serializers), so `tensorflow-serving-api`, whose protos
 import TensorFlow, is not needed on the device. The same client works against `tfsplit-serve` and
 a real TF Serving.
+
+Against a server that asks for a token (`tfsplit-serve --token_file`), every call carries
+`authorization: Bearer <token>` in its metadata; with a CA the channel is TLS and the server's
+certificate is verified against it.
 """
 
 import grpc
 
+from tfsplit import credentials
 from tfsplit.device import protowire
-from tfsplit.device.rest import OUTPUT_NAME, ServingError, check_client_args
+from tfsplit.device.rest import OUTPUT_NAME, ServingError, check_client_args, check_security_args
 from tfsplit.device.spec import DeviceError
 
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
@@ -26,9 +31,13 @@ class GrpcClient:
       timeout_s: deadline of each call.
       version: a model version; None addresses the latest.
       max_message_bytes: the largest message sent or received (gRPC's default is 4 MiB).
+      token: sent as `authorization: Bearer <token>` in every call's metadata; None: none.
+      root_certificates: PEM bytes of the CA that signed the server's certificate (for a
+        self-signed one, the certificate), e.g. `tfsplit.credentials.read_pem(path, "TLS CA")`:
+        the channel is TLS. None: plain TCP.
 
     Raises:
-      DeviceError: a bad target, name or timeout.
+      DeviceError: a bad target, name, timeout, token or CA.
     """
 
     protocol = "grpc"
@@ -41,8 +50,11 @@ class GrpcClient:
         timeout_s=30.0,
         version=None,
         max_message_bytes=_DEFAULT_MAX_MESSAGE_BYTES,
+        token=None,
+        root_certificates=None,
     ):
         check_client_args(model_name, timeout_s)
+        check_security_args(token, root_certificates)
         if not isinstance(target, str) or "://" in target or ":" not in target:
             raise DeviceError(
                 f"`target` must be host:port of a gRPC endpoint, e.g. 127.0.0.1:8500 (no "
@@ -57,7 +69,12 @@ class GrpcClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            tls = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, tls, options=options)
+        self._metadata = credentials.call_metadata(token)
         self._predict = self._channel.unary_unary(PREDICT_METHOD)
 
     def encode(self, payload):
@@ -74,7 +91,7 @@ class GrpcClient:
             unreadable, or it cannot be reached.
         """
         try:
-            answer = self._predict(request, timeout=self.timeout_s)
+            answer = self._predict(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ServingError(error.details(), code=error.code().name) from None
         try:

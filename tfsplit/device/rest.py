@@ -5,16 +5,22 @@ The :predict body is the columnar format, `{"signature_name": ..., "inputs": {"v
 float32 values survive the trip bit for bit). One HTTP/1.1 connection is kept open between
 requests, as a device sending image after image would; a connection the server closed is reopened
 once. The same client works against `tfsplit-serve` and a real TF Serving.
+
+Against a server that asks for a token (`tfsplit-serve --token_file`), every request carries
+`Authorization: Bearer <token>`; over https:// the server's certificate is verified against the
+given CA (or the system's CAs without one) and its host name.
 """
 
 import http.client
 import json
+import ssl
 import threading
 import time
 import urllib.parse
 
 import numpy as np
 
+from tfsplit import credentials
 from tfsplit.device.spec import DeviceError
 
 OUTPUT_NAME = "probabilities"
@@ -43,6 +49,30 @@ def check_client_args(model_name, timeout_s):
         raise DeviceError(f"`model_name` must be a non-empty string. Received: {model_name!r}")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
         raise DeviceError(f"`timeout_s` must be > 0 seconds. Received: timeout_s={timeout_s!r}")
+
+
+def check_security_args(token, root_certificates):
+    """The checks of `credentials`, raising DeviceError."""
+    try:
+        credentials.check_token(token)
+        credentials.check_root_certificates(root_certificates)
+    except ValueError as error:
+        raise DeviceError(str(error)) from None
+
+
+def _tls_context(root_certificates):
+    """Verifies the server's certificate and host name, against `root_certificates` if given."""
+    if root_certificates is None:
+        context = ssl.create_default_context()
+    else:
+        try:
+            context = ssl.create_default_context(cadata=root_certificates.decode("ascii"))
+        except (UnicodeDecodeError, ssl.SSLError) as error:
+            raise DeviceError(
+                f"`root_certificates` holds no usable PEM certificate: {error}"
+            ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def predict_body(payload, signature="serving_default"):
@@ -79,30 +109,56 @@ class RestClient:
       signature: the signature key.
       timeout_s: socket timeout of each request.
       version: a model version; None addresses the latest.
+      token: sent as `Authorization: Bearer <token>` with every request; None: no header.
+      root_certificates: PEM bytes of the CA that signed the server's certificate (for a
+        self-signed one, the certificate), e.g. `tfsplit.credentials.read_pem(path, "TLS CA")`;
+        needs an https:// URL. None: an https:// server is verified against the system's CAs.
 
     Raises:
-      DeviceError: a bad URL, name or timeout.
+      DeviceError: a bad URL, name, timeout, token or CA.
     """
 
     protocol = "rest"
 
     def __init__(
-        self, base_url, model_name, signature="serving_default", timeout_s=30.0, version=None
+        self,
+        base_url,
+        model_name,
+        signature="serving_default",
+        timeout_s=30.0,
+        version=None,
+        token=None,
+        root_certificates=None,
     ):
         check_client_args(model_name, timeout_s)
+        check_security_args(token, root_certificates)
         parsed = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise DeviceError(
                 f"`base_url` must be an http(s) URL such as http://127.0.0.1:8501. "
                 f"Received: {base_url!r}"
             )
+        if root_certificates is not None and parsed.scheme != "https":
+            raise DeviceError(
+                f"A CA (`root_certificates`) is for TLS: use an https:// URL. "
+                f"Received: {base_url!r}"
+            )
         self.signature = signature
         versions = "" if version is None else f"/versions/{int(version)}"
         self._model_path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}{versions}"
-        connection_class = (
-            http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
-        )
-        self._connection = connection_class(parsed.hostname, parsed.port, timeout=timeout_s)
+        # Bytes, so that http.client sends a non-ASCII token as UTF-8 instead of failing.
+        self._headers = {} if token is None else {"Authorization": f"Bearer {token}".encode()}
+        if parsed.scheme == "https":
+            self._connection = http.client.HTTPSConnection(
+                parsed.hostname,
+                parsed.port,
+                timeout=timeout_s,
+                context=_tls_context(root_certificates),
+            )
+        else:
+            self._connection = http.client.HTTPConnection(
+                parsed.hostname, parsed.port, timeout=timeout_s
+            )
         self._lock = threading.Lock()
         self.url = f"{base_url.rstrip('/')}{self._model_path}:predict"
 
@@ -111,7 +167,9 @@ class RestClient:
         return predict_body(payload, self.signature)
 
     def _exchange(self, method, path, body):
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         self._connection.request(method, path, body=body, headers=headers)
         response = self._connection.getresponse()
         return response.status, response.read()
@@ -125,6 +183,9 @@ class RestClient:
                 except _RECONNECT_ERRORS:
                     self._connection.close()
                     status, answer = self._exchange(method, path, body)
+        except ssl.SSLError as error:  # also a wrong CA, or a server without TLS
+            self._connection.close()
+            raise ServingError(f"TLS with {self.url} failed: {error}", code="UNAVAILABLE") from None
         except (OSError, http.client.HTTPException) as error:
             self._connection.close()
             raise ServingError(f"Cannot reach {self.url}: {error}", code="UNAVAILABLE") from None

@@ -28,30 +28,44 @@ STAGES = ("head", "encode", "network_tail", "total")
 DEFAULT_SERVERS = {"rest": "http://127.0.0.1:8501", "grpc": "127.0.0.1:8500"}
 
 
-def make_client(protocol, server, model_name, timeout_s=30.0, version=None):
+def make_client(
+    protocol, server, model_name, timeout_s=30.0, version=None, token=None, root_certificates=None
+):
     """A REST or gRPC client for the tail; gRPC needs grpcio (imported only then).
 
     Args:
       protocol: "rest" or "grpc".
-      server: REST base URL ("http://host:port") or gRPC target ("host:port"); None takes
-        DEFAULT_SERVERS (TF Serving's default ports on this machine).
+      server: REST base URL ("http://host:port", "https://..." for TLS) or gRPC target
+        ("host:port"); None takes DEFAULT_SERVERS (TF Serving's default ports on this machine;
+        REST over https:// with `root_certificates`).
       model_name: the served model's name.
       timeout_s: per-request timeout.
       version: model version, or None for the latest.
+      token: the server's token (`tfsplit-serve --token_file`), sent with every request; None:
+        none.
+      root_certificates: PEM bytes of the CA of the server's certificate: TLS, verified against
+        it (REST needs an https:// URL). None: gRPC in plain TCP; REST as the URL says, an
+        https:// server verified against the system's CAs.
 
     Raises:
-      DeviceError: unknown protocol, bad address, or gRPC asked for without grpcio.
+      DeviceError: unknown protocol, bad address, token or CA, or gRPC asked for without grpcio.
     """
     if protocol not in PROTOCOLS:
         raise DeviceError(f"`protocol` must be one of {PROTOCOLS}. Received: {protocol!r}")
-    server = DEFAULT_SERVERS[protocol] if server is None else server
+    if server is None:
+        server = DEFAULT_SERVERS[protocol]
+        if protocol == "rest" and root_certificates is not None:
+            server = server.replace("http://", "https://", 1)
+    security = {"token": token, "root_certificates": root_certificates}
     if protocol == "rest":
-        return RestClient(server, model_name, timeout_s=timeout_s, version=version)
+        return RestClient(server, model_name, timeout_s=timeout_s, version=version, **security)
     try:
         from tfsplit.device import grpc_client  # grpcio: optional on devices
     except ImportError as error:
         raise DeviceError(f"gRPC needs grpcio (pip install grpcio), or use REST: {error}") from None
-    return grpc_client.GrpcClient(server, model_name, timeout_s=timeout_s, version=version)
+    return grpc_client.GrpcClient(
+        server, model_name, timeout_s=timeout_s, version=version, **security
+    )
 
 
 @dataclasses.dataclass

@@ -127,6 +127,32 @@ class RemoteSplitModel(SplitModel):
         self.remote_step.assign(reply.next_step)
         logging.info("Connected to %s; its next step is %d.", client.address, reply.next_step)
 
+    def resume(self):
+        """After a restore from the backup: returns the server to this model's step."""
+        reply = self._client().call(
+            "Hello",
+            pb.HelloRequest(
+                model_digest=self.digest,
+                image_shape=list(self.head.input.shape[1:]),
+                num_classes=int(self.tail.output.shape[-1]),
+                device_id=self.device_id,
+                resume=True,
+                resume_step=int(self.remote_step.numpy()),
+            ),
+        )
+        self.remote_step.assign(reply.next_step)
+
+    def checkpoint_remote(self):
+        """Tells the server that this half is backed up at its current step."""
+        self._client().call(
+            "Checkpoint",
+            pb.CheckpointRequest(
+                model_digest=self.digest,
+                device_id=self.device_id,
+                step=int(self.remote_step.numpy()),
+            ),
+        )
+
     def fetch_tail(self):
         """Copies the server's tail weights into this model (before saving it)."""
         reply = self._client().call("TailWeights", pb.TailWeightsRequest(model_digest=self.digest))
@@ -250,3 +276,28 @@ class RemoteTail(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.model.fetch_tail()
+
+
+class RemoteCheckpoint(keras.callbacks.Callback):
+    """Keeps the server's state in step with the device's `BackupAndRestore` (place it after).
+
+    At the start of `fit` (after the backup was restored) the server returns to the restored
+    step; each time the backup is written (every `save_freq` batches, as `BackupAndRestore`
+    counts them) the server saves its state too. So a device killed and restarted loses the
+    steps since its last backup, no more, and both halves agree on where they are.
+    """
+
+    def __init__(self, save_freq):
+        super().__init__()
+        if not isinstance(save_freq, int) or save_freq < 1:
+            raise ValueError(f"`save_freq` must be a positive integer. Received: {save_freq!r}")
+        self.save_freq, self._batches = save_freq, 0
+
+    def on_train_begin(self, logs=None):
+        self.model.resume()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches >= self.save_freq:
+            self._batches = 0
+            self.model.checkpoint_remote()

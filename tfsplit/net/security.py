@@ -10,38 +10,14 @@ certificate for 127.0.0.1 that is also the client's CA):
 """
 
 import hmac
-import os
 
 import grpc
 
-_HEADER = "authorization"
-_SCHEME = "Bearer "
-_MAX_TOKEN_BYTES = 4096
-
-
-def read_token_file(path):
-    """The token in `path` (surrounding whitespace dropped); it must not be empty."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Token file {path} not found; expected a file holding the token.")
-    with open(path, "rb") as f:
-        raw = f.read(_MAX_TOKEN_BYTES + 1)
-    token = raw.decode("utf-8", "replace").strip()
-    if not token or len(raw) > _MAX_TOKEN_BYTES or any(c.isspace() for c in token):
-        raise ValueError(
-            f"Token file {path} must hold one token: 1 to {_MAX_TOKEN_BYTES} bytes without "
-            "spaces or line breaks inside."
-        )
-    return token
-
-
-def read_pem(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file {path} not found; expected a PEM file.")
-    with open(path, "rb") as f:
-        data = f.read()
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} file {path} is not PEM (no -----BEGIN line).")
-    return data
+# The pure helpers live in tfsplit.credentials (no grpc: the device's REST client uses them too);
+# they stay importable from here.
+from tfsplit.credentials import HEADER as _HEADER
+from tfsplit.credentials import SCHEME as _SCHEME
+from tfsplit.credentials import call_metadata, read_pem, read_token_file  # noqa: F401
 
 
 def server_credentials(certificate_file, key_file):
@@ -49,11 +25,6 @@ def server_credentials(certificate_file, key_file):
     return grpc.ssl_server_credentials(
         [(read_pem(key_file, "TLS key"), read_pem(certificate_file, "TLS certificate"))]
     )
-
-
-def call_metadata(token):
-    """The metadata that carries `token` (none without one)."""
-    return ((_HEADER, _SCHEME + token),) if token else ()
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

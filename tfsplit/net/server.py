@@ -15,8 +15,11 @@ nothing, and the server keeps serving.
 import concurrent.futures
 import hashlib
 import json
+import os
 import re
+import struct
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -93,12 +96,13 @@ class TailTrainer:
     tail in the order they arrive.
     """
 
-    def __init__(self, split, max_devices=MAX_DEVICES):
+    def __init__(self, split, state_dir=None, max_devices=MAX_DEVICES):
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
         self.max_devices = max_devices
         self._lock = threading.Lock()
+        self._state = None if state_dir is None else _State(state_dir, split)
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
@@ -158,7 +162,79 @@ class TailTrainer:
                 self.devices[request.device_id] = _Device()
                 logging.info("Device %r joined the run.", request.device_id)
             device = self.devices[request.device_id]
+            if request.resume and request.resume_step != device.next_step:
+                self._resume(request.device_id, request.resume_step)
             return pb.HelloReply(model_digest=self.digest, next_step=device.next_step)
+
+    def checkpoint(self, request):
+        """Saves the tail, its optimizer and every device's step ids (the device backed up)."""
+        self._check_digest(request.model_digest)
+        with self._lock:
+            device = self.devices.get(request.device_id)
+            if device is None or request.step != device.next_step:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Checkpoint at step {request.step} of device {request.device_id!r}, whose "
+                    f"next step here is {getattr(device, 'next_step', None)}.",
+                )
+            if self._state is not None:
+                self._state.save(self.devices)
+            return pb.CheckpointReply(step=request.step)
+
+    def restore(self):
+        """Returns to the saved state, then replays the logged steps (a restarted server)."""
+        if self._state is None or not self._state.exists():
+            return False
+        with self._lock:
+            self.devices = self._state.load()
+            for request in self._state.logged_steps():
+                self._apply_logged(request)
+            logging.info(
+                "Restored the run: next steps %s.",
+                {d: v.next_step for d, v in self.devices.items()},
+            )
+        return True
+
+    def _apply_logged(self, request):
+        payload = codec.decode(request.payload, expect_kind="activations")
+        device = self.devices.setdefault(request.device_id, _Device())
+        values = tf.constant(payload.dequantized(), tf.float32)
+        indices = tf.constant(payload.indices, tf.int32)
+        self._train_step(device, request, values, indices, payload, log=False)
+
+    def _resume(self, device_id, step):
+        """Device `device_id` restarted from its backup at `step`: the only device's run goes
+        back there (the saved state, then the logged steps before `step`); with other devices
+        the shared tail cannot go back, and the device continues from the server's step."""
+        device = self.devices[device_id]
+        if len(self.devices) > 1 or self._state is None:
+            logging.warning(
+                "Device %r resumes at step %d; the server is at %d and keeps the tail.",
+                device_id,
+                step,
+                device.next_step,
+            )
+            return
+        saved = self._state.load()
+        if device_id not in saved or saved[device_id].next_step > step:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Device {device_id!r} resumes at step {step}, before the server's saved state "
+                f"(step {saved.get(device_id, _Device()).next_step}).",
+            )
+        logged = [r for r in self._state.logged_steps() if r.step < step]
+        if saved[device_id].next_step + len(logged) != step:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Device {device_id!r} resumes at step {step}, which the server's log does not "
+                "reach.",
+            )
+        self.devices = saved
+        self._state.truncate_log()
+        for request in logged:
+            self._apply_logged(request)
+            self._state.log(request)
+        logging.info("Device %r resumed: the run went back to step %d.", device_id, step)
 
     def step(self, request):
         self._check_digest(request.model_digest)
@@ -214,7 +290,7 @@ class TailTrainer:
                 raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
         return decoded
 
-    def _train_step(self, device, request, values, indices, payload):
+    def _train_step(self, device, request, values, indices, payload, log=True):
         if request.step == device.next_step - 1 and device.last_reply is not None:
             logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
             return device.last_reply
@@ -244,6 +320,8 @@ class TailTrainer:
         reply = _logits_reply(request.step, logits)
         reply.payload, reply.loss = downstream, float(loss)
         device.last_reply, device.next_step = reply, device.next_step + 1
+        if log and self._state is not None:
+            self._state.log(request)
         return reply
 
     def _calibrate(self, device, request, values, indices):
@@ -284,6 +362,77 @@ class TailTrainer:
         return _logits_reply(request.step, logits)
 
 
+class _State:
+    """A server's durable state in its workdir: a checkpoint of the tail and its optimizer with
+    every device's next step (`state.json`, written last), and a log of every training step
+    since (`steps.log`: length-prefixed StepRequests, appended and flushed before the reply).
+
+    After a kill, the checkpoint plus the replayed log give the state of the last step answered;
+    a step killed before its log entry is redone by the device's retry.
+    """
+
+    def __init__(self, directory, split):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        split.optimizer.build(split.tail.trainable_variables)
+        self._checkpoint = tf.train.Checkpoint(tail=split.tail, optimizer=split.optimizer)
+        self._log_path = os.path.join(directory, "steps.log")
+        self._json = os.path.join(directory, "state.json")
+        self._log_file = open(self._log_path, "ab")
+
+    def exists(self):
+        return os.path.exists(self._json)
+
+    def save(self, devices):
+        prefix = self._checkpoint.write(os.path.join(self.directory, f"tail-{time.time_ns()}"))
+        old = self._read_json().get("checkpoint") if self.exists() else None
+        state = dict(checkpoint=prefix, devices={d: v.next_step for d, v in devices.items()})
+        with open(self._json + ".partial", "w") as f:
+            json.dump(state, f)
+        os.replace(self._json + ".partial", self._json)
+        self.truncate_log()
+        if old and old != prefix:
+            for name in os.listdir(self.directory):
+                if name.startswith(os.path.basename(old)):
+                    os.remove(os.path.join(self.directory, name))
+
+    def _read_json(self):
+        with open(self._json) as f:
+            return json.load(f)
+
+    def load(self):
+        """Restores the checkpoint; returns the devices it recorded."""
+        state = self._read_json()
+        self._checkpoint.read(state["checkpoint"]).assert_existing_objects_matched()
+        devices = {}
+        for device_id, next_step in state["devices"].items():
+            devices[device_id] = _Device()
+            devices[device_id].next_step = next_step
+        return devices
+
+    def log(self, request):
+        data = request.SerializeToString()
+        self._log_file.write(struct.pack("<Q", len(data)) + data)
+        self._log_file.flush()
+
+    def logged_steps(self):
+        """The logged StepRequests in order; a torn last entry (a kill mid-write) is dropped."""
+        with open(self._log_path, "rb") as f:
+            data = f.read()
+        requests, offset = [], 0
+        while offset + 8 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            if offset + 8 + length > len(data):
+                break
+            requests.append(pb.StepRequest.FromString(data[offset + 8 : offset + 8 + length]))
+            offset += 8 + length
+        return requests
+
+    def truncate_log(self):
+        self._log_file.close()
+        self._log_file = open(self._log_path, "wb")
+
+
 def _check_device_id(device_id):
     if not _DEVICE_ID.fullmatch(device_id):
         raise validation.invalid(
@@ -307,10 +456,15 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
         learns the data's shapes from the device, which holds the data).
     """
 
-    def __init__(self, build_split):
+    def __init__(self, build_split, state_dir=None):
         self._build_split = build_split
+        self._state_dir = state_dir
         self._lock = threading.Lock()
         self.trainer = None
+        shapes = None if state_dir is None else _read_shapes(state_dir)
+        if shapes is not None:  # A restarted server: back to where the run was.
+            self.trainer = TailTrainer(build_split(*shapes), state_dir)
+            self.trainer.restore()
 
     def _hello(self, request):
         with self._lock:
@@ -324,7 +478,11 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
                     raise validation.invalid(
                         f"num_classes must be in 1..{_MAX_CLASSES}. Received: {classes}"
                     )
-                self.trainer = TailTrainer(self._build_split(tuple(shape), classes))
+                self.trainer = TailTrainer(
+                    self._build_split(tuple(shape), classes), self._state_dir
+                )
+                if self._state_dir is not None:
+                    _write_shapes(self._state_dir, shape, classes)
         return self.trainer.hello(request)
 
     def _opened(self):
@@ -342,6 +500,27 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
 
     def TailWeights(self, request, context):  # noqa: N802
         return answer_or_abort(context, "TailWeights", lambda: self._opened().tail_weights(request))
+
+    def Checkpoint(self, request, context):  # noqa: N802
+        return answer_or_abort(context, "Checkpoint", lambda: self._opened().checkpoint(request))
+
+
+_SHAPES_FILE = "shapes.json"
+
+
+def _read_shapes(state_dir):
+    path = os.path.join(state_dir, _SHAPES_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        shapes = json.load(f)
+    return tuple(shapes["image_shape"]), shapes["num_classes"]
+
+
+def _write_shapes(state_dir, image_shape, num_classes):
+    os.makedirs(state_dir, exist_ok=True)
+    with open(os.path.join(state_dir, _SHAPES_FILE), "w") as f:
+        json.dump(dict(image_shape=list(image_shape), num_classes=num_classes), f)
 
 
 def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=()):

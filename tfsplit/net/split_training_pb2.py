@@ -19,7 +19,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n tfsplit/net/split_training.proto\x12\x0btfsplit.net"w\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t"5\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03"\xa7\x02\n\x0bStepRequest\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tfsplit.net.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c\x32\xd5\x01\n\rSplitTraining\x12;\n\x05Hello\x12\x19.tfsplit.net.HelloRequest\x1a\x17.tfsplit.net.HelloReply\x12\x38\n\x04Step\x12\x18.tfsplit.net.StepRequest\x1a\x16.tfsplit.net.StepReply\x12M\n\x0bTailWeights\x12\x1f.tfsplit.net.TailWeightsRequest\x1a\x1d.tfsplit.net.TailWeightsReplyb\x06proto3'
+    b'\n tfsplit/net/split_training.proto\x12\x0btfsplit.net"\x9c\x01\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_step\x18\x07 \x01(\x03"5\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03"\xa7\x02\n\x0bStepRequest\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tfsplit.net.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c"J\n\x11\x43heckpointRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x32\xa1\x02\n\rSplitTraining\x12;\n\x05Hello\x12\x19.tfsplit.net.HelloRequest\x1a\x17.tfsplit.net.HelloReply\x12\x38\n\x04Step\x12\x18.tfsplit.net.StepRequest\x1a\x16.tfsplit.net.StepReply\x12M\n\x0bTailWeights\x12\x1f.tfsplit.net.TailWeightsRequest\x1a\x1d.tfsplit.net.TailWeightsReply\x12J\n\nCheckpoint\x12\x1e.tfsplit.net.CheckpointRequest\x1a\x1c.tfsplit.net.CheckpointReplyb\x06proto3'
 )
 
 _globals = globals()
@@ -27,20 +27,24 @@ _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "tfsplit.net.split_training_pb2", _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
-    _globals["_HELLOREQUEST"]._serialized_start = 49
-    _globals["_HELLOREQUEST"]._serialized_end = 168
-    _globals["_HELLOREPLY"]._serialized_start = 170
-    _globals["_HELLOREPLY"]._serialized_end = 223
-    _globals["_STEPREQUEST"]._serialized_start = 226
-    _globals["_STEPREQUEST"]._serialized_end = 521
-    _globals["_STEPREQUEST_KIND"]._serialized_start = 453
-    _globals["_STEPREQUEST_KIND"]._serialized_end = 521
-    _globals["_STEPREPLY"]._serialized_start = 523
-    _globals["_STEPREPLY"]._serialized_end = 616
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 618
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 660
-    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 662
-    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 697
-    _globals["_SPLITTRAINING"]._serialized_start = 700
-    _globals["_SPLITTRAINING"]._serialized_end = 913
+    _globals["_HELLOREQUEST"]._serialized_start = 50
+    _globals["_HELLOREQUEST"]._serialized_end = 206
+    _globals["_HELLOREPLY"]._serialized_start = 208
+    _globals["_HELLOREPLY"]._serialized_end = 261
+    _globals["_STEPREQUEST"]._serialized_start = 264
+    _globals["_STEPREQUEST"]._serialized_end = 559
+    _globals["_STEPREQUEST_KIND"]._serialized_start = 491
+    _globals["_STEPREQUEST_KIND"]._serialized_end = 559
+    _globals["_STEPREPLY"]._serialized_start = 561
+    _globals["_STEPREPLY"]._serialized_end = 654
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 656
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 698
+    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 700
+    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 735
+    _globals["_CHECKPOINTREQUEST"]._serialized_start = 737
+    _globals["_CHECKPOINTREQUEST"]._serialized_end = 811
+    _globals["_CHECKPOINTREPLY"]._serialized_start = 813
+    _globals["_CHECKPOINTREPLY"]._serialized_end = 844
+    _globals["_SPLITTRAINING"]._serialized_start = 847
+    _globals["_SPLITTRAINING"]._serialized_end = 1136
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,12 @@ class SplitTrainingStub:
             response_deserializer=tfsplit_dot_net_dot_split__training__pb2.TailWeightsReply.FromString,
             _registered_method=True,
         )
+        self.Checkpoint = channel.unary_unary(
+            "/tfsplit.net.SplitTraining/Checkpoint",
+            request_serializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.FromString,
+            _registered_method=True,
+        )
 
 
 class SplitTrainingServicer:
@@ -77,6 +83,14 @@ class SplitTrainingServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def Checkpoint(self, request, context):
+        """The device has backed up its half at `step`: the server saves its own state, so that both
+        can return to it (the server also logs every step since, and replays them after a restart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_SplitTrainingServicer_to_server(servicer, server):
             servicer.TailWeights,
             request_deserializer=tfsplit_dot_net_dot_split__training__pb2.TailWeightsRequest.FromString,
             response_serializer=tfsplit_dot_net_dot_split__training__pb2.TailWeightsReply.SerializeToString,
+        ),
+        "Checkpoint": grpc.unary_unary_rpc_method_handler(
+            servicer.Checkpoint,
+            request_deserializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointRequest.FromString,
+            response_serializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +205,36 @@ class SplitTraining:
             "/tfsplit.net.SplitTraining/TailWeights",
             tfsplit_dot_net_dot_split__training__pb2.TailWeightsRequest.SerializeToString,
             tfsplit_dot_net_dot_split__training__pb2.TailWeightsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def Checkpoint(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/tfsplit.net.SplitTraining/Checkpoint",
+            tfsplit_dot_net_dot_split__training__pb2.CheckpointRequest.SerializeToString,
+            tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,18 +12,28 @@ the row ("instances") format TF Serving would stack every input along a new batc
 `indices`, `scale` and `zero_point` do not have; here every instance must carry the same three and
 only `values` is stacked, so the row format stays usable by hand (curl). Clients use the columnar
 format, which a real TF Serving answers identically.
+
+With a token, every request must carry `Authorization: Bearer <token>`; one without it, or with
+another, gets 401 (a JSON error and a WWW-Authenticate header) before its route or body is read,
+so it reaches nothing. With an `ssl.SSLContext` (`tls_context`) the server speaks HTTPS only; the
+TLS handshake runs in the connection's own thread, under its timeout, so a client that connects
+and says nothing holds one thread, not the server.
 """
 
+import hmac
 import http
 import http.server
 import json
 import re
 import socket
+import ssl
+import sys
 
 import grpc
 from absl import logging
 from google.protobuf import json_format
 
+from tfsplit import credentials
 from tfsplit.serve import tensors, validation
 
 _ROUTE = re.compile(
@@ -35,6 +45,38 @@ _BODY_KEYS = {"signature_name", "inputs", "instances"}
 _SHARED_INPUTS = ("indices", "scale", "zero_point")
 _DRAIN_FACTOR = 8
 _DRAIN_CHUNK_BYTES = 1 << 16
+
+
+def tls_context(certificate_file, key_file):
+    """The server-side TLS 1.2+ context for a PEM certificate chain and its unencrypted key.
+
+    Raises:
+      FileNotFoundError, ValueError: a missing or non-PEM file, an encrypted key, or a key that
+        is not the certificate's.
+    """
+    credentials.read_pem(certificate_file, "TLS certificate")
+    credentials.read_pem(key_file, "TLS key")
+
+    def no_password():  # gRPC takes no passphrase either; never prompt on the terminal.
+        raise ValueError(f"TLS key file {key_file} is encrypted; give an unencrypted key.")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate_file, key_file, password=no_password)
+    except ssl.SSLError as error:
+        raise ValueError(
+            f"TLS certificate {certificate_file} and key {key_file} do not make a pair: {error}"
+        ) from None
+    return context
+
+
+def _bearer_matches(authorization, token):
+    """Whether an Authorization header value is `Bearer <token>`; the token compared in constant
+    time. The header arrives decoded as latin-1, so encoding it back gives the bytes sent."""
+    scheme, _, sent = authorization.strip().partition(" ")
+    sent = sent.strip().encode("latin-1", "replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, token.encode())
 
 
 def _http_error(status, message):
@@ -170,19 +212,57 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002  (the base class's signature)
         logging.debug("REST %s: " + format, self.address_string(), *args)
 
-    def _send_json(self, status, obj):
+    def setup(self):
+        super().setup()  # sets the connection's timeout, which bounds the handshake too
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
+
+    def _send_json(self, status, obj, headers=()):
         body = json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def _send_error_json(self, status, message):
+    def _send_error_json(self, status, message, headers=()):
         # The unread rest of a refused body would be taken for the next request: close instead.
         self.close_connection = True
         logging.warning("Rejected REST %s %s (%d): %s", self.command, self.path, status, message)
-        self._send_json(status, {"error": message})
+        self._send_json(status, {"error": message}, (*headers, ("Connection", "close")))
+
+    def _refuse_unauthorized(self):
+        """Answers 401 (True) unless the request carries the server's token."""
+        token = self.server.token
+        sent = self.headers.get("Authorization")
+        if token is None or (sent is not None and _bearer_matches(sent, token)):
+            return False
+        self._drop_small_body()
+        # RFC 6750: no error code when no credentials were sent.
+        challenge = 'Bearer realm="tfsplit-serve"'
+        if sent is not None:
+            challenge += ', error="invalid_token"'
+        self._send_error_json(
+            http.HTTPStatus.UNAUTHORIZED,
+            "Missing or wrong token: send the header 'Authorization: Bearer <token>'.",
+            (("WWW-Authenticate", challenge),),
+        )
+        return True
+
+    def _drop_small_body(self):
+        """Reads and drops the body of a refused request up to the size limit (an authorized
+        request could send as much), so that the client reads the answer, not a reset."""
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return
+        if 0 < length <= self.server.max_request_bytes:
+            try:
+                self._discard(length, self.server.max_request_bytes)
+            except OSError:  # a stalled or gone client: answer anyway
+                pass
 
     def _handle(self, answer):
         try:
@@ -251,10 +331,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return predict_json(self.server.served, target, body, self.server.max_request_bytes)
 
     def do_GET(self):  # noqa: N802  (the base class's dispatch name)
-        self._handle(self._get)
+        if not self._refuse_unauthorized():
+            self._handle(self._get)
 
     def do_POST(self):  # noqa: N802  (the base class's dispatch name)
-        self._handle(self._post)
+        if not self._refuse_unauthorized():
+            self._handle(self._post)
 
 
 class RestServer(http.server.ThreadingHTTPServer):
@@ -264,12 +346,29 @@ class RestServer(http.server.ThreadingHTTPServer):
       host, port: where to bind; port 0 picks a free port (read `server_address` after).
       served: the ServedTail.
       max_request_bytes: the largest request body accepted.
+      token: the token every request must carry (`Authorization: Bearer <token>`); None: none.
+      ssl_context: a server-side `ssl.SSLContext` (see `tls_context`): HTTPS only; None: HTTP.
     """
 
     daemon_threads = True
 
-    def __init__(self, host, port, served, max_request_bytes):
+    def __init__(self, host, port, served, max_request_bytes, token=None, ssl_context=None):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.served = served
         self.max_request_bytes = max_request_bytes
+        self.token = credentials.check_token(token)
         super().__init__((host, port), _Handler)
+        if ssl_context is not None:
+            # Accepting then only wraps the connection; its handler thread does the handshake.
+            self.socket = ssl_context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
+
+    def handle_error(self, request, client_address):
+        """A connection that failed at the socket or TLS level (a plain-text client on the TLS
+        port, a reset, a stalled handshake) is one log line, not a traceback on stderr."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handle_error(request, client_address)
+            return
+        logging.warning("REST connection from %s dropped: %s", client_address[0], error)

@@ -5,6 +5,11 @@ itself refuses: a one-hot scatter takes an out-of-range index as "no channel", a
 channel counted twice, and a bad shape fails deep inside the graph. TailServer serves the same
 SavedModel with the same protocols (so one client works against both) and validates every request
 first, answering what was wrong and what was expected.
+
+Like `tfsplit-train-server`, it can ask for a shared token (gRPC: `authorization: Bearer <token>`
+in the call metadata, else UNAUTHENTICATED; REST: the same Authorization header, else 401) and
+serve both protocols over TLS from one PEM certificate and key. A refused call reaches neither
+the validation nor the model.
 """
 
 import concurrent.futures
@@ -14,6 +19,8 @@ import grpc
 from absl import logging
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from tfsplit import credentials
+from tfsplit.net import security
 from tfsplit.serve import grpc_service, model, rest
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
@@ -48,10 +55,20 @@ class TailServer:
       max_batch_size: the largest batch N per request.
       max_request_bytes: the largest request (gRPC message or REST body).
       max_workers: gRPC handler threads.
+      token: a string every call must carry as `authorization: Bearer <token>` (gRPC metadata,
+        REST header), e.g. from `tfsplit.credentials.read_token_file`; None asks for none.
+      tls_cert_file, tls_key_file: PEM certificate chain and its unencrypted private key (both or
+        neither): gRPC and REST (HTTPS, TLS 1.2+) serve over TLS only. Clients verify against the
+        CA that signed the certificate (for a self-signed one, the certificate itself).
+
+    Raises:
+      ValueError, FileNotFoundError: a bad argument, token or TLS file, checked before the model
+        loads; TailModelError (a ValueError): a bad model.
 
     Attributes:
       grpc_port, rest_port: the ports actually bound (after `start`).
       served: the ServedTail (model name, version, spec).
+      tls: whether both frontends serve over TLS.
     """
 
     def __init__(
@@ -67,12 +84,26 @@ class TailServer:
         max_batch_size=256,
         max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
         max_workers=8,
+        token=None,
+        tls_cert_file=None,
+        tls_key_file=None,
     ):
         _check_port("grpc_port", grpc_port)
         _check_port("rest_port", rest_port)
         for name, value in (("max_request_bytes", max_request_bytes), ("max_workers", max_workers)):
             if type(value) is not int or value < 1:
                 raise ValueError(f"`{name}` must be >= 1. Received: {value!r}")
+        self._token = credentials.check_token(token)
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError(
+                "`tls_cert_file` and `tls_key_file` go together: pass both or neither. Received: "
+                f"tls_cert_file={tls_cert_file!r}, tls_key_file={tls_key_file!r}"
+            )
+        self.tls = tls_cert_file is not None
+        self._rest_tls = self._grpc_tls = None
+        if self.tls:  # The SSL context checks that the key is the certificate's.
+            self._rest_tls = rest.tls_context(tls_cert_file, tls_key_file)
+            self._grpc_tls = security.server_credentials(tls_cert_file, tls_key_file)
         self.served = model.ServedTail(
             model_base_path, model_name, version, signature_name, channels, max_batch_size
         )
@@ -88,13 +119,13 @@ class TailServer:
 
     @property
     def grpc_target(self):
-        """host:port for `grpc.insecure_channel` or the device's gRPC client."""
+        """host:port for a gRPC channel (a secure one with TLS) or the device's gRPC client."""
         return _address(self.host, self.grpc_port)
 
     @property
     def rest_url(self):
-        """Base URL for the device's REST client."""
-        return f"http://{_address(self.host, self.rest_port)}"
+        """Base URL for the device's REST client: https:// with TLS."""
+        return f"{'https' if self.tls else 'http'}://{_address(self.host, self.rest_port)}"
 
     def _start_grpc(self):
         limit = self._max_request_bytes
@@ -103,22 +134,34 @@ class TailServer:
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(self._max_workers, "tfsplit-grpc"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
+            interceptors=[security.TokenInterceptor(self._token)] if self._token else None,
         )
         servicer = grpc_service.PredictionServicer(self.served, limit)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+        address = _address(self.host, self.grpc_port)
         try:
-            port = server.add_insecure_port(_address(self.host, self.grpc_port))
+            if self._grpc_tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, self._grpc_tls)
         except RuntimeError as error:
             port, reason = 0, error
         else:
             reason = "port in use or host not local"
         if not port:
-            raise OSError(f"Cannot bind gRPC to {_address(self.host, self.grpc_port)}: {reason}")
+            raise OSError(f"Cannot bind gRPC to {address}: {reason}")
         server.start()
         self._grpc_server, self.grpc_port = server, port
 
     def _start_rest(self):
-        server = rest.RestServer(self.host, self.rest_port, self.served, self._max_request_bytes)
+        server = rest.RestServer(
+            self.host,
+            self.rest_port,
+            self.served,
+            self._max_request_bytes,
+            token=self._token,
+            ssl_context=self._rest_tls,
+        )
         self.rest_port = server.server_address[1]
         thread = threading.Thread(target=server.serve_forever, name="tfsplit-rest", daemon=True)
         thread.start()
@@ -140,11 +183,13 @@ class TailServer:
             self._grpc_server.stop(None)
             raise
         logging.info(
-            "Serving model %r version %d: gRPC on %s, REST on %s",
+            "Serving model %r version %d: gRPC on %s, REST on %s (%s, %s)",
             self.served.name,
             self.served.version,
             self.grpc_target,
             self.rest_url,
+            "TLS" if self.tls else "no TLS",
+            "token required" if self._token else "no token",
         )
         return self
 
