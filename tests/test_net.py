@@ -50,12 +50,12 @@ def tiny_config():
     return config
 
 
-def _servicer(config):
+def _servicer(config, state_dir=None):
     def build_split(image_shape, num_classes):
         info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
         return trainer.build_split_model(config, info)
 
-    return server_lib.TrainingServicer(build_split)
+    return server_lib.TrainingServicer(build_split, state_dir)
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def serving():
     """Starts a servicer on 127.0.0.1 (a free port) and stops it after the test."""
     servers = []
 
-    def start(config, **kwargs):
-        servicer = _servicer(config)
+    def start(config, state_dir=None, **kwargs):
+        servicer = _servicer(config, state_dir)
         server, port = server_lib.serve(servicer, 0, **kwargs)
         servers.append(server)
         return servicer, port
@@ -252,6 +252,39 @@ def test_tls_with_a_self_signed_test_pair(serving, tmp_path):
     plain = TrainingClient(f"127.0.0.1:{port}", retry_for_s=0, deadline_s=5)
     with pytest.raises(grpc.RpcError):
         plain.call("Hello", _hello_request(model))
+
+
+def test_a_resumed_device_takes_the_server_back_and_a_restarted_server_replays(serving, tmp_path):
+    config = tiny_config()
+    servicer, port = serving(config, state_dir=str(tmp_path / "state"))
+    model = trainer.build_split_model(
+        config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+    )
+    stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    _hello(stub, model)
+    digest = server_lib.model_digest(model)
+    tail = lambda: servicer.trainer.split.tail.get_weights()  # noqa: E731
+    for step in range(2):
+        stub.Step(_train_request(model, step))
+    checkpoint = pb.CheckpointRequest(model_digest=digest, device_id="device-0", step=2)
+    assert stub.Checkpoint(checkpoint).step == 2
+    stub.Step(_train_request(model, 2))
+    after_step_2 = tail()
+    replies = {3: stub.Step(_train_request(model, 3))}
+    # A restarted server (a new servicer on the same state) replays the log: steps 2 and 3.
+    restarted = _servicer(config, str(tmp_path / "state"))
+    assert restarted.trainer.devices["device-0"].next_step == 4
+    assert restarted.trainer.devices["device-0"].last_reply == replies[3]
+    for x, y in zip(restarted.trainer.split.tail.get_weights(), tail()):
+        np.testing.assert_array_equal(x, y)
+    # The device restarted from a backup at step 3: the server goes back to step 3.
+    back = _hello(stub, model, resume=True, resume_step=3)
+    assert back.next_step == 3 and servicer.trainer.devices["device-0"].next_step == 3
+    for x, y in zip(tail(), after_step_2):
+        np.testing.assert_array_equal(x, y)
+    assert stub.Step(_train_request(model, 3)) == replies[3]  # the same step, trained again
+    code = _code(lambda: _hello(stub, model, resume=True, resume_step=1))  # before the checkpoint
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_two_devices_keep_their_own_step_ids_and_share_the_tail(opened):

@@ -161,10 +161,10 @@ class TailTrainer:
                     )
                 self.devices[request.device_id] = _Device()
                 logging.info("Device %r joined the run.", request.device_id)
-            device = self.devices[request.device_id]
-            if request.resume and request.resume_step != device.next_step:
+            if request.resume and request.resume_step != self.devices[request.device_id].next_step:
                 self._resume(request.device_id, request.resume_step)
-            return pb.HelloReply(model_digest=self.digest, next_step=device.next_step)
+            next_step = self.devices[request.device_id].next_step  # after a resume: the new one
+            return pb.HelloReply(model_digest=self.digest, next_step=next_step)
 
     def checkpoint(self, request):
         """Saves the tail, its optimizer and every device's step ids (the device backed up)."""
