@@ -23,10 +23,11 @@ import pytest
 from tfsplit import codec
 from tfsplit.config import base_config, load_config_file, phase
 from tfsplit.net import security
-from tfsplit.net import server as server_lib
+from tfsplit.net import service as service_lib
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.net import split_training_pb2_grpc as pb_grpc
 from tfsplit.net.device import TrainingClient
+from tfsplit.net.messages import model_digest
 from tfsplit.train import trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def _servicer(config, state_dir=None):
         info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
         return trainer.build_split_model(config, info)
 
-    return server_lib.TrainingServicer(build_split, state_dir)
+    return service_lib.TrainingServicer(build_split, state_dir)
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def serving():
 
     def start(config, state_dir=None, **kwargs):
         servicer = _servicer(config, state_dir)
-        server, port = server_lib.serve(servicer, 0, **kwargs)
+        server, port = service_lib.serve(servicer, 0, **kwargs)
         servers.append(server)
         return servicer, port
 
@@ -76,7 +77,7 @@ def serving():
 
 def _hello(stub, servicer_model, device_id="device-0", **fields):
     request = pb.HelloRequest(
-        model_digest=server_lib.model_digest(servicer_model),
+        model_digest=model_digest(servicer_model),
         image_shape=list(servicer_model.head.input.shape[1:]),
         num_classes=int(servicer_model.tail.output.shape[-1]),
         device_id=device_id,
@@ -103,7 +104,7 @@ def _train_request(model, step, batch=4, labels=None, **fields):
     payload = codec.encode(values, [3, 1, 2, 0], model.channels, "float16", labels=labels)
     return pb.StepRequest(
         kind=pb.StepRequest.TRAIN,
-        model_digest=server_lib.model_digest(model),
+        model_digest=model_digest(model),
         step=step,
         payload=payload,
         learning_rate=0.05,
@@ -208,7 +209,7 @@ def test_a_call_without_the_token_is_refused_and_changes_nothing(serving):
 
 def _hello_request(model):
     return pb.HelloRequest(
-        model_digest=server_lib.model_digest(model),
+        model_digest=model_digest(model),
         image_shape=[32, 32, 3],
         num_classes=10,
         device_id="device-0",
@@ -262,7 +263,7 @@ def test_a_resumed_device_takes_the_server_back_and_a_restarted_server_replays(s
     )
     stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     _hello(stub, model)
-    digest = server_lib.model_digest(model)
+    digest = model_digest(model)
     tail = lambda: servicer.trainer.split.tail.get_weights()  # noqa: E731
     for step in range(2):
         stub.Step(_train_request(model, step))

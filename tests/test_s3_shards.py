@@ -12,8 +12,6 @@ import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import boto3
 import numpy as np
@@ -25,6 +23,7 @@ from s3_server import (  # noqa: F401  (fixtures)
     own_moto_server,
     s3_bucket,
 )
+from test_tools import run_tool  # the tools in a subprocess, as test_tools runs them
 
 from tfsplit import data
 from tfsplit.config import base_config, phase
@@ -35,7 +34,6 @@ from tfsplit.train import train
 import tensorflow as tf  # isort: skip  (after tfsplit)
 
 TRAIN_SIZE, TEST_SIZE = 160, 40
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAST_RETRY = object_store.RetryPolicy(attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
@@ -103,25 +101,8 @@ def test_a_bucket_holds_the_same_shards_and_gives_the_same_batches(arrays, local
 def test_prepare_data_writes_a_bucket_and_training_reads_it(s3_bucket, tmp_path):
     """The README's two commands: tfsplit-prepare-data to s3://, then training from it."""
     url = f"s3://{s3_bucket}/synthetic"
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tools.prepare_data",
-            "--dataset=synthetic",
-            f"--out={url}",
-            "--num_shards=4",
-            "--train_size=256",
-            "--test_size=64",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    argv = ["--dataset=synthetic", f"--out={url}", "--num_shards=4", "--train_size=256"]
+    result = run_tool("prepare_data", [*argv, "--test_size=64"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"wrote {url}/index.json" in result.stdout
     config = base_config("deprune")

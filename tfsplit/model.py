@@ -13,6 +13,7 @@ import tf_keras as keras
 
 from tfsplit import budget as budget_lib
 from tfsplit import codec
+from tfsplit.batch_norm import BatchNormAverage
 from tfsplit.bottleneck import Decoder, MaskedEncoder
 
 
@@ -40,53 +41,6 @@ def _only_layer(model, layer_type):
             f"{model.name} holds {len(found)} {layer_type.__name__} layers; expected at most one."
         )
     return found[0] if found else None
-
-
-class BatchNormAverage:
-    """The plain mean of batch norm statistics over forward passes (`calibrate_batch_norm`).
-
-    Inside `with`, every norm's momentum is 0, so each training-mode pass leaves exactly its
-    batch's statistics; `record` adds them up after each pass, and leaving the block assigns the
-    means (E[x] and E[x^2] - E[x]^2) and restores the momenta. An exception leaves the
-    statistics of the last pass and restores the momenta.
-    """
-
-    def __init__(self, norms):
-        self.norms = list(norms)
-        self.count = 0
-
-    @classmethod
-    def of(cls, model):
-        """The averager of `model`'s batch norms, or None when it has none."""
-        norms = [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
-        return cls(norms) if norms else None
-
-    def __enter__(self):
-        self._momenta = [norm.momentum for norm in self.norms]
-        self._means, self._squares, self.count = [0.0] * len(self.norms), [0.0] * len(self.norms), 0
-        for norm in self.norms:
-            norm.momentum = 0.0
-        return self
-
-    def record(self):
-        for i, norm in enumerate(self.norms):
-            mean = norm.moving_mean.numpy()
-            self._means[i] = self._means[i] + mean
-            self._squares[i] = self._squares[i] + norm.moving_variance.numpy() + mean * mean
-        self.count += 1
-
-    def __exit__(self, error_type, error, traceback):
-        for norm, momentum in zip(self.norms, self._momenta):
-            norm.momentum = momentum
-        if error_type is not None:
-            return False
-        if not self.count:
-            raise ValueError("Batch norm calibration needs at least one batch; none was given.")
-        for norm, total, total_square in zip(self.norms, self._means, self._squares):
-            mean = total / self.count
-            norm.moving_mean.assign(mean)
-            norm.moving_variance.assign(total_square / self.count - mean * mean)
-        return False
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")

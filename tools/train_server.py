@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.net import security
-from tfsplit.net import server as server_lib
+from tfsplit.net import service as service_lib
 from tfsplit.train import trainer
 from tools import run_tool
 
@@ -53,8 +53,8 @@ def main(argv):
     interceptors = []
     if _TOKEN_FILE.value:
         interceptors.append(security.TokenInterceptor(security.read_token_file(_TOKEN_FILE.value)))
-    server, port = server_lib.serve(
-        server_lib.TrainingServicer(build_split, state_dir=_WORKDIR.value),
+    server, port = service_lib.serve(
+        service_lib.TrainingServicer(build_split, state_dir=_WORKDIR.value),
         _PORT.value,
         _HOST.value,
         credentials=credentials,

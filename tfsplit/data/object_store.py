@@ -12,26 +12,21 @@ nothing, and an empty directory cannot be told from a missing one.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import io
-import math
 import posixpath
-import random
 import re
-import tempfile
 import threading
-import time
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
-from absl import logging
 from boto3.s3.transfer import TransferConfig
 
 from tfsplit.codec_values import is_int
 from tfsplit.data.common import DatasetFileError
+from tfsplit.data.retry import Retry, RetryPolicy, with_retries
 
 SCHEME = "s3://"
 CHUNK_BYTES = 1 << 20  # Reads stream objects in 1 MiB pieces (bounded memory per reader).
@@ -46,7 +41,7 @@ _CLIENT_CONFIG = botocore.config.Config(
     retries={"mode": "standard", "total_max_attempts": 2},
     max_pool_connections=16,  # tf.data reads several shards at once from one client.
 )
-_TRANSFER_CONFIG = TransferConfig(max_concurrency=4)
+TRANSFER_CONFIG = TransferConfig(max_concurrency=4)
 # Errors of the connection or of the transfer, not of the request: always worth another try.
 _TRANSIENT_ERRORS = (
     botocore.exceptions.HTTPClientError,
@@ -63,7 +58,7 @@ _BROKEN_TRANSFER_ERRORS = (
     urllib3.exceptions.ProtocolError,
 )
 # Everything a call can raise: the transient errors, the server's answers and the rest of botocore.
-_S3_ERRORS = (
+S3_ERRORS = (
     botocore.exceptions.ClientError,
     botocore.exceptions.BotoCoreError,
     urllib3.exceptions.HTTPError,
@@ -100,85 +95,7 @@ def _object_key(url):
     return bucket, key
 
 
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a failed object-store call is tried again.
-
-    Attributes:
-      attempts: tries in all (1 means no retry).
-      initial_backoff_s: the wait before the first retry; it doubles with every retry.
-      max_backoff_s: the longest wait between two tries.
-    """
-
-    attempts: int = 5
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 4.0
-
-    def __post_init__(self):
-        if not is_int(self.attempts) or self.attempts < 1:
-            raise ValueError(
-                f"`attempts` must be an int >= 1. Received: attempts={self.attempts!r}"
-            )
-        for name in ("initial_backoff_s", "max_backoff_s"):
-            value = getattr(self, name)
-            if not _is_seconds(value):
-                raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError(
-                "`max_backoff_s` must be >= `initial_backoff_s`. Received: "
-                f"initial_backoff_s={self.initial_backoff_s}, max_backoff_s={self.max_backoff_s}"
-            )
-
-    def backoff_s(self, retry):
-        """Seconds to wait before retry number `retry` (1, 2, ...).
-
-        Jittered into [half, full] of the doubled wait, so that the many readers of a tf.data
-        pipeline that lost the same server do not all come back in the same instant.
-        """
-        full = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(retry - 1, 30))
-        return random.uniform(full / 2, full)
-
-
-def _is_seconds(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
-
-
 DEFAULT_RETRY = RetryPolicy()
-
-
-class _Retry(Exception):
-    """A failed try worth repeating; its message says what went wrong."""
-
-
-def _with_retries(policy, what, attempt):
-    """`attempt()`'s result, repeated per `policy` while it raises `_Retry`.
-
-    Raises:
-      DatasetFileError: after the last try, naming `what`, the last problem and the tries made.
-    """
-    for tries in range(1, policy.attempts + 1):
-        try:
-            return attempt()
-        except _Retry as err:
-            last = err
-            if tries < policy.attempts:
-                delay = policy.backoff_s(tries)
-                logging.warning(
-                    "Could not %s (attempt %d of %d): %s; retrying in %.2f s",
-                    what,
-                    tries,
-                    policy.attempts,
-                    err,
-                    delay,
-                )
-                time.sleep(delay)
-    attempts = f"{policy.attempts} attempt{'s' if policy.attempts > 1 else ''}"
-    raise DatasetFileError(f"Could not {what} after {attempts}: {last}") from last
 
 
 def _error_code(err):
@@ -234,12 +151,12 @@ class S3Files:
             ) from err
 
     def _problem(self, err, what, retry_missing=False):
-        """`_Retry` for a transient error (or a missing object, when asked), else the final
+        """`Retry` for a transient error (or a missing object, when asked), else the final
         DatasetFileError; both name what failed."""
         if isinstance(err, _BROKEN_TRANSFER_ERRORS):
-            return _Retry(f"the transfer from {self.endpoint} broke off: {err}")
+            return Retry(f"the transfer from {self.endpoint} broke off: {err}")
         if isinstance(err, _TRANSIENT_ERRORS):
-            return _Retry(f"server unreachable at {self.endpoint}: {err}")
+            return Retry(f"server unreachable at {self.endpoint}: {err}")
         if isinstance(err, botocore.exceptions.NoCredentialsError):
             return DatasetFileError(
                 f"Could not {what}: {err} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
@@ -252,7 +169,7 @@ class S3Files:
         if code in _MISSING_CODES:
             problem = f"the object is missing ({code} at {self.endpoint})"
             return (
-                _Retry(problem)
+                Retry(problem)
                 if retry_missing
                 else DatasetFileError(f"Could not {what}: {problem}")
             )
@@ -268,7 +185,7 @@ class S3Files:
         if code == "PreconditionFailed":
             return DatasetFileError(f"Could not {what}: the object changed while it was read")
         if status >= 500 or code in _THROTTLE_CODES:
-            return _Retry(f"{self.endpoint} answered {code or status}: {err}")
+            return Retry(f"{self.endpoint} answered {code or status}: {err}")
         return DatasetFileError(f"Could not {what}: {err}")
 
     def _call(self, what, request, retry_missing=False):
@@ -278,10 +195,10 @@ class S3Files:
         def attempt():
             try:
                 return request(client)
-            except _S3_ERRORS as err:
+            except S3_ERRORS as err:
                 raise self._problem(err, what, retry_missing) from err
 
-        return _with_retries(self.retry, what, attempt)
+        return with_retries(self.retry, what, attempt)
 
     def _head(self, url, what):
         """head_object's response for `url`, or None when the object does not exist."""
@@ -303,12 +220,16 @@ class S3Files:
 
     def open(self, path, mode="r"):
         """A reader ("rb", "r") or a writer ("wb", "w"; uploaded on close) of one object."""
+        from tfsplit.data import object_streams  # Imported here: it builds on this module.
+
         bucket, key = _object_key(path)
         if mode in ("r", "rb"):
-            reader = io.BufferedReader(_ObjectReader(self, path, bucket, key), CHUNK_BYTES)
+            reader = io.BufferedReader(
+                object_streams.ObjectReader(self, path, bucket, key), CHUNK_BYTES
+            )
             return reader if mode == "rb" else io.TextIOWrapper(reader, encoding="utf-8")
         if mode in ("w", "wb"):
-            return _ObjectWriter(self, path, bucket, key, text=mode == "w")
+            return object_streams.ObjectWriter(self, path, bucket, key, text=mode == "w")
         raise ValueError(f"`mode` must be 'r', 'rb', 'w' or 'wb'. Received: mode={mode!r}")
 
     def exists(self, path):
@@ -409,7 +330,7 @@ class S3Files:
         if self._head(source, what) is None:
             raise DatasetFileError(f"Could not {what}: {source} is missing")
         copy_source = {"Bucket": source_bucket, "Key": source_key}
-        self._call(what, lambda s3: s3.copy(copy_source, bucket, key, Config=_TRANSFER_CONFIG))
+        self._call(what, lambda s3: s3.copy(copy_source, bucket, key, Config=TRANSFER_CONFIG))
         self._call(what, lambda s3: s3.delete_object(Bucket=source_bucket, Key=source_key))
 
     # ------------------------------------------------------------------------------------------
@@ -448,158 +369,18 @@ class S3Files:
                 with contextlib.closing(response["Body"]) as body:
                     size = response["ContentLength"]
                     if expected_size is not None and size != expected_size:
-                        raise _Retry(f"{size} bytes but the index expects {expected_size}")
+                        raise Retry(f"{size} bytes but the index expects {expected_size}")
                     digest, chunks = hashlib.sha256(), []
                     for chunk in iter(lambda: body.read(CHUNK_BYTES), b""):
                         digest.update(chunk)
                         chunks.append(chunk)
-            except _S3_ERRORS as err:
+            except S3_ERRORS as err:
                 raise self._problem(err, what, retry_missing=True) from err
             if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-                raise _Retry(f"sha256 {digest.hexdigest()} but expected {expected_sha256}")
+                raise Retry(f"sha256 {digest.hexdigest()} but expected {expected_sha256}")
             return b"".join(chunks)
 
-        return _with_retries(self.retry, what, attempt)
-
-
-class _ObjectReader(io.RawIOBase):
-    """Streams one object; a connection lost mid-object resumes at the byte reached.
-
-    The resumed request is a Range request conditioned on the first response's ETag, so an
-    object replaced in between fails (naming it) instead of splicing two versions together.
-    """
-
-    def __init__(self, files, url, bucket, key):
-        super().__init__()
-        self._files, self._url, self._bucket, self._key = files, url, bucket, key
-        self._what, self._body = f"read {url}", None
-        response = files._call(self._what, lambda s3: s3.get_object(Bucket=bucket, Key=key))
-        self._body, self._etag = response["Body"], response["ETag"]
-        self._size, self._pos = response["ContentLength"], 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if start + offset < 0:
-            raise ValueError(f"Cannot seek {self._url} to {start + offset}")
-        if start + offset != self._pos:
-            self._drop_body()
-            self._pos = start + offset
-        return self._pos
-
-    def readinto(self, buffer):
-        wanted = min(len(buffer), CHUNK_BYTES, max(0, self._size - self._pos))
-        if wanted == 0:
-            return 0
-        data = _with_retries(self._files.retry, self._what, lambda: self._read(wanted))
-        memoryview(buffer)[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def readall(self):
-        chunks = []
-        for chunk in iter(lambda: self.read(CHUNK_BYTES), b""):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _read(self, wanted):
-        """Up to `wanted` bytes at the current position; a lost connection raises `_Retry`."""
-        try:
-            if self._body is None:
-                self._body = self._files.client.get_object(
-                    Bucket=self._bucket,
-                    Key=self._key,
-                    Range=f"bytes={self._pos}-",
-                    IfMatch=self._etag,
-                )["Body"]
-                logging.info("Resuming %s at byte %d of %d", self._url, self._pos, self._size)
-            data = self._body.read(wanted)
-            if not data:
-                raise _Retry(f"the stream ended at byte {self._pos} of {self._size}")
-            return data
-        except _S3_ERRORS as err:
-            self._drop_body()
-            raise self._files._problem(err, self._what) from err
-        except _Retry:
-            self._drop_body()
-            raise
-
-    def _drop_body(self):
-        if self._body is not None:
-            with contextlib.suppress(Exception):
-                self._body.close()
-            self._body = None
-
-    def close(self):
-        self._drop_body()
-        super().close()
-
-
-class _ObjectWriter:
-    """Spools writes to a local temporary file and uploads it on close.
-
-    S3 has no appends, and spooling keeps memory flat for shards of any size. A with-block that
-    raises uploads nothing, so a failed write never leaves half an object under its name.
-    """
-
-    def __init__(self, files, url, bucket, key, text):
-        self._files, self._url, self._bucket, self._key = files, url, bucket, key
-        self._text = text
-        self._spool = tempfile.TemporaryFile(prefix="tfsplit-s3-")
-        self.closed = False
-
-    def writable(self):
-        return True
-
-    def write(self, data):
-        if self._text:
-            if not isinstance(data, str):
-                raise TypeError(f"Writing {self._url} in text mode takes str, not {type(data)}")
-            self._spool.write(data.encode("utf-8"))
-            return len(data)
-        return self._spool.write(data)
-
-    def tell(self):
-        return self._spool.tell()
-
-    def flush(self):
-        """Nothing to do: the object is uploaded whole on close."""
-
-    def close(self):
-        """Uploads what was written (with boto3's managed, multipart upload) and frees it."""
-        if self.closed:
-            return
-        try:
-            self._files._call(f"write {self._url}", self._upload)
-        finally:
-            self.discard()
-
-    def _upload(self, s3):
-        self._spool.seek(0)
-        s3.upload_fileobj(self._spool, self._bucket, self._key, Config=_TRANSFER_CONFIG)
-
-    def discard(self):
-        """Drops what was written without uploading it."""
-        self.closed = True
-        self._spool.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, traceback):
-        if exc_type is None:
-            self.close()
-        else:
-            logging.warning("Not uploading %s: the write failed (%s)", self._url, exc)
-            self.discard()
+        return with_retries(self.retry, what, attempt)
 
 
 _FILESYSTEMS = {}

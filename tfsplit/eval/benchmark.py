@@ -120,13 +120,13 @@ def _serve_config(config, ports):
     """A training server for `config` until killed (the body of the server process)."""
     import types
 
-    from tfsplit.net import server as server_lib
+    from tfsplit.net import service as service_lib
 
     def build_split(image_shape, num_classes):
         shapes = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
         return trainer.build_split_model(config, shapes)
 
-    server, port = server_lib.serve(server_lib.TrainingServicer(build_split))
+    server, port = service_lib.serve(service_lib.TrainingServicer(build_split))
     ports.put(port)
     server.wait_for_termination()
 

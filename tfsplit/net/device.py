@@ -16,13 +16,15 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
-from tfsplit.model import BatchNormAverage, SplitModel
+from tfsplit.batch_norm import BatchNormAverage
+from tfsplit.model import SplitModel
 from tfsplit.net import security
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.net import split_training_pb2_grpc as pb_grpc
-from tfsplit.net.server import (
+from tfsplit.net.messages import (
     MAX_MESSAGE_BYTES,
     model_digest,
+    reply_logits,
     weights_from_protos,
     weights_to_protos,
 )
@@ -83,10 +85,6 @@ class TrainingClient:
 
     def close(self):
         self._channel.close()
-
-
-def _logits(reply):
-    return np.frombuffer(reply.logits, "<f4").reshape(-1, reply.num_classes)
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
@@ -200,7 +198,7 @@ class RemoteSplitModel(SplitModel):
         returned = codec.decode(reply.payload, expect_kind="gradients")
         # In the channels' order sent (a payload of every channel comes back in channel order).
         gradient = returned.scatter()[..., indices.numpy()]
-        return gradient, _logits(reply), wire
+        return gradient, reply_logits(reply), wire
 
     def _forward_call(self, values, indices, calibrate=False, begin=False, finish=False):
         reply, wire = self._exchange(
@@ -213,7 +211,7 @@ class RemoteSplitModel(SplitModel):
                 calibration_finish=finish,
             )
         )
-        return _logits(reply), wire
+        return reply_logits(reply), wire
 
     # ----------------------------------------------------------------------- keras steps
     def train_step(self, data):

@@ -1,4 +1,7 @@
-"""The server half of split training: the decoder, the tail and their optimizer, over gRPC.
+"""The server half of split training: the decoder, the tail and their optimizer.
+
+`tfsplit.net.service` puts a `TailTrainer` behind the gRPC service; `tfsplit.net.state` keeps what
+it needs to restart.
 
 One `TailTrainer` holds one run. The device opens it with Hello (its model's digest, the shapes,
 and for a new run its tail weights, so both halves start from one model), then sends one Step per
@@ -12,12 +15,8 @@ Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITI
 nothing, and the server keeps serving.
 """
 
-import concurrent.futures
-import hashlib
-import json
 import os
 import re
-import struct
 import threading
 import time
 
@@ -29,12 +28,10 @@ from absl import logging
 
 from tfsplit import codec
 from tfsplit.net import split_training_pb2 as pb
-from tfsplit.net import split_training_pb2_grpc as pb_grpc
+from tfsplit.net.messages import logits_reply, model_digest, weights_from_protos, weights_to_protos
+from tfsplit.net.state import DeviceState, ServerState
 from tfsplit.serve import validation
-from tfsplit.serve.grpc_service import answer_or_abort
 
-MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch: plenty.
-_MAX_SIDE, _MAX_CLASSES = 4096, 100000
 MAX_DEVICES = 64
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TRAIN, _EVALUATE, _CALIBRATE = (
@@ -42,50 +39,6 @@ _TRAIN, _EVALUATE, _CALIBRATE = (
     pb.StepRequest.EVALUATE,
     pb.StepRequest.CALIBRATE,
 )
-
-
-def model_digest(split):
-    """sha256 of what both halves must agree on: every weight's shape and dtype in order, the
-    wire dtypes and the bottleneck's width."""
-    description = dict(
-        weights=[(w.shape.as_list(), w.dtype.name) for w in split.weights],
-        wire=[split.activation_dtype, split.gradient_dtype, split.channels],
-        wire_shape=list(split.wire_shape),
-    )
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-
-
-def weights_to_protos(weights):
-    return [tf.make_tensor_proto(np.asarray(w)).SerializeToString() for w in weights]
-
-
-def weights_from_protos(blobs, like):
-    """Arrays of serialized TensorProtos, checked against the shapes and dtypes of `like`."""
-    if len(blobs) != len(like):
-        raise validation.invalid(f"Expected {len(like)} tail weights. Received: {len(blobs)}")
-    weights = []
-    for i, (blob, reference) in enumerate(zip(blobs, like)):
-        try:
-            array = tf.make_ndarray(tf.make_tensor_proto(0).FromString(blob))
-        except Exception as error:  # noqa: BLE001  (any malformed bytes)
-            raise validation.invalid(f"Tail weight {i} is not a TensorProto: {error}") from None
-        if array.shape != reference.shape or array.dtype != reference.dtype:
-            raise validation.invalid(
-                f"Tail weight {i} must be {reference.dtype} {reference.shape}. "
-                f"Received: {array.dtype} {array.shape}"
-            )
-        weights.append(array)
-    return weights
-
-
-class _Device:
-    """What the server keeps per device: its next step id, its last reply (for a retry) and
-    the batch norm statistics of a calibration in progress."""
-
-    def __init__(self):
-        self.next_step = 0
-        self.last_reply = None
-        self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
 
 
 class TailTrainer:
@@ -102,7 +55,7 @@ class TailTrainer:
         self.devices = {}
         self.max_devices = max_devices
         self._lock = threading.Lock()
-        self._state = None if state_dir is None else _State(state_dir, split)
+        self._state = None if state_dir is None else ServerState(state_dir, split)
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
@@ -159,7 +112,7 @@ class TailTrainer:
                     self.split.tail.set_weights(
                         weights_from_protos(request.tail_weights, self.split.tail.get_weights())
                     )
-                self.devices[request.device_id] = _Device()
+                self.devices[request.device_id] = DeviceState()
                 logging.info("Device %r joined the run.", request.device_id)
             if request.resume and request.resume_step != self.devices[request.device_id].next_step:
                 self._resume(request.device_id, request.resume_step)
@@ -197,7 +150,7 @@ class TailTrainer:
 
     def _apply_logged(self, request):
         payload = codec.decode(request.payload, expect_kind="activations")
-        device = self.devices.setdefault(request.device_id, _Device())
+        device = self.devices.setdefault(request.device_id, DeviceState())
         values = tf.constant(payload.dequantized(), tf.float32)
         indices = tf.constant(payload.indices, tf.int32)
         self._train_step(device, request, values, indices, payload, log=False)
@@ -220,7 +173,7 @@ class TailTrainer:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"Device {device_id!r} resumes at step {step}, before the server's saved state "
-                f"(step {saved.get(device_id, _Device()).next_step}).",
+                f"(step {saved.get(device_id, DeviceState()).next_step}).",
             )
         logged = [r for r in self._state.logged_steps() if r.step < step]
         if saved[device_id].next_step + len(logged) != step:
@@ -255,7 +208,7 @@ class TailTrainer:
             if request.kind == _CALIBRATE:
                 return self._calibrate(device, request, values, indices)
             logits = self._forward(values, indices, False)
-            return _logits_reply(request.step, logits)
+            return logits_reply(request.step, logits)
 
     def tail_weights(self, request):
         self._check_digest(request.model_digest)
@@ -317,7 +270,7 @@ class TailTrainer:
             self.split.gradient_dtype,
             kind="gradients",
         )
-        reply = _logits_reply(request.step, logits)
+        reply = logits_reply(request.step, logits)
         reply.payload, reply.loss = downstream, float(loss)
         device.last_reply, device.next_step = reply, device.next_step + 1
         if log and self._state is not None:
@@ -359,78 +312,7 @@ class TailTrainer:
                 norm.moving_mean.assign(mean)
                 norm.moving_variance.assign(total_square / passes - mean * mean)
             device.calibration = None
-        return _logits_reply(request.step, logits)
-
-
-class _State:
-    """A server's durable state in its workdir: a checkpoint of the tail and its optimizer with
-    every device's next step (`state.json`, written last), and a log of every training step
-    since (`steps.log`: length-prefixed StepRequests, appended and flushed before the reply).
-
-    After a kill, the checkpoint plus the replayed log give the state of the last step answered;
-    a step killed before its log entry is redone by the device's retry.
-    """
-
-    def __init__(self, directory, split):
-        self.directory = directory
-        os.makedirs(directory, exist_ok=True)
-        split.optimizer.build(split.tail.trainable_variables)
-        self._checkpoint = tf.train.Checkpoint(tail=split.tail, optimizer=split.optimizer)
-        self._log_path = os.path.join(directory, "steps.log")
-        self._json = os.path.join(directory, "state.json")
-        self._log_file = open(self._log_path, "ab")
-
-    def exists(self):
-        return os.path.exists(self._json)
-
-    def save(self, devices):
-        prefix = self._checkpoint.write(os.path.join(self.directory, f"tail-{time.time_ns()}"))
-        old = self._read_json().get("checkpoint") if self.exists() else None
-        state = dict(checkpoint=prefix, devices={d: v.next_step for d, v in devices.items()})
-        with open(self._json + ".partial", "w") as f:
-            json.dump(state, f)
-        os.replace(self._json + ".partial", self._json)
-        self.truncate_log()
-        if old and old != prefix:
-            for name in os.listdir(self.directory):
-                if name.startswith(os.path.basename(old)):
-                    os.remove(os.path.join(self.directory, name))
-
-    def _read_json(self):
-        with open(self._json) as f:
-            return json.load(f)
-
-    def load(self):
-        """Restores the checkpoint; returns the devices it recorded."""
-        state = self._read_json()
-        self._checkpoint.read(state["checkpoint"]).assert_existing_objects_matched()
-        devices = {}
-        for device_id, next_step in state["devices"].items():
-            devices[device_id] = _Device()
-            devices[device_id].next_step = next_step
-        return devices
-
-    def log(self, request):
-        data = request.SerializeToString()
-        self._log_file.write(struct.pack("<Q", len(data)) + data)
-        self._log_file.flush()
-
-    def logged_steps(self):
-        """The logged StepRequests in order; a torn last entry (a kill mid-write) is dropped."""
-        with open(self._log_path, "rb") as f:
-            data = f.read()
-        requests, offset = [], 0
-        while offset + 8 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            if offset + 8 + length > len(data):
-                break
-            requests.append(pb.StepRequest.FromString(data[offset + 8 : offset + 8 + length]))
-            offset += 8 + length
-        return requests
-
-    def truncate_log(self):
-        self._log_file.close()
-        self._log_file = open(self._log_path, "wb")
+        return logits_reply(request.step, logits)
 
 
 def _check_device_id(device_id):
@@ -439,115 +321,3 @@ def _check_device_id(device_id):
             "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
             f"Received: {device_id[:80]!r}"
         )
-
-
-def _logits_reply(step, logits):
-    logits = np.asarray(logits, np.float32)
-    return pb.StepReply(
-        step=step, logits=logits.astype("<f4").tobytes(), num_classes=logits.shape[-1]
-    )
-
-
-class TrainingServicer(pb_grpc.SplitTrainingServicer):
-    """The gRPC service of one run; its `TailTrainer` is built at the first Hello.
-
-    Args:
-      build_split: (image_shape, num_classes) -> the run's compiled `SplitModel` (the server
-        learns the data's shapes from the device, which holds the data).
-    """
-
-    def __init__(self, build_split, state_dir=None):
-        self._build_split = build_split
-        self._state_dir = state_dir
-        self._lock = threading.Lock()
-        self.trainer = None
-        shapes = None if state_dir is None else _read_shapes(state_dir)
-        if shapes is not None:  # A restarted server: back to where the run was.
-            self.trainer = TailTrainer(build_split(*shapes), state_dir)
-            self.trainer.restore()
-
-    def _hello(self, request):
-        with self._lock:
-            if self.trainer is None:
-                shape, classes = list(request.image_shape), request.num_classes
-                if len(shape) != 3 or not all(0 < d <= _MAX_SIDE for d in shape):
-                    raise validation.invalid(
-                        f"image_shape must be [H, W, C] in 1..{_MAX_SIDE}. Received: {shape}"
-                    )
-                if not 0 < classes <= _MAX_CLASSES:
-                    raise validation.invalid(
-                        f"num_classes must be in 1..{_MAX_CLASSES}. Received: {classes}"
-                    )
-                self.trainer = TailTrainer(
-                    self._build_split(tuple(shape), classes), self._state_dir
-                )
-                if self._state_dir is not None:
-                    _write_shapes(self._state_dir, shape, classes)
-        return self.trainer.hello(request)
-
-    def _opened(self):
-        if self.trainer is None:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, "No run is open; call Hello first."
-            )
-        return self.trainer
-
-    def Hello(self, request, context):  # noqa: N802  (the gRPC method name)
-        return answer_or_abort(context, "Hello", lambda: self._hello(request))
-
-    def Step(self, request, context):  # noqa: N802
-        return answer_or_abort(context, "Step", lambda: self._opened().step(request))
-
-    def TailWeights(self, request, context):  # noqa: N802
-        return answer_or_abort(context, "TailWeights", lambda: self._opened().tail_weights(request))
-
-    def Checkpoint(self, request, context):  # noqa: N802
-        return answer_or_abort(context, "Checkpoint", lambda: self._opened().checkpoint(request))
-
-
-_SHAPES_FILE = "shapes.json"
-
-
-def _read_shapes(state_dir):
-    path = os.path.join(state_dir, _SHAPES_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        shapes = json.load(f)
-    return tuple(shapes["image_shape"]), shapes["num_classes"]
-
-
-def _write_shapes(state_dir, image_shape, num_classes):
-    os.makedirs(state_dir, exist_ok=True)
-    with open(os.path.join(state_dir, _SHAPES_FILE), "w") as f:
-        json.dump(dict(image_shape=list(image_shape), num_classes=num_classes), f)
-
-
-def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=()):
-    """Starts `servicer` (a `TrainingServicer`) on host:port (0 picks one); returns
-    (server, port).
-
-    Args:
-      credentials: grpc.ServerCredentials for TLS, or None for plain TCP.
-      interceptors: server interceptors (the token check).
-    """
-    server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=list(interceptors),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    pb_grpc.add_SplitTrainingServicer_to_server(servicer, server)
-    address = f"{host}:{port}"
-    bound = (
-        server.add_secure_port(address, credentials)
-        if credentials
-        else server.add_insecure_port(address)
-    )
-    if not bound:
-        raise OSError(f"Could not listen on {address}")
-    server.start()
-    logging.info("Split training server listening on %s:%d", host, bound)
-    return server, bound
