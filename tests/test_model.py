@@ -163,6 +163,16 @@ def test_unselected_channels_get_no_gradient():
     assert np.any(gradient[..., indices.numpy()] != 0)
 
 
+def test_receive_takes_a_selection_per_sample_for_devices_batched_together():
+    model = split()
+    values = tf.random.stateless_normal((4, 8, 8, 3), seed=[1, 2])
+    first, second = tf.constant([5, 0, 9]), tf.constant([2, 15, 7])
+    per_sample = tf.stack([first, first, second, second])
+    together = model.receive(values, per_sample).numpy()
+    apart = [model.receive(values[:2], first), model.receive(values[2:], second)]
+    np.testing.assert_allclose(together, np.concatenate(apart), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -8,6 +8,7 @@ as two processes (`tfsplit-train-server` and `tfsplit-train --server`) end to en
 import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 
 # isort: on
+import concurrent.futures
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from tfsplit.net import service as service_lib
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.net import split_training_pb2_grpc as pb_grpc
 from tfsplit.net.device import TrainingClient
-from tfsplit.net.messages import model_digest
+from tfsplit.net.messages import model_digest, weights_from_protos, weights_to_protos
 from tfsplit.train import trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +52,12 @@ def tiny_config():
     return config
 
 
-def _servicer(config, state_dir=None):
+def _servicer(config, state_dir=None, **trainer_options):
     def build_split(image_shape, num_classes):
         info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
         return trainer.build_split_model(config, info)
 
-    return service_lib.TrainingServicer(build_split, state_dir)
+    return service_lib.TrainingServicer(build_split, state_dir, **trainer_options)
 
 
 @pytest.fixture
@@ -64,8 +65,8 @@ def serving():
     """Starts a servicer on 127.0.0.1 (a free port) and stops it after the test."""
     servers = []
 
-    def start(config, state_dir=None, **kwargs):
-        servicer = _servicer(config, state_dir)
+    def start(config, state_dir=None, trainer_options=None, **kwargs):
+        servicer = _servicer(config, state_dir, **(trainer_options or {}))
         server, port = service_lib.serve(servicer, 0, **kwargs)
         servers.append(server)
         return servicer, port
@@ -313,9 +314,143 @@ def test_two_devices_keep_their_own_step_ids_and_share_the_tail(opened):
     assert _code(lambda: stub.Hello(bad_id)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# ----------------------------------------------------------------------------------------------
+# Parallel mode: concurrent devices' steps trained as one batch, heads averaged (SplitFed).
+# ----------------------------------------------------------------------------------------------
+
+
+def _parallel_run(serving, state_dir=None, devices=("device-0", "device-1"), model=None, **options):
+    """A parallel-mode server with `devices` joined, its tail `model`'s (by default a new
+    model's); returns (stub, device model, servicer)."""
+    config = tiny_config()
+    options = dict(dict(parallel=True, gather_timeout_s=30.0), **options)
+    servicer, port = serving(config, state_dir, trainer_options=options)
+    if model is None:
+        model = trainer.build_split_model(
+            config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+        )
+    stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    for device in devices:
+        assert _hello(stub, model, device, tail_weights=weights_to_protos(model.tail.get_weights()))
+    return stub, model, servicer
+
+
+def _at_once(call, requests):
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(call, requests))
+
+
+def _as_device(request, device_id):
+    copy = pb.StepRequest()
+    copy.CopyFrom(request)
+    copy.device_id = device_id
+    return copy
+
+
+def test_parallel_steps_of_two_devices_train_as_one_batch(serving):
+    """Two devices sending the same batch at once move the tail as that batch alone would, and
+    each gets the gradient of its own batch's mean loss."""
+    stub, model, servicer = _parallel_run(serving)
+    alone_stub, _, alone = _parallel_run(serving, devices=["device-0"], model=model)
+    reference = alone_stub.Step(_train_request(model, 0))
+    replies = _at_once(
+        stub.Step, [_as_device(_train_request(model, 0), d) for d in ("device-0", "device-1")]
+    )
+    tails = servicer.trainer.split.tail, alone.trainer.split.tail
+    for x, y in zip(*(t.trainable_weights for t in tails)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    for x, y in zip(*(t.non_trainable_weights for t in tails)):
+        # Batch norm's moving variance is unbiased by the batch's size (n / (n - 1)).
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-6)
+    for reply in replies:
+        assert reply.step == 0
+        np.testing.assert_allclose(
+            codec.decode(reply.payload).dequantized(),
+            codec.decode(reference.payload).dequantized(),
+            atol=1e-3,
+        )
+    assert {d: v.next_step for d, v in servicer.trainer.devices.items()} == {
+        "device-0": 1,
+        "device-1": 1,
+    }
+    # A step retried after its answer was lost gets the same answer, trained once.
+    assert stub.Step(_as_device(_train_request(model, 0), "device-1")) == replies[1]
+
+
+def test_a_parallel_step_does_not_wait_again_for_a_device_that_stopped_sending(serving):
+    stub, model, servicer = _parallel_run(serving, gather_timeout_s=0.05)
+    assert stub.Step(_train_request(model, 0)).step == 0  # device-1 sent nothing in time
+    assert servicer.trainer._idle == {"device-1"}
+    assert stub.Step(_train_request(model, 1)).step == 1
+    assert stub.Step(_as_device(_train_request(model, 0), "device-1")).step == 0  # back again
+    assert servicer.trainer._idle == {"device-0"}
+
+
+def test_a_restarted_parallel_server_replays_the_batched_steps(serving, tmp_path):
+    stub, model, servicer = _parallel_run(serving, str(tmp_path / "state"))
+    digest = model_digest(model)
+    stub.Checkpoint(pb.CheckpointRequest(model_digest=digest, device_id="device-0", step=0))
+    for step in range(2):
+        labels = np.arange(4) % 3
+        _at_once(
+            stub.Step,
+            [
+                _as_device(_train_request(model, step), "device-0"),
+                _as_device(_train_request(model, step, labels=labels), "device-1"),
+            ],
+        )
+    restarted = _servicer(tiny_config(), str(tmp_path / "state"), parallel=True)
+    assert {d: v.next_step for d, v in restarted.trainer.devices.items()} == {
+        "device-0": 2,
+        "device-1": 2,
+    }
+    for x, y in zip(
+        restarted.trainer.split.tail.get_weights(), servicer.trainer.split.tail.get_weights()
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+def _average_request(model, device_id, round_id, weights, samples):
+    return pb.AverageHeadsRequest(
+        model_digest=model_digest(model),
+        device_id=device_id,
+        round=round_id,
+        weights=weights_to_protos(weights),
+        samples=samples,
+    )
+
+
+def test_heads_are_averaged_by_samples_once_every_device_sent(serving):
+    stub, model, servicer = _parallel_run(serving, average_timeout_s=1.0)
+    ones = [np.ones_like(w) for w in model.head.get_weights()]
+    requests = [
+        _average_request(model, "device-0", 0, ones, 3),
+        _average_request(model, "device-1", 0, [4 * w for w in ones], 1),
+    ]
+    replies = _at_once(stub.AverageHeads, requests)
+    for reply in replies:
+        assert reply.devices == 2
+        for averaged, one in zip(weights_from_protos(reply.weights, ones, "head"), ones):
+            np.testing.assert_allclose(averaged, 1.75 * one)  # (3 * 1 + 1 * 4) / 4
+    assert stub.AverageHeads(requests[1]) == replies[1]  # a retry of a finished round
+    # A round that a device misses ends at its timeout with the heads that came.
+    alone = stub.AverageHeads(_average_request(model, "device-0", 1, ones, 3))
+    assert alone.devices == 1
+    assert servicer.trainer._rounds.absent == {"device-1"}
+    wrong = _average_request(model, "device-0", 2, ones[:-1], 3)
+    assert _code(lambda: stub.AverageHeads(wrong)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_sequential_server_refuses_to_average_heads(opened):
+    stub, model, _ = opened
+    request = _average_request(model, "device-0", 0, model.head.get_weights(), 1)
+    assert _code(lambda: stub.AverageHeads(request)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
 @pytest.mark.slow
-def test_a_server_and_two_device_processes_train_the_smoke_config(tmp_path):
-    """Each device reads its own half of the data and trains its head; both train one tail."""
+def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tmp_path):
+    """Each device reads its own half of the data and trains its head; their steps train one
+    tail as one batch, and after the last epoch's averaging their heads agree."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     (tmp_path / "token").write_text("t0ken\n")
     config = ["--config=configs/deprune.py:smoke", f"--token_file={tmp_path / 'token'}"]
@@ -326,6 +461,7 @@ def test_a_server_and_two_device_processes_train_the_smoke_config(tmp_path):
             "tools.train_server",
             *config,
             "--port=0",
+            "--mode=parallel",
             f"--workdir={tmp_path / 'server'}",
         ],
         cwd=REPO_ROOT,
@@ -361,10 +497,13 @@ def test_a_server_and_two_device_processes_train_the_smoke_config(tmp_path):
         for device in devices:
             _, stderr = device.communicate(timeout=300)
             assert device.returncode == 0, stderr[-3000:]
+        heads = []
         for i in range(2):
             summary = json.loads((tmp_path / f"device{i}" / "summary.json").read_text())
             assert summary["train_payload_bytes_up"] > 0
-            assert (tmp_path / f"device{i}" / "checkpoints" / "model.keras").exists()
+            heads.append(trainer.load_model(str(tmp_path / f"device{i}")).head)
+        for x, y in zip(*(h.trainable_weights for h in heads)):
+            np.testing.assert_array_equal(x, y)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -187,9 +187,29 @@ class SplitModel(keras.Model):
         return tf.gather(self.head(images, training=training), indices, axis=-1)
 
     def receive(self, values, indices, training=False):
-        """Server half: k channels scattered back into C' (zeros elsewhere), then the tail."""
+        """Server half: k channels scattered back into C' (zeros elsewhere), then the tail.
+
+        `indices` is (k,) for a batch from one device, or (N, k) per sample for a batch that
+        joins several devices' steps, each with its own selection.
+        """
+        indices = tf.convert_to_tensor(indices)
+        if indices.shape.rank == 2:
+            return self.tail(self._place_per_sample(values, indices), training=training)
         placement = tf.one_hot(indices, self.channels, dtype=values.dtype)
         return self.tail(tf.tensordot(values, placement, axes=1), training=training)
+
+    def _place_per_sample(self, values, indices):
+        """(N, h, w, k) values of (N, k) channels into (N, h, w, C'): each channel gathers its
+        value, or the zero appended after the k sent."""
+        batch, k = tf.shape(indices)[0], tf.shape(indices)[1]
+        rows = tf.repeat(tf.range(batch), k)
+        positions = tf.tensor_scatter_nd_update(
+            tf.fill([batch, self.channels], k),
+            tf.stack([rows, tf.reshape(indices, [-1])], axis=1),
+            tf.tile(tf.range(k), [batch]),
+        )
+        padded = tf.pad(values, [[0, 0], [0, 0], [0, 0], [0, 1]])
+        return tf.gather(padded, positions, axis=3, batch_dims=1)
 
     def call(self, images, budget=None, training=None):
         indices = self.channel_indices(budget)
@@ -229,8 +249,8 @@ class SplitModel(keras.Model):
         """
         target = tf.nn.softmax(tf.stop_gradient(teacher_logits))
         loss = tf.constant(0.0)
-        for k in self.nested_budget_range(tf.shape(indices)[0]):
-            logits = self.receive(values[..., :k], indices[:k], training=False)
+        for k in self.nested_budget_range(tf.shape(indices)[-1]):
+            logits = self.receive(values[..., :k], indices[..., :k], training=False)
             loss += tf.reduce_mean(
                 keras.losses.categorical_crossentropy(target, logits, from_logits=True)
             )

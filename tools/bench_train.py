@@ -6,7 +6,9 @@ Prints samples/s of both and the ratio (split / unsplit; 1.0 = split learning co
 process, the target is >= 0.95) and writes bench_train.json into --workdir. With --networked it
 also times the same step over gRPC on loopback (a training server in this process) against the
 in-process step (the target is >= 0.7) and adds those figures under "networked"; --devices=1,2,4
-times that many device processes (each its own data shard and head) training one tail.
+times that many device processes (each its own data shard and head) training one tail, with
+the server in each of --modes (sequential: each step in turn; parallel: concurrent steps as one
+batch).
 """
 
 import json
@@ -29,6 +31,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per side.", lower_bo
 _NETWORKED = flags.DEFINE_bool("networked", False, "Also time the step over gRPC on loopback.")
 _DEVICES = flags.DEFINE_list(
     "devices", [], "Also time N device processes sharing one server, for each N listed."
+)
+_MODES = flags.DEFINE_multi_enum(
+    "modes",
+    ["sequential", "parallel"],
+    ["sequential", "parallel"],
+    "--devices: the server's modes to time (steps in turn, or concurrent steps as one batch).",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -64,10 +72,12 @@ def main(argv):
             ) from None
         if not all(1 <= n <= 64 for n in counts):
             raise app.UsageError(f"--devices must be in 1..64. Received: {counts}")
-        result["devices"] = benchmark.benchmark_devices(_CONFIG.value, counts, _STEPS.value)
-        print("devices  samples/s (all devices, one server, loopback)")
+        result["devices"] = benchmark.benchmark_devices(
+            _CONFIG.value, counts, _STEPS.value, modes=_MODES.value
+        )
+        print("mode        devices  samples/s (all devices, one server, loopback)")
         for row in result["devices"]:
-            print(f"{row['devices']:7d}  {row['samples_per_second']:9.1f}")
+            print(f"{row['mode']:10s}  {row['devices']:7d}  {row['samples_per_second']:9.1f}")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, "bench_train.json"), "w") as f:
         json.dump(result, f, indent=2)

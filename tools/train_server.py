@@ -9,6 +9,10 @@ phases) and the server refuses a device whose model differs. The server keeps it
 on the same --workdir after a crash, it carries on where the run was, and the device's retries
 reach it without any action. Listens on 127.0.0.1 unless --host
 says otherwise; prints the address, then serves until stopped.
+
+Several devices (`--config.data.shard_index=i --config.data.num_shards=N` each) share the tail:
+in turn (--mode=sequential, SplitNN) or, with --mode=parallel, their concurrent steps trained as
+one batch and their heads averaged after every epoch (SplitFed).
 """
 
 import sys
@@ -32,6 +36,25 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _TOKEN_FILE = flags.DEFINE_string("token_file", None, "Refuse calls without the token in it.")
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: serve over TLS.")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "sequential",
+    ["sequential", "parallel"],
+    "How devices share the tail: each step in turn as it arrives (sequential), or concurrent "
+    "devices' steps trained as one batch with their heads averaged after every epoch (parallel).",
+)
+_GATHER_TIMEOUT_MS = flags.DEFINE_float(
+    "gather_timeout_ms",
+    200.0,
+    "--mode=parallel: how long a step waits for the other devices' steps.",
+    lower_bound=1.0,
+)
+_AVERAGE_TIMEOUT_S = flags.DEFINE_float(
+    "average_timeout_s",
+    120.0,
+    "--mode=parallel: how long an epoch's head averaging waits for the last devices.",
+    lower_bound=1.0,
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -54,7 +77,13 @@ def main(argv):
     if _TOKEN_FILE.value:
         interceptors.append(security.TokenInterceptor(security.read_token_file(_TOKEN_FILE.value)))
     server, port = service_lib.serve(
-        service_lib.TrainingServicer(build_split, state_dir=_WORKDIR.value),
+        service_lib.TrainingServicer(
+            build_split,
+            state_dir=_WORKDIR.value,
+            parallel=_MODE.value == "parallel",
+            gather_timeout_s=_GATHER_TIMEOUT_MS.value / 1000,
+            average_timeout_s=_AVERAGE_TIMEOUT_S.value,
+        ),
         _PORT.value,
         _HOST.value,
         credentials=credentials,

@@ -7,6 +7,7 @@ functional `keras.Model` of the very same head and tail layers, compiled with th
 both, and the fastest pass of each counts (the ratio target is >= 0.95).
 """
 
+import itertools
 import multiprocessing
 import time
 
@@ -116,7 +117,7 @@ def benchmark_training(config, steps=50, repeats=3):
     return result
 
 
-def _serve_config(config, ports):
+def _serve_config(config, ports, parallel=False):
     """A training server for `config` until killed (the body of the server process)."""
     import types
 
@@ -126,7 +127,7 @@ def _serve_config(config, ports):
         shapes = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
         return trainer.build_split_model(config, shapes)
 
-    server, port = service_lib.serve(service_lib.TrainingServicer(build_split))
+    server, port = service_lib.serve(service_lib.TrainingServicer(build_split, parallel=parallel))
     ports.put(port)
     server.wait_for_termination()
 
@@ -207,22 +208,26 @@ def _device_worker(config, port, shard_index, num_shards, steps, ready, start, r
     results.put((steps * batch_size, seconds))
 
 
-def benchmark_devices(config, device_counts=(1, 2, 4, 8), steps=30):
+def benchmark_devices(config, device_counts=(1, 2, 4, 8), steps=30, modes=("sequential",)):
     """Samples per second of N device processes training one tail over gRPC on loopback.
 
-    For each N, a server process and N device processes (device i reads every N-th sample of
-    the training set and trains its own head); they warm up, start together, and the figure is
-    all their samples over the time from the start to the last device's end.
+    For each mode and N, a server process and N device processes (device i reads every N-th
+    sample of the training set and trains its own head); they warm up, start together, and the
+    figure is all their samples over the time from the start to the last device's end. In
+    parallel mode the server trains the devices' concurrent steps as one batch (the heads'
+    averaging after each epoch is not part of these steps).
 
     Returns:
-      A list of dicts: devices, samples_per_second, seconds.
+      A list of dicts: mode, devices, samples_per_second, seconds.
     """
     context = multiprocessing.get_context("spawn")
     rows = []
-    for count in device_counts:
+    for mode, count in itertools.product(modes, device_counts):
         ports, ready, results = context.Queue(), context.Queue(), context.Queue()
         start = context.Event()
-        server = context.Process(target=_serve_config, args=(config, ports), daemon=True)
+        server = context.Process(
+            target=_serve_config, args=(config, ports, mode == "parallel"), daemon=True
+        )
         server.start()
         devices = []
         try:
@@ -241,6 +246,8 @@ def benchmark_devices(config, device_counts=(1, 2, 4, 8), steps=30):
             for process in devices + [server]:
                 process.kill()
                 process.join(30)
-        rows.append(dict(devices=count, samples_per_second=samples / seconds, seconds=seconds))
+        rows.append(
+            dict(mode=mode, devices=count, samples_per_second=samples / seconds, seconds=seconds)
+        )
         logging.info("devices benchmark: %s", rows[-1])
     return rows

@@ -63,13 +63,15 @@ class TrainingClient:
         self.address, self.deadline_s, self.retry_for_s = address, deadline_s, retry_for_s
         self.wire_bytes = [0, 0]  # gRPC message bytes up and down, framing prefix included.
 
-    def call(self, method, request):
-        """`method` of the service with retries while the server is unreachable."""
+    def call(self, method, request, deadline_s=None):
+        """`method` of the service with retries while the server is unreachable (each try gets
+        `deadline_s`, by default the client's)."""
         stub_method = getattr(self._stub, method)
         give_up_at, backoff = time.monotonic() + self.retry_for_s, 0.1
+        deadline_s = self.deadline_s if deadline_s is None else deadline_s
         while True:
             try:
-                reply = stub_method(request, timeout=self.deadline_s, metadata=self._metadata)
+                reply = stub_method(request, timeout=deadline_s, metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() not in _RETRIABLE or time.monotonic() + backoff > give_up_at:
                     raise
@@ -98,6 +100,7 @@ class RemoteSplitModel(SplitModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.client, self.device_id = None, None
+        self.parallel = False  # Whether the server trains devices in parallel (set by connect).
         self.digest = model_digest(self)
         self.wire_bytes_up = keras.metrics.Sum(name="wire_bytes_up", dtype="float64")
         self.wire_bytes_down = keras.metrics.Sum(name="wire_bytes_down", dtype="float64")
@@ -121,9 +124,14 @@ class RemoteSplitModel(SplitModel):
                 device_id=device_id,
             ),
         )
-        self.client, self.device_id = client, device_id
+        self.client, self.device_id, self.parallel = client, device_id, reply.parallel
         self.remote_step.assign(reply.next_step)
-        logging.info("Connected to %s; its next step is %d.", client.address, reply.next_step)
+        logging.info(
+            "Connected to %s (%s mode); its next step is %d.",
+            client.address,
+            "parallel" if reply.parallel else "sequential",
+            reply.next_step,
+        )
 
     def resume(self):
         """After a restore from the backup: returns the server to this model's step."""
@@ -150,6 +158,23 @@ class RemoteSplitModel(SplitModel):
                 step=int(self.remote_step.numpy()),
             ),
         )
+
+    def average_heads(self, round_id, samples, deadline_s=600):
+        """Replaces this device's head by the average of the run's heads for `round_id` (the
+        server answers once every device has sent its own, SplitFed)."""
+        reply = self._client().call(
+            "AverageHeads",
+            pb.AverageHeadsRequest(
+                model_digest=self.digest,
+                device_id=self.device_id,
+                round=round_id,
+                weights=weights_to_protos(self.head.get_weights()),
+                samples=samples,
+            ),
+            deadline_s=deadline_s,
+        )
+        self.head.set_weights(weights_from_protos(reply.weights, self.head.get_weights(), "head"))
+        return reply.devices
 
     def fetch_tail(self):
         """Copies the server's tail weights into this model (before saving it)."""
@@ -274,6 +299,36 @@ class RemoteTail(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.model.fetch_tail()
+
+
+class HeadAveraging(keras.callbacks.Callback):
+    """Parallel mode: after the last training batch of every epoch (before its evaluation), the
+    device's head becomes the average of the run's heads (weighted by their training samples).
+
+    Args:
+      samples: this device's training samples.
+    """
+
+    def __init__(self, samples):
+        super().__init__()
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"`samples` must be a positive integer. Received: {samples!r}")
+        self.samples, self._epoch = samples, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.params.get("steps"):
+            self._average()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.params.get("steps"):  # an epoch of unknown length: average after it
+            self._average()
+
+    def _average(self):
+        devices = self.model.average_heads(self._epoch, self.samples)
+        logging.info("Epoch %d: head averaged over %d devices.", self._epoch + 1, devices)
 
 
 class RemoteCheckpoint(keras.callbacks.Callback):

@@ -30,19 +30,20 @@ def weights_to_protos(weights):
     return [tf.make_tensor_proto(np.asarray(w)).SerializeToString() for w in weights]
 
 
-def weights_from_protos(blobs, like):
-    """Arrays of serialized TensorProtos, checked against the shapes and dtypes of `like`."""
+def weights_from_protos(blobs, like, part="tail"):
+    """Arrays of serialized TensorProtos, checked against the shapes and dtypes of `like` (the
+    weights of the model's `part`)."""
     if len(blobs) != len(like):
-        raise validation.invalid(f"Expected {len(like)} tail weights. Received: {len(blobs)}")
+        raise validation.invalid(f"Expected {len(like)} {part} weights. Received: {len(blobs)}")
     weights = []
     for i, (blob, reference) in enumerate(zip(blobs, like)):
         try:
             array = tf.make_ndarray(tf.make_tensor_proto(0).FromString(blob))
         except Exception as error:  # noqa: BLE001  (any malformed bytes)
-            raise validation.invalid(f"Tail weight {i} is not a TensorProto: {error}") from None
+            raise validation.invalid(f"{part} weight {i} is not a TensorProto: {error}") from None
         if array.shape != reference.shape or array.dtype != reference.dtype:
             raise validation.invalid(
-                f"Tail weight {i} must be {reference.dtype} {reference.shape}. "
+                f"{part} weight {i} must be {reference.dtype} {reference.shape}. "
                 f"Received: {array.dtype} {array.shape}"
             )
         weights.append(array)

@@ -11,6 +11,13 @@ activations' gradient as a codec payload: what `SplitModel.train_step` computes 
 
 Step ids make retries idempotent: the step after the last one is trained, the last one is
 answered again from its kept reply (a retry after a lost answer), anything else is refused.
+
+Several devices share the tail in one of two modes. Sequential (SplitNN's round robin): each step
+trains the tail as it arrives. Parallel: the steps that devices send at the same time are trained
+as one batch (the trainer waits up to `gather_timeout_s` for every active device), each device's
+gradient being that of its own batch's mean loss, and the devices average their heads after every
+epoch (`AverageHeads`, SplitFed).
+
 Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITION and changes
 nothing, and the server keeps serving.
 """
@@ -28,6 +35,7 @@ from absl import logging
 
 from tfsplit import codec
 from tfsplit.net import split_training_pb2 as pb
+from tfsplit.net.averaging import AveragingRounds
 from tfsplit.net.messages import logits_reply, model_digest, weights_from_protos, weights_to_protos
 from tfsplit.net.state import DeviceState, ServerState
 from tfsplit.serve import validation
@@ -43,26 +51,45 @@ _TRAIN, _EVALUATE, _CALIBRATE = (
 
 class TailTrainer:
     """The tail of `split` (a compiled `SplitModel` built from the run's config), trained by
-    the steps its devices send, one step at a time (thread-safe).
+    the steps its devices send (thread-safe).
 
-    Several devices may share the tail: each keeps its own step ids, and their steps update the
-    tail in the order they arrive.
+    Args:
+      split: the run's model; the server uses its tail (and its head's shapes, to average heads).
+      state_dir: where the run's state is kept to restart (None: nowhere).
+      max_devices: how many devices may join.
+      parallel: train concurrent devices' steps as one batch and average their heads.
+      gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
+      average_timeout_s: parallel: how long an averaging round waits for its last devices.
     """
 
-    def __init__(self, split, state_dir=None, max_devices=MAX_DEVICES):
+    def __init__(
+        self,
+        split,
+        state_dir=None,
+        max_devices=MAX_DEVICES,
+        parallel=False,
+        gather_timeout_s=0.2,
+        average_timeout_s=120.0,
+    ):
+        if not gather_timeout_s > 0:
+            raise ValueError(f"`gather_timeout_s` must be > 0. Received: {gather_timeout_s!r}")
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
         self.max_devices = max_devices
-        self._lock = threading.Lock()
+        self.parallel, self.gather_timeout_s = bool(parallel), gather_timeout_s
+        self._lock = threading.Condition()
+        self._pending = []  # Parallel: training steps waiting to be trained together.
+        self._gathering = False  # Whether a request thread is gathering `_pending`.
+        self._idle = set()  # Devices whose steps missed a gather: not waited for until they step.
+        self._rounds = AveragingRounds(self._lock, average_timeout_s)
         self._state = None if state_dir is None else ServerState(state_dir, split)
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
         variables = split.tail.trainable_variables
 
-        @tf.function(reduce_retracing=True)
-        def train(values, indices, labels, learning_rate, nesting):
+        def train(values, indices, labels, gradient_scale, learning_rate, nesting):
             split.optimizer.learning_rate.assign(learning_rate)
             split.step_nesting.assign(nesting)
             with tf.GradientTape() as tape:
@@ -70,13 +97,17 @@ class TailTrainer:
                 loss, logits = split.server_loss(None, labels, values, indices)
             tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
             split.optimizer.apply_gradients(zip(tail_gradients, variables))
-            return value_gradient, logits, loss
+            return value_gradient * gradient_scale[:, None, None, None], logits, loss
+
+        # One trace for a device's step (its selection), one for devices' steps batched (a
+        # selection per sample): the rank of the indices picks the placement.
+        self._train_traces = {rank: tf.function(train, reduce_retracing=True) for rank in (1, 2)}
 
         @tf.function(reduce_retracing=True)
         def forward(values, indices, training):
             return split.receive(values, indices, training=training)
 
-        self._train, self._forward = train, forward
+        self._forward = forward
 
     @property
     def next_step(self):
@@ -117,7 +148,9 @@ class TailTrainer:
             if request.resume and request.resume_step != self.devices[request.device_id].next_step:
                 self._resume(request.device_id, request.resume_step)
             next_step = self.devices[request.device_id].next_step  # after a resume: the new one
-            return pb.HelloReply(model_digest=self.digest, next_step=next_step)
+            return pb.HelloReply(
+                model_digest=self.digest, next_step=next_step, parallel=self.parallel
+            )
 
     def checkpoint(self, request):
         """Saves the tail, its optimizer and every device's step ids (the device backed up)."""
@@ -140,20 +173,24 @@ class TailTrainer:
             return False
         with self._lock:
             self.devices = self._state.load()
-            for request in self._state.logged_steps():
-                self._apply_logged(request)
+            for group in self._state.logged_steps():
+                self._apply_logged(group)
             logging.info(
                 "Restored the run: next steps %s.",
                 {d: v.next_step for d, v in self.devices.items()},
             )
         return True
 
-    def _apply_logged(self, request):
-        payload = codec.decode(request.payload, expect_kind="activations")
-        device = self.devices.setdefault(request.device_id, DeviceState())
-        values = tf.constant(payload.dequantized(), tf.float32)
-        indices = tf.constant(payload.indices, tf.int32)
-        self._train_step(device, request, values, indices, payload, log=False)
+    def _apply_logged(self, group):
+        """Trains a logged StepGroup again, as it was trained (one batch)."""
+        steps = []
+        for request in group.requests:
+            payload = codec.decode(request.payload, expect_kind="activations")
+            self.devices.setdefault(request.device_id, DeviceState())
+            steps.append(_PendingStep(request, payload))
+        self._train_together(steps, log=False)
+        for step in steps:
+            step.result()  # a step that fails again stops the replay
 
     def _resume(self, device_id, step):
         """Device `device_id` restarted from its backup at `step`: the only device's run goes
@@ -175,7 +212,8 @@ class TailTrainer:
                 f"Device {device_id!r} resumes at step {step}, before the server's saved state "
                 f"(step {saved.get(device_id, DeviceState()).next_step}).",
             )
-        logged = [r for r in self._state.logged_steps() if r.step < step]
+        # The run's only device: one request per logged group.
+        logged = [g for g in self._state.logged_steps() if g.requests[0].step < step]
         if saved[device_id].next_step + len(logged) != step:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -184,9 +222,9 @@ class TailTrainer:
             )
         self.devices = saved
         self._state.truncate_log()
-        for request in logged:
-            self._apply_logged(request)
-            self._state.log(request)
+        for group in logged:
+            self._apply_logged(group)
+            self._state.log(group)
         logging.info("Device %r resumed: the run went back to step %d.", device_id, step)
 
     def step(self, request):
@@ -194,21 +232,38 @@ class TailTrainer:
         if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
             raise validation.invalid(f"Unknown step kind {request.kind}.")
         payload = self._decode(request.payload, with_labels=request.kind == _TRAIN)
+        if request.kind == _TRAIN:
+            return self._train_request(request, payload)
         values = tf.constant(payload.dequantized(), tf.float32)
         indices = tf.constant(payload.indices, tf.int32)
         with self._lock:
-            device = self.devices.get(request.device_id)
-            if device is None:
-                raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Device {request.device_id!r} has not opened the run; call Hello first.",
-                )
-            if request.kind == _TRAIN:
-                return self._train_step(device, request, values, indices, payload)
+            device = self._device(request.device_id)
             if request.kind == _CALIBRATE:
                 return self._calibrate(device, request, values, indices)
             logits = self._forward(values, indices, False)
             return logits_reply(request.step, logits)
+
+    def average_heads(self, request):
+        """Parallel mode: the device's head joins its round; returns the round's average."""
+        self._check_digest(request.model_digest)
+        if not self.parallel:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "This server trains devices sequentially; heads are averaged in parallel mode "
+                "(tfsplit-train-server --mode=parallel).",
+            )
+        if request.samples < 1 or request.round < 0:
+            raise validation.invalid(
+                f"samples must be >= 1 and round >= 0. Received: samples={request.samples}, "
+                f"round={request.round}"
+            )
+        weights = weights_from_protos(request.weights, self.split.head.get_weights(), "head")
+        with self._lock:
+            self._device(request.device_id)
+            average, devices = self._rounds.join(
+                request.device_id, request.round, weights, request.samples, self.devices.keys
+            )
+        return pb.AverageHeadsReply(weights=weights_to_protos(average), devices=devices)
 
     def tail_weights(self, request):
         self._check_digest(request.model_digest)
@@ -243,39 +298,116 @@ class TailTrainer:
                 raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
         return decoded
 
-    def _train_step(self, device, request, values, indices, payload, log=True):
-        if request.step == device.next_step - 1 and device.last_reply is not None:
-            logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
-            return device.last_reply
-        if request.step != device.next_step:
+    def _device(self, device_id):
+        device = self.devices.get(device_id)
+        if device is None:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"Expected training step {device.next_step}. Received: step {request.step}",
+                f"Device {device_id!r} has not opened the run; call Hello first.",
             )
+        return device
+
+    def _train_request(self, request, payload):
+        """Trains the step alone (sequential) or with the other devices' (parallel); a retry of
+        the last step gets its kept reply, a retry of a step still waiting gets its reply."""
         if not np.isfinite(request.learning_rate) or request.learning_rate < 0:
             raise validation.invalid(
                 f"learning_rate must be finite and >= 0. Received: {request.learning_rate}"
             )
-        gradient, logits, loss = self._train(
-            values,
-            indices,
-            tf.constant(payload.labels),
-            tf.constant(request.learning_rate, tf.float32),
-            tf.constant(request.nesting),
-        )
-        downstream = codec.encode(
-            gradient.numpy(),
-            payload.indices,
-            self.split.channels,
-            self.split.gradient_dtype,
-            kind="gradients",
-        )
-        reply = logits_reply(request.step, logits)
-        reply.payload, reply.loss = downstream, float(loss)
-        device.last_reply, device.next_step = reply, device.next_step + 1
-        if log and self._state is not None:
-            self._state.log(request)
-        return reply
+        with self._lock:
+            device = self._device(request.device_id)
+            if request.step == device.next_step - 1 and device.last_reply is not None:
+                logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
+                return device.last_reply
+            waiting = [p for p in self._pending if p.request.device_id == request.device_id]
+            if waiting and waiting[0].request.step == request.step:
+                step, lead = waiting[0], False  # the same step, sent again while it waits
+            elif request.step != device.next_step or waiting:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Expected training step {device.next_step}. Received: step {request.step}",
+                )
+            elif not self.parallel:
+                step = _PendingStep(request, payload)
+                self._train_together([step])
+                return step.result()
+            else:
+                step, lead = _PendingStep(request, payload), not self._gathering
+                self._pending.append(step)
+                self._idle.discard(request.device_id)
+                self._gathering = True
+                self._lock.notify_all()
+        if lead:
+            self._gather_and_train()
+        return step.result()
+
+    def _gather_and_train(self):
+        """Waits until every active device has a step pending (at most `gather_timeout_s`),
+        then trains them; a device that did not send in time is not waited for again until its
+        next step arrives (it may be evaluating, averaging, finished or gone)."""
+        deadline = time.monotonic() + self.gather_timeout_s
+        with self._lock:
+            while True:
+                sent = {p.request.device_id for p in self._pending}
+                missing = set(self.devices) - self._idle - self._rounds.waiting - sent
+                remaining = deadline - time.monotonic()
+                if not missing or remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            self._idle |= missing
+            steps, self._pending, self._gathering = self._pending, [], False
+            by_kind = {}  # Steps train together when their budget, rate and nesting agree.
+            for step in steps:
+                key = (len(step.payload.indices), step.request.learning_rate, step.request.nesting)
+                by_kind.setdefault(key, []).append(step)
+            for together in by_kind.values():
+                self._train_together(together)
+
+    def _train_together(self, steps, log=True):
+        """One update of the tail from `steps` (one per device) as one batch; each step gets its
+        reply (or the error) in `steps`. Each device's gradient is scaled to its own batch's
+        mean loss, so that a head learns at the same pace alone or batched with others."""
+        try:
+            first = steps[0]
+            if len(steps) == 1:
+                indices = first.payload.indices
+            else:  # each sample with its own device's selection
+                indices = np.concatenate([np.tile(s.payload.indices, (s.batch, 1)) for s in steps])
+            total = sum(s.batch for s in steps)
+            gradient, logits, loss = self._train_traces[indices.ndim](
+                tf.constant(np.concatenate([s.payload.dequantized() for s in steps]), tf.float32),
+                tf.constant(indices, tf.int32),
+                tf.constant(np.concatenate([s.payload.labels for s in steps])),
+                tf.constant(
+                    np.repeat([total / s.batch for s in steps], [s.batch for s in steps]),
+                    tf.float32,
+                ),
+                tf.constant(first.request.learning_rate, tf.float32),
+                tf.constant(first.request.nesting),
+            )
+            gradient, logits, start = gradient.numpy(), logits.numpy(), 0
+            for step in steps:
+                end = start + step.batch
+                reply = logits_reply(step.request.step, logits[start:end])
+                reply.loss = float(loss)
+                reply.payload = codec.encode(
+                    gradient[start:end],
+                    step.payload.indices,
+                    self.split.channels,
+                    self.split.gradient_dtype,
+                    kind="gradients",
+                )
+                device = self.devices[step.request.device_id]
+                device.last_reply, device.next_step, step.reply = reply, device.next_step + 1, reply
+                start = end
+            if log and self._state is not None:
+                self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
+        except Exception as error:  # noqa: BLE001  (each waiting request gets it)
+            for step in steps:
+                step.error = error
+        finally:
+            for step in steps:
+                step.done.set()
 
     def _calibrate(self, device, request, values, indices):
         """One pass of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`):
@@ -321,3 +453,20 @@ def _check_device_id(device_id):
             "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
             f"Received: {device_id[:80]!r}"
         )
+
+
+class _PendingStep:
+    """A training step on its way through the trainer: the request, its decoded payload, and
+    the reply or error once trained."""
+
+    def __init__(self, request, payload):
+        self.request, self.payload = request, payload
+        self.batch = payload.values.shape[0]
+        self.reply, self.error = None, None
+        self.done = threading.Event()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.reply

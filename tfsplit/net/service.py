@@ -9,7 +9,7 @@ from absl import logging
 from tfsplit.net import split_training_pb2_grpc as pb_grpc
 from tfsplit.net import state
 from tfsplit.net.messages import MAX_MESSAGE_BYTES
-from tfsplit.net.server import TailTrainer
+from tfsplit.net.server import MAX_DEVICES, TailTrainer
 from tfsplit.serve import validation
 from tfsplit.serve.grpc_service import answer_or_abort
 
@@ -22,16 +22,19 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
     Args:
       build_split: (image_shape, num_classes) -> the run's compiled `SplitModel` (the server
         learns the data's shapes from the device, which holds the data).
+      state_dir: where the run's state is kept to restart.
+      **trainer_options: the `TailTrainer`'s (parallel mode and its timeouts).
     """
 
-    def __init__(self, build_split, state_dir=None):
+    def __init__(self, build_split, state_dir=None, **trainer_options):
         self._build_split = build_split
         self._state_dir = state_dir
+        self._options = trainer_options
         self._lock = threading.Lock()
         self.trainer = None
         shapes = None if state_dir is None else state.read_shapes(state_dir)
         if shapes is not None:  # A restarted server: back to where the run was.
-            self.trainer = TailTrainer(build_split(*shapes), state_dir)
+            self.trainer = TailTrainer(build_split(*shapes), state_dir, **trainer_options)
             self.trainer.restore()
 
     def _hello(self, request):
@@ -47,7 +50,7 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
                         f"num_classes must be in 1..{_MAX_CLASSES}. Received: {classes}"
                     )
                 self.trainer = TailTrainer(
-                    self._build_split(tuple(shape), classes), self._state_dir
+                    self._build_split(tuple(shape), classes), self._state_dir, **self._options
                 )
                 if self._state_dir is not None:
                     state.write_shapes(self._state_dir, shape, classes)
@@ -72,6 +75,11 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
     def Checkpoint(self, request, context):  # noqa: N802
         return answer_or_abort(context, "Checkpoint", lambda: self._opened().checkpoint(request))
 
+    def AverageHeads(self, request, context):  # noqa: N802
+        return answer_or_abort(
+            context, "AverageHeads", lambda: self._opened().average_heads(request)
+        )
+
 
 def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=()):
     """Starts `servicer` (a `TrainingServicer`) on host:port (0 picks one); returns
@@ -82,7 +90,8 @@ def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=())
       interceptors: server interceptors (the token check).
     """
     server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=4),
+        # A thread per device at least: in parallel mode a step waits there for the others'.
+        concurrent.futures.ThreadPoolExecutor(max_workers=MAX_DEVICES + 4),
         interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -19,7 +19,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n tfsplit/net/split_training.proto\x12\x0btfsplit.net"\x9c\x01\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_step\x18\x07 \x01(\x03"5\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03"\xa7\x02\n\x0bStepRequest\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tfsplit.net.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c"J\n\x11\x43heckpointRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x32\xa1\x02\n\rSplitTraining\x12;\n\x05Hello\x12\x19.tfsplit.net.HelloRequest\x1a\x17.tfsplit.net.HelloReply\x12\x38\n\x04Step\x12\x18.tfsplit.net.StepRequest\x1a\x16.tfsplit.net.StepReply\x12M\n\x0bTailWeights\x12\x1f.tfsplit.net.TailWeightsRequest\x1a\x1d.tfsplit.net.TailWeightsReply\x12J\n\nCheckpoint\x12\x1e.tfsplit.net.CheckpointRequest\x1a\x1c.tfsplit.net.CheckpointReplyb\x06proto3'
+    b'\n tfsplit/net/split_training.proto\x12\x0btfsplit.net"\x9c\x01\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_step\x18\x07 \x01(\x03"G\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x10\n\x08parallel\x18\x03 \x01(\x08"\xa7\x02\n\x0bStepRequest\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tfsplit.net.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c"J\n\x11\x43heckpointRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x01 \x01(\x03"o\n\x13\x41verageHeadsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07weights\x18\x04 \x03(\x0c\x12\x0f\n\x07samples\x18\x05 \x01(\x03"5\n\x11\x41verageHeadsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x05"7\n\tStepGroup\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.tfsplit.net.StepRequest2\xf3\x02\n\rSplitTraining\x12;\n\x05Hello\x12\x19.tfsplit.net.HelloRequest\x1a\x17.tfsplit.net.HelloReply\x12\x38\n\x04Step\x12\x18.tfsplit.net.StepRequest\x1a\x16.tfsplit.net.StepReply\x12M\n\x0bTailWeights\x12\x1f.tfsplit.net.TailWeightsRequest\x1a\x1d.tfsplit.net.TailWeightsReply\x12J\n\nCheckpoint\x12\x1e.tfsplit.net.CheckpointRequest\x1a\x1c.tfsplit.net.CheckpointReply\x12P\n\x0c\x41verageHeads\x12 .tfsplit.net.AverageHeadsRequest\x1a\x1e.tfsplit.net.AverageHeadsReplyb\x06proto3'
 )
 
 _globals = globals()
@@ -30,21 +30,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_HELLOREQUEST"]._serialized_start = 50
     _globals["_HELLOREQUEST"]._serialized_end = 206
     _globals["_HELLOREPLY"]._serialized_start = 208
-    _globals["_HELLOREPLY"]._serialized_end = 261
-    _globals["_STEPREQUEST"]._serialized_start = 264
-    _globals["_STEPREQUEST"]._serialized_end = 559
-    _globals["_STEPREQUEST_KIND"]._serialized_start = 491
-    _globals["_STEPREQUEST_KIND"]._serialized_end = 559
-    _globals["_STEPREPLY"]._serialized_start = 561
-    _globals["_STEPREPLY"]._serialized_end = 654
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 656
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 698
-    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 700
-    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 735
-    _globals["_CHECKPOINTREQUEST"]._serialized_start = 737
-    _globals["_CHECKPOINTREQUEST"]._serialized_end = 811
-    _globals["_CHECKPOINTREPLY"]._serialized_start = 813
-    _globals["_CHECKPOINTREPLY"]._serialized_end = 844
-    _globals["_SPLITTRAINING"]._serialized_start = 847
-    _globals["_SPLITTRAINING"]._serialized_end = 1136
+    _globals["_HELLOREPLY"]._serialized_end = 279
+    _globals["_STEPREQUEST"]._serialized_start = 282
+    _globals["_STEPREQUEST"]._serialized_end = 577
+    _globals["_STEPREQUEST_KIND"]._serialized_start = 509
+    _globals["_STEPREQUEST_KIND"]._serialized_end = 577
+    _globals["_STEPREPLY"]._serialized_start = 579
+    _globals["_STEPREPLY"]._serialized_end = 672
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 674
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 716
+    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 718
+    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 753
+    _globals["_CHECKPOINTREQUEST"]._serialized_start = 755
+    _globals["_CHECKPOINTREQUEST"]._serialized_end = 829
+    _globals["_CHECKPOINTREPLY"]._serialized_start = 831
+    _globals["_CHECKPOINTREPLY"]._serialized_end = 862
+    _globals["_AVERAGEHEADSREQUEST"]._serialized_start = 864
+    _globals["_AVERAGEHEADSREQUEST"]._serialized_end = 975
+    _globals["_AVERAGEHEADSREPLY"]._serialized_start = 977
+    _globals["_AVERAGEHEADSREPLY"]._serialized_end = 1030
+    _globals["_STEPGROUP"]._serialized_start = 1032
+    _globals["_STEPGROUP"]._serialized_end = 1087
+    _globals["_SPLITTRAINING"]._serialized_start = 1090
+    _globals["_SPLITTRAINING"]._serialized_end = 1461
 # @@protoc_insertion_point(module_scope)

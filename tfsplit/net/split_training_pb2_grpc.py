@@ -60,6 +60,12 @@ class SplitTrainingStub:
             response_deserializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.FromString,
             _registered_method=True,
         )
+        self.AverageHeads = channel.unary_unary(
+            "/tfsplit.net.SplitTraining/AverageHeads",
+            request_serializer=tfsplit_dot_net_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_net_dot_split__training__pb2.AverageHeadsReply.FromString,
+            _registered_method=True,
+        )
 
 
 class SplitTrainingServicer:
@@ -91,6 +97,14 @@ class SplitTrainingServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def AverageHeads(self, request, context):
+        """Parallel mode: the device's head (its weights after an epoch) joins this round's average
+        over the run's devices (SplitFed); the reply is the average, once every device has sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_SplitTrainingServicer_to_server(servicer, server):
             servicer.Checkpoint,
             request_deserializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointRequest.FromString,
             response_serializer=tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.SerializeToString,
+        ),
+        "AverageHeads": grpc.unary_unary_rpc_method_handler(
+            servicer.AverageHeads,
+            request_deserializer=tfsplit_dot_net_dot_split__training__pb2.AverageHeadsRequest.FromString,
+            response_serializer=tfsplit_dot_net_dot_split__training__pb2.AverageHeadsReply.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +254,36 @@ class SplitTraining:
             "/tfsplit.net.SplitTraining/Checkpoint",
             tfsplit_dot_net_dot_split__training__pb2.CheckpointRequest.SerializeToString,
             tfsplit_dot_net_dot_split__training__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def AverageHeads(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/tfsplit.net.SplitTraining/AverageHeads",
+            tfsplit_dot_net_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
+            tfsplit_dot_net_dot_split__training__pb2.AverageHeadsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,8 @@ class DeviceState:
 class ServerState:
     """A server's durable state in its workdir: a checkpoint of the tail and its optimizer with
     every device's next step (`state.json`, written last), and a log of every training step
-    since (`steps.log`: length-prefixed StepRequests, appended and flushed before the reply).
+    since (`steps.log`: length-prefixed StepGroups, the steps trained as one batch, appended and
+    flushed before the reply).
 
     After a kill, the checkpoint plus the replayed log give the state of the last step answered;
     a step killed before its log entry is redone by the device's retry.
@@ -68,23 +69,23 @@ class ServerState:
             devices[device_id].next_step = next_step
         return devices
 
-    def log(self, request):
-        data = request.SerializeToString()
+    def log(self, group):
+        data = group.SerializeToString()
         self._log_file.write(struct.pack("<Q", len(data)) + data)
         self._log_file.flush()
 
     def logged_steps(self):
-        """The logged StepRequests in order; a torn last entry (a kill mid-write) is dropped."""
+        """The logged StepGroups in order; a torn last entry (a kill mid-write) is dropped."""
         with open(self._log_path, "rb") as f:
             data = f.read()
-        requests, offset = [], 0
+        groups, offset = [], 0
         while offset + 8 <= len(data):
             (length,) = struct.unpack_from("<Q", data, offset)
             if offset + 8 + length > len(data):
                 break
-            requests.append(pb.StepRequest.FromString(data[offset + 8 : offset + 8 + length]))
+            groups.append(pb.StepGroup.FromString(data[offset + 8 : offset + 8 + length]))
             offset += 8 + length
-        return requests
+        return groups
 
     def truncate_log(self):
         self._log_file.close()

@@ -16,7 +16,7 @@ from absl import logging
 from tfsplit import callbacks as callbacks_lib
 from tfsplit import codec, data, models
 from tfsplit.model import SplitModel
-from tfsplit.net.device import RemoteCheckpoint, RemoteSplitModel, RemoteTail
+from tfsplit.net.device import HeadAveraging, RemoteCheckpoint, RemoteSplitModel, RemoteTail
 from tfsplit.train.codec_step import CodecSplitModel
 
 CONFIG_FILE = "config.json"
@@ -232,6 +232,8 @@ def train(config, workdir, verbose="auto", client=None):
             i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords)
         )
         callbacks.insert(records, RemoteTail())
+        if split.parallel:  # before the evaluation and the records: they see the average
+            callbacks.insert(1, HeadAveraging(info.train_size))
         callbacks.append(RemoteCheckpoint(config.checkpoint_every_steps))  # after the backup
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
     keras.utils.set_random_seed(config.seed)
