@@ -18,10 +18,14 @@ one batch and their heads averaged after every epoch (SplitFed).
 import sys
 import types
 
+# isort: off
+import tfsplit  # noqa: F401  (first: selects Keras 2 before TensorFlow loads)
+
+# isort: on
+import tf_keras
 from absl import app, flags
 from ml_collections import config_flags
 
-import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.net import security
 from tfsplit.net import service as service_lib
 from tfsplit.train import trainer
@@ -66,7 +70,10 @@ def main(argv):
 
     def build_split(image_shape, num_classes):
         info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
-        return trainer.build_split_model(config, info)
+        split = trainer.build_split_model(config, info)
+        # The tail's random draws (dropout) from the run's seed: a rerun trains the same model.
+        tf_keras.utils.set_random_seed(config.seed)
+        return split
 
     if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
         raise app.UsageError("--tls_cert and --tls_key go together.")
