@@ -20,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 
+from tfsplit.eval.links import TokenBucket
+
 _START_TIMEOUT_S = 20.0
 _RANGE_HEADER = re.compile(rb"(?im)^range:\s*bytes=(\d+)-")
 
@@ -167,14 +169,13 @@ class FaultProxy:
     Args:
       upstream_port: the server's port on 127.0.0.1.
       rate_mbit: shape the server-to-client direction to this many Mbit/s over all connections
-        together (a token bucket; None = as fast as loopback goes).
+        together (a `links.TokenBucket`; None = as fast as loopback goes).
     """
 
     def __init__(self, upstream_port, rate_mbit=None):
         if rate_mbit is not None and not (isinstance(rate_mbit, (int, float)) and rate_mbit > 0):
             raise ValueError(f"`rate_mbit` must be a number > 0 or None. Received: {rate_mbit!r}")
-        self._bytes_per_s = None if rate_mbit is None else rate_mbit * 1e6 / 8
-        self._link_free_at = time.monotonic()  # When the shaped link has sent all queued bytes.
+        self._bucket = None if rate_mbit is None else TokenBucket(rate_mbit)
         self._upstream = ("127.0.0.1", upstream_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
@@ -262,8 +263,8 @@ class FaultProxy:
                             self._drop_budget -= len(data)
                     if not downstream:
                         self.ranges.extend(int(m) for m in _RANGE_HEADER.findall(data))
-                if downstream:
-                    self._shape(len(data))
+                if downstream and self._bucket is not None:
+                    self._bucket.wait(len(data))  # Shared by every connection.
                 target.sendall(data)
                 if cut:
                     break
@@ -276,16 +277,6 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-
-    def _shape(self, num_bytes):
-        """Waits until the shaped link has room for `num_bytes` (shared by every connection)."""
-        if self._bytes_per_s is None:
-            return
-        with self._lock:
-            now = time.monotonic()
-            self._link_free_at = max(self._link_free_at, now) + num_bytes / self._bytes_per_s
-            wait = self._link_free_at - now
-        time.sleep(wait)
 
     def close(self):
         self._closed.set()

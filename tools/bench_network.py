@@ -1,0 +1,128 @@
+"""Trains SL, CA-SL, deprune and prune over emulated links and compares their wall-clock times.
+
+  tfsplit-bench-network --workdir=/tmp/tfsplit/bench-network
+  tfsplit-bench-network --workdir=... --links=wifi,dsl=16/30 --methods=sl,deprune
+
+Links are wifi (100 Mbit/s, 5 ms RTT), 4g (10 Mbit/s, 40 ms) and poor (2 Mbit/s, 100 ms), or
+"name=rate_mbit/rtt_ms". Each run is a tfsplit-train-server and a tfsplit-train device process on
+either side of the link: as root, in two network namespaces joined by a veth pair shaped with tc;
+elsewhere through a proxy on loopback that shapes the rate and adds the delay (the table says
+which). The configs are shrunk (--train_size, --test_size, --epochs_scale, --variant) so that the
+default table takes roughly 20 minutes on 2 CPU cores; the expected bytes and link time of each run
+are printed first (--plan_only prints them alone). Prints one Markdown table and writes
+bench_network.json into --workdir. Wall time is the device process's, start to exit; time to
+target is the run's own training time (metrics.jsonl) until its first epoch at the target accuracy
+(default: 0.9 x SL's final accuracy on the fastest link). Prune fine-tunes over the link from a
+start model trained in this process first, not over the link; its rows time the fine-tuning.
+"""
+
+import json
+import os
+import platform
+import signal
+import sys
+
+from absl import app, flags
+
+import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit.eval import links as links_lib
+from tfsplit.eval import network_benchmark
+from tools import run_tool
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
+_LINKS = flags.DEFINE_list("links", ["wifi", "4g", "poor"], "Links: names or name=Mbit/RTT_ms.")
+_METHODS = flags.DEFINE_list("methods", list(network_benchmark.METHODS), "Methods to train.")
+_CONFIG_DIR = flags.DEFINE_string(
+    "config_dir",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
+    "Directory of sl.py, casl.py, deprune.py and prune.py.",
+)
+_VARIANT = flags.DEFINE_string("variant", "", "Config variant for every method (e.g. hard).")
+_TRAIN_SIZE = flags.DEFINE_integer("train_size", 800, "Training samples (0: the config's).", 0)
+_TEST_SIZE = flags.DEFINE_integer("test_size", 400, "Test samples (0: the config's).", 0)
+_EPOCHS_SCALE = flags.DEFINE_float("epochs_scale", 1.0, "Every phase's epochs times this.", 0.01)
+_TARGET = flags.DEFINE_float("target_accuracy", None, "Accuracy that time to target counts to.")
+_TARGET_FRACTION = flags.DEFINE_float(
+    "target_fraction",
+    0.9,
+    "Without --target_accuracy: this x SL's final accuracy on the fastest link.",
+)
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 1800, "Kill a device that trains longer.", 1)
+_NAMESPACES = flags.DEFINE_bool("namespaces", True, "Try network namespaces and tc first.")
+_PLAN_ONLY = flags.DEFINE_bool("plan_only", False, "Print the sizes and estimates; train nothing.")
+
+
+def _print_plan(sizes, estimates, links):
+    print(
+        f"sizes: variant {sizes.variant or '(default)'}, {sizes.train_size or 'config'} training "
+        f"and {sizes.test_size or 'config'} test samples, epochs x {sizes.epochs_scale:g}"
+    )
+    for method, estimate in estimates.items():
+        seconds = ", ".join(f"{name} {s:,.0f} s" for name, s in estimate["link_seconds"].items())
+        print(
+            f"  {method:8s} wire {'x'.join(map(str, estimate['wire_shape']))}: "
+            f"~{estimate['bytes_up'] / 1e6:,.1f} MB up, {estimate['bytes_down'] / 1e6:,.1f} MB "
+            f"down, {estimate['calls']:,} calls; on the link alone: {seconds}"
+        )
+    total = sum(sum(e["link_seconds"].values()) for e in estimates.values())
+    print(f"  link time of all {len(estimates) * len(links)} runs: ~{total / 60:.1f} min + compute")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # A plain `kill` unwinds like Ctrl-C: child processes stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    links = [links_lib.parse_link(spec) for spec in _LINKS.value]
+    sizes = network_benchmark.Sizes(
+        _VARIANT.value, _TRAIN_SIZE.value, _TEST_SIZE.value, _EPOCHS_SCALE.value
+    )
+    estimates = network_benchmark.estimate_runs(
+        links, _CONFIG_DIR.value, sizes, methods=_METHODS.value
+    )
+    _print_plan(sizes, estimates, links)
+    if _PLAN_ONLY.value:
+        return
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    result = network_benchmark.benchmark_network(
+        links,
+        _CONFIG_DIR.value,
+        _WORKDIR.value,
+        sizes,
+        methods=_METHODS.value,
+        target_accuracy=_TARGET.value,
+        target_fraction=_TARGET_FRACTION.value,
+        timeout_s=_TIMEOUT.value,
+        namespaces=_NAMESPACES.value,
+    )
+    result["estimates"] = estimates
+    print(network_benchmark.markdown_table(result))
+    print()
+    for entry in result["links"]:
+        note = f" ({entry['note']})" if entry["note"] else ""
+        print(f"{entry['name']}: shaped by {entry['shaping']}{note}")
+    target = result["target_accuracy"]
+    target = "none" if target is None else f"{100 * target:.2f}%"
+    print(f"target accuracy: {target} ({result['target_source']})")
+    if result["prune_start"]:
+        start = result["prune_start"]
+        print(
+            f"* prune: {network_benchmark.PRUNE_NOTE} ({start['seconds']:.1f} s, "
+            f"{100 * start['final_test_accuracy']:.2f}%)"
+        )
+    for line in network_benchmark.speedups(result):
+        print(line)
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    with open(os.path.join(_WORKDIR.value, "bench_network.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    failed = [f"{row['method']} on {row['link']}" for row in result["rows"] if "error" in row]
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed ({', '.join(failed)}); see their logs.")
+
+
+def run():
+    run_tool(main)
+
+
+if __name__ == "__main__":
+    run()
