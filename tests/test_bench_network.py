@@ -288,6 +288,10 @@ def test_estimates_follow_the_codec():
 
 
 def _row(link, method, seconds, accuracy, curve):
+    records = [
+        dict(epoch=i + 1, elapsed_seconds=at, test_accuracy=reached)
+        for i, (at, reached) in enumerate(curve)
+    ]
     return dict(
         link=link,
         method=method,
@@ -297,7 +301,7 @@ def _row(link, method, seconds, accuracy, curve):
         final_test_accuracy=accuracy,
         payload_mb_up=1.0,
         payload_mb_down=0.5,
-        curve=curve,
+        records=records,
         note="",
         seconds_to_target=None,
     )

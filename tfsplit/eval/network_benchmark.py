@@ -274,7 +274,7 @@ def run_method(emulated, run, run_dir, timeout_s):
         payload_mb_up=summary["train_payload_bytes_up"] / 1e6,
         payload_mb_down=summary["train_payload_bytes_down"] / 1e6,
         epochs=summary["epochs"],
-        curve=[[r["elapsed_seconds"], r["test_accuracy"]] for r in records],
+        records=[{k: r[k] for k in ("epoch", "elapsed_seconds", "test_accuracy")} for r in records],
         note=PRUNE_NOTE if run.method == "prune" else "",
     )
 
@@ -363,8 +363,8 @@ def benchmark_network(
                 rows.append(row)
     target, source = choose_target(rows, links, target_accuracy, target_fraction)
     for row in rows:
-        reached = [seconds for seconds, acc in row.get("curve", []) if target and acc >= target]
-        row["seconds_to_target"] = reached[0] if reached else None
+        reached = reproduce.time_to_target(row.get("records", []), target)[0] if target else None
+        row["seconds_to_target"] = reached
     return dict(
         rows=rows,
         links=list(shaping.values()),
