@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tfsplit.eval import links, network_benchmark
+from tfsplit.eval import links, namespaces, network_benchmark, network_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -128,8 +128,8 @@ def test_token_bucket_sends_at_its_rate_after_its_burst():
         (lambda: links.DelayProxy(("127.0.0.1", 1), -0.1), "one_way_delay_s` must be"),
         (lambda: links.DelayProxy(("127.0.0.1", 1), rate_mbit=0), "rate_mbit` must be"),
         (lambda: links.DelayProxy("127.0.0.1:1"), "upstream` must be (host, port)"),
-        (lambda: links.network_namespaces(0, 5).__enter__(), "rate_mbit` must be"),
-        (lambda: links.network_namespaces(1, -5).__enter__(), "rtt_ms` must be"),
+        (lambda: namespaces.network_namespaces(0, 5).__enter__(), "rate_mbit` must be"),
+        (lambda: namespaces.network_namespaces(1, -5).__enter__(), "rtt_ms` must be"),
         (lambda: links.emulate("wifi").__enter__(), "`link` must be a Link"),
         (lambda: network_benchmark.Sizes(train_size=-1), "train_size` must be an integer >= 0"),
         (lambda: network_benchmark.Sizes(epochs_scale=0), "epochs_scale` must be > 0"),
@@ -186,9 +186,9 @@ def _namespaces_or_skip():
 
 def test_namespaces_are_created_shaped_and_always_removed():
     _namespaces_or_skip()
-    with links.network_namespaces(20, 10) as pair:
+    with namespaces.network_namespaces(20, 10) as pair:
         names = {pair.server, pair.device}
-        assert names <= set(links.list_namespaces())
+        assert names <= set(namespaces.list_namespaces())
         for name, address in (
             (pair.server, pair.server_address),
             (pair.device, pair.device_address),
@@ -201,12 +201,12 @@ def test_namespaces_are_created_shaped_and_always_removed():
                 ["tc", "-n", name, "qdisc", "show", "dev", "veth0"], capture_output=True, text=True
             ).stdout
             assert "tbf" in qdisc and "20Mbit" in qdisc
-    assert not names & set(links.list_namespaces())
+    assert not names & set(namespaces.list_namespaces())
     with pytest.raises(KeyboardInterrupt):
-        with links.network_namespaces(20, 10) as pair:
+        with namespaces.network_namespaces(20, 10) as pair:
             names = {pair.server, pair.device}
             raise KeyboardInterrupt
-    assert not names & set(links.list_namespaces())
+    assert not names & set(namespaces.list_namespaces())
 
 
 _ECHO_SERVER = """
@@ -233,7 +233,7 @@ def test_a_link_between_namespaces_has_its_rtt_and_rate():
             results = {}
 
             def client():
-                links._enter_namespace(emulated.device_netns)
+                namespaces.enter_namespace(emulated.device_netns)
                 with emulated.reach(port) as address:
                     results["ping"] = _echo_round_trip(address, b"ping")
                     results["bulk"] = _echo_round_trip(address, b"y" * 400_000)
@@ -325,19 +325,19 @@ def test_target_table_and_speedup_lines():
             for link in (wifi, poor)
         ],
     )
-    table = network_benchmark.markdown_table(result).splitlines()
+    table = network_report.markdown_table(result).splitlines()
     assert table[0].startswith("| link | method | shaping |") and len(table) == 2 + len(rows)
     assert "not reached" in table[2] and "failed: boom" in table[5]
-    assert network_benchmark.speedups(result) == [
+    assert network_report.speedups(result) == [
         "wifi: deprune finishes 1.33x sooner than SL (30.0 s vs 40.0 s)"
     ]
-    assert network_benchmark.speedups(result, fast="sl", slow="deprune") == [
+    assert network_report.speedups(result, fast="sl", slow="deprune") == [
         "wifi: sl finishes 1.33x later than DEPRUNE (40.0 s vs 30.0 s)"
     ]
 
 
 def test_without_root_the_link_falls_back_to_the_proxy_and_says_why(monkeypatch):
-    monkeypatch.setattr(links.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(namespaces.os, "geteuid", lambda: 1000)
     with links.emulate(links.DEFAULT_LINKS["4g"]) as emulated:
         assert emulated.shaping == links.SHAPING_PROXY
         assert emulated.note == "namespaces not permitted: network namespaces need root"

@@ -26,7 +26,7 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import links as links_lib
-from tfsplit.eval import network_benchmark
+from tfsplit.eval import network_benchmark, network_report
 from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
@@ -96,7 +96,7 @@ def main(argv):
         namespaces=_NAMESPACES.value,
     )
     result["estimates"] = estimates
-    print(network_benchmark.markdown_table(result))
+    print(network_report.markdown_table(result))
     print()
     for entry in result["links"]:
         note = f" ({entry['note']})" if entry["note"] else ""
@@ -110,7 +110,7 @@ def main(argv):
             f"* prune: {network_benchmark.PRUNE_NOTE} ({start['seconds']:.1f} s, "
             f"{100 * start['final_test_accuracy']:.2f}%)"
         )
-    for line in network_benchmark.speedups(result):
+    for line in network_report.speedups(result):
         print(line)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     with open(os.path.join(_WORKDIR.value, "bench_network.json"), "w") as f:

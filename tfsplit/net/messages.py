@@ -1,6 +1,7 @@
 """What both halves put in and take out of the service's messages, besides codec payloads.
 
-The model digest they must agree on, tail weights as TensorProtos, logits as float32 bytes.
+The model digest they must agree on, weights as TensorProtos, logits as float32 bytes, and the
+checks of a received activations payload.
 """
 
 import hashlib
@@ -9,6 +10,7 @@ import json
 import numpy as np
 import tensorflow as tf
 
+from tfsplit import codec
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.serve import validation
 
@@ -60,3 +62,30 @@ def logits_reply(step, logits):
 def reply_logits(reply):
     """The (batch, classes) float32 logits a StepReply carries."""
     return np.frombuffer(reply.logits, "<f4").reshape(-1, reply.num_classes)
+
+
+def decode_activations(payload, split, with_labels):
+    """The activations payload a device sent, checked against `split`'s wire (dtype, channels,
+    positions) and, for a training step, its labels against the classes."""
+    try:
+        decoded = codec.decode(payload, expect_kind="activations", max_channels=split.channels)
+    except codec.PayloadError as error:
+        raise validation.invalid(f"Bad activations payload: {error}") from None
+    if decoded.dtype != split.activation_dtype or decoded.channels != split.channels:
+        raise validation.invalid(
+            f"The payload must carry {split.activation_dtype} values of a {split.channels}-"
+            f"channel bottleneck. Received: {decoded.dtype}, {decoded.channels} channels"
+        )
+    spatial = (decoded.values.shape[1], decoded.values.shape[2])
+    if spatial != (split.height, split.width):
+        raise validation.invalid(
+            f"The payload's positions must be {split.height}x{split.width}. Received: "
+            f"{spatial[0]}x{spatial[1]}"
+        )
+    if with_labels:
+        if decoded.labels is None:
+            raise validation.invalid("A training payload must carry the batch's labels.")
+        classes = split.tail.output.shape[-1]
+        if decoded.labels.min() < 0 or decoded.labels.max() >= classes:
+            raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
+    return decoded

@@ -22,7 +22,6 @@ Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITI
 nothing, and the server keeps serving.
 """
 
-import os
 import re
 import threading
 import time
@@ -36,7 +35,15 @@ from absl import logging
 from tfsplit import codec
 from tfsplit.net import split_training_pb2 as pb
 from tfsplit.net.averaging import AveragingRounds
-from tfsplit.net.messages import logits_reply, model_digest, weights_from_protos, weights_to_protos
+from tfsplit.net.batching import PendingStep, joined_inputs
+from tfsplit.net.calibration import calibration_pass
+from tfsplit.net.messages import (
+    decode_activations,
+    logits_reply,
+    model_digest,
+    weights_from_protos,
+    weights_to_protos,
+)
 from tfsplit.net.state import DeviceState, ServerState
 from tfsplit.serve import validation
 
@@ -187,7 +194,7 @@ class TailTrainer:
         for request in group.requests:
             payload = codec.decode(request.payload, expect_kind="activations")
             self.devices.setdefault(request.device_id, DeviceState())
-            steps.append(_PendingStep(request, payload))
+            steps.append(PendingStep(request, payload))
         self._train_together(steps, log=False)
         for step in steps:
             step.result()  # a step that fails again stops the replay
@@ -231,7 +238,9 @@ class TailTrainer:
         self._check_digest(request.model_digest)
         if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
             raise validation.invalid(f"Unknown step kind {request.kind}.")
-        payload = self._decode(request.payload, with_labels=request.kind == _TRAIN)
+        payload = decode_activations(
+            request.payload, self.split, with_labels=request.kind == _TRAIN
+        )
         if request.kind == _TRAIN:
             return self._train_request(request, payload)
         values = tf.constant(payload.dequantized(), tf.float32)
@@ -239,7 +248,9 @@ class TailTrainer:
         with self._lock:
             device = self._device(request.device_id)
             if request.kind == _CALIBRATE:
-                return self._calibrate(device, request, values, indices)
+                return calibration_pass(
+                    self._norms, self._forward, device, request, values, indices
+                )
             logits = self._forward(values, indices, False)
             return logits_reply(request.step, logits)
 
@@ -271,33 +282,6 @@ class TailTrainer:
             return pb.TailWeightsReply(weights=weights_to_protos(self.split.tail.get_weights()))
 
     # -------------------------------------------------------------------------------- steps
-    def _decode(self, payload, with_labels):
-        try:
-            decoded = codec.decode(
-                payload, expect_kind="activations", max_channels=self.split.channels
-            )
-        except codec.PayloadError as error:
-            raise validation.invalid(f"Bad activations payload: {error}") from None
-        wire = self.split
-        if decoded.dtype != wire.activation_dtype or decoded.channels != wire.channels:
-            raise validation.invalid(
-                f"The payload must carry {wire.activation_dtype} values of a {wire.channels}-"
-                f"channel bottleneck. Received: {decoded.dtype}, {decoded.channels} channels"
-            )
-        spatial = (decoded.values.shape[1], decoded.values.shape[2])
-        if spatial != (wire.height, wire.width):
-            raise validation.invalid(
-                f"The payload's positions must be {wire.height}x{wire.width}. Received: "
-                f"{spatial[0]}x{spatial[1]}"
-            )
-        if with_labels:
-            if decoded.labels is None:
-                raise validation.invalid("A training payload must carry the batch's labels.")
-            classes = self.split.tail.output.shape[-1]
-            if decoded.labels.min() < 0 or decoded.labels.max() >= classes:
-                raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
-        return decoded
-
     def _device(self, device_id):
         device = self.devices.get(device_id)
         if device is None:
@@ -328,11 +312,11 @@ class TailTrainer:
                     f"Expected training step {device.next_step}. Received: step {request.step}",
                 )
             elif not self.parallel:
-                step = _PendingStep(request, payload)
+                step = PendingStep(request, payload)
                 self._train_together([step])
                 return step.result()
             else:
-                step, lead = _PendingStep(request, payload), not self._gathering
+                step, lead = PendingStep(request, payload), not self._gathering
                 self._pending.append(step)
                 self._idle.discard(request.device_id)
                 self._gathering = True
@@ -364,24 +348,16 @@ class TailTrainer:
                 self._train_together(together)
 
     def _train_together(self, steps, log=True):
-        """One update of the tail from `steps` (one per device) as one batch; each step gets its
-        reply (or the error) in `steps`. Each device's gradient is scaled to its own batch's
-        mean loss, so that a head learns at the same pace alone or batched with others."""
+        """One update of the tail from `steps` (one per device) as one batch (`joined_inputs`);
+        each step gets its reply (or the error) in `steps`."""
         try:
             first = steps[0]
-            if len(steps) == 1:
-                indices = first.payload.indices
-            else:  # each sample with its own device's selection
-                indices = np.concatenate([np.tile(s.payload.indices, (s.batch, 1)) for s in steps])
-            total = sum(s.batch for s in steps)
+            values, indices, labels, scale = joined_inputs(steps)
             gradient, logits, loss = self._train_traces[indices.ndim](
-                tf.constant(np.concatenate([s.payload.dequantized() for s in steps]), tf.float32),
+                tf.constant(values, tf.float32),
                 tf.constant(indices, tf.int32),
-                tf.constant(np.concatenate([s.payload.labels for s in steps])),
-                tf.constant(
-                    np.repeat([total / s.batch for s in steps], [s.batch for s in steps]),
-                    tf.float32,
-                ),
+                tf.constant(labels),
+                tf.constant(scale),
                 tf.constant(first.request.learning_rate, tf.float32),
                 tf.constant(first.request.nesting),
             )
@@ -409,43 +385,6 @@ class TailTrainer:
             for step in steps:
                 step.done.set()
 
-    def _calibrate(self, device, request, values, indices):
-        """One pass of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`):
-        its batch's statistics are added up apart from other devices' and the moving
-        statistics are left as they were; the last pass assigns the averages."""
-        if request.calibration_begin:
-            device.calibration = [0.0, 0.0, 0]
-        elif device.calibration is None:
-            raise validation.invalid("A calibration starts with calibration_begin.")
-        saved = [
-            (n.momentum, n.moving_mean.numpy(), n.moving_variance.numpy()) for n in self._norms
-        ]
-        try:
-            for norm in self._norms:
-                norm.momentum = 0.0  # the pass leaves exactly its batch's statistics
-            logits = self._forward(values, indices, True)
-            means = [n.moving_mean.numpy() for n in self._norms]
-            squares = [n.moving_variance.numpy() + m * m for n, m in zip(self._norms, means)]
-        finally:
-            for norm, (momentum, mean, variance) in zip(self._norms, saved):
-                norm.momentum = momentum
-                norm.moving_mean.assign(mean)
-                norm.moving_variance.assign(variance)
-        sums, sum_squares, passes = device.calibration
-        device.calibration = [
-            [a + b for a, b in zip(sums, means)] if passes else means,
-            [a + b for a, b in zip(sum_squares, squares)] if passes else squares,
-            passes + 1,
-        ]
-        if request.calibration_finish:
-            sums, sum_squares, passes = device.calibration
-            for norm, total, total_square in zip(self._norms, sums, sum_squares):
-                mean = total / passes
-                norm.moving_mean.assign(mean)
-                norm.moving_variance.assign(total_square / passes - mean * mean)
-            device.calibration = None
-        return logits_reply(request.step, logits)
-
 
 def _check_device_id(device_id):
     if not _DEVICE_ID.fullmatch(device_id):
@@ -453,20 +392,3 @@ def _check_device_id(device_id):
             "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
             f"Received: {device_id[:80]!r}"
         )
-
-
-class _PendingStep:
-    """A training step on its way through the trainer: the request, its decoded payload, and
-    the reply or error once trained."""
-
-    def __init__(self, request, payload):
-        self.request, self.payload = request, payload
-        self.batch = payload.values.shape[0]
-        self.reply, self.error = None, None
-        self.done = threading.Event()
-
-    def result(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.reply

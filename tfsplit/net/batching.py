@@ -1,0 +1,43 @@
+"""Training steps on their way through a `TailTrainer`, and several devices' steps as one batch."""
+
+import threading
+
+import numpy as np
+
+
+class PendingStep:
+    """A training step waiting to be trained: the request, its decoded payload, and the reply or
+    error once trained (`result` waits for them)."""
+
+    def __init__(self, request, payload):
+        self.request, self.payload = request, payload
+        self.batch = payload.values.shape[0]
+        self.reply, self.error = None, None
+        self.done = threading.Event()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+def joined_inputs(steps):
+    """(values, indices, labels, gradient scale) of `steps` as one batch.
+
+    One step keeps its (k,) selection; several get a (N, k) selection per sample. The scale
+    (total / the sample's step's batch) makes each device's gradient that of its own batch's mean
+    loss, so that a head learns at the same pace alone or batched with others.
+    """
+    if len(steps) == 1:
+        indices = steps[0].payload.indices
+    else:
+        indices = np.concatenate([np.tile(s.payload.indices, (s.batch, 1)) for s in steps])
+    batches = [s.batch for s in steps]
+    total = sum(batches)
+    return (
+        np.concatenate([s.payload.dequantized() for s in steps]),
+        indices,
+        np.concatenate([s.payload.labels for s in steps]),
+        np.repeat([total / b for b in batches], batches).astype(np.float32),
+    )
