@@ -9,7 +9,7 @@ Default (embedded dataset, 10 epochs): a few minutes on 2 CPU cores. Variants (c
 e.g. `:grow,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10, budget 4 -> 16 of 512, 25 + 15 epochs, SGD 1e-2 (5e-2 for 3); a GPU.
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
-  hard, small, smoke: the harder embedded set; 1500 training images, 3x epochs; seconds.
+  hard, small, smoke: the harder embedded set; 1500 training images, 5x epochs; seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """

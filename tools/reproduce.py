@@ -5,7 +5,7 @@
 
 Presets (each loads configs/<method>.py with one variant):
   quick: the embedded dataset; minutes on a CPU.
-  quick_hard: the harder embedded dataset (synthetic_hard, 20 classes); minutes on a CPU.
+  quick_hard: the harder embedded dataset (synthetic_hard, 80 classes); minutes on a CPU.
   quick_small: the embedded dataset with 1500 training images (the small-data setting).
   paper: VGG-11, CIFAR-10 and the reference schedules; a GPU.
 
@@ -31,7 +31,7 @@ _PRESET = flags.DEFINE_enum(
     "preset",
     "quick",
     list(PRESETS),
-    "quick: embedded dataset, minutes on a CPU; quick_hard: its harder 20-class version; "
+    "quick: embedded dataset, minutes on a CPU; quick_hard: its harder 80-class version; "
     "quick_small: 1500 training images; paper: VGG-11, CIFAR-10, reference schedules.",
 )
 _WORKDIR = flags.DEFINE_string(
