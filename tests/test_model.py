@@ -288,6 +288,17 @@ def test_nested_budgets_train_in_the_final_phase_once_its_channels_are_chosen():
     assert nesting == [False, False, False, True, True]
 
 
+def test_nested_budgets_draw_each_halving_of_the_budget_as_often():
+    model = split(nested_budgets=True, min_budget_fraction=0.125)
+    draws = []
+    for _ in range(2000):
+        smallest, drawn = model.nested_budget_range(tf.constant(64))
+        draws.append(int(drawn))
+    assert int(smallest) == 8 and min(draws) == 8 and max(draws) == 64
+    octaves = np.histogram(draws, bins=[8, 16, 32, 65])[0] / len(draws)
+    np.testing.assert_allclose(octaves, 1 / 3, atol=0.05)  # uniform draws: 0.14, 0.28, 0.58
+
+
 def test_polarization_adds_the_distance_of_the_gates_from_zero_or_one():
     model = split(polarization=0.5)
     model.set_budget(4)
