@@ -27,11 +27,9 @@ from boto3.s3.transfer import TransferConfig
 from tfsplit.codec_values import is_int
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.retry import Retry, RetryPolicy, with_retries
+from tfsplit.data.s3_urls import SCHEME, object_key, parse_s3_url  # noqa: F401 (public here too)
 
-SCHEME = "s3://"
 CHUNK_BYTES = 1 << 20  # Reads stream objects in 1 MiB pieces (bounded memory per reader).
-_MAX_KEY_BYTES = 1024
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CLIENT_CONFIG = botocore.config.Config(
     connect_timeout=3,  # A dead endpoint fails in seconds; `RetryPolicy` decides how often.
@@ -66,33 +64,6 @@ S3_ERRORS = (
 _MISSING_CODES = ("NoSuchKey", "404", "NotFound")
 _DENIED_CODES = ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 _THROTTLE_CODES = ("SlowDown", "Throttling", "RequestTimeout", "RequestTimeTooSkewed")
-
-
-def parse_s3_url(url):
-    """(bucket, key) of `s3://bucket[/key]`; key is "" for a bucket or "prefix/" for a directory.
-
-    Raises:
-      ValueError: when `url` is not an s3:// URL with a valid bucket name and key.
-    """
-    if not isinstance(url, str) or not url.startswith(SCHEME):
-        raise ValueError(f"Expected an s3://bucket/key URL. Received: {url!r}")
-    bucket, _, key = url[len(SCHEME) :].partition("/")
-    if not _BUCKET_NAME.match(bucket) or ".." in bucket or re.match(r"^\d+(\.\d+){3}$", bucket):
-        raise ValueError(
-            f"{url!r} does not name a valid bucket: expected 3-63 lowercase letters, digits, "
-            f"'.' or '-', starting and ending with a letter or digit. Received: bucket={bucket!r}"
-        )
-    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
-        raise ValueError(f"{url!r}: an S3 key has at most {_MAX_KEY_BYTES} bytes")
-    return bucket, key
-
-
-def _object_key(url):
-    """(bucket, key) of a URL that must name an object (not a bucket or a directory)."""
-    bucket, key = parse_s3_url(url)
-    if not key or key.endswith("/"):
-        raise ValueError(f"Expected an s3://bucket/key URL naming an object. Received: {url!r}")
-    return bucket, key
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -202,7 +173,7 @@ class S3Files:
 
     def _head(self, url, what):
         """head_object's response for `url`, or None when the object does not exist."""
-        bucket, key = _object_key(url)
+        bucket, key = object_key(url)
 
         def head(s3):
             try:
@@ -222,7 +193,7 @@ class S3Files:
         """A reader ("rb", "r") or a writer ("wb", "w"; uploaded on close) of one object."""
         from tfsplit.data import object_streams  # Imported here: it builds on this module.
 
-        bucket, key = _object_key(path)
+        bucket, key = object_key(path)
         if mode in ("r", "rb"):
             reader = io.BufferedReader(
                 object_streams.ObjectReader(self, path, bucket, key), CHUNK_BYTES
@@ -300,7 +271,7 @@ class S3Files:
 
     def remove(self, path):
         """Deletes one object; raises when it does not exist, as a local remove would."""
-        bucket, key = _object_key(path)
+        bucket, key = object_key(path)
         what = f"remove {path}"
         if self._head(path, what) is None:
             raise DatasetFileError(f"Could not {what}: the object is missing")
@@ -323,7 +294,7 @@ class S3Files:
 
     def rename(self, source, target):
         """Server-side copy, then delete: S3 has no rename, so a reader may briefly see both."""
-        (source_bucket, source_key), (bucket, key) = _object_key(source), _object_key(target)
+        (source_bucket, source_key), (bucket, key) = object_key(source), object_key(target)
         if (source_bucket, source_key) == (bucket, key):
             return
         what = f"rename {source} to {target}"
@@ -353,7 +324,7 @@ class S3Files:
           DatasetFileError: after the last attempt, naming the object, what was wrong and how many
             attempts were made; or at once when retrying cannot help (no bucket, access denied).
         """
-        bucket, key = _object_key(path)
+        bucket, key = object_key(path)
         if expected_size is not None and (not is_int(expected_size) or expected_size < 0):
             raise ValueError(f"`expected_size` must be an int >= 0. Received: {expected_size!r}")
         if expected_sha256 is not None and not _SHA256.match(str(expected_sha256)):
