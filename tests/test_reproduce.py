@@ -10,7 +10,7 @@ import pytest
 
 import tfsplit  # noqa: F401
 from tfsplit.config import load_config_file, phase
-from tfsplit.eval import reproduce
+from tfsplit.eval import reproduce, seeds
 
 REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -121,6 +121,77 @@ def test_a_target_never_reached_is_reported_as_such(recorded_rows):
     text = reproduce.format_markdown(dict(rows=rows, ratios=ratios, target_accuracy=0.8, curve=[]))
     assert "time to target: target not reached fine-tuning" in text
     assert "| 10.0 | 2 | not reached | 1 |" in text
+
+
+def seed_result(rows, shift, casl_4):
+    """`reproduce`'s result from `rows` with every accuracy moved by `shift`."""
+    rows = [
+        dict(r, final_test_accuracy=r["final_test_accuracy"] + shift, wall_seconds=100.0 + shift)
+        for r in rows
+    ]
+    curve = [
+        dict(
+            budget=4,
+            deprune_test_accuracy=0.5 + shift,
+            casl_test_accuracy=casl_4,
+            payload_bytes_per_sample=156,
+        )
+    ]
+    return dict(rows=rows, ratios=reproduce.paper_ratios(rows), curve=curve, target_accuracy=0.8)
+
+
+def test_seeds_combine_into_means_with_each_seeds_values(recorded_rows):
+    slow = [dict(r, seconds_to_target=None) if r["method"] == "prune" else r for r in recorded_rows]
+    combined = seeds.combine(
+        [seed_result(recorded_rows, 0.0, 0.6), seed_result(slow, 0.02, 0.7)], [0, 1]
+    )
+    deprune = combined["rows"][2]
+    assert deprune["final_test_accuracy"] == pytest.approx(0.87)
+    assert deprune["final_test_accuracy_per_seed"] == pytest.approx([0.86, 0.88])
+    assert deprune["wall_seconds"] == pytest.approx(100.01)
+    assert deprune["final_budget"] == 32 and isinstance(deprune["final_budget"], int)
+    prune = combined["rows"][-1]
+    assert prune["seconds_to_target"] is None  # one seed never reached the target
+    assert combined["ratios"]["prune_vs_casl_time_to_target"] is None
+    assert combined["ratios"]["deprune_vs_casl_accuracy_points"] == pytest.approx(5.0)
+    assert combined["ratios"]["same_final_budget"] is True
+    point = combined["curve"][0]
+    assert point["casl_test_accuracy"] == pytest.approx(0.65)
+    assert point["casl_test_accuracy_per_seed"] == pytest.approx([0.6, 0.7])
+    text = reproduce.format_markdown(combined)
+    assert "| deprune | 32 | 87.00% (86.00% / 88.00%) |" in text
+    assert "| 4 | 51.00% (50.00% / 52.00%) | 65.00% (60.00% / 70.00%) | 156 |" in text
+    assert "time to target: target not reached (16.00x faster / target not reached)" in text
+    assert "Means over seeds 0, 1" in text
+    assert "8.00x less training payload" in text  # the same bytes at every seed: shown once
+
+
+def test_seeds_must_run_the_same_methods(recorded_rows):
+    other = seed_result(recorded_rows, 0.0, 0.6)
+    other["rows"] = other["rows"][:-1]
+    with pytest.raises(ValueError, match="same methods and budgets"):
+        seeds.combine([seed_result(recorded_rows, 0.0, 0.6), other], [0, 1])
+
+
+def test_each_seed_trains_in_its_own_directory(recorded_rows, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_reproduce(configs, workdir, target_accuracy, init_from):
+        calls.append((workdir, sorted({c.seed for c in configs.values()})))
+        return seed_result(recorded_rows, 0.01 * len(calls), 0.6)
+
+    monkeypatch.setattr(reproduce, "reproduce", fake_reproduce)
+    configs = {
+        m: load_config_file(os.path.join(CONFIG_DIR, f"{m}.py"), "smoke") for m in reproduce.METHODS
+    }
+    combined = seeds.reproduce_at_seeds(configs, str(tmp_path), [3, 4])
+    assert calls == [(str(tmp_path / "seed_3"), [3]), (str(tmp_path / "seed_4"), [4])]
+    assert {c.seed for c in configs.values()} == {0}  # the caller's configs are left as given
+    assert os.path.isfile(tmp_path / "seed_4" / "results.md")
+    assert combined["seeds"] == [3, 4]
+    for bad in ([3], [3, 3]):
+        with pytest.raises(ValueError, match="two or more distinct seeds"):
+            seeds.reproduce_at_seeds(configs, str(tmp_path), bad)
 
 
 def test_prune_config_is_split_into_start_and_finetune():

@@ -11,7 +11,11 @@ Presets (each loads configs/<method>.py with one variant):
 
 Each method trains into --workdir/<method> (re-running resumes). Prints the table, deprune's
 accuracy-versus-budget next to CA-SL trained at each budget, and the paper's three ratios; writes
-results.csv, results.md, results.json and budget_curve_vs_casl.csv into --workdir.
+results.csv, results.md, results.json and budget_curve_vs_casl.csv into --workdir. With --seeds=N
+every run is made at N seeds (the configs' seed, then the next ones), each in --workdir/seed_<s>
+with its own tables there, and the tables in --workdir hold their means and each seed's values:
+
+  tfsplit-reproduce --preset=quick_hard --seeds=2 --workdir=/tmp/tfsplit/hard_seeds
 """
 
 import os
@@ -20,7 +24,7 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import config as config_lib
-from tfsplit.eval import reproduce
+from tfsplit.eval import reproduce, seeds
 from tools import run_tool
 
 # preset -> variant of the files in configs/.
@@ -55,6 +59,13 @@ _DATA_PATH = flags.DEFINE_string(
     None,
     "Local dataset archive for every method (config data.path), e.g. a CIFAR-10 python tar.gz.",
 )
+_SEEDS = flags.DEFINE_integer(
+    "seeds",
+    1,
+    "Train every run at this many seeds (the configs' seed and the ones after it) and report "
+    "their means; a single run's accuracy can move by points with the seed.",
+    lower_bound=1,
+)
 
 
 def load_configs():
@@ -72,7 +83,18 @@ def load_configs():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    result = reproduce.reproduce(load_configs(), _WORKDIR.value, _TARGET.value, _INIT_FROM.value)
+    configs = load_configs()
+    if _SEEDS.value == 1:
+        result = reproduce.reproduce(configs, _WORKDIR.value, _TARGET.value, _INIT_FROM.value)
+    else:
+        first = configs["deprune"].seed
+        result = seeds.reproduce_at_seeds(
+            configs,
+            _WORKDIR.value,
+            range(first, first + _SEEDS.value),
+            _TARGET.value,
+            _INIT_FROM.value,
+        )
     paths = reproduce.write_results(result, _WORKDIR.value)
     print(reproduce.format_markdown(result))
     print("wrote " + ", ".join(paths.values()))

@@ -201,8 +201,39 @@ def _format(value, digits=2):
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
+def _per_seed(row, key, cell):
+    """`cell` of the value, then each seed's in parentheses where the seeds differ."""
+    values = row.get(f"{key}_per_seed")
+    text = cell(row[key])
+    cells = [cell(value) for value in values or ()]
+    if len(set(cells)) < 2:  # one seed, or every seed alike (the bytes)
+        return text
+    return f"{text} ({' / '.join(cells)})"
+
+
+def _percent(row, key):
+    return _per_seed(row, key, lambda value: f"{100 * value:.2f}%")
+
+
+def _points(row, key):
+    return _per_seed(row, key, lambda value: "-" if value is None else f"{value:+.2f}")
+
+
 def _times(ratio):
     return "target not reached" if ratio is None else f"{ratio:.2f}x faster"
+
+
+def _ratio_cells(result):
+    """ratio(key, form): the ratio in `form` (a format string or function), then each seed's."""
+
+    def ratio(key, form):
+        cell = form if callable(form) else form.format
+        row = dict(value=result["ratios"][key])
+        if "ratios_per_seed" in result:
+            row["value_per_seed"] = [ratios[key] for ratios in result["ratios_per_seed"]]
+        return _per_seed(row, "value", cell)
+
+    return ratio
 
 
 def format_markdown(result):
@@ -218,7 +249,7 @@ def format_markdown(result):
         cells = [
             row["method"],
             _format(row["final_budget"]),
-            f"{100 * row['final_test_accuracy']:.2f}%",
+            _percent(row, "final_test_accuracy"),
             _format(row["payload_mb_up"]),
             _format(row["payload_mb_down"]),
             _format(row["inference_payload_bytes_per_sample"]),
@@ -226,11 +257,7 @@ def format_markdown(result):
             _format(row["epochs"]),
             _format(row["seconds_to_target"], 1),
             _format(row["epochs_to_target"]),
-            (
-                "-"
-                if row["last_epoch_change_points"] is None
-                else f"{row['last_epoch_change_points']:+.2f}"
-            ),
+            _points(row, "last_epoch_change_points"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -243,22 +270,30 @@ def format_markdown(result):
     ]
     for point in result["curve"]:
         lines.append(
-            f"| {point['budget']} | {100 * point['deprune_test_accuracy']:.2f}% | "
-            f"{100 * point['casl_test_accuracy']:.2f}% | "
+            f"| {point['budget']} | {_percent(point, 'deprune_test_accuracy')} | "
+            f"{_percent(point, 'casl_test_accuracy')} | "
             f"{_format(point['payload_bytes_per_sample'], 1)} |"
         )
+    ratio = _ratio_cells(result)
     lines += [
         "",
-        f"- deprune vs SL: {_format(ratios['deprune_vs_sl_network'])}x less training payload, "
-        f"{ratios['deprune_vs_sl_accuracy_points']:+.2f} accuracy points (paper: 4x, no loss).",
-        f"- deprune vs CA-SL at the same final budget: "
-        f"{ratios['deprune_vs_casl_accuracy_points']:+.2f} accuracy points (paper: +4)"
+        f"- deprune vs SL: {ratio('deprune_vs_sl_network', _format)}x less training payload, "
+        f"{ratio('deprune_vs_sl_accuracy_points', '{:+.2f}')} accuracy points "
+        "(paper: 4x, no loss).",
+        "- deprune vs CA-SL at the same final budget: "
+        f"{ratio('deprune_vs_casl_accuracy_points', '{:+.2f}')} accuracy points (paper: +4)"
         + ("" if ratios["same_final_budget"] else " - WARNING: final budgets differ")
         + ".",
-        f"- prune vs CA-SL, time to target: {_times(ratios['prune_vs_casl_time_to_target'])} "
-        f"fine-tuning, {_times(ratios['prune_vs_casl_time_to_target_with_start'])} counting "
+        f"- prune vs CA-SL, time to target: {ratio('prune_vs_casl_time_to_target', _times)} "
+        f"fine-tuning, {ratio('prune_vs_casl_time_to_target_with_start', _times)} counting "
         "the start model's training (paper: up to 6x faster).",
     ]
+    if "seeds" in result:
+        lines += [
+            "",
+            f"Means over seeds {', '.join(map(str, result['seeds']))}; each seed's value in "
+            "parentheses, in that order. Each seed's own tables: seed_<seed>/results.md.",
+        ]
     return "\n".join(lines) + "\n"
 
 
