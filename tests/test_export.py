@@ -252,6 +252,23 @@ def test_tail_is_the_models_server_half(run, tails):
     np.testing.assert_allclose(served, expected, atol=1e-6)
 
 
+def test_tail_serves_the_fill_values_of_channels_a_smaller_budget_leaves_out(workdir, tmp_path):
+    run = export_lib.load_run(workdir)  # its own copy: the fill is changed here
+    fill = np.random.default_rng(1).uniform(0.2, 0.8, size=run.split.channels)
+    run.split.decoder.fill.assign(fill.astype(np.float32))
+    tail = export_lib.export_tail(
+        run, str(tmp_path), model_name="tail", dtype="float32", parity_samples=16
+    )
+    indices = run.split.channel_indices(2).numpy()
+    values = np.random.default_rng(0).uniform(size=(4, *run.split.wire_shape[:2], 2))
+    values = values.astype(np.float32)
+    expected = tf.nn.softmax(run.split.receive(values, indices)).numpy()
+    served = export_lib.run_tail(_signature(tail), values, indices)
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    zeros = tf.nn.softmax(run.split.receive(values, indices, fill=np.zeros_like(fill))).numpy()
+    assert np.abs(served - zeros).max() > 1e-3  # the fill changed what the tail computes
+
+
 def test_tail_rejects_bad_payloads(run, tails):
     signature = _signature(tails["int8"])
     height, width, channels = run.split.wire_shape

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import tfsplit
 from tfsplit import codec
-from tfsplit.model import make_wire
+from tfsplit.model import FILL_MOMENTUM, make_wire
 
 keras = tf.keras
 BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
@@ -286,6 +286,31 @@ def test_nested_budgets_train_in_the_final_phase_once_its_channels_are_chosen():
     model.fit(images, labels, batch_size=16, epochs=5, callbacks=[schedule, record], verbose=0)
     # Phase 1: never; phase 2: after its boost epoch and half its epochs of gate travel.
     assert nesting == [False, False, False, True, True]
+
+
+def test_nested_steps_keep_each_sent_channels_mean_for_the_prefixes_that_leave_it_out():
+    images, labels = data()
+    plain, nested = split(), split(nested_budgets=True)
+    for model in (plain, nested):
+        model.set_budget(4)
+        model.fit(images, labels, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert not plain.decoder.fill.numpy().any()  # without nesting: zeros, as before
+    indices = nested.channel_indices().numpy()
+    fill = nested.decoder.fill.numpy()
+    assert (fill[indices] > 0).all()
+    assert not np.delete(fill, indices).any()
+    # One nested step moves the fill towards this batch's means of the sent channels.
+    sent = nested.send(images, indices).numpy()
+    nested.distillation_loss(sent, indices, nested.receive(sent, indices))
+    means = sent.mean(axis=(0, 1, 2))
+    expected = FILL_MOMENTUM * fill[indices] + (1 - FILL_MOMENTUM) * means
+    np.testing.assert_allclose(nested.decoder.fill.numpy()[indices], expected, rtol=1e-5)
+    # At a smaller budget the channels left out stand in as their fill values.
+    fill = nested.decoder.fill.numpy()
+    served = nested.receive(sent[..., :2], indices[:2])
+    stand_in = np.broadcast_to(fill, sent.shape[:3] + fill.shape).copy()
+    stand_in[..., indices[:2]] = sent[..., :2]
+    np.testing.assert_allclose(served, nested.tail(stand_in), rtol=1e-5, atol=1e-5)
 
 
 def test_nested_budgets_draw_each_halving_of_the_budget_as_often():

@@ -141,6 +141,15 @@ class Decoder(_ConvNorm):
         )
         self.norm = keras.layers.BatchNormalization(name="norm")
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        # What stands in for each of the C' channels when it is not sent (see tfsplit.placement):
+        # zeros, until nested budgets train it to each channel's mean. Saved and exported with
+        # the tail; `SplitModel.receive` applies it.
+        self.fill = self.add_weight(
+            name="fill", shape=(input_shape[-1],), initializer="zeros", trainable=False
+        )
+
     def call(self, inputs, training=None):
         return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
 

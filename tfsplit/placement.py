@@ -1,0 +1,51 @@
+"""Where the channels a device sent go in the tail's input, and what stands in for the others.
+
+A device sends k of the C' bottleneck channels with their indices: (k,) for a batch from one
+device, (N, k) per sample for a batch that joins several devices' steps. The tail expects all C';
+a channel that was not sent gets its fill value: zero for a closed channel, and for one that a
+smaller budget leaves out of the prefix the mean it has when sent (zero would be far from any
+value it takes: the encoder's outputs are sigmoids times the gate).
+"""
+
+import tensorflow as tf
+
+
+def place(values, indices, channels, fill=None):
+    """(N, h, w, k) values of channels `indices` into (N, h, w, C'), `fill` (C',) elsewhere."""
+    placed, sent = _place_with_mask(values, indices, channels)
+    if fill is None:
+        return placed
+    return placed + tf.cast(fill, values.dtype) * (1.0 - sent[:, None, None, :])
+
+
+def sent_channel_means(values, indices, channels):
+    """(C',) mean value of each channel over the samples and positions that sent it; 0 if none."""
+    placed, sent = _place_with_mask(values, indices, channels)
+    positions = tf.cast(tf.shape(values)[1] * tf.shape(values)[2], values.dtype)
+    counts = tf.reduce_sum(sent, axis=0) * positions
+    return tf.math.divide_no_nan(tf.reduce_sum(placed, axis=[0, 1, 2]), counts)
+
+
+def _place_with_mask(values, indices, channels):
+    """(placed values with zeros where not sent, (N, C') 1 where sent)."""
+    indices = tf.convert_to_tensor(indices)
+    if indices.shape.rank == 2:
+        return _place_per_sample(values, indices, channels)
+    placement = tf.one_hot(indices, channels, dtype=values.dtype)
+    sent = tf.reduce_sum(placement, axis=0)[None, :] * tf.ones_like(values[:, 0, 0, :1])
+    return tf.tensordot(values, placement, axes=1), sent
+
+
+def _place_per_sample(values, indices, channels):
+    """Each sample's channels in place: every channel gathers its value, or the zero appended
+    after the k sent."""
+    batch, k = tf.shape(indices)[0], tf.shape(indices)[1]
+    rows = tf.repeat(tf.range(batch), k)
+    positions = tf.tensor_scatter_nd_update(
+        tf.fill([batch, channels], k),
+        tf.stack([rows, tf.reshape(indices, [-1])], axis=1),
+        tf.tile(tf.range(k), [batch]),
+    )
+    padded = tf.pad(values, [[0, 0], [0, 0], [0, 0], [0, 1]])
+    sent = tf.cast(positions < k, values.dtype)
+    return tf.gather(padded, positions, axis=3, batch_dims=1), sent
