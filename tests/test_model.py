@@ -1,5 +1,8 @@
 """SplitModel: a user's own Keras model cut, trained with fit, evaluated, called and saved."""
 
+import zipfile
+
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -135,6 +138,32 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.activation_dtype == "int8" and int(loaded.budget.numpy()) == 5
     np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
     np.testing.assert_array_equal(loaded(images, budget=2).numpy(), model(images, budget=2).numpy())
+
+
+def test_a_model_saved_before_the_tail_kept_fill_values_loads_with_zeros(tmp_path):
+    model = split(nested_budgets=True)
+    model.decoder.fill.assign(np.full(model.channels, 0.5, np.float32))
+    path = tmp_path / "split.keras"
+    model.save(str(path))
+    # Rewrite the file as an older version wrote it: no variable of the decoder's own.
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    weights = tmp_path / "model.weights.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "r+") as f:
+        found = []
+        f.visit(lambda name: found.append(name) if name.endswith("decoder/vars") else None)
+        assert len(found) == 1
+        for key in list(f[found[0]]):
+            del f[found[0]][key]
+    members["model.weights.h5"] = weights.read_bytes()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data_bytes in members.items():
+            archive.writestr(name, data_bytes)
+    loaded = keras.models.load_model(str(path))
+    assert not loaded.decoder.fill.numpy().any()
+    images, _ = data(8)
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
 
 
 def test_wire_quantizes_both_directions():

@@ -360,8 +360,9 @@ def test_parallel_steps_of_two_devices_train_as_one_batch(serving):
     for x, y in zip(*(t.trainable_weights for t in tails)):
         np.testing.assert_allclose(x, y, atol=1e-6)
     for x, y in zip(*(t.non_trainable_weights for t in tails)):
-        # Batch norm's moving variance is unbiased by the batch's size (n / (n - 1)).
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-6)
+        # Batch norm's moving variance is unbiased by the batch's size (n / (n - 1)): about 1e-3
+        # apart here (measured up to 1.01e-3, which failed one run in three at rtol 1e-3).
+        np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-6)
     for reply in replies:
         assert reply.step == 0
         np.testing.assert_allclose(

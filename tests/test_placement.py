@@ -50,3 +50,14 @@ def test_channel_means_count_only_the_samples_that_sent_each_channel():
     np.testing.assert_allclose(means[0], sent[1, ..., 0].mean(), rtol=1e-6)
     np.testing.assert_allclose(means[1], sent[..., 1].mean(), rtol=1e-6)
     assert not means[[2, 3, 5]].any()
+
+
+def test_a_flat_cut_is_placed_the_same_way():
+    sent = values(batch=2)[:, 0, 0, :]  # (N, k): a cut after a dense layer
+    fill = np.full(CHANNELS, 0.5, np.float32)
+    for indices in (np.array([4, 1], np.int32), np.array([[4, 1], [4, 1]], np.int32)):
+        got = placement.place(sent, indices, CHANNELS, fill).numpy()
+        np.testing.assert_allclose(got[:, [4, 1]], sent)
+        np.testing.assert_allclose(got[:, [0, 2, 3, 5]], 0.5)
+        means = placement.sent_channel_means(sent, indices, CHANNELS).numpy()
+        np.testing.assert_allclose(means[[4, 1]], sent.mean(axis=0), rtol=1e-6)

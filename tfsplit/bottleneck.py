@@ -150,6 +150,12 @@ class Decoder(_ConvNorm):
             name="fill", shape=(input_shape[-1],), initializer="zeros", trainable=False
         )
 
+    def load_own_variables(self, store):
+        # A tail saved before it kept fill values has none: it filled with zeros, as these start.
+        if len(store.keys()) == 0:
+            return
+        super().load_own_variables(store)
+
     def call(self, inputs, training=None):
         return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
 

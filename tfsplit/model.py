@@ -195,10 +195,10 @@ class SplitModel(keras.Model):
         """Server half: k channels placed back among C' (see `tfsplit.placement`), then the tail.
 
         `indices` is (k,) for a batch from one device, or (N, k) per sample for a batch that
-        joins several devices' steps. A channel not sent gets `fill` (C',), by default the tail's
-        own (`Decoder.fill`: zeros, or each channel's mean where nested budgets were trained).
+        joins several devices' steps. A channel not sent gets `fill` (C',); by default zero, and
+        in a model trained with nested budgets the tail's own (`Decoder.fill`, each channel's mean).
         """
-        if fill is None and self.decoder is not None:
+        if fill is None and self.nested_budgets:
             fill = self.decoder.fill
         placed = placement.place(values, indices, self.channels, fill)
         return self.tail(placed, training=training)

@@ -11,29 +11,30 @@ import tensorflow as tf
 
 
 def place(values, indices, channels, fill=None):
-    """(N, h, w, k) values of channels `indices` into (N, h, w, C'), `fill` (C',) elsewhere."""
+    """(N, ..., k) values of channels `indices` into (N, ..., C'), `fill` (C',) elsewhere."""
+    values = tf.convert_to_tensor(values)
     placed, sent = _place_with_mask(values, indices, channels)
     if fill is None:
         return placed
-    return placed + tf.cast(fill, values.dtype) * (1.0 - sent[:, None, None, :])
+    return placed + tf.cast(fill, values.dtype) * (1.0 - sent)
 
 
 def sent_channel_means(values, indices, channels):
     """(C',) mean value of each channel over the samples and positions that sent it; 0 if none."""
+    values = tf.convert_to_tensor(values)
     placed, sent = _place_with_mask(values, indices, channels)
-    positions = tf.cast(tf.shape(values)[1] * tf.shape(values)[2], values.dtype)
-    counts = tf.reduce_sum(sent, axis=0) * positions
-    return tf.math.divide_no_nan(tf.reduce_sum(placed, axis=[0, 1, 2]), counts)
+    axes = list(range(values.shape.rank - 1))
+    counts = tf.reduce_sum(tf.ones_like(placed) * sent, axis=axes)
+    return tf.math.divide_no_nan(tf.reduce_sum(placed, axis=axes), counts)
 
 
 def _place_with_mask(values, indices, channels):
-    """(placed values with zeros where not sent, (N, C') 1 where sent)."""
+    """(placed values with zeros where not sent, 1 where sent: (C',) or per sample (N, 1.., C'))."""
     indices = tf.convert_to_tensor(indices)
     if indices.shape.rank == 2:
         return _place_per_sample(values, indices, channels)
     placement = tf.one_hot(indices, channels, dtype=values.dtype)
-    sent = tf.reduce_sum(placement, axis=0)[None, :] * tf.ones_like(values[:, 0, 0, :1])
-    return tf.tensordot(values, placement, axes=1), sent
+    return tf.tensordot(values, placement, axes=1), tf.reduce_sum(placement, axis=0)
 
 
 def _place_per_sample(values, indices, channels):
@@ -46,6 +47,8 @@ def _place_per_sample(values, indices, channels):
         tf.stack([rows, tf.reshape(indices, [-1])], axis=1),
         tf.tile(tf.range(k), [batch]),
     )
-    padded = tf.pad(values, [[0, 0], [0, 0], [0, 0], [0, 1]])
+    rank = values.shape.rank
+    padded = tf.pad(values, [[0, 0]] * (rank - 1) + [[0, 1]])
     sent = tf.cast(positions < k, values.dtype)
-    return tf.gather(padded, positions, axis=3, batch_dims=1), sent
+    sent = tf.reshape(sent, tf.concat([[batch], tf.ones([rank - 2], tf.int32), [channels]], 0))
+    return tf.gather(padded, positions, axis=rank - 1, batch_dims=1), sent
