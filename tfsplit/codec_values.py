@@ -10,8 +10,9 @@ point per payload, `real = scale * (q - zero_point)`, `q in [-128, 127]`. With
 
 `round` is half-to-even in numpy and TensorFlow alike, and subnormal inputs are flushed to zero
 first, as TensorFlow's CPU kernels do; so `codec.fake_quantize` (TensorFlow) and `quantize` agree
-bit for bit, and every value comes back within scale / 2. No TensorFlow here, so a device can
-check and count payloads too.
+bit for bit, and every value comes back within scale / 2, up to float32 rounding (of x / scale and
+of the product, half an ulp of the value each). No TensorFlow here, so a device can check and
+count payloads too.
 """
 
 import numpy as np
