@@ -2,8 +2,9 @@
 
 By default the run first trains its own starting model (an unmasked phase with the bottleneck in
 place), then the prune reset closes every weak gate and the open ones compete for budget 32 over 3
-epochs (learning-rate boost in the first). To start from an earlier run instead, drop the first
-phase with the `:finetune` variant and point `init_from` at that run's workdir:
+epochs, at a learning rate falling from 0.01 to 0 over all three (no boost: the start model has
+learned already, and a boost only shakes it; see README). To start from an earlier run instead,
+drop the first phase with the `:finetune` variant and point `init_from` at that run's workdir:
 
   tfsplit-train --config=configs/sl.py --config.model.bottleneck.enabled=True \
       --workdir=/tmp/tfsplit/start
@@ -51,7 +52,7 @@ def prune_phases(
             budget=budget,
             epochs=epochs,
             learning_rate=learning_rate,
-            boost_learning_rate=0.05,
+            boost_learning_rate=0.05 if boost_epochs else 0.0,
             boost_epochs=boost_epochs,
             reset="prune",
             reset_threshold=0.9,
@@ -70,7 +71,7 @@ def get_config(arg=None):
     # (paper, steps): (pretraining epochs, its anneal epochs and learning rate, [(budget, epochs),
     # ...], learning rate, boost epochs, anneal epochs).
     schedules = {
-        (False, False): (10, 3, 0.02, [(32, 3)], 0.02, 1, 2),
+        (False, False): (10, 3, 0.02, [(32, 3)], 0.01, 0, 3),
         (False, True): (10, 3, 0.02, [(32, 2), (4, 2)], 0.02, 1, 1),
         (True, False): (20, 0, 0.001, [(16, 5)], 0.01, 2, 0),
         (True, True): (30, 0, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),

@@ -120,7 +120,10 @@ def test_deprune_schedules():
 
 def test_prune_schedules():
     path = os.path.join(CONFIG_DIR, "prune.py")
-    assert schedule(load(path)) == [(0, 10, 0.02, 0.0, 0, "none"), (32, 3, 0.02, 0.05, 1, "prune")]
+    # No boost: a learning rate falling from 0.01 over the whole fine-tuning (all 3 epochs).
+    default = load(path)
+    assert schedule(default) == [(0, 10, 0.02, 0.0, 0, "none"), (32, 3, 0.01, 0.0, 0, "prune")]
+    assert default.phases[1].anneal_epochs == 3
     paper = load(path, "paper")
     assert schedule(paper) == [(0, 20, 0.001, 0.0, 0, "none"), (16, 5, 0.01, 0.05, 2, "prune")]
     assert paper.optimizer.momentum == 0.9
@@ -129,7 +132,7 @@ def test_prune_schedules():
     assert schedule(load(path, "steps")) == [(0, 10, 0.02, 0.0, 0, "none")] + steps
     assert schedule(load(path, "finetune,steps")) == steps
     assert schedule(load(path, "steps,finetune")) == steps
-    assert schedule(load(path, "finetune")) == [(32, 3, 0.02, 0.05, 1, "prune")]
+    assert schedule(load(path, "finetune")) == [(32, 3, 0.01, 0.0, 0, "prune")]
     steps_paper = load(path, "steps,paper")
     assert schedule(steps_paper) == [
         (0, 30, 0.001, 0.0, 0, "none"),
