@@ -29,6 +29,27 @@ def test_top_k_sends_exactly_k_when_many_gates_saturate():
     np.testing.assert_array_equal(indices, np.arange(16))
 
 
+def test_top_k_breaks_ties_by_seniority_then_by_lower_index():
+    logits = tf.constant([15.0, 15.0, 2.0, 15.0, 15.0, 3.0])
+    seniority = tf.constant([0.0, 1.0, 5.0, 0.0, 1.0, 0.0])
+    # Seniority orders equal gates only: channel 2's seniority does not lift its lower logit.
+    np.testing.assert_array_equal(
+        budget.top_k_channels(logits, 5, seniority).numpy(), [1, 4, 0, 3, 5]
+    )
+    np.testing.assert_array_equal(
+        budget.top_k_channels(logits, 5, tf.zeros(6)).numpy(),
+        budget.top_k_channels(logits, 5).numpy(),
+    )
+    compiled = tf.function(lambda k: budget.top_k_channels(logits, k, seniority))
+    np.testing.assert_array_equal(compiled(tf.constant(3)).numpy(), [1, 4, 0])
+
+
+def test_promote_raises_the_sent_channels_seniority():
+    seniority = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+    np.testing.assert_array_equal(budget.promote(seniority, [1, 3]), [0.0, 2.0, 0.0, 1.0])
+    np.testing.assert_array_equal(seniority, [0.0, 1.0, 0.0, 0.0])  # the input is not changed
+
+
 def test_top_k_eager_and_compiled_agree_with_a_tensor_budget():
     logits = tf.random.stateless_normal([64], seed=[1, 2])
     k = tf.Variable(10)

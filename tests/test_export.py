@@ -106,12 +106,13 @@ def test_head_json_describes_model_and_wire(run, heads, workdir):
 
 def test_selected_indices_are_top_k_of_gates(run, heads):
     logits = run.split.encoder.gate_logits.numpy()
-    importance = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))) ** 2
-    by_hand = np.argsort(-importance, kind="stable")[: run.final_budget]
-    expected = budget_lib.top_k_channels(logits, run.final_budget).numpy()
+    seniority = run.split.encoder.seniority.numpy()
+    assert seniority.any()  # the deprune reset promoted phase one's channels
+    # By hand: the largest gates first; among equal ones the more senior, then the lower index.
+    by_hand = np.lexsort((np.arange(logits.size), -seniority, -logits))[: run.final_budget]
+    expected = budget_lib.top_k_channels(logits, run.final_budget, seniority).numpy()
     for head in heads.values():
-        assert head.metadata["indices"] == expected.tolist()
-        assert sorted(head.metadata["indices"]) == sorted(by_hand.tolist())
+        assert head.metadata["indices"] == expected.tolist() == by_hand.tolist()
 
 
 def test_head_parity_with_keras(run, heads):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tfsplit
 from tfsplit import codec
+from tfsplit.bottleneck import GATE_LOGIT_OPEN
 from tfsplit.model import FILL_MOMENTUM, make_wire
 
 keras = tf.keras
@@ -140,30 +141,49 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     np.testing.assert_array_equal(loaded(images, budget=2).numpy(), model(images, budget=2).numpy())
 
 
-def test_a_model_saved_before_the_tail_kept_fill_values_loads_with_zeros(tmp_path):
-    model = split(nested_budgets=True)
-    model.decoder.fill.assign(np.full(model.channels, 0.5, np.float32))
-    path = tmp_path / "split.keras"
-    model.save(str(path))
-    # Rewrite the file as an older version wrote it: no variable of the decoder's own.
+def _as_older_versions_saved(path, layer, keys):
+    """Rewrites a saved model as a version that did not have `layer`'s own variables `keys`."""
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
-    weights = tmp_path / "model.weights.h5"
+    weights = path.parent / "model.weights.h5"
     weights.write_bytes(members["model.weights.h5"])
     with h5py.File(weights, "r+") as f:
         found = []
-        f.visit(lambda name: found.append(name) if name.endswith("decoder/vars") else None)
+        f.visit(lambda name: found.append(name) if name.endswith(f"{layer}/vars") else None)
         assert len(found) == 1
-        for key in list(f[found[0]]):
+        for key in keys:
             del f[found[0]][key]
     members["model.weights.h5"] = weights.read_bytes()
     with zipfile.ZipFile(path, "w") as archive:
         for name, data_bytes in members.items():
             archive.writestr(name, data_bytes)
+
+
+def test_a_model_saved_before_the_tail_kept_fill_values_loads_with_zeros(tmp_path):
+    model = split(nested_budgets=True)
+    model.decoder.fill.assign(np.full(model.channels, 0.5, np.float32))
+    path = tmp_path / "split.keras"
+    model.save(str(path))
+    _as_older_versions_saved(path, "decoder", ["0"])  # the decoder had no variable of its own
     loaded = keras.models.load_model(str(path))
     assert not loaded.decoder.fill.numpy().any()
     images, _ = data(8)
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
+
+
+def test_a_model_saved_before_the_head_kept_seniority_loads_its_gates(tmp_path):
+    model = split()
+    model.encoder.gate_logits.assign(np.linspace(-3.0, 3.0, model.channels, dtype=np.float32))
+    model.encoder.seniority.assign(np.ones(model.channels, np.float32))
+    path = tmp_path / "split.keras"
+    model.save(str(path))
+    _as_older_versions_saved(path, "encoder", ["1"])  # the gate logits only
+    loaded = keras.models.load_model(str(path))
+    assert not loaded.encoder.seniority.numpy().any()
+    np.testing.assert_array_equal(
+        loaded.encoder.gate_logits.numpy(), model.encoder.gate_logits.numpy()
+    )
+    np.testing.assert_array_equal(loaded.channel_indices(4), model.channel_indices(4))
 
 
 def test_wire_quantizes_both_directions():
@@ -277,6 +297,13 @@ def test_deprune_reset_keeps_the_channels_phase_one_sent():
     assert len(selections["end 0"]) == 2 and len(selections[1]) == 8
     assert selections["end 0"] <= selections[1]
     assert "gate_separation" in history.history
+    # Promoted at the reset, phase one's channels rank first among the open gates: the
+    # smaller budget's selection is the larger one's prefix.
+    np.testing.assert_array_equal(
+        np.flatnonzero(model.encoder.seniority.numpy()), sorted(selections["end 0"])
+    )
+    model.encoder.gate_logits.assign(np.full(model.channels, GATE_LOGIT_OPEN, np.float32))
+    assert set(model.channel_indices(2).numpy()) == selections["end 0"]
 
 
 def test_gate_travel_fraction_sets_the_gate_rate_from_the_phase_length():

@@ -105,6 +105,19 @@ class MaskedEncoder(_ConvNorm):
             constraint=GateRange(),
             trainable=True,
         )
+        # How many deprune resets kept each channel: breaks ties between equal gates
+        # (`tfsplit.budget.top_k_channels`). Saved with the head; zeros until a reset.
+        self.seniority = self.add_weight(
+            name="seniority", shape=(self.channels,), initializer="zeros", trainable=False
+        )
+
+    def load_own_variables(self, store):
+        # A head saved before it kept seniority has only its gate logits: ties go by index, as
+        # they did then (seniority stays zero).
+        if len(store.keys()) == 1:
+            self.gate_logits.assign(store["0"])
+            return
+        super().load_own_variables(store)
 
     def call(self, inputs, training=None):
         features = tf.sigmoid(self.norm(self.conv(inputs), training=training))

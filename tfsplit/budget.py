@@ -1,8 +1,9 @@
 """Channel budgets: top-k selection, the budget loss, gate resets and phase schedules.
 
 A budget k says how many bottleneck channels may cross the cut. The k channels with the largest
-importance `sigmoid(g)^2` are sent; ties go to the lower channel index, so device and server always
-agree and exactly k channels cross (never more, unlike a threshold from a partition).
+importance `sigmoid(g)^2` are sent; ties go to the channel kept through more deprune resets (its
+seniority), then to the lower channel index, so device and server always agree and exactly k
+channels cross (never more, unlike a threshold from a partition).
 """
 
 import dataclasses
@@ -20,22 +21,30 @@ def channel_importance(gate_logits):
     return tf.square(tf.sigmoid(gate_logits))
 
 
-def top_k_channels(gate_logits, k):
+def top_k_channels(gate_logits, k, seniority=None):
     """Indices of the k most important channels, most important first.
 
     Ranked by the logits themselves: importance sigmoid(g)^2 is monotonic in g, so the order is the
     same, but in float32 it rounds to exactly 1.0 for every g above ~16 and ties gates that the
-    logits still tell apart. `tf.math.top_k` is documented to return the lower index first among
-    equal values, which makes the choice deterministic and identical on device and server.
+    logits still tell apart. Polarized gates do tie, at the top logit; among them the more senior
+    channel comes first, so after deprune's reset the channels of the smaller budget stay a prefix
+    of the larger selection (what nested budgets send at smaller budgets). Remaining ties go to the
+    lower index (`tf.math.top_k` and a stable sort are documented to keep it first), which makes
+    the choice deterministic and identical on device and server.
 
     Args:
       gate_logits: (C,) gate logits.
       k: number of channels to keep, 1 <= k <= C (Python int or scalar tensor).
+      seniority: optional (C,) tie-breaker, larger first (see `promote`).
 
     Returns:
       (k,) int32 channel indices.
     """
-    return tf.math.top_k(gate_logits, k=k, sorted=True).indices
+    if seniority is None:
+        return tf.math.top_k(gate_logits, k=k, sorted=True).indices
+    by_seniority = tf.argsort(seniority, direction="DESCENDING", stable=True)
+    ranked = tf.math.top_k(tf.gather(gate_logits, by_seniority), k=k, sorted=True).indices
+    return tf.gather(by_seniority, ranked)
 
 
 def gate_separation(gate_logits, k):
@@ -89,6 +98,17 @@ def deprune_reset(gate_logits, sent, reset_range, rng):
     fresh = rng.uniform(0.0, reset_range, size=gate_logits.shape).astype(np.float32)
     fresh[np.asarray(sent, np.int64)] = GATE_LOGIT_OPEN
     return fresh
+
+
+def promote(seniority, sent):
+    """Seniority after a deprune reset: every channel the ending phase sent gains one.
+
+    A channel kept through more resets ranks first among equal gates (`top_k_channels`), so each
+    earlier, smaller selection is a prefix of the later one.
+    """
+    seniority = np.array(seniority, np.float32)
+    seniority[np.asarray(sent, np.int64)] += 1.0
+    return seniority
 
 
 def prune_reset(gate_logits, threshold, reset_range):

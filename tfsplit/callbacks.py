@@ -112,6 +112,8 @@ class PhaseSchedule(keras.callbacks.Callback):
         sent = self.model.channel_indices().numpy()  # at the budget of the phase that ends
         rng = np.random.default_rng([self.seed, number])
         encoder.gate_logits.assign(phase.apply_reset(before, sent, rng))
+        if phase.reset == "deprune":
+            encoder.seniority.assign(budget_lib.promote(encoder.seniority.numpy(), sent))
         open_count = int(np.sum(before >= phase.reset_threshold))
         logging.info(
             "Phase %d: %s reset after sending %d channels; %d of %d gates were open (logit >= %g)",

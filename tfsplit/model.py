@@ -178,7 +178,7 @@ class SplitModel(keras.Model):
             budget = self.budget
         elif not tf.is_tensor(budget):
             self.check_budget(budget)
-        return budget_lib.top_k_channels(self.encoder.gate_logits, budget)
+        return budget_lib.top_k_channels(self.encoder.gate_logits, budget, self.encoder.seniority)
 
     def soft_channels(self):
         """The soft channel count sum(m) that the budget loss pulls towards k."""
