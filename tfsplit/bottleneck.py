@@ -56,6 +56,17 @@ class _ConvNorm(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return self._resample().compute_output_shape(input_shape)
 
+    def load_own_variables(self, store):
+        """Also loads a file saved before the layer gained a variable (the encoder's seniority, the
+        decoder's fill): variables are only ever added at the end, so such a file holds the first
+        ones, and the rest keep their initial values (zeros: what that older version computed)."""
+        own = self._trainable_weights + self._non_trainable_weights  # the order Keras saves
+        if len(store.keys()) > len(own):
+            super().load_own_variables(store)  # Keras's own error for a file that does not fit
+            return
+        for index, variable in enumerate(own[: len(store.keys())]):
+            variable.assign(store[str(index)])
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -111,14 +122,6 @@ class MaskedEncoder(_ConvNorm):
             name="seniority", shape=(self.channels,), initializer="zeros", trainable=False
         )
 
-    def load_own_variables(self, store):
-        # A head saved before it kept seniority has only its gate logits: ties go by index, as
-        # they did then (seniority stays zero).
-        if len(store.keys()) == 1:
-            self.gate_logits.assign(store["0"])
-            return
-        super().load_own_variables(store)
-
     def call(self, inputs, training=None):
         features = tf.sigmoid(self.norm(self.conv(inputs), training=training))
         return features * tf.sigmoid(self.gate_logits)
@@ -162,12 +165,6 @@ class Decoder(_ConvNorm):
         self.fill = self.add_weight(
             name="fill", shape=(input_shape[-1],), initializer="zeros", trainable=False
         )
-
-    def load_own_variables(self, store):
-        # A tail saved before it kept fill values has none: it filled with zeros, as these start.
-        if len(store.keys()) == 0:
-            return
-        super().load_own_variables(store)
 
     def call(self, inputs, training=None):
         return tf.nn.relu(self.norm(self.deconv(inputs), training=training))
