@@ -95,8 +95,9 @@ def test_deprune_schedules():
     path = os.path.join(CONFIG_DIR, "deprune.py")
     assert schedule(load(path)) == [
         (8, 6, 0.02, 0.0, 0, "none"),
-        (32, 4, 0.02, 0.05, 1, "deprune"),
+        (32, 4, 0.02, 0.0, 0, "deprune"),
     ]
+    assert load(path).phases[1].anneal_epochs == 3
     assert schedule(load(path, "paper")) == [
         (4, 25, 0.01, 0.0, 0, "none"),
         (16, 15, 0.01, 0.05, 3, "deprune"),
