@@ -369,6 +369,23 @@ def test_nested_steps_keep_each_sent_channels_mean_for_the_prefixes_that_leave_i
     np.testing.assert_allclose(served, nested.tail(stand_in), rtol=1e-5, atol=1e-5)
 
 
+def test_distillation_averages_the_prefix_passes():
+    # min_budget_fraction 1: both prefixes are the full budget, so the average is one pass's loss
+    # (a sum would be twice it and outweigh the full budget's own loss).
+    images, _ = data()
+    model = split(nested_budgets=True, min_budget_fraction=1.0)
+    model.set_budget(4)
+    indices = model.channel_indices()
+    sent = model.send(images, indices)
+    teacher = model.receive(sent, indices, training=True)
+    student = model.receive(sent, indices, training=False)
+    expected = keras.losses.categorical_crossentropy(
+        tf.nn.softmax(teacher), student, from_logits=True
+    )
+    loss = model.distillation_loss(sent, indices, teacher)
+    np.testing.assert_allclose(loss.numpy(), np.mean(expected.numpy()), rtol=1e-5)
+
+
 def test_nested_budgets_draw_each_halving_of_the_budget_as_often():
     model = split(nested_budgets=True, min_budget_fraction=0.125)
     draws = []
