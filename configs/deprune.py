@@ -29,7 +29,6 @@ def deprune_phases(
             budget=budget,
             epochs=epochs,
             learning_rate=learning_rate,
-            boost_learning_rate=0.05 if boost_epochs else 0.0,
             boost_epochs=boost_epochs,
             anneal_epochs=anneal_epochs,
             reset="deprune",

@@ -52,7 +52,6 @@ def prune_phases(
             budget=budget,
             epochs=epochs,
             learning_rate=learning_rate,
-            boost_learning_rate=0.05 if boost_epochs else 0.0,
             boost_epochs=boost_epochs,
             reset="prune",
             reset_threshold=0.9,

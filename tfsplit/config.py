@@ -25,18 +25,27 @@ _CONFLICTS = ({"hard", "paper"},)
 SMALL_EPOCH_FACTOR = 5
 
 
+# The research code's learning-rate boost after a reset (SGD 5e-2).
+BOOST_LEARNING_RATE = 0.05
+
+
 def phase(
     budget,
     epochs,
     learning_rate,
-    boost_learning_rate=0.0,
+    boost_learning_rate=None,
     boost_epochs=0,
     anneal_epochs=0,
     reset="none",
     reset_threshold=0.9,
     reset_range=3.0,
 ):
-    """One schedule entry; budget 0 = all channels, no masking. See `tfsplit.budget.Phase`."""
+    """One schedule entry; budget 0 = all channels, no masking. See `tfsplit.budget.Phase`.
+
+    boost_learning_rate defaults to BOOST_LEARNING_RATE with boost epochs and to 0 without.
+    """
+    if boost_learning_rate is None:
+        boost_learning_rate = BOOST_LEARNING_RATE if boost_epochs else 0.0
     return ml_collections.ConfigDict(locals())  # the arguments, by name
 
 
