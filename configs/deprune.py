@@ -9,6 +9,8 @@ Default (embedded dataset, 10 epochs): a few minutes on 2 CPU cores. Variants (c
 e.g. `:grow,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10, budget 4 -> 16 of 512, 25 + 15 epochs, SGD 1e-2 (5e-2 for 3); a GPU.
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
+  lean: phase 1 at 4 channels instead of 8 (8.35x less training payload than SL on the embedded
+    set instead of 7.24x); the others already start at 4.
   hard, small, smoke: the harder embedded set; 1500 training images, 5x epochs; seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
@@ -16,7 +18,7 @@ e.g. `:grow,smoke`; see tfsplit/config.py):
 
 from tfsplit.config import apply_variant, base_config, parse_variants, phase
 
-METHOD_VARIANTS = ("grow",)
+METHOD_VARIANTS = ("grow", "lean")
 
 
 def deprune_phases(
@@ -52,7 +54,10 @@ def get_config(arg=None):
         (True, False): (4, 25, 16, 15, 0.01, 3, 0),
         (True, True): (4, 15, 0, 7, 0.01, 3, 0),
     }
-    config.phases = deprune_phases(*schedules["paper" in variants, "grow" in variants])
+    schedule = schedules["paper" in variants, "grow" in variants]
+    if "lean" in variants:
+        schedule = (min(schedule[0], 4),) + schedule[1:]
+    config.phases = deprune_phases(*schedule)
     # `--config.budget_sampling.nested=True` makes one model for every budget up to the final one;
     # it costs 0.42 points at budget 32 on the embedded set, 0.53 on small data and 2.25 on the
     # hard set (README, mean over seeds), so it is not the default.

@@ -16,11 +16,23 @@ from tfsplit.train import train
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
 # file -> the variants it offers besides config_lib.GENERIC_VARIANTS.
-METHOD_VARIANTS = {"sl": (), "casl": (), "deprune": ("grow",), "prune": ("finetune", "steps")}
+METHOD_VARIANTS = {
+    "sl": (),
+    "casl": (),
+    "deprune": ("grow", "lean"),
+    "prune": ("finetune", "steps"),
+}
 COMPOSED = {
     "sl": ["hard,smoke", "small,smoke", "small,paper"],
     "casl": ["hard,smoke", "small,smoke", "small,paper"],
-    "deprune": ["hard,smoke", "small,smoke", "grow,smoke", "grow,paper", "grow,hard,small"],
+    "deprune": [
+        "hard,smoke",
+        "small,smoke",
+        "grow,smoke",
+        "grow,paper",
+        "grow,hard,small",
+        "lean,hard",
+    ],
     "prune": ["hard,smoke", "small,smoke", "steps,smoke", "steps,paper", "finetune,steps"],
 }
 
@@ -107,6 +119,13 @@ def test_deprune_schedules():
         (4, 6, 0.02, 0.0, 0, "none"),
         (0, 4, 0.02, 0.05, 1, "deprune"),
     ]
+    # lean: the first phase sends 4 channels; the schedules that already start at 4 are unchanged.
+    assert schedule(load(path, "lean")) == [
+        (4, 6, 0.02, 0.0, 0, "none"),
+        (32, 4, 0.02, 0.0, 0, "deprune"),
+    ]
+    assert schedule(load(path, "lean,grow")) == schedule(load(path, "grow"))
+    assert schedule(load(path, "lean,paper")) == schedule(load(path, "paper"))
     grow_paper = load(path, "grow,paper")
     assert schedule(grow_paper) == [
         (4, 15, 0.01, 0.0, 0, "none"),
@@ -183,7 +202,7 @@ def test_unknown_variant_is_rejected():
         ("deprune", "hard,huge", r"Unknown config variant 'huge' in 'hard,huge'.*'grow'"),
         ("sl", "grow", r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'smoke'\)"),
         ("casl", "steps,smoke", r"Unknown config variant 'steps'"),
-        ("deprune", "finetune", r"Unknown config variant 'finetune'.*'grow', 'paper'"),
+        ("deprune", "finetune", r"Unknown config variant 'finetune'.*'grow', 'lean', 'paper'"),
         ("prune", "grow", r"Unknown config variant 'grow'.*'finetune', 'steps', 'paper'"),
         ("deprune", "hard,", r"Empty config variant in 'hard,'"),
         ("prune", ",smoke", r"Empty config variant in ',smoke'"),
