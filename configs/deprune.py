@@ -54,10 +54,10 @@ def get_config(arg=None):
         (True, False): (4, 25, 16, 15, 0.01, 3, 0),
         (True, True): (4, 15, 0, 7, 0.01, 3, 0),
     }
-    schedule = schedules["paper" in variants, "grow" in variants]
+    small_budget, *rest = schedules["paper" in variants, "grow" in variants]
     if "lean" in variants:
-        schedule = (min(schedule[0], 4),) + schedule[1:]
-    config.phases = deprune_phases(*schedule)
+        small_budget = min(small_budget, 4)
+    config.phases = deprune_phases(small_budget, *rest)
     # `--config.budget_sampling.nested=True` makes one model for every budget up to the final one;
     # it costs 0.42 points at budget 32 on the embedded set, 0.53 on small data and 2.25 on the
     # hard set (README, mean over seeds), so it is not the default.
