@@ -11,7 +11,8 @@ e.g. `:grow,smoke`; see tfsplit/config.py):
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
   lean: phase 1 at 4 channels instead of 8 (8.35x less training payload than SL on the embedded
     set instead of 7.24x); the others already start at 4.
-  hard, small, smoke: the harder embedded set; 1500 training images, 5x epochs; seconds.
+  hard, small, local, smoke: the harder embedded set; 1500 training images, 5x epochs; the
+    device-side local classifier (tfsplit/local_loss.py); seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """

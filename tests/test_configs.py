@@ -23,8 +23,8 @@ METHOD_VARIANTS = {
     "prune": ("finetune", "steps"),
 }
 COMPOSED = {
-    "sl": ["hard,smoke", "small,smoke", "small,paper"],
-    "casl": ["hard,smoke", "small,smoke", "small,paper"],
+    "sl": ["hard,smoke", "small,smoke", "small,paper", "local,hard,smoke"],
+    "casl": ["hard,smoke", "small,smoke", "small,paper", "local,hard,smoke"],
     "deprune": [
         "hard,smoke",
         "small,smoke",
@@ -32,8 +32,16 @@ COMPOSED = {
         "grow,paper",
         "grow,hard,small",
         "lean,hard",
+        "local,hard,smoke",
     ],
-    "prune": ["hard,smoke", "small,smoke", "steps,smoke", "steps,paper", "finetune,steps"],
+    "prune": [
+        "hard,smoke",
+        "small,smoke",
+        "steps,smoke",
+        "steps,paper",
+        "finetune,steps",
+        "local,hard,smoke",
+    ],
 }
 
 
@@ -88,6 +96,9 @@ def test_generic_variants_set_the_data_they_name(path):
     both = load(path, "small,hard")
     assert (both.data.name, both.data.train_size) == ("synthetic_hard", 1500)
     assert load(path, "small,paper").data.train_size == 1500
+    local = load(path, "local,hard")
+    assert default.model.local_loss_weight == 0.0 and local.model.local_loss_weight == 1.0
+    assert local.data.name == "synthetic_hard" and schedule(local) == schedule(default)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -200,7 +211,11 @@ def test_unknown_variant_is_rejected():
     "name, arg, message",
     [
         ("deprune", "hard,huge", r"Unknown config variant 'huge' in 'hard,huge'.*'grow'"),
-        ("sl", "grow", r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'smoke'\)"),
+        (
+            "sl",
+            "grow",
+            r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'local', 'smoke'\)",
+        ),
         ("casl", "steps,smoke", r"Unknown config variant 'steps'"),
         ("deprune", "finetune", r"Unknown config variant 'finetune'.*'grow', 'lean', 'paper'"),
         ("prune", "grow", r"Unknown config variant 'grow'.*'finetune', 'steps', 'paper'"),

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tfsplit
 from tfsplit import codec
 from tfsplit.bottleneck import GATE_LOGIT_OPEN
-from tfsplit.model import FILL_MOMENTUM, make_wire
+from tfsplit.model import FILL_MOMENTUM
 
 keras = tf.keras
 BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
@@ -187,7 +187,7 @@ def test_a_model_saved_before_the_head_kept_seniority_loads_its_gates(tmp_path):
 
 
 def test_wire_quantizes_both_directions():
-    wire = make_wire("float16", "float16")
+    wire = codec.make_wire("float16", "float16")
     x = tf.constant([[1.0 + 2**-12, 3.0]])
     with tf.GradientTape() as tape:
         tape.watch(x)

@@ -314,6 +314,28 @@ def test_two_devices_keep_their_own_step_ids_and_share_the_tail(opened):
     assert _code(lambda: stub.Hello(bad_id)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_device_trains_its_local_classifier_against_a_server_without_one(serving):
+    """The local classifier stays on the device: a server built without it accepts the device's
+    model, and fit trains both the classifier (on the device) and the tail (on the server)."""
+    servicer, port = serving(tiny_config())
+    config = tiny_config()
+    config.model.local_loss_weight = 1.0
+    info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+    model = trainer.build_split_model(config, info, remote=True)
+    model.connect(TrainingClient(f"127.0.0.1:{port}"))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(32, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, size=32)
+    classifier = model.local_classifier.get_weights()
+    tail = servicer.trainer.split.tail.get_weights()
+    model.set_budget(4)
+    history = model.fit(images, labels, batch_size=16, epochs=1, verbose=0).history
+    assert history["local_loss"][0] > 0
+    assert not np.array_equal(classifier[0], model.local_classifier.get_weights()[0])
+    after = servicer.trainer.split.tail.get_weights()
+    assert any(not np.array_equal(x, y) for x, y in zip(tail, after))
+
+
 # ----------------------------------------------------------------------------------------------
 # Parallel mode: concurrent devices' steps trained as one batch, heads averaged (SplitFed).
 # ----------------------------------------------------------------------------------------------

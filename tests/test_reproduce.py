@@ -25,6 +25,10 @@ for preset in reproduce.PRESETS:
     flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=" + preset])
     configs = reproduce.load_configs()
     loaded[preset] = {m: [c.data.name, c.data.train_size] for m, c in configs.items()}
+flags.FLAGS.unparse_flags()
+flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=quick_hard", "--variants=local"])
+configs = reproduce.load_configs()
+loaded["quick_hard,local"] = {m: [c.data.name, c.model.local_loss_weight] for m, c in configs.items()}
 print(json.dumps(loaded))
 """
 
@@ -259,8 +263,9 @@ def test_tool_presets_load_the_data_they_name():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.splitlines()[-1])
-    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper"}
+    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper", "quick_hard,local"}
     expected = {
+        "quick_hard,local": ["synthetic_hard", 1.0],
         "quick": ["synthetic", 0],
         "quick_hard": ["synthetic_hard", 0],
         "quick_small": ["synthetic", 1500],

@@ -94,6 +94,17 @@ def test_metrics_summary_and_tensorboard_files(tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
+def test_a_local_loss_is_recorded_and_sends_no_byte_more(tmp_path):
+    config = tiny_config()
+    config.model.local_loss_weight = 1.0
+    local = train(config, str(tmp_path / "local"))
+    plain = train(tiny_config(), str(tmp_path / "plain"))
+    for key in ("train_payload_bytes_up", "train_payload_bytes_down"):
+        assert local[key] == plain[key]
+    assert all(record["train_local_loss"] > 0 for record in read_metrics(tmp_path / "local"))
+    assert "train_local_loss" not in read_metrics(tmp_path / "plain")[0]
+
+
 class Interrupt(Exception):
     pass
 
@@ -164,6 +175,7 @@ def test_init_from_without_a_finished_run_fails_clearly(tmp_path):
         (("optimizer", "gate_beta_2"), 1.0, "gate_beta_2 must be in"),
         (("budget_sampling", "min_fraction"), 0.0, "min_budget_fraction"),
         ("calibration_batches", -1, "calibration_batches must be an integer >= 0"),
+        (("model", "local_loss_weight"), -1.0, "local_loss_weight. must be >= 0"),
     ],
 )
 def test_bad_config_values_are_rejected(tmp_path, key, value, message):

@@ -236,6 +236,8 @@ class RunRecords(keras.callbacks.Callback):
             wall_seconds=wall_seconds,
             elapsed_seconds=previous.get("elapsed_seconds", 0.0) + wall_seconds,
         )
+        if "local_loss" in logs:
+            record["train_local_loss"] = float(logs["local_loss"])
         if "gates_open_at_reset" in logs:
             record["gates_open_at_reset"] = int(logs["gates_open_at_reset"])
         if "gate_separation" in logs:

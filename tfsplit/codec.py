@@ -35,6 +35,7 @@ __all__ = [
     "dequantize",
     "encode",
     "fake_quantize",
+    "make_wire",
     "payload_nbytes",
     "payload_nbytes_tensor",
     "quantize",
@@ -94,3 +95,20 @@ def fake_quantize(x, dtype):
     if dtype == "int8":
         return _fake_quantize_int8(x)
     return x
+
+
+def make_wire(activation_dtype, gradient_dtype):
+    """Quantize what crosses the cut both ways: activations forward, their gradient backward.
+
+    A straight-through estimator: the tail sees exactly what the codec would deliver, and the head
+    gets back exactly the gradient the server would encode.
+    """
+
+    @tf.custom_gradient
+    def wire(values):
+        def backward(upstream):
+            return fake_quantize(upstream, gradient_dtype)
+
+        return fake_quantize(values, activation_dtype), backward
+
+    return wire

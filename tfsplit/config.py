@@ -8,6 +8,7 @@ Every file offers these generic ones (a file may add its own schedules, applied 
   paper: the research code's VGG-11 and CIFAR-10 (with the file's reference schedule); a GPU.
   hard: the harder embedded dataset "synthetic_hard" (80 classes, same 32x32x3 images).
   small: the small-data setting: 1500 training images, every phase five times as many epochs.
+  local: a device-side classifier's loss for the head (`model.local_loss_weight` 1; no bytes).
   smoke: seconds (1 epoch a phase, 256 training images, width 1/8); used by the tests.
 """
 
@@ -18,7 +19,7 @@ import ml_collections
 
 # The generic variants, in the order they are applied whatever order they are given in: smoke
 # last, so that it shrinks whatever the others chose.
-GENERIC_VARIANTS = ("paper", "hard", "small", "smoke")
+GENERIC_VARIANTS = ("paper", "hard", "small", "local", "smoke")
 VARIANTS = ("",) + GENERIC_VARIANTS  # what every config file accepts alone; "" = the default.
 # Variants that each set the same key differently; together they would silently drop one.
 _CONFLICTS = ({"hard", "paper"},)
@@ -103,6 +104,9 @@ def base_config(mode):
     config.model.bottleneck.feature_compression = 1  # C' = C / feature_compression.
     config.model.bottleneck.resolution_compression = 1  # encoder stride.
     config.model.bottleneck.gate_init_max = 15.0  # gate logits start uniform in [0, this].
+    # > 0: a classifier on the device's features at the cut adds its loss, times this, to the
+    # head's (tfsplit.local_loss): no bytes, a faster start (README); 0 = none.
+    config.model.local_loss_weight = 0.0
 
     # Schedule: a list of phases (see `phase`).
     config.phases = [phase(budget=0, epochs=1, learning_rate=0.01)]
@@ -230,6 +234,10 @@ def _small(config):
             entry[key] *= SMALL_EPOCH_FACTOR
 
 
+def _local(config):
+    config.model.local_loss_weight = 1.0
+
+
 def _smoke(config):
     config.data.train_size = 256
     config.data.test_size = 128
@@ -242,7 +250,7 @@ def _smoke(config):
         entry.anneal_epochs = 0
 
 
-_APPLY = {"paper": _paper, "hard": _hard, "small": _small, "smoke": _smoke}
+_APPLY = {"paper": _paper, "hard": _hard, "small": _small, "local": _local, "smoke": _smoke}
 
 
 def load_config_file(path, variant=""):

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfsplit import budget as budget_lib
-from tfsplit import codec, placement
+from tfsplit import codec, local_loss, placement
 from tfsplit.batch_norm import BatchNormAverage
 from tfsplit.bottleneck import Decoder, MaskedEncoder
 
@@ -20,23 +20,6 @@ from tfsplit.bottleneck import Decoder, MaskedEncoder
 # statistics follow its batches; 0.98 leaves 0.2% of the start after 300 steps (two epochs of the
 # embedded set's final phase).
 FILL_MOMENTUM = 0.98
-
-
-def make_wire(activation_dtype, gradient_dtype):
-    """Quantize what crosses the cut both ways: activations forward, their gradient backward.
-
-    A straight-through estimator: the tail sees exactly what the codec would deliver, and the head
-    gets back exactly the gradient the server would encode.
-    """
-
-    @tf.custom_gradient
-    def wire(values):
-        def backward(upstream):
-            return codec.fake_quantize(upstream, gradient_dtype)
-
-        return codec.fake_quantize(values, activation_dtype), backward
-
-    return wire
 
 
 def _only_layer(model, layer_type):
@@ -68,6 +51,8 @@ class SplitModel(keras.Model):
       seed: seeds the nested budget draws.
       polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
         drives each gate fully open or closed (0 = off).
+      local_loss_weight: weight of a device-side classifier's loss on the features at the cut
+        (the encoder's input; see `tfsplit.local_loss`), added to the head's; 0 = none.
 
     Call arguments:
       images: float32 (N, H, W, C) normalized images.
@@ -75,7 +60,8 @@ class SplitModel(keras.Model):
       training: whether batch norm uses batch statistics.
 
     Metrics: besides the compiled ones, `budget_loss` (the penalty, reported apart from the
-    cross-entropy), `payload_bytes_up` and `payload_bytes_down` (the codec's exact encoded size of
+    cross-entropy), `local_loss` (the weighted local classifier's, when there is one),
+    `payload_bytes_up` and `payload_bytes_down` (the codec's exact encoded size of
     what crossed the cut each way; evaluation counts what inference would send up, nothing down).
     """
 
@@ -92,6 +78,7 @@ class SplitModel(keras.Model):
         min_budget_fraction=0.125,
         seed=0,
         polarization=0.0,
+        local_loss_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -117,6 +104,7 @@ class SplitModel(keras.Model):
         if not polarization >= 0.0:
             raise ValueError(f"`polarization` must be >= 0. Received: {polarization!r}")
         self.polarization = float(polarization)
+        self._build_local_classifier(local_loss_weight)
         self.wire_shape = tuple(int(d) for d in head.output.shape[1:])
         self.channels = self.wire_shape[-1]
         # A flat cut (N, C) is sent as one position: the codec's (N, 1, 1, C).
@@ -134,13 +122,37 @@ class SplitModel(keras.Model):
             [0, 0], dtype=tf.int64, trainable=False, name="sent_payload_bytes"
         )
         self.budget_draws = tf.random.Generator.from_seed(seed)
-        self.wire = make_wire(activation_dtype, gradient_dtype)
+        self.wire = codec.make_wire(activation_dtype, gradient_dtype)
         self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
         self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
         self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
         self.gate_optimizer = None
         self._calibration_pass = None
         self.build((None,) + tuple(head.input.shape[1:]))
+
+    def _build_local_classifier(self, weight):
+        if not weight >= 0.0:
+            raise ValueError(f"`local_loss_weight` must be >= 0. Received: {weight!r}")
+        self.local_loss_weight, self.local_classifier = float(weight), None
+        if weight:
+            self.device_features = local_loss.cut_features(self.head, self.encoder)
+            self.local_classifier = local_loss.LocalClassifier.for_features(
+                self.device_features, int(self.tail.output.shape[-1])
+            )
+            self.local_loss_tracker = keras.metrics.Mean(name="local_loss")
+
+    @property
+    def device_trainable_variables(self):
+        """What the device trains: the head, and its local classifier when there is one."""
+        own = self.local_classifier.trainable_variables if self.local_classifier else []
+        return self.head.trainable_variables + own
+
+    @property
+    def device_only_weights(self):
+        """What the server's half never holds: the local classifier and its loss metric."""
+        if self.local_classifier is None:
+            return []
+        return self.local_classifier.weights + self.local_loss_tracker.variables
 
     # ----------------------------------------------------------------------------- the budget
     def set_budget(self, k, masking=True, nesting=True):
@@ -270,6 +282,16 @@ class SplitModel(keras.Model):
             )
         return loss / len(budgets)
 
+    def device_step(self, images, labels, indices):
+        """The device's half of a training step: (the channels `indices` sent, budget penalty,
+        weighted local classifier loss; 0 without one), to differentiate on the device."""
+        penalty = self.budget_penalty()
+        if self.local_classifier is None:
+            return self.send(images, indices, training=True), penalty, tf.constant(0.0)
+        features, activations = self.device_features(images, training=True)
+        local = self.local_loss_weight * self.local_classifier.cross_entropy(features, labels)
+        return tf.gather(activations, indices, axis=-1), penalty, local
+
     def server_loss(self, images, labels, values, indices):
         """What the server computes from the k channels it received: (loss, logits)."""
         logits = self.receive(values, indices, training=True)
@@ -308,13 +330,12 @@ class SplitModel(keras.Model):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         indices = self.channel_indices()
         with tf.GradientTape() as tape:
-            sent = self.wire(self.send(images, indices, training=True))
-            loss, logits = self.server_loss(images, labels, sent, indices)
-            penalty = self.budget_penalty()
-            loss += penalty
+            values, penalty, local = self.device_step(images, labels, indices)
+            loss, logits = self.server_loss(images, labels, self.wire(values), indices)
+            loss += penalty + local
         variables = self.trainable_variables
         self.apply_gradients(tape.gradient(loss, variables), variables)
-        return self.update_metrics(labels, logits, penalty, self.budget, training=True)
+        return self.update_metrics(labels, logits, penalty, self.budget, training=True, local=local)
 
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -335,12 +356,17 @@ class SplitModel(keras.Model):
         )
         return up, down
 
-    def update_metrics(self, labels, logits, penalty, k, training):
+    def update_metrics(self, labels, logits, penalty, k, training, local=None):
         self.compiled_metrics.update_state(labels, logits)
-        self.budget_loss_tracker.update_state(penalty)
+        self.track_device_losses(penalty, local)
         up, down = self.payload_bytes(tf.shape(labels)[0], k, training)
         self.count_sent(up, down, training)
         return self.get_metrics_result()
+
+    def track_device_losses(self, penalty, local=None):
+        self.budget_loss_tracker.update_state(penalty)
+        if local is not None and self.local_classifier is not None:
+            self.local_loss_tracker.update_state(local)
 
     def count_sent(self, up, down, training=True):
         if training:
@@ -380,6 +406,7 @@ class SplitModel(keras.Model):
             min_budget_fraction=self.min_budget_fraction,
             seed=self.seed,
             polarization=self.polarization,
+            local_loss_weight=self.local_loss_weight,
         )
 
     @classmethod

@@ -38,6 +38,11 @@ _PRESET = flags.DEFINE_enum(
     "quick: embedded dataset, minutes on a CPU; quick_hard: its harder 80-class version; "
     "quick_small: 1500 training images; paper: VGG-11, CIFAR-10, reference schedules.",
 )
+_VARIANTS = flags.DEFINE_string(
+    "variants",
+    "",
+    "Comma-separated config variants applied to every method besides the preset's, e.g. local.",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for all runs and results.", required=True
 )
@@ -70,7 +75,7 @@ _SEEDS = flags.DEFINE_integer(
 
 def load_configs():
     """Every method's config for --preset, with --data_path where given."""
-    variant = PRESETS[_PRESET.value]
+    variant = ",".join(name for name in (PRESETS[_PRESET.value], _VARIANTS.value) if name)
     configs = {}
     for method in reproduce.METHODS:
         path = os.path.join(_CONFIGS.value, f"{method}.py")

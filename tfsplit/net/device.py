@@ -243,8 +243,8 @@ class RemoteSplitModel(SplitModel):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         indices = self.channel_indices()
         with tf.GradientTape() as tape:
-            values = self.send(images, indices, training=True)
-            penalty = self.budget_penalty()
+            values, penalty, local = self.device_step(images, labels, indices)
+            device_loss = penalty + local
         gradient, logits, wire = tf.py_function(
             self._train_call,
             [values, indices, labels, self.optimizer.learning_rate, self.step_nesting],
@@ -252,14 +252,14 @@ class RemoteSplitModel(SplitModel):
         )
         gradient = tf.ensure_shape(gradient, values.shape)
         logits = tf.ensure_shape(logits, [None, self.tail.output.shape[-1]])
-        variables = self.head.trainable_variables
+        variables = self.device_trainable_variables
         gradients = tape.gradient(
-            [values, penalty], variables, output_gradients=[gradient, tf.ones([])]
+            [values, device_loss], variables, output_gradients=[gradient, tf.ones([])]
         )
         self.apply_gradients(gradients, variables)
         self.compute_loss(images, labels, logits)  # the loss metric, as the server computed it
         self._count_wire(wire)
-        return self.update_metrics(labels, logits, penalty, self.budget, training=True)
+        return self.update_metrics(labels, logits, penalty, self.budget, training=True, local=local)
 
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)

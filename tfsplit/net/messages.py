@@ -18,10 +18,12 @@ MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch
 
 
 def model_digest(split):
-    """sha256 of what both halves must agree on: every weight's shape and dtype in order, the
-    wire dtypes and the bottleneck's width."""
+    """sha256 of what both halves must agree on: the shape and dtype of every weight both hold
+    (not the device's own local classifier), in order, the wire dtypes and the bottleneck's
+    width."""
+    shared = [w for w in split.weights if all(w is not v for v in split.device_only_weights)]
     description = dict(
-        weights=[(w.shape.as_list(), w.dtype.name) for w in split.weights],
+        weights=[(w.shape.as_list(), w.dtype.name) for w in shared],
         wire=[split.activation_dtype, split.gradient_dtype, split.channels],
         wire_shape=list(split.wire_shape),
     )

@@ -23,11 +23,11 @@ class CodecSplitModel(SplitModel):
     def train_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         indices = self.channel_indices()
-        head_variables = self.head.trainable_variables
+        device_variables = self.device_trainable_variables
         # The tape spans the byte round trip, as the device keeps its graph while it waits.
         with tf.GradientTape() as device_tape:
-            values = self.send(images, indices, training=True)
-            penalty = self.budget_penalty()
+            values, penalty, local = self.device_step(images, labels, indices)
+            device_loss = penalty + local
         upstream = codec.encode(
             values.numpy(),
             indices.numpy(),
@@ -56,16 +56,16 @@ class CodecSplitModel(SplitModel):
             kind="gradients",
         )
         returned = codec.decode(downstream, expect_kind="gradients")
-        head_gradients = device_tape.gradient(
-            [values, penalty],
-            head_variables,
+        device_gradients = device_tape.gradient(
+            [values, device_loss],
+            device_variables,
             # In the order sent: a payload of every channel comes back in channel order.
             output_gradients=[tf.constant(returned.scatter()[..., indices.numpy()]), tf.ones([])],
         )
         self.apply_gradients(
-            list(head_gradients) + list(tail_gradients), head_variables + tail_variables
+            list(device_gradients) + list(tail_gradients), device_variables + tail_variables
         )
         self.compiled_metrics.update_state(labels, logits)
-        self.budget_loss_tracker.update_state(penalty)
+        self.track_device_losses(penalty, local)
         self.count_sent(len(upstream), len(downstream))
         return self.get_metrics_result()

@@ -65,6 +65,7 @@ def build_split_model(config, info, remote=False):
         min_budget_fraction=config.budget_sampling.min_fraction,
         seed=config.seed,
         polarization=config.budget_loss.polarization,
+        local_loss_weight=config.model.local_loss_weight,
     )
     if remote or config.wire.transport != "fused":
         model_class = RemoteSplitModel if remote else TRANSPORTS[config.wire.transport]
