@@ -3,21 +3,13 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_model import BOTTLENECK, user_model  # the same small user model
 
 import tfsplit
 from tfsplit.local_loss import LocalClassifier
 from tfsplit.net.messages import model_digest
 
 keras = tf.keras
-BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
-
-
-def user_model():
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(inputs)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(4, name="logits")(x), name="mine")
 
 
 def data(count=32, seed=0):

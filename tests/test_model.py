@@ -20,7 +20,7 @@ def user_model():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(inputs)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, keras.layers.Dense(4)(x), name="mine")
 
 
