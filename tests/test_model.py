@@ -10,7 +10,7 @@ import tensorflow as tf
 import tfsplit
 from tfsplit import codec
 from tfsplit.bottleneck import GATE_LOGIT_OPEN
-from tfsplit.model import FILL_MOMENTUM
+from tfsplit.nesting import FILL_MOMENTUM
 
 keras = tf.keras
 BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
