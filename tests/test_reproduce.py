@@ -14,7 +14,8 @@ from tfsplit.eval import reproduce, seeds
 
 REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
-# Prints {preset: {method: [data.name, data.train_size]}} from the tool's own load_configs().
+# Prints {preset: {method: [data.name, data.train_size, local loss weight]}} from the tool's
+# own load_configs(), and the local weight under --variants=local.
 PRESETS_SCRIPT = """
 import json
 from absl import flags
@@ -24,11 +25,13 @@ for preset in reproduce.PRESETS:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=" + preset])
     configs = reproduce.load_configs()
-    loaded[preset] = {m: [c.data.name, c.data.train_size] for m, c in configs.items()}
+    loaded[preset] = {
+        m: [c.data.name, c.data.train_size, c.model.local_loss_weight] for m, c in configs.items()
+    }
 flags.FLAGS.unparse_flags()
-flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=quick_hard", "--variants=local"])
+flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=quick", "--variants=local"])
 configs = reproduce.load_configs()
-loaded["quick_hard,local"] = {m: [c.data.name, c.model.local_loss_weight] for m, c in configs.items()}
+loaded["quick,local"] = {m: [c.data.name, c.model.local_loss_weight] for m, c in configs.items()}
 print(json.dumps(loaded))
 """
 
@@ -263,13 +266,13 @@ def test_tool_presets_load_the_data_they_name():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.splitlines()[-1])
-    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper", "quick_hard,local"}
+    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper", "quick,local"}
     expected = {
-        "quick_hard,local": ["synthetic_hard", 1.0],
-        "quick": ["synthetic", 0],
-        "quick_hard": ["synthetic_hard", 0],
-        "quick_small": ["synthetic", 1500],
-        "paper": ["cifar10", 0],
+        "quick,local": ["synthetic", 1.0],
+        "quick": ["synthetic", 0, 0.0],
+        "quick_hard": ["synthetic_hard", 0, 1.0],  # the hard set trains with the local classifier
+        "quick_small": ["synthetic", 1500, 0.0],
+        "paper": ["cifar10", 0, 0.0],
     }
     for preset, data in expected.items():
         assert loaded[preset] == {m: data for m in reproduce.METHODS}, preset

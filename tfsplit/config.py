@@ -6,7 +6,8 @@ on the embedded dataset) or comma-separated names, all applied, e.g. `deprune.py
 Every file offers these generic ones (a file may add its own schedules, applied before them):
 
   paper: the research code's VGG-11 and CIFAR-10 (with the file's reference schedule); a GPU.
-  hard: the harder embedded dataset "synthetic_hard" (80 classes, same 32x32x3 images).
+  hard: the harder embedded dataset "synthetic_hard" (80 classes, same 32x32x3 images), trained
+    with the local classifier below.
   small: the small-data setting: 1500 training images, every phase five times as many epochs.
   local: a device-side classifier's loss for the head (`model.local_loss_weight` 1; no bytes).
   smoke: seconds (1 epoch a phase, 256 training images, width 1/8); used by the tests.
@@ -222,6 +223,10 @@ def _paper(config):
 
 def _hard(config):
     config.data.name = "synthetic_hard"
+    # Without a loss of its own the head starves on 80 classes: SL reached 35.7% in 10 epochs,
+    # still 4 to 7 points an epoch from its end, so every comparison measured take-off speed; the
+    # classifier lifts every method by 26 to 37 points (README).
+    _local(config)
 
 
 def _small(config):

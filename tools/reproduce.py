@@ -5,7 +5,8 @@
 
 Presets (each loads configs/<method>.py with one variant):
   quick: the embedded dataset; minutes on a CPU.
-  quick_hard: the harder embedded dataset (synthetic_hard, 80 classes); minutes on a CPU.
+  quick_hard: the harder embedded dataset (synthetic_hard, 80 classes, every method with the
+    device-side local classifier); minutes on a CPU.
   quick_small: the embedded dataset with 1500 training images (the small-data setting).
   paper: VGG-11, CIFAR-10 and the reference schedules; a GPU.
 
