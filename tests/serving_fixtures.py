@@ -6,13 +6,16 @@ The export writes `<base>/<model_name>/<version>/` with a `serving_default` sign
 This module builds one like it (dequantize, one-hot scatter into C channels, one dense layer,
 softmax) so that the serving tests need no training; `reference_probabilities` computes the same
 in numpy, from the codec's own scatter, so that answers are checked against hand-computable math.
-`wire` turns a codec payload into what the device's clients send.
+`wire` turns a codec payload into what the device's clients send; `stop_server` ends a
+`tfsplit-serve` process that a test started.
 """
 
 import json
 import os
+import subprocess
 
 import numpy as np
+import pytest
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import codec, device
@@ -111,3 +114,17 @@ def reference_probabilities(payload):
     logits = flat @ kernel + bias
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def stop_server(process, log_path, timeout_s=30):
+    """SIGTERMs a `tfsplit-serve` process and returns its exit code; fails the test, after a
+    SIGKILL so that no server outlives it, if it has not exited within `timeout_s`."""
+    process.terminate()
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(
+            f"tfsplit-serve ignored SIGTERM for {timeout_s} s:\n{log_path.read_text()[-3000:]}"
+        )

@@ -14,9 +14,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -600,6 +603,44 @@ def test_server_arguments_and_ports(model_base, servers):
     assert server.wait(0)
 
 
+class _Signalled(Exception):
+    pass
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+def _signal_own_thread():
+    time.sleep(0.5)  # by then the main thread is inside `wait`
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+
+def test_wait_hears_a_signal_that_another_thread_received(model_base):
+    """The kernel may hand SIGTERM to any thread; `wait` must still let the main thread act."""
+    server = TailServer(model_base, "tail_float32")  # never started: `wait` is all that runs
+    unheard = threading.Event()
+
+    def give_up():  # bounds the test if the signal goes unheard
+        unheard.set()
+        server.stop()
+
+    previous = signal.signal(signal.SIGUSR1, _raise_signalled)
+    stopper = threading.Timer(10.0, give_up)
+    sender = threading.Thread(target=_signal_own_thread)
+    try:
+        stopper.start()
+        with pytest.raises(_Signalled):
+            sender.start()
+            server.wait()
+    finally:
+        stopper.cancel()
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not unheard.is_set(), "the main thread heard the signal only once `stop` woke it"
+    assert not server.wait(0.3)  # a timed wait still times out
+
+
 # --- tensor conversions ---------------------------------------------------------------------
 
 
@@ -705,8 +746,7 @@ def test_tool_serves_in_a_separate_process(model_base, tmp_path):
                 with pytest.raises(device.ServingError, match="zero_point"):
                     _predict(client, payload, zero_point=500)
     finally:
-        process.terminate()
-        return_code = process.wait(timeout=30)
+        return_code = fx.stop_server(process, log_path)
     log = log_path.read_text()
     assert return_code == 0, log[-3000:]
     assert f"grpc=127.0.0.1:{grpc_port} rest=http://127.0.0.1:{rest_port}" in log

@@ -308,8 +308,7 @@ def test_tool_serves_with_token_and_tls(files, tmp_path):
                 error = _refusal(refused)
             assert error.code == "UNAUTHENTICATED" or error.http_status == 401
     finally:
-        process.terminate()
-        return_code = process.wait(timeout=30)
+        return_code = fx.stop_server(process, log_path)
     log = log_path.read_text()
     assert return_code == 0, log[-3000:]
     assert f"grpc={target} rest={url} (TLS) (token required)" in log

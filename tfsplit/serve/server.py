@@ -14,6 +14,7 @@ the validation nor the model.
 
 import concurrent.futures
 import threading
+import time
 
 import grpc
 from absl import logging
@@ -24,6 +25,8 @@ from tfsplit.net import security
 from tfsplit.serve import grpc_service, model, rest
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+# Longest slice of `TailServer.wait`: how late a Ctrl-C or SIGTERM can be noticed.
+_SIGNAL_POLL_S = 0.25
 
 
 def _address(host, port):
@@ -206,8 +209,19 @@ class TailServer:
         logging.info("Stopped serving model %r", self.served.name)
 
     def wait(self, timeout_s=None):
-        """Blocks until `stop` (from another thread or a signal handler); True once stopped."""
-        return self._stopped.wait(timeout_s)
+        """Blocks until `stop` (from another thread or a signal handler); True once stopped.
+
+        Waits in short slices: a signal the kernel hands to one of the server's threads does not
+        wake a main thread blocked on a lock, and Python runs signal handlers (Ctrl-C, SIGTERM)
+        only in the main thread, so one endless wait could miss them.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = _SIGNAL_POLL_S if deadline is None else deadline - time.monotonic()
+            if self._stopped.wait(max(0.0, min(remaining, _SIGNAL_POLL_S))):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     def __enter__(self):
         return self.start()
