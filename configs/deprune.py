@@ -57,8 +57,8 @@ def get_config(arg=None):
     }
     small_budget, *rest = schedules["paper" in variants, "grow" in variants]
     if "hard" in variants and "grow" not in variants:
-        # Its 80 classes need every cue of the object to cross: at 8 channels phase 1 ended 2 to 9
-        # points below CA-SL at 32 and deprune 0.55 above it; at 16, 5.82 above (README).
+        # Its 80 classes need every cue of the object to cross: starting at 8 channels deprune
+        # ended 0.55 points above CA-SL at 32, starting at 16 5.82 above (README, 3 seeds).
         small_budget = 16
     if "lean" in variants:
         small_budget = min(small_budget, 4)

@@ -223,9 +223,9 @@ def _paper(config):
 
 def _hard(config):
     config.data.name = "synthetic_hard"
-    # Without a loss of its own the head starves on 80 classes: SL reached 35.7% in 10 epochs,
-    # still 4 to 7 points an epoch from its end, so every comparison measured take-off speed; the
-    # classifier lifts every method by 26 to 37 points (README).
+    # Without a loss of its own the head starves on 80 classes: SL reached 35.7% in 10 epochs and
+    # still gained 6 to 7 points an epoch, so the comparisons measured how soon each run took off;
+    # the classifier lifts every method by 28 to 38 points (README).
     _local(config)
 
 
