@@ -11,8 +11,9 @@ e.g. `:grow,smoke`; see tfsplit/config.py):
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 6 + 4 (paper 15 + 7).
   lean: phase 1 at 4 channels instead of 8 (8.35x less training payload than SL on the embedded
     set instead of 7.24x); the others already start at 4.
-  hard, small, local, smoke: the harder embedded set (local classifier, phase 1 at 16); 1500
-    images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
+  hard, small, local, smoke: the harder embedded set (local classifier at half weight, phase 1
+    at 16); 1500 images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py);
+    seconds.
 
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """

@@ -16,7 +16,7 @@ e.g. `:steps,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
   steps: the research code's prune 32 -> 4: 10 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
-  hard, small, local, smoke: the harder embedded set (with the local classifier); 1500 training
+  hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
     images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
 
   tfsplit-train --config=configs/prune.py --workdir=/tmp/tfsplit/prune

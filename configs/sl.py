@@ -6,7 +6,7 @@ gradients down. The reference point for deprune's network savings.
 Default (embedded dataset, VGG-11 width 1/4 cut after conv 5, 10 epochs): a few minutes on 2 CPU
 cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
   paper: VGG-11, CIFAR-10, 40 epochs; a GPU.
-  hard, small, local, smoke: the harder embedded set (with the local classifier); 1500 training
+  hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
     images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
 
   tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl

@@ -15,7 +15,7 @@ from tfsplit.eval import reproduce, seeds
 REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 # Prints {preset: {method: [data.name, data.train_size, local loss weight]}} from the tool's
-# own load_configs(), and the local weight under --variants=local.
+# own load_configs(), and the local weight under --variants=local (full weight on the hard set).
 PRESETS_SCRIPT = """
 import json
 from absl import flags
@@ -28,10 +28,13 @@ for preset in reproduce.PRESETS:
     loaded[preset] = {
         m: [c.data.name, c.data.train_size, c.model.local_loss_weight] for m, c in configs.items()
     }
-flags.FLAGS.unparse_flags()
-flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=quick", "--variants=local"])
-configs = reproduce.load_configs()
-loaded["quick,local"] = {m: [c.data.name, c.model.local_loss_weight] for m, c in configs.items()}
+for preset in ("quick", "quick_hard"):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["tfsplit-reproduce", "--workdir=unused", "--preset=" + preset, "--variants=local"])
+    configs = reproduce.load_configs()
+    loaded[preset + ",local"] = {
+        m: [c.data.name, c.model.local_loss_weight] for m, c in configs.items()
+    }
 print(json.dumps(loaded))
 """
 
@@ -266,13 +269,14 @@ def test_tool_presets_load_the_data_they_name():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.splitlines()[-1])
-    assert set(loaded) == {"quick", "quick_hard", "quick_small", "paper", "quick,local"}
     expected = {
         "quick,local": ["synthetic", 1.0],
+        "quick_hard,local": ["synthetic_hard", 1.0],
         "quick": ["synthetic", 0, 0.0],
-        "quick_hard": ["synthetic_hard", 0, 1.0],  # the hard set trains with the local classifier
+        "quick_hard": ["synthetic_hard", 0, 0.5],  # the local classifier at half weight
         "quick_small": ["synthetic", 1500, 0.0],
         "paper": ["cifar10", 0, 0.0],
     }
+    assert set(loaded) == set(expected)
     for preset, data in expected.items():
         assert loaded[preset] == {m: data for m in reproduce.METHODS}, preset

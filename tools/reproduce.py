@@ -6,7 +6,8 @@
 Presets (each loads configs/<method>.py with one variant):
   quick: the embedded dataset; minutes on a CPU.
   quick_hard: the harder embedded dataset (synthetic_hard, 80 classes, every method with the
-    device-side local classifier); minutes on a CPU.
+    device-side local classifier at half weight; `--variants=local`: full weight); minutes on a
+    CPU.
   quick_small: the embedded dataset with 1500 training images (the small-data setting).
   paper: VGG-11, CIFAR-10 and the reference schedules; a GPU.
 
