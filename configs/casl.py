@@ -11,7 +11,7 @@ Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
   tfsplit-train --config=configs/casl.py --workdir=/tmp/tfsplit/casl
 """
 
-from tfsplit.config import apply_variant, base_config, parse_variants, phase
+from tfsplit.training.config import apply_variant, base_config, parse_variants, phase
 
 
 def get_config(arg=None):

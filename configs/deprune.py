@@ -18,7 +18,7 @@ e.g. `:grow,smoke`; see tfsplit/config.py):
   tfsplit-train --config=configs/deprune.py --workdir=/tmp/tfsplit/deprune
 """
 
-from tfsplit.config import apply_variant, base_config, parse_variants, phase
+from tfsplit.training.config import apply_variant, base_config, parse_variants, phase
 
 METHOD_VARIANTS = ("grow", "lean")
 

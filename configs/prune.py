@@ -22,7 +22,7 @@ e.g. `:steps,smoke`; see tfsplit/config.py):
   tfsplit-train --config=configs/prune.py --workdir=/tmp/tfsplit/prune
 """
 
-from tfsplit.config import apply_variant, base_config, parse_variants, phase
+from tfsplit.training.config import apply_variant, base_config, parse_variants, phase
 
 METHOD_VARIANTS = ("finetune", "steps")
 

@@ -12,7 +12,7 @@ cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
   tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl
 """
 
-from tfsplit.config import apply_variant, base_config, parse_variants, phase
+from tfsplit.training.config import apply_variant, base_config, parse_variants, phase
 
 
 def get_config(arg=None):

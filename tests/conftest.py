@@ -5,8 +5,8 @@ import pathlib
 import pytest
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.config import load_config_file
-from tfsplit.train import train
+from tfsplit.training import train
+from tfsplit.training.config import load_config_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

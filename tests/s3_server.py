@@ -1,4 +1,4 @@
-"""boto3 pointed at a real local S3 server (`tfsplit.eval.local_s3`), and pytest fixtures.
+"""boto3 pointed at a real local S3 server (`benchmarks.local_s3`), and pytest fixtures.
 
 The object-store code is tested against a real HTTP server process (never a mocked client);
 `FaultProxy` sits between the two to cut connections on cue. Import the fixtures into a test
@@ -10,8 +10,8 @@ import uuid
 import boto3
 import pytest
 
+from benchmarks.local_s3 import FaultProxy, MotoServer, client_environment
 from tfsplit.data import object_store
-from tfsplit.eval.local_s3 import FaultProxy, MotoServer, client_environment
 
 
 def point_boto3_at(monkeypatch, endpoint):

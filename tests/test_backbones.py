@@ -1,11 +1,11 @@
-"""Tests for tfsplit.models.resnet and tfsplit.models.mobilenet: shapes, counts, cuts, splits."""
+"""Tests for tfsplit.backbones.resnet and tfsplit.backbones.mobilenet: shapes, counts, cuts, splits."""
 
 import numpy as np
 import pytest
 import tf_keras as keras
 
-from tfsplit import models
-from tfsplit.models import mobilenet, resnet
+from tfsplit import backbones as models
+from tfsplit.backbones import mobilenet, resnet
 
 BOTTLENECK = {"feature_compression": 1, "resolution_compression": 1, "gate_init_max": 15.0}
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tfsplit.eval import data_benchmark
+from benchmarks import data_benchmark
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def test_bench_data_measures_every_source_and_writes_its_rows(tmp_path):
         [
             sys.executable,
             "-m",
-            "tools.bench_data",
+            "tfsplit_tools.bench_data",
             "--config=configs/deprune.py:smoke",
             "--config.data.train_size=256",
             "--config.data.test_size=64",

@@ -1,4 +1,4 @@
-"""Emulated links (`tfsplit.eval.links`) and the network benchmark's pieces, without training.
+"""Emulated links (`benchmarks.links`) and the network benchmark's pieces, without training.
 
 The delaying proxy and the namespaces run for real on this machine (the namespace tests need root
 and `ip netns`, and are skipped with the reason otherwise). Nothing here trains over a slow link:
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tfsplit.eval import links, namespaces, network_benchmark, network_report
+from benchmarks import links, namespaces, network_benchmark, network_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")

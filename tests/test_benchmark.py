@@ -1,4 +1,4 @@
-"""The training benchmark (tfsplit.eval.benchmark): split `fit` against unsplit `fit`, on a tiny run.
+"""The training benchmark (benchmarks.train_benchmark): split `fit` against unsplit `fit`, on a tiny run.
 
 Speeds depend on the machine and its load, so only the result's shape is checked here; the ratio
 itself is measured with `tfsplit-bench-train`.
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from benchmarks import train_benchmark as benchmark
 from tfsplit import codec
-from tfsplit.config import load_config_file
-from tfsplit.eval import benchmark
-from tfsplit.train import trainer
+from tfsplit.training import trainer
+from tfsplit.training.config import load_config_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for tfsplit.bottleneck: MaskedEncoder and Decoder as Keras layers, and their math."""
+"""Tests for tfsplit.layers.bottleneck: MaskedEncoder and Decoder as Keras layers, and their math."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfsplit import budget
-from tfsplit.bottleneck import Decoder, MaskedEncoder
+from tfsplit.engine import budget
+from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
 
 BN_SCALE = 1 / math.sqrt(1 + 1e-3)  # Fresh batch norm in inference: (x - 0) / sqrt(1 + eps).
 

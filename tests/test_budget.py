@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 import tfsplit  # noqa: F401
-from tfsplit import budget
-from tfsplit.bottleneck import GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN
+from tfsplit.engine import budget
+from tfsplit.layers.bottleneck import GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN
 
 
 def sigmoid(x):

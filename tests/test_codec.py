@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tfsplit import codec
+from tfsplit.codec import wire
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
 
@@ -410,8 +411,8 @@ def test_encode_rejects(args, kwargs, message):
         (lambda: codec.payload_nbytes(1, 1.0, 1, 1, "int8", False), "height"),
         (lambda: codec.payload_nbytes(1, 1, 1, 1, "int16", False), "dtype"),
         (lambda: codec.payload_nbytes(1, 1, 1, 1, "int8", 1), "with_labels"),
-        (lambda: codec.fake_quantize(tf.ones(2), "uint8"), "dtype"),
-        (lambda: codec.fake_quantize(tf.ones(2, tf.int32), "int8"), "floating"),
+        (lambda: wire.fake_quantize(tf.ones(2), "uint8"), "dtype"),
+        (lambda: wire.fake_quantize(tf.ones(2, tf.int32), "int8"), "floating"),
     ],
 )
 def test_helpers_reject(call, message):
@@ -428,7 +429,7 @@ def _numpy_round_trip(x, dtype):
 
 _COMPILED = {
     dtype: tf.function(
-        lambda x, dtype=dtype: codec.fake_quantize(x, dtype),
+        lambda x, dtype=dtype: wire.fake_quantize(x, dtype),
         input_signature=[tf.TensorSpec(None, tf.float32)],
         autograph=False,
     )
@@ -454,7 +455,7 @@ def test_fake_quantize_matches_numpy_on_edge_cases(name, dtype):
     if dtype == "float16" and np.abs(x).max() > 65519:  # would round to inf: encode refuses it
         pytest.skip("beyond float16 range")
     expected = _numpy_round_trip(x, dtype)
-    eager = codec.fake_quantize(tf.constant(x), dtype)
+    eager = wire.fake_quantize(tf.constant(x), dtype)
     compiled = _COMPILED[dtype](tf.constant(x))
     assert eager.dtype == compiled.dtype == tf.float32
     np.testing.assert_array_equal(eager.numpy(), expected)
@@ -469,21 +470,21 @@ def test_fake_quantize_matches_numpy_property(args):
     expected = codec.dequantize(
         _in_given_order(payload, args["indices"]), payload.scale, payload.zero_point
     )
-    np.testing.assert_array_equal(codec.fake_quantize(x, dtype).numpy(), expected)
+    np.testing.assert_array_equal(wire.fake_quantize(x, dtype).numpy(), expected)
     np.testing.assert_array_equal(_COMPILED[dtype](tf.constant(x)).numpy(), expected)
 
 
 def test_fake_quantize_accepts_other_float_dtypes_and_returns_float32():
     x = np.array([[0.5, -1.5, 3.0]], np.float64)
-    result = codec.fake_quantize(tf.constant(x), "int8")
+    result = wire.fake_quantize(tf.constant(x), "int8")
     assert result.dtype == tf.float32
     np.testing.assert_array_equal(result.numpy(), _numpy_round_trip(x, "int8"))
-    assert codec.fake_quantize(tf.constant(x, tf.float16), "float32").dtype == tf.float32
+    assert wire.fake_quantize(tf.constant(x, tf.float16), "float32").dtype == tf.float32
 
 
 def test_fake_quantize_inside_tf_data():
     x = _SPECIAL["ties"]
-    dataset = tf.data.Dataset.from_tensors(x).map(lambda t: codec.fake_quantize(t, "int8"))
+    dataset = tf.data.Dataset.from_tensors(x).map(lambda t: wire.fake_quantize(t, "int8"))
     np.testing.assert_array_equal(next(iter(dataset)).numpy(), _numpy_round_trip(x, "int8"))
 
 

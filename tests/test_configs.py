@@ -10,8 +10,8 @@ from absl import flags
 from ml_collections import config_flags
 
 import tfsplit  # noqa: F401
-from tfsplit import config as config_lib
-from tfsplit.train import train
+from tfsplit.training import config as config_lib
+from tfsplit.training import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))

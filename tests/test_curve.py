@@ -12,9 +12,9 @@ import pytest
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import codec
-from tfsplit.config import load_config_file
 from tfsplit.eval import curve
-from tfsplit.train import trainer
+from tfsplit.training import trainer
+from tfsplit.training.config import load_config_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,14 @@ def test_evaluate_workdir_writes_csv_and_png(smoke_workdir, tmp_path):
 
 def test_tool_prints_the_curve(smoke_workdir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tools.evaluate", "--workdir", smoke_workdir, "--budgets=2,4"]
+        [
+            sys.executable,
+            "-m",
+            "tfsplit_tools.evaluate",
+            "--workdir",
+            smoke_workdir,
+            "--budgets=2,4",
+        ]
         + ["--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,

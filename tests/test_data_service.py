@@ -40,7 +40,7 @@ def service_address():
     """A dispatcher and 2 workers in a tfsplit-data-service process, stopped after the tests."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tools.data_service", "--workers=2"],
+        [sys.executable, "-m", "tfsplit_tools.data_service", "--workers=2"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

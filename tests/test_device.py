@@ -22,9 +22,9 @@ from tensorflow_serving.apis import predict_pb2
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import codec, device
 from tfsplit import export as export_lib
-from tfsplit import serve
+from tfsplit import serving as serve
 from tfsplit.device import protowire
-from tfsplit.serve import tensors
+from tfsplit.serving import tensors
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
 
@@ -84,9 +84,9 @@ def _run_python(args, timeout=120):
 
 
 def test_device_package_imports_without_tensorflow():
-    # The tools' own runs without TensorFlow are below (they clash on absl flags in one process).
+    # The tfsplit_tools' own runs without TensorFlow are below (they clash on absl flags in one process).
     code = (
-        "import sys; import tfsplit.device, tfsplit.device.grpc_client, tools.run_head; "
+        "import sys; import tfsplit.device, tfsplit.device.grpc_client, tfsplit_tools.run_head; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'tf_keras', 'keras', 'tensorflow_serving')]; assert not heavy, heavy"
     )
@@ -378,7 +378,7 @@ def test_latency_summary_by_hand():
         device.latency_summary([])
 
 
-# --- the tools, on a machine without TensorFlow ----------------------------------------------
+# --- the tfsplit_tools, on a machine without TensorFlow ----------------------------------------------
 
 
 def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):
@@ -397,7 +397,7 @@ def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):
             [
                 "-c",
                 BLOCK_TF,
-                "tools.run_head",
+                "tfsplit_tools.run_head",
                 f"--head={head}",
                 files,
                 f"--protocol={protocol}",
@@ -414,7 +414,7 @@ def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):
         [
             "-c",
             BLOCK_TF,
-            "tools.run_head",
+            "tfsplit_tools.run_head",
             f"--head={head}",
             "--dataset_images=2",
             f"--server={servers['float16'].rest_url}",
@@ -428,7 +428,7 @@ def test_run_head_tool_reports_bad_input(exported, servers, tmp_path):
     result = _run_python(
         [
             "-m",
-            "tools.run_head",
+            "tfsplit_tools.run_head",
             f"--head={exported.heads['int8'].model_path}",
             f"--images={tmp_path / 'small.npy'}",
             f"--server={servers['int8'].rest_url}",
@@ -444,7 +444,7 @@ def test_bench_head_tool_without_tensorflow(exported, tmp_path):
         [
             "-c",
             BLOCK_TF,
-            "tools.bench_head",
+            "tfsplit_tools.bench_head",
             f"--export_dir={exported.out_dir}",
             "--runs=3",
             "--warmup=1",

@@ -12,14 +12,14 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import budget as budget_lib
 from tfsplit import codec
 from tfsplit import export as export_lib
 from tfsplit.device.head import quantize_input
+from tfsplit.engine import budget as budget_lib
 from tfsplit.export import head as head_lib
 from tfsplit.export import qat as qat_lib
 from tfsplit.export import run as run_lib
-from tfsplit.train import trainer
+from tfsplit.training import trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -317,7 +317,7 @@ def test_tool_exports_and_prints_table(workdir, tmp_path):
     # test process, where another tool's flags of the same name would clash.
     argv = ["--workdir", workdir, "--out", str(tmp_path), "--dtypes=float32", "--noqat"]
     result = subprocess.run(
-        [sys.executable, "-m", "tools.export", *argv],
+        [sys.executable, "-m", "tfsplit_tools.export", *argv],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

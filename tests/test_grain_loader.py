@@ -1,4 +1,4 @@
-"""Tests for tfsplit.eval.grain_loader: Grain batches of TFRecord shards."""
+"""Tests for benchmarks.grain_loader: Grain batches of TFRecord shards."""
 
 # isort: off
 import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
@@ -10,11 +10,11 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.grain_loader import GrainShardLoader, augment_batch
 from tfsplit import data
 from tfsplit.data import shards
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.pipeline import CROP_PADDING
-from tfsplit.eval.grain_loader import GrainShardLoader, augment_batch
 
 TRAIN_SIZE, TEST_SIZE, BATCH = 200, 50, 32
 

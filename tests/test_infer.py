@@ -154,7 +154,7 @@ def test_infer_tool(run, result, export_dir, tmp_path):
         "--protocols=grpc",
     ]
     completed = subprocess.run(
-        [sys.executable, "-m", "tools.infer", *argv],
+        [sys.executable, "-m", "tfsplit_tools.infer", *argv],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

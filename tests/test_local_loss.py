@@ -6,8 +6,8 @@ import tensorflow as tf
 from test_model import BOTTLENECK, user_model  # the same small user model
 
 import tfsplit
-from tfsplit.local_loss import LocalClassifier
-from tfsplit.net.messages import model_digest
+from tfsplit.layers.local_classifier import LocalClassifier
+from tfsplit.training.messages import model_digest
 
 keras = tf.keras
 
@@ -75,7 +75,7 @@ def test_a_flat_cut_is_classified_as_it_is():
 
 
 def test_the_byte_step_and_the_compiled_step_agree_with_a_local_loss():
-    from tfsplit.train import CodecSplitModel
+    from tfsplit.training import CodecSplitModel
 
     fused = split(0.5)
     real = split(0.5, CodecSplitModel)

@@ -9,8 +9,9 @@ import tensorflow as tf
 
 import tfsplit
 from tfsplit import codec
-from tfsplit.bottleneck import GATE_LOGIT_OPEN
-from tfsplit.nesting import FILL_MOMENTUM
+from tfsplit.codec import wire
+from tfsplit.engine.nesting import FILL_MOMENTUM
+from tfsplit.layers.bottleneck import GATE_LOGIT_OPEN
 
 keras = tf.keras
 BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
@@ -104,7 +105,7 @@ def test_call_at_a_budget_sends_only_the_top_channels():
     full = model.head(images, training=False).numpy()
     kept = np.zeros_like(full)
     kept[..., [15, 14, 13]] = full[..., [15, 14, 13]]
-    expected = model.tail(codec.fake_quantize(kept, "float16"), training=False)
+    expected = model.tail(wire.fake_quantize(kept, "float16"), training=False)
     np.testing.assert_allclose(model(images, budget=3).numpy(), expected.numpy(), atol=1e-5)
     model.set_budget(3)
     np.testing.assert_allclose(model(images).numpy(), expected.numpy(), atol=1e-5)
@@ -187,12 +188,14 @@ def test_a_model_saved_before_the_head_kept_seniority_loads_its_gates(tmp_path):
 
 
 def test_wire_quantizes_both_directions():
-    wire = codec.make_wire("float16", "float16")
+    quantized_wire = wire.make_wire("float16", "float16")
     x = tf.constant([[1.0 + 2**-12, 3.0]])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(wire(x) * tf.constant([[1.0 + 2**-13, 7.0]]))
-    np.testing.assert_array_equal(wire(x).numpy(), [[1.0, 3.0]])  # 1 + 2^-12 rounds in float16.
+        loss = tf.reduce_sum(quantized_wire(x) * tf.constant([[1.0 + 2**-13, 7.0]]))
+    np.testing.assert_array_equal(
+        quantized_wire(x).numpy(), [[1.0, 3.0]]
+    )  # 1 + 2^-12 rounds in float16.
     np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), [[1.0, 7.0]])
 
 
@@ -238,7 +241,7 @@ def test_bad_options_are_rejected(options, message):
 @pytest.mark.parametrize("nested_budgets", [False, True])
 def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budgets):
     """CodecSplitModel encodes and decodes every payload; fit gives the same model and bytes."""
-    from tfsplit.train import CodecSplitModel
+    from tfsplit.training import CodecSplitModel
 
     fused = split(activation_dtype="int8", nested_budgets=nested_budgets)
     real = CodecSplitModel.from_config(fused.get_config())
@@ -262,7 +265,7 @@ def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budge
 def test_the_byte_step_keeps_the_channel_order_when_every_channel_is_sent():
     """A payload of every channel travels in channel order; the gradient must come back to the
     order the head sent (gates that rank the channels out of index order)."""
-    from tfsplit.train import CodecSplitModel
+    from tfsplit.training import CodecSplitModel
 
     fused = split(activation_dtype="float32", gradient_dtype="float32")
     fused.encoder.gate_logits.assign(np.random.default_rng(1).normal(size=16).astype(np.float32))
@@ -421,7 +424,7 @@ def test_batch_norm_calibration_measures_the_selection_in_force():
     # The decoder's input at budget 4: the head's top-4 channels scattered back into 16.
     indices = model.channel_indices()
     received = tf.tensordot(
-        codec.fake_quantize(model.send(images, indices, training=True), "float16"),
+        wire.fake_quantize(model.send(images, indices, training=True), "float16"),
         tf.one_hot(indices, model.channels),
         axes=1,
     )

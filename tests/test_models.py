@@ -1,13 +1,13 @@
-"""Tests for tfsplit.models: VGG backbones, their cut points, AdaptiveAveragePooling2D."""
+"""Tests for tfsplit.backbones: VGG backbones, their cut points, AdaptiveAveragePooling2D."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfsplit import models
-from tfsplit.models import vgg
-from tfsplit.models.layers import AdaptiveAveragePooling2D
+from tfsplit import backbones as models
+from tfsplit.backbones import vgg
+from tfsplit.backbones.blocks import AdaptiveAveragePooling2D
 
 VGG11_LAYERS = [
     "image",

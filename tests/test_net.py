@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 from tfsplit import codec
-from tfsplit.config import base_config, load_config_file, phase
-from tfsplit.net import security
-from tfsplit.net import service as service_lib
-from tfsplit.net import split_training_pb2 as pb
-from tfsplit.net import split_training_pb2_grpc as pb_grpc
-from tfsplit.net.device import TrainingClient
-from tfsplit.net.messages import model_digest, weights_from_protos, weights_to_protos
-from tfsplit.train import trainer
+from tfsplit.auth import grpc_server as security
+from tfsplit.training import split_training_pb2 as pb
+from tfsplit.training import split_training_pb2_grpc as pb_grpc
+from tfsplit.training import trainer
+from tfsplit.training.client import TrainingClient
+from tfsplit.training.config import base_config, load_config_file, phase
+from tfsplit.training.messages import model_digest, weights_from_protos, weights_to_protos
+from tfsplit.training.server import service as service_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -481,7 +481,7 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
         [
             sys.executable,
             "-m",
-            "tools.train_server",
+            "tfsplit_tools.train_server",
             *config,
             "--port=0",
             "--mode=parallel",
@@ -502,7 +502,7 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
                 [
                     sys.executable,
                     "-m",
-                    "tools.train",
+                    "tfsplit_tools.train",
                     *config,
                     f"--server={match.group(1)}",
                     f"--config.data.shard_index={i}",
@@ -582,7 +582,7 @@ def _start_server(workdir, port, env):
         [
             sys.executable,
             "-m",
-            "tools.train_server",
+            "tfsplit_tools.train_server",
             *TINY_OVERRIDES,
             f"--port={port}",
             f"--workdir={workdir}",
@@ -599,7 +599,7 @@ def _start_device(workdir, port, env, *extra):
         [
             sys.executable,
             "-m",
-            "tools.train",
+            "tfsplit_tools.train",
             *TINY_OVERRIDES,
             *extra,
             f"--server=127.0.0.1:{port}",

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfsplit  # noqa: F401
-from tfsplit import placement
+from tfsplit.layers import placement
 
 CHANNELS = 6
 

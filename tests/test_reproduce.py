@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit.config import load_config_file, phase
 from tfsplit.eval import reproduce, seeds
+from tfsplit.training.config import load_config_file, phase
 
 REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -19,7 +19,7 @@ CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 PRESETS_SCRIPT = """
 import json
 from absl import flags
-from tools import reproduce
+from tfsplit_tools import reproduce
 loaded = {}
 for preset in reproduce.PRESETS:
     flags.FLAGS.unparse_flags()
@@ -258,7 +258,7 @@ def test_reproduce_end_to_end_on_smoke_configs(tmp_path):
 
 
 def test_tool_presets_load_the_data_they_name():
-    # A subprocess, as in test_tools.py: the tools' absl flags are global to a process.
+    # A subprocess, as in test_tools.py: the tfsplit_tools' absl flags are global to a process.
     result = subprocess.run(
         [sys.executable, "-c", PRESETS_SCRIPT],
         cwd=REPO_ROOT,

@@ -1,4 +1,4 @@
-"""Tests for tfsplit.serve: the tail server's two protocols and its validation.
+"""Tests for tfsplit.serving: the tail server's two protocols and its validation.
 
 Everything runs on 127.0.0.1 with ports picked by the OS, against tiny real SavedModels with the
 export's exact signature (tests/serving_fixtures.py), through the device's own clients
@@ -31,8 +31,8 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from tfsplit import codec, device
-from tfsplit.serve import ServedTail, TailModelError, TailServer, resolve_version_dir, tensors
-from tfsplit.serve.validation import RequestError
+from tfsplit.serving import ServedTail, TailModelError, TailServer, resolve_version_dir, tensors
+from tfsplit.serving.validation import RequestError
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
 
@@ -725,7 +725,7 @@ def test_tool_serves_in_a_separate_process(model_base, tmp_path):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "tools.serve", f"--model_base_path={model_base}",
+                sys.executable, "-m", "tfsplit_tools.serve", f"--model_base_path={model_base}",
                 "--model_name=tail_int8", f"--grpc_port={grpc_port}", f"--rest_port={rest_port}",
             ],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

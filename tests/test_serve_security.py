@@ -22,8 +22,9 @@ import pytest
 import serving_fixtures as fx  # imports tfsplit (Keras 2) before TensorFlow loads
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
-from tfsplit import credentials, device
-from tfsplit.serve import TailServer, rest
+from tfsplit import device
+from tfsplit.auth import credentials
+from tfsplit.serving import TailServer, rest
 
 MODEL = "tail"
 DTYPE = "int8"
@@ -281,7 +282,7 @@ def test_tool_serves_with_token_and_tls(files, tmp_path):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "tools.serve", f"--model_base_path={files['base']}",
+                sys.executable, "-m", "tfsplit_tools.serve", f"--model_base_path={files['base']}",
                 f"--model_name={MODEL}", f"--grpc_port={grpc_port}", f"--rest_port={rest_port}",
                 f"--token_file={files['token_file']}", f"--tls_cert={files['cert']}",
                 f"--tls_key={files['key']}",

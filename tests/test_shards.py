@@ -15,13 +15,13 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_tools import run_tool  # the tools in a subprocess, as test_tools runs them
+from test_tools import run_tool  # the tfsplit_tools in a subprocess, as test_tools runs them
 
 from tfsplit import data
-from tfsplit.config import base_config, phase
 from tfsplit.data import shards
-from tfsplit.train import train
-from tfsplit.train.trainer import load_run_arrays
+from tfsplit.training import train
+from tfsplit.training.config import base_config, phase
+from tfsplit.training.trainer import load_run_arrays
 
 TRAIN_SIZE, TEST_SIZE = 200, 50
 

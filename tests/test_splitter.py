@@ -1,4 +1,4 @@
-"""Tests for tfsplit.models.splitter: head/tail of any functional model, with or without bottleneck."""
+"""Tests for tfsplit.backbones.splitter: head/tail of any functional model, with or without bottleneck."""
 
 import ml_collections
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfsplit.bottleneck import Decoder, MaskedEncoder
-from tfsplit.models import SplitModel, build_backbone, resolve_cut, split_model
+from tfsplit.backbones import SplitModel, build_backbone, resolve_cut, split_model
+from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
 
 BOTTLENECK = {"feature_compression": 2, "resolution_compression": 2, "gate_init_max": 1.0}
 

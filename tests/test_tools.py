@@ -1,6 +1,6 @@
 """The console scripts as users run them: a user error is one stderr line and exit status 2.
 
-Every case is a subprocess (`python -m tools.<name>`), as from a shell: the tools' absl flags
+Every case is a subprocess (`python -m tfsplit_tools.<name>`), as from a shell: the tfsplit_tools' absl flags
 would clash in one process. Each fails before any training, so a case costs about one TensorFlow
 import; the cases run two at a time.
 """
@@ -55,10 +55,10 @@ VERBOSE = ("evaluate", ["--workdir={tmp}/missing", "-v", "1"])
 
 
 def run_tool(tool, argv, tmp):
-    # The test process's TF_CPP_MIN_LOG_LEVEL (set by importing tfsplit) would override the tools'.
+    # The test process's TF_CPP_MIN_LOG_LEVEL (set by importing tfsplit) would override the tfsplit_tools'.
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run(
-        [sys.executable, "-m", f"tools.{tool}", *(arg.format(tmp=tmp) for arg in argv)],
+        [sys.executable, "-m", f"tfsplit_tools.{tool}", *(arg.format(tmp=tmp) for arg in argv)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -70,7 +70,7 @@ def run_tool(tool, argv, tmp):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tools")
+    tmp = tmp_path_factory.mktemp("tfsplit_tools")
     runs = {**{case: (tool, argv) for case, (tool, argv, _) in CASES.items()}, "verbose": VERBOSE}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = {case: pool.submit(run_tool, *run, tmp) for case, run in runs.items()}

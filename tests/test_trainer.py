@@ -12,9 +12,9 @@ import pytest
 
 import tfsplit  # noqa: F401
 from tfsplit import codec
-from tfsplit.config import base_config, phase
-from tfsplit.train import load_model, train
-from tfsplit.train.trainer import build_data
+from tfsplit.training import load_model, train
+from tfsplit.training.config import base_config, phase
+from tfsplit.training.trainer import build_data
 
 
 def tiny_config(transport="fused", phases=None, bottleneck=True):
@@ -261,7 +261,7 @@ KILL_OVERRIDES = [
 
 
 def _train_command(workdir):
-    return [sys.executable, "-m", "tools.train", f"--workdir={workdir}", *KILL_OVERRIDES]
+    return [sys.executable, "-m", "tfsplit_tools.train", f"--workdir={workdir}", *KILL_OVERRIDES]
 
 
 @pytest.mark.slow

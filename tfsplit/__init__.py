@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 # The Keras-facing API, imported on first use so that the TF-free `tfsplit.device` package can be
 # imported on a device without TensorFlow.
 _LAZY = {
-    "SplitModel": "tfsplit.model",
-    "split_model": "tfsplit.models.splitter",
+    "SplitModel": "tfsplit.engine.split_model",
+    "split_model": "tfsplit.backbones.splitter",
     "PhaseSchedule": "tfsplit.callbacks",
     "BatchNormCalibration": "tfsplit.callbacks",
-    "Phase": "tfsplit.budget",
-    "load_model": "tfsplit.train.trainer",
+    "Phase": "tfsplit.engine.budget",
+    "load_model": "tfsplit.training.trainer",
 }
 __all__ = sorted(_LAZY)
 

@@ -17,10 +17,10 @@ import platform
 
 from absl import app, flags
 from ml_collections import config_flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.eval import data_benchmark
-from tools import run_tool
+from benchmarks import data_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -45,8 +45,8 @@ def _local_bucket(link_mbit):
     pointed at it; yields the bucket's s3:// URL and the rows' name."""
     import boto3
 
+    from benchmarks.local_s3 import FaultProxy, MotoServer, client_environment
     from tfsplit.data import object_store
-    from tfsplit.eval.local_s3 import FaultProxy, MotoServer, client_environment
 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(MotoServer())

@@ -1,7 +1,7 @@
 """Latency of the float32, float16 and int8 heads in LiteRT on one thread, side by side.
 
   tfsplit-bench-head --export_dir=/tmp/tfsplit/deprune/export
-  python -m tools.bench_head --export_dir=... --runs=1000 --num_threads=4
+  python -m tfsplit_tools.bench_head --export_dir=... --runs=1000 --num_threads=4
 
 Needs only numpy, absl-py and ai-edge-litert, so it runs on the device too. Each head runs on one
 image per call after --warmup untimed calls; prints file_bytes (the .tflite's size) and
@@ -13,9 +13,9 @@ import os
 import platform
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 from tfsplit import device
-from tools import run_tool
 
 RESULT_FILE = "bench_head.json"
 

@@ -23,11 +23,11 @@ import signal
 import sys
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.eval import links as links_lib
-from tfsplit.eval import network_benchmark, network_report
-from tools import run_tool
+from benchmarks import links as links_lib
+from benchmarks import network_benchmark, network_report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
 _LINKS = flags.DEFINE_list("links", ["wifi", "4g", "poor"], "Links: names or name=Mbit/RTT_ms.")

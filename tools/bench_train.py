@@ -17,10 +17,10 @@ import platform
 
 from absl import app, flags
 from ml_collections import config_flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.eval import benchmark
-from tools import run_tool
+from benchmarks import train_benchmark as benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True

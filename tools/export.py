@@ -12,10 +12,10 @@ quantization-aware training only when post-training int8 loses more than 1 accur
 """
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import export as export_lib
-from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Workdir of a finished training run.", required=True

@@ -1,7 +1,7 @@
 """Split inference end to end over loopback: LiteRT heads -> tail servers, against Keras.
 
   tfsplit-infer --workdir=/tmp/tfsplit/deprune --protocols=rest,grpc
-  python -m tools.infer --export_dir=/tmp/deploy --max_samples=200 --dtypes=int8
+  python -m tfsplit_tools.infer --export_dir=/tmp/deploy --max_samples=200 --dtypes=int8
 
 Exports the heads and tails first if the export directory (default <workdir>/export) lacks them,
 serves each dtype's tail on 127.0.0.1 in this process, sends the run's test images through the
@@ -12,12 +12,12 @@ p50/p95 latency per stage. Writes infer.json and infer.csv into --out (default t
 """
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import device
 from tfsplit.eval import deployment
 from tfsplit.export import HEAD_DTYPES
-from tools import run_tool
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the export's source).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory; default <workdir>/export.")

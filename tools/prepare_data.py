@@ -11,10 +11,10 @@ never leaves one that lists missing shards. --out must be empty or an earlier ou
 """
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data import DATASETS, shards
-from tools import run_tool
 
 _DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to write.", required=True)
 _PATH = flags.DEFINE_string("path", None, "The dataset's local files (as load_arrays' path).")

@@ -23,11 +23,11 @@ with its own tables there, and the tables in --workdir hold their means and each
 import os
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import config as config_lib
 from tfsplit.eval import reproduce, seeds
-from tools import run_tool
+from tfsplit.training import config as config_lib
 
 # preset -> variant of the files in configs/.
 PRESETS = {"quick": "", "quick_hard": "hard", "quick_small": "small", "paper": "paper"}

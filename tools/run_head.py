@@ -1,6 +1,6 @@
 """Runs an exported head on this device and asks the tail server for the class: no TensorFlow.
 
-  python -m tools.run_head --head=export/head_int8.tflite --images=cat.png,dog.npy \
+  python -m tfsplit_tools.run_head --head=export/head_int8.tflite --images=cat.png,dog.npy \
       --server=http://192.168.1.10:8501 --model_name=tfsplit_tail_int8
   tfsplit-run-head --head=... --protocol=grpc --server=192.168.1.10:8500
   tfsplit-run-head --head=... --server=https://192.168.1.10:8501 --token_file=token \
@@ -15,9 +15,10 @@ no server-side time, so the network round trip and the tail are one stage, `netw
 """
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
-from tfsplit import credentials, device
-from tools import run_tool
+from tfsplit import device
+from tfsplit.auth import credentials
 
 _HEAD = flags.DEFINE_string("head", None, "Head .tflite file.", required=True)
 _METADATA = flags.DEFINE_string("metadata", None, "Head JSON; default beside the .tflite.")

@@ -1,7 +1,7 @@
 """Serves a tail SavedModel over TF Serving's gRPC and REST protocols, validating every request.
 
   tfsplit-serve --model_base_path=/tmp/tfsplit/export/tail --model_name=tail
-  python -m tools.serve --model_base_path=... --model_name=tail --grpc_port=0 --rest_port=0
+  python -m tfsplit_tools.serve --model_base_path=... --model_name=tail --grpc_port=0 --rest_port=0
 
 `--model_base_path` is TF Serving's: the directory holding numeric version directories (or its
 parent, as in TF Serving's Docker image). Binds to 127.0.0.1 unless --host says otherwise; port 0
@@ -17,11 +17,11 @@ protocols serve over TLS (REST as HTTPS). The device's side: tfsplit-run-head --
 import signal
 
 from absl import app, flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import credentials
-from tfsplit.serve.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
-from tools import run_tool
+from tfsplit.auth import credentials
+from tfsplit.serving.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
 
 _MODEL_BASE_PATH = flags.DEFINE_string(
     "model_base_path", None, "Directory with the tail's numeric version directories.", required=True

@@ -16,10 +16,10 @@ import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tfsplit_tools.cli import run_tool
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit import train as train_lib
-from tools import run_tool
+from tfsplit import training as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -42,8 +42,8 @@ def main(argv):
     logging.info("Training %s in %s", config.mode, _WORKDIR.value)
     client = None
     if _SERVER.value:
-        from tfsplit.net import security
-        from tfsplit.net.device import TrainingClient
+        from tfsplit.auth import grpc_server as security
+        from tfsplit.training.client import TrainingClient
 
         client = TrainingClient(
             _SERVER.value,

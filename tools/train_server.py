@@ -25,11 +25,11 @@ import tfsplit  # noqa: F401  (first: selects Keras 2 before TensorFlow loads)
 import tf_keras
 from absl import app, flags
 from ml_collections import config_flags
+from tfsplit_tools.cli import run_tool
 
-from tfsplit.net import security
-from tfsplit.net import service as service_lib
-from tfsplit.train import trainer
-from tools import run_tool
+from tfsplit.auth import grpc_server as security
+from tfsplit.training import trainer
+from tfsplit.training.server import service as service_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from tfsplit.codec_values import is_int
+from tfsplit.codec.values import is_int
 
 _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # A blackholed network fails in seconds, not after minutes.
 

@@ -17,7 +17,7 @@ kept), in parallel inside tf.data. Two ways use it:
 - `build_image_folder_datasets` (for training): only the file list is held in memory; every epoch
   reads and decodes the files again inside the tf.data pipeline, so a set of any size trains in
   constant memory. A file that cannot be read or decoded fails the epoch, naming the file.
-- `load` (behind `load_arrays`, for tools that want arrays): the whole split is decoded once and
+- `load` (behind `load_arrays`, for tfsplit_tools that want arrays): the whole split is decoded once and
   held in memory as uint8: 126k Imagenet100 training images take 1.5 GB at 64x64 and 0.4 GB at
   32x32. Every bad file is named before anything is returned.
 """

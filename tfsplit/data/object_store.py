@@ -24,7 +24,7 @@ import botocore.exceptions
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from tfsplit.codec_values import is_int
+from tfsplit.codec.values import is_int
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.retry import Retry, RetryPolicy, with_retries
 from tfsplit.data.s3_urls import SCHEME, object_key, parse_s3_url  # noqa: F401 (public here too)
@@ -243,7 +243,7 @@ class S3Files:
             for page in pages:
                 found.update(o["Key"][len(prefix) :] for o in page.get("Contents", ()))
                 found.update(p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", ()))
-            found.discard("")  # A zero-byte "directory marker" object some tools create.
+            found.discard("")  # A zero-byte "directory marker" object some tfsplit_tools create.
             return sorted(found)
 
         return self._call(f"list {path}", names)

@@ -7,7 +7,7 @@ import time
 
 from absl import logging
 
-from tfsplit.codec_values import is_int
+from tfsplit.codec.values import is_int
 from tfsplit.data.common import DatasetFileError
 
 

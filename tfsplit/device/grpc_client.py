@@ -12,7 +12,7 @@ certificate is verified against it.
 
 import grpc
 
-from tfsplit import credentials
+from tfsplit.auth import credentials
 from tfsplit.device import protowire
 from tfsplit.device.rest import OUTPUT_NAME, ServingError, check_client_args, check_security_args
 from tfsplit.device.spec import DeviceError
@@ -33,7 +33,7 @@ class GrpcClient:
       max_message_bytes: the largest message sent or received (gRPC's default is 4 MiB).
       token: sent as `authorization: Bearer <token>` in every call's metadata; None: none.
       root_certificates: PEM bytes of the CA that signed the server's certificate (for a
-        self-signed one, the certificate), e.g. `tfsplit.credentials.read_pem(path, "TLS CA")`:
+        self-signed one, the certificate), e.g. `tfsplit.auth.credentials.read_pem(path, "TLS CA")`:
         the channel is TLS. None: plain TCP.
 
     Raises:

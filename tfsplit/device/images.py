@@ -115,7 +115,7 @@ def load_run_test_images(workdir, count):
         # TensorFlow and tfsplit.data: development machines only.
         import ml_collections
 
-        from tfsplit.train import trainer
+        from tfsplit.training import trainer
     except ImportError as error:
         raise DeviceError(
             f"A run's test images need tfsplit's data module and TensorFlow ({error}); on a "

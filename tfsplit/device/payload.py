@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from tfsplit import codec_layout
+from tfsplit.codec import layout as codec_layout
 from tfsplit.device.spec import DeviceError
 
 _WIRE_NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}

@@ -13,7 +13,7 @@ tensor_shape,types}.proto:
     TensorShapeProto 2 dim (repeated Dim)   Dim: 1 size
     map entry        1 key   2 value
 
-Tensors are sent as raw little-endian `tensor_content`, as `tfsplit.serve` sends them; answers
+Tensors are sent as raw little-endian `tensor_content`, as `tfsplit.serving` sends them; answers
 are read from `tensor_content` or `float_val` (TF Serving uses either).
 """
 

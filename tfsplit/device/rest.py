@@ -20,7 +20,7 @@ import urllib.parse
 
 import numpy as np
 
-from tfsplit import credentials
+from tfsplit.auth import credentials
 from tfsplit.device.spec import DeviceError
 
 OUTPUT_NAME = "probabilities"
@@ -111,7 +111,7 @@ class RestClient:
       version: a model version; None addresses the latest.
       token: sent as `Authorization: Bearer <token>` with every request; None: no header.
       root_certificates: PEM bytes of the CA that signed the server's certificate (for a
-        self-signed one, the certificate), e.g. `tfsplit.credentials.read_pem(path, "TLS CA")`;
+        self-signed one, the certificate), e.g. `tfsplit.auth.credentials.read_pem(path, "TLS CA")`;
         needs an https:// URL. None: an https:// server is verified against the system's CAs.
 
     Raises:

@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from tfsplit import callbacks
-from tfsplit.train import trainer
+from tfsplit.training import trainer
 
 CSV_FILE = "budget_curve.csv"
 PNG_FILE = "budget_curve.png"

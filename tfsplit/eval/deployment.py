@@ -30,7 +30,7 @@ from tfsplit.device import stats
 from tfsplit.export import head as head_lib
 from tfsplit.export import report as report_lib
 from tfsplit.export import run as run_lib
-from tfsplit.serve import TailServer
+from tfsplit.serving import TailServer
 
 RESULT_JSON = "infer.json"
 RESULT_CSV = "infer.csv"

@@ -16,7 +16,7 @@ from absl import logging
 
 from tfsplit import callbacks
 from tfsplit.eval import curve
-from tfsplit.train import trainer as trainer_lib
+from tfsplit.training import trainer as trainer_lib
 
 METHODS = ("sl", "casl", "deprune", "prune")
 NESTED = "deprune (nested budgets)"  # deprune trained to serve every budget: the curve's model.

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of the head, for int8 heads that keep the float accuracy.
 
 Route: every head layer is annotated with tfmot's default 8-bit scheme, the `MaskedEncoder` with
-`tfsplit.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a fake-quantized copy
+`tfsplit.layers.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a fake-quantized copy
 of the head (the trained model is left untouched). That copy and a frozen copy of the float tail
 make a `SplitModel` that `fit` fine-tunes for a short while on the training images at the export's
 budget (budget loss off), then the head is converted to int8 like a post-training head.
@@ -30,10 +30,10 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 from absl import logging
 
-from tfsplit.bottleneck import MaskedEncoder, MaskedEncoderQuantizeConfig
+from tfsplit.engine.split_model import SplitModel
 from tfsplit.export import run as run_lib
 from tfsplit.export.run import ExportError
-from tfsplit.model import SplitModel
+from tfsplit.layers.bottleneck import MaskedEncoder, MaskedEncoderQuantizeConfig
 
 LEARNING_RATE_FACTOR = 0.1  # Fine-tuning rate: this times the run's last learning rate.
 _ACTIVATION_RANGE = re.compile(r"(output|post_activation|quantize_layer)_(min|max):0$")

@@ -21,8 +21,8 @@ from absl import logging
 import tfsplit
 from tfsplit import callbacks, data
 from tfsplit.device import spec as spec_lib
-from tfsplit.model import SplitModel
-from tfsplit.train import trainer
+from tfsplit.engine.split_model import SplitModel
+from tfsplit.training import trainer
 
 
 class ExportError(ValueError):

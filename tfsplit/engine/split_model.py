@@ -1,0 +1,373 @@
+"""SplitModel: a Keras model cut into a device head and a server tail, trained with `fit`.
+
+Every forward pass at a budget goes through one pair of methods: `send` (the device half: head,
+then the k selected channels) and `receive` (the server half: the k channels scattered back into
+the bottleneck's width, then the tail). Training, evaluation, the budget curve, QAT and export all
+use them, so what is measured is what is deployed.
+"""
+
+import numbers
+
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import codec
+from tfsplit.codec import wire
+from tfsplit.engine import budget as budget_lib
+from tfsplit.engine.nesting import NestedBudgets
+from tfsplit.layers import local_classifier as local_loss
+from tfsplit.layers import placement
+from tfsplit.layers.batch_norm import BatchNormAverage
+from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
+
+
+def _only_layer(model, layer_type):
+    found = [layer for layer in model.layers if isinstance(layer, layer_type)]
+    if len(found) > 1:
+        raise ValueError(
+            f"{model.name} holds {len(found)} {layer_type.__name__} layers; expected at most one."
+        )
+    return found[0] if found else None
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class SplitModel(NestedBudgets, keras.Model):
+    """A classifier cut at a masked bottleneck; `fit` trains it as device and server would.
+
+    Args:
+      head: functional model image -> wire activations (N, h, w, C'); ends with a `MaskedEncoder`
+        when the cut is compressed, otherwise every channel is sent (plain split learning).
+      tail: functional model wire activations -> logits; starts with a `Decoder` when masked.
+      cut: name of the original model's layer at the cut (recorded, not used).
+      activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
+      budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
+      nested_budgets: one model for every budget (the sandwich rule). While nesting is on (see
+        `set_budget`; `PhaseSchedule` turns it on late in the final phase), each masked step also
+        runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k' (k'
+        log-uniform in between), each distilled from the full budget's predictions. The smaller sets
+        are prefixes of what was sent, so the bytes on the wire do not change.
+      min_budget_fraction: the smallest nested budget as a fraction of k, in (0, 1].
+      seed: seeds the nested budget draws.
+      polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
+        drives each gate fully open or closed (0 = off).
+      local_loss_weight: weight of a device-side classifier's loss on the features at the cut
+        (the encoder's input; see `tfsplit.layers.local_classifier`), added to the head's; 0 = none.
+
+    Call arguments:
+      images: float32 (N, H, W, C) normalized images.
+      budget: channels to send, 1 <= k <= C'; None sends the budget in force (`self.budget`).
+      training: whether batch norm uses batch statistics.
+
+    Metrics: besides the compiled ones, `budget_loss` (the penalty, reported apart from the
+    cross-entropy), `local_loss` (the weighted local classifier's, when there is one),
+    `payload_bytes_up` and `payload_bytes_down` (the codec's exact encoded size of
+    what crossed the cut each way; evaluation counts what inference would send up, nothing down).
+    """
+
+    def __init__(
+        self,
+        head,
+        tail,
+        cut=None,
+        activation_dtype="float16",
+        gradient_dtype="float16",
+        budget_eps=1000.0,
+        budget_delta=0.1,
+        nested_budgets=False,
+        min_budget_fraction=0.125,
+        seed=0,
+        polarization=0.0,
+        local_loss_weight=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("activation_dtype", activation_dtype),
+            ("gradient_dtype", gradient_dtype),
+        ):
+            if value not in codec.WIRE_DTYPES:
+                raise ValueError(
+                    f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}"
+                )
+        if not 0.0 < min_budget_fraction <= 1.0:
+            raise ValueError(
+                f"`min_budget_fraction` must be in (0, 1]. Received: {min_budget_fraction!r}"
+            )
+        self.head, self.tail, self.cut = head, tail, cut
+        self.encoder = _only_layer(head, MaskedEncoder)
+        self.decoder = _only_layer(tail, Decoder)
+        self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
+        self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
+        self.nested_budgets = bool(nested_budgets) and self.encoder is not None
+        self.min_budget_fraction, self.seed = float(min_budget_fraction), seed
+        if not polarization >= 0.0:
+            raise ValueError(f"`polarization` must be >= 0. Received: {polarization!r}")
+        self.polarization = float(polarization)
+        self._build_local_classifier(local_loss_weight)
+        self.wire_shape = tuple(int(d) for d in head.output.shape[1:])
+        self.channels = self.wire_shape[-1]
+        # A flat cut (N, C) is sent as one position: the codec's (N, 1, 1, C).
+        self.height, self.width = (self.wire_shape[:-1] + (1, 1))[:2]
+        # Variables, so a callback can change them between steps without retracing the step.
+        self.budget = tf.Variable(self.channels, trainable=False, name="budget")
+        self.penalty_weight = tf.Variable(0.0, trainable=False, name="penalty_weight")
+        self.step_nesting = tf.Variable(False, trainable=False, name="step_nesting")
+        # The phase a PhaseSchedule last entered; backed up with the weights so a resumed run
+        # does not reset its gates twice.
+        self.phase = tf.Variable(0, trainable=False, name="phase")
+        # Bytes sent up and down by every training step so far: backed up with the weights, so a
+        # resumed run's ledger counts what was really sent, the steps it redoes included.
+        self.sent_payload_bytes = tf.Variable(
+            [0, 0], dtype=tf.int64, trainable=False, name="sent_payload_bytes"
+        )
+        self.budget_draws = tf.random.Generator.from_seed(seed)
+        self.wire = wire.make_wire(activation_dtype, gradient_dtype)
+        self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
+        self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
+        self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
+        self.gate_optimizer = None
+        self._calibration_pass = None
+        self.build((None,) + tuple(head.input.shape[1:]))
+
+    def _build_local_classifier(self, weight):
+        if not weight >= 0.0:
+            raise ValueError(f"`local_loss_weight` must be >= 0. Received: {weight!r}")
+        self.local_loss_weight, self.local_classifier = float(weight), None
+        if weight:
+            self.device_features = local_loss.cut_features(self.head, self.encoder)
+            self.local_classifier = local_loss.LocalClassifier.for_features(
+                self.device_features, int(self.tail.output.shape[-1])
+            )
+            self.local_loss_tracker = keras.metrics.Mean(name="local_loss")
+
+    @property
+    def device_trainable_variables(self):
+        """What the device trains: the head, and its local classifier when there is one."""
+        own = self.local_classifier.trainable_variables if self.local_classifier else []
+        return self.head.trainable_variables + own
+
+    @property
+    def device_only_weights(self):
+        """What the server's half never holds: the local classifier and its loss metric."""
+        if self.local_classifier is None:
+            return []
+        return self.local_classifier.weights + self.local_loss_tracker.variables
+
+    # ----------------------------------------------------------------------------- the budget
+    def set_budget(self, k, masking=True, nesting=True):
+        """Sends k channels from now on.
+
+        `masking` turns the budget loss on; `nesting` the nested budgets (with masking, when the
+        model was built with them).
+        """
+        self.check_budget(k)
+        self.budget.assign(int(k))
+        self.penalty_weight.assign(self.budget_eps if masking and self.encoder else 0.0)
+        self.step_nesting.assign(bool(masking and nesting and self.nested_budgets))
+
+    def check_budget(self, k):
+        if (
+            not isinstance(k, numbers.Integral)
+            or isinstance(k, bool)
+            or not 1 <= k <= self.channels
+        ):
+            raise ValueError(
+                f"A budget must be an integer in [1, {self.channels}] (the channels at the cut)."
+                f" Received: budget={k!r}"
+            )
+        if self.encoder is None and k != self.channels:
+            raise ValueError(
+                f"Without a masked bottleneck all {self.channels} channels are sent. "
+                f"Received: budget={k!r}"
+            )
+
+    def channel_indices(self, budget=None):
+        """The k channels to send, most important first (all of them, in order, unmasked)."""
+        if self.encoder is None:
+            return tf.range(self.channels)
+        if budget is None:
+            budget = self.budget
+        elif not tf.is_tensor(budget):
+            self.check_budget(budget)
+        return budget_lib.top_k_channels(self.encoder.gate_logits, budget, self.encoder.seniority)
+
+    def soft_channels(self):
+        """The soft channel count sum(m) that the budget loss pulls towards k."""
+        if self.encoder is None:
+            return float(self.channels)
+        return float(tf.reduce_sum(budget_lib.channel_importance(self.encoder.gate_logits)))
+
+    # -------------------------------------------------------------------- the one forward path
+    def send(self, images, indices, training=False):
+        """Device half: the head's activations of channels `indices`, (N, h, w, k)."""
+        return tf.gather(self.head(images, training=training), indices, axis=-1)
+
+    def receive(self, values, indices, training=False, fill=None):
+        """Server half: k channels placed back among C' (see `tfsplit.layers.placement`), then the tail.
+
+        `indices` is (k,) for a batch from one device, or (N, k) per sample for a batch that
+        joins several devices' steps. A channel not sent gets `fill` (C',); by default zero, and
+        in a model trained with nested budgets the tail's own (`Decoder.fill`, each channel's mean).
+        """
+        if fill is None and self.nested_budgets:
+            fill = self.decoder.fill
+        placed = placement.place(values, indices, self.channels, fill)
+        return self.tail(placed, training=training)
+
+    def call(self, images, budget=None, training=None):
+        indices = self.channel_indices(budget)
+        values = wire.fake_quantize(self.send(images, indices, training), self.activation_dtype)
+        return self.receive(values, indices, training)
+
+    # ------------------------------------------------------------------------------- training
+    def compile(self, optimizer="sgd", loss=None, metrics=None, gate_optimizer=None, **kwargs):
+        """As `keras.Model.compile`, with a loss and accuracy by default.
+
+        Args:
+          gate_optimizer: optional optimizer for the gate logits alone (e.g. Adam, whose steps
+            stay bounded whatever the budget loss's scale); None trains them with `optimizer`.
+        """
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=["accuracy"] if metrics is None else metrics,
+            **kwargs,
+        )
+        if gate_optimizer is not None and self.encoder is not None:
+            self.gate_optimizer = keras.optimizers.get(gate_optimizer)
+
+    def device_step(self, images, labels, indices):
+        """The device's half of a training step: (the channels `indices` sent, budget penalty,
+        weighted local classifier loss; 0 without one), to differentiate on the device."""
+        penalty = self.budget_penalty()
+        if self.local_classifier is None:
+            return self.send(images, indices, training=True), penalty, tf.constant(0.0)
+        features, activations = self.device_features(images, training=True)
+        local = self.local_loss_weight * self.local_classifier.cross_entropy(features, labels)
+        return tf.gather(activations, indices, axis=-1), penalty, local
+
+    def server_loss(self, images, labels, values, indices):
+        """What the server computes from the k channels it received: (loss, logits)."""
+        logits = self.receive(values, indices, training=True)
+        loss = self.compute_loss(images, labels, logits)
+        if self.nested_budgets:
+            loss += tf.cond(
+                self.step_nesting,
+                lambda: self.distillation_loss(values, indices, logits),
+                lambda: tf.constant(0.0),
+            )
+        return loss, logits
+
+    def budget_penalty(self):
+        if self.encoder is None:
+            return tf.constant(0.0)
+        gates = self.encoder.gate_logits
+        penalty = budget_lib.budget_loss(gates, self.budget, 1.0, self.budget_delta)
+        if self.polarization:
+            # Zero only when every gate is fully open or closed: with the sum held at k by the
+            # budget loss, it pushes k gates open and the rest shut instead of all to k / C.
+            importance = budget_lib.channel_importance(gates)
+            penalty += self.polarization * tf.reduce_sum(importance * (1.0 - importance))
+        return self.penalty_weight * penalty
+
+    def apply_gradients(self, gradients, variables):
+        """Updates the weights; the gate logits through their own optimizer when there is one."""
+        pairs = list(zip(gradients, variables))
+        if self.gate_optimizer is None:
+            self.optimizer.apply_gradients(pairs)
+            return
+        gates = self.encoder.gate_logits
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if v is not gates])
+        self.gate_optimizer.apply_gradients([(g, v) for g, v in pairs if v is gates])
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        indices = self.channel_indices()
+        with tf.GradientTape() as tape:
+            values, penalty, local = self.device_step(images, labels, indices)
+            loss, logits = self.server_loss(images, labels, self.wire(values), indices)
+            loss += penalty + local
+        variables = self.trainable_variables
+        self.apply_gradients(tape.gradient(loss, variables), variables)
+        return self.update_metrics(labels, logits, penalty, self.budget, training=True, local=local)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self(images, training=False)
+        self.compute_loss(images, labels, logits)
+        return self.update_metrics(labels, logits, tf.constant(0.0), self.budget, training=False)
+
+    def payload_bytes(self, batch, k, training):
+        """Bytes up and down for one step of `batch` samples at budget k, by the codec's formula."""
+        shape = dict(height=self.height, width=self.width, channels=self.channels)
+        up = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.activation_dtype, with_labels=training, **shape
+        )
+        if not training:
+            return up, tf.constant(0, tf.int64)
+        down = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.gradient_dtype, with_labels=False, **shape
+        )
+        return up, down
+
+    def update_metrics(self, labels, logits, penalty, k, training, local=None):
+        self.compiled_metrics.update_state(labels, logits)
+        self.track_device_losses(penalty, local)
+        up, down = self.payload_bytes(tf.shape(labels)[0], k, training)
+        self.count_sent(up, down, training)
+        return self.get_metrics_result()
+
+    def track_device_losses(self, penalty, local=None):
+        self.budget_loss_tracker.update_state(penalty)
+        if local is not None and self.local_classifier is not None:
+            self.local_loss_tracker.update_state(local)
+
+    def count_sent(self, up, down, training=True):
+        if training:
+            self.sent_payload_bytes.assign_add(tf.cast(tf.stack([up, down]), tf.int64))
+        self.payload_bytes_up.update_state(up)
+        self.payload_bytes_down.update_state(down)
+
+    def calibrate_batch_norm(self, dataset, batches):
+        """Recomputes every batch norm's statistics at the budget in force, weights unchanged.
+
+        The moving averages mix the steps of a run in which the gates, and so the values the tail
+        saw, kept moving; this replaces them with the plain mean over `batches` batches of
+        `dataset` ((images, labels) batches, augmented as in training) as the model is now.
+        """
+        norms = BatchNormAverage.of(self)
+        if norms is None:
+            return
+        if self._calibration_pass is None:
+            self._calibration_pass = tf.function(lambda images: self(images, training=True))
+        with norms:
+            for images, _ in dataset.take(batches):
+                self._calibration_pass(images)
+                norms.record()
+
+    # ------------------------------------------------------------------------------- saving
+    def get_config(self):
+        return dict(
+            name=self.name,
+            head=keras.layers.serialize(self.head),
+            tail=keras.layers.serialize(self.tail),
+            cut=self.cut,
+            activation_dtype=self.activation_dtype,
+            gradient_dtype=self.gradient_dtype,
+            budget_eps=self.budget_eps,
+            budget_delta=self.budget_delta,
+            nested_budgets=self.nested_budgets,
+            min_budget_fraction=self.min_budget_fraction,
+            seed=self.seed,
+            polarization=self.polarization,
+            local_loss_weight=self.local_loss_weight,
+        )
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for part in ("head", "tail"):
+            config[part] = keras.layers.deserialize(config[part], custom_objects=custom_objects)
+        return cls(**config)

@@ -1,0 +1,357 @@
+"""The device half of split training: data, head, encoder, gates and schedule; the tail is remote.
+
+`RemoteSplitModel` is a `SplitModel` whose training step sends the head's k channels to a
+`tfsplit-train-server` as a codec payload and applies the gradient payload it gets back to the
+head, inside the compiled step (one `tf.py_function` makes the call). Evaluation and batch norm
+calibration send payloads the same way. `fit`, the callbacks, the phases and the byte ledger are
+those of the in-process trainer; the ledger also counts the gRPC message bytes each way.
+"""
+
+import time
+
+import grpc
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from tfsplit import codec
+from tfsplit.auth import grpc_server as security
+from tfsplit.codec import wire as tf_wire
+from tfsplit.engine.split_model import SplitModel
+from tfsplit.layers.batch_norm import BatchNormAverage
+from tfsplit.training import split_training_pb2 as pb
+from tfsplit.training import split_training_pb2_grpc as pb_grpc
+from tfsplit.training.messages import (
+    MAX_MESSAGE_BYTES,
+    model_digest,
+    reply_logits,
+    weights_from_protos,
+    weights_to_protos,
+)
+
+GRPC_PREFIX_BYTES = 5  # gRPC frames every message: a compressed flag and a 4-byte length.
+# Failures worth another try: the server restarting or briefly out of reach.
+_RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class TrainingClient:
+    """A gRPC channel to a split training server, with deadlines and retries with backoff.
+
+    Args:
+      address: "host:port" of the server.
+      token: the shared token sent in every call's metadata (None: none).
+      root_certificates: PEM bytes of the CA that signed the server's certificate, for TLS
+        (None: plain TCP).
+      deadline_s: each call's deadline.
+      retry_for_s: how long a call keeps retrying while the server is unreachable.
+    """
+
+    def __init__(self, address, token=None, root_certificates=None, deadline_s=60, retry_for_s=120):
+        if not isinstance(address, str) or not address.rpartition(":")[2].isdigit():
+            raise ValueError(f"`address` must be 'host:port'. Received: address={address!r}")
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.SplitTrainingStub(self._channel)
+        self._metadata = security.call_metadata(token)
+        self.address, self.deadline_s, self.retry_for_s = address, deadline_s, retry_for_s
+        self.wire_bytes = [0, 0]  # gRPC message bytes up and down, framing prefix included.
+
+    def call(self, method, request, deadline_s=None):
+        """`method` of the service with retries while the server is unreachable (each try gets
+        `deadline_s`, by default the client's)."""
+        stub_method = getattr(self._stub, method)
+        give_up_at, backoff = time.monotonic() + self.retry_for_s, 0.1
+        deadline_s = self.deadline_s if deadline_s is None else deadline_s
+        while True:
+            try:
+                reply = stub_method(request, timeout=deadline_s, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() not in _RETRIABLE or time.monotonic() + backoff > give_up_at:
+                    raise
+                logging.warning(
+                    "%s to %s failed (%s); retrying", method, self.address, error.code()
+                )
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
+                continue
+            self.wire_bytes[0] += request.ByteSize() + GRPC_PREFIX_BYTES
+            self.wire_bytes[1] += reply.ByteSize() + GRPC_PREFIX_BYTES
+            return reply
+
+    def close(self):
+        self._channel.close()
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class RemoteSplitModel(SplitModel):
+    """A `SplitModel` whose tail trains on a server; `connect` it before `fit` or `evaluate`.
+
+    Saved, it is a plain `SplitModel` file (`get_config` is the parent's), with the tail the
+    server trained once `fetch_tail` has run (`RemoteTail` does it at the end of `fit`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.client, self.device_id = None, None
+        self.parallel = False  # Whether the server trains devices in parallel (set by connect).
+        self.digest = model_digest(self)
+        self.wire_bytes_up = keras.metrics.Sum(name="wire_bytes_up", dtype="float64")
+        self.wire_bytes_down = keras.metrics.Sum(name="wire_bytes_down", dtype="float64")
+        # The next training step id; kept with the weights so that a resumed device continues.
+        self.remote_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="remote_step")
+
+    @property
+    def metrics(self):
+        return super().metrics + [self.wire_bytes_up, self.wire_bytes_down]
+
+    def connect(self, client, device_id="device-0"):
+        """Joins the run on the server as `device_id` (a new run starts from this model's tail
+        weights; a device that joins a started run trains the tail as it is)."""
+        reply = client.call(
+            "Hello",
+            pb.HelloRequest(
+                model_digest=self.digest,
+                image_shape=list(self.head.input.shape[1:]),
+                num_classes=int(self.tail.output.shape[-1]),
+                tail_weights=weights_to_protos(self.tail.get_weights()),
+                device_id=device_id,
+            ),
+        )
+        self.client, self.device_id, self.parallel = client, device_id, reply.parallel
+        self.remote_step.assign(reply.next_step)
+        logging.info(
+            "Connected to %s (%s mode); its next step is %d.",
+            client.address,
+            "parallel" if reply.parallel else "sequential",
+            reply.next_step,
+        )
+
+    def resume(self):
+        """After a restore from the backup: returns the server to this model's step."""
+        reply = self._client().call(
+            "Hello",
+            pb.HelloRequest(
+                model_digest=self.digest,
+                image_shape=list(self.head.input.shape[1:]),
+                num_classes=int(self.tail.output.shape[-1]),
+                device_id=self.device_id,
+                resume=True,
+                resume_step=int(self.remote_step.numpy()),
+            ),
+        )
+        self.remote_step.assign(reply.next_step)
+
+    def checkpoint_remote(self):
+        """Tells the server that this half is backed up at its current step."""
+        self._client().call(
+            "Checkpoint",
+            pb.CheckpointRequest(
+                model_digest=self.digest,
+                device_id=self.device_id,
+                step=int(self.remote_step.numpy()),
+            ),
+        )
+
+    def average_heads(self, round_id, samples, deadline_s=600):
+        """Replaces this device's head by the average of the run's heads for `round_id` (the
+        server answers once every device has sent its own, SplitFed)."""
+        reply = self._client().call(
+            "AverageHeads",
+            pb.AverageHeadsRequest(
+                model_digest=self.digest,
+                device_id=self.device_id,
+                round=round_id,
+                weights=weights_to_protos(self.head.get_weights()),
+                samples=samples,
+            ),
+            deadline_s=deadline_s,
+        )
+        self.head.set_weights(weights_from_protos(reply.weights, self.head.get_weights(), "head"))
+        return reply.devices
+
+    def fetch_tail(self):
+        """Copies the server's tail weights into this model (before saving it)."""
+        reply = self._client().call("TailWeights", pb.TailWeightsRequest(model_digest=self.digest))
+        self.tail.set_weights(weights_from_protos(reply.weights, self.tail.get_weights()))
+
+    def _client(self):
+        if self.client is None:
+            raise RuntimeError("RemoteSplitModel is not connected; call connect(client) first.")
+        return self.client
+
+    # ------------------------------------------------------------------ the calls, in numpy
+    def _payload(self, values, indices, labels=None):
+        return codec.encode(
+            values.numpy(),
+            indices.numpy(),
+            self.channels,
+            self.activation_dtype,
+            kind="activations",
+            labels=None if labels is None else labels.numpy(),
+        )
+
+    def _exchange(self, request):
+        client = self._client()
+        before = list(client.wire_bytes)
+        reply = client.call("Step", request)
+        sent = [after - start for after, start in zip(client.wire_bytes, before)]
+        return reply, np.array(sent, np.float64)
+
+    def _train_call(self, values, indices, labels, learning_rate, nesting):
+        step = int(self.remote_step.numpy())
+        reply, wire = self._exchange(
+            pb.StepRequest(
+                kind=pb.StepRequest.TRAIN,
+                model_digest=self.digest,
+                device_id=self.device_id,
+                step=step,
+                payload=self._payload(values, indices, labels),
+                learning_rate=float(learning_rate.numpy()),
+                nesting=bool(nesting.numpy()),
+            )
+        )
+        if reply.step != step:
+            raise RuntimeError(f"The server answered step {reply.step} to step {step}.")
+        self.remote_step.assign(step + 1)
+        returned = codec.decode(reply.payload, expect_kind="gradients")
+        # In the channels' order sent (a payload of every channel comes back in channel order).
+        gradient = returned.scatter()[..., indices.numpy()]
+        return gradient, reply_logits(reply), wire
+
+    def _forward_call(self, values, indices, calibrate=False, begin=False, finish=False):
+        reply, wire = self._exchange(
+            pb.StepRequest(
+                kind=pb.StepRequest.CALIBRATE if calibrate else pb.StepRequest.EVALUATE,
+                model_digest=self.digest,
+                device_id=self.device_id,
+                payload=self._payload(values, indices),
+                calibration_begin=begin,
+                calibration_finish=finish,
+            )
+        )
+        return reply_logits(reply), wire
+
+    # ----------------------------------------------------------------------- keras steps
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        indices = self.channel_indices()
+        with tf.GradientTape() as tape:
+            values, penalty, local = self.device_step(images, labels, indices)
+            device_loss = penalty + local
+        gradient, logits, wire = tf.py_function(
+            self._train_call,
+            [values, indices, labels, self.optimizer.learning_rate, self.step_nesting],
+            [tf.float32, tf.float32, tf.float64],
+        )
+        gradient = tf.ensure_shape(gradient, values.shape)
+        logits = tf.ensure_shape(logits, [None, self.tail.output.shape[-1]])
+        variables = self.device_trainable_variables
+        gradients = tape.gradient(
+            [values, device_loss], variables, output_gradients=[gradient, tf.ones([])]
+        )
+        self.apply_gradients(gradients, variables)
+        self.compute_loss(images, labels, logits)  # the loss metric, as the server computed it
+        self._count_wire(wire)
+        return self.update_metrics(labels, logits, penalty, self.budget, training=True, local=local)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        indices = self.channel_indices()
+        values = self.send(images, indices, training=False)
+        logits, wire = tf.py_function(
+            self._forward_call, [values, indices], [tf.float32, tf.float64]
+        )
+        logits = tf.ensure_shape(logits, [None, self.tail.output.shape[-1]])
+        self.compute_loss(images, labels, logits)
+        self._count_wire(wire)
+        return self.update_metrics(labels, logits, tf.constant(0.0), self.budget, training=False)
+
+    def _count_wire(self, wire):
+        self.wire_bytes_up.update_state(wire[0])
+        self.wire_bytes_down.update_state(wire[1])
+
+    def calibrate_batch_norm(self, dataset, batches):
+        """As `SplitModel.calibrate_batch_norm`: the head's norms here, the tail's on the server
+        (the first pass begins its calibration, the last finishes it)."""
+        batches = list(dataset.take(batches))
+        if not batches:
+            raise ValueError("Batch norm calibration needs at least one batch; none was given.")
+        indices = self.channel_indices()
+        with BatchNormAverage.of(self.head) or BatchNormAverage([]) as norms:
+            for i, (images, _) in enumerate(batches):
+                values = tf_wire.fake_quantize(
+                    self.send(images, indices, training=True), self.activation_dtype
+                )
+                self._forward_call(values, indices, True, i == 0, i == len(batches) - 1)
+                norms.record()
+
+
+class RemoteTail(keras.callbacks.Callback):
+    """At the end of `fit`, copies the server's trained tail into the device's model, so that
+    what the run saves (placed before `RunRecords`) is the whole trained model."""
+
+    def on_train_end(self, logs=None):
+        self.model.fetch_tail()
+
+
+class HeadAveraging(keras.callbacks.Callback):
+    """Parallel mode: after the last training batch of every epoch (before its evaluation), the
+    device's head becomes the average of the run's heads (weighted by their training samples).
+
+    Args:
+      samples: this device's training samples.
+    """
+
+    def __init__(self, samples):
+        super().__init__()
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"`samples` must be a positive integer. Received: {samples!r}")
+        self.samples, self._epoch = samples, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.params.get("steps"):
+            self._average()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.params.get("steps"):  # an epoch of unknown length: average after it
+            self._average()
+
+    def _average(self):
+        devices = self.model.average_heads(self._epoch, self.samples)
+        logging.info("Epoch %d: head averaged over %d devices.", self._epoch + 1, devices)
+
+
+class RemoteCheckpoint(keras.callbacks.Callback):
+    """Keeps the server's state in step with the device's `BackupAndRestore` (place it after).
+
+    At the start of `fit` (after the backup was restored) the server returns to the restored
+    step; each time the backup is written (every `save_freq` batches, as `BackupAndRestore`
+    counts them) the server saves its state too. So a device killed and restarted loses the
+    steps since its last backup, no more, and both halves agree on where they are.
+    """
+
+    def __init__(self, save_freq):
+        super().__init__()
+        if not isinstance(save_freq, int) or save_freq < 1:
+            raise ValueError(f"`save_freq` must be a positive integer. Received: {save_freq!r}")
+        self.save_freq, self._batches = save_freq, 0
+
+    def on_train_begin(self, logs=None):
+        self.model.resume()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches >= self.save_freq:
+            self._batches = 0
+            self.model.checkpoint_remote()

@@ -1,0 +1,43 @@
+"""The server's side of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`)."""
+
+from tfsplit.serving import validation
+from tfsplit.training.messages import logits_reply
+
+
+def calibration_pass(norms, forward, device, request, values, indices):
+    """One pass of `device`'s calibration of the tail's batch `norms` (`forward` runs the tail).
+
+    Its batch's statistics are added up apart from other devices' and the moving statistics are
+    left as they were; the last pass (`calibration_finish`) assigns the averages. Returns the
+    pass's StepReply (the logits).
+    """
+    if request.calibration_begin:
+        device.calibration = [0.0, 0.0, 0]
+    elif device.calibration is None:
+        raise validation.invalid("A calibration starts with calibration_begin.")
+    saved = [(n.momentum, n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
+    try:
+        for norm in norms:
+            norm.momentum = 0.0  # the pass leaves exactly its batch's statistics
+        logits = forward(values, indices, True)
+        means = [n.moving_mean.numpy() for n in norms]
+        squares = [n.moving_variance.numpy() + m * m for n, m in zip(norms, means)]
+    finally:
+        for norm, (momentum, mean, variance) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.moving_mean.assign(mean)
+            norm.moving_variance.assign(variance)
+    sums, sum_squares, passes = device.calibration
+    device.calibration = [
+        [a + b for a, b in zip(sums, means)] if passes else means,
+        [a + b for a, b in zip(sum_squares, squares)] if passes else squares,
+        passes + 1,
+    ]
+    if request.calibration_finish:
+        sums, sum_squares, passes = device.calibration
+        for norm, total, total_square in zip(norms, sums, sum_squares):
+            mean = total / passes
+            norm.moving_mean.assign(mean)
+            norm.moving_variance.assign(total_square / passes - mean * mean)
+        device.calibration = None
+    return logits_reply(request.step, logits)

@@ -1,0 +1,267 @@
+"""Config -> data -> `SplitModel` -> `fit` with the run's callbacks.
+
+A workdir holds `config.json`, `metrics.jsonl`, `summary.json`, `checkpoints/` (the backup a
+killed run resumes from, every `checkpoint_every_steps` steps, and the final `model.keras`) and
+`tensorboard/`. Re-running on the same workdir resumes from the last backup.
+"""
+
+import json
+import os
+import sys
+
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from tfsplit import backbones as models
+from tfsplit import callbacks as callbacks_lib
+from tfsplit import codec, data
+from tfsplit.engine.split_model import SplitModel
+from tfsplit.training.client import HeadAveraging, RemoteCheckpoint, RemoteSplitModel, RemoteTail
+from tfsplit.training.codec_step import CodecSplitModel
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+BACKUP_DIR = os.path.join(CHECKPOINT_DIR, "backup")
+MODEL_FILE = os.path.join(CHECKPOINT_DIR, "model.keras")
+TENSORBOARD_DIR = "tensorboard"
+TRANSPORTS = {"fused": SplitModel, "codec": CodecSplitModel}
+GATE_OPTIMIZERS = ("shared", "adam")
+
+
+def _check_choice(key, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"config.{key} must be one of {tuple(allowed)}. Received: {value!r}")
+
+
+def build_split_model(config, info, remote=False):
+    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled.
+
+    `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
+    """
+    for key in ("activation_dtype", "gradient_dtype"):
+        _check_choice(f"wire.{key}", config.wire[key], codec.WIRE_DTYPES)
+    _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
+    backbone = models.build_backbone(
+        config.model.backbone,
+        num_classes=info.num_classes,
+        input_shape=info.image_shape,
+        width_multiplier=config.model.width_multiplier,
+        classifier=config.model.classifier,
+    )
+    bottleneck = config.model.bottleneck
+    if bottleneck.enabled:
+        bottleneck = {key: bottleneck[key] for key in models.BOTTLENECK_KEYS}
+    else:
+        bottleneck = None
+    split = models.split_model(
+        backbone,
+        models.resolve_cut(config.model.backbone, config.model.cut),
+        bottleneck=bottleneck,
+        activation_dtype=config.wire.activation_dtype,
+        gradient_dtype=config.wire.gradient_dtype,
+        budget_eps=config.budget_loss.eps,
+        budget_delta=config.budget_loss.delta,
+        nested_budgets=config.budget_sampling.nested,
+        min_budget_fraction=config.budget_sampling.min_fraction,
+        seed=config.seed,
+        polarization=config.budget_loss.polarization,
+        local_loss_weight=config.model.local_loss_weight,
+    )
+    if remote or config.wire.transport != "fused":
+        model_class = RemoteSplitModel if remote else TRANSPORTS[config.wire.transport]
+        other = model_class.from_config(split.get_config())
+        for part in ("head", "tail"):
+            getattr(other, part).set_weights(getattr(split, part).get_weights())
+        split = other
+    optimizer = keras.optimizers.SGD(
+        learning_rate=config.phases[0].learning_rate,
+        momentum=config.optimizer.momentum,
+        weight_decay=config.optimizer.weight_decay or None,
+    )
+    split.compile(optimizer, gate_optimizer=build_gate_optimizer(config))
+    return split
+
+
+def build_gate_optimizer(config):
+    """None (gates share the main SGD, as in the reference) or Adam for the gate logits alone.
+
+    The budget loss (eps=1000) can move a gate logit by tens of units in one SGD step, far past
+    the sigmoid's slope; Adam's steps are bounded by its learning rate whatever eps is, so gates
+    settle where the penalty and the task loss balance instead of collapsing.
+    """
+    kind = config.optimizer.gate_optimizer
+    _check_choice("optimizer.gate_optimizer", kind, GATE_OPTIMIZERS)
+    if kind == "shared":
+        return None
+    if not config.optimizer.gate_learning_rate > 0:
+        raise ValueError(
+            "config.optimizer.gate_learning_rate must be > 0. Received: "
+            f"{config.optimizer.gate_learning_rate!r}"
+        )
+    if not 0.0 <= config.optimizer.gate_beta_2 < 1.0:
+        raise ValueError(
+            "config.optimizer.gate_beta_2 must be in [0, 1). Received: "
+            f"{config.optimizer.gate_beta_2!r}"
+        )
+    return keras.optimizers.Adam(
+        config.optimizer.gate_learning_rate, beta_2=config.optimizer.gate_beta_2
+    )
+
+
+def data_arguments(config):
+    """What identifies a run's data, shared by training and by everything that reloads a run."""
+    return dict(
+        path=config.data.path or None,
+        seed=config.seed,
+        train_size=config.data.train_size or None,
+        test_size=config.data.test_size or None,
+        image_size=config.data.image_size or None,
+        channels=config.data.channels or None,
+    )
+
+
+def load_run_arrays(config, **sizes):
+    """(train, test, info) arrays of the data a run's `config` trained on, in stored order.
+
+    `sizes` (train_size, test_size) override the config's to read less. A "shards" run reads its
+    shard directory back whole: the shards fixed the sizes (training refused size arguments).
+    """
+    if config.data.name == "shards":
+        return data.load_shard_arrays(config.data.path)
+    return data.load_arrays(config.data.name, **dict(data_arguments(config), **sizes))
+
+
+def build_data(config):
+    return data.build_datasets(
+        config.data.name,
+        batch_size=config.data.batch_size,
+        eval_batch_size=config.data.eval_batch_size,
+        augment=config.data.augment,
+        # Runs recorded before these keys existed trained on the whole set.
+        shard_index=config.data.get("shard_index", 0),
+        num_shards=config.data.get("num_shards", 1),
+        cache=config.data.get("cache", False),
+        service_address=config.data.get("service_address", "") or None,
+        local_cache_dir=config.data.get("local_cache_dir", "") or None,
+        **data_arguments(config),
+    )
+
+
+def load_model(workdir):
+    """The trained `SplitModel` of a finished run in `workdir`."""
+    path = os.path.join(workdir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No trained model at {path}; expected the workdir of a finished tfsplit-train run."
+        )
+    return keras.models.load_model(path, compile=False)
+
+
+def restore_weights(split, source_workdir):
+    """Copies head and tail weights of another finished run (prune's start model)."""
+    source = load_model(source_workdir)
+    split.head.set_weights(source.head.get_weights())
+    split.tail.set_weights(source.tail.get_weights())
+    logging.info("Initialised weights from %s", source_workdir)
+
+
+def build_callbacks(config, workdir, info, train_ds):
+    """PhaseSchedule, batch norm calibration (on `train_ds`), records, TensorBoard and the backup,
+    in the order they must act."""
+    if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 1:
+        raise ValueError(
+            "config.checkpoint_every_steps must be a positive integer. Received: "
+            f"{config.checkpoint_every_steps!r}"
+        )
+    summary = dict(
+        mode=config.mode,
+        dataset=info.name,
+        model=f"{config.model.backbone}@{config.model.cut}",
+    )
+    calibration = config.calibration_batches
+    if not isinstance(calibration, int) or calibration < 0:
+        raise ValueError(
+            f"config.calibration_batches must be an integer >= 0. Received: {calibration!r}"
+        )
+    schedule = [
+        callbacks_lib.PhaseSchedule(
+            config.phases,
+            seed=config.seed,
+            gate_travel_fraction=config.optimizer.gate_travel_fraction,
+        )
+    ]
+    if calibration:
+        schedule.append(callbacks_lib.BatchNormCalibration(train_ds, calibration))
+    return schedule + [
+        callbacks_lib.RunRecords(
+            workdir, info.train_size, summary, model_path=os.path.join(workdir, MODEL_FILE)
+        ),
+        keras.callbacks.TensorBoard(
+            os.path.join(workdir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
+        ),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(workdir, BACKUP_DIR), save_freq=config.checkpoint_every_steps
+        ),
+    ]
+
+
+def train(config, workdir, verbose="auto", client=None):
+    """Trains `config` in `workdir`, resuming from its last backup; returns the run's summary.
+
+    A workdir whose run already finished returns its summary without training again. `verbose`
+    is `fit`'s; "auto" shows the progress bar on a terminal and a line per epoch elsewhere.
+    With `client` (a `TrainingClient` to a `tfsplit-train-server` of the same config), this
+    process is the device and the tail trains on the server.
+    """
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    write_config(config, workdir)
+    summary_path = os.path.join(workdir, callbacks_lib.SUMMARY_FILE)
+    if os.path.exists(summary_path) and os.path.exists(os.path.join(workdir, MODEL_FILE)):
+        logging.info("%s already holds a finished run.", workdir)
+        with open(summary_path) as f:
+            return json.load(f)
+    keras.utils.set_random_seed(config.seed)
+    train_ds, test_ds, info = build_data(config)
+    split = build_split_model(config, info, remote=client is not None)
+    if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
+        restore_weights(split, config.init_from)
+    callbacks = build_callbacks(config, workdir, info, train_ds)
+    if client is not None:
+        split.connect(client, device_id=f"device-{config.data.get('shard_index', 0)}")
+        records = next(
+            i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords)
+        )
+        callbacks.insert(records, RemoteTail())
+        if split.parallel:  # before the evaluation and the records: they see the average
+            callbacks.insert(1, HeadAveraging(info.train_size))
+        callbacks.append(RemoteCheckpoint(config.checkpoint_every_steps))  # after the backup
+    # Training randomness (dropout) starts from the seed whatever building the model consumed.
+    keras.utils.set_random_seed(config.seed)
+    split.fit(
+        train_ds,
+        epochs=callbacks[0].epochs,
+        validation_data=test_ds,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+def write_config(config, workdir):
+    """Records the resolved config; refuses to resume a workdir that holds a different one."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != json.loads(text):
+                raise ValueError(
+                    f"{workdir} holds a run with a different config ({path}); resume it with the "
+                    "same config and overrides, or train into a new workdir."
+                )
+        return
+    with open(path, "w") as f:
+        f.write(text)

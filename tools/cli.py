@@ -1,0 +1,226 @@
+"""What every tool shares: a quiet TensorFlow start-up and one-line user errors with status 2.
+
+Importing this package sets TensorFlow's C++ log level from `--verbosity` in sys.argv, before any
+tool imports TensorFlow: below 1 (the default) TF_CPP_MIN_LOG_LEVEL=3, which hides the CUDA,
+oneDNN and CPU-feature notices; `--verbosity=1` (`-v 1`) keeps TensorFlow's own level. Lines that
+TensorFlow's shared libraries write while loading, before they read that variable, are filtered to
+the same level. An explicit TF_CPP_MIN_LOG_LEVEL in the environment wins.
+
+Imports neither TensorFlow nor a tfsplit module that does: tfsplit_tools.run_head runs on devices without
+TensorFlow.
+"""
+
+import contextlib
+import functools
+import importlib.abc
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import traceback
+
+from absl import app, flags
+
+# Library exceptions that mean bad input; the tfsplit ones (ExportError, DeviceError, PayloadError,
+# DatasetFileError, ...) derive from ValueError.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+USER_ERROR_STATUS = 2
+
+_SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3
+# absl C++ ("I0000 00:00:17.5  42 port.cc:153] ...") and TSL ("2025-01-01 10:00:00.1: I x.cc:1] ").
+_CPP_LOG_LINE = re.compile(
+    r"^(?:([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )\S+:\d+\] "
+)
+_ABSL_PREINIT_WARNING = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def _argv_verbosity(argv):
+    """absl's --verbosity (-v) as given in `argv`, before flags are parsed; 0 if absent."""
+    verbosity = "0"
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "--":
+            break
+        match = re.fullmatch(r"--?(?:verbosity|v)(?:=(.*))?", arg)
+        if match:
+            verbosity = match.group(1) if match.group(1) is not None else next(args, "0")
+    try:
+        return int(verbosity)
+    except ValueError:
+        return 0  # absl reports the bad value when it parses the flags.
+
+
+def _min_log_level():
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+def _is_below_level(line, level):
+    if line.startswith(_ABSL_PREINIT_WARNING):
+        return level > 1
+    match = _CPP_LOG_LINE.match(line)
+    return bool(match) and _SEVERITIES.index(match.group(1) or match.group(2)) < level
+
+
+@contextlib.contextmanager
+def _stderr_filtered_to(level):
+    """Holds what is written to file descriptor 2 and lets through lines at `level` or above."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _is_below_level(line, level)))
+            sys.stderr.flush()
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader, level):
+        self._loader = loader
+        self._level = level
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader
+        with _stderr_filtered_to(self._level):
+            self._loader.exec_module(module)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Filters the log lines that TensorFlow's libraries write at load time, once."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader, _min_log_level())
+        return spec
+
+
+if _argv_verbosity(sys.argv) < 1:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and _min_log_level() > 0:
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+else:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+
+
+def _one_line(error):
+    """The gist of `error` on one line; a config file's traceback shrinks to its last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    if "Traceback (most recent call last):" not in lines and not isinstance(error, OSError):
+        return " ".join(lines)
+    flag = re.match(r"flag --\S+?: ", lines[0])  # absl's "flag --name=value: ..."
+    return (flag.group(0) if flag else "") + re.sub(r"^\w+(?:Error|Exception): ", "", lines[-1])
+
+
+def _exit_with_user_error(program, message):
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.exit(USER_ERROR_STATUS)
+
+
+def _unknown_override(error, argv):
+    """`--config.x.nope=1` names no config field: ml_collections raises a bare AttributeError."""
+    key = str(error).strip("\"'")
+    for arg in argv[1:]:
+        match = re.match(r"--?(?:no)?(\w+(?:\.\w+)+)", arg)
+        if match and key in match.group(1).split(".")[1:]:
+            return f"flag --{match.group(1)}: the config has no field {key!r}"
+    return None
+
+
+def _config_file_error(error, name=None):
+    """One line for a config file that could not be loaded, naming its flag where known."""
+    if name is None:  # ml_collections names the module it loads "<flag name>_config".
+        match = re.search(r"Failed loading config file (\w+)_config", str(error))
+        name = match.group(1) if match else None
+    return (f"flag --{name}: " if name else "") + _one_line(error.__cause__ or error)
+
+
+def _config_files_error():
+    """A config file's load error, which ml_collections otherwise raises at the config's first use."""
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if type(flag.parser).__module__.startswith("ml_collections.") and flag.value is not None:
+            try:
+                getattr(flag.value, "lock", None)
+            except OSError as error:
+                return _config_file_error(error, name)
+    return None
+
+
+def _parse_flags(program, argv):
+    try:
+        args = flags.FLAGS(argv)
+    except flags.Error as error:  # illegal value, missing required flag, unknown flag
+        _exit_with_user_error(program, _one_line(error))
+    except OSError as error:  # a config file that cannot be loaded, met by an override
+        _exit_with_user_error(program, _config_file_error(error))
+    except (AttributeError, KeyError) as error:
+        message = _unknown_override(error, argv)
+        if message is None:
+            raise
+        _exit_with_user_error(program, message)
+    message = _config_files_error()
+    if message:
+        _exit_with_user_error(program, message)
+    return args
+
+
+def _main_with_user_errors(program, main, argv):
+    try:
+        return main(argv)
+    except (app.UsageError, *USER_ERRORS) as error:
+        if flags.FLAGS.verbosity >= 1:
+            traceback.print_exc()
+        _exit_with_user_error(program, _one_line(error))
+
+
+def _program_name(main):
+    module = main.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else ""
+    if module.startswith("tfsplit_tools."):
+        return "tfsplit-" + module.split(".", 1)[1].replace("_", "-")
+    return os.path.basename(sys.argv[0])
+
+
+def run_tool(main):
+    """Runs `main` as absl's `app.run` does, except that user errors end it with one line.
+
+    A bad flag or config override, a config file that cannot be loaded, `app.UsageError` and
+    `USER_ERRORS` raised by `main` print `<program>: error: <what was wrong>` to stderr and exit
+    with status 2, without a traceback (`--verbosity=1` adds it); other exceptions keep theirs.
+    """
+    program = _program_name(main)
+    app.run(
+        functools.partial(_main_with_user_errors, program, main),
+        flags_parser=functools.partial(_parse_flags, program),
+    )
