@@ -1,4 +1,4 @@
-"""Datasets by name, as numpy arrays or as batched, normalized, augmented tf.data pipelines.
+"""Training data: datasets by name, as numpy arrays or batched, normalized, augmented tf.data.
 
 `load_arrays` reads a dataset by name; the `build_*` functions turn arrays into tf.data pipelines
 that yield float32 images normalized with the dataset's per-channel mean and std (`normalize`,
@@ -26,19 +26,23 @@ gray channel of Fashion-MNIST (its mean and std are repeated with it). The augme
 crop of the image zero-padded by `CROP_PADDING`, random horizontal flip) and the normalization work
 for any height, width and channel count.
 
-Where things are: `arrays` (`load_arrays`, `DATASETS`, `SOURCES`), `pipeline` (`normalize`,
-`augment_batch`, `build_*`), `shards` (the TFRecord shards' public names, from `shard_index`:
-file names, index.json and file access; `shard_writer`; `shard_reader`), `common` (`DatasetInfo`,
-the errors and what every reader shares), `files` (archives and extracted folders), one reader
-module per source (`synthetic`, `cifar`, `fashion_mnist`, `stl10`, `image_folder`).
+Modules, bottom-up; each imports only modules listed before it:
+- `common`: `DatasetInfo`, the errors, argument checks, resizing;
+- storage: `files` (archives, folders), `s3_urls`, `retry`, `s3_client` (boto3 settings, what its
+  errors mean), `object_streams` (one object as a file), `object_store` (S3 as files);
+- readers: `synthetic`, `cifar`, `fashion_mnist`, `stl10`;
+- `pipeline`: `normalize`, `augment_batch`, the batches every source ends in;
+- `image_folder` (read whole or streamed), `arrays` (`load_arrays` by name);
+- shards: `shard_index`, `shard_fetch`, `shard_writer`, `shard_reader`, `shards` (their face);
+- `service` (the tf.data service), `builder` (`build_datasets`, the top).
 """
 
-from tfsplit.data.arrays import DATASETS, SOURCES, load_arrays
+from tfsplit.data.arrays import DATASETS, load_arrays
+from tfsplit.data.builder import SOURCES, build_datasets
 from tfsplit.data.common import DatasetDownloadError, DatasetFileError, DatasetInfo
 from tfsplit.data.pipeline import (
     CROP_PADDING,
     augment_batch,
-    build_datasets,
     build_eval_dataset,
     build_train_dataset,
     normalize,

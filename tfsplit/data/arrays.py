@@ -24,8 +24,6 @@ _READERS = {
 }
 _GENERATED = ("synthetic", "synthetic_hard")  # Embedded sets, generated from the seed.
 DATASETS = (*_GENERATED, *_READERS)
-# What `build_datasets` reads: the datasets, and TFRecord shards streamed from disk (not arrays).
-SOURCES = (*DATASETS, "shards")
 _GRAYSCALE = ("fashion_mnist",)  # Datasets with one channel, which `channels=3` can repeat.
 
 

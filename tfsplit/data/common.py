@@ -1,8 +1,8 @@
 """What every dataset reader shares: `DatasetInfo`, the errors, argument checks and resizing.
 
 Readers return uint8 images (N, H, W, C) and int32 labels (N,) with a `DatasetInfo`; the helpers
-here keep their conventions identical (which samples a size takes, how images are resized, what an
-offline download says).
+here keep their conventions identical (which samples a size or a device takes, how images are
+resized, what an offline download says).
 """
 
 import contextlib
@@ -85,6 +85,42 @@ def check_optional_size(name, value):
 def check_seed(seed):
     if not is_int(seed) or seed < 0:
         raise ValueError(f"`seed` must be an int >= 0. Received: seed={seed!r}")
+
+
+def check_device_shard(shard_index, num_shards):
+    """Raises ValueError unless device `shard_index` of `num_shards` is a valid pair."""
+    check_positive_int("num_shards", num_shards)
+    if not is_int(shard_index) or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"`shard_index` must be an int in [0, num_shards={num_shards}). "
+            f"Received: shard_index={shard_index!r}"
+        )
+
+
+def check_pipeline_arguments(batch_size, eval_batch_size, seed, shard_index, num_shards, **flags):
+    """The checks every pipeline builder makes before it reads anything; `flags` must be bools."""
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("eval_batch_size", eval_batch_size)
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{key}` must be a bool. Received: {key}={value!r}")
+    check_seed(seed)
+    check_device_shard(shard_index, num_shards)
+
+
+def device_part(items, shard_index, num_shards, title, unit, advice=""):
+    """Device `shard_index`'s part of the training `items`: every num_shards-th from the i-th.
+
+    The devices' parts are disjoint and cover the set, whatever the source (arrays, files,
+    shard files); `title` and `unit` name the set and its items when there are too few.
+    """
+    check_device_shard(shard_index, num_shards)
+    if num_shards > len(items):
+        raise ValueError(
+            f"{title} has {len(items)} training {unit}, fewer than the devices sharing them. "
+            f"Received: num_shards={num_shards}{advice}"
+        )
+    return items[shard_index::num_shards]
 
 
 def check_bytes(name, value):

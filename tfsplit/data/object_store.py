@@ -19,66 +19,26 @@ import re
 import threading
 
 import boto3
-import botocore.config
 import botocore.exceptions
-import urllib3.exceptions
-from boto3.s3.transfer import TransferConfig
 
 from tfsplit.codec.values import is_int
 from tfsplit.data.common import DatasetFileError
+from tfsplit.data.object_streams import ObjectReader, ObjectWriter
 from tfsplit.data.retry import Retry, RetryPolicy, with_retries
+from tfsplit.data.s3_client import (
+    CHUNK_BYTES,
+    CLIENT_CONFIG,
+    S3_ERRORS,
+    TRANSFER_CONFIG,
+    error_code,
+    is_missing,
+    is_missing_bucket,
+    problem,
+)
 from tfsplit.data.s3_urls import SCHEME, object_key, parse_s3_url  # noqa: F401 (public here too)
 
-CHUNK_BYTES = 1 << 20  # Reads stream objects in 1 MiB pieces (bounded memory per reader).
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CLIENT_CONFIG = botocore.config.Config(
-    connect_timeout=3,  # A dead endpoint fails in seconds; `RetryPolicy` decides how often.
-    read_timeout=10,  # No byte for this long: the connection is treated as lost and resumed.
-    # Two tries per call in all (botocore's `max_attempts` would count retries only, so 3 tries);
-    # our `RetryPolicy` does the patient retrying, and nesting two patient loops multiplies them.
-    retries={"mode": "standard", "total_max_attempts": 2},
-    max_pool_connections=16,  # tf.data reads several shards at once from one client.
-)
-TRANSFER_CONFIG = TransferConfig(max_concurrency=4)
-# Errors of the connection or of the transfer, not of the request: always worth another try.
-_TRANSIENT_ERRORS = (
-    botocore.exceptions.HTTPClientError,
-    botocore.exceptions.ConnectionError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.FlexibleChecksumError,
-    urllib3.exceptions.HTTPError,
-)
-# Of those, the ones where the server answered but the body did not arrive whole.
-_BROKEN_TRANSFER_ERRORS = (
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.FlexibleChecksumError,
-    urllib3.exceptions.ProtocolError,
-)
-# Everything a call can raise: the transient errors, the server's answers and the rest of botocore.
-S3_ERRORS = (
-    botocore.exceptions.ClientError,
-    botocore.exceptions.BotoCoreError,
-    urllib3.exceptions.HTTPError,
-)
-_MISSING_CODES = ("NoSuchKey", "404", "NotFound")
-_DENIED_CODES = ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-_THROTTLE_CODES = ("SlowDown", "Throttling", "RequestTimeout", "RequestTimeTooSkewed")
-
-
 DEFAULT_RETRY = RetryPolicy()
-
-
-def _error_code(err):
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
-def _is_missing(err):
-    return isinstance(err, botocore.exceptions.ClientError) and _error_code(err) in _MISSING_CODES
-
-
-def _is_missing_bucket(err):
-    return isinstance(err, botocore.exceptions.ClientError) and _error_code(err) == "NoSuchBucket"
 
 
 class S3Files:
@@ -104,7 +64,7 @@ class S3Files:
         if self._s3 is None:
             with self._lock:
                 if self._s3 is None:
-                    self._s3 = boto3.session.Session().client("s3", config=_CLIENT_CONFIG)
+                    self._s3 = boto3.session.Session().client("s3", config=CLIENT_CONFIG)
         return self._s3
 
     @property
@@ -121,45 +81,7 @@ class S3Files:
                 f"(AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws/config): {err}"
             ) from err
 
-    def _problem(self, err, what, retry_missing=False):
-        """`Retry` for a transient error (or a missing object, when asked), else the final
-        DatasetFileError; both name what failed."""
-        if isinstance(err, _BROKEN_TRANSFER_ERRORS):
-            return Retry(f"the transfer from {self.endpoint} broke off: {err}")
-        if isinstance(err, _TRANSIENT_ERRORS):
-            return Retry(f"server unreachable at {self.endpoint}: {err}")
-        if isinstance(err, botocore.exceptions.NoCredentialsError):
-            return DatasetFileError(
-                f"Could not {what}: {err} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-                "AWS_PROFILE)"
-            )
-        if not isinstance(err, botocore.exceptions.ClientError):
-            return DatasetFileError(f"Could not {what}: {err}")
-        code = _error_code(err)
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _MISSING_CODES:
-            problem = f"the object is missing ({code} at {self.endpoint})"
-            return (
-                Retry(problem)
-                if retry_missing
-                else DatasetFileError(f"Could not {what}: {problem}")
-            )
-        if code == "NoSuchBucket":
-            return DatasetFileError(
-                f"Could not {what}: the bucket does not exist at {self.endpoint}"
-            )
-        if code in _DENIED_CODES:
-            return DatasetFileError(
-                f"Could not {what}: access denied by {self.endpoint} ({code}); check the "
-                "credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's policy"
-            )
-        if code == "PreconditionFailed":
-            return DatasetFileError(f"Could not {what}: the object changed while it was read")
-        if status >= 500 or code in _THROTTLE_CODES:
-            return Retry(f"{self.endpoint} answered {code or status}: {err}")
-        return DatasetFileError(f"Could not {what}: {err}")
-
-    def _call(self, what, request, retry_missing=False):
+    def call(self, what, request, retry_missing=False):
         """`request(client)` with retries; errors become DatasetFileError naming `what`."""
         client = self._client_for(what)
 
@@ -167,7 +89,7 @@ class S3Files:
             try:
                 return request(client)
             except S3_ERRORS as err:
-                raise self._problem(err, what, retry_missing) from err
+                raise problem(err, what, self.endpoint, retry_missing) from err
 
         return with_retries(self.retry, what, attempt)
 
@@ -179,11 +101,11 @@ class S3Files:
             try:
                 return s3.head_object(Bucket=bucket, Key=key)
             except botocore.exceptions.ClientError as err:
-                if _is_missing(err) or _is_missing_bucket(err):
+                if is_missing(err) or is_missing_bucket(err):
                     return None
                 raise
 
-        return self._call(what, head)
+        return self.call(what, head)
 
     # ------------------------------------------------------------------------------------------
     # The methods of shard_index's local files.
@@ -191,16 +113,12 @@ class S3Files:
 
     def open(self, path, mode="r"):
         """A reader ("rb", "r") or a writer ("wb", "w"; uploaded on close) of one object."""
-        from tfsplit.data import object_streams  # Imported here: it builds on this module.
-
         bucket, key = object_key(path)
         if mode in ("r", "rb"):
-            reader = io.BufferedReader(
-                object_streams.ObjectReader(self, path, bucket, key), CHUNK_BYTES
-            )
+            reader = io.BufferedReader(ObjectReader(self, path, bucket, key), CHUNK_BYTES)
             return reader if mode == "rb" else io.TextIOWrapper(reader, encoding="utf-8")
         if mode in ("w", "wb"):
-            return object_streams.ObjectWriter(self, path, bucket, key, text=mode == "w")
+            return ObjectWriter(self, path, bucket, key, text=mode == "w")
         raise ValueError(f"`mode` must be 'r', 'rb', 'w' or 'wb'. Received: mode={mode!r}")
 
     def exists(self, path):
@@ -221,11 +139,11 @@ class S3Files:
             try:
                 return s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)["KeyCount"] > 0
             except botocore.exceptions.ClientError as err:
-                if _is_missing_bucket(err):
+                if is_missing_bucket(err):
                     return False
                 raise
 
-        return self._call(f"list {path}", any_key)
+        return self.call(f"list {path}", any_key)
 
     def listdir(self, path):
         """Names directly under `path`, sub-directories ending in "/" (as tf.io.gfile.listdir).
@@ -246,7 +164,7 @@ class S3Files:
             found.discard("")  # A zero-byte "directory marker" object some tfsplit_tools create.
             return sorted(found)
 
-        return self._call(f"list {path}", names)
+        return self.call(f"list {path}", names)
 
     def makedirs(self, path):
         """Creates nothing (keys need no parent); fails unless the bucket exists."""
@@ -263,11 +181,11 @@ class S3Files:
                 s3.head_bucket(Bucket=bucket)
                 return True
             except botocore.exceptions.ClientError as err:
-                if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+                if error_code(err) in ("404", "NoSuchBucket", "NotFound"):
                     return False
                 raise
 
-        return self._call(what, head_bucket)
+        return self.call(what, head_bucket)
 
     def remove(self, path):
         """Deletes one object; raises when it does not exist, as a local remove would."""
@@ -275,7 +193,7 @@ class S3Files:
         what = f"remove {path}"
         if self._head(path, what) is None:
             raise DatasetFileError(f"Could not {what}: the object is missing")
-        self._call(what, lambda s3: s3.delete_object(Bucket=bucket, Key=key))
+        self.call(what, lambda s3: s3.delete_object(Bucket=bucket, Key=key))
 
     @staticmethod
     def join(path, *paths):
@@ -301,8 +219,8 @@ class S3Files:
         if self._head(source, what) is None:
             raise DatasetFileError(f"Could not {what}: {source} is missing")
         copy_source = {"Bucket": source_bucket, "Key": source_key}
-        self._call(what, lambda s3: s3.copy(copy_source, bucket, key, Config=TRANSFER_CONFIG))
-        self._call(what, lambda s3: s3.delete_object(Bucket=source_bucket, Key=source_key))
+        self.call(what, lambda s3: s3.copy(copy_source, bucket, key, Config=TRANSFER_CONFIG))
+        self.call(what, lambda s3: s3.delete_object(Bucket=source_bucket, Key=source_key))
 
     # ------------------------------------------------------------------------------------------
     # Whole-object reads for the shard reader.
@@ -346,7 +264,7 @@ class S3Files:
                         digest.update(chunk)
                         chunks.append(chunk)
             except S3_ERRORS as err:
-                raise self._problem(err, what, retry_missing=True) from err
+                raise problem(err, what, self.endpoint, retry_missing=True) from err
             if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
                 raise Retry(f"sha256 {digest.hexdigest()} but expected {expected_sha256}")
             return b"".join(chunks)

@@ -1,4 +1,8 @@
-"""Streaming reads and uploads of one S3 object, behind `S3Files.open` (file objects)."""
+"""Streaming reads and uploads of one S3 object, behind `S3Files.open` (file objects).
+
+Both take the `S3Files` that opened them (`files`) for its client, its `RetryPolicy` and its
+retried `call`.
+"""
 
 import contextlib
 import io
@@ -6,8 +10,8 @@ import tempfile
 
 from absl import logging
 
-from tfsplit.data.object_store import CHUNK_BYTES, S3_ERRORS, TRANSFER_CONFIG
 from tfsplit.data.retry import Retry, with_retries
+from tfsplit.data.s3_client import CHUNK_BYTES, S3_ERRORS, TRANSFER_CONFIG, problem
 
 
 class ObjectReader(io.RawIOBase):
@@ -21,7 +25,7 @@ class ObjectReader(io.RawIOBase):
         super().__init__()
         self._files, self._url, self._bucket, self._key = files, url, bucket, key
         self._what, self._body = f"read {url}", None
-        response = files._call(self._what, lambda s3: s3.get_object(Bucket=bucket, Key=key))
+        response = files.call(self._what, lambda s3: s3.get_object(Bucket=bucket, Key=key))
         self._body, self._etag = response["Body"], response["ETag"]
         self._size, self._pos = response["ContentLength"], 0
 
@@ -75,7 +79,7 @@ class ObjectReader(io.RawIOBase):
             return data
         except S3_ERRORS as err:
             self._drop_body()
-            raise self._files._problem(err, self._what) from err
+            raise problem(err, self._what, self._files.endpoint) from err
         except Retry:
             self._drop_body()
             raise
@@ -126,7 +130,7 @@ class ObjectWriter:
         if self.closed:
             return
         try:
-            self._files._call(f"write {self._url}", self._upload)
+            self._files.call(f"write {self._url}", self._upload)
         finally:
             self.discard()
 

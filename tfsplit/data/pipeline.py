@@ -1,19 +1,19 @@
-"""tf.data pipelines of normalized, augmented batches from the arrays `load_arrays` gives.
+"""Batches as every source gives them: normalized, augmented, from arrays or streamed samples.
 
-Indices are shuffled instead of images, and each batch is gathered, augmented and normalized by one
-vectorised map: on 2 CPU cores 2.2x (batch 16) and 1.5x (batch 128) faster than a per-image
-tf.image pipeline. `normalize` is shared with export code, so a deployed model sees the pixels it
-was trained on.
+`build_train_dataset` and `build_eval_dataset` batch arrays held in memory: indices are shuffled
+instead of images, and each batch is gathered, augmented and normalized by one vectorised map,
+faster than a per-image tf.image pipeline (measured: docs/results.md). The streamed sources
+(image folders, shards) finish their batches with `augmented_and_normalized` and `finish_epoch`,
+so the same seed gives the same crops everywhere. `normalize` is shared with export code, so a
+deployed model sees the pixels it was trained on.
 """
 
-import dataclasses
 import math
 
 import numpy as np
 import tensorflow as tf
 
-from tfsplit.data import common, image_folder
-from tfsplit.data.arrays import SOURCES, load_arrays
+from tfsplit.data import common
 from tfsplit.data.common import DatasetInfo
 
 CROP_PADDING = 4  # The paper's augmentation: random crop of the image zero-padded by 4 pixels.
@@ -162,140 +162,3 @@ def build_eval_dataset(images, labels, info, batch_size):
     Args and returns as `build_train_dataset`.
     """
     return _batches(images, labels, info, batch_size)
-
-
-def build_datasets(
-    name,
-    batch_size,
-    eval_batch_size,
-    augment=True,
-    seed=0,
-    path=None,
-    train_size=None,
-    test_size=None,
-    image_size=None,
-    channels=None,
-    shard_index=0,
-    num_shards=1,
-    cache=False,
-    service_address=None,
-    local_cache_dir=None,
-):
-    """Training and test pipelines of (float32 normalized images, int32 labels) batches.
-
-    Args:
-      name: one of `SOURCES`: a `load_arrays` dataset (held in memory), "image_folder" (files
-        read and decoded while training, unless `cache`) or "shards" (TFRecord shards streamed
-        from the directory or object-store URL `path`, see `tfsplit.data.shards`).
-      path, seed, train_size, test_size, image_size, channels: as in `load_arrays`; `seed`
-        also fixes the shuffling order and the augmentation. For "shards", `path` is required
-        and the sizes and `channels` must be None: the shards fix them.
-      batch_size: training batch size.
-      eval_batch_size: test batch size.
-      augment: whether training batches get the random crop and flip.
-      shard_index: this device's number, 0 <= shard_index < num_shards.
-      num_shards: devices sharing the training set. Device i trains on every num_shards-th
-        sample from the i-th (in memory) or on every num_shards-th shard file (shards), so the
-        devices' parts are disjoint and cover the set; the test set is never split.
-      cache: shards and image folders: decode this device's training part once and train from
-        memory (the other sets are held decoded already).
-      service_address: shards: a tf.data service dispatcher whose workers read and decode the
-        shards (see `build_shard_datasets`).
-      local_cache_dir: s3:// shards: a local directory that keeps the verified shards.
-
-    Returns:
-      (train_ds, test_ds, info); `info.train_size` counts this device's training samples.
-    """
-    common.check_positive_int("batch_size", batch_size)
-    common.check_positive_int("eval_batch_size", eval_batch_size)
-    if not isinstance(augment, bool):
-        raise ValueError(f"`augment` must be a bool. Received: augment={augment!r}")
-    check_device_shard(shard_index, num_shards)
-    if name == "shards":
-        from tfsplit.data import shards  # Imported here: shards builds on this module.
-
-        _check_unset_for_shards(
-            path,
-            train_size=train_size,
-            test_size=test_size,
-            image_size=image_size,
-            channels=channels,
-        )
-        return shards.build_shard_datasets(
-            path,
-            batch_size,
-            eval_batch_size,
-            augment,
-            seed,
-            shard_index,
-            num_shards,
-            cache,
-            service_address=service_address,
-            local_cache_dir=local_cache_dir,
-        )
-    if name not in SOURCES:
-        raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
-    if local_cache_dir is not None:
-        raise ValueError(
-            "`local_cache_dir` keeps shards read from an object store (name='shards', path "
-            f"s3://...). Received: name={name!r}, local_cache_dir={local_cache_dir!r}"
-        )
-    if name == "image_folder" and not cache and service_address is None:
-        if channels not in (None, 3):
-            raise ValueError(f"Image folders give RGB images. Received: channels={channels!r}")
-        return image_folder.build_image_folder_datasets(
-            path,
-            batch_size,
-            eval_batch_size,
-            image_size,
-            augment,
-            seed,
-            shard_index,
-            num_shards,
-            train_size,
-            test_size,
-        )
-    if service_address is not None:
-        raise ValueError(
-            "`service_address` applies to streamed shards (name='shards'); an in-memory set "
-            f"is batched in this process. Received: name={name!r}, "
-            f"service_address={service_address!r}"
-        )
-    (x_train, y_train), (x_test, y_test), info = load_arrays(
-        name, path, seed, train_size, test_size, image_size, channels
-    )
-    if num_shards > len(x_train):
-        raise ValueError(
-            f"{name} has {len(x_train)} training samples, fewer than the devices sharing them. "
-            f"Received: num_shards={num_shards}"
-        )
-    x_train, y_train = x_train[shard_index::num_shards], y_train[shard_index::num_shards]
-    info = dataclasses.replace(info, train_size=len(x_train))
-    train = build_train_dataset(x_train, y_train, info, batch_size, augment=augment, seed=seed)
-    test = build_eval_dataset(x_test, y_test, info, eval_batch_size)
-    return train, test, info
-
-
-def check_device_shard(shard_index, num_shards):
-    """Raises ValueError unless device `shard_index` of `num_shards` is a valid pair."""
-    common.check_positive_int("num_shards", num_shards)
-    if not common.is_int(shard_index) or not 0 <= shard_index < num_shards:
-        raise ValueError(
-            f"`shard_index` must be an int in [0, num_shards={num_shards}). "
-            f"Received: shard_index={shard_index!r}"
-        )
-
-
-def _check_unset_for_shards(path, **fixed):
-    """Shards fix the sizes and channels they were written with, and are read from `path`."""
-    for key, value in fixed.items():
-        if value is not None:
-            raise ValueError(
-                f"`{key}` must be None for shards: the shards fix it (rewrite them with "
-                f"tfsplit-prepare-data to change it). Received: {key}={value!r}"
-            )
-    if path is None:
-        raise ValueError(
-            "shards are read from `path`, a directory written by tfsplit-prepare-data. "
-            "Received: path=None"
-        )

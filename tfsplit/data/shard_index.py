@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfsplit.data import common
 from tfsplit.data.common import DatasetFileError, DatasetInfo
+from tfsplit.data.object_store import s3_filesystem
 
 INDEX_FILE = "index.json"
 FORMAT = "tfsplit-shards"
@@ -69,9 +70,7 @@ def filesystem(path):
     if not scheme:
         return _LOCAL
     if scheme.group(1) == "s3":
-        from tfsplit.data import object_store  # Imported here: boto3 loads only when used.
-
-        return object_store.s3_filesystem()
+        return s3_filesystem()
     raise ValueError(
         f"{scheme.group(1)}:// paths are not supported; expected a local directory or "
         f"s3://bucket/prefix. Received: path={os.fspath(path)!r}"

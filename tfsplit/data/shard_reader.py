@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfsplit.data import common, pipeline
+from tfsplit.data import common
+from tfsplit.data.pipeline import augmented_and_normalized, build_train_dataset, finish_epoch
 from tfsplit.data.shard_fetch import check_shard_files, local_records, remote_records
 from tfsplit.data.shard_index import is_local, load_index
 
@@ -159,26 +160,20 @@ def _train_batches(reader, shards, batch_size, augment, seed, service_address):
 
     window_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
     windows = tf.data.Dataset.zip(windows, window_seeds).map(permute)
-    batches = pipeline.augmented_and_normalized(windows.rebatch(batch_size), info, augment, seed)
-    return pipeline.finish_epoch(batches, total, batch_size)
+    batches = augmented_and_normalized(windows.rebatch(batch_size), info, augment, seed)
+    return finish_epoch(batches, total, batch_size)
 
 
 def _eval_batches(reader, shards, batch_size):
-    batches = pipeline.augmented_and_normalized(
-        reader.decoded(shards).rebatch(batch_size), reader.info
-    )
-    return pipeline.finish_epoch(batches, sum(s.num_samples for s in shards), batch_size)
+    batches = augmented_and_normalized(reader.decoded(shards).rebatch(batch_size), reader.info)
+    return finish_epoch(batches, sum(s.num_samples for s in shards), batch_size)
 
 
 def device_shards(shards, shard_index, num_shards):
     """The shard files of device `shard_index` of `num_shards`: every num_shards-th one."""
-    pipeline.check_device_shard(shard_index, num_shards)
-    if num_shards > len(shards):
-        raise ValueError(
-            f"Each device needs a whole shard file, and there are {len(shards)} training shards. "
-            f"Received: num_shards={num_shards} (write more shards with tfsplit-prepare-data)"
-        )
-    return tuple(shards[shard_index::num_shards])
+    advice = " (each device reads whole shard files: write more with tfsplit-prepare-data)"
+    part = common.device_part(shards, shard_index, num_shards, "The shard index", "shards", advice)
+    return tuple(part)
 
 
 def build_shard_datasets(
@@ -225,12 +220,16 @@ def build_shard_datasets(
       ValueError: on a bad argument.
       DatasetFileError: on a bad index, or a missing shard or one whose size or checksum differs.
     """
-    common.check_positive_int("batch_size", batch_size)
-    common.check_positive_int("eval_batch_size", eval_batch_size)
-    for key, value in dict(augment=augment, cache=cache, verify_checksums=verify_checksums).items():
-        if not isinstance(value, bool):
-            raise ValueError(f"`{key}` must be a bool. Received: {key}={value!r}")
-    common.check_seed(seed)
+    common.check_pipeline_arguments(
+        batch_size,
+        eval_batch_size,
+        seed,
+        shard_index,
+        num_shards,
+        augment=augment,
+        cache=cache,
+        verify_checksums=verify_checksums,
+    )
     index = load_index(path)
     _check_service(service_address, index, cache)
     train_shards = device_shards(index.train, shard_index, num_shards)
@@ -252,7 +251,7 @@ def build_shard_datasets(
         # Decoded once, the device's part trains as an in-memory set does (index shuffle, batch
         # gather), at the in-memory pipeline's speed.
         images, labels = _decoded(reader, train_shards)
-        train = pipeline.build_train_dataset(images, labels, info, batch_size, augment, seed)
+        train = build_train_dataset(images, labels, info, batch_size, augment, seed)
     else:
         train = _train_batches(reader, train_shards, batch_size, augment, seed, service_address)
     test = _eval_batches(reader, index.test, eval_batch_size)

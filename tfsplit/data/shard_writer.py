@@ -1,9 +1,9 @@
 """Writes a dataset once as TFRecord shards plus index.json (what `tfsplit-prepare-data` runs).
 
 Each split becomes `num_shards` files of tf.train.Example records: "image" (the uint8 pixels,
-raw or as a lossless PNG, as the index's "encoding" says) and "label" (int64). Samples go to shards in contiguous
-blocks (shard i of a split holds the i-th slice of the stored order, `np.array_split` sizes), so
-reading a split's shards in file order gives the stored order. Every file is written under a
+raw or as a lossless PNG, as the index's "encoding" says) and "label" (int64). Samples go to
+shards in contiguous blocks (shard i of a split holds the i-th slice of the stored order,
+`np.array_split` sizes), so reading a split's shards in file order gives the stored order. Every file is written under a
 partial name and renamed into place once complete; the index goes last (see `shard_index`).
 """
 
