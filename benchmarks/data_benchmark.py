@@ -122,7 +122,7 @@ def prepare_sources(config, workdir, s3_url=None, s3_name="S3 shards", grain=Tru
             _tf_source(f"{s3_name}, local cache", _with_data(s3, local_cache_dir=cache)),
         ]
     if grain:
-        from benchmarks.grain_loader import GrainShardLoader
+        from benchmarks.grain_loader import GrainShardLoader  # optional: grain (the test extra)
 
         data = config.data
         sources.append(

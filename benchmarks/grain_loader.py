@@ -18,6 +18,7 @@ import weakref
 
 import grain
 import numpy as np
+import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
 from tfsplit.data import common
@@ -25,7 +26,7 @@ from tfsplit.data.common import DatasetFileError
 from tfsplit.data.pipeline import CROP_PADDING
 from tfsplit.data.shard_index import SPLITS, load_index
 
-try:  # Decodes PNG without a TensorFlow op per image; TensorFlow is the fallback.
+try:  # optional: Pillow decodes PNG without a TensorFlow op per image; TensorFlow is the fallback.
     from PIL import Image
 except ImportError:  # pragma: no cover
     Image = None
@@ -123,8 +124,6 @@ class ShardRecordSource:
 
 def _decode_png(data):
     if Image is None:  # pragma: no cover
-        import tensorflow as tf
-
         return tf.io.decode_png(data).numpy()
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image)

@@ -7,7 +7,7 @@ def _cell(value, digits):
 
 
 def markdown_table(result):
-    """The rows as one Markdown table (README-ready)."""
+    """The rows as one Markdown table (ready for docs/results.md)."""
     lines = [
         "| link | method | shaping | payload MB up | payload MB down | training wall s "
         "(process) | fit s (records) | time to target s (fit) | final accuracy |",

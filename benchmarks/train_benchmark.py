@@ -10,6 +10,7 @@ both, and the fastest pass of each counts (the ratio target is >= 0.95).
 import itertools
 import multiprocessing
 import time
+import types
 
 import tensorflow as tf
 import tf_keras as keras
@@ -17,6 +18,8 @@ from absl import logging
 
 from tfsplit.engine import budget as budget_lib
 from tfsplit.training import trainer
+from tfsplit.training.client import TrainingClient
+from tfsplit.training.server import service as service_lib
 
 
 def _cached_batches(dataset, count):
@@ -119,9 +122,6 @@ def benchmark_training(config, steps=50, repeats=3):
 
 def _serve_config(config, ports, parallel=False):
     """A training server for `config` until killed (the body of the server process)."""
-    import types
-
-    from tfsplit.training.server import service as service_lib
 
     def build_split(image_shape, num_classes):
         shapes = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
@@ -145,8 +145,6 @@ def benchmark_networked(config, steps=50, repeats=3):
       (networked / in process), wire_bytes_per_step (gRPC messages up and down) and
       payload_bytes_per_step.
     """
-    from tfsplit.training.client import TrainingClient
-
     keras.utils.set_random_seed(config.seed)
     train_ds, _, info = trainer.build_data(config)
     split, budget, _ = first_phase_model(config, info)
@@ -189,8 +187,6 @@ def benchmark_networked(config, steps=50, repeats=3):
 
 def _device_worker(config, port, shard_index, num_shards, steps, ready, start, results):
     """One device process of `benchmark_devices`: its shard, its head, `steps` timed steps."""
-    from tfsplit.training.client import TrainingClient
-
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.data.shard_index, config.data.num_shards = shard_index, num_shards

@@ -3,10 +3,11 @@
 The second baseline: trained from scratch at deprune's final budget for deprune's total epochs.
 
 Default (embedded dataset, budget 32 of 128 channels, 10 epochs): a few minutes on 2 CPU cores.
-Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
+Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10, budget 16 of 512, 40 epochs; a GPU.
   hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
-    images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
+    images, 5x epochs; the device-side local classifier (tfsplit/layers/local_classifier.py);
+    seconds.
 
   tfsplit-train --config=configs/casl.py --workdir=/tmp/tfsplit/casl
 """

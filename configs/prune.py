@@ -3,8 +3,9 @@
 By default the run first trains its own starting model (an unmasked phase with the bottleneck in
 place), then the prune reset closes every weak gate and the open ones compete for budget 32 over 3
 epochs, at a learning rate falling from 0.01 to 0 over all three (no boost: the start model has
-learned already, and a boost only shakes it; see README). To start from an earlier run instead,
-drop the first phase with the `:finetune` variant and point `init_from` at that run's workdir:
+learned already, and a boost only shakes it; see docs/experiments.md). To start from an earlier
+run instead, drop the first phase with the `:finetune` variant and point `init_from` at that run's
+workdir:
 
   tfsplit-train --config=configs/sl.py --config.model.bottleneck.enabled=True \
       --workdir=/tmp/tfsplit/start
@@ -12,12 +13,13 @@ drop the first phase with the `:finetune` variant and point `init_from` at that 
       --workdir=/tmp/tfsplit/prune
 
 Default (embedded dataset, 10 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
-e.g. `:steps,smoke`; see tfsplit/config.py):
+e.g. `:steps,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
   steps: the research code's prune 32 -> 4: 10 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
   hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
-    images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
+    images, 5x epochs; the device-side local classifier (tfsplit/layers/local_classifier.py);
+    seconds.
 
   tfsplit-train --config=configs/prune.py --workdir=/tmp/tfsplit/prune
 """

@@ -4,10 +4,11 @@ No bottleneck; the device sends the cut activations (and labels) up, the server 
 gradients down. The reference point for deprune's network savings.
 
 Default (embedded dataset, VGG-11 width 1/4 cut after conv 5, 10 epochs): a few minutes on 2 CPU
-cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/config.py):
+cores. Variants (comma-separated, e.g. `:hard,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10, 40 epochs; a GPU.
   hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
-    images, 5x epochs; the device-side local classifier (tfsplit/local_loss.py); seconds.
+    images, 5x epochs; the device-side local classifier (tfsplit/layers/local_classifier.py);
+    seconds.
 
   tfsplit-train --config=configs/sl.py --workdir=/tmp/tfsplit/sl
 """

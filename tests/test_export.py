@@ -391,6 +391,16 @@ def test_load_run_loads_the_saved_split_model(run, workdir):
     np.testing.assert_array_equal(indices, run.split.channel_indices(k).numpy())
 
 
+def test_load_run_test_images_gives_the_runs_test_set(run, workdir, tmp_path):
+    images, labels = export_lib.load_run_test_images(workdir, 5)
+    np.testing.assert_array_equal(images, run.test_images[:5])
+    np.testing.assert_array_equal(labels, run.test_labels[:5])
+    with pytest.raises(export_lib.ExportError, match="No training config"):
+        export_lib.load_run_test_images(str(tmp_path), 5)
+    with pytest.raises(export_lib.ExportError, match="count"):
+        export_lib.load_run_test_images(workdir, 0)
+
+
 def test_a_split_model_exports_with_its_data(run, tmp_path):
     train, test = (run.train_images, run.train_labels), (run.test_images, run.test_labels)
     with pytest.raises(export_lib.ExportError, match="TrainedRun.from_model"):

@@ -5,6 +5,7 @@ first imported; setting it here keeps `tf.keras` and `tf_keras` the same object,
 object can slip into a tfsplit model.
 """
 
+import importlib
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -28,6 +29,4 @@ __all__ = sorted(_LAZY)
 def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'tfsplit' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(_LAZY[name]), name)

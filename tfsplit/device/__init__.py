@@ -17,7 +17,7 @@ token=..., root_certificates=...)` sends the token of a server that asks for one
 
 from tfsplit.device.bench import bench_head, bench_heads, find_heads, format_bench_table
 from tfsplit.device.head import HeadRunner, LiteModel, normalize_images, quantize_input
-from tfsplit.device.images import load_images, load_run_test_images
+from tfsplit.device.images import load_images
 from tfsplit.device.payload import WirePayload, build_payload, wire_payload
 from tfsplit.device.rest import RestClient, ServingError, predict_body
 from tfsplit.device.runner import (
@@ -55,7 +55,6 @@ __all__ = [
     "head_json",
     "latency_summary",
     "load_images",
-    "load_run_test_images",
     "load_spec",
     "make_client",
     "normalize_images",

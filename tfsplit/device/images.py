@@ -1,16 +1,16 @@
-"""Images for the device runner: PNG/JPEG files (with Pillow), .npy arrays, or a run's test set.
+"""Images for the device runner: PNG/JPEG files (with Pillow) or .npy arrays.
 
 Every source gives uint8 (N, H, W, C) pixels of exactly the head's input size; a mismatch is an
 error naming the file and both shapes (resizing silently would change what the model sees).
-PNG/JPEG need Pillow and .npy only numpy; a run's test set needs tfsplit's data module and
-TensorFlow, so it is for a development machine, imported only when asked for.
+PNG/JPEG need Pillow and .npy only numpy. A run's test set needs TensorFlow, so it is loaded
+outside this room, by `tfsplit.export.load_run_test_images` on a development machine.
 """
 
 import os
 
 import numpy as np
 
-from tfsplit.device.spec import DeviceError, check_count, read_json
+from tfsplit.device.spec import DeviceError
 
 NUMPY_SUFFIX = ".npy"
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -18,7 +18,7 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 def _read_pillow(path, channels):
     try:
-        from PIL import Image  # optional on devices
+        from PIL import Image  # optional: Pillow, for PNG/JPEG files only; a device may lack it
     except ImportError:
         raise DeviceError(
             f"Reading {path} needs Pillow (pip install pillow); or pass the image as a uint8 "
@@ -90,42 +90,3 @@ def load_images(paths, image_shape):
             )
         batches.append(images.astype(np.uint8))
     return np.concatenate(batches)
-
-
-def load_run_test_images(workdir, count):
-    """The first `count` test images and labels of a training run's dataset (development only).
-
-    Loads them with `tfsplit.data.load_arrays` and the run's config.json, with the data
-    arguments the trainer used (the embedded synthetic set is regenerated from the run's seed).
-
-    Returns:
-      (uint8 (count, H, W, C) images, int32 (count,) labels).
-
-    Raises:
-      DeviceError: no TensorFlow here, a workdir without config.json, or too few test images.
-    """
-    check_count("count", count)
-    path = os.path.join(os.fspath(workdir), "config.json")
-    missing = (
-        f"No training config at {path}: --dataset_images needs the workdir of the run that made "
-        "the head (pass it, or keep the head JSON's source.workdir valid)."
-    )
-    config = read_json(path, missing)
-    try:
-        # TensorFlow and tfsplit.data: development machines only.
-        import ml_collections
-
-        from tfsplit.training import trainer
-    except ImportError as error:
-        raise DeviceError(
-            f"A run's test images need tfsplit's data module and TensorFlow ({error}); on a "
-            "device pass image files instead."
-        ) from None
-    config = ml_collections.ConfigDict(config)
-    test_size = config.data.test_size or count
-    if count > test_size:
-        raise DeviceError(f"The run's test set has {test_size} images. Received: count={count}")
-    _, (images, labels), _ = trainer.load_run_arrays(config, train_size=1, test_size=count)
-    if count > len(images):  # a shards run: its whole test split, whatever its size.
-        raise DeviceError(f"The run's test set has {len(images)} images. Received: count={count}")
-    return images[:count], labels[:count]

@@ -60,7 +60,7 @@ def make_client(
     if protocol == "rest":
         return RestClient(server, model_name, timeout_s=timeout_s, version=version, **security)
     try:
-        from tfsplit.device import grpc_client  # grpcio: optional on devices
+        from tfsplit.device import grpc_client  # optional: grpcio (a device may speak REST only)
     except ImportError as error:
         raise DeviceError(f"gRPC needs grpcio (pip install grpcio), or use REST: {error}") from None
     return grpc_client.GrpcClient(

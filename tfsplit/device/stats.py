@@ -15,7 +15,8 @@ def latency_summary(seconds):
     values = np.asarray(seconds, np.float64) * 1e3
     if values.ndim != 1 or not values.size or not np.isfinite(values).all() or values.min() < 0:
         raise DeviceError(
-            f"Latencies must be a non-empty list of finite durations >= 0. Received: {seconds!r:.80}"
+            "Latencies must be a non-empty list of finite durations >= 0. "
+            f"Received: {seconds!r:.80}"
         )
     p50, p95 = np.percentile(values, [50, 95])
     return {"p50_ms": float(p50), "p95_ms": float(p95), "mean_ms": float(values.mean())}

@@ -11,6 +11,8 @@ import json
 import os
 
 import ml_collections
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from tfsplit import callbacks
 from tfsplit.training import trainer
@@ -105,11 +107,6 @@ def evaluate_workdir(workdir, budgets=None):
 
 def write_curve(rows, out_dir, title):
     """Writes the rows as CSV and as a PNG plot (accuracy against bytes); returns both paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     os.makedirs(out_dir, exist_ok=True)
     csv_path, png_path = os.path.join(out_dir, CSV_FILE), os.path.join(out_dir, PNG_FILE)
     with open(csv_path, "w", newline="") as f:
@@ -117,7 +114,10 @@ def write_curve(rows, out_dir, title):
         writer.writeheader()
         writer.writerows({key: row[key] for key in FIELDS} for row in rows)
     points = [(row["payload_bytes_per_sample"], 100 * row["test_accuracy"]) for row in rows]
-    figure, axis = pyplot.subplots(figsize=(5, 3.5), dpi=120)
+    # A Figure on its own Agg canvas, not pyplot: no global backend is set for the caller.
+    figure = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
     axis.plot(*zip(*points), marker="o")
     for row, point in zip(rows, points):
         axis.annotate(
@@ -130,5 +130,4 @@ def write_curve(rows, out_dir, title):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(png_path)
-    pyplot.close(figure)
     return csv_path, png_path

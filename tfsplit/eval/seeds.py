@@ -1,9 +1,9 @@
 """The reproduce table over several seeds: each seed's runs, and their means.
 
-On data where a single run's accuracy moves by points with the seed (on the hard embedded set at
-ten epochs SL ended at 40.60, 22.85 and 43.75% at seeds 0, 1 and 2), one run per method cannot
-tell methods apart; the mean of a few can, and the per-seed values show how far apart they are. Each seed trains into `<workdir>/seed_<s>` with its
-own table there; the means go in `<workdir>`.
+On data where a single run's accuracy moves by points with the seed (the hard embedded set at
+ten epochs: docs/experiments.md), one run per method cannot tell methods apart; the mean of a few
+can, and the per-seed values show how far apart they are. Each seed trains into
+`<workdir>/seed_<s>` with its own table there; the means go in `<workdir>`.
 """
 
 import copy

@@ -13,7 +13,7 @@ or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_p
 
 from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
 from tfsplit.export.report import SplitExport, evaluate_exports, export_split, format_table
-from tfsplit.export.run import ExportError, TrainedRun, load_run
+from tfsplit.export.run import ExportError, TrainedRun, load_run, load_run_test_images
 from tfsplit.export.tail import SIGNATURE, TAIL_DTYPES, TailExport, export_tail, run_tail
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "export_tail",
     "format_table",
     "load_run",
+    "load_run_test_images",
     "run_head",
     "run_tail",
 ]

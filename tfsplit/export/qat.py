@@ -1,10 +1,11 @@
 """Quantization-aware fine-tuning of the head, for int8 heads that keep the float accuracy.
 
 Route: every head layer is annotated with tfmot's default 8-bit scheme, the `MaskedEncoder` with
-`tfsplit.layers.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a fake-quantized copy
-of the head (the trained model is left untouched). That copy and a frozen copy of the float tail
-make a `SplitModel` that `fit` fine-tunes for a short while on the training images at the export's
-budget (budget loss off), then the head is converted to int8 like a post-training head.
+`tfsplit.layers.bottleneck.MaskedEncoderQuantizeConfig`, and `quantize_apply` builds a
+fake-quantized copy of the head (the trained model is left untouched). That copy and a frozen copy
+of the float tail make a `SplitModel` that `fit` fine-tunes for a short while on the training
+images at the export's budget (budget loss off), then the head is converted to int8 like a
+post-training head.
 
 Two choices make a *short* fine-tune useful:
 - tfmot starts every activation range at [-6, 6] and moves it as a 0.999 moving average, so after

@@ -157,8 +157,8 @@ def _check_split(name, pair, model):
     return images, labels.astype(np.int32)
 
 
-def _read_json(path, what):
-    missing = (
+def _read_json(path, what, missing=None):
+    missing = missing or (
         f"The workdir has no {what}: expected {path} (written by tfsplit-train). "
         "Received a directory that is not a finished training run."
     )
@@ -206,6 +206,37 @@ def load_run(workdir):
         config=config,
         summary=summary,
     )
+
+
+def load_run_test_images(workdir, count):
+    """The first `count` test images and labels of a training run's dataset.
+
+    What `tfsplit-run-head --dataset_images` feeds a device's head on a development machine: the
+    data arguments come from the run's config.json, as the trainer used them (the embedded
+    synthetic set is regenerated from the run's seed), and no model is loaded.
+
+    Returns:
+      (uint8 (count, H, W, C) images, int32 (count,) labels).
+
+    Raises:
+      ExportError: a count that is not a positive integer, a workdir without config.json, or too
+        few test images.
+    """
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ExportError(f"`count` must be an integer >= 1. Received: count={count!r}")
+    path = os.path.join(os.fspath(workdir), trainer.CONFIG_FILE)
+    missing = (
+        f"No training config at {path}: --dataset_images needs the workdir of the run that made "
+        "the head (pass it, or keep the head JSON's source.workdir valid)."
+    )
+    config = ml_collections.ConfigDict(_read_json(path, "config", missing))
+    test_size = config.data.test_size or count
+    if count > test_size:
+        raise ExportError(f"The run's test set has {test_size} images. Received: count={count}")
+    _, (images, labels), _ = trainer.load_run_arrays(config, train_size=1, test_size=count)
+    if count > len(images):  # a shards run: its whole test split, whatever its size.
+        raise ExportError(f"The run's test set has {len(images)} images. Received: count={count}")
+    return images[:count], labels[:count]
 
 
 def as_run(source):

@@ -106,7 +106,7 @@ def base_config(mode):
     config.model.bottleneck.resolution_compression = 1  # encoder stride.
     config.model.bottleneck.gate_init_max = 15.0  # gate logits start uniform in [0, this].
     # > 0: a classifier on the device's features at the cut adds its loss, times this, to the
-    # head's (tfsplit.layers.local_classifier): no bytes, a faster start (README); 0 = none.
+    # head's (tfsplit.layers.local_classifier): no bytes, a faster start (docs/method.md); 0 = none.
     config.model.local_loss_weight = 0.0
 
     # Schedule: a list of phases (see `phase`).
@@ -223,18 +223,18 @@ def _paper(config):
 
 def _hard(config):
     config.data.name = "synthetic_hard"
-    # Without a loss of its own the head starves on 80 classes: SL reached 35.7% in 10 epochs and
-    # still gained 6 to 7 points an epoch, so the comparisons measured how soon each run took off.
-    # At full weight (`hard,local`) the classifier lifts every method by 28 to 38 points but
-    # carries the cut so well that CA-SL at 4 channels loses only 9.3 points to SL, under the
-    # set's 10; at half weight the budget costs 12.1 points again (README).
+    # Without a loss of its own the head starves on 80 classes: ten epochs end mid-climb, so the
+    # comparisons measured how soon each run took off. At full weight (`hard,local`) the
+    # classifier lifts every method but carries the cut so well that the budget matters
+    # less; at half weight it matters again (measured: docs/results.md#hard-set and
+    # docs/experiments.md#hard-set-without-the-local-classifier).
     config.model.local_loss_weight = 0.5
 
 
 def _small(config):
     # 23 steps an epoch: five times the epochs, so that runs end where they level off instead of
-    # mid-climb, where the method that starts fastest wins (at three times, SL still gained 4.8
-    # points over its last five epochs and every masked method ended 3 to 6 points below it).
+    # mid-climb, where the method that starts fastest wins (at three times every run was still
+    # climbing and the masked methods ended below SL: docs/experiments.md#small-data).
     config.data.train_size = 1500
     for entry in config.phases:
         for key in ("epochs", "boost_epochs", "anneal_epochs"):
@@ -261,7 +261,7 @@ _APPLY = {"paper": _paper, "hard": _hard, "small": _small, "local": _local, "smo
 
 
 def load_config_file(path, variant=""):
-    """`get_config(variant)` of a config file (e.g. "hard,smoke"), as `--config=path:variant` does."""
+    """`get_config(variant)` of a config file (e.g. "hard,smoke"), like `--config=path:variant`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"No config file at {path}; expected a Python file with get_config()."
