@@ -68,7 +68,7 @@ class Sizes:
 
 @dataclasses.dataclass
 class MethodRun:
-    """One method's config as loaded here, and the same as flags for the tfsplit_tools."""
+    """One method's config as loaded here, and the same as flags for the tools."""
 
     method: str
     config: object

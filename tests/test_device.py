@@ -84,7 +84,7 @@ def _run_python(args, timeout=120):
 
 
 def test_device_codec_and_auth_import_without_tensorflow():
-    # The tfsplit_tools' own runs without TensorFlow are below (absl flags clash in one process).
+    # The tools' own runs without TensorFlow are below (absl flags clash in one process).
     code = (
         "import sys; import tfsplit.device, tfsplit.device.grpc_client, tfsplit_tools.run_head; "
         "import tfsplit.codec, tfsplit.auth.credentials, tfsplit.auth.grpc_server; "
@@ -376,7 +376,7 @@ def test_latency_summary_by_hand():
         device.latency_summary([])
 
 
-# --- the tfsplit_tools, on a machine without TensorFlow -------------------------------------
+# --- the tools, on a machine without TensorFlow -------------------------------------
 
 
 def test_run_head_tool_without_tensorflow(run, exported, servers, tmp_path):

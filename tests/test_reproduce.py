@@ -258,7 +258,7 @@ def test_reproduce_end_to_end_on_smoke_configs(tmp_path):
 
 
 def test_tool_presets_load_the_data_they_name():
-    # A subprocess, as in test_tools.py: the tfsplit_tools' absl flags are global to a process.
+    # A subprocess, as in test_tools.py: the tools' absl flags are global to a process.
     result = subprocess.run(
         [sys.executable, "-c", PRESETS_SCRIPT],
         cwd=REPO_ROOT,

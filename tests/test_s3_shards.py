@@ -23,7 +23,7 @@ from s3_server import (  # noqa: F401  (fixtures)
     own_moto_server,
     s3_bucket,
 )
-from test_tools import run_tool  # the tfsplit_tools in a subprocess, as test_tools runs them
+from test_tools import run_tool  # the tools in a subprocess, as test_tools runs them
 
 from tfsplit import data
 from tfsplit.data import object_store, shard_reader, shards

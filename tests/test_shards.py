@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_tools import run_tool  # the tfsplit_tools in a subprocess, as test_tools runs them
+from test_tools import run_tool  # the tools in a subprocess, as test_tools runs them
 
 from tfsplit import data
 from tfsplit.data import shards

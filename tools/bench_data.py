@@ -7,20 +7,23 @@ Writes the config's training data as an image folder (PNG files), local TFRecord
 same shards in a bucket of a local S3-compatible server (moto, started on 127.0.0.1 and stopped
 by this tool), then measures each source and Grain on the local shards: loader samples/s, time to
 first batch, CPU use, and `fit` samples/s of the config's split model fed by it. Prints one table
-and writes bench_data.json (a list of rows) into --workdir.
+and writes bench_data.json (a list of rows) into --workdir. Runs from a clone of tfsplit: the
+benchmark programs (benchmarks/) are not installed.
 """
 
 import contextlib
 import json
 import os
 import platform
+import sys
 
+import boto3
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from benchmarks import data_benchmark
+from tfsplit.data import object_store
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -40,21 +43,18 @@ flags.mark_flags_as_required(["config"])
 
 
 @contextlib.contextmanager
-def _local_bucket(link_mbit):
+def _local_bucket(local_s3, link_mbit):
     """A moto server on 127.0.0.1 (behind a shaped link when asked), with this process's boto3
     pointed at it; yields the bucket's s3:// URL and the rows' name."""
-    import boto3
-
-    from benchmarks.local_s3 import FaultProxy, MotoServer, client_environment
-    from tfsplit.data import object_store
-
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(MotoServer())
+        server = stack.enter_context(local_s3.MotoServer())
         endpoint, name = server.endpoint, "S3 shards (loopback)"
         if link_mbit:
-            endpoint = stack.enter_context(FaultProxy(server.port, rate_mbit=link_mbit)).endpoint
+            endpoint = stack.enter_context(
+                local_s3.FaultProxy(server.port, rate_mbit=link_mbit)
+            ).endpoint
             name = f"S3 shards ({link_mbit:g} Mbit/s link)"
-        settings, foreign = client_environment(endpoint)
+        settings, foreign = local_s3.client_environment(endpoint)
         saved = dict(os.environ)
         for variable in foreign:
             os.environ.pop(variable, None)
@@ -86,10 +86,13 @@ def _table(rows):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # benchmarks/ is not installed: imported from the clone, once its root is on sys.path.
+    data_benchmark = cli.import_benchmark("data_benchmark")
     with contextlib.ExitStack() as stack:
         s3_url, s3_name = None, None
         if _S3.value:
-            s3_url, s3_name = stack.enter_context(_local_bucket(_S3_LINK_MBIT.value))
+            local_s3 = cli.import_benchmark("local_s3")
+            s3_url, s3_name = stack.enter_context(_local_bucket(local_s3, _S3_LINK_MBIT.value))
         rows = data_benchmark.benchmark_data(
             _CONFIG.value,
             _WORKDIR.value,
@@ -104,9 +107,6 @@ def main(argv):
         json.dump(rows, f, indent=2)
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Latency of the float32, float16 and int8 heads in LiteRT on one thread, side by side.
 
   tfsplit-bench-head --export_dir=/tmp/tfsplit/deprune/export
-  python -m tfsplit_tools.bench_head --export_dir=... --runs=1000 --num_threads=4
+  tfsplit-bench-head --export_dir=... --runs=1000 --num_threads=4
 
 Needs only numpy, absl-py and ai-edge-litert, so it runs on the device too. Each head runs on one
 image per call after --warmup untimed calls; prints file_bytes (the .tflite's size) and
@@ -11,9 +11,10 @@ p50/p95/mean milliseconds, and writes bench_head.json into --out (default the ex
 import json
 import os
 import platform
+import sys
 
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 from tfsplit import device
 
@@ -46,9 +47,6 @@ def main(argv):
     print(f"Wrote {path}")
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -8,12 +8,13 @@ Links are wifi (100 Mbit/s, 5 ms RTT), 4g (10 Mbit/s, 40 ms) and poor (2 Mbit/s,
 either side of the link: as root, in two network namespaces joined by a veth pair shaped with tc;
 elsewhere through a proxy on loopback that shapes the rate and adds the delay (the table says
 which). The configs are shrunk (--train_size, --test_size, --epochs_scale, --variant) so that the
-default table takes roughly 20 minutes on 2 CPU cores; the expected bytes and link time of each run
-are printed first (--plan_only prints them alone). Prints one Markdown table and writes
-bench_network.json into --workdir. Wall time is the device process's, start to exit; time to
+default table runs on 2 CPU cores (its time: docs/results.md); the expected bytes and link time
+of each run are printed first (--plan_only prints them alone). Prints one Markdown table and
+writes bench_network.json into --workdir. Wall time is the device process's, start to exit; time to
 target is the run's own training time (metrics.jsonl) until its first epoch at the target accuracy
 (default: 0.9 x SL's final accuracy on the fastest link). Prune fine-tunes over the link from a
 start model trained in this process first, not over the link; its rows time the fine-tuning.
+Runs from a clone of tfsplit: the benchmark programs (benchmarks/) are not installed.
 """
 
 import json
@@ -23,18 +24,17 @@ import signal
 import sys
 
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from benchmarks import links as links_lib
-from benchmarks import network_benchmark, network_report
+from tfsplit.eval import reproduce
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
 _LINKS = flags.DEFINE_list("links", ["wifi", "4g", "poor"], "Links: names or name=Mbit/RTT_ms.")
-_METHODS = flags.DEFINE_list("methods", list(network_benchmark.METHODS), "Methods to train.")
+_METHODS = flags.DEFINE_list("methods", list(reproduce.METHODS), "Methods to train.")
 _CONFIG_DIR = flags.DEFINE_string(
     "config_dir",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
+    cli.clone_path("configs"),
     "Directory of sl.py, casl.py, deprune.py and prune.py.",
 )
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant for every method (e.g. hard).")
@@ -71,6 +71,10 @@ def _print_plan(sizes, estimates, links):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # benchmarks/ is not installed: imported from the clone, once its root is on sys.path.
+    links_lib = cli.import_benchmark("links")
+    network_benchmark = cli.import_benchmark("network_benchmark")
+    network_report = cli.import_benchmark("network_report")
     # A plain `kill` unwinds like Ctrl-C: child processes stopped, namespaces deleted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     links = [links_lib.parse_link(spec) for spec in _LINKS.value]
@@ -120,9 +124,6 @@ def main(argv):
         raise SystemExit(f"{len(failed)} runs failed ({', '.join(failed)}); see their logs.")
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -8,19 +8,19 @@ also times the same step over gRPC on loopback (a training server in this proces
 in-process step (the target is >= 0.7) and adds those figures under "networked"; --devices=1,2,4
 times that many device processes (each its own data shard and head) training one tail, with
 the server in each of --modes (sequential: each step in turn; parallel: concurrent steps as one
-batch).
+batch). Runs from a clone of tfsplit: the benchmark programs (benchmarks/) are not installed.
 """
 
 import json
 import os
 import platform
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from benchmarks import train_benchmark as benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -44,6 +44,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # benchmarks/ is not installed: imported from the clone, once its root is on sys.path.
+    benchmark = cli.import_benchmark("train_benchmark")
     result = benchmark.benchmark_training(_CONFIG.value, _STEPS.value, _REPEATS.value)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     print(
@@ -83,9 +85,6 @@ def main(argv):
         json.dump(result, f, indent=2)
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

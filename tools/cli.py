@@ -1,17 +1,27 @@
-"""What every tool shares: a quiet TensorFlow start-up and one-line user errors with status 2.
+"""What every tool shares: the console scripts' entry, a quiet TensorFlow start-up, one-line errors.
 
-Importing this package sets TensorFlow's C++ log level from `--verbosity` in sys.argv, before any
-tool imports TensorFlow: below 1 (the default) TF_CPP_MIN_LOG_LEVEL=3, which hides the CUDA,
-oneDNN and CPU-feature notices; `--verbosity=1` (`-v 1`) keeps TensorFlow's own level. Lines that
-TensorFlow's shared libraries write while loading, before they read that variable, are filtered to
-the same level. An explicit TF_CPP_MIN_LOG_LEVEL in the environment wins.
+Each console script `tfsplit-<tool>` points at `main` here, which quiets TensorFlow's start-up and
+only then imports `tfsplit_tools.<tool>` (a tool imports TensorFlow at its top) and runs its
+`main` with `run`. `python -m tfsplit_tools.<tool>` makes the same two calls at the end of the tool
+module, after its imports: there the quieting reaches only what is still to load, so TensorFlow's
+load-time lines are printed (the console scripts are the quiet way to run a tool).
 
-Imports neither TensorFlow nor a tfsplit module that does: tfsplit_tools.run_head runs on devices without
-TensorFlow.
+`quiet_tensorflow_startup(argv)`: below `--verbosity=1` (the default), TF_CPP_MIN_LOG_LEVEL=3,
+which hides the CUDA, oneDNN and CPU-feature notices, and the lines that TensorFlow's shared
+libraries write while loading, before they read that variable, are filtered to the same level;
+`--verbosity=1` (`-v 1`) keeps TensorFlow's own level. An explicit TF_CPP_MIN_LOG_LEVEL in the
+environment wins.
+
+`run(main)`: absl's `app.run`, except that a user error ends the program with one line,
+`<program>: error: <what was wrong>`, and status 2.
+
+Importing this module has no side effect. It imports neither TensorFlow nor a tfsplit module that
+does: tfsplit_tools.run_head runs on devices without TensorFlow.
 """
 
 import contextlib
 import functools
+import importlib
 import importlib.abc
 import importlib.util
 import os
@@ -22,6 +32,28 @@ import traceback
 
 from absl import app, flags
 
+try:  # Optional dependency: grpcio (a device that speaks REST to the tail may lack it).
+    import grpc
+except ImportError:
+    grpc = None
+
+# The tool modules, one per console script tfsplit-<name with "-" for "_">.
+TOOLS = (
+    "bench_data",
+    "bench_head",
+    "bench_network",
+    "bench_train",
+    "data_service",
+    "evaluate",
+    "export",
+    "infer",
+    "prepare_data",
+    "reproduce",
+    "run_head",
+    "serve",
+    "train",
+    "train_server",
+)
 # Library exceptions that mean bad input; the tfsplit ones (ExportError, DeviceError, PayloadError,
 # DatasetFileError, ...) derive from ValueError.
 USER_ERRORS = (
@@ -32,6 +64,22 @@ USER_ERRORS = (
     IsADirectoryError,
 )
 USER_ERROR_STATUS = 2
+# gRPC refusals the user can act on (a wrong token, a server down, out of reach or too slow, one
+# that runs another config or is full), with what to say first; other codes keep their traceback.
+_RPC_USER_ERRORS = {
+    "UNAUTHENTICATED": "the server refused the token; check --token_file",
+    "PERMISSION_DENIED": "the server refused the call",
+    "UNAVAILABLE": "cannot reach the server; check --server and that the server runs",
+    "DEADLINE_EXCEEDED": "the server did not answer in time",
+    "FAILED_PRECONDITION": "the server refused the call",
+    "RESOURCE_EXHAUSTED": "the server refused the call",
+}
+_RPC_ERRORS = (grpc.RpcError,) if grpc is not None else ()
+
+_TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+# The clone these tools run from (an editable install, or a run inside the repository): the folder
+# above tools/. None for an installed copy (.../site-packages/tfsplit_tools).
+CLONE_ROOT = os.path.dirname(_TOOLS_DIR) if os.path.basename(_TOOLS_DIR) == "tools" else None
 
 _SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3
 # absl C++ ("I0000 00:00:17.5  42 port.cc:153] ...") and TSL ("2025-01-01 10:00:00.1: I x.cc:1] ").
@@ -39,6 +87,9 @@ _CPP_LOG_LINE = re.compile(
     r"^(?:([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )\S+:\d+\] "
 )
 _ABSL_PREINIT_WARNING = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+# --------------------------------------------------------------------------- quiet start-up
 
 
 def _argv_verbosity(argv):
@@ -121,12 +172,24 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _argv_verbosity(sys.argv) < 1:
+def quiet_tensorflow_startup(argv):
+    """Sets TensorFlow's C++ log level from `--verbosity` in `argv`, before flags are parsed.
+
+    Below 1: TF_CPP_MIN_LOG_LEVEL=3 (unless set), and if TensorFlow is still to be imported, its
+    load-time lines are filtered to that level when it is (a one-shot import hook). From 1 on:
+    TensorFlow's own level. Call it before TensorFlow is imported; later it reaches what is still
+    to load.
+    """
+    if _argv_verbosity(argv) >= 1:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" not in sys.modules and _min_log_level() > 0:
+    hooked = any(isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path)
+    if "tensorflow" not in sys.modules and _min_log_level() > 0 and not hooked:
         sys.meta_path.insert(0, _QuietTensorFlowImport())
-else:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+
+
+# --------------------------------------------------------------------------- one-line errors
 
 
 def _one_line(error):
@@ -138,6 +201,16 @@ def _one_line(error):
         return " ".join(lines)
     flag = re.match(r"flag --\S+?: ", lines[0])  # absl's "flag --name=value: ..."
     return (flag.group(0) if flag else "") + re.sub(r"^\w+(?:Error|Exception): ", "", lines[-1])
+
+
+def _rpc_user_error(error):
+    """One line for a gRPC refusal the user can act on; None for another (a bug: a traceback)."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    what = _RPC_USER_ERRORS.get(getattr(code, "name", None))
+    if what is None:
+        return None
+    details = " ".join(line.strip() for line in (error.details() or "").splitlines())
+    return f"{what} (gRPC {code.name}: {details or 'no details'})"
 
 
 def _exit_with_user_error(program, message):
@@ -164,7 +237,7 @@ def _config_file_error(error, name=None):
 
 
 def _config_files_error():
-    """A config file's load error, which ml_collections otherwise raises at the config's first use."""
+    """A config file's load error, which ml_collections would raise at the config's first use."""
     for name in flags.FLAGS:
         flag = flags.FLAGS[name]
         if type(flag.parser).__module__.startswith("ml_collections.") and flag.value is not None:
@@ -196,10 +269,14 @@ def _parse_flags(program, argv):
 def _main_with_user_errors(program, main, argv):
     try:
         return main(argv)
-    except (app.UsageError, *USER_ERRORS) as error:
+    except (app.UsageError, *USER_ERRORS, *_RPC_ERRORS) as error:
+        rpc = bool(_RPC_ERRORS) and isinstance(error, _RPC_ERRORS)
+        message = _rpc_user_error(error) if rpc else _one_line(error)
+        if message is None:
+            raise
         if flags.FLAGS.verbosity >= 1:
             traceback.print_exc()
-        _exit_with_user_error(program, _one_line(error))
+    _exit_with_user_error(program, message)
 
 
 def _program_name(main):
@@ -207,20 +284,74 @@ def _program_name(main):
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec else ""
-    if module.startswith("tfsplit_tools."):
+    if module.startswith(f"{__package__}."):
         return "tfsplit-" + module.split(".", 1)[1].replace("_", "-")
     return os.path.basename(sys.argv[0])
 
 
-def run_tool(main):
+def run(main):
     """Runs `main` as absl's `app.run` does, except that user errors end it with one line.
 
-    A bad flag or config override, a config file that cannot be loaded, `app.UsageError` and
-    `USER_ERRORS` raised by `main` print `<program>: error: <what was wrong>` to stderr and exit
-    with status 2, without a traceback (`--verbosity=1` adds it); other exceptions keep theirs.
+    A bad flag or config override, a config file that cannot be loaded, `app.UsageError`,
+    `USER_ERRORS` and the gRPC refusals a user can act on (a wrong token, an unreachable server)
+    raised by `main` print `<program>: error: <what was wrong>` to stderr and exit with status 2,
+    without a traceback (`--verbosity=1` adds it); other exceptions keep theirs.
     """
     program = _program_name(main)
     app.run(
         functools.partial(_main_with_user_errors, program, main),
         flags_parser=functools.partial(_parse_flags, program),
     )
+
+
+# --------------------------------------------------------------------------- entry and clone
+
+
+def main():
+    """Every console script's entry: `tfsplit-<tool>` runs tfsplit_tools.<tool>, quietly.
+
+    The program's name picks the tool; start-up is quieted before the tool module (and with it
+    TensorFlow) is imported.
+    """
+    program = os.path.basename(sys.argv[0])
+    tool = program.removeprefix("tfsplit-").replace("-", "_")
+    if not program.startswith("tfsplit-") or tool not in TOOLS:
+        names = ", ".join("tfsplit-" + name.replace("_", "-") for name in TOOLS)
+        _exit_with_user_error(program, f"not a tfsplit console script; those are {names}")
+    quiet_tensorflow_startup(sys.argv)
+    module = importlib.import_module(f"{__package__}.{tool}")
+    _help_from(module)
+    run(module.main)
+
+
+def _help_from(module):
+    """--help shows __main__'s docstring and the flags of the module named sys.argv[0] (absl); here
+    __main__ is the console script's wrapper, so both come from the tool module instead."""
+    sys.modules["__main__"].__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def clone_path(*parts):
+    """A path inside the clone these tools run from, or relative to the working directory."""
+    return os.path.join(CLONE_ROOT or os.curdir, *parts)
+
+
+def import_benchmark(name):
+    """`benchmarks.<name>` from the clone these tools run from: benchmarks/ is not installed.
+
+    Puts the clone's root on sys.path (spawned processes inherit it).
+
+    Raises:
+      FileNotFoundError: these tools are an installed copy, or their clone has no benchmarks/.
+    """
+    if CLONE_ROOT is None or not os.path.isfile(
+        os.path.join(CLONE_ROOT, "benchmarks", "__init__.py")
+    ):
+        raise FileNotFoundError(
+            f"this tool needs a clone of tfsplit: benchmarks/ is not installed and there is none "
+            f"beside {_TOOLS_DIR}; run it from a clone installed with `pip install -e .`"
+        )
+    if CLONE_ROOT not in sys.path:
+        sys.path.insert(0, CLONE_ROOT)
+    return importlib.import_module(f"benchmarks.{name}")

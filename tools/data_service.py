@@ -12,7 +12,7 @@ shard files themselves: they need the index's filesystem (local or shared).
 import sys
 
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data.service import start_data_service
@@ -34,9 +34,6 @@ def main(argv):
     service.join()
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

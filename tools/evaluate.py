@@ -7,8 +7,10 @@ the run's test set and reports test accuracy and inference payload bytes per sam
 budget_curve.csv and budget_curve.png into --out (default: the run's workdir).
 """
 
+import sys
+
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import curve
@@ -45,9 +47,6 @@ def main(argv):
     print(f"wrote {csv_path} and {png_path}")
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -11,8 +11,10 @@ Keras split model at the same budget. Without --qat/--noqat the int8 head is fin
 quantization-aware training only when post-training int8 loses more than 1 accuracy point.
 """
 
+import sys
+
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import export as export_lib
@@ -63,9 +65,6 @@ def main(argv):
         print(f"tail {dtype}: {tail.path} ({tail.size_bytes} bytes)")
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

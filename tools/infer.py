@@ -1,7 +1,7 @@
 """Split inference end to end over loopback: LiteRT heads -> tail servers, against Keras.
 
   tfsplit-infer --workdir=/tmp/tfsplit/deprune --protocols=rest,grpc
-  python -m tfsplit_tools.infer --export_dir=/tmp/deploy --max_samples=200 --dtypes=int8
+  tfsplit-infer --export_dir=/tmp/deploy --max_samples=200 --dtypes=int8
 
 Exports the heads and tails first if the export directory (default <workdir>/export) lacks them,
 serves each dtype's tail on 127.0.0.1 in this process, sends the run's test images through the
@@ -11,8 +11,10 @@ weighs on the wire) and payload_bytes (the codec's encoding of the same selectio
 p50/p95 latency per stage. Writes infer.json and infer.csv into --out (default the workdir).
 """
 
+import sys
+
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import device
@@ -69,9 +71,6 @@ def main(argv):
     print("Wrote " + " and ".join(paths))
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

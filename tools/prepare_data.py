@@ -5,13 +5,16 @@
       --config.data.path=/data/cifar10-shards --workdir=...
 
 Any dataset tfsplit reads (the flags are `load_arrays`'s arguments) becomes N shards per split
-(contiguous blocks of the stored order; raw pixels, or PNG with --encoding=png) and an index with the counts, classes, image
-shape, normalization and each shard's size and sha256. The index is written last, so a crash
-never leaves one that lists missing shards. --out must be empty or an earlier output.
+(contiguous blocks of the stored order; raw pixels, or PNG with --encoding=png) and an index with
+the counts, classes, image shape, normalization and each shard's size and sha256. The index is
+written last, so a crash never leaves one that lists missing shards. --out must be empty or an
+earlier output.
 """
 
+import sys
+
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data import DATASETS, shards
@@ -63,9 +66,6 @@ def main(argv):
     print(f"wrote {index.path}")
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

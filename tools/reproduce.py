@@ -21,9 +21,10 @@ with its own tables there, and the tables in --workdir hold their means and each
 """
 
 import os
+import sys
 
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import reproduce, seeds
@@ -31,7 +32,6 @@ from tfsplit.training import config as config_lib
 
 # preset -> variant of the files in configs/.
 PRESETS = {"quick": "", "quick_hard": "hard", "quick_small": "small", "paper": "paper"}
-_DEFAULT_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 
 _PRESET = flags.DEFINE_enum(
     "preset",
@@ -49,7 +49,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for all runs and results.", required=True
 )
 _CONFIGS = flags.DEFINE_string(
-    "configs_dir", _DEFAULT_CONFIGS, "Folder with sl.py, casl.py, deprune.py and prune.py."
+    "configs_dir", cli.clone_path("configs"), "Folder with sl.py, casl.py, deprune.py and prune.py."
 )
 _TARGET = flags.DEFINE_float(
     "target_accuracy",
@@ -107,9 +107,6 @@ def main(argv):
     print("wrote " + ", ".join(paths.values()))
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Runs an exported head on this device and asks the tail server for the class: no TensorFlow.
 
-  python -m tfsplit_tools.run_head --head=export/head_int8.tflite --images=cat.png,dog.npy \
+  tfsplit-run-head --head=export/head_int8.tflite --images=cat.png,dog.npy \
       --server=http://192.168.1.10:8501 --model_name=tfsplit_tail_int8
   tfsplit-run-head --head=... --protocol=grpc --server=192.168.1.10:8500
   tfsplit-run-head --head=... --server=https://192.168.1.10:8501 --token_file=token \
@@ -14,8 +14,10 @@ wire, payload_bytes: the codec's encoding of the same selection) and a summary. 
 no server-side time, so the network round trip and the tail are one stage, `network+tail`.
 """
 
+import sys
+
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 from tfsplit import device
 from tfsplit.auth import credentials
@@ -59,7 +61,14 @@ def _images(spec):
         raise app.UsageError("Pass exactly one of --images and --dataset_images.")
     if _IMAGES.value:
         return device.load_images(_IMAGES.value, spec.image_shape), None
-    return device.load_run_test_images(_WORKDIR.value or spec.source_workdir, _DATASET_IMAGES.value)
+    try:  # optional: TensorFlow (a run's test set is read on a development machine, not a device)
+        from tfsplit.export import load_run_test_images
+    except ImportError as error:
+        raise app.UsageError(
+            f"--dataset_images needs TensorFlow and tfsplit's training modules ({error}); on a "
+            "device pass --images instead."
+        ) from None
+    return load_run_test_images(_WORKDIR.value or spec.source_workdir, _DATASET_IMAGES.value)
 
 
 def _print(record, batch_size, labels):
@@ -113,9 +122,6 @@ def main(argv):
     _print(record, _BATCH_SIZE.value, labels)
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Serves a tail SavedModel over TF Serving's gRPC and REST protocols, validating every request.
 
   tfsplit-serve --model_base_path=/tmp/tfsplit/export/tail --model_name=tail
-  python -m tfsplit_tools.serve --model_base_path=... --model_name=tail --grpc_port=0 --rest_port=0
+  tfsplit-serve --model_base_path=... --model_name=tail --grpc_port=0 --rest_port=0
 
 `--model_base_path` is TF Serving's: the directory holding numeric version directories (or its
 parent, as in TF Serving's Docker image). Binds to 127.0.0.1 unless --host says otherwise; port 0
@@ -15,9 +15,10 @@ protocols serve over TLS (REST as HTTPS). The device's side: tfsplit-run-head --
 """
 
 import signal
+import sys
 
 from absl import app, flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.auth import credentials
@@ -83,9 +84,6 @@ def main(argv):
         server.stop()
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

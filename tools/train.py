@@ -13,13 +13,16 @@ re-running on the same --workdir resumes from the last backup (every checkpoint_
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import training as train_lib
+from tfsplit.auth import grpc_server as security
+from tfsplit.training.client import TrainingClient
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -32,6 +35,12 @@ _SERVER = flags.DEFINE_string(
 )
 _TOKEN_FILE = flags.DEFINE_string("token_file", None, "--server: the shared token's file.")
 _TLS_CA = flags.DEFINE_string("tls_ca", None, "--server: PEM CA of the server's certificate (TLS).")
+_RETRY_FOR_S = flags.DEFINE_float(
+    "retry_for_s",
+    120.0,
+    "--server: how long a call keeps retrying while the server is unreachable (a restart).",
+    lower_bound=0.0,
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -42,21 +51,16 @@ def main(argv):
     logging.info("Training %s in %s", config.mode, _WORKDIR.value)
     client = None
     if _SERVER.value:
-        from tfsplit.auth import grpc_server as security
-        from tfsplit.training.client import TrainingClient
-
         client = TrainingClient(
             _SERVER.value,
             token=_TOKEN_FILE.value and security.read_token_file(_TOKEN_FILE.value),
             root_certificates=_TLS_CA.value and security.read_pem(_TLS_CA.value, "TLS CA"),
+            retry_for_s=_RETRY_FOR_S.value,
         )
     summary = train_lib.train(config, _WORKDIR.value, client=client)
     print(json.dumps(summary, indent=2))
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

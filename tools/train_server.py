@@ -25,7 +25,7 @@ import tfsplit  # noqa: F401  (first: selects Keras 2 before TensorFlow loads)
 import tf_keras
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools.cli import run_tool
+from tfsplit_tools import cli
 
 from tfsplit.auth import grpc_server as security
 from tfsplit.training import trainer
@@ -101,9 +101,6 @@ def main(argv):
     server.wait_for_termination()
 
 
-def run():
-    run_tool(main)
-
-
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)

@@ -161,7 +161,7 @@ class S3Files:
             for page in pages:
                 found.update(o["Key"][len(prefix) :] for o in page.get("Contents", ()))
                 found.update(p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", ()))
-            found.discard("")  # A zero-byte "directory marker" object some tfsplit_tools create.
+            found.discard("")  # A zero-byte "directory marker" object some tools create.
             return sorted(found)
 
         return self.call(f"list {path}", names)
