@@ -16,7 +16,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # package name -> folder; tools/ is installed as `tfsplit_tools`.
-PACKAGES = {"tfsplit": REPO / "tfsplit", "tfsplit_tools": REPO / "tools", "benchmarks": REPO / "benchmarks"}
+PACKAGES = {
+    "tfsplit": REPO / "tfsplit",
+    "tfsplit_tools": REPO / "tools",
+    "benchmarks": REPO / "benchmarks",
+}
 
 # The rooms of tfsplit/, bottom-up: a room may import rooms of a lower tier, never its own tier's
 # neighbours or a higher tier. The package's own __init__ (the lazy public API) stands above all.
@@ -69,7 +73,9 @@ def _targets(node, module):
             parts.pop()
         parts = parts[: len(parts) - node.level + 1]
         base = ".".join(parts + ([node.module] if node.module else []))
-    submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES]
+    submodules = [
+        f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES
+    ]
     return submodules if len(submodules) == len(node.names) else [base, *submodules]
 
 
@@ -130,7 +136,9 @@ def test_every_room_has_a_tier_and_a_docstring():
     assert rooms == set(TIER), "a room of tfsplit/ is missing from TIERS, or TIERS names a gone one"
     for module, path in MODULES.items():
         if path.name == "__init__.py":
-            assert ast.get_docstring(ast.parse(path.read_text())), f"{path} says nothing of its room"
+            assert ast.get_docstring(
+                ast.parse(path.read_text())
+            ), f"{path} says nothing of its room"
 
 
 def test_at_most_five_loose_modules():

@@ -7,6 +7,7 @@ from test_model import BOTTLENECK, user_model  # the same small user model
 
 import tfsplit
 from tfsplit.layers.local_classifier import LocalClassifier
+from tfsplit.training import CodecSplitModel
 from tfsplit.training.messages import model_digest
 
 keras = tf.keras
@@ -75,8 +76,6 @@ def test_a_flat_cut_is_classified_as_it_is():
 
 
 def test_the_byte_step_and_the_compiled_step_agree_with_a_local_loss():
-    from tfsplit.training import CodecSplitModel
-
     fused = split(0.5)
     real = split(0.5, CodecSplitModel)
     real.set_weights(fused.get_weights())

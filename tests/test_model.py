@@ -12,6 +12,7 @@ from tfsplit import codec
 from tfsplit.codec import wire
 from tfsplit.engine.nesting import FILL_MOMENTUM
 from tfsplit.layers.bottleneck import GATE_LOGIT_OPEN
+from tfsplit.training import CodecSplitModel
 
 keras = tf.keras
 BOTTLENECK = dict(feature_compression=1, resolution_compression=1, gate_init_max=15.0)
@@ -241,8 +242,6 @@ def test_bad_options_are_rejected(options, message):
 @pytest.mark.parametrize("nested_budgets", [False, True])
 def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budgets):
     """CodecSplitModel encodes and decodes every payload; fit gives the same model and bytes."""
-    from tfsplit.training import CodecSplitModel
-
     fused = split(activation_dtype="int8", nested_budgets=nested_budgets)
     real = CodecSplitModel.from_config(fused.get_config())
     real.set_weights(fused.get_weights())
@@ -265,8 +264,6 @@ def test_the_compiled_step_trains_as_the_step_that_moves_real_bytes(nested_budge
 def test_the_byte_step_keeps_the_channel_order_when_every_channel_is_sent():
     """A payload of every channel travels in channel order; the gradient must come back to the
     order the head sent (gates that rank the channels out of index order)."""
-    from tfsplit.training import CodecSplitModel
-
     fused = split(activation_dtype="float32", gradient_dtype="float32")
     fused.encoder.gate_logits.assign(np.random.default_rng(1).normal(size=16).astype(np.float32))
     real = CodecSplitModel.from_config(fused.get_config())
@@ -360,7 +357,7 @@ def test_nested_steps_keep_each_sent_channels_mean_for_the_prefixes_that_leave_i
     assert not np.delete(fill, indices).any()
     # One nested step moves the fill towards this batch's means of the sent channels.
     sent = nested.send(images, indices).numpy()
-    nested.distillation_loss(sent, indices, nested.receive(sent, indices))
+    nested.nesting.distillation_loss(nested.receive, sent, indices, nested.receive(sent, indices))
     means = sent.mean(axis=(0, 1, 2))
     expected = FILL_MOMENTUM * fill[indices] + (1 - FILL_MOMENTUM) * means
     np.testing.assert_allclose(nested.decoder.fill.numpy()[indices], expected, rtol=1e-5)
@@ -385,7 +382,7 @@ def test_distillation_averages_the_prefix_passes():
     expected = keras.losses.categorical_crossentropy(
         tf.nn.softmax(teacher), student, from_logits=True
     )
-    loss = model.distillation_loss(sent, indices, teacher)
+    loss = model.nesting.distillation_loss(model.receive, sent, indices, teacher)
     np.testing.assert_allclose(loss.numpy(), np.mean(expected.numpy()), rtol=1e-5)
 
 
@@ -393,7 +390,7 @@ def test_nested_budgets_draw_each_halving_of_the_budget_as_often():
     model = split(nested_budgets=True, min_budget_fraction=0.125)
     draws = []
     for _ in range(2000):
-        smallest, drawn = model.nested_budget_range(tf.constant(64))
+        smallest, drawn = model.nesting.budget_range(tf.constant(64))
         draws.append(int(drawn))
     assert int(smallest) == 8 and min(draws) == 8 and max(draws) == 64
     octaves = np.histogram(draws, bins=[8, 16, 32, 65])[0] / len(draws)
@@ -453,3 +450,52 @@ def test_calibration_callback_runs_only_when_the_sent_channels_changed():
     assert norm.moving_mean.numpy().any()
     with pytest.raises(ValueError, match="batches"):
         tfsplit.BatchNormCalibration(dataset, batches=0)
+
+
+def test_nesting_is_a_part_the_model_owns_whose_draws_are_backed_up(tmp_path):
+    assert split().nesting is None
+    model = split(nested_budgets=True)
+    assert model.nesting.draws is model.budget_draws
+    assert model.nesting.fill is model.decoder.fill
+    checkpoint = tf.train.Checkpoint(model=model)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    first = [int(model.nesting.budget_range(tf.constant(64))[1]) for _ in range(5)]
+    checkpoint.restore(path)
+    assert [int(model.nesting.budget_range(tf.constant(64))[1]) for _ in range(5)] == first
+
+
+def test_compile_takes_the_users_loss_as_keras_does():
+    def doubled(labels, logits):
+        return 2.0 * keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    images, labels = data(32)
+    evaluated, trained = [], []
+    for loss in (None, doubled):
+        model = split()
+        model.compile(keras.optimizers.SGD(0.0), loss=loss)
+        evaluated.append(model.evaluate(images, labels, batch_size=32, verbose=0)[0])
+        trained.append(model.fit(images, labels, batch_size=32, verbose=0).history["loss"][0])
+    assert evaluated[1] == pytest.approx(2.0 * evaluated[0], rel=1e-5)
+    assert trained[1] == pytest.approx(2.0 * trained[0], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "sparse_categorical_crossentropy",
+        "SparseCategoricalCrossentropy",
+        keras.losses.SparseCategoricalCrossentropy(),
+        keras.losses.sparse_categorical_crossentropy,
+    ],
+)
+def test_compile_refuses_a_cross_entropy_on_probabilities(loss):
+    with pytest.raises(ValueError, match="from_logits=True"):
+        split().compile("sgd", loss=loss)
+
+
+def test_a_tail_that_ends_in_a_softmax_is_flagged(caplog):
+    model = split(bottleneck=None)
+    inputs = keras.Input(model.wire_shape)
+    tail = keras.Model(inputs, keras.layers.Softmax()(model.tail(inputs)))
+    tfsplit.SplitModel(model.head, tail)
+    assert "ends in a softmax" in caplog.text

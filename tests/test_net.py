@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from tfsplit import codec
+from tfsplit.auth import credentials
 from tfsplit.auth import grpc_server as security
 from tfsplit.training import split_training_pb2 as pb
 from tfsplit.training import split_training_pb2_grpc as pb_grpc
@@ -200,12 +201,14 @@ def test_a_call_without_the_token_is_refused_and_changes_nothing(serving):
     model = trainer.build_split_model(config, info)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.SplitTrainingStub(channel)
-    for metadata in ((), security.call_metadata("wrong")):
+    for metadata in ((), credentials.call_metadata("wrong")):
         code = _code(lambda: stub.Hello(pb.HelloRequest(), metadata=metadata, timeout=30))
         assert code == grpc.StatusCode.UNAUTHENTICATED
     assert servicer.trainer is None  # no run was opened
     request = _hello_request(model)
-    assert stub.Hello(request, metadata=security.call_metadata("s3cret"), timeout=60).next_step == 0
+    assert (
+        stub.Hello(request, metadata=credentials.call_metadata("s3cret"), timeout=60).next_step == 0
+    )
 
 
 def _hello_request(model):
@@ -248,7 +251,7 @@ def test_tls_with_a_self_signed_test_pair(serving, tmp_path):
         config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
     )
     client = TrainingClient(
-        f"127.0.0.1:{port}", root_certificates=security.read_pem(str(cert), "TLS CA")
+        f"127.0.0.1:{port}", root_certificates=credentials.read_pem(str(cert), "TLS CA")
     )
     assert client.call("Hello", _hello_request(model)).next_step == 0
     plain = TrainingClient(f"127.0.0.1:{port}", retry_for_s=0, deadline_s=5)

@@ -13,6 +13,7 @@ import sys
 import zipfile
 
 import pytest
+
 from tfsplit_tools import cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -221,3 +221,41 @@ def test_head_and_tail_save_and_reload(vgg11, tmp_path):
 def test_bad_bottleneck_config_raises(vgg11, bottleneck, message):
     with pytest.raises(ValueError, match=message):
         split_model(vgg11, "pool2", bottleneck)
+
+
+def _softmax_model(ending):
+    """A classifier that ends in a softmax, as keras.applications models do."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_b")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if ending == "dense":
+        outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    else:
+        x = keras.layers.Dense(3, name="dense")(x)
+        last = keras.layers.Softmax if ending == "softmax" else keras.layers.Activation
+        outputs = (last() if ending == "softmax" else last("softmax"))(x)
+    return keras.Model(inputs, outputs, name=f"{ending}_classifier")
+
+
+@pytest.mark.parametrize("ending", ["dense", "softmax", "activation"])
+def test_a_final_softmax_is_left_out_of_the_tail(ending, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _softmax_model(ending)
+    inputs = _images((8, 8, 3))
+    probabilities = model(inputs).numpy()
+    split = split_model(model, "conv_b")
+    logits = split.tail(split.head(inputs)).numpy()  # `split(x)` rounds the wire to float16
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), probabilities, atol=1e-6)
+    assert not np.allclose(logits.sum(-1), 1.0)
+    # The user's model keeps its softmax, and shares the final layer's weights with the tail.
+    np.testing.assert_array_equal(model(inputs).numpy(), probabilities)
+    dense = model.get_layer("predictions" if ending == "dense" else "dense")
+    assert any(dense.kernel is w for w in split.tail.weights)
+    # A second split and a saved one hold the same logits.
+    masked = split_model(model, "conv_a", bottleneck=BOTTLENECK | {"resolution_compression": 1})
+    path = str(tmp_path / "split.keras")
+    masked.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(inputs).numpy(), masked(inputs).numpy())
+    assert not np.allclose(loaded(inputs).numpy().sum(-1), 1.0)

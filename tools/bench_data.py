@@ -20,10 +20,10 @@ import sys
 import boto3
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data import object_store
+from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True

@@ -14,9 +14,9 @@ import platform
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 from tfsplit import device
+from tfsplit_tools import cli
 
 RESULT_FILE = "bench_head.json"
 

@@ -24,10 +24,10 @@ import signal
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import reproduce
+from tfsplit_tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
 _LINKS = flags.DEFINE_list("links", ["wifi", "4g", "poor"], "Links: names or name=Mbit/RTT_ms.")

@@ -18,9 +18,9 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True

@@ -12,10 +12,10 @@ shard files themselves: they need the index's filesystem (local or shared).
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data.service import start_data_service
+from tfsplit_tools import cli
 
 _PORT = flags.DEFINE_integer("port", 0, "Dispatcher port; 0 picks a free one.", lower_bound=0)
 _WORKERS = flags.DEFINE_integer("workers", 2, "Workers to run in this process.", lower_bound=0)

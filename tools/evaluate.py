@@ -10,10 +10,10 @@ budget_curve.csv and budget_curve.png into --out (default: the run's workdir).
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import curve
+from tfsplit_tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished training run.", required=True)
 _BUDGETS = flags.DEFINE_list(

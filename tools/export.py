@@ -14,10 +14,10 @@ quantization-aware training only when post-training int8 loses more than 1 accur
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import export as export_lib
+from tfsplit_tools import cli
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Workdir of a finished training run.", required=True

@@ -14,12 +14,12 @@ p50/p95 latency per stage. Writes infer.json and infer.csv into --out (default t
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import device
 from tfsplit.eval import deployment
 from tfsplit.export import HEAD_DTYPES
+from tfsplit_tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the export's source).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export directory; default <workdir>/export.")

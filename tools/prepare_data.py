@@ -14,10 +14,10 @@ earlier output.
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data import DATASETS, shards
+from tfsplit_tools import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to write.", required=True)
 _PATH = flags.DEFINE_string("path", None, "The dataset's local files (as load_arrays' path).")

@@ -24,11 +24,11 @@ import os
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.eval import reproduce, seeds
 from tfsplit.training import config as config_lib
+from tfsplit_tools import cli
 
 # preset -> variant of the files in configs/.
 PRESETS = {"quick": "", "quick_hard": "hard", "quick_small": "small", "paper": "paper"}

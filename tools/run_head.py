@@ -17,10 +17,10 @@ no server-side time, so the network round trip and the tail are one stage, `netw
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 from tfsplit import device
 from tfsplit.auth import credentials
+from tfsplit_tools import cli
 
 _HEAD = flags.DEFINE_string("head", None, "Head .tflite file.", required=True)
 _METADATA = flags.DEFINE_string("metadata", None, "Head JSON; default beside the .tflite.")

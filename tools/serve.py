@@ -18,11 +18,11 @@ import signal
 import sys
 
 from absl import app, flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.auth import credentials
 from tfsplit.serving.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
+from tfsplit_tools import cli
 
 _MODEL_BASE_PATH = flags.DEFINE_string(
     "model_base_path", None, "Directory with the tail's numeric version directories.", required=True

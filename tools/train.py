@@ -17,12 +17,12 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tfsplit_tools import cli
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import training as train_lib
-from tfsplit.auth import grpc_server as security
+from tfsplit.auth import credentials
 from tfsplit.training.client import TrainingClient
+from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -53,8 +53,8 @@ def main(argv):
     if _SERVER.value:
         client = TrainingClient(
             _SERVER.value,
-            token=_TOKEN_FILE.value and security.read_token_file(_TOKEN_FILE.value),
-            root_certificates=_TLS_CA.value and security.read_pem(_TLS_CA.value, "TLS CA"),
+            token=_TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value),
+            root_certificates=_TLS_CA.value and credentials.read_pem(_TLS_CA.value, "TLS CA"),
             retry_for_s=_RETRY_FOR_S.value,
         )
     summary = train_lib.train(config, _WORKDIR.value, client=client)

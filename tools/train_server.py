@@ -25,11 +25,12 @@ import tfsplit  # noqa: F401  (first: selects Keras 2 before TensorFlow loads)
 import tf_keras
 from absl import app, flags
 from ml_collections import config_flags
-from tfsplit_tools import cli
 
+from tfsplit.auth import credentials as credentials_lib
 from tfsplit.auth import grpc_server as security
 from tfsplit.training import trainer
 from tfsplit.training.server import service as service_lib
+from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -82,7 +83,9 @@ def main(argv):
         credentials = security.server_credentials(_TLS_CERT.value, _TLS_KEY.value)
     interceptors = []
     if _TOKEN_FILE.value:
-        interceptors.append(security.TokenInterceptor(security.read_token_file(_TOKEN_FILE.value)))
+        interceptors.append(
+            security.TokenInterceptor(credentials_lib.read_token_file(_TOKEN_FILE.value))
+        )
     server, port = service_lib.serve(
         service_lib.TrainingServicer(
             build_split,

@@ -13,11 +13,9 @@ import hmac
 
 import grpc
 
-# The pure helpers live in tfsplit.auth.credentials (no grpc: the device's REST client uses them too);
-# they stay importable from here.
 from tfsplit.auth.credentials import HEADER as _HEADER
 from tfsplit.auth.credentials import SCHEME as _SCHEME
-from tfsplit.auth.credentials import call_metadata, read_pem, read_token_file
+from tfsplit.auth.credentials import read_pem
 
 
 def server_credentials(certificate_file, key_file):

@@ -3,7 +3,8 @@
 The head is the original graph up to the cut layer (plus the masked encoder); the tail replays the
 layers after the cut on a new input of the wire's shape (the decoder in front). Both call the very
 same layer objects as the original model, so weights are shared: training the split model trains
-the original, and without a bottleneck `tail(head(x))` equals `model(x)` exactly.
+the original, and without a bottleneck `tail(head(x))` equals `model(x)` exactly, up to a final
+softmax: the tail outputs logits (see `split_model`).
 
 The graph is read from each layer's Keras nodes, keeping only the nodes that belong to `model`
 (reachable from its outputs). That way a model can be split again after an earlier split added
@@ -19,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit.engine.split_model import SplitModel
+from tfsplit.layers import logits as logits_lib
 from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
 
 BOTTLENECK_KEYS = ("feature_compression", "resolution_compression", "gate_init_max")
@@ -185,13 +187,24 @@ def _tail_nodes(model, nodes, cut, cut_tensor):
 
 
 def _replay(model, tail_nodes, cut_tensor, tail_start):
-    """Calls the tail layers again, with their original arguments, on `tail_start`."""
+    """Calls the tail layers again, with their original arguments, on `tail_start`; an output
+    that comes out of a softmax comes out as the logits under it instead."""
     rebuilt = {id(cut_tensor): tail_start}
+    output_ids = {id(tensor) for tensor in model.outputs}
     for node in tail_nodes:
         args, kwargs = tf.nest.map_structure(
             lambda value: rebuilt.get(id(value), value), (node.call_args, node.call_kwargs)
         )
-        outputs = node.layer(*args, **kwargs)
+        layer = node.layer
+        is_output = any(id(tensor) in output_ids for tensor in tf.nest.flatten(node.outputs))
+        if is_output and logits_lib.is_softmax_layer(layer):
+            logging.info("The tail outputs logits: the softmax layer %r is left out.", layer.name)
+            outputs = rebuilt[id(node.keras_inputs[0])]
+        elif is_output and logits_lib.has_softmax_activation(layer):
+            logging.info("The tail outputs logits: %r runs without its softmax.", layer.name)
+            outputs = logits_lib.Logits(layer, name=f"{layer.name}_logits")(*args, **kwargs)
+        else:
+            outputs = layer(*args, **kwargs)
         for old, new in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
             rebuilt[id(old)] = new
     outputs = [rebuilt[id(tensor)] for tensor in model.outputs]
@@ -212,7 +225,14 @@ def split_model(model, cut, bottleneck=None, **options):
 
     Returns:
       A `tfsplit.SplitModel`; with a bottleneck its head ends with the layer "encoder" and its
-      tail starts with the layer "decoder".
+      tail starts with the layer "decoder". Its tail outputs logits, which its losses, the
+      networked server and the exported tail (a softmax on top) all expect. When `model` ends in a
+      softmax, as keras.applications models do, the tail leaves it out: a final `Softmax` or
+      `Activation("softmax")` layer is dropped, and a final layer with a softmax activation
+      (`Dense(classes, activation="softmax")`) runs without it (`tfsplit.layers.logits.Logits`,
+      the same layer and weights). So `split(x)` and `predict` give logits, and
+      `keras.activations.softmax(split(x))` the probabilities `model` gives; `model` itself is
+      left as it was.
 
     Raises:
       ValueError: when `model` is not functional, has several inputs or shared layers; when `cut`

@@ -8,6 +8,7 @@ channels cross (never more, unlike a threshold from a partition).
 
 import dataclasses
 import math
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -136,10 +137,12 @@ class Phase:
 
     budget: channels sent per sample position; 0 means no masking (all channels are sent).
     epochs: epochs in this phase.
-    learning_rate: base learning rate.
+    learning_rate: base learning rate, set on entering the phase; None leaves the optimizer's
+      rate alone, to its `LearningRateSchedule` or to a callback such as `ReduceLROnPlateau`.
     boost_learning_rate, boost_epochs: a higher rate for the first `boost_epochs` epochs.
     anneal_epochs: the last `anneal_epochs` epochs run at a rate falling along a half cosine
       towards 0, so the phase ends on weights that have settled instead of on one noisy step.
+      Boost and anneal epochs need a `learning_rate`.
     reset: gate reset applied on entering the phase: "none", "deprune" or "prune".
     reset_threshold: logits >= it count as open (prune keeps those; logged for every reset).
     reset_range: reopened gates start in [0, reset_range].
@@ -147,7 +150,7 @@ class Phase:
 
     budget: int
     epochs: int
-    learning_rate: float
+    learning_rate: typing.Optional[float]
     boost_learning_rate: float = 0.0
     boost_epochs: int = 0
     anneal_epochs: int = 0
@@ -156,6 +159,9 @@ class Phase:
     reset_range: float = 3.0
 
     def learning_rate_at(self, epoch_in_phase):
+        """The rate this phase asks for in its epoch `epoch_in_phase` (None: none)."""
+        if self.learning_rate is None:
+            return None
         if epoch_in_phase < self.boost_epochs:
             return self.boost_learning_rate
         annealed = epoch_in_phase - (self.epochs - self.anneal_epochs) + 1
@@ -216,8 +222,11 @@ def _check_phase(phase, number, channels, has_bottleneck):
         fail("a gate reset needs the masked bottleneck")
     if not isinstance(phase.epochs, (int, np.integer)) or phase.epochs < 1:
         fail("epochs must be a positive integer")
-    if not phase.learning_rate > 0:
-        fail("learning_rate must be > 0")
+    if phase.learning_rate is None:
+        if phase.boost_epochs or phase.anneal_epochs:
+            fail("boost and anneal epochs need a learning_rate (None leaves the optimizer's alone)")
+    elif not phase.learning_rate > 0:
+        fail("learning_rate must be > 0, or None to leave the optimizer's rate alone")
     if not 0 <= phase.boost_epochs <= phase.epochs:
         fail("boost_epochs must be in [0, epochs]")
     if phase.boost_epochs and not phase.boost_learning_rate > 0:

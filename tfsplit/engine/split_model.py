@@ -6,16 +6,19 @@ the bottleneck's width, then the tail). Training, evaluation, the budget curve, 
 use them, so what is measured is what is deployed.
 """
 
+import inspect
 import numbers
 
 import tensorflow as tf
 import tf_keras as keras
+from absl import logging
 
 from tfsplit import codec
 from tfsplit.codec import wire
 from tfsplit.engine import budget as budget_lib
 from tfsplit.engine.nesting import NestedBudgets
 from tfsplit.layers import local_classifier as local_loss
+from tfsplit.layers import logits as logits_lib
 from tfsplit.layers import placement
 from tfsplit.layers.batch_norm import BatchNormAverage
 from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
@@ -30,14 +33,33 @@ def _only_layer(model, layer_type):
     return found[0] if found else None
 
 
+def _expects_probabilities(loss):
+    """Whether `loss`, as `keras.Model.compile` takes it, is a cross-entropy on probabilities."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return False  # not a loss Keras knows by name: `compile` says so itself
+    if isinstance(loss, keras.losses.Loss):
+        return loss.get_config().get("from_logits") is False
+    if not callable(loss):
+        return False
+    try:
+        from_logits = inspect.signature(loss).parameters.get("from_logits")
+    except (TypeError, ValueError):  # a callable without a signature to read
+        return False
+    return from_logits is not None and from_logits.default is False
+
+
 @keras.utils.register_keras_serializable(package="tfsplit")
-class SplitModel(NestedBudgets, keras.Model):
+class SplitModel(keras.Model):
     """A classifier cut at a masked bottleneck; `fit` trains it as device and server would.
 
     Args:
       head: functional model image -> wire activations (N, h, w, C'); ends with a `MaskedEncoder`
         when the cut is compressed, otherwise every channel is sent (plain split learning).
-      tail: functional model wire activations -> logits; starts with a `Decoder` when masked.
+      tail: functional model wire activations -> logits (not probabilities: `split_model` leaves a
+        final softmax out); starts with a `Decoder` when masked.
       cut: name of the original model's layer at the cut (recorded, not used).
       activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
       budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
@@ -45,7 +67,8 @@ class SplitModel(NestedBudgets, keras.Model):
         `set_budget`; `PhaseSchedule` turns it on late in the final phase), each masked step also
         runs the tail on the top ceil(k * min_budget_fraction) channels and on the top k' (k'
         log-uniform in between), each distilled from the full budget's predictions. The smaller sets
-        are prefixes of what was sent, so the bytes on the wire do not change.
+        are prefixes of what was sent, so the bytes on the wire do not change. The model owns a
+        `tfsplit.engine.nesting.NestedBudgets` for it (`self.nesting`; None without nesting).
       min_budget_fraction: the smallest nested budget as a fraction of k, in (0, 1].
       seed: seeds the nested budget draws.
       polarization: weight of sum(m * (1 - m)) added to the budget loss in masked phases, which
@@ -120,7 +143,19 @@ class SplitModel(NestedBudgets, keras.Model):
         self.sent_payload_bytes = tf.Variable(
             [0, 0], dtype=tf.int64, trainable=False, name="sent_payload_bytes"
         )
+        # Backed up with the weights, so a resumed run draws the same nested budgets.
         self.budget_draws = tf.random.Generator.from_seed(seed)
+        self.nesting = None
+        if self.nested_budgets:
+            self.nesting = NestedBudgets(
+                self.channels, self.decoder.fill, self.budget_draws, self.min_budget_fraction
+            )
+        if logits_lib.ends_in_softmax(tail):
+            logging.warning(
+                "The tail of %s ends in a softmax, but a SplitModel's tail outputs logits (its "
+                "losses take them so); `tfsplit.split_model` leaves a final softmax out.",
+                self.name,
+            )
         self.wire = wire.make_wire(activation_dtype, gradient_dtype)
         self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
         self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
@@ -209,8 +244,8 @@ class SplitModel(NestedBudgets, keras.Model):
         joins several devices' steps. A channel not sent gets `fill` (C',); by default zero, and
         in a model trained with nested budgets the tail's own (`Decoder.fill`, each channel's mean).
         """
-        if fill is None and self.nested_budgets:
-            fill = self.decoder.fill
+        if fill is None and self.nesting is not None:
+            fill = self.nesting.fill
         placed = placement.place(values, indices, self.channels, fill)
         return self.tail(placed, training=training)
 
@@ -224,11 +259,23 @@ class SplitModel(NestedBudgets, keras.Model):
         """As `keras.Model.compile`, with a loss and accuracy by default.
 
         Args:
+          loss: what `keras.Model.compile` takes (a name, a `keras.losses.Loss` or a callable
+            `(labels, logits) -> loss`), applied to the tail's logits by `train_step`, `test_step`
+            and the server's loss; None is the sparse cross-entropy from logits. A cross-entropy
+            that expects probabilities (`from_logits=False`, as the name
+            "sparse_categorical_crossentropy" gives) is refused: the outputs are logits.
           gate_optimizer: optional optimizer for the gate logits alone (e.g. Adam, whose steps
             stay bounded whatever the budget loss's scale); None trains them with `optimizer`.
         """
         if loss is None:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        elif _expects_probabilities(loss):
+            raise ValueError(
+                "A SplitModel outputs logits (`split_model` leaves a final softmax out), so its "
+                "cross-entropy must take from_logits=True, e.g. "
+                "keras.losses.SparseCategoricalCrossentropy(from_logits=True), or loss=None for "
+                f"that one. Received: loss={loss!r}, which expects probabilities"
+            )
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -252,10 +299,10 @@ class SplitModel(NestedBudgets, keras.Model):
         """What the server computes from the k channels it received: (loss, logits)."""
         logits = self.receive(values, indices, training=True)
         loss = self.compute_loss(images, labels, logits)
-        if self.nested_budgets:
+        if self.nesting is not None:
             loss += tf.cond(
                 self.step_nesting,
-                lambda: self.distillation_loss(values, indices, logits),
+                lambda: self.nesting.distillation_loss(self.receive, values, indices, logits),
                 lambda: tf.constant(0.0),
             )
         return loss, logits

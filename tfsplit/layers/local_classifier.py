@@ -4,7 +4,7 @@ In split learning the head learns only from the gradient the server returns thro
 channels: k of them at budget k. A small classifier on the head's features at the cut (global
 average pool, then one dense layer) gives the head a loss of its own, computed on the device from
 the labels it sends with every batch anyway, so it costs no bytes. On the embedded sets at ten
-epochs it made every method take off sooner (README). It trains with the head and is never
+epochs it made every method take off sooner (measured: docs/results.md). It trains with the head and is never
 exported: inference runs head and tail only.
 """
 

@@ -16,7 +16,8 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
-from tfsplit.auth import grpc_server as security
+from tfsplit.auth import credentials
+from tfsplit.callbacks.phase_schedule import learning_rate_schedule
 from tfsplit.codec import wire as tf_wire
 from tfsplit.engine.split_model import SplitModel
 from tfsplit.layers.batch_norm import BatchNormAverage
@@ -60,7 +61,7 @@ class TrainingClient:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
-        self._metadata = security.call_metadata(token)
+        self._metadata = credentials.call_metadata(token)
         self.address, self.deadline_s, self.retry_for_s = address, deadline_s, retry_for_s
         self.wire_bytes = [0, 0]  # gRPC message bytes up and down, framing prefix included.
 
@@ -246,9 +247,16 @@ class RemoteSplitModel(SplitModel):
         with tf.GradientTape() as tape:
             values, penalty, local = self.device_step(images, labels, indices)
             device_loss = penalty + local
+        # The rate this step uses, also when a LearningRateSchedule drives it (the server applies it).
+        schedule = learning_rate_schedule(self.optimizer)
+        rate = (
+            schedule(self.optimizer.iterations)
+            if schedule is not None
+            else self.optimizer.learning_rate
+        )
         gradient, logits, wire = tf.py_function(
             self._train_call,
-            [values, indices, labels, self.optimizer.learning_rate, self.step_nesting],
+            [values, indices, labels, rate, self.step_nesting],
             [tf.float32, tf.float32, tf.float64],
         )
         gradient = tf.ensure_shape(gradient, values.shape)
