@@ -121,7 +121,6 @@ class SplitModel(keras.Model):
         self.decoder = _only_layer(tail, Decoder)
         self.activation_dtype, self.gradient_dtype = activation_dtype, gradient_dtype
         self.budget_eps, self.budget_delta = float(budget_eps), float(budget_delta)
-        self.nested_budgets = bool(nested_budgets) and self.encoder is not None
         self.min_budget_fraction, self.seed = float(min_budget_fraction), seed
         if not polarization >= 0.0:
             raise ValueError(f"`polarization` must be >= 0. Received: {polarization!r}")
@@ -146,10 +145,7 @@ class SplitModel(keras.Model):
         # Backed up with the weights, so a resumed run draws the same nested budgets.
         self.budget_draws = tf.random.Generator.from_seed(seed)
         self.nesting = None
-        if self.nested_budgets:
-            self.nesting = NestedBudgets(
-                self.channels, self.decoder.fill, self.budget_draws, self.min_budget_fraction
-            )
+        self.nested_budgets = nested_budgets
         if logits_lib.ends_in_softmax(tail):
             logging.warning(
                 "The tail of %s ends in a softmax, but a SplitModel's tail outputs logits (its "
@@ -189,6 +185,19 @@ class SplitModel(keras.Model):
         return self.local_classifier.weights + self.local_loss_tracker.variables
 
     # ----------------------------------------------------------------------------- the budget
+    @property
+    def nested_budgets(self):
+        """Whether the model serves every budget up to the one it trains (it owns `nesting`)."""
+        return self.nesting is not None
+
+    @nested_budgets.setter
+    def nested_budgets(self, on):
+        self.nesting = None
+        if on and self.encoder is not None:  # nothing to nest without a bottleneck
+            self.nesting = NestedBudgets(
+                self.channels, self.decoder.fill, self.budget_draws, self.min_budget_fraction
+            )
+
     def set_budget(self, k, masking=True, nesting=True):
         """Sends k channels from now on.
 

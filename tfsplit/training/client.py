@@ -16,7 +16,7 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
-from tfsplit.auth import credentials
+from tfsplit.auth.credentials import call_metadata
 from tfsplit.callbacks.phase_schedule import learning_rate_schedule
 from tfsplit.codec import wire as tf_wire
 from tfsplit.engine.split_model import SplitModel
@@ -61,7 +61,7 @@ class TrainingClient:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
-        self._metadata = credentials.call_metadata(token)
+        self._metadata = call_metadata(token)
         self.address, self.deadline_s, self.retry_for_s = address, deadline_s, retry_for_s
         self.wire_bytes = [0, 0]  # gRPC message bytes up and down, framing prefix included.
 
