@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit import codec
+from tfsplit import callbacks, codec
 from tfsplit.training import load_model, train
 from tfsplit.training.config import base_config, phase
 from tfsplit.training.trainer import build_data
@@ -111,8 +111,6 @@ class Interrupt(Exception):
 
 def test_resume_after_interruption_keeps_finished_epochs(tmp_path, monkeypatch):
     """Interrupted in epoch 2 after a backup: the rerun resumes there and resets no gate twice."""
-    from tfsplit import callbacks
-
     workdir = str(tmp_path / "run")
     config = tiny_config()
     config.checkpoint_every_steps = 2
