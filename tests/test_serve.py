@@ -31,7 +31,14 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from tfsplit import codec, device
-from tfsplit.serving import ServedTail, TailModelError, TailServer, resolve_version_dir, tensors
+from tfsplit.serving import (
+    ServedTail,
+    TailModelError,
+    TailServer,
+    resolve_version_dir,
+    tensors,
+    validation,
+)
 from tfsplit.serving.validation import RequestError
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)
@@ -414,6 +421,14 @@ REST_CASES = [
      "Expected JSON integers for int8"),
     ("int8", "int8 range", _body("int8", values=np.full((2, _H, _W, 4), 300).tolist()), 400,
      r"int8 range \[-128, 127\]"),
+    ("float16", "batch limit", _body("float16", values=np.zeros((9, _H, _W, _K)).tolist()), 400,
+     r"1 <= N <= 8. Received: shape=\(9, 3, 2, 4\)"),
+    ("float16", "scalar shape", _body("float16", scale=[1.0]), 400,
+     r"must be scalars \(shape \(\)\)"),
+    ("float16", "indices length", _body("float16", indices=[0, 1]), 400,
+     r"'indices' must have shape \(k,\) = \(4,\)"),
+    ("float16", "booleans", _body("float16", values=np.full((2, _H, _W, _K), True).tolist()), 400,
+     "Expected JSON numbers"),
 ]  # fmt: skip
 
 
@@ -713,6 +728,36 @@ def test_json_decoding_follows_the_signature_dtype():
     ]:
         with pytest.raises(tensors.TensorDecodeError, match=match):
             tensors.from_json(value, dtype, max_elements=2)
+
+
+def test_json_shape_is_read_before_any_array_is_built():
+    assert tensors.json_shape(1.5) == () and tensors.json_shape(-3) == ()
+    assert tensors.json_shape([]) == (0,) and tensors.json_shape([[[]]]) == (1, 1, 0)
+    assert tensors.json_shape([[1, 2.5], [3, 4], [5, 6]]) == (3, 2)
+    for value, match in [
+        ([[1], [1, 2]], "rectangular"),
+        ([[1], 2], "rectangular"),
+        ([1, [2]], None),  # only the first number is looked at: numpy refuses the rest
+        ([["a"]], "JSON numbers"),
+        ([True], "JSON numbers"),
+        ("x", "JSON numbers"),
+        ([{"b64": "AAAA"}], "JSON numbers"),
+    ]:
+        if match is None:
+            assert tensors.json_shape(value) == (2,)
+            with pytest.raises(tensors.TensorDecodeError, match="rectangular"):
+                tensors.from_json(value, np.float32)
+            continue
+        with pytest.raises(tensors.TensorDecodeError, match=match):
+            tensors.json_shape(value)
+
+
+def test_refusal_messages_are_clipped():
+    assert validation.clip_message("short") == "short"
+    for text in ("k" * 100_000, "\u00e9" * 5_000, "\U0001f600" * 5_000):
+        clipped = validation.clip_message(text)
+        assert clipped.endswith("...") and text.startswith(clipped[:-3])
+        assert len(json.dumps(clipped)) <= validation.MESSAGE_BYTES
 
 
 # --- the tool as a separate process ---------------------------------------------------------

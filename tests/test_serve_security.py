@@ -1,10 +1,16 @@
-"""Tests of tfsplit-serve's token and TLS, through the device's clients (tfsplit.device).
+"""Tests of tfsplit-serve's token, TLS and REST limits, through the device's clients
+(tfsplit.device) and raw sockets.
 
 A token server (plain TCP) checks that a call without the token, or with another, is refused on
 both protocols before it reaches the model, and that the right token is served; a TLS server
 (with the token too, as deployed) checks that clients holding the CA are served and plain-text or
 untrusting ones are not. The pairs are self-signed certificates for 127.0.0.1 made with the
 openssl CLI, as the README's test pair; the tail is the tiny SavedModel of serving_fixtures.
+
+The REST side's limits are probed as an attacker would, on raw sockets: a refused request's body
+is never read (the answer comes while the client has sent a sliver of what it declared), a body
+over what the model accepts is refused from its Content-Length, slow connections hold at most the
+pool's threads and only for the request timeout, and the next good request is still served.
 """
 
 import contextlib
@@ -15,6 +21,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -24,7 +32,9 @@ from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_p
 
 from tfsplit import device
 from tfsplit.auth import credentials
-from tfsplit.serving import TailServer, rest
+from tfsplit.device import rest as device_rest
+from tfsplit.serving import TailServer, rest, validation
+from tfsplit.serving.server import DEFAULT_MAX_REQUEST_BYTES
 
 MODEL = "tail"
 DTYPE = "int8"
@@ -183,6 +193,204 @@ def test_grpc_metadata_call_is_refused_too(token_server):
             request, timeout=10, metadata=credentials.call_metadata(TOKEN)
         )
     assert answer.model_spec.name == MODEL
+
+
+# --- the REST side's limits ----------------------------------------------------------------
+
+PREDICT = f"/v1/models/{MODEL}:predict"
+
+
+def _rss_bytes():
+    """This process's resident memory (the server runs in it), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _head(method="POST", path=PREDICT, **headers):
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _exchange(port, data, timeout_s=10):
+    """Sends raw bytes; returns (seconds to the answer's first bytes, everything read until the
+    server closed the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        start = time.monotonic()
+        sock.sendall(data)
+        answer = sock.recv(65536)
+        elapsed = time.monotonic() - start
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return elapsed, answer
+
+
+def _status(answer):
+    return int(answer.split(b" ", 2)[1])
+
+
+def _error_body(answer):
+    body = answer.partition(b"\r\n\r\n")[2]
+    return body, json.loads(body)["error"]
+
+
+def test_rest_refuses_a_wrong_token_before_reading_the_body(token_server):
+    server, calls = token_server
+    before_calls, before_rss = len(calls), _rss_bytes()
+    declared, sent = 50_000_000, b"0" * (64 << 10)  # a sliver of what the headers announce
+    for authorization in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for expect in ({}, {"Expect": "100-continue"}):
+            head = _head(Content_Length=declared, **authorization, **expect)
+            elapsed, answer = _exchange(server.rest_port, head + sent)
+            # Not "100 Continue": the refusal comes first, while the body is still unsent; the
+            # server then closes the connection instead of waiting for the other 49.9 MB.
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert b"Connection: close" in answer and elapsed < 2.0, elapsed
+    assert len(calls) == before_calls
+    if before_rss is not None:
+        assert _rss_bytes() - before_rss < 16 << 20
+
+
+def test_rest_refuses_an_oversized_body_before_reading_it(token_server):
+    server, calls = token_server
+    spec, batch = server.served.spec, server.served.max_batch_size
+    limit = server.max_rest_body_bytes
+    assert limit == validation.max_json_body_bytes(spec, batch) < DEFAULT_MAX_REQUEST_BYTES
+    authorization = {"Authorization": f"Bearer {TOKEN}"}
+    for expect in ({}, {"Expect": "100-continue"}):
+        head = _head(Content_Length=limit + 1, **authorization, **expect)
+        elapsed, answer = _exchange(server.rest_port, head)  # headers only: nothing to read
+        assert _status(answer) == 413 and elapsed < 2.0, answer[:200]
+        body, message = _error_body(answer)
+        assert f"at most {limit} bytes" in message and len(body) < 1024
+    for headers, status in (({}, 411), ({"Content_Length": "1_0"}, 400)):
+        _, answer = _exchange(server.rest_port, _head(**headers, **authorization))
+        assert _status(answer) == status, answer[:200]
+    # Within the bytes but holding more JSON values than a full batch: refused before parsing.
+    many = b'{"inputs": {"values": [' + b"0," * (limit // 3) + b"0]}}"
+    _, answer = _exchange(server.rest_port, _head(Content_Length=len(many), **authorization) + many)
+    assert _status(answer) == 400 and "JSON values" in _error_body(answer)[1]
+    # The limit leaves room for a full batch in either format, even of the longest numbers.
+    worst = np.full((batch, spec.height, spec.width, spec.max_budget), np.float32(-1.1754944e-38))
+    row = {"indices": list(range(spec.max_budget)), "scale": 1.0, "zero_point": 0}
+    for body in ({"inputs": dict(row, values=worst.tolist())},
+                 {"instances": [dict(row, values=v) for v in worst.tolist()]}):  # fmt: skip
+        assert len(json.dumps(body)) < limit
+        text = json.dumps(body).encode()
+        assert sum(text.count(c) for c in b"[,:") <= validation.max_json_values(spec, batch)
+    full = fx.make_payload(DTYPE, batch=batch)
+    with contextlib.closing(
+        device.make_client("rest", server.rest_url, MODEL, 20, token=TOKEN)
+    ) as c:
+        assert len(device_rest.predict_body(fx.wire(full))) < limit
+        before = len(calls)
+        _check_served(c)
+        assert len(calls) == before + 1
+
+
+def test_rest_malformed_json_is_a_short_400(token_server):
+    server, _ = token_server
+    authorization = {"Authorization": f"Bearer {TOKEN}"}
+    for body, match in [
+        (b'{"inputs": {"values": [1,', "Malformed JSON"),
+        (b"[" * 5_000, "nested too deeply"),
+        (json.dumps({"k" * 100_000: 1}).encode(), "exactly one of"),  # echoed keys, clipped
+        (json.dumps({"inputs": {"values": [[["x" * 50_000]]]}}).encode(), "Missing"),
+    ]:
+        head = _head(Content_Length=len(body), **authorization)
+        elapsed, answer = _exchange(server.rest_port, head + body)
+        error_body, message = _error_body(answer)
+        assert _status(answer) == 400 and match in message, message[:200]
+        assert len(error_body) < 1024 and elapsed < 5.0
+
+
+def _slow_connection(port):
+    """A connection that starts a request and never finishes it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(b"POST /v1/models/tail:pred")
+    return sock
+
+
+def test_rest_pool_bounds_threads_and_slow_clients(files):
+    timeout_s, workers, queued = 1.5, 2, 2
+    server = TailServer(
+        files["base"],
+        MODEL,
+        token=TOKEN,
+        max_workers=workers,
+        max_queued_connections=queued,
+        request_timeout_s=timeout_s,
+    )
+    with server:
+        threads = threading.active_count()
+        start = time.monotonic()
+        slow = [_slow_connection(server.rest_port) for _ in range(4 * workers)]
+        time.sleep(0.3)
+        assert threading.active_count() <= threads + workers
+        answers = []
+        for sock in slow:
+            with sock:
+                try:
+                    answers.append(sock.recv(65536))
+                except ConnectionResetError:
+                    answers.append(b"")
+        elapsed = time.monotonic() - start
+        # The first connections held the workers, the next ones waited for them, each for the
+        # request timeout at most; the others were refused at once.
+        busy = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
+        assert len(busy) == len(slow) - workers - queued, answers
+        assert answers.count(b"") == workers + queued, answers
+        assert elapsed < 2 * timeout_s + 3.0
+        assert threading.active_count() <= threads + workers
+        # A client that trickles bytes is dropped at the request timeout all the same.
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=15) as sock:
+            start = time.monotonic()
+            with contextlib.suppress(OSError):
+                for byte in _head(Content_Length=10):
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.2)
+                    if time.monotonic() - start > 3 * timeout_s:
+                        break
+            assert sock.recv(65536) == b"" and time.monotonic() - start < timeout_s + 1.5
+        with contextlib.closing(
+            device.make_client("rest", server.rest_url, MODEL, 10, token=TOKEN)
+        ) as client:
+            _check_served(client)
+        assert threading.active_count() <= threads + workers
+
+
+def test_rest_idle_keep_alive_connection_makes_way(files):
+    with TailServer(files["base"], MODEL, max_workers=1, idle_timeout_s=60.0) as server:
+        first, second = (device.make_client("rest", server.rest_url, MODEL, 10) for _ in range(2))
+        with contextlib.closing(first), contextlib.closing(second):
+            _check_served(first)  # its connection stays open, idle, holding the one worker
+            start = time.monotonic()
+            _check_served(second, seed=1)
+            assert time.monotonic() - start < 3.0  # not the idle timeout
+            _check_served(first, seed=2)  # the client reconnects
+
+
+def test_rest_limits_are_checked(files):
+    for kwargs, match in [
+        ({"max_queued_connections": -1}, "max_queued"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"idle_timeout_s": float("inf")}, "idle_timeout_s"),
+        ({"max_workers": 0}, "max_workers"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TailServer(files["base"], MODEL, **kwargs)
 
 
 # --- TLS ------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ Like `tfsplit-train-server`, it can ask for a shared token (gRPC: `authorization
 in the call metadata, else UNAUTHENTICATED; REST: the same Authorization header, else 401) and
 serve both protocols over TLS from one PEM certificate and key. A refused call reaches neither
 the validation nor the model.
+
+Both frontends serve from bounded thread pools. The REST side also bounds what one client can
+take before it is refused (see `tfsplit.serving.rest`): connections waiting for a worker, the
+time a request may take to arrive, and the body it may send, derived from the largest batch the
+tail accepts.
 """
 
 import concurrent.futures
@@ -56,8 +61,14 @@ class TailServer:
       signature_name: signature to serve; None takes tfsplit_tail.json's, else serving_default.
       channels: bottleneck width C when the export wrote no tfsplit_tail.json.
       max_batch_size: the largest batch N per request.
-      max_request_bytes: the largest request (gRPC message or REST body).
-      max_workers: gRPC handler threads.
+      max_request_bytes: the largest request (gRPC message or REST body). A REST body is also
+        held to what the tail accepts as JSON: `max_rest_body_bytes`.
+      max_workers: handler threads of each protocol (gRPC calls, REST connections).
+      max_queued_connections: REST connections that may wait for a handler thread; more are
+        answered 503 at once.
+      request_timeout_s: the time a REST request's headers and body (or a TLS handshake) may
+        take to arrive once begun, and an answer to be taken.
+      idle_timeout_s: the time a REST connection may wait for its next request.
       token: a string every call must carry as `authorization: Bearer <token>` (gRPC metadata,
         REST header), e.g. from `tfsplit.auth.credentials.read_token_file`; None asks for none.
       tls_cert_file, tls_key_file: PEM certificate chain and its unencrypted private key (both or
@@ -72,6 +83,8 @@ class TailServer:
       grpc_port, rest_port: the ports actually bound (after `start`).
       served: the ServedTail (model name, version, spec).
       tls: whether both frontends serve over TLS.
+      max_rest_body_bytes: the largest REST :predict body accepted: what a full batch of the
+        largest budget takes as JSON, within `max_request_bytes`.
     """
 
     def __init__(
@@ -87,6 +100,9 @@ class TailServer:
         max_batch_size=256,
         max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
         max_workers=8,
+        max_queued_connections=32,
+        request_timeout_s=30.0,
+        idle_timeout_s=60.0,
         token=None,
         tls_cert_file=None,
         tls_key_file=None,
@@ -96,6 +112,7 @@ class TailServer:
         for name, value in (("max_request_bytes", max_request_bytes), ("max_workers", max_workers)):
             if type(value) is not int or value < 1:
                 raise ValueError(f"`{name}` must be >= 1. Received: {value!r}")
+        rest.check_limits(max_workers, max_queued_connections, request_timeout_s, idle_timeout_s)
         self._token = credentials.check_token(token)
         if (tls_cert_file is None) != (tls_key_file is None):
             raise ValueError(
@@ -114,7 +131,14 @@ class TailServer:
         self.grpc_port = grpc_port
         self.rest_port = rest_port
         self._max_request_bytes = max_request_bytes
+        self.max_rest_body_bytes, _ = rest.body_limit(self.served, max_request_bytes)
         self._max_workers = max_workers
+        self._rest_limits = dict(
+            max_workers=max_workers,
+            max_queued=max_queued_connections,
+            request_timeout_s=request_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
         self._grpc_server = None
         self._rest_server = None
         self._rest_thread = None
@@ -164,6 +188,7 @@ class TailServer:
             self._max_request_bytes,
             token=self._token,
             ssl_context=self._rest_tls,
+            **self._rest_limits,
         )
         self.rest_port = server.server_address[1]
         thread = threading.Thread(target=server.serve_forever, name="tfsplit-rest", daemon=True)

@@ -141,6 +141,49 @@ def from_tensor_proto(proto, max_elements=None):
     return values.reshape(shape)
 
 
+def _number_expected(value, dtype_name=None):
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    target = "" if dtype_name is None else f" for {dtype_name}"
+    return TensorDecodeError(
+        f"Expected JSON numbers (a number or nested lists of numbers){target}. Received: {text}"
+    )
+
+
+def json_shape(value):
+    """The shape of a JSON number or nested list of numbers, read without building an array, so
+    that it can be checked before any memory is taken for the values.
+
+    Only the first element of the innermost lists is looked at; numpy checks the others when the
+    array is built (`from_json`).
+
+    Returns:
+      The shape, as a tuple; () for a number.
+
+    Raises:
+      TensorDecodeError: lists of one level that differ in length or mix lists and numbers, or
+        something other than a number where the numbers start.
+    """
+    shape, level = [], [value]
+    while type(level[0]) is list:
+        size = len(level[0])
+        if any(type(item) is not list or len(item) != size for item in level):
+            raise TensorDecodeError(
+                f"Expected a rectangular nested list of numbers: the lists at depth {len(shape)} "
+                "differ in length or mix lists and numbers."
+            )
+        shape.append(size)
+        if size == 0:
+            return tuple(shape)
+        if type(level[0][0]) is not list:  # the numbers: not copied into one more list
+            level = level[0]
+            break
+        level = [item for items in level for item in items]
+    if type(level[0]) not in (int, float):
+        raise _number_expected(level[0])
+    return tuple(shape)
+
+
 def from_json(value, dtype, max_elements=None):
     """Reads a JSON number or nested list as an array of `dtype`, refusing what does not fit.
 
@@ -163,11 +206,7 @@ def from_json(value, dtype, max_elements=None):
     if array.size == 0:
         return array.astype(dtype)
     if array.dtype.kind not in "iuf":
-        text = repr(value)
-        raise TensorDecodeError(
-            f"Expected JSON numbers (a number or nested lists of numbers) for {dtype.name}. "
-            f"Received: {text if len(text) <= 80 else text[:77] + '...'}"
-        )
+        raise _number_expected(value, dtype.name)
     if dtype.kind == "i":
         if array.dtype.kind == "f":
             raise TensorDecodeError(f"Expected JSON integers for {dtype.name}; found non-integers.")

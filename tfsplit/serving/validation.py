@@ -28,6 +28,17 @@ OUTPUT_NAME = "probabilities"
 SPEC_FILE = os.path.join("assets.extra", "tfsplit_tail.json")
 DEFAULT_SIGNATURE = "serving_default"
 
+# The REST body a request the spec accepts may take: every JSON number within the longest float
+# repr ("-1.2345678901234567e-308") and its ", " separator, with room for brackets; per instance,
+# the row format's repeated keys, scale and zero point; per body, keys and whitespace.
+JSON_NUMBER_BYTES = 32
+JSON_INSTANCE_BYTES = 256
+JSON_FIXED_BYTES = 64 << 10
+JSON_INSTANCE_VALUES = 16
+JSON_FIXED_VALUES = 64
+# The longest refusal message, as a JSON string: a REST error body stays under 1 KB.
+MESSAGE_BYTES = 900
+
 _SPEC_KEYS = ("dtype", "channels", "height", "width", "max_budget", "num_classes", "signature")
 _FIXED_INPUTS = {"indices": (tf.int32, 1), "scale": (tf.float32, 0), "zero_point": (tf.int32, 0)}
 _HTTP_STATUS = {
@@ -289,12 +300,36 @@ def _check_values_shape(spec, shape, max_batch_size):
         )
 
 
-def _check_indices(spec, indices, k):
-    if indices.shape != (k,):
+def check_shapes(spec, shapes, max_batch_size):
+    """Checks the inputs' shapes against the spec, before their values are read: a request that
+    declares more than the model accepts is refused before anything is allocated for it.
+
+    Args:
+      spec: the served TailSpec.
+      shapes: dict from each of INPUT_NAMES to its shape, a tuple of ints.
+      max_batch_size: the largest N accepted.
+
+    Raises:
+      RequestError: INVALID_ARGUMENT: 'values' not (N, h, w, k) within the batch limit and the
+        budget, 'indices' not (k,), or 'scale' and 'zero_point' not scalars.
+    """
+    values = tuple(shapes["values"])
+    _check_values_shape(spec, values, max_batch_size)
+    k = values[3]
+    if tuple(shapes["indices"]) != (k,):
         raise invalid(
             f"Input 'indices' must have shape (k,) = ({k},), one index per channel in the last "
-            f"dimension of 'values'. Received: shape={indices.shape}"
+            f"dimension of 'values'. Received: shape={tuple(shapes['indices'])}"
         )
+    if tuple(shapes["scale"]) != () or tuple(shapes["zero_point"]) != ():
+        raise invalid(
+            "Inputs 'scale' and 'zero_point' must be scalars (shape ()). "
+            f"Received: scale.shape={tuple(shapes['scale'])}, "
+            f"zero_point.shape={tuple(shapes['zero_point'])}"
+        )
+
+
+def _check_indices(spec, indices):
     upper = "C" if spec.channels is None else spec.channels
     if indices.min() < 0 or (spec.channels is not None and indices.max() >= spec.channels):
         raise invalid(
@@ -308,11 +343,6 @@ def _check_indices(spec, indices, k):
 
 
 def _check_quantization(spec, scale, zero_point):
-    if scale.shape != () or zero_point.shape != ():
-        raise invalid(
-            "Inputs 'scale' and 'zero_point' must be scalars (shape ()). "
-            f"Received: scale.shape={scale.shape}, zero_point.shape={zero_point.shape}"
-        )
     scale, zero_point = float(scale), int(zero_point)
     if spec.dtype == "int8":
         if not np.isfinite(scale) or scale <= 0 or not -128 <= zero_point <= 127:
@@ -344,9 +374,45 @@ def validate_inputs(spec, arrays, max_batch_size):
     check_input_names(spec, arrays)
     for name in INPUT_NAMES:
         check_dtype(spec, name, arrays[name].dtype.name)
+    check_shapes(spec, {name: array.shape for name, array in arrays.items()}, max_batch_size)
     values = arrays["values"]
-    _check_values_shape(spec, values.shape, max_batch_size)
-    _check_indices(spec, arrays["indices"], values.shape[3])
+    _check_indices(spec, arrays["indices"])
     _check_quantization(spec, arrays["scale"], arrays["zero_point"])
     if spec.dtype != "int8" and not np.isfinite(values).all():
         raise invalid(f"Input 'values' must be finite {spec.dtype} numbers; found NaN or inf.")
+
+
+def max_json_body_bytes(spec, max_batch_size):
+    """The largest REST :predict body that a request the spec accepts needs (a full batch of the
+    largest budget, in either format, with whitespace), or None when the spec leaves h, w or k
+    open."""
+    if spec.height is None or spec.width is None or spec.max_budget is None:
+        return None
+    numbers = spec.height * spec.width * spec.max_budget + spec.max_budget  # values, indices
+    return JSON_FIXED_BYTES + max_batch_size * (numbers * JSON_NUMBER_BYTES + JSON_INSTANCE_BYTES)
+
+
+def max_json_values(spec, max_batch_size):
+    """The most JSON values (numbers, lists, objects, keys) a :predict body that the spec accepts
+    holds, in either format, or None when the spec leaves h, w or k open. Every value but the
+    outermost follows a '[', ',' or ':', so counting those bytes bounds what parsing would build,
+    before it does."""
+    if spec.height is None or spec.width is None or spec.max_budget is None:
+        return None
+    pixels, k = spec.height * spec.width, spec.max_budget
+    # Per instance: its numbers, one list per pixel and row (at most two per pixel), its indices,
+    # and the row format's own object, keys and scalars.
+    return JSON_FIXED_VALUES + max_batch_size * (pixels * (k + 2) + k + JSON_INSTANCE_VALUES)
+
+
+def clip_message(text, limit=MESSAGE_BYTES):
+    """`text` cut, with "...", so that it stays within `limit` bytes as a JSON string: a refusal
+    that echoes what a client sent stays short however much it sent."""
+    if len(json.dumps(text)) <= limit:
+        return text
+    used, end = len('"..."'), 0
+    for end, char in enumerate(text):
+        used += len(json.dumps(char)) - 2
+        if used > limit:
+            break
+    return text[:end] + "..."
