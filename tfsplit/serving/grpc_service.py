@@ -15,16 +15,42 @@ def _target(model_spec):
     return model_spec.name, version, model_spec.version_label or None, model_spec.signature_name
 
 
+# The longest status message sent back or logged for one refusal: whatever a request carried, its
+# refusal stays one short line.
+MAX_DETAILS_CHARS = 1000
+
+
+def _bounded(text):
+    text = " ".join(str(text).split())  # one line, whatever the message held
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return text[: MAX_DETAILS_CHARS - 20] + f"... ({len(text)} chars)"
+
+
 def answer_or_abort(context, method, handler):
-    """Runs a handler; a refused request becomes its gRPC status, the server keeps serving."""
+    """Runs a handler; a refused request becomes its gRPC status, the server keeps serving.
+
+    Each failure logs one line (a client can send thousands); an unexpected one keeps its
+    traceback at verbosity 1 and up, and its status names the exception's type only (its
+    message may hold a path or other server detail).
+    """
     try:
         return handler()
     except validation.RequestError as error:
-        logging.warning("Rejected %s (%s): %s", method, error.code.name, error)
-        context.abort(error.code, str(error))
+        details = _bounded(error)
+        logging.warning("Rejected %s (%s): %s", method, error.code.name, details)
+        context.abort(error.code, details)
     except Exception as error:  # noqa: BLE001  (one bad request must not take the server down)
-        logging.exception("Internal error in %s", method)
-        context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(error).__name__}: {error}")
+        if logging.get_verbosity() >= 1:
+            logging.exception("Internal error in %s", method)
+        else:
+            logging.error(
+                "Internal error in %s: %s: %s", method, type(error).__name__, _bounded(error)
+            )
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"Internal error ({type(error).__name__}); the server's log has the details.",
+        )
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):

@@ -6,15 +6,54 @@ checks of a received activations payload.
 
 import hashlib
 import json
+import struct
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
 
 from tfsplit import codec
 from tfsplit.serving import validation
 from tfsplit.training import split_training_pb2 as pb
 
 MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch: plenty.
+# The most of a client's string (or list) that a log line or an error repeats: a device id or a
+# shape fits; a megabyte-long one cannot make an error too long to send back.
+MAX_SHOWN_CHARS = 64
+# A payload's batch size N: the u32 after the magic, version, kind, dtype and flags bytes
+# (tfsplit/codec/layout.py's table), read before anything is decoded.
+_PAYLOAD_BATCH = struct.Struct("<I")
+_PAYLOAD_BATCH_OFFSET = 8
+# Where a TensorProto keeps its values when it has no `tensor_content`, and how many per element.
+_VALUE_FIELDS = {
+    tf.float32: ("float_val", 1),
+    tf.float64: ("double_val", 1),
+    tf.float16: ("half_val", 1),
+    tf.bfloat16: ("half_val", 1),
+    tf.int8: ("int_val", 1),
+    tf.int16: ("int_val", 1),
+    tf.int32: ("int_val", 1),
+    tf.uint8: ("int_val", 1),
+    tf.uint16: ("int_val", 1),
+    tf.int64: ("int64_val", 1),
+    tf.uint32: ("uint32_val", 1),
+    tf.uint64: ("uint64_val", 1),
+    tf.bool: ("bool_val", 1),
+    tf.complex64: ("scomplex_val", 2),
+    tf.complex128: ("dcomplex_val", 2),
+}
+
+
+def shown(value, limit=MAX_SHOWN_CHARS):
+    """A client's string or repeated field as logs and errors echo it: its repr, cut to about
+    `limit` characters, with its full length when cut."""
+    if isinstance(value, (str, bytes)):
+        text, length, unit = repr(value[:limit]), len(value), "characters"
+    else:
+        text, length, unit = repr(list(value[:limit])), len(value), "values"
+    if len(text) <= limit and length <= limit:
+        return text
+    return f"{text[:limit]}... ({length} {unit})"
 
 
 def model_digest(split):
@@ -30,28 +69,70 @@ def model_digest(split):
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
+def request_digest(request):
+    """sha256 of a request's every field, payload included: tells a retry (the same request)
+    from another request that reuses its step id."""
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+
+
 def weights_to_protos(weights):
     return [tf.make_tensor_proto(np.asarray(w)).SerializeToString() for w in weights]
 
 
 def weights_from_protos(blobs, like, part="tail"):
     """Arrays of serialized TensorProtos, checked against the shapes and dtypes of `like` (the
-    weights of the model's `part`)."""
+    weights of the model's `part`).
+
+    Each proto's declared dtype, shape and number of values are checked before it becomes an
+    array: `tf.make_ndarray` would pad a one-value proto out to whatever shape it declares.
+    """
     if len(blobs) != len(like):
         raise validation.invalid(f"Expected {len(like)} {part} weights. Received: {len(blobs)}")
-    weights = []
-    for i, (blob, reference) in enumerate(zip(blobs, like)):
-        try:
-            array = tf.make_ndarray(tf.make_tensor_proto(0).FromString(blob))
-        except Exception as error:  # noqa: BLE001  (any malformed bytes)
-            raise validation.invalid(f"{part} weight {i} is not a TensorProto: {error}") from None
-        if array.shape != reference.shape or array.dtype != reference.dtype:
-            raise validation.invalid(
-                f"{part} weight {i} must be {reference.dtype} {reference.shape}. "
-                f"Received: {array.dtype} {array.shape}"
-            )
-        weights.append(array)
-    return weights
+    return [
+        _checked_array(blob, reference, f"{part} weight {i}")
+        for i, (blob, reference) in enumerate(zip(blobs, like))
+    ]
+
+
+def _checked_array(blob, reference, what):
+    """The array of one serialized TensorProto that must match `reference` (a numpy array)."""
+    try:
+        proto = tensor_pb2.TensorProto.FromString(blob)
+    except Exception:  # noqa: BLE001  (any malformed bytes)
+        raise validation.invalid(f"{what} is not a serialized TensorProto.") from None
+    dtype = tf.as_dtype(reference.dtype)
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if (
+        proto.dtype != dtype.as_datatype_enum
+        or proto.tensor_shape.unknown_rank
+        or dims != list(reference.shape)
+    ):
+        declared = "unknown" if proto.tensor_shape.unknown_rank else shown(dims)
+        raise validation.invalid(
+            f"{what} must be {dtype.name} of shape {list(reference.shape)}. Received: "
+            f"{_dtype_name(proto.dtype)} of shape {declared}"
+        )
+    if proto.tensor_content:
+        expected, received, unit = reference.nbytes, len(proto.tensor_content), "bytes"
+    elif dtype in _VALUE_FIELDS:
+        field, per_element = _VALUE_FIELDS[dtype]
+        expected, received = reference.size * per_element, len(getattr(proto, field))
+        unit = f"values in {field}"
+    else:
+        expected, received, unit = reference.nbytes, 0, "bytes"
+    if received != expected:
+        raise validation.invalid(
+            f"{what} must carry exactly {expected} {unit} for its shape "
+            f"{list(reference.shape)}. Received: {received}"
+        )
+    return tf.make_ndarray(proto)
+
+
+def _dtype_name(enum):
+    try:
+        return tf.as_dtype(enum).name
+    except TypeError:
+        return f"dtype enum {enum}"
 
 
 def logits_reply(step, logits):
@@ -66,9 +147,25 @@ def reply_logits(reply):
     return np.frombuffer(reply.logits, "<f4").reshape(-1, reply.num_classes)
 
 
-def decode_activations(payload, split, with_labels):
+def payload_batch(payload):
+    """The batch size N an encoded payload declares (None if too short to hold it)."""
+    if len(payload) < _PAYLOAD_BATCH_OFFSET + _PAYLOAD_BATCH.size:
+        return None
+    return _PAYLOAD_BATCH.unpack_from(payload, _PAYLOAD_BATCH_OFFSET)[0]
+
+
+def decode_activations(payload, split, with_labels, max_batch_size=None):
     """The activations payload a device sent, checked against `split`'s wire (dtype, channels,
-    positions) and, for a training step, its labels against the classes."""
+    positions) and, for a training step, its labels against the classes.
+
+    `max_batch_size` is checked on the header first: the tail places the k channels sent among
+    all C, so a small payload of many one-channel samples would take C/k times its size.
+    """
+    batch = payload_batch(payload)
+    if max_batch_size is not None and batch is not None and batch > max_batch_size:
+        raise validation.invalid(
+            f"A step carries at most {max_batch_size} samples on this server. Received: {batch}"
+        )
     try:
         decoded = codec.decode(payload, expect_kind="activations", max_channels=split.channels)
     except codec.PayloadError as error:

@@ -4,13 +4,16 @@ import threading
 
 import numpy as np
 
+from tfsplit.training.messages import request_digest
+
 
 class PendingStep:
-    """A training step waiting to be trained: the request, its decoded payload, and the reply or
-    error once trained (`result` waits for them)."""
+    """A training step waiting to be trained: the request, its digest (a retry must match it),
+    its decoded payload, and the reply or error once trained (`result` waits for them)."""
 
     def __init__(self, request, payload):
         self.request, self.payload = request, payload
+        self.digest = request_digest(request)
         self.batch = payload.values.shape[0]
         self.reply, self.error = None, None
         self.done = threading.Event()

@@ -9,14 +9,21 @@ import tensorflow as tf
 
 from tfsplit.training import split_training_pb2 as pb
 
+# The step log holds every step since the last checkpoint, payloads included; past this size the
+# server saves a checkpoint of its own (which empties the log) instead of waiting for the device.
+MAX_LOG_BYTES = 1 << 30
+
 
 class DeviceState:
-    """What the server keeps per device: its next step id, its last reply (for a retry) and
-    the batch norm statistics of a calibration in progress."""
+    """What the server keeps per device: its next step id, its last reply and the digest of the
+    request that got it (a retry must be the same request), when it last called (a silent device
+    gives up its slot) and the batch norm statistics of a calibration in progress."""
 
-    def __init__(self):
-        self.next_step = 0
+    def __init__(self, next_step=0):
+        self.next_step = next_step
         self.last_reply = None
+        self.last_digest = None
+        self.last_seen = time.monotonic()
         self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
 
 
@@ -38,6 +45,7 @@ class ServerState:
         self._log_path = os.path.join(directory, "steps.log")
         self._json = os.path.join(directory, "state.json")
         self._log_file = open(self._log_path, "ab")
+        self.log_bytes = self._log_file.tell()
 
     def exists(self):
         return os.path.exists(self._json)
@@ -59,20 +67,30 @@ class ServerState:
         with open(self._json) as f:
             return json.load(f)
 
+    def saved_devices(self):
+        """The devices the checkpoint recorded, with their next steps (nothing is restored)."""
+        return {d: DeviceState(step) for d, step in self._read_json()["devices"].items()}
+
     def load(self):
         """Restores the checkpoint; returns the devices it recorded."""
         state = self._read_json()
         self._checkpoint.read(state["checkpoint"]).assert_existing_objects_matched()
-        devices = {}
-        for device_id, next_step in state["devices"].items():
-            devices[device_id] = DeviceState()
-            devices[device_id].next_step = next_step
-        return devices
+        return {d: DeviceState(step) for d, step in state["devices"].items()}
 
     def log(self, group):
+        """Appends `group` and flushes it; a failed write is cut off again, so that the log
+        holds whole entries only and the step can change nothing."""
         data = group.SerializeToString()
-        self._log_file.write(struct.pack("<Q", len(data)) + data)
-        self._log_file.flush()
+        try:
+            self._log_file.write(struct.pack("<Q", len(data)) + data)
+            self._log_file.flush()
+        except BaseException:
+            try:
+                self._log_file.truncate(self.log_bytes)
+            except OSError:  # the disk refuses even that: the replay drops a torn last entry
+                pass
+            raise
+        self.log_bytes += 8 + len(data)
 
     def logged_steps(self):
         """The logged StepGroups in order; a torn last entry (a kill mid-write) is dropped."""
@@ -90,6 +108,7 @@ class ServerState:
     def truncate_log(self):
         self._log_file.close()
         self._log_file = open(self._log_path, "wb")
+        self.log_bytes = 0
 
 
 SHAPES_FILE = "shapes.json"

@@ -10,7 +10,10 @@ updates the tail with SGD at the learning rate the device's schedule sent, and a
 activations' gradient as a codec payload: what `SplitModel.train_step` computes in one process.
 
 Step ids make retries idempotent: the step after the last one is trained, the last one is
-answered again from its kept reply (a retry after a lost answer), anything else is refused.
+answered again from its kept reply (a retry after a lost answer) if it is the same request (a
+digest of it), anything else is refused. A step is atomic: the tail's gradient, the loss and
+the reply are computed and checked (finite, and within the wire dtype's range) and the step is
+logged before the update is applied; a step that fails changes nothing.
 
 Several devices share the tail in one of two modes. Sequential (SplitNN's round robin): each step
 trains the tail as it arrives. Parallel: the steps that devices send at the same time are trained
@@ -19,7 +22,10 @@ gradient being that of its own batch's mean loss, and the devices average their 
 epoch (`AverageHeads`, SplitFed).
 
 Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITION and changes
-nothing, and the server keeps serving.
+nothing, and the server keeps serving. What a device can make the server hold is bounded: the
+samples per step (`max_batch_size`), the devices (`max_devices`; a device silent for
+`device_timeout_s` gives its slot to a new one), the learning rate (`max_learning_rate`) and the
+step log (`max_log_bytes`, past which the server checkpoints itself).
 """
 
 import re
@@ -39,15 +45,23 @@ from tfsplit.training.messages import (
     decode_activations,
     logits_reply,
     model_digest,
+    shown,
     weights_from_protos,
     weights_to_protos,
 )
 from tfsplit.training.server.averaging import AveragingRounds
 from tfsplit.training.server.batching import PendingStep, joined_inputs
 from tfsplit.training.server.calibration import calibration_pass
-from tfsplit.training.server.state import DeviceState, ServerState
+from tfsplit.training.server.state import MAX_LOG_BYTES, DeviceState, ServerState
 
 MAX_DEVICES = 64
+# Without a config to say otherwise: the most samples one step carries (an evaluation batch of
+# the configs' default size fits), the largest SGD rate accepted (well above any rate the
+# configs' phases use), and how long a device may stay silent before a new device may take its
+# slot (a restarting device comes back well within it).
+MAX_BATCH_SIZE = 1024
+MAX_LEARNING_RATE = 10.0
+DEVICE_TIMEOUT_S = 600.0
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TRAIN, _EVALUATE, _CALIBRATE = (
     pb.StepRequest.TRAIN,
@@ -63,7 +77,14 @@ class TailTrainer:
     Args:
       split: the run's model; the server uses its tail (and its head's shapes, to average heads).
       state_dir: where the run's state is kept to restart (None: nowhere).
-      max_devices: how many devices may join.
+      max_devices: how many devices may be in the run at once.
+      max_batch_size: the most samples one step (of any kind) may carry.
+      max_learning_rate: the largest learning rate a training step may ask for.
+      device_timeout_s: a device that made no call for this long gives its slot to a new device
+        when the run is full (a restarted server counts its saved devices again).
+      max_log_bytes: the step log's size past which the server saves a checkpoint of its own; a
+        device resuming from a backup older than that checkpoint is then refused, as one
+        resuming before the first checkpoint.
       parallel: train concurrent devices' steps as one batch and average their heads.
       gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
       average_timeout_s: parallel: how long an averaging round waits for its last devices.
@@ -74,16 +95,33 @@ class TailTrainer:
         split,
         state_dir=None,
         max_devices=MAX_DEVICES,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_learning_rate=MAX_LEARNING_RATE,
+        device_timeout_s=DEVICE_TIMEOUT_S,
+        max_log_bytes=MAX_LOG_BYTES,
         parallel=False,
         gather_timeout_s=0.2,
         average_timeout_s=120.0,
     ):
         if not gather_timeout_s > 0:
             raise ValueError(f"`gather_timeout_s` must be > 0. Received: {gather_timeout_s!r}")
+        for name, value in dict(
+            max_devices=max_devices, max_batch_size=max_batch_size, max_log_bytes=max_log_bytes
+        ).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
+        for name, value in dict(
+            max_learning_rate=max_learning_rate, device_timeout_s=device_timeout_s
+        ).items():
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"`{name}` must be a finite number > 0. Received: {value!r}")
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
-        self.max_devices = max_devices
+        self.max_devices, self.max_batch_size = max_devices, max_batch_size
+        self.max_learning_rate, self.device_timeout_s = float(max_learning_rate), device_timeout_s
+        self.max_log_bytes = max_log_bytes
+        self._started = False  # Whether the tail left its initial state (a device joined).
         self.parallel, self.gather_timeout_s = bool(parallel), gather_timeout_s
         self._lock = threading.Condition()
         self._pending = []  # Parallel: training steps waiting to be trained together.
@@ -95,20 +133,37 @@ class TailTrainer:
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
         variables = split.tail.trainable_variables
+        split.optimizer.build(variables)  # its slots exist before the first (compiled) update
+        # What the forward pass itself changes (batch norm's moving statistics, the nested
+        # budgets' fill and draws): kept before each step, put back if the step fails.
+        changed = list(split.tail.non_trainable_variables) + [split.budget_draws.state]
+        if split.nesting is not None:
+            changed.append(split.nesting.fill)
+        self._changed = list({id(v): v for v in changed}.values())
+        self._kept = [tf.Variable(v, trainable=False) for v in self._changed]
 
-        def train(values, indices, labels, gradient_scale, learning_rate, nesting):
-            split.optimizer.learning_rate.assign(learning_rate)
+        def compute(values, indices, labels, gradient_scale, learning_rate, nesting):
+            for kept, variable in zip(self._kept, self._changed):
+                kept.assign(variable)
             split.step_nesting.assign(nesting)
             with tf.GradientTape() as tape:
                 tape.watch(values)
                 loss, logits = split.server_loss(None, labels, values, indices)
             tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
+            norm = tf.linalg.global_norm([g for g in tail_gradients if g is not None])
+            # The update is finite: a finite loss, gradient and rate times gradient.
+            finite = tf.reduce_all(tf.math.is_finite([loss, norm, learning_rate * norm]))
+            scaled = value_gradient * gradient_scale[:, None, None, None]
+            return tail_gradients, scaled, logits, loss, finite
+
+        def apply(tail_gradients, learning_rate):
+            split.optimizer.learning_rate.assign(learning_rate)
             split.optimizer.apply_gradients(zip(tail_gradients, variables))
-            return value_gradient * gradient_scale[:, None, None, None], logits, loss
 
         # One trace for a device's step (its selection), one for devices' steps batched (a
         # selection per sample): the rank of the indices picks the placement.
-        self._train_traces = {rank: tf.function(train, reduce_retracing=True) for rank in (1, 2)}
+        self._compute = {rank: tf.function(compute, reduce_retracing=True) for rank in (1, 2)}
+        self._apply = tf.function(apply, reduce_retracing=True)
 
         @tf.function(reduce_retracing=True)
         def forward(values, indices, training):
@@ -123,52 +178,96 @@ class TailTrainer:
         return device.next_step
 
     # ------------------------------------------------------------------------------- requests
-    def _check_digest(self, digest):
-        if digest != self.digest:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"The device's model (digest {digest[:12]}) differs from this server's "
-                f"({self.digest[:12]}); start both with the same config.",
-            )
-
     def hello(self, request):
-        self._check_digest(request.model_digest)
-        _check_device_id(request.device_id)
+        check_digest(request.model_digest, self.digest)
+        check_device_id(request.device_id)
         expected = list(self.split.head.input.shape[1:])
-        if list(request.image_shape) != expected:
+        if len(request.image_shape) != len(expected) or list(request.image_shape) != expected:
             raise validation.invalid(
-                f"image_shape must be {expected}. Received: {list(request.image_shape)}"
+                f"image_shape must be {expected}. Received: {shown(request.image_shape)}"
+            )
+        classes = self.split.tail.output.shape[-1]
+        if request.num_classes != classes:
+            raise validation.invalid(
+                f"num_classes must be {classes}. Received: {request.num_classes}"
             )
         with self._lock:
             if request.device_id not in self.devices:
-                if len(self.devices) >= self.max_devices:
-                    raise validation.RequestError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"This run already has {self.max_devices} devices.",
-                    )
-                if not self.devices and request.tail_weights:  # the run starts here
+                self._make_room()
+                if not self._started and request.tail_weights:  # the run starts here
                     self.split.tail.set_weights(
                         weights_from_protos(request.tail_weights, self.split.tail.get_weights())
                     )
                 self.devices[request.device_id] = DeviceState()
+                self._started = True
                 logging.info("Device %r joined the run.", request.device_id)
-            if request.resume and request.resume_step != self.devices[request.device_id].next_step:
+            device = self._device(request.device_id)
+            if request.resume and request.resume_step != device.next_step:
                 self._resume(request.device_id, request.resume_step)
             next_step = self.devices[request.device_id].next_step  # after a resume: the new one
             return pb.HelloReply(
                 model_digest=self.digest, next_step=next_step, parallel=self.parallel
             )
 
-    def checkpoint(self, request):
-        """Saves the tail, its optimizer and every device's step ids (the device backed up)."""
-        self._check_digest(request.model_digest)
+    def leave(self, device_id):
+        """Device `device_id` leaves the run: its slot is free for another device, and its step
+        ids are forgotten (back, it joins as a new device). Returns whether it was in the run."""
         with self._lock:
-            device = self.devices.get(request.device_id)
-            if device is None or request.step != device.next_step:
+            if device_id not in self.devices:
+                return False
+            if device_id in self._busy():
                 raise validation.RequestError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Checkpoint at step {request.step} of device {request.device_id!r}, whose "
-                    f"next step here is {getattr(device, 'next_step', None)}.",
+                    f"Device {shown(device_id)} has a step or a head averaging in progress; it "
+                    "can leave once that is answered.",
+                )
+            self._remove(device_id)
+            logging.info("Device %r left the run.", device_id)
+            return True
+
+    def _busy(self):
+        return {p.request.device_id for p in self._pending} | self._rounds.waiting
+
+    def _make_room(self):
+        """Frees a slot for a new device when the run is full: that of the device silent the
+        longest, if it has been for `device_timeout_s` and waits for no answer."""
+        if len(self.devices) < self.max_devices:
+            return
+        now, busy = time.monotonic(), self._busy()
+        silent = [
+            (device.last_seen, device_id)
+            for device_id, device in self.devices.items()
+            if device_id not in busy and now - device.last_seen >= self.device_timeout_s
+        ]
+        if not silent:
+            raise validation.RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"This run has its {self.max_devices} devices; a slot frees when one of them "
+                f"leaves or makes no call for {self.device_timeout_s:g} s.",
+            )
+        last_seen, device_id = min(silent)
+        logging.info(
+            "Device %r made no call for %.0f s: its slot goes to a new device.",
+            device_id,
+            now - last_seen,
+        )
+        self._remove(device_id)
+
+    def _remove(self, device_id):
+        del self.devices[device_id]
+        self._idle.discard(device_id)
+        self._rounds.absent.discard(device_id)
+
+    def checkpoint(self, request):
+        """Saves the tail, its optimizer and every device's step ids (the device backed up)."""
+        check_digest(request.model_digest, self.digest)
+        with self._lock:
+            device = self._device(request.device_id)
+            if request.step != device.next_step:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Checkpoint at step {request.step} of device {shown(request.device_id)}, "
+                    f"whose next step here is {device.next_step}.",
                 )
             if self._state is not None:
                 self._state.save(self.devices)
@@ -182,6 +281,7 @@ class TailTrainer:
             self.devices = self._state.load()
             for group in self._state.logged_steps():
                 self._apply_logged(group)
+            self._started = True
             logging.info(
                 "Restored the run: next steps %s.",
                 {d: v.next_step for d, v in self.devices.items()},
@@ -204,7 +304,20 @@ class TailTrainer:
         back there (the saved state, then the logged steps before `step`); with other devices
         the shared tail cannot go back, and the device continues from the server's step."""
         device = self.devices[device_id]
-        if len(self.devices) > 1 or self._state is None:
+        shared = len(self.devices) > 1 or self._state is None
+        if not shared:
+            if not self._state.exists():
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Device {shown(device_id)} resumes at step {step}, but this server has no "
+                    f"checkpoint yet to go back to (its next step here is {device.next_step}).",
+                )
+            saved, groups = self._state.saved_devices(), self._state.logged_steps()
+            # Devices gone since the checkpoint trained the tail too: it cannot go back either.
+            shared = set(saved) - {device_id} or any(
+                r.device_id != device_id for g in groups for r in g.requests
+            )
+        if shared:
             logging.warning(
                 "Device %r resumes at step %d; the server is at %d and keeps the tail.",
                 device_id,
@@ -212,22 +325,21 @@ class TailTrainer:
                 device.next_step,
             )
             return
-        saved = self._state.load()
         if device_id not in saved or saved[device_id].next_step > step:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"Device {device_id!r} resumes at step {step}, before the server's saved state "
-                f"(step {saved.get(device_id, DeviceState()).next_step}).",
+                f"Device {shown(device_id)} resumes at step {step}, before the server's saved "
+                f"state (step {saved.get(device_id, DeviceState()).next_step}).",
             )
         # The run's only device: one request per logged group.
-        logged = [g for g in self._state.logged_steps() if g.requests[0].step < step]
+        logged = [g for g in groups if g.requests[0].step < step]
         if saved[device_id].next_step + len(logged) != step:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"Device {device_id!r} resumes at step {step}, which the server's log does not "
-                "reach.",
+                f"Device {shown(device_id)} resumes at step {step}, which the server's log does "
+                "not reach.",
             )
-        self.devices = saved
+        self.devices = self._state.load()
         self._state.truncate_log()
         for group in logged:
             self._apply_logged(group)
@@ -235,11 +347,14 @@ class TailTrainer:
         logging.info("Device %r resumed: the run went back to step %d.", device_id, step)
 
     def step(self, request):
-        self._check_digest(request.model_digest)
+        check_digest(request.model_digest, self.digest)
         if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
             raise validation.invalid(f"Unknown step kind {request.kind}.")
         payload = decode_activations(
-            request.payload, self.split, with_labels=request.kind == _TRAIN
+            request.payload,
+            self.split,
+            with_labels=request.kind == _TRAIN,
+            max_batch_size=self.max_batch_size,
         )
         if request.kind == _TRAIN:
             return self._train_request(request, payload)
@@ -256,7 +371,7 @@ class TailTrainer:
 
     def average_heads(self, request):
         """Parallel mode: the device's head joins its round; returns the round's average."""
-        self._check_digest(request.model_digest)
+        check_digest(request.model_digest, self.digest)
         if not self.parallel:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -268,6 +383,8 @@ class TailTrainer:
                 f"samples must be >= 1 and round >= 0. Received: samples={request.samples}, "
                 f"round={request.round}"
             )
+        with self._lock:  # the sender first: only a device of the run has its head read
+            self._device(request.device_id)
         weights = weights_from_protos(request.weights, self.split.head.get_weights(), "head")
         with self._lock:
             self._device(request.device_id)
@@ -277,34 +394,42 @@ class TailTrainer:
         return pb.AverageHeadsReply(weights=weights_to_protos(average), devices=devices)
 
     def tail_weights(self, request):
-        self._check_digest(request.model_digest)
+        check_digest(request.model_digest, self.digest)
         with self._lock:
             return pb.TailWeightsReply(weights=weights_to_protos(self.split.tail.get_weights()))
 
     # -------------------------------------------------------------------------------- steps
     def _device(self, device_id):
+        """The state of `device_id`, which has just made a call."""
         device = self.devices.get(device_id)
         if device is None:
             raise validation.RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"Device {device_id!r} has not opened the run; call Hello first.",
+                f"Device {shown(device_id)} is not in the run (it has not opened it, or left "
+                "it); call Hello first.",
             )
+        device.last_seen = time.monotonic()
         return device
 
     def _train_request(self, request, payload):
         """Trains the step alone (sequential) or with the other devices' (parallel); a retry of
         the last step gets its kept reply, a retry of a step still waiting gets its reply."""
-        if not np.isfinite(request.learning_rate) or request.learning_rate < 0:
+        rate = request.learning_rate
+        if not (np.isfinite(rate) and 0 <= rate <= np.float32(self.max_learning_rate)):
             raise validation.invalid(
-                f"learning_rate must be finite and >= 0. Received: {request.learning_rate}"
+                f"learning_rate must be finite and in [0, {self.max_learning_rate:g}] on this "
+                f"server. Received: {rate}"
             )
+        step = PendingStep(request, payload)
         with self._lock:
             device = self._device(request.device_id)
             if request.step == device.next_step - 1 and device.last_reply is not None:
+                _check_retry(step, device.last_digest)
                 logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
                 return device.last_reply
             waiting = [p for p in self._pending if p.request.device_id == request.device_id]
             if waiting and waiting[0].request.step == request.step:
+                _check_retry(step, waiting[0].digest)
                 step, lead = waiting[0], False  # the same step, sent again while it waits
             elif request.step != device.next_step or waiting:
                 raise validation.RequestError(
@@ -312,11 +437,10 @@ class TailTrainer:
                     f"Expected training step {device.next_step}. Received: step {request.step}",
                 )
             elif not self.parallel:
-                step = PendingStep(request, payload)
                 self._train_together([step])
                 return step.result()
             else:
-                step, lead = PendingStep(request, payload), not self._gathering
+                lead = not self._gathering
                 self._pending.append(step)
                 self._idle.discard(request.device_id)
                 self._gathering = True
@@ -348,36 +472,10 @@ class TailTrainer:
                 self._train_together(together)
 
     def _train_together(self, steps, log=True):
-        """One update of the tail from `steps` (one per device) as one batch (`joined_inputs`);
-        each step gets its reply (or the error) in `steps`."""
+        """One update of the tail from `steps` (one per device) as one batch (`joined_inputs`),
+        or none; each step gets its reply (or the error) in `steps`."""
         try:
-            first = steps[0]
-            values, indices, labels, scale = joined_inputs(steps)
-            gradient, logits, loss = self._train_traces[indices.ndim](
-                tf.constant(values, tf.float32),
-                tf.constant(indices, tf.int32),
-                tf.constant(labels),
-                tf.constant(scale),
-                tf.constant(first.request.learning_rate, tf.float32),
-                tf.constant(first.request.nesting),
-            )
-            gradient, logits, start = gradient.numpy(), logits.numpy(), 0
-            for step in steps:
-                end = start + step.batch
-                reply = logits_reply(step.request.step, logits[start:end])
-                reply.loss = float(loss)
-                reply.payload = codec.encode(
-                    gradient[start:end],
-                    step.payload.indices,
-                    self.split.channels,
-                    self.split.gradient_dtype,
-                    kind="gradients",
-                )
-                device = self.devices[step.request.device_id]
-                device.last_reply, device.next_step, step.reply = reply, device.next_step + 1, reply
-                start = end
-            if log and self._state is not None:
-                self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
+            self._train_or_refuse(steps, log)
         except Exception as error:  # noqa: BLE001  (each waiting request gets it)
             for step in steps:
                 step.error = error
@@ -385,10 +483,96 @@ class TailTrainer:
             for step in steps:
                 step.done.set()
 
+    def _train_or_refuse(self, steps, log):
+        """The step's replies are made and checked, and the step logged, before the update is
+        applied: a step that fails leaves the tail and every device's state as they were."""
+        first = steps[0]
+        values, indices, labels, scale = joined_inputs(steps)
+        learning_rate = tf.constant(first.request.learning_rate, tf.float32)
+        tail_gradients, gradient, logits, loss, finite = self._compute[indices.ndim](
+            tf.constant(values, tf.float32),
+            tf.constant(indices, tf.int32),
+            tf.constant(labels),
+            tf.constant(scale),
+            learning_rate,
+            tf.constant(first.request.nesting),
+        )
+        try:
+            if not bool(finite):
+                raise validation.invalid(
+                    f"Training step {first.request.step} gives a non-finite loss or tail "
+                    f"gradient at learning rate {first.request.learning_rate:g}; the tail keeps "
+                    "its weights."
+                )
+            replies = self._replies(steps, gradient.numpy(), logits.numpy(), float(loss))
+            if log and self._state is not None:
+                self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
+        except BaseException:
+            for kept, variable in zip(self._kept, self._changed):
+                variable.assign(kept)
+            raise
+        self._apply(tail_gradients, learning_rate)
+        for step, reply in zip(steps, replies):
+            device = self.devices[step.request.device_id]
+            device.last_reply, device.last_digest, step.reply = reply, step.digest, reply
+            device.next_step += 1
+        if log and self._state is not None and self._state.log_bytes > self.max_log_bytes:
+            logging.info(
+                "The step log passed %d bytes: the server saves its state before the device "
+                "asks, which empties the log.",
+                self.max_log_bytes,
+            )
+            self._state.save(self.devices)
 
-def _check_device_id(device_id):
+    def _replies(self, steps, gradient, logits, loss):
+        """Each step's StepReply: its logits and its part of the gradient, encoded."""
+        replies, start = [], 0
+        for step in steps:
+            end = start + step.batch
+            reply = logits_reply(step.request.step, logits[start:end])
+            reply.loss = loss
+            try:
+                reply.payload = codec.encode(
+                    gradient[start:end],
+                    step.payload.indices,
+                    self.split.channels,
+                    self.split.gradient_dtype,
+                    kind="gradients",
+                )
+            except codec.PayloadError as error:
+                raise validation.invalid(
+                    f"The gradient of training step {step.request.step} cannot be sent as "
+                    f"{self.split.gradient_dtype}: {error} The tail keeps its weights."
+                ) from None
+            replies.append(reply)
+            start = end
+        return replies
+
+
+def check_digest(received, expected):
+    """Refuses a request whose model digest is not `expected` (the server's model's)."""
+    if received != expected:
+        raise validation.RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"The device's model (digest {shown(received[:12])}) differs from this server's "
+            f"({expected[:12]}); start both with the same config.",
+        )
+
+
+def check_device_id(device_id):
     if not _DEVICE_ID.fullmatch(device_id):
         raise validation.invalid(
             "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
-            f"Received: {device_id[:80]!r}"
+            f"Received: {shown(device_id)}"
+        )
+
+
+def _check_retry(step, digest):
+    """A step id sent again must be the same request (a retry), not another step."""
+    if step.digest != digest:
+        raise validation.RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"Training step {step.request.step} of device {shown(step.request.device_id)} was "
+            "already sent with other contents (payload, rate or fields); a retry must resend the "
+            "same request.",
         )
