@@ -11,16 +11,17 @@ picks a free port. Prints one line with the bound ports when ready; runs until i
 `--token_file`, `--tls_cert` and `--tls_key` mean what they mean for tfsplit-train-server: every
 gRPC call and REST request must carry the token (`Authorization: Bearer <token>`), and both
 protocols serve over TLS (REST as HTTPS). The device's side: tfsplit-run-head --token_file
---tls_ca.
+--tls_ca. A --host other than loopback needs TLS, unless --insecure (then a warning is logged on
+every start); the device's clients send a token in clear text to loopback only.
 """
 
 import signal
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.auth import credentials
+from tfsplit.auth import credentials, transport
 from tfsplit.serving.server import DEFAULT_MAX_REQUEST_BYTES, TailServer
 from tfsplit_tools import cli
 
@@ -42,6 +43,12 @@ _MAX_REQUEST_BYTES = flags.DEFINE_integer(
 _TOKEN_FILE = flags.DEFINE_string("token_file", None, "Refuse calls without the token in it.")
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: serve over TLS.")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
+_INSECURE = flags.DEFINE_bool(
+    "insecure",
+    False,
+    "Allow a --host other than loopback without TLS (tokens and tensors in clear text); a "
+    "warning is logged on every start.",
+)
 
 
 def main(argv):
@@ -49,7 +56,14 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
         raise app.UsageError("--tls_cert and --tls_key go together.")
+    warning = transport.check_listen(_HOST.value, bool(_TLS_CERT.value), _INSECURE.value)
+    if warning:
+        logging.warning(warning)
     token = _TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value)
+    if not token and not transport.is_loopback(_HOST.value):
+        logging.warning(
+            "Serving on %r with no --token_file: whoever reaches it can use the tail.", _HOST.value
+        )
     try:
         server = TailServer(
             _MODEL_BASE_PATH.value,

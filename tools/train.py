@@ -5,7 +5,11 @@
   tfsplit-train --config=configs/deprune.py --workdir=... --server=HOST:50051   # networked
 
 With --server this process is the device (data, head, gates, phases) and the tail trains on a
-`tfsplit-train-server` of the same config.
+`tfsplit-train-server` of the same config. It joins the run as device `device-<shard_index>`
+(--config.data.shard_index, 0 by default): with per-device credentials, --token_file holds this
+device's token from the server's tokens file, or --tls_cert/--tls_key are a client certificate
+whose subject CN is that id (mutual TLS). A token goes in clear text to loopback only: to another
+host --tls_ca is needed.
 
 Config -> data -> SplitModel -> fit with PhaseSchedule, records, TensorBoard and BackupAndRestore.
 Writes metrics.jsonl, summary.json, config.json, checkpoints/ and tensorboard/ into --workdir;
@@ -33,8 +37,16 @@ _WORKDIR = flags.DEFINE_string(
 _SERVER = flags.DEFINE_string(
     "server", None, "host:port of a tfsplit-train-server: train the tail there."
 )
-_TOKEN_FILE = flags.DEFINE_string("token_file", None, "--server: the shared token's file.")
+_TOKEN_FILE = flags.DEFINE_string(
+    "token_file", None, "--server: the file of the token to send (the shared one or this device's)."
+)
 _TLS_CA = flags.DEFINE_string("tls_ca", None, "--server: PEM CA of the server's certificate (TLS).")
+_TLS_CERT = flags.DEFINE_string(
+    "tls_cert",
+    None,
+    "--server: PEM client certificate of this device (mutual TLS; its subject CN is the device id).",
+)
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "--server: PEM private key of --tls_cert.")
 _RETRY_FOR_S = flags.DEFINE_float(
     "retry_for_s",
     120.0,
@@ -44,18 +56,27 @@ _RETRY_FOR_S = flags.DEFINE_float(
 flags.mark_flags_as_required(["config"])
 
 
+def _read(path, reader, *args):
+    """`reader(path, *args)`, or None without a path."""
+    return reader(path, *args) if path else None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     logging.info("Training %s in %s", config.mode, _WORKDIR.value)
+    if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
+        raise app.UsageError("--tls_cert and --tls_key go together.")
     client = None
     if _SERVER.value:
         client = TrainingClient(
             _SERVER.value,
-            token=_TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value),
-            root_certificates=_TLS_CA.value and credentials.read_pem(_TLS_CA.value, "TLS CA"),
+            token=_read(_TOKEN_FILE.value, credentials.read_token_file),
+            root_certificates=_read(_TLS_CA.value, credentials.read_pem, "TLS CA"),
             retry_for_s=_RETRY_FOR_S.value,
+            certificate_chain=_read(_TLS_CERT.value, credentials.read_pem, "TLS certificate"),
+            private_key=_read(_TLS_KEY.value, credentials.read_pem, "TLS key"),
         )
     summary = train_lib.train(config, _WORKDIR.value, client=client)
     print(json.dumps(summary, indent=2))

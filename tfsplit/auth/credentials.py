@@ -4,7 +4,7 @@ Shared by networked training (`tfsplit.auth.grpc_server`, which adds gRPC's inte
 credentials), the tail server (`tfsplit.serving`) and the device's tail clients (`tfsplit.device`,
 which runs without TensorFlow and, over REST, without grpcio). The token travels as
 `authorization: Bearer <token>`: in gRPC call metadata, or as HTTP's Authorization header. A test
-TLS pair is in docs/networked-training.md#token-and-tls.
+TLS pair is in docs/networked-training.md#security.
 """
 
 import os

@@ -7,7 +7,8 @@ a real TF Serving.
 
 Against a server that asks for a token (`tfsplit-serve --token_file`), every call carries
 `authorization: Bearer <token>` in its metadata; with a CA the channel is TLS and the server's
-certificate is verified against it.
+certificate is verified against it. Without TLS a token goes to loopback only: to another host the
+client refuses it before connecting (`tfsplit.auth.transport`).
 """
 
 import grpc
@@ -37,7 +38,8 @@ class GrpcClient:
         the channel is TLS. None: plain TCP.
 
     Raises:
-      DeviceError: a bad target, name, timeout, token or CA.
+      DeviceError: a bad target, name, timeout, token or CA, or a token that would travel in
+        clear text off this machine.
     """
 
     protocol = "grpc"
@@ -58,8 +60,10 @@ class GrpcClient:
         if not isinstance(target, str) or "://" in target or ":" not in target:
             raise DeviceError(
                 f"`target` must be host:port of a gRPC endpoint, e.g. 127.0.0.1:8500 (no "
-                f"scheme). Received: {target!r}"
+                f"scheme). Received: {target!r:.100}"
             )
+        # A token goes over TLS, or in clear text to loopback only.
+        check_security_args(token, None, target, tls=root_certificates is not None)
         self.model_name = model_name
         self.signature = signature
         self.version = version

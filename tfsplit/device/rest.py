@@ -8,7 +8,8 @@ once. The same client works against `tfsplit-serve` and a real TF Serving.
 
 Against a server that asks for a token (`tfsplit-serve --token_file`), every request carries
 `Authorization: Bearer <token>`; over https:// the server's certificate is verified against the
-given CA (or the system's CAs without one) and its host name.
+given CA (or the system's CAs without one) and its host name. A token goes over http:// to
+loopback only: to another host the client refuses it before connecting (`tfsplit.auth.transport`).
 """
 
 import http.client
@@ -20,7 +21,7 @@ import urllib.parse
 
 import numpy as np
 
-from tfsplit.auth import credentials
+from tfsplit.auth import credentials, transport
 from tfsplit.device.spec import DeviceError
 
 OUTPUT_NAME = "probabilities"
@@ -51,11 +52,14 @@ def check_client_args(model_name, timeout_s):
         raise DeviceError(f"`timeout_s` must be > 0 seconds. Received: timeout_s={timeout_s!r}")
 
 
-def check_security_args(token, root_certificates):
-    """The checks of `credentials`, raising DeviceError."""
+def check_security_args(token, root_certificates, target=None, tls=None):
+    """The checks of `credentials`, raising DeviceError; with `target` (host:port) and `tls`, also
+    that a token would not travel in clear text to anything but loopback (`auth.transport`)."""
     try:
         credentials.check_token(token)
         credentials.check_root_certificates(root_certificates)
+        if target is not None:
+            transport.check_token_transport(target, token, tls)
     except ValueError as error:
         raise DeviceError(str(error)) from None
 
@@ -115,7 +119,8 @@ class RestClient:
         needs an https:// URL. None: an https:// server is verified against the system's CAs.
 
     Raises:
-      DeviceError: a bad URL, name, timeout, token or CA.
+      DeviceError: a bad URL, name, timeout, token or CA, or a token for an http:// URL that is
+        not loopback.
     """
 
     protocol = "rest"
@@ -136,8 +141,11 @@ class RestClient:
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise DeviceError(
                 f"`base_url` must be an http(s) URL such as http://127.0.0.1:8501. "
-                f"Received: {base_url!r}"
+                f"Received: {base_url!r:.100}"
             )
+        # A token goes over https://, or over http:// to loopback only.
+        authority = parsed.netloc.rpartition("@")[2]
+        check_security_args(token, None, authority, tls=parsed.scheme == "https")
         if root_certificates is not None and parsed.scheme != "https":
             raise DeviceError(
                 f"A CA (`root_certificates`) is for TLS: use an https:// URL. "

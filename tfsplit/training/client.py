@@ -16,7 +16,8 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
-from tfsplit.auth.credentials import call_metadata
+from tfsplit.auth.credentials import call_metadata, check_root_certificates, check_token
+from tfsplit.auth.transport import check_token_transport
 from tfsplit.callbacks.phase_schedule import learning_rate_schedule
 from tfsplit.codec import wire as tf_wire
 from tfsplit.engine.split_model import SplitModel
@@ -41,24 +42,59 @@ class TrainingClient:
 
     Args:
       address: "host:port" of the server.
-      token: the shared token sent in every call's metadata (None: none).
+      token: the token sent in every call's metadata: the shared one, or this device's own from
+        the server's tokens file (None: none). Refused (ValueError, before connecting) over a
+        plain channel to anything but loopback.
       root_certificates: PEM bytes of the CA that signed the server's certificate, for TLS
-        (None: plain TCP).
+        (None: plain TCP, or the system's CAs with a client certificate).
       deadline_s: each call's deadline.
       retry_for_s: how long a call keeps retrying while the server is unreachable.
+      certificate_chain, private_key: PEM bytes of this device's client certificate and its key,
+        for a server that requires them (mutual TLS, `--tls_client_ca`; the certificate's subject
+        CN is the device id). Both or neither; they make the channel TLS.
+
+    Raises:
+      ValueError: a bad address, token, CA or client certificate, or a token that would travel
+        in clear text off this machine.
     """
 
-    def __init__(self, address, token=None, root_certificates=None, deadline_s=60, retry_for_s=120):
+    def __init__(
+        self,
+        address,
+        token=None,
+        root_certificates=None,
+        deadline_s=60,
+        retry_for_s=120,
+        *,
+        certificate_chain=None,
+        private_key=None,
+    ):
         if not isinstance(address, str) or not address.rpartition(":")[2].isdigit():
-            raise ValueError(f"`address` must be 'host:port'. Received: address={address!r}")
+            raise ValueError(f"`address` must be 'host:port'. Received: address={address!r:.100}")
+        check_token(token)
+        check_root_certificates(root_certificates)
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError(
+                "`certificate_chain` and `private_key` go together: pass both (mutual TLS) or "
+                "neither."
+            )
+        for name, pem in (("certificate_chain", certificate_chain), ("private_key", private_key)):
+            if pem is not None and (not isinstance(pem, bytes) or b"-----BEGIN " not in pem):
+                raise ValueError(f"`{name}` must be None or PEM bytes (read_pem(path, ...)).")
+        tls = root_certificates is not None or certificate_chain is not None
+        check_token_transport(address, token, tls)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        if root_certificates is None:
+        if not tls:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.SplitTrainingStub(self._channel)
         self._metadata = call_metadata(token)
