@@ -2,7 +2,15 @@
 
 import grpc
 from absl import logging
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from google.protobuf import message as protobuf_message
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    inference_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
 
 from tfsplit.serving import tensors, validation
 
@@ -25,6 +33,48 @@ def _bounded(text):
     if len(text) <= MAX_DETAILS_CHARS:
         return text
     return text[: MAX_DETAILS_CHARS - 20] + f"... ({len(text)} chars)"
+
+
+class Undecodable:
+    """What a servicer receives for bytes that are not its request message, so that it refuses
+    them with one INVALID_ARGUMENT line (gRPC itself would log a traceback and answer INTERNAL)."""
+
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+
+def _lenient_parser(message_class):
+    def parse(data):
+        try:
+            return message_class.FromString(data)
+        except protobuf_message.DecodeError:
+            return Undecodable(message_class.DESCRIPTOR.name, len(data))
+
+    return parse
+
+
+def parsed(request):
+    """`request`, or INVALID_ARGUMENT where its bytes did not decode."""
+    if isinstance(request, Undecodable):
+        raise validation.invalid(
+            f"The request ({request.size} bytes) is not a serialized {request.name}."
+        )
+    return request
+
+
+def add_servicer(servicer, server, service_name, methods):
+    """Registers `servicer`'s unary methods, {name: (request class, reply class)}, with parsers
+    that hand undecodable bytes to the servicer (see `parsed`) instead of failing inside gRPC."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_lenient_parser(request_class),
+            response_serializer=reply_class.SerializeToString,
+        )
+        for name, (request_class, reply_class) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
 
 
 def answer_or_abort(context, method, handler):
@@ -103,7 +153,38 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     def Predict(self, request, context):  # noqa: N802  (the gRPC method name)
-        return answer_or_abort(context, "Predict", lambda: self._predict(request))
+        return answer_or_abort(context, "Predict", lambda: self._predict(parsed(request)))
 
     def GetModelMetadata(self, request, context):  # noqa: N802  (the gRPC method name)
-        return answer_or_abort(context, "GetModelMetadata", lambda: self._metadata(request))
+        return answer_or_abort(context, "GetModelMetadata", lambda: self._metadata(parsed(request)))
+
+    def _unimplemented(self, method, context):
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served: a tail answers Predict."
+        )
+
+    def Classify(self, request, context):  # noqa: N802  (the gRPC method name)
+        self._unimplemented("Classify", context)
+
+    def Regress(self, request, context):  # noqa: N802  (the gRPC method name)
+        self._unimplemented("Regress", context)
+
+    def MultiInference(self, request, context):  # noqa: N802  (the gRPC method name)
+        self._unimplemented("MultiInference", context)
+
+
+SERVICE_NAME = "tensorflow.serving.PredictionService"
+# TF Serving's PredictionService: method -> (request, reply) message classes.
+METHODS = {
+    "Predict": (predict_pb2.PredictRequest, predict_pb2.PredictResponse),
+    "GetModelMetadata": (
+        get_model_metadata_pb2.GetModelMetadataRequest,
+        get_model_metadata_pb2.GetModelMetadataResponse,
+    ),
+    "Classify": (
+        classification_pb2.ClassificationRequest,
+        classification_pb2.ClassificationResponse,
+    ),
+    "Regress": (regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
+    "MultiInference": (inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
+}

@@ -23,7 +23,6 @@ import time
 
 import grpc
 from absl import logging
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tfsplit.auth import credentials
 from tfsplit.auth import grpc_server as security
@@ -164,7 +163,7 @@ class TailServer:
             interceptors=[security.TokenInterceptor(self._token)] if self._token else None,
         )
         servicer = grpc_service.PredictionServicer(self.served, limit)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+        grpc_service.add_servicer(servicer, server, grpc_service.SERVICE_NAME, grpc_service.METHODS)
         address = _address(self.host, self.grpc_port)
         try:
             if self._grpc_tls is None:

@@ -5,10 +5,9 @@ import threading
 
 import grpc
 from absl import logging
-from google.protobuf import message as protobuf_message
 
 from tfsplit.serving import validation
-from tfsplit.serving.grpc_service import answer_or_abort
+from tfsplit.serving.grpc_service import add_servicer, answer_or_abort, parsed
 from tfsplit.training import split_training_pb2 as pb
 from tfsplit.training import split_training_pb2_grpc as pb_grpc
 from tfsplit.training.messages import MAX_MESSAGE_BYTES, model_digest, shown, weights_from_protos
@@ -48,24 +47,6 @@ def config_limits(config):
         max_batch_size=max(config.data.batch_size, config.data.eval_batch_size),
         max_learning_rate=max_rate if max_rate and max_rate > 0 else None,
     )
-
-
-class _Undecodable:
-    """What the service receives for bytes that are not its request message (the handler
-    refuses it with INVALID_ARGUMENT; gRPC itself would log a traceback and answer INTERNAL)."""
-
-    def __init__(self, name, size):
-        self.name, self.size = name, size
-
-
-def _lenient_parser(message_class):
-    def parse(data):
-        try:
-            return message_class.FromString(data)
-        except protobuf_message.DecodeError:
-            return _Undecodable(message_class.DESCRIPTOR.name, len(data))
-
-    return parse
 
 
 class TrainingServicer(pb_grpc.SplitTrainingServicer):
@@ -189,10 +170,7 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
 
     def _as_caller(self, context, request):
         """`request`, parsed, acting as the device the call authenticated (if any)."""
-        if isinstance(request, _Undecodable):
-            raise validation.invalid(
-                f"The request ({request.size} bytes) is not a serialized {request.name}."
-            )
+        request = parsed(request)
         if self._identify is None:
             return request
         try:
@@ -238,18 +216,8 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
 
 
 def add_to_server(servicer, server):
-    """Registers `servicer` on `server`, with parsers that hand undecodable bytes to the
-    servicer (one INVALID_ARGUMENT line) instead of failing inside gRPC."""
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=_lenient_parser(request_class),
-            response_serializer=reply_class.SerializeToString,
-        )
-        for name, (request_class, reply_class) in _METHODS.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """Registers `servicer` on `server` (undecodable bytes: one INVALID_ARGUMENT line)."""
+    add_servicer(servicer, server, SERVICE_NAME, _METHODS)
 
 
 def serve(servicer, port=0, host="127.0.0.1", credentials=None, interceptors=()):
