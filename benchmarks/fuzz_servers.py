@@ -435,6 +435,41 @@ class Result:
     seconds: float
 
 
+def _bitflipped(rng, data):
+    """`data` with one to five random bytes replaced."""
+    message = bytearray(data)
+    for _ in range(rng.integers(1, 6)):
+        message[rng.integers(len(message))] = int(rng.integers(256))
+    return message
+
+
+def _pick_bad_token(rng, token):
+    """Call metadata with a missing, wrong, malformed or oversized token."""
+    return [
+        (),
+        (("authorization", "Bearer wrong"),),
+        (("authorization", token),),
+        (("authorization", "Basic " + token),),
+        (("authorization", "Bearer " + token + "x"),),
+        (("authorization", "Bearer " + token[:-1]),),
+        (("authorization", "Bearer " + "A" * 100_000),),
+        (("x-token", token),),
+    ][rng.integers(8)]
+
+
+def _unary(channel, path, request, token, deadline_s, metadata=None):
+    """One raw unary call (bytes or a message) with the token's metadata unless given: a Result."""
+    data = request if isinstance(request, bytes) else request.SerializeToString()
+    if metadata is None:
+        metadata = credentials.call_metadata(token)
+    began = time.monotonic()
+    try:
+        reply = channel.unary_unary(path)(data, timeout=deadline_s, metadata=metadata)
+        return Result("OK", "", reply, time.monotonic() - began)
+    except grpc.RpcError as error:
+        return Result(error.code().name, error.details() or "", None, time.monotonic() - began)
+
+
 class Tally:
     """Counts per status and per generator, the checks that failed (`findings`, grouped by check,
     generator, status and the message with its numbers masked) and the slowest call."""
@@ -866,17 +901,9 @@ class TrainingFuzzer(_Fuzzer):
 
     # ------------------------------------------------------------------------- calls
     def _call(self, run, method, request, metadata=None):
-        data = request if isinstance(request, bytes) else request.SerializeToString()
-        call = run.channel.unary_unary(_TRAINING_SERVICE + method)
-        if metadata is None:
-            metadata = credentials.call_metadata(self.token)
-        began = time.monotonic()
-        try:
-            reply = call(data, timeout=self.deadline_s, metadata=metadata)
-            return Result("OK", "", reply, time.monotonic() - began)
-        except grpc.RpcError as error:
-            details = error.details() or ""
-            return Result(error.code().name, details, None, time.monotonic() - began)
+        return _unary(
+            run.channel, _TRAINING_SERVICE + method, request, self.token, self.deadline_s, metadata
+        )
 
     def _tail_hash(self, run):
         result = self._call(
@@ -1382,26 +1409,14 @@ class TrainingFuzzer(_Fuzzer):
 
     @_generator(3)
     def _gen_proto_bitflip(self, run):
-        message = bytearray(self._step(run).SerializeToString())
-        for _ in range(self.rng.integers(1, 6)):
-            message[self.rng.integers(len(message))] = int(self.rng.integers(256))
+        message = _bitflipped(self.rng, self._step(run).SerializeToString())
         if self.rng.random() < 0.3:
             message = message[: self.rng.integers(1, len(message))]
         return Case("proto_bitflip", "Step", bytes(message), VALUES | IDENTITY)
 
     @_generator(3)
     def _gen_token(self, run):
-        token = self.token
-        metadata = [
-            (),
-            (("authorization", "Bearer wrong"),),
-            (("authorization", token),),
-            (("authorization", "Basic " + token),),
-            (("authorization", "Bearer " + token + "x"),),
-            (("authorization", "Bearer " + token[:-1]),),
-            (("authorization", "Bearer " + "A" * 100_000),),
-            (("x-token", token),),
-        ][self.rng.integers(8)]
+        metadata = _pick_bad_token(self.rng, self.token)
         method = self._pick(["Step", "Hello", "Checkpoint", "TailWeights", "AverageHeads"])
         request = self._valid_request(run, method)
         return Case(f"token_{method}", method, request, _token_expect(metadata), metadata)
@@ -1655,16 +1670,14 @@ class TailFuzzer(_Fuzzer):
 
     # ------------------------------------------------------------------------- calls
     def _grpc(self, method, request, metadata=None):
-        data = request if isinstance(request, bytes) else request.SerializeToString()
-        call = self.channel.unary_unary(_PREDICTION_SERVICE + method)
-        if metadata is None:
-            metadata = credentials.call_metadata(self.token)
-        began = time.monotonic()
-        try:
-            reply = call(data, timeout=self.deadline_s, metadata=metadata)
-            return Result("OK", "", reply, time.monotonic() - began)
-        except grpc.RpcError as error:
-            return Result(error.code().name, error.details() or "", None, time.monotonic() - began)
+        return _unary(
+            self.channel,
+            _PREDICTION_SERVICE + method,
+            request,
+            self.token,
+            self.deadline_s,
+            metadata,
+        )
 
     def _http(self, raw, half_close=False):
         began = time.monotonic()
@@ -2012,22 +2025,12 @@ class TailFuzzer(_Fuzzer):
 
     @_generator(3)
     def _gen_grpc_bitflip(self):
-        message = bytearray(self._predict(self._arrays()).SerializeToString())
-        for _ in range(self.rng.integers(1, 6)):
-            message[self.rng.integers(len(message))] = int(self.rng.integers(256))
+        message = _bitflipped(self.rng, self._predict(self._arrays()).SerializeToString())
         return Case("grpc_bitflip", "Predict", bytes(message), OK | INVALID | NOT_FOUND)
 
     @_generator(2)
     def _gen_grpc_token(self):
-        token = self.token
-        metadata = [
-            (),
-            (("authorization", "Bearer wrong"),),
-            (("authorization", token),),
-            (("authorization", "Basic " + token),),
-            (("authorization", "Bearer " + token + "x"),),
-            (("authorization", "Bearer " + "A" * 100_000),),
-        ][self.rng.integers(6)]
+        metadata = _pick_bad_token(self.rng, self.token)
         expect = _token_expect(metadata)
         if self.rng.random() < 0.5:
             request = self._predict(self._arrays())
