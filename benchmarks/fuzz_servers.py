@@ -2347,6 +2347,16 @@ def _parser():
     return parser
 
 
+def report(summary, out=None):
+    """Prints `summary` as JSON (also into `out`); the exit status: 1 when it has problems."""
+    text = json.dumps(summary, indent=2)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 1 if summary["problems"] else 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.serve == "training":
@@ -2363,12 +2373,7 @@ def main(argv=None):
     summary = fuzz(
         args.target, args.messages, args.seed, args.workdir, args.time_limit_s, **options
     )
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 1 if summary["problems"] else 0
+    return report(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ does: tfsplit_tools.run_head runs on devices without TensorFlow.
 """
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import importlib.abc
@@ -87,6 +88,25 @@ _CPP_LOG_LINE = re.compile(
     r"^(?:([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )\S+:\d+\] "
 )
 _ABSL_PREINIT_WARNING = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+# glibc's mallopt parameter: allocations above it get their own mapping, returned on free.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def return_freed_buffers_to_the_os():
+    """For the servers: glibc keeps freed heap memory for reuse, so a server that once received
+    large messages (a refused batch, a fuzzer's) would hold that peak for good; buffers above
+    `MMAP_THRESHOLD_BYTES` are mapped on their own instead, and freeing one returns it. An
+    explicit MALLOC_MMAP_THRESHOLD_ in the environment wins. Returns whether it applied."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc only: elsewhere there is nothing to set
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 # --------------------------------------------------------------------------- quiet start-up

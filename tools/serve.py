@@ -54,6 +54,7 @@ _INSECURE = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.return_freed_buffers_to_the_os()
     if bool(_TLS_CERT.value) != bool(_TLS_KEY.value):
         raise app.UsageError("--tls_cert and --tls_key go together.")
     warning = transport.check_listen(_HOST.value, bool(_TLS_CERT.value), _INSECURE.value)

@@ -1,0 +1,49 @@
+"""The training server's memory under load (benchmarks/load_server.py, issue 25): a bounded share
+of the full run, the server in a child process on 127.0.0.1 with per-device tokens.
+
+Device threads, each with its own channel, token and step ids, send good TRAIN steps until all are
+answered; every reply must be a trained step's (a finite gradient of the shape sent), and every
+sample of the server's RSS after the warm-up (100 steps here) must stay within 10% of its level
+then. The full runs (16 devices, 10,000 steps):
+
+    python -m benchmarks.load_server --devices=16 --steps=10000 --mode=sequential --out=FILE.json
+    python -m benchmarks.load_server --devices=16 --steps=10000 --mode=parallel --out=FILE.json
+"""
+
+import json
+
+import pytest
+
+from benchmarks import load_server
+
+DEVICES = 4
+
+
+def _report(summary):
+    return json.dumps(summary, indent=1)[:8000]
+
+
+@pytest.mark.parametrize("mode, steps", [("sequential", 4 * 150), ("parallel", 4 * 75)])
+def test_the_training_servers_memory_stays_flat_under_load(tmp_path, mode, steps):
+    summary = load_server.load(DEVICES, steps, mode, workdir=str(tmp_path))
+    report = _report(summary)
+    assert summary["answered_ok"] == steps and summary["failed"] == 0, report
+    assert summary["server_tracebacks"] == 0, report
+    memory = summary["memory"]
+    assert memory["warmup_steps"] == 100, report
+    assert memory["max_ratio"] is not None and memory["max_ratio"] <= 1.10, report
+    assert memory["samples"] >= steps // load_server.SAMPLE_EVERY_STEPS, report
+    updates = summary["updates"]
+    assert updates["logged_steps"] == steps, report
+    if mode == "sequential":  # each step in turn
+        assert updates["updates"] == steps, report
+    else:  # concurrent devices' steps joined (those of one budget train together)
+        assert updates["max_steps_per_update"] > 1, report
+    assert summary["problems"] == [], report
+
+
+def test_the_warm_up_is_a_tenth_of_the_steps_within_100_and_500():
+    assert load_server.warmup_steps(10000) == 500
+    assert load_server.warmup_steps(2000) == 200
+    assert load_server.warmup_steps(600) == 100
+    assert load_server.warmup_steps(50) == 50
