@@ -49,6 +49,7 @@ print a JSON summary; its `problems` lists every check that failed (empty when t
 tests/test_fuzz.py runs a bounded share.
 """
 
+import abc
 import argparse
 import collections
 import contextlib
@@ -515,7 +516,7 @@ def _mib(size):
     return round(size / 2**20, 1)
 
 
-class _Fuzzer:
+class _Fuzzer(abc.ABC):
     """What both fuzzers share: the child server and its restarts, the memory checks, the checks
     of one answer, the main loop and the summary."""
 
@@ -577,8 +578,9 @@ class _Fuzzer:
         self._log_start = self.server.log_bytes()
         self._connect(ready)
 
+    @abc.abstractmethod
     def _connect(self, ready):
-        raise NotImplementedError
+        """Opens the clients to the server that `ready` describes."""
 
     def _close_life(self):
         """Stops the server (once) and records its life's memory and log."""
@@ -685,11 +687,13 @@ class _Fuzzer:
                 )
 
     # ------------------------------------------------------------------------- the run
+    @abc.abstractmethod
     def _generators(self):
-        raise NotImplementedError
+        """The message generators of this target, each weighted by its count."""
 
+    @abc.abstractmethod
     def _fuzz_one(self, generator):
-        raise NotImplementedError
+        """Sends one message that `generator` makes and checks its answer."""
 
     def _warm(self):
         """After a start: whatever must work before the stream (open runs, references)."""
@@ -740,8 +744,9 @@ class _Fuzzer:
     def _shutdown(self):
         """Closes the clients."""
 
+    @abc.abstractmethod
     def _good(self):
-        raise NotImplementedError
+        """Sends one good request and checks it was served correctly."""
 
     def _summary(self, messages, sent, seconds, final):
         after = self.memory["after"]
