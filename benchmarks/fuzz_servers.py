@@ -215,6 +215,7 @@ def serve_training(workdir, sequential, parallel, identity="devices"):
     batch and learning rate), and either per-device tokens (`identity="devices"`, the tokens file
     `<workdir>/tokens`) or one shared token (`"shared"`, `<workdir>/token`); runs until stdin
     closes."""
+    service_lib.one_inter_op_thread()  # as tfsplit-train-server
     if identity == "devices":
         device_identity = identity_lib.DeviceIdentity(
             identity_lib.DeviceTokens(os.path.join(workdir, "tokens"))

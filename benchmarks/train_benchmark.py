@@ -122,6 +122,7 @@ def benchmark_training(config, steps=50, repeats=3):
 
 def _serve_config(config, ports, parallel=False):
     """A training server for `config` until killed (the body of the server process)."""
+    service_lib.one_inter_op_thread()  # as tfsplit-train-server
 
     def build_split(image_shape, num_classes):
         shapes = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)

@@ -176,6 +176,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.return_freed_buffers_to_the_os()
+    service_lib.one_inter_op_thread()
     config = _CONFIG.value
     credentials, interceptors, identity = _security()
     if identity is not None and identity.tokens is not None:

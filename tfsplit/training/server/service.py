@@ -4,6 +4,7 @@ import concurrent.futures
 import threading
 
 import grpc
+import tensorflow as tf
 from absl import logging
 
 from tfsplit.serving import validation
@@ -32,6 +33,18 @@ _METHODS = {
     "Checkpoint": (pb.CheckpointRequest, pb.CheckpointReply),
     "AverageHeads": (pb.AverageHeadsRequest, pb.AverageHeadsReply),
 }
+
+
+def one_inter_op_thread():
+    """Runs this process's TensorFlow ops with one inter-op thread; call it before the first op.
+
+    A server's steps run one at a time (under its run's lock), and a network's ops mostly in a
+    chain, so more threads there buy no speed. But TensorFlow's oneDNN kernels keep a cache of
+    compiled primitives in each thread, one per layer and batch size: every inter-op thread that
+    ran a step at a new batch size held a copy of its own, and the server's memory kept growing
+    with the batch sizes its devices (or an attacker) sent.
+    """
+    tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def config_limits(config):

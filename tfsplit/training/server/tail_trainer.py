@@ -28,6 +28,7 @@ samples per step (`max_batch_size`), the devices (`max_devices`; a device silent
 step log (`max_log_bytes`, past which the server checkpoints itself).
 """
 
+import functools
 import re
 import threading
 import time
@@ -160,16 +161,38 @@ class TailTrainer:
             split.optimizer.learning_rate.assign(learning_rate)
             split.optimizer.apply_gradients(zip(tail_gradients, variables))
 
-        # One trace for a device's step (its selection), one for devices' steps batched (a
-        # selection per sample): the rank of the indices picks the placement.
-        self._compute = {rank: tf.function(compute, reduce_retracing=True) for rank in (1, 2)}
-        self._apply = tf.function(apply, reduce_retracing=True)
-
-        @tf.function(reduce_retracing=True)
-        def forward(values, indices, training):
-            return split.receive(values, indices, training=training)
-
-        self._forward = forward
+        # Each function is traced once, for any batch and budget: a trace per new shape would
+        # grow the server's memory with every batch size a device (or an attacker) sends. The
+        # rank of the indices picks the placement: (k,) for a device's step, (N, k) for devices'
+        # steps batched (a selection per sample).
+        height, width = split.tail.input.shape[1:3]
+        values = tf.TensorSpec([None, height, width, None], tf.float32)
+        per_sample = tf.TensorSpec([None], tf.float32)
+        scalar_rate, flag = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.bool)
+        labels = tf.TensorSpec([None], tf.int32)
+        self._compute = {
+            rank: tf.function(
+                compute,
+                input_signature=[
+                    values,
+                    tf.TensorSpec([None] * rank, tf.int32),
+                    labels,
+                    per_sample,
+                    scalar_rate,
+                    flag,
+                ],
+            )
+            for rank in (1, 2)
+        }
+        self._apply = tf.function(apply, reduce_retracing=True)  # one shape: the tail's weights
+        forwards = {
+            training: tf.function(
+                functools.partial(split.receive, training=training),
+                input_signature=[values, tf.TensorSpec([None], tf.int32)],
+            )
+            for training in (False, True)
+        }
+        self._forward = lambda values, indices, training: forwards[bool(training)](values, indices)
 
     @property
     def next_step(self):
