@@ -316,6 +316,7 @@ def test_tool_exports_and_prints_table(workdir, tmp_path):
     # A subprocess, as users run it: importing the tool here would define its absl flags in the
     # test process, where another tool's flags of the same name would clash.
     argv = ["--workdir", workdir, "--out", str(tmp_path), "--dtypes=float32", "--noqat"]
+    argv.append("--trainable")
     result = subprocess.run(
         [sys.executable, "-m", "tfsplit_tools.export", *argv],
         cwd=REPO_ROOT,
@@ -331,6 +332,11 @@ def test_tool_exports_and_prints_table(workdir, tmp_path):
     assert row.split()[:2] == ["float32", "head_float32.tflite"] and row.endswith("100.00%")
     assert (tmp_path / "head_float32.tflite").exists()
     assert (tmp_path / "serving" / "tfsplit_tail_float32" / "1" / "saved_model.pb").exists()
+    model = (tmp_path / "head_train.tflite").read_bytes()
+    assert f"trainable head: {tmp_path / 'head_train.tflite'} ({len(model)} bytes)" in result.stdout
+    layout = json.loads((tmp_path / "head_train.json").read_text())
+    assert layout["signatures"] == ["forward", "train", "infer", "get_weights", "set_weights"]
+    assert layout["size"] == sum(entry["size"] for entry in layout["variables"])
 
 
 # ---------------------------------------------------------------------------------------------

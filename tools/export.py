@@ -7,10 +7,12 @@ Writes `head_<dtype>.tflite` + `head_<dtype>.json` into --out (default <workdir>
 tail per wire dtype into `<out>/serving/tfsplit_tail_<dtype>/<version>/` (serve it with
 `--model_base_path=<out>/serving/tfsplit_tail_<dtype>`), then prints, per dtype, the head's size,
 its parity with the Keras head and the test accuracy of TFLite head -> exported tail against the
-Keras split model at the same budget. Without --qat/--noqat the int8 head is fine-tuned with
+Keras split model at the same budget. --trainable also writes the head's training step,
+`head_train.tflite` (TFLite builtin ops only) and its weight layout `head_train.json`. Without --qat/--noqat the int8 head is fine-tuned with
 quantization-aware training only when post-training int8 loses more than 1 accuracy point.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -40,6 +42,12 @@ _MODEL_NAME = flags.DEFINE_string(
 )
 _VERSION = flags.DEFINE_integer("version", 1, "Tail version directory.", lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing export files.")
+_TRAINABLE = flags.DEFINE_bool(
+    "trainable",
+    False,
+    "Also write head_train.tflite (builtin ops only) and head_train.json: the head's training "
+    "step for a device that trains without TensorFlow.",
+)
 
 
 def main(argv):
@@ -63,6 +71,9 @@ def main(argv):
     print(export_lib.format_table(result.rows))
     for dtype, tail in result.tails.items():
         print(f"tail {dtype}: {tail.path} ({tail.size_bytes} bytes)")
+    if _TRAINABLE.value:
+        path = export_lib.export_trainable_run(_WORKDIR.value, result.out_dir)
+        print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)

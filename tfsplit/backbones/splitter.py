@@ -54,7 +54,7 @@ def _producers(model):
     return producers
 
 
-def _topological_nodes(model):
+def topological_nodes(model):
     """The nodes of `model`'s own graph, each after the nodes it consumes; inputs excluded."""
     producers = _producers(model)
     input_ids = {id(tensor) for tensor in model.inputs}
@@ -241,7 +241,7 @@ def split_model(model, cut, bottleneck=None, **options):
     """
     _check_functional(model)
     config = None if bottleneck is None else _check_bottleneck_config(bottleneck)
-    nodes = _topological_nodes(model)
+    nodes = topological_nodes(model)
     _check_not_shared(nodes)
     cut_tensor = _cut_output(model, nodes, cut)
     tail_nodes = _tail_nodes(model, nodes, cut, cut_tensor)

@@ -79,6 +79,20 @@ def budget_loss(gate_logits, k, eps, delta):
     return eps * tf.where(z <= c, curve, line)
 
 
+def gate_penalty(gate_logits, k, delta, polarization=0.0):
+    """The gates' penalty before its schedule's weight: the budget loss at eps 1, plus
+    `polarization` * sum(m * (1 - m)).
+
+    The polarization term is zero only when every gate is fully open or closed: with the sum held
+    at k by the budget loss, it pushes k gates open and the rest shut instead of all to k / C.
+    """
+    penalty = budget_loss(gate_logits, k, 1.0, delta)
+    if polarization:
+        importance = channel_importance(gate_logits)
+        penalty += polarization * tf.reduce_sum(importance * (1.0 - importance))
+    return penalty
+
+
 def deprune_reset(gate_logits, sent, reset_range, rng):
     """Pin the channels the previous phase sent fully open; every other one must earn its place.
 

@@ -319,14 +319,9 @@ class SplitModel(keras.Model):
     def budget_penalty(self):
         if self.encoder is None:
             return tf.constant(0.0)
-        gates = self.encoder.gate_logits
-        penalty = budget_lib.budget_loss(gates, self.budget, 1.0, self.budget_delta)
-        if self.polarization:
-            # Zero only when every gate is fully open or closed: with the sum held at k by the
-            # budget loss, it pushes k gates open and the rest shut instead of all to k / C.
-            importance = budget_lib.channel_importance(gates)
-            penalty += self.polarization * tf.reduce_sum(importance * (1.0 - importance))
-        return self.penalty_weight * penalty
+        return self.penalty_weight * budget_lib.gate_penalty(
+            self.encoder.gate_logits, self.budget, self.budget_delta, self.polarization
+        )
 
     def apply_gradients(self, gradients, variables):
         """Updates the weights; the gate logits through their own optimizer when there is one."""

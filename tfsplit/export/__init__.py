@@ -4,7 +4,8 @@ Serving, and the checks that the exported pair behaves like the Keras model it c
   exports = export_split("/tmp/tfsplit/deprune")        # heads + tails + accuracy table
   print(format_table(exports.rows))
 
-or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_path)`. A
+or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_path)`, and
+`export_trainable_run(workdir, out_dir)` for a device that trains its head without TensorFlow. A
 `SplitModel` trained in Python exports the same way with its data:
 
   run = TrainedRun.from_model(model, info, (x_train, y_train), (x_test, y_test))
@@ -15,6 +16,7 @@ from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
 from tfsplit.export.report import SplitExport, evaluate_exports, export_split, format_table
 from tfsplit.export.run import ExportError, TrainedRun, load_run, load_run_test_images
 from tfsplit.export.tail import SIGNATURE, TAIL_DTYPES, TailExport, export_tail, run_tail
+from tfsplit.export.trainable import export_trainable_head, export_trainable_run
 
 __all__ = [
     "ExportError",
@@ -29,6 +31,8 @@ __all__ = [
     "export_head",
     "export_split",
     "export_tail",
+    "export_trainable_head",
+    "export_trainable_run",
     "format_table",
     "load_run",
     "load_run_test_images",

@@ -74,8 +74,14 @@ def build_split_model(config, info, remote=False):
         for part in ("head", "tail"):
             getattr(other, part).set_weights(getattr(split, part).get_weights())
         split = other
+    return compile_split(split, config)
+
+
+def compile_split(split, config):
+    """Compiles `split` with the optimizers of `config` (SGD with momentum and weight decay, and
+    the gates' own when the config has one); returns it."""
     optimizer = keras.optimizers.SGD(
-        learning_rate=config.phases[0].learning_rate,
+        learning_rate=config.phases[0]["learning_rate"],
         momentum=config.optimizer.momentum,
         weight_decay=config.optimizer.weight_decay or None,
     )

@@ -1,0 +1,150 @@
+"""tfsplit.export.trainable: the head's training step as a builtins-only LiteRT model trains the
+same head as the TensorFlow device's step, and a layer it cannot express is refused by name."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from ai_edge_litert import interpreter as litert
+
+from tfsplit import backbones
+from tfsplit.export import trainable
+from tfsplit.training import trainer
+from tfsplit.training.config import base_config, phase
+
+BATCH, BUDGET = 6, 3
+
+
+def _config(backbone, cut, local_loss_weight=0.0, gate_optimizer="adam"):
+    config = base_config("deprune")
+    config.model.backbone = backbone
+    config.model.cut = cut
+    config.model.width_multiplier = 0.125
+    config.model.local_loss_weight = local_loss_weight
+    config.optimizer.gate_optimizer = gate_optimizer
+    config.budget_loss.polarization = 0.5
+    config.phases = [phase(budget=BUDGET, epochs=1, learning_rate=0.05)]
+    return config
+
+
+def _split(config, image_shape=(16, 16, 3)):
+    keras.utils.set_random_seed(0)
+    info = types.SimpleNamespace(image_shape=image_shape, num_classes=10)
+    return trainer.build_split_model(config, info)
+
+
+def _tf_device_step(split, images, labels, upstream):
+    """The TensorFlow device's training step of the head (`RemoteSplitModel.train_step`'s)."""
+    indices = split.channel_indices()
+    with tf.GradientTape() as tape:
+        values, penalty, local = split.device_step(images, labels, indices)
+    variables = split.device_trainable_variables
+    gradients = tape.gradient(
+        [values, penalty + local], variables, output_gradients=[upstream, tf.ones([])]
+    )
+    split.apply_gradients(gradients, variables)
+    return values, indices
+
+
+@pytest.mark.parametrize(
+    "backbone, cut, local, side",
+    [
+        ("resnet18", "stage2", 0.0, 16),
+        ("vgg11", "conv2", 0.5, 32),
+        ("mobilenetv2", "block2", 0.0, 16),
+    ],
+)
+def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone, cut, local, side):
+    split = _split(_config(backbone, cut, local_loss_weight=local), (side, side, 3))
+    split.set_budget(BUDGET)
+    split.penalty_weight.assign(0.01)
+    path = trainable.export_trainable_head(split, str(tmp_path))
+    assert not [n for n in trainable.op_names(open(path, "rb").read()) if n.startswith("Flex")]
+    layout = json.loads((tmp_path / trainable.LAYOUT_FILE).read_text())
+    interpreter = litert.Interpreter(model_path=path)
+    runners = {name: interpreter.get_signature_runner(name) for name in trainable.SIGNATURES}
+    rng = np.random.default_rng(1)
+    module = trainable.TrainableHead(split, *trainable.optimizer_settings(split))
+    for step in range(3):
+        images = rng.normal(size=(BATCH, side, side, 3)).astype(np.float32)
+        labels = rng.integers(0, 10, BATCH).astype(np.int32)
+        sent = runners["forward"](images=images, budget=np.int32(BUDGET))
+        upstream = rng.normal(size=sent["values"].shape).astype(np.float32) * 0.1
+        values, indices = _tf_device_step(split, images, labels, upstream)
+        np.testing.assert_array_equal(sent["indices"], indices.numpy())
+        np.testing.assert_allclose(sent["values"], values.numpy(), rtol=1e-4, atol=1e-5)
+        runners["train"](
+            images=images,
+            labels=labels,
+            upstream_gradient=upstream,
+            budget=np.int32(BUDGET),
+            learning_rate=np.float32(split.optimizer.learning_rate.numpy()),
+            gate_learning_rate=np.float32(split.gate_optimizer.learning_rate.numpy()),
+            penalty_weight=np.float32(0.01),
+        )
+    got = runners["get_weights"]()["weights"]
+    assert got.shape == (layout["size"],)
+    # The model's own variables (weights, batch norm statistics, seniority) after three steps;
+    # the optimizer's state shows in the second and third steps' updates.
+    for entry, (_, variable) in zip(layout["variables"], module.state):
+        if entry["kind"] in ("weight", "local_classifier", "state"):
+            start = entry["offset"]
+            np.testing.assert_allclose(
+                got[start : start + entry["size"]],
+                np.reshape(variable.numpy(), -1),
+                rtol=1e-4,
+                atol=1e-4,
+                err_msg=entry["name"],
+            )
+
+
+def test_set_weights_round_trips(tmp_path):
+    split = _split(_config("resnet18", "stage1"))
+    path = trainable.export_trainable_head(split, str(tmp_path))
+    interpreter = litert.Interpreter(model_path=path)
+    get = interpreter.get_signature_runner("get_weights")
+    weights = get()["weights"]
+    changed = weights + np.float32(0.5)
+    interpreter.get_signature_runner("set_weights")(weights=changed)
+    np.testing.assert_array_equal(get()["weights"], changed)
+
+
+def test_a_layer_it_cannot_express_is_refused_by_name():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.LeakyReLU(name="leaky")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="cut")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    split = backbones.split_model(
+        model,
+        "cut",
+        bottleneck=dict(feature_compression=2, resolution_compression=1, gate_init_max=15.0),
+    )
+    split.compile(keras.optimizers.SGD(0.1))
+    with pytest.raises(trainable.UnsupportedLayerError, match=r"layer 'leaky' \(LeakyReLU\)"):
+        trainable.TrainableHead(split)
+
+
+# Each backbone's stem and a cut inside its blocks (max pools, residual adds, depthwise convs and
+# ReLU6); the parity test above trains three more. Deeper cuts hold the same layers, only more of
+# them (MobileNetV2's last block takes about a minute to convert on 2 cores).
+@pytest.mark.parametrize(
+    "backbone, cut",
+    [
+        ("vgg11", "conv4"),
+        ("resnet18", "stem"),
+        ("resnet18", "block3_1"),
+        ("mobilenetv2", "stem"),
+        ("mobilenetv2", "block3"),
+    ],
+)
+def test_trainable_heads_of_the_backbones_hold_builtin_ops_only(backbone, cut):
+    split = _split(_config(backbone, cut), (32, 32, 3))
+    model = trainable.convert(trainable.TrainableHead(split, *trainable.optimizer_settings(split)))
+    names = trainable.op_names(model)
+    assert "CONV_2D" in names and "TRANSPOSE_CONV" in names
+    assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
