@@ -339,6 +339,7 @@ def _impersonation_is_refused(call, model):
         ("Step", _train(model, "device-b", 0)),
         ("Checkpoint", checkpoint),
         ("AverageHeads", average),
+        ("Leave", pb.LeaveRequest(model_digest=model_digest(model), device_id="device-b")),
     ]:
         code = _code(lambda: call("a", method, request))
         assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code)

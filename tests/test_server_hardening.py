@@ -239,9 +239,13 @@ def test_a_device_that_leaves_or_times_out_frees_its_slot(serving, model):
     assert set(servicer.trainer.devices) == {"device-1", "device-2"}
     code, details = refusal(lambda: stub.Step(train_request(model, 0)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "not in the run" in details
-    assert servicer.trainer.leave("device-1")  # a device that leaves frees its slot at once
+    leave = pb.LeaveRequest(model_digest=model_digest(model), device_id="device-1")
+    assert stub.Leave(leave).left  # a device that leaves frees its slot at once
     stub.Hello(hello_request(model, "device-3"))
     assert set(servicer.trainer.devices) == {"device-2", "device-3"}
+    assert not stub.Leave(leave).left  # gone already
+    leave.model_digest = "0" * 64
+    assert refusal(lambda: stub.Leave(leave))[0] == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_the_step_log_is_bounded(serving, model, tmp_path):

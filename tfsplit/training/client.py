@@ -214,6 +214,14 @@ class RemoteSplitModel(SplitModel):
         self.head.set_weights(weights_from_protos(reply.weights, self.head.get_weights(), "head"))
         return reply.devices
 
+    def leave(self):
+        """Tells the server that this device is done: its slot is free for another device.
+        Returns whether the server still counted it in the run."""
+        reply = self._client().call(
+            "Leave", pb.LeaveRequest(model_digest=self.digest, device_id=self.device_id)
+        )
+        return reply.left
+
     def fetch_tail(self):
         """Copies the server's tail weights into this model (before saving it)."""
         reply = self._client().call("TailWeights", pb.TailWeightsRequest(model_digest=self.digest))

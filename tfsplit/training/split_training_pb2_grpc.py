@@ -66,6 +66,12 @@ class SplitTrainingStub:
             response_deserializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.FromString,
             _registered_method=True,
         )
+        self.Leave = channel.unary_unary(
+            "/tfsplit.training.SplitTraining/Leave",
+            request_serializer=tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.LeaveReply.FromString,
+            _registered_method=True,
+        )
 
 
 class SplitTrainingServicer:
@@ -105,6 +111,14 @@ class SplitTrainingServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def Leave(self, request, context):
+        """The device is done with the run: its slot is free for another device, and its step ids are
+        forgotten (back, it opens the run again as a new device).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_SplitTrainingServicer_to_server(servicer, server):
             servicer.AverageHeads,
             request_deserializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsRequest.FromString,
             response_serializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.SerializeToString,
+        ),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave,
+            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.FromString,
+            response_serializer=tfsplit_dot_training_dot_split__training__pb2.LeaveReply.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +303,36 @@ class SplitTraining:
             "/tfsplit.training.SplitTraining/AverageHeads",
             tfsplit_dot_training_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
             tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def Leave(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/tfsplit.training.SplitTraining/Leave",
+            tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.SerializeToString,
+            tfsplit_dot_training_dot_split__training__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,

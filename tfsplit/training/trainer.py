@@ -252,6 +252,8 @@ def train(config, workdir, verbose="auto", client=None):
         callbacks=callbacks,
         verbose=verbose,
     )
+    if client is not None:
+        split.leave()  # its slot frees now, not after the server's device timeout
     with open(summary_path) as f:
         return json.load(f)
 

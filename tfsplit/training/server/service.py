@@ -32,6 +32,7 @@ _METHODS = {
     "TailWeights": (pb.TailWeightsRequest, pb.TailWeightsReply),
     "Checkpoint": (pb.CheckpointRequest, pb.CheckpointReply),
     "AverageHeads": (pb.AverageHeadsRequest, pb.AverageHeadsReply),
+    "Leave": (pb.LeaveRequest, pb.LeaveReply),
 }
 
 
@@ -226,6 +227,9 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
         return self._answer(
             context, "AverageHeads", request, lambda r: self._opened().average_heads(r)
         )
+
+    def Leave(self, request, context):  # noqa: N802
+        return self._answer(context, "Leave", request, lambda r: self._opened().leave_request(r))
 
 
 def add_to_server(servicer, server):

@@ -232,6 +232,10 @@ class TailTrainer:
                 model_digest=self.digest, next_step=next_step, parallel=self.parallel
             )
 
+    def leave_request(self, request):
+        check_digest(request.model_digest, self.digest)
+        return pb.LeaveReply(left=self.leave(request.device_id))
+
     def leave(self, device_id):
         """Device `device_id` leaves the run: its slot is free for another device, and its step
         ids are forgotten (back, it joins as a new device). Returns whether it was in the run."""
