@@ -10,6 +10,7 @@ import tensorflow as tf
 import tf_keras as keras
 from ai_edge_litert import interpreter as litert
 
+import tfsplit
 from tfsplit import backbones
 from tfsplit.export import trainable
 from tfsplit.training import trainer
@@ -110,6 +111,30 @@ def test_set_weights_round_trips(tmp_path):
     changed = weights + np.float32(0.5)
     interpreter.get_signature_runner("set_weights")(weights=changed)
     np.testing.assert_array_equal(get()["weights"], changed)
+
+
+def test_the_readme_models_head_exports(tmp_path):
+    """The README's own functional model: a strided conv with a fused ReLU at the cut."""
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(32, 3, strides=2, activation="relu", name="features")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(64, 3, activation="relu")(h))
+    split = tfsplit.split_model(
+        keras.Model(inputs, keras.layers.Dense(10)(h)), "features", bottleneck=True
+    )
+    split.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9), gate_optimizer=keras.optimizers.Adam(0.05)
+    )
+    path = trainable.export_trainable_head(split, str(tmp_path))
+    names = trainable.op_names(open(path, "rb").read())
+    assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    infer = litert.Interpreter(model_path=path).get_signature_runner("infer")
+    sent = infer(images=images, budget=np.int32(8))
+    indices = split.channel_indices(8)
+    np.testing.assert_array_equal(sent["indices"], indices.numpy())
+    np.testing.assert_allclose(
+        sent["values"], split.send(images, indices).numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_a_layer_it_cannot_express_is_refused_by_name():
