@@ -13,7 +13,8 @@ import tensorflow as tf
 from absl import logging
 
 from tfsplit.data.common import DatasetFileError
-from tfsplit.data.shard_index import file_sha256, filesystem, is_local, split_records
+from tfsplit.data.shard_index import file_sha256, filesystem, is_local
+from tfsplit.records import RecordError, split_records
 
 
 def check_shard_files(shards, verify_checksums):
@@ -76,7 +77,10 @@ def remote_records(path, num_bytes, sha256, local_cache_dir):
     def read(path, num_bytes, sha256):
         path, sha256 = path.numpy().decode(), sha256.numpy().decode()
         data = cached_object(path, int(num_bytes), sha256, local_cache_dir)
-        return tf.constant(split_records(data, path), tf.string)
+        try:
+            return tf.constant(split_records(data, path), tf.string)
+        except RecordError as error:
+            raise DatasetFileError(str(error)) from None
 
     records = tf.py_function(read, [path, num_bytes, sha256], tf.string)
     return tf.data.Dataset.from_tensors(tf.ensure_shape(records, [None]))

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import struct
 
 import tensorflow as tf
 
@@ -89,29 +88,6 @@ def file_sha256(path):
         for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def split_records(data, path):
-    """The records of a whole TFRecord file held in `data` (bytes), in order.
-
-    Each record is framed as: uint64 length, uint32 CRC of the length, the bytes, uint32 CRC of
-    the bytes (little-endian). The CRCs are not checked: the caller verifies the whole file's
-    sha256 first. A frame that runs past the end names `path` (a truncated file).
-    """
-    records, offset, end = [], 0, len(data)
-    while offset < end:
-        if end - offset < 12:
-            raise DatasetFileError(f"{path} ends inside a record header at byte {offset}")
-        (length,) = struct.unpack_from("<Q", data, offset)
-        start = offset + 12
-        offset = start + length + 4
-        if offset > end:
-            raise DatasetFileError(
-                f"{path}: a record of {length} bytes at byte {start - 12} runs past the end of "
-                f"the file ({end} bytes; truncated or not a TFRecord file)"
-            )
-        records.append(data[start : start + length])
-    return records
 
 
 # ----------------------------------------------------------------------------------------------
