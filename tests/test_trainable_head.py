@@ -63,7 +63,8 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
     split.set_budget(BUDGET)
     split.penalty_weight.assign(0.01)
     path = trainable.export_trainable_head(split, str(tmp_path))
-    assert not [n for n in trainable.op_names(open(path, "rb").read()) if n.startswith("Flex")]
+    names = trainable.op_names(open(path, "rb").read())
+    assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
     layout = json.loads((tmp_path / trainable.LAYOUT_FILE).read_text())
     interpreter = litert.Interpreter(model_path=path)
     runners = {name: interpreter.get_signature_runner(name) for name in trainable.SIGNATURES}
@@ -154,18 +155,12 @@ def test_a_layer_it_cannot_express_is_refused_by_name():
         trainable.TrainableHead(split)
 
 
-# Each backbone's stem and a cut inside its blocks (max pools, residual adds, depthwise convs and
-# ReLU6); the parity test above trains three more. Deeper cuts hold the same layers, only more of
-# them (MobileNetV2's last block takes about a minute to convert on 2 cores).
+# The stems; the parity test above converts three deeper heads (max pools, residual adds with a
+# projection, depthwise convs and ReLU6). Deeper cuts hold the same layers, only more of them
+# (MobileNetV2's last block takes about a minute to convert on 2 cores).
 @pytest.mark.parametrize(
     "backbone, cut",
-    [
-        ("vgg11", "conv4"),
-        ("resnet18", "stem"),
-        ("resnet18", "block3_1"),
-        ("mobilenetv2", "stem"),
-        ("mobilenetv2", "block3"),
-    ],
+    [("vgg11", "conv1"), ("resnet18", "stem"), ("mobilenetv2", "stem")],
 )
 def test_trainable_heads_of_the_backbones_hold_builtin_ops_only(backbone, cut):
     split = _split(_config(backbone, cut), (32, 32, 3))
