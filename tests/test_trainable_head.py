@@ -12,7 +12,7 @@ from ai_edge_litert import interpreter as litert
 
 import tfsplit
 from tfsplit import backbones
-from tfsplit.export import trainable
+from tfsplit.export import trainable, trainable_export
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 
@@ -62,14 +62,14 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
     split = _split(_config(backbone, cut, local_loss_weight=local), (side, side, 3))
     split.set_budget(BUDGET)
     split.penalty_weight.assign(0.01)
-    path = trainable.export_trainable_head(split, str(tmp_path))
-    names = trainable.op_names(open(path, "rb").read())
+    path = trainable_export.export_trainable_head(split, str(tmp_path))
+    names = trainable_export.op_names(open(path, "rb").read())
     assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
     layout = json.loads((tmp_path / trainable.LAYOUT_FILE).read_text())
     interpreter = litert.Interpreter(model_path=path)
     runners = {name: interpreter.get_signature_runner(name) for name in trainable.SIGNATURES}
     rng = np.random.default_rng(1)
-    module = trainable.TrainableHead(split, *trainable.optimizer_settings(split))
+    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
     for step in range(3):
         images = rng.normal(size=(BATCH, side, side, 3)).astype(np.float32)
         labels = rng.integers(0, 10, BATCH).astype(np.int32)
@@ -105,7 +105,7 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
 
 def test_set_weights_round_trips(tmp_path):
     split = _split(_config("resnet18", "stage1"))
-    path = trainable.export_trainable_head(split, str(tmp_path))
+    path = trainable_export.export_trainable_head(split, str(tmp_path))
     interpreter = litert.Interpreter(model_path=path)
     get = interpreter.get_signature_runner("get_weights")
     weights = get()["weights"]
@@ -125,8 +125,8 @@ def test_the_readme_models_head_exports(tmp_path):
     split.compile(
         keras.optimizers.SGD(0.05, momentum=0.9), gate_optimizer=keras.optimizers.Adam(0.05)
     )
-    path = trainable.export_trainable_head(split, str(tmp_path))
-    names = trainable.op_names(open(path, "rb").read())
+    path = trainable_export.export_trainable_head(split, str(tmp_path))
+    names = trainable_export.op_names(open(path, "rb").read())
     assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     infer = litert.Interpreter(model_path=path).get_signature_runner("infer")
@@ -164,7 +164,9 @@ def test_a_layer_it_cannot_express_is_refused_by_name():
 )
 def test_trainable_heads_of_the_backbones_hold_builtin_ops_only(backbone, cut):
     split = _split(_config(backbone, cut), (32, 32, 3))
-    model = trainable.convert(trainable.TrainableHead(split, *trainable.optimizer_settings(split)))
-    names = trainable.op_names(model)
+    model = trainable_export.convert(
+        trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    )
+    names = trainable_export.op_names(model)
     assert "CONV_2D" in names and "TRANSPOSE_CONV" in names
     assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
