@@ -28,7 +28,6 @@ samples per step (`max_batch_size`), the devices (`max_devices`; a device silent
 step log (`max_log_bytes`, past which the server checkpoints itself).
 """
 
-import functools
 import re
 import threading
 import time
@@ -53,6 +52,7 @@ from tfsplit.training.messages import (
 from tfsplit.training.server.averaging import AveragingRounds
 from tfsplit.training.server.batching import PendingStep, joined_inputs
 from tfsplit.training.server.calibration import calibration_pass
+from tfsplit.training.server.compiled_tail import CompiledTail
 from tfsplit.training.server.state import MAX_LOG_BYTES, DeviceState, ServerState
 
 MAX_DEVICES = 64
@@ -133,66 +133,7 @@ class TailTrainer:
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
-        variables = split.tail.trainable_variables
-        split.optimizer.build(variables)  # its slots exist before the first (compiled) update
-        # What the forward pass itself changes (batch norm's moving statistics, the nested
-        # budgets' fill and draws): kept before each step, put back if the step fails.
-        changed = list(split.tail.non_trainable_variables) + [split.budget_draws.state]
-        if split.nesting is not None:
-            changed.append(split.nesting.fill)
-        self._changed = list({id(v): v for v in changed}.values())
-        self._kept = [tf.Variable(v, trainable=False) for v in self._changed]
-
-        def compute(values, indices, labels, gradient_scale, learning_rate, nesting):
-            for kept, variable in zip(self._kept, self._changed):
-                kept.assign(variable)
-            split.step_nesting.assign(nesting)
-            with tf.GradientTape() as tape:
-                tape.watch(values)
-                loss, logits = split.server_loss(None, labels, values, indices)
-            tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
-            norm = tf.linalg.global_norm([g for g in tail_gradients if g is not None])
-            # The update is finite: a finite loss, gradient and rate times gradient.
-            finite = tf.reduce_all(tf.math.is_finite([loss, norm, learning_rate * norm]))
-            scaled = value_gradient * gradient_scale[:, None, None, None]
-            return tail_gradients, scaled, logits, loss, finite
-
-        def apply(tail_gradients, learning_rate):
-            split.optimizer.learning_rate.assign(learning_rate)
-            split.optimizer.apply_gradients(zip(tail_gradients, variables))
-
-        # Each function is traced once, for any batch and budget: a trace per new shape would
-        # grow the server's memory with every batch size a device (or an attacker) sends. The
-        # rank of the indices picks the placement: (k,) for a device's step, (N, k) for devices'
-        # steps batched (a selection per sample).
-        height, width = split.tail.input.shape[1:3]
-        values = tf.TensorSpec([None, height, width, None], tf.float32)
-        per_sample = tf.TensorSpec([None], tf.float32)
-        scalar_rate, flag = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.bool)
-        labels = tf.TensorSpec([None], tf.int32)
-        self._compute = {
-            rank: tf.function(
-                compute,
-                input_signature=[
-                    values,
-                    tf.TensorSpec([None] * rank, tf.int32),
-                    labels,
-                    per_sample,
-                    scalar_rate,
-                    flag,
-                ],
-            )
-            for rank in (1, 2)
-        }
-        self._apply = tf.function(apply, reduce_retracing=True)  # one shape: the tail's weights
-        forwards = {
-            training: tf.function(
-                functools.partial(split.receive, training=training),
-                input_signature=[values, tf.TensorSpec([None], tf.int32)],
-            )
-            for training in (False, True)
-        }
-        self._forward = lambda values, indices, training: forwards[bool(training)](values, indices)
+        self._tail = CompiledTail(split)
 
     @property
     def next_step(self):
@@ -391,9 +332,9 @@ class TailTrainer:
             device = self._device(request.device_id)
             if request.kind == _CALIBRATE:
                 return calibration_pass(
-                    self._norms, self._forward, device, request, values, indices
+                    self._norms, self._tail.forward, device, request, values, indices
                 )
-            logits = self._forward(values, indices, False)
+            logits = self._tail.forward(values, indices, False)
             return logits_reply(request.step, logits)
 
     def average_heads(self, request):
@@ -516,7 +457,7 @@ class TailTrainer:
         first = steps[0]
         values, indices, labels, scale = joined_inputs(steps)
         learning_rate = tf.constant(first.request.learning_rate, tf.float32)
-        tail_gradients, gradient, logits, loss, finite = self._compute[indices.ndim](
+        tail_gradients, gradient, logits, loss, finite = self._tail.compute[indices.ndim](
             tf.constant(values, tf.float32),
             tf.constant(indices, tf.int32),
             tf.constant(labels),
@@ -535,10 +476,9 @@ class TailTrainer:
             if log and self._state is not None:
                 self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
         except BaseException:
-            for kept, variable in zip(self._kept, self._changed):
-                variable.assign(kept)
+            self._tail.put_back()
             raise
-        self._apply(tail_gradients, learning_rate)
+        self._tail.apply(tail_gradients, learning_rate)
         for step, reply in zip(steps, replies):
             device = self.devices[step.request.device_id]
             device.last_reply, device.last_digest, step.reply = reply, step.digest, reply
