@@ -78,9 +78,9 @@ from tfsplit.auth import credentials
 from tfsplit.auth import grpc_server as security
 from tfsplit.auth import identity as identity_lib
 from tfsplit.device import rest as device_rest
+from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.serving import TailServer, tensors
 from tfsplit.serving import validation as serving_validation
-from tfsplit.training import split_training_pb2 as pb
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 from tfsplit.training.messages import model_digest, reply_logits

@@ -43,7 +43,7 @@ import numpy as np
 
 from benchmarks import fuzz_servers
 from tfsplit import codec
-from tfsplit.training import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.training.server.tail_trainer import MAX_DEVICES
 
 MEMORY_TOLERANCE = 0.10  # every RSS sample after the warm-up within 10% of the warm-up level

@@ -16,9 +16,9 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from tfsplit.device.training.channel import TrainingClient
 from tfsplit.engine import budget as budget_lib
 from tfsplit.training import trainer
-from tfsplit.training.client import TrainingClient
 from tfsplit.training.server import service as service_lib
 
 

@@ -25,7 +25,7 @@ PACKAGES = {
 # The rooms of tfsplit/, bottom-up: a room may import rooms of a lower tier, never its own tier's
 # neighbours or a higher tier. The package's own __init__ (the lazy public API) stands above all.
 TIERS = (
-    ("codec", "auth", "records"),
+    ("codec", "auth", "records", "schedule", "protocol"),
     ("device", "layers", "data"),
     ("engine", "serving"),
     ("callbacks", "backbones"),
@@ -35,7 +35,14 @@ TIERS = (
 )
 TIER = {room: number for number, rooms in enumerate(TIERS) for room in rooms}
 # Rooms a device runs without TensorFlow (codec.wire is the codec's TensorFlow side).
-TENSORFLOW_FREE = ("tfsplit.device", "tfsplit.auth", "tfsplit.codec", "tfsplit.records")
+TENSORFLOW_FREE = (
+    "tfsplit.device",
+    "tfsplit.auth",
+    "tfsplit.codec",
+    "tfsplit.records",
+    "tfsplit.schedule",
+    "tfsplit.protocol",
+)
 TENSORFLOW_FREE_EXCEPT = ("tfsplit.codec.wire",)
 TENSORFLOW_PACKAGES = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "tensorboard")
 

@@ -34,10 +34,10 @@ from tfsplit.auth import grpc_server as security
 from tfsplit.auth import identity as identity_lib
 from tfsplit.auth import transport
 from tfsplit.device import grpc_client, rest
-from tfsplit.training import split_training_pb2 as pb
-from tfsplit.training import split_training_pb2_grpc as pb_grpc
+from tfsplit.device.training.channel import TrainingClient
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.training import trainer
-from tfsplit.training.client import TrainingClient
 from tfsplit.training.config import base_config, phase
 from tfsplit.training.messages import model_digest
 from tfsplit.training.server import service as service_lib

@@ -25,10 +25,10 @@ import pytest
 from tfsplit import codec
 from tfsplit.auth import credentials
 from tfsplit.auth import grpc_server as security
-from tfsplit.training import split_training_pb2 as pb
-from tfsplit.training import split_training_pb2_grpc as pb_grpc
+from tfsplit.device.training.channel import TrainingClient
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.training import trainer
-from tfsplit.training.client import TrainingClient
 from tfsplit.training.config import base_config, load_config_file, phase
 from tfsplit.training.messages import model_digest, weights_from_protos, weights_to_protos
 from tfsplit.training.server import service as service_lib

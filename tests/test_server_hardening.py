@@ -21,10 +21,10 @@ import pytest
 import tensorflow as tf
 
 from tfsplit import codec
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.serving import validation
 from tfsplit.serving.grpc_service import answer_or_abort
-from tfsplit.training import split_training_pb2 as pb
-from tfsplit.training import split_training_pb2_grpc as pb_grpc
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 from tfsplit.training.messages import model_digest, weights_from_protos, weights_to_protos

@@ -20,7 +20,7 @@ _LAZY = {
     "split_model": "tfsplit.backbones.splitter",
     "PhaseSchedule": "tfsplit.callbacks",
     "BatchNormCalibration": "tfsplit.callbacks",
-    "Phase": "tfsplit.engine.budget",
+    "Phase": "tfsplit.schedule",
     "load_model": "tfsplit.training.trainer",
 }
 __all__ = sorted(_LAZY)

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import training as train_lib
 from tfsplit.auth import credentials
-from tfsplit.training.client import TrainingClient
+from tfsplit.device.training.channel import TrainingClient
 from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(

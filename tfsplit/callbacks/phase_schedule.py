@@ -7,46 +7,17 @@ for (`RateSetter`, with `gate_travel_rate` for a gate optimizer). `PhaseSchedule
 puts what it did in the epoch's logs (`epoch_logs`).
 """
 
-import math
-
 import numpy as np
 import tf_keras as keras
 from absl import logging
 
 from tfsplit.engine import budget as budget_lib
-from tfsplit.layers.bottleneck import GATE_LOGIT_OPEN
-
-# Logit distance a gate may have to cover in a masked phase: from fully open to undecided.
-GATE_TRAVEL = GATE_LOGIT_OPEN
-
-
-def locate(phases, epoch):
-    """(phase number from 1, its Phase, epoch within the phase) of a 0-based `epoch`."""
-    start = 0
-    for number, phase in enumerate(phases, start=1):
-        if epoch < start + phase.epochs:
-            return number, phase, epoch - start
-        start += phase.epochs
-    raise ValueError(
-        f"The schedule has {start} epochs; fit asked for epoch {epoch + 1}. Pass "
-        "epochs=schedule.epochs to fit."
-    )
-
-
-def nesting_starts(phase, gate_travel_fraction):
-    """The epoch of the final `phase` from which nested budgets train.
-
-    Nested budgets serve the deployed budget, once its channels are chosen: after the phase's
-    boost epochs and the gates' travel. While the selection still moves, its prefixes are not the
-    ones inference will send (measured: docs/experiments.md).
-    """
-    return max(phase.boost_epochs, math.ceil(gate_travel_fraction * phase.epochs))
-
-
-def gate_travel_rate(phase, steps_per_epoch, gate_travel_fraction):
-    """The gate optimizer's rate at which a gate crosses `GATE_TRAVEL` logits within
-    `gate_travel_fraction` of the phase's steps, so gates move at a pace set in epochs."""
-    return GATE_TRAVEL / (phase.epochs * steps_per_epoch * gate_travel_fraction)
+from tfsplit.schedule.phases import (  # noqa: F401
+    GATE_TRAVEL,
+    gate_travel_rate,
+    locate,
+    nesting_starts,
+)
 
 
 def reset_gates(model, number, phase, seed):

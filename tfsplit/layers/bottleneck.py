@@ -9,8 +9,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-GATE_LOGIT_OPEN = 15.0  # sigmoid(15) = 1 - 3e-7: a channel that is pinned fully open.
-GATE_LOGIT_CLOSED = -15.0
+from tfsplit.schedule.phases import GATE_LOGIT_CLOSED, GATE_LOGIT_OPEN  # noqa: F401
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")

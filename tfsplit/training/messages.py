@@ -6,24 +6,18 @@ checks of a received activations payload.
 
 import hashlib
 import json
-import struct
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
 
 from tfsplit import codec
+from tfsplit.protocol.framing import MAX_MESSAGE_BYTES, payload_batch  # noqa: F401
 from tfsplit.serving import validation
-from tfsplit.training import split_training_pb2 as pb
 
-MAX_MESSAGE_BYTES = 64 << 20  # A payload of 64 MiB is a 16M-value float32 batch: plenty.
 # The most of a client's string (or list) that a log line or an error repeats: a device id or a
 # shape fits; a megabyte-long one cannot make an error too long to send back.
 MAX_SHOWN_CHARS = 64
-# A payload's batch size N: the u32 after the magic, version, kind, dtype and flags bytes
-# (tfsplit/codec/layout.py's table), read before anything is decoded.
-_PAYLOAD_BATCH = struct.Struct("<I")
-_PAYLOAD_BATCH_OFFSET = 8
 # Where a TensorProto keeps its values when it has no `tensor_content`, and how many per element.
 _VALUE_FIELDS = {
     tf.float32: ("float_val", 1),
@@ -60,7 +54,10 @@ def model_digest(split):
     """sha256 of what both halves must agree on: the shape and dtype of every weight both hold
     (not the device's own local classifier), in order, the wire dtypes and the bottleneck's
     width."""
-    shared = [w for w in split.weights if all(w is not v for v in split.device_only_weights)]
+    # The head's and the tail's own weights: not the variables a trainer adds to the model (the
+    # budget, the device's step id), which differ between a Keras device and the server's model.
+    weights = split.head.weights + split.tail.weights
+    shared = [w for w in weights if all(w is not v for v in split.device_only_weights)]
     description = dict(
         weights=[(w.shape.as_list(), w.dtype.name) for w in shared],
         wire=[split.activation_dtype, split.gradient_dtype, split.channels],
@@ -133,25 +130,6 @@ def _dtype_name(enum):
         return tf.as_dtype(enum).name
     except TypeError:
         return f"dtype enum {enum}"
-
-
-def logits_reply(step, logits):
-    logits = np.asarray(logits, np.float32)
-    return pb.StepReply(
-        step=step, logits=logits.astype("<f4").tobytes(), num_classes=logits.shape[-1]
-    )
-
-
-def reply_logits(reply):
-    """The (batch, classes) float32 logits a StepReply carries."""
-    return np.frombuffer(reply.logits, "<f4").reshape(-1, reply.num_classes)
-
-
-def payload_batch(payload):
-    """The batch size N an encoded payload declares (None if too short to hold it)."""
-    if len(payload) < _PAYLOAD_BATCH_OFFSET + _PAYLOAD_BATCH.size:
-        return None
-    return _PAYLOAD_BATCH.unpack_from(payload, _PAYLOAD_BATCH_OFFSET)[0]
 
 
 def decode_activations(payload, split, with_labels, max_batch_size=None):

@@ -1,7 +1,7 @@
 """The server's side of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`)."""
 
+from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
-from tfsplit.training.messages import logits_reply
 
 
 def calibration_pass(norms, forward, device, request, values, indices):

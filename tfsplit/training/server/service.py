@@ -7,10 +7,10 @@ import grpc
 import tensorflow as tf
 from absl import logging
 
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.serving import validation
 from tfsplit.serving.grpc_service import add_servicer, answer_or_abort, parsed
-from tfsplit.training import split_training_pb2 as pb
-from tfsplit.training import split_training_pb2_grpc as pb_grpc
 from tfsplit.training.messages import MAX_MESSAGE_BYTES, model_digest, shown, weights_from_protos
 from tfsplit.training.server import state
 from tfsplit.training.server.tail_trainer import (

@@ -7,7 +7,7 @@ import time
 
 import tensorflow as tf
 
-from tfsplit.training import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2 as pb
 
 # The step log holds every step since the last checkpoint, payloads included; past this size the
 # server saves a checkpoint of its own (which empties the log) instead of waiting for the device.

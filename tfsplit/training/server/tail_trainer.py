@@ -39,11 +39,11 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit import codec
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
-from tfsplit.training import split_training_pb2 as pb
 from tfsplit.training.messages import (
     decode_activations,
-    logits_reply,
     model_digest,
     shown,
     weights_from_protos,

@@ -4,7 +4,7 @@ import warnings
 
 import grpc
 
-from tfsplit.training import split_training_pb2 as tfsplit_dot_training_dot_split__training__pb2
+from tfsplit.protocol import split_training_pb2 as tfsplit_dot_protocol_dot_split__training__pb2
 
 GRPC_GENERATED_VERSION = "1.85.1"
 GRPC_VERSION = grpc.__version__
@@ -20,7 +20,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f"The grpc package installed is at version {GRPC_VERSION},"
-        + " but the generated code in tfsplit/training/split_training_pb2_grpc.py depends on"
+        + " but the generated code in tfsplit/protocol/split_training_pb2_grpc.py depends on"
         + f" grpcio>={GRPC_GENERATED_VERSION}."
         + f" Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}"
         + f" or downgrade your generated code using grpcio-tools<={GRPC_VERSION}."
@@ -38,38 +38,38 @@ class SplitTrainingStub:
         """
         self.Hello = channel.unary_unary(
             "/tfsplit.training.SplitTraining/Hello",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.HelloRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.HelloReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.HelloRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.HelloReply.FromString,
             _registered_method=True,
         )
         self.Step = channel.unary_unary(
             "/tfsplit.training.SplitTraining/Step",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.StepRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.StepReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.StepRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.StepReply.FromString,
             _registered_method=True,
         )
         self.TailWeights = channel.unary_unary(
             "/tfsplit.training.SplitTraining/TailWeights",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.TailWeightsRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.TailWeightsReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsReply.FromString,
             _registered_method=True,
         )
         self.Checkpoint = channel.unary_unary(
             "/tfsplit.training.SplitTraining/Checkpoint",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.CheckpointRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.CheckpointReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.CheckpointRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.CheckpointReply.FromString,
             _registered_method=True,
         )
         self.AverageHeads = channel.unary_unary(
             "/tfsplit.training.SplitTraining/AverageHeads",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsReply.FromString,
             _registered_method=True,
         )
         self.Leave = channel.unary_unary(
             "/tfsplit.training.SplitTraining/Leave",
-            request_serializer=tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.SerializeToString,
-            response_deserializer=tfsplit_dot_training_dot_split__training__pb2.LeaveReply.FromString,
+            request_serializer=tfsplit_dot_protocol_dot_split__training__pb2.LeaveRequest.SerializeToString,
+            response_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.LeaveReply.FromString,
             _registered_method=True,
         )
 
@@ -124,33 +124,33 @@ def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
             servicer.Hello,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.HelloRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.HelloReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.HelloRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.HelloReply.SerializeToString,
         ),
         "Step": grpc.unary_unary_rpc_method_handler(
             servicer.Step,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.StepRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.StepReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.StepRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.StepReply.SerializeToString,
         ),
         "TailWeights": grpc.unary_unary_rpc_method_handler(
             servicer.TailWeights,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.TailWeightsRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.TailWeightsReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsReply.SerializeToString,
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
             servicer.Checkpoint,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.CheckpointRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.CheckpointReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.CheckpointRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.CheckpointReply.SerializeToString,
         ),
         "AverageHeads": grpc.unary_unary_rpc_method_handler(
             servicer.AverageHeads,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsReply.SerializeToString,
         ),
         "Leave": grpc.unary_unary_rpc_method_handler(
             servicer.Leave,
-            request_deserializer=tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.FromString,
-            response_serializer=tfsplit_dot_training_dot_split__training__pb2.LeaveReply.SerializeToString,
+            request_deserializer=tfsplit_dot_protocol_dot_split__training__pb2.LeaveRequest.FromString,
+            response_serializer=tfsplit_dot_protocol_dot_split__training__pb2.LeaveReply.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,8 +181,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/Hello",
-            tfsplit_dot_training_dot_split__training__pb2.HelloRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.HelloReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.HelloRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.HelloReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -211,8 +211,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/Step",
-            tfsplit_dot_training_dot_split__training__pb2.StepRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.StepReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.StepRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,8 +241,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/TailWeights",
-            tfsplit_dot_training_dot_split__training__pb2.TailWeightsRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.TailWeightsReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.TailWeightsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -271,8 +271,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/Checkpoint",
-            tfsplit_dot_training_dot_split__training__pb2.CheckpointRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.CheckpointReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.CheckpointRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/AverageHeads",
-            tfsplit_dot_training_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.AverageHeadsReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.AverageHeadsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class SplitTraining:
             request,
             target,
             "/tfsplit.training.SplitTraining/Leave",
-            tfsplit_dot_training_dot_split__training__pb2.LeaveRequest.SerializeToString,
-            tfsplit_dot_training_dot_split__training__pb2.LeaveReply.FromString,
+            tfsplit_dot_protocol_dot_split__training__pb2.LeaveRequest.SerializeToString,
+            tfsplit_dot_protocol_dot_split__training__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
