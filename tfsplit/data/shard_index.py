@@ -3,34 +3,37 @@
 index.json lists the format version, dataset, classes, image shape, mean and std, and per split
 its shards with sample count, byte size and sha256. `load_index` checks every field and that the
 counts add up, naming the file and the field on any error, so a reader can trust the index
-before it opens a shard; `write_index` writes it last, through a partial file and a rename.
+before it opens a shard; `write_index` writes it last, through a partial file and a rename. The
+rules themselves are `tfsplit.records.shard_index`'s, shared with the device that reads shards
+without TensorFlow; here they are applied to any filesystem and turned into a `DatasetInfo`.
 
 All access to shard and index files goes through `filesystem(path)`: local paths use tf.io.gfile,
 `s3://bucket/prefix` paths the checked, retried S3 client of `object_store`.
 """
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import re
 
 import tensorflow as tf
 
-from tfsplit.data import common
 from tfsplit.data.common import DatasetFileError, DatasetInfo
 from tfsplit.data.object_store import s3_filesystem
+from tfsplit.records import shard_index as records_index
+from tfsplit.records.shard_index import (  # noqa: F401  (the format's names, re-exported)
+    ENCODINGS,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SPLITS,
+    Shard,
+    ShardIndexError,
+)
 
-INDEX_FILE = "index.json"
-FORMAT = "tfsplit-shards"
-FORMAT_VERSION = 1
-SPLITS = ("train", "test")
-ENCODINGS = ("raw", "png")  # How "image" holds the pixels: uint8 bytes as stored, or a PNG.
 PARTIAL_SUFFIX = ".partial"  # Files being written; renamed into place once complete.
 MAX_SHARDS = 99999  # Five digits in the file names.
 _SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}\.tfrecord$")
-_CHUNK_BYTES = 1 << 20  # Checksums stream the files in 1 MiB reads.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,26 +86,13 @@ def is_local(path):
 
 def file_sha256(path):
     """Hex sha256 of a file, streamed in chunks (bounded memory)."""
-    digest = hashlib.sha256()
     with filesystem(path).open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return records_index.stream_sha256(f)
 
 
 # ----------------------------------------------------------------------------------------------
 # Names and the index.
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One shard file as its index lists it: full path, samples, bytes and sha256 (hex)."""
-
-    path: str
-    num_samples: int
-    num_bytes: int
-    sha256: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,135 +121,25 @@ def is_shard_output(name):
     return name == INDEX_FILE or bool(_SHARD_NAME.match(name))
 
 
-class _Fields:
-    """Reads fields of index.json; every error names the file and the field."""
-
-    def __init__(self, index_path):
-        self.index_path = index_path
-
-    def fail(self, field, expected, value):
-        raise DatasetFileError(
-            f"{self.index_path}: field {field} must be {expected}. Received: {value!r}"
-        )
-
-    def get(self, obj, key, where, check, expected):
-        field = f"{where}.{key}" if where else key
-        if not isinstance(obj, dict) or key not in obj:
-            raise DatasetFileError(f"{self.index_path}: missing field {field} ({expected})")
-        if not check(obj[key]):
-            self.fail(field, expected, obj[key])
-        return obj[key]
-
-    def count(self, obj, key, where, minimum=0):
-        check = lambda v: common.is_int(v) and v >= minimum  # noqa: E731
-        return self.get(obj, key, where, check, f"an integer >= {minimum}")
-
-
-def _is_dict(value):
-    return isinstance(value, dict)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _parse_shards(fields, split, obj, directory):
-    where = f"splits.{split}"
-    total = fields.count(obj, "num_samples", where)
-    entries = fields.get(obj, "shards", where, lambda v: isinstance(v, list) and v, "a list")
-    shards = []
-    for i, entry in enumerate(entries):
-        at = f"{where}.shards[{i}]"
-        name = fields.get(
-            entry,
-            "file",
-            at,
-            lambda v: isinstance(v, str) and v not in ("", ".", "..") and "/" not in v + "\\",
-            "a file name in the index's directory",
-        )
-        shards.append(
-            Shard(
-                filesystem(directory).join(directory, name),
-                fields.count(entry, "num_samples", at, minimum=1),
-                fields.count(entry, "num_bytes", at),
-                fields.get(
-                    entry,
-                    "sha256",
-                    at,
-                    lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v),
-                    "64 lowercase hex digits",
-                ),
-            )
-        )
-    if len({s.path for s in shards}) != len(shards):
-        fields.fail(f"{where}.shards", "a list of distinct files", [s.path for s in shards])
-    listed = sum(s.num_samples for s in shards)
-    if listed != total:
-        raise DatasetFileError(
-            f"{fields.index_path}: the shards of {where} hold {listed} samples, but "
-            f"{where}.num_samples is {total}"
-        )
-    return tuple(shards)
+def _from_parsed(parsed):
+    """The `ShardIndex` of a parsed index: its fields as the dataset's `DatasetInfo`."""
+    info = DatasetInfo(
+        parsed.name,
+        parsed.num_classes,
+        parsed.image_shape,
+        sum(s.num_samples for s in parsed.train),
+        sum(s.num_samples for s in parsed.test),
+        parsed.mean,
+        parsed.std,
+    )
+    return ShardIndex(parsed.path, info, parsed.train, parsed.test, parsed.encoding)
 
 
 def _parse_index(obj, index_path):
-    fields = _Fields(index_path)
-    if not isinstance(obj, dict):
-        fields.fail("(top level)", "a JSON object", type(obj).__name__)
-    fields.get(obj, "format", "", lambda v: v == FORMAT, repr(FORMAT))
-    version = fields.count(obj, "version", "")
-    if version != FORMAT_VERSION:
-        raise DatasetFileError(
-            f"{index_path}: format version {version} is not supported; this tfsplit reads "
-            f"version {FORMAT_VERSION} (rewrite the shards with tfsplit-prepare-data)"
-        )
-    name = fields.get(obj, "dataset", "", lambda v: isinstance(v, str) and v, "a dataset name")
-    num_classes = fields.count(obj, "num_classes", "", minimum=1)
-    shape = fields.get(
-        obj,
-        "image_shape",
-        "",
-        lambda v: isinstance(v, list)
-        and len(v) == 3
-        and all(common.is_int(d) and d > 0 for d in v),
-        "[H, W, C] of positive integers",
-    )
-    per_channel = f"a list of {shape[-1]} numbers (one per channel)"
-    mean = fields.get(
-        obj, "mean", "", lambda v: isinstance(v, list) and len(v) == shape[-1], per_channel
-    )
-    std = fields.get(
-        obj, "std", "", lambda v: isinstance(v, list) and len(v) == shape[-1], per_channel
-    )
-    if not all(_is_number(v) for v in mean):
-        fields.fail("mean", per_channel, mean)
-    if not all(_is_number(v) and v > 0 for v in std):
-        fields.fail("std", "a list of numbers > 0", std)
-    encoding = fields.get(obj, "encoding", "", lambda v: v in ENCODINGS, f"one of {ENCODINGS}")
-    splits = fields.get(obj, "splits", "", lambda v: isinstance(v, dict), "an object")
-    directory = os.path.dirname(index_path)
-    train, test = (
-        _parse_shards(
-            fields, split, fields.get(splits, split, "splits", _is_dict, "an object"), directory
-        )
-        for split in SPLITS
-    )
-    info = DatasetInfo(
-        name,
-        num_classes,
-        tuple(shape),
-        sum(s.num_samples for s in train),
-        sum(s.num_samples for s in test),
-        tuple(float(v) for v in mean),
-        tuple(float(v) for v in std),
-    )
-    return ShardIndex(index_path, info, train, test, encoding)
-
-
-def _index_path(path):
-    files = filesystem(path)
-    path = os.fspath(path)
-    return path if os.path.basename(path) == INDEX_FILE else files.join(path, INDEX_FILE)
+    try:
+        return _from_parsed(records_index.parse_index(obj, index_path, filesystem(index_path).join))
+    except ShardIndexError as err:
+        raise DatasetFileError(str(err)) from None
 
 
 def load_index(path):
@@ -276,19 +156,17 @@ def load_index(path):
         field is missing or invalid, or the counts do not add up; the message names the file
         and the field.
     """
-    index_path = _index_path(path)
-    files = filesystem(index_path)
-    if not files.exists(index_path):
-        raise DatasetFileError(
-            f"{index_path} not found; expected a directory written by tfsplit-prepare-data "
-            f"({INDEX_FILE} and its .tfrecord shards)"
-        )
+    files = filesystem(path)
+    index_path = records_index.index_path(path, files.join)
     try:
+        if not files.exists(index_path):
+            raise records_index.missing_index(index_path)
         with files.open(index_path, "r") as f:
-            obj = json.loads(f.read())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DatasetFileError(f"{index_path} is not valid JSON: {err}") from err
-    return _parse_index(obj, index_path)
+            text = f.read()
+        parsed = records_index.parse_index_text(text, index_path, files.join)
+    except ShardIndexError as err:
+        raise DatasetFileError(str(err)) from err.__cause__
+    return _from_parsed(parsed)
 
 
 def write_index(out_dir, info, splits, encoding):
