@@ -11,6 +11,7 @@ import collections
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -251,3 +252,22 @@ def test_device_side_rooms_load_without_tensorflow():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_device_distribution_holds_only_tensorflow_free_rooms():
+    """packaging/device installs the rooms that load no TensorFlow, and the device programs."""
+    with open(REPO / "packaging" / "device" / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)
+    packages = project["tool"]["setuptools"]["packages"]
+    rooms = {p for p in packages if p.count(".") == 1 and p.startswith("tfsplit.")}
+    assert rooms == set(TENSORFLOW_FREE)
+    assert set(packages) - rooms == {"tfsplit", "tfsplit.device.training", "tfsplit_tools"}
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"tfsplit-device-train", "tfsplit-run-head"}
+    for tool in ("device_train", "run_head", "cli"):  # what the device's scripts load
+        for loaded in _closure(f"tfsplit_tools.{tool}"):
+            assert not [
+                target
+                for _, target, in_function in IMPORTS[loaded]
+                if not in_function and target.split(".")[0] in TENSORFLOW_PACKAGES
+            ], loaded

@@ -335,7 +335,14 @@ def test_tool_exports_and_prints_table(workdir, tmp_path):
     model = (tmp_path / "head_train.tflite").read_bytes()
     assert f"trainable head: {tmp_path / 'head_train.tflite'} ({len(model)} bytes)" in result.stdout
     layout = json.loads((tmp_path / "head_train.json").read_text())
-    assert layout["signatures"] == ["forward", "train", "infer", "get_weights", "set_weights"]
+    assert layout["signatures"] == [
+        "forward",
+        "train",
+        "infer",
+        "get_weights",
+        "set_weights",
+    ]
+    assert layout["run"]["model_digest"] and layout["run"]["phases"]
     assert layout["size"] == sum(entry["size"] for entry in layout["variables"])
 
 

@@ -12,6 +12,7 @@ from ai_edge_litert import interpreter as litert
 
 import tfsplit
 from tfsplit import backbones
+from tfsplit.device.training import head as device_head
 from tfsplit.export import trainable, trainable_export
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
@@ -42,9 +43,10 @@ def _tf_device_step(split, images, labels, upstream):
     indices = split.channel_indices()
     with tf.GradientTape() as tape:
         values, penalty, local = split.device_step(images, labels, indices)
+        device_loss = penalty + local
     variables = split.device_trainable_variables
     gradients = tape.gradient(
-        [values, penalty + local], variables, output_gradients=[upstream, tf.ones([])]
+        [values, device_loss], variables, output_gradients=[upstream, tf.ones([])]
     )
     split.apply_gradients(gradients, variables)
     return values, indices
@@ -65,9 +67,9 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
     path = trainable_export.export_trainable_head(split, str(tmp_path))
     names = trainable_export.op_names(open(path, "rb").read())
     assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
-    layout = json.loads((tmp_path / trainable.LAYOUT_FILE).read_text())
+    layout = json.loads((tmp_path / device_head.LAYOUT_FILE).read_text())
     interpreter = litert.Interpreter(model_path=path)
-    runners = {name: interpreter.get_signature_runner(name) for name in trainable.SIGNATURES}
+    runners = {name: interpreter.get_signature_runner(name) for name in device_head.SIGNATURES}
     rng = np.random.default_rng(1)
     module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
     for step in range(3):

@@ -45,6 +45,7 @@ TOOLS = (
     "bench_network",
     "bench_train",
     "data_service",
+    "device_train",
     "evaluate",
     "export",
     "infer",

@@ -2,29 +2,41 @@
 
   tfsplit-export --workdir=/tmp/tfsplit/deprune
   tfsplit-export --workdir=/tmp/tfsplit/deprune --budget=16 --dtypes=int8 --qat --out=/tmp/deploy
+  tfsplit-export --config=configs/deprune.py --trainable --out=/tmp/head   # a new run's device
 
 Writes `head_<dtype>.tflite` + `head_<dtype>.json` into --out (default <workdir>/export) and one
 tail per wire dtype into `<out>/serving/tfsplit_tail_<dtype>/<version>/` (serve it with
 `--model_base_path=<out>/serving/tfsplit_tail_<dtype>`), then prints, per dtype, the head's size,
 its parity with the Keras head and the test accuracy of TFLite head -> exported tail against the
 Keras split model at the same budget. --trainable also writes the head's training step,
-`head_train.tflite` (TFLite builtin ops only) and its weight layout `head_train.json`. Without --qat/--noqat the int8 head is fine-tuned with
-quantization-aware training only when post-training int8 loses more than 1 accuracy point.
+`head_train.tflite` (TFLite builtin ops only), its weight layout and run `head_train.json` and
+the tail the run starts from (`tail_weights.pb`): what `tfsplit-device-train` trains. With
+--config instead of --workdir, only that is written, for the model a new run of the config starts
+from (a device without TensorFlow opens the run with it). Without --qat/--noqat the int8 head is
+fine-tuned with quantization-aware training only when post-training int8 loses more than 1
+accuracy point.
 """
 
 import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit import export as export_lib
 from tfsplit_tools import cli
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Workdir of a finished training run.", required=True
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished training run.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "With --trainable, instead of --workdir: the config of a run to start.",
+    lock_config=True,
 )
-_OUT = flags.DEFINE_string("out", None, "Output directory; default <workdir>/export.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory; default <workdir>/export (required with --config)."
+)
 _BUDGET = flags.DEFINE_integer(
     "budget", None, "Channels to send; default the run's final budget.", lower_bound=1
 )
@@ -53,6 +65,16 @@ _TRAINABLE = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if (_WORKDIR.value is None) == (_CONFIG.value is None):
+        raise app.UsageError("Pass exactly one of --workdir (a trained run) and --config.")
+    if _CONFIG.value is not None:
+        if not _TRAINABLE.value or not _OUT.value:
+            raise app.UsageError(
+                "--config exports a new run's trainable head: add --trainable " "and --out."
+            )
+        path = export_lib.export_trainable_start(_CONFIG.value, _OUT.value)
+        print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
+        return
     try:
         result = export_lib.export_split(
             _WORKDIR.value,

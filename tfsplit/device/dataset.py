@@ -217,24 +217,27 @@ def _read_shard(shard, parsed):
             f"Shard {shard.path} gave {len(records)} samples but its index lists "
             f"{shard.num_samples}: the file is corrupt or truncated"
         )
-    shape = parsed.image_shape
-    samples = [_sample(r, shard.path, i, parsed.num_classes) for i, r in enumerate(records)]
-    labels = np.array([label for _, label in samples], np.int32)
-    if parsed.encoding == "raw":
-        pixels = math.prod(shape)
-        for number, (image, _) in enumerate(samples):
-            if len(image) != pixels:
-                raise DeviceDataError(
-                    f"Shard {shard.path} holds an image that is not {pixels} bytes of {shape} "
-                    f"uint8 pixels (record {number}: {len(image)} bytes)"
-                )
-        images = np.frombuffer(b"".join(image for image, _ in samples), np.uint8)
-        return images.reshape(-1, *shape), labels
-    images = [_decode_png(image, shard.path, i, shape) for i, (image, _) in enumerate(samples)]
-    return np.stack(images), labels
+    # One record at a time into the shard's arrays: a device holds the pixels once, not a copy
+    # of every record's bytes besides.
+    shape, count = parsed.image_shape, len(records)
+    images, labels = np.empty((count, *shape), np.uint8), np.empty(count, np.int32)
+    pixels = math.prod(shape)
+    for number in range(count):
+        image, labels[number] = _sample(records[number], shard.path, number, parsed.num_classes)
+        records[number] = None
+        if parsed.encoding == "png":
+            images[number] = _decode_png(image, shard.path, number, shape)
+        elif len(image) != pixels:
+            raise DeviceDataError(
+                f"Shard {shard.path} holds an image that is not {pixels} bytes of {shape} "
+                f"uint8 pixels (record {number}: {len(image)} bytes)"
+            )
+        else:
+            images[number] = np.frombuffer(image, np.uint8).reshape(shape)
+    return images, labels
 
 
-def load_shards(path, split, shard_index=0, num_shards=1):
+def load_shards(path, split, shard_index=0, num_shards=1, normalized=True):
     """One split of a local shard directory, as the TensorFlow pipeline normalizes it.
 
     Args:
@@ -244,6 +247,8 @@ def load_shards(path, split, shard_index=0, num_shards=1):
       num_shards: devices sharing the training shards: device i reads every num_shards-th shard
         file from the i-th, as `tfsplit.data.shards.device_shards` does. The test split is
         read whole (evaluation is not split across devices).
+      normalized: False keeps the uint8 pixels (a quarter of the memory): pass
+        `normalization=(info["mean"], info["std"])` to `batches`, which normalizes each batch.
 
     Returns:
       (images, labels, info): float32 (N, H, W, C) images (pixel / 255 - mean) / std with the
@@ -267,7 +272,9 @@ def load_shards(path, split, shard_index=0, num_shards=1):
     )
     _check_sizes(shards)
     parts = [_read_shard(shard, parsed) for shard in shards]
-    images = normalize(np.concatenate([p[0] for p in parts]), parsed.mean, parsed.std)
+    images = np.concatenate([p[0] for p in parts])
+    if normalized:
+        images = normalize(images, parsed.mean, parsed.std)
     labels = np.concatenate([p[1] for p in parts])
     logging.info(
         "Read %d %s samples of %s from %d shards of %s (device %d of %d, %s).",
@@ -360,7 +367,9 @@ def _read_image(Image, path, size):
     return np.clip(np.round(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
 
 
-def load_image_folder(path, split, image_size=DEFAULT_IMAGE_SIZE, shard_index=0, num_shards=1):
+def load_image_folder(
+    path, split, image_size=DEFAULT_IMAGE_SIZE, shard_index=0, num_shards=1, normalized=True
+):
     """One split of an image folder (path/train/<class>/, path/val/<class>/ or test/), decoded
     with Pillow, resized to image_size x image_size and normalized with ImageNet's statistics.
 
@@ -403,7 +412,7 @@ def load_image_folder(path, split, image_size=DEFAULT_IMAGE_SIZE, shard_index=0,
         image_size,
         len(classes),
     )
-    images = normalize(pixels, IMAGE_FOLDER_MEAN, IMAGE_FOLDER_STD)
+    images = normalize(pixels, IMAGE_FOLDER_MEAN, IMAGE_FOLDER_STD) if normalized else pixels
     info = _info(
         "image_folder",
         len(classes),
@@ -480,6 +489,7 @@ def batches(
     augment=False,
     drop_remainder=False,
     pad_value=None,
+    normalization=None,
 ):
     """One epoch of (images, labels) batches from arrays held in memory.
 
@@ -499,6 +509,9 @@ def batches(
       pad_value: what the crop pads with, one value or one per channel; required with
         `augment`. Pass the loader's `info["pad_value"]`, the normalized black pixel: the
         TensorFlow pipeline pads the uint8 pixels with 0 before it normalizes.
+      normalization: (mean, std) for uint8 `images` (a loader's `normalized=False`): each batch
+        is augmented as uint8 (padded with 0, as TensorFlow does) and then normalized, so the
+        set stays in memory as uint8. `pad_value` is then not needed.
 
     Returns:
       An iterator of (images, labels) batches; the arguments are checked before it is returned.
@@ -507,7 +520,7 @@ def batches(
       DeviceDataError: on a bad argument.
     """
     _check_batches(images, labels, batch_size, seed, epoch, shuffle, augment, drop_remainder)
-    if augment:
+    if augment and normalization is None:
         pad = np.asarray(pad_value if pad_value is not None else [], np.float64)
         if pad.size not in (1, images.shape[-1]) or not np.all(np.isfinite(pad)):
             raise DeviceDataError(
@@ -525,7 +538,9 @@ def batches(
             index = order[start : start + batch_size]
             batch = images[index]
             if augment:
-                batch = _augment_batch(batch, augment_rng, pad_value)
+                batch = _augment_batch(batch, augment_rng, 0 if normalization else pad_value)
+            if normalization is not None:
+                batch = normalize(batch, *normalization)
             yield batch, labels[index]
 
     return iterate()

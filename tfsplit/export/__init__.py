@@ -16,7 +16,11 @@ from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
 from tfsplit.export.report import SplitExport, evaluate_exports, export_split, format_table
 from tfsplit.export.run import ExportError, TrainedRun, load_run, load_run_test_images
 from tfsplit.export.tail import SIGNATURE, TAIL_DTYPES, TailExport, export_tail, run_tail
-from tfsplit.export.trainable_export import export_trainable_head, export_trainable_run
+from tfsplit.export.trainable_export import (
+    export_trainable_head,
+    export_trainable_run,
+    export_trainable_start,
+)
 
 __all__ = [
     "ExportError",
@@ -33,6 +37,7 @@ __all__ = [
     "export_tail",
     "export_trainable_head",
     "export_trainable_run",
+    "export_trainable_start",
     "format_table",
     "load_run",
     "load_run_test_images",

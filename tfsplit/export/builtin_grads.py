@@ -99,10 +99,14 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME"):
         def backward(dy):
             dx = tf.nn.conv2d_transpose(dy, kernel, tf.shape(x), (1,) + strides + (1,), padding)
             pads, outs = _paddings(x, size, strides, padding)
-            patches = tf.concat(_taps(_pad(x, pads), size, strides, outs), axis=-1)
-            patches = tf.reshape(patches, [-1, patches.shape[-1]])
             flat_dy = tf.reshape(dy, [-1, dy.shape[-1]])
-            dkernel = tf.reshape(tf.matmul(patches, flat_dy, transpose_a=True), kernel.shape)
+            # One matmul per tap (its slice of the kernel), not one over all taps side by side:
+            # the same sums without a copy of the input per tap held at once.
+            per_tap = [
+                tf.matmul(tf.reshape(tap, [-1, x.shape[-1]]), flat_dy, transpose_a=True)
+                for tap in _taps(_pad(x, pads), size, strides, outs)
+            ]
+            dkernel = tf.reshape(tf.stack(per_tap), kernel.shape)
             return dx, dkernel
 
         return y, backward

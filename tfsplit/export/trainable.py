@@ -5,7 +5,9 @@ wheel has no Flex delegate), with these signatures over resource variables:
 
 - `forward(images, budget)`: the top-`budget` channels of the head's output with batch
   statistics, (N, h, w, k) float32, and their indices (k,): what a training step sends (the
-  device's codec encodes them to the wire dtype, as for the TensorFlow device);
+  device's codec encodes them to the wire dtype, as for the TensorFlow device); and `moments`,
+  every batch norm's batch mean and variance (batch norm calibration averages them over
+  batches, as `BatchNormAverage` does);
 - `train(images, labels, upstream_gradient, budget, learning_rate, gate_learning_rate,
   penalty_weight)`: one step of the head for the gradient the server returned, with the gates'
   penalty (budget loss and polarization) and the local classifier where the model has them;
@@ -38,8 +40,6 @@ SUPPORTED_LAYERS = (
     "Identity",
     "MaskedEncoder",
 )
-MODEL_FILE, LAYOUT_FILE = "head_train.tflite", "head_train.json"
-SIGNATURES = ("forward", "train", "infer", "get_weights", "set_weights")
 
 
 class UnsupportedLayerError(ValueError):
@@ -182,6 +182,18 @@ class TrainableHead(tf.Module):
         updates.append((layer.moving_variance, variance, layer.momentum))
         return y
 
+    def _moving_statistics(self):
+        """The variables of `forward`'s moments, in their order: each norm's mean, then its
+        variance."""
+        norms = []
+        for node in self._nodes:
+            layer = node.layer
+            if isinstance(layer, MaskedEncoder):
+                layer = layer.norm
+            if type(layer).__name__ == "BatchNormalization":
+                norms += [layer.moving_mean, layer.moving_variance]
+        return norms
+
     def _run(self, images, training):
         """(the head's output, its features at the cut, the moving statistics' updates)."""
         tensors, updates = {id(self._head_input): images}, []
@@ -200,8 +212,12 @@ class TrainableHead(tf.Module):
     # ---------------------------------------------------------------------- the signatures
     def forward(self, images, budget, training=True):
         indices = self._indices(budget)
-        output, _, _ = self._run(images, training)
-        return {"values": tf.gather(output, indices, axis=-1), "indices": indices}
+        output, _, updates = self._run(images, training)
+        sent = {"values": tf.gather(output, indices, axis=-1), "indices": indices}
+        if training:  # the batch statistics too: what batch norm calibration averages
+            moments = [tf.reshape(value, [-1]) for _, value, _ in updates]
+            sent["moments"] = tf.concat(moments or [tf.zeros([0])], 0)
+        return sent
 
     def train(
         self,
@@ -234,8 +250,9 @@ class TrainableHead(tf.Module):
                 logits = builtin_grads.bias_add(tf.matmul(pooled, dense.kernel), dense.bias)
                 cross_entropy = builtin_grads.sparse_cross_entropy(logits, labels)
                 local = self._split_config["local_loss_weight"] * cross_entropy
+            device_loss = penalty + local  # on the tape: the gates' and local losses' gradient
         gradients = tape.gradient(
-            [values, penalty + local],
+            [values, device_loss],
             trainable,
             output_gradients=[upstream_gradient, tf.ones([])],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -296,7 +313,20 @@ class TrainableHead(tf.Module):
                 )
             )
             offset += size
-        return dict(size=offset, variables=entries)
+        at = {id(v): entry for (_, v), entry in zip(self.state, entries)}
+
+        def where(variable):
+            if variable is None:
+                return None
+            return dict(offset=at[id(variable)]["offset"], size=at[id(variable)]["size"])
+
+        return dict(
+            size=offset,
+            variables=entries,
+            gates=where(self.gates),
+            seniority=where(None if self._encoder is None else self._encoder.seniority),
+            moments=[where(v) for v in self._moving_statistics()],  # forward's, in order
+        )
 
     def signatures(self):
         """The module's concrete functions for the converter, by signature name."""

@@ -1,7 +1,13 @@
 """The trainable head written as a LiteRT file: converted with TFLite builtins only, its op list
 checked, and saved with the layout of its weight vector (`TrainableHead` is what it converts).
 
-  tfsplit-export --workdir=/tmp/tfsplit/deprune --trainable   # or export_trainable_run(...)
+  tfsplit-export --workdir=/tmp/tfsplit/deprune --trainable   # a trained run's head
+  tfsplit-export --config=configs/deprune.py:smoke --trainable --out=/tmp/head   # a new run's
+
+Beside the model, `head_train.json` describes the run the head belongs to (the model digest the
+server checks, the wire, the phases and the optimizer settings: what `tfsplit-device-train`
+follows) and `tail_weights.pb` holds the tail the run starts from (a `TailWeightsReply`), so that
+a device without TensorFlow can open a new run on the server as the TensorFlow device does.
 """
 
 import contextlib
@@ -14,9 +20,13 @@ import tempfile
 import tensorflow as tf
 import tf_keras as keras
 
+from tfsplit.device.training.head import LAYOUT_FILE, MODEL_FILE, SIGNATURES, TAIL_FILE
 from tfsplit.export.run import load_run
-from tfsplit.export.trainable import LAYOUT_FILE, MODEL_FILE, SIGNATURES, TrainableHead
+from tfsplit.export.trainable import TrainableHead
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.schedule import build_phases
 from tfsplit.training import trainer
+from tfsplit.training.messages import model_digest, weights_to_protos
 
 _OP_LINE = re.compile(r"^\s+Op#\d+ (\w+)\(", re.MULTILINE)
 
@@ -67,22 +77,69 @@ def check_builtins_only(model):
         raise ValueError(f"The trainable head needs ops that are not TFLite builtins: {bad}")
 
 
-def export_trainable_head(split, out_dir):
+def run_description(split, config):
+    """What a device that trains `split` without TensorFlow must know of its run's `config`."""
+    phases = build_phases(
+        [dict(p) for p in config.phases], split.channels, split.encoder is not None
+    )
+    data, optimizer = config.data, config.optimizer
+    return dict(
+        model_digest=model_digest(split),
+        image_shape=[int(d) for d in split.head.input.shape[1:]],
+        num_classes=int(split.tail.output.shape[-1]),
+        channels=int(split.channels),
+        activation_dtype=split.activation_dtype,
+        gradient_dtype=split.gradient_dtype,
+        masked=split.encoder is not None,
+        nested_budgets=bool(split.nested_budgets),
+        budget_eps=float(split.budget_eps),
+        phases=[dict(vars(phase)) for phase in phases],
+        seed=int(config.seed),
+        gate_optimizer=split.gate_optimizer is not None,
+        gate_learning_rate=float(optimizer.gate_learning_rate),
+        gate_travel_fraction=float(optimizer.gate_travel_fraction),
+        batch_size=int(data.batch_size),
+        eval_batch_size=int(data.eval_batch_size),
+        augment=bool(data.augment),
+        calibration_batches=int(config.calibration_batches),
+        checkpoint_every_steps=int(config.checkpoint_every_steps),
+    )
+
+
+def _write_atomically(path, data):
+    with open(path + ".partial", "wb") as f:
+        f.write(data)
+    os.replace(path + ".partial", path)
+
+
+def export_trainable_head(split, out_dir, config=None):
     """Writes `head_train.tflite` and its layout `head_train.json` for a compiled `split` to
-    `out_dir`; returns the model's path."""
+    `out_dir`, with the run's description and starting tail when `config` is given; returns the
+    model's path."""
     module = TrainableHead(split, *optimizer_settings(split))
     model = convert(module)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
-    with open(path + ".partial", "wb") as f:
-        f.write(model)
-    os.replace(path + ".partial", path)
-    with open(os.path.join(out_dir, LAYOUT_FILE), "w") as f:
-        json.dump(dict(module.layout(), signatures=list(SIGNATURES)), f, indent=1)
+    _write_atomically(path, model)
+    layout = dict(module.layout(), signatures=list(SIGNATURES))
+    if config is not None:
+        layout["run"] = run_description(split, config)
+        tail = pb.TailWeightsReply(weights=weights_to_protos(split.tail.get_weights()))
+        _write_atomically(os.path.join(out_dir, TAIL_FILE), tail.SerializeToString())
+    _write_atomically(os.path.join(out_dir, LAYOUT_FILE), json.dumps(layout, indent=1).encode())
     return path
 
 
 def export_trainable_run(workdir, out_dir):
     """`export_trainable_head` of the run in `workdir`, with the optimizers of its config."""
     run = load_run(workdir)
-    return export_trainable_head(trainer.compile_split(run.split, run.config), out_dir)
+    return export_trainable_head(trainer.compile_split(run.split, run.config), out_dir, run.config)
+
+
+def export_trainable_start(config, out_dir):
+    """`export_trainable_head` of the model a new run of `config` starts from (seeded as
+    `tfsplit-train` builds it): what a device without TensorFlow opens the run with."""
+    keras.utils.set_random_seed(config.seed)
+    _, _, info = trainer.build_data(config)
+    split = trainer.build_split_model(config, info, remote=True)
+    return export_trainable_head(split, out_dir, config)

@@ -1,0 +1,317 @@
+"""The device that trains without TensorFlow (`tfsplit.device.training`) trains the same head as
+the Keras device against a real `tfsplit-train-server` on 127.0.0.1, and refuses bad input."""
+
+# isort: off
+import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: on
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import callbacks as callbacks_lib
+from tfsplit import data
+from tfsplit.data import shard_writer
+from tfsplit.device.spec import DeviceError
+from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient, epoch_plan
+from tfsplit.device.training import head as device_head
+from tfsplit.device.training.trainer import build_phases
+from tfsplit.export import trainable, trainable_export
+from tfsplit.training import trainer
+from tfsplit.training.config import load_config_file
+from tfsplit.training.server import service as service_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke_config():
+    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"), "smoke")
+    config.data.augment = False  # TensorFlow's random crops cannot be drawn without it
+    return config
+
+
+def _serve(config, state_dir=None):
+    def build_split(image_shape, num_classes):
+        info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
+        return trainer.build_split_model(config, info)
+
+    server, port = service_lib.serve(service_lib.TrainingServicer(build_split, state_dir), 0)
+    return server, TrainingClient(f"127.0.0.1:{port}", deadline_s=60, retry_for_s=10)
+
+
+def _batches(images, labels, info, batch_size):
+    """The same batches, in the stored order, for both devices: numpy and tf.data."""
+    dataset = data.pipeline.build_eval_dataset(images, labels, info, batch_size)
+    return [(x.numpy(), y.numpy()) for x, y in dataset], dataset
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    config = _smoke_config()
+    keras.utils.set_random_seed(config.seed)
+    (train_x, train_y), (test_x, test_y), info = trainer.load_run_arrays(config)
+    train, train_ds = _batches(train_x, train_y, info, config.data.batch_size)
+    test, test_ds = _batches(test_x, test_y, info, config.data.eval_batch_size)
+    keras.utils.set_random_seed(config.seed)
+    split = trainer.build_split_model(config, info, remote=True)
+    return types.SimpleNamespace(
+        config=config, info=info, split=split, train=train, test=test, test_ds=test_ds
+    )
+
+
+def _train_both(smoke, tmp_path, train, epochs=1):
+    """The Keras device, then the LiteRT device (exported from the same starting model), each
+    trained on the batches `train` for `epochs` epochs of the smoke config's schedule against a
+    fresh server of the config; returns (Keras history, LiteRT summary, Keras head weights in
+    the layout's order, LiteRT head)."""
+    config = smoke.config
+    keras.utils.set_random_seed(config.seed)
+    split = trainer.build_split_model(config, smoke.info, remote=True)
+    head_dir = str(tmp_path / "head")
+    trainable_export.export_trainable_head(split, head_dir, config)
+    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    train_ds = tf.data.Dataset.from_generator(
+        lambda: iter(train),
+        output_signature=(
+            tf.TensorSpec((None,) + tuple(smoke.info.image_shape), tf.float32),
+            tf.TensorSpec((None,), tf.int32),
+        ),
+    ).apply(tf.data.experimental.assert_cardinality(len(train)))
+    server, client = _serve(config)
+    try:
+        split.connect(client)
+        schedule = callbacks_lib.PhaseSchedule(
+            config.phases,
+            seed=config.seed,
+            gate_travel_fraction=config.optimizer.gate_travel_fraction,
+        )
+        calibration = callbacks_lib.BatchNormCalibration(train_ds, config.calibration_batches)
+        history = split.fit(
+            train_ds,
+            epochs=epochs,
+            validation_data=smoke.test_ds,
+            callbacks=[schedule, calibration],
+            verbose=0,
+        ).history
+    finally:
+        server.stop(0)
+    server, client = _serve(config)
+    try:
+        head = TrainableHead(head_dir)
+        device = DeviceTrainer(head, client)
+        device.connect()
+        summary = device.fit(lambda epoch: train, len(train), lambda: smoke.test, epochs=epochs)
+    finally:
+        server.stop(0)
+    keras_weights = [(kind, v.numpy().ravel()) for kind, v in module.state]
+    return history, summary, keras_weights, head
+
+
+def _head_weights(head, keras_weights):
+    """(LiteRT, Keras) values of the head's own variables (not the optimizers' state)."""
+    got = head.get_weights()
+    pairs = [
+        (got[e["offset"] : e["offset"] + e["size"]], value, e["name"])
+        for e, (kind, value) in zip(head.layout["variables"], keras_weights)
+        if kind in ("weight", "local_classifier", "state")
+    ]
+    assert pairs
+    return pairs
+
+
+def test_the_first_step_through_the_server_trains_the_same_head(smoke, tmp_path):
+    _, _, keras_weights, head = _train_both(smoke, tmp_path, smoke.train[:1])
+    for got, want, name in _head_weights(head, keras_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_an_epoch_sends_the_same_bytes_and_ends_as_close_as_the_wire_allows(smoke, tmp_path):
+    """A whole epoch: every message the same size, and the same accuracy. The weights drift
+    apart by more than float tolerance: the two runtimes' activations differ in the last float32
+    bits, a few of them round to another float16 on the wire, and the masked phase's gates
+    (an Adam step of several logits per batch) carry that forward (docs/device-training.md)."""
+    history, summary, keras_weights, head = _train_both(smoke, tmp_path, smoke.train)
+    for key in ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down"):
+        assert summary[f"final_{key}"] == history[key][0], key
+        assert summary[f"final_test_{key}"] == history[f"val_{key}"][0], key
+    assert abs(summary["final_test_accuracy"] - history["val_accuracy"][0]) <= 0.05
+    assert abs(summary["final_accuracy"] - history["accuracy"][0]) <= 0.05
+    distance = sum(
+        float(np.sum((got - want) ** 2)) for got, want, _ in _head_weights(head, keras_weights)
+    )
+    norm = sum(float(np.sum(want**2)) for _, want, _ in _head_weights(head, keras_weights))
+    assert np.sqrt(distance / norm) < 0.05
+
+
+def test_epoch_plan_follows_the_phase_schedule(smoke):
+    """The plan the device follows is what `PhaseSchedule` sets on the Keras model, epoch by
+    epoch (budget, rates, penalty, nesting)."""
+    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"), "smoke,grow")
+    config.budget_sampling.nested = True
+    split = trainer.build_split_model(config, smoke.info)
+    run = trainable_export.run_description(split, config)
+    phases = build_phases(run)
+    schedule = callbacks_lib.PhaseSchedule(
+        config.phases, seed=0, gate_travel_fraction=config.optimizer.gate_travel_fraction
+    )
+    schedule.set_model(split)
+    schedule.set_params(dict(steps=7))
+    schedule.on_train_begin()
+    for epoch in range(schedule.epochs):
+        schedule.on_epoch_begin(epoch)
+        plan = epoch_plan(run, phases, epoch, 7)
+        assert plan["budget"] == int(split.budget.numpy())
+        assert np.float32(plan["learning_rate"]) == np.float32(split.optimizer.learning_rate)
+        assert np.float32(plan["gate_learning_rate"]) == np.float32(
+            split.gate_optimizer.learning_rate
+        )
+        assert np.float32(plan["penalty_weight"]) == np.float32(split.penalty_weight.numpy())
+        assert plan["nesting"] == bool(split.step_nesting.numpy())
+
+
+def test_bad_model_files_are_refused_in_one_line(smoke, tmp_path):
+    head_dir = tmp_path / "head"
+    trainable_export.export_trainable_head(smoke.split, str(head_dir), smoke.config)
+    model = head_dir / device_head.MODEL_FILE
+    original = model.read_bytes()
+    model.write_bytes(original[: len(original) // 3])
+    with pytest.raises(DeviceError, match="not a loadable trainable head|not a TFLite"):
+        TrainableHead(str(head_dir))
+    model.write_bytes(b"\0" * 64)
+    with pytest.raises(DeviceError, match="not a TFLite model"):
+        TrainableHead(str(head_dir))
+    model.write_bytes(original)
+    layout = head_dir / device_head.LAYOUT_FILE
+    text = layout.read_text()
+    layout.write_text(text.replace('"size": ', '"size": 1', 1))
+    with pytest.raises(DeviceError, match="size|variables"):
+        TrainableHead(str(head_dir))
+    layout.write_text(text)
+    head = TrainableHead(str(head_dir))
+    with pytest.raises(DeviceError, match="float32 values"):
+        head.set_weights(np.zeros(3, np.float32))
+
+
+def test_a_head_of_another_model_is_refused_by_the_server(smoke, tmp_path):
+    head_dir = tmp_path / "head"
+    trainable_export.export_trainable_head(smoke.split, str(head_dir), smoke.config)
+    other = _smoke_config()
+    other.model.width_multiplier = 0.25
+    server, client = _serve(other)
+    try:
+        device = DeviceTrainer(TrainableHead(str(head_dir)), client)
+        with pytest.raises(Exception, match="digest|model"):
+            device.connect()
+    finally:
+        server.stop(0)
+
+
+def test_the_device_trainer_imports_no_tensorflow():
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tf_keras'] = None\n"
+        "import tfsplit.device.training as t; print(t.DeviceTrainer.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the tool
+TOOL = (
+    "import sys\n"
+    "sys.modules['tensorflow'] = None  # the device has no TensorFlow\n"
+    "sys.modules['tf_keras'] = None\n"
+    "sys.argv[0] = 'tfsplit-device-train'\n"
+    "from tfsplit_tools import cli\n"
+    "cli.main()\n"
+)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """Smoke shards (2 per split), the trainable head of a new run on them (a save every 3
+    steps) and a server of the same config on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("deployed")
+    shards_dir = str(root / "shards")
+    shard_writer.write_shards("synthetic", shards_dir, num_shards=2, train_size=256, test_size=128)
+    config = _smoke_config()
+    config.data.name, config.data.path = "shards", shards_dir
+    config.data.train_size = config.data.test_size = 0
+    config.checkpoint_every_steps = 3
+    head_dir = str(root / "head")
+    trainable_export.export_trainable_start(config, head_dir)
+    server, client = _serve(config, str(root / "server"))  # it goes back with the device
+    client.close()
+    yield types.SimpleNamespace(root=root, shards=shards_dir, head=head_dir, server=client.address)
+    server.stop(0)
+
+
+def _tool(deployed, workdir, *flags):
+    argv = [
+        sys.executable, "-c", TOOL, f"--model_dir={deployed.head}", f"--data={deployed.shards}",
+        f"--server={deployed.server}", f"--workdir={workdir}", *flags,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_the_tool_trains_without_tensorflow_and_resumes_after_kill_9(deployed, tmp_path):
+    workdir = tmp_path / "device"
+    first = _tool(deployed, workdir)
+    state = workdir / "device_state.npz"
+    deadline = time.monotonic() + 120
+    while not state.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.kill()  # kill -9 after its first save (3 steps in)
+    first.communicate(timeout=30)
+    assert state.exists()
+    with np.load(state) as saved:
+        saved_step = json.loads(str(saved["state"]))["remote_step"]
+    second = _tool(deployed, workdir)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-3000:]
+    assert "Trained 2 epochs" in out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["budget"] for r in records] == [8, 32]
+    with np.load(state) as saved:
+        final = json.loads(str(saved["state"]))
+    assert final["remote_step"] == 16 and saved_step >= 3  # 8 steps an epoch; none trained twice
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["train_payload_bytes_up"] == sum(r["payload_bytes_up"] for r in records)
+
+
+@pytest.mark.parametrize("damage", ["shard", "model", "layout"])
+def test_the_tool_refuses_bad_input_in_one_line(deployed, tmp_path, damage):
+    target = tmp_path / "copy"
+    shutil.copytree(deployed.root, target, ignore=shutil.ignore_patterns("device*"))
+    if damage == "shard":
+        shard = target / "shards" / "train-00001-of-00002.tfrecord"
+        data = bytearray(shard.read_bytes())
+        data[100] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        expected = "sha256"
+    elif damage == "model":
+        model = target / "head" / device_head.MODEL_FILE
+        model.write_bytes(model.read_bytes()[:5000])
+        expected = "trainable head"
+    else:
+        (target / "head" / device_head.LAYOUT_FILE).write_text('{"size": 3}')
+        expected = "variables"
+    copy = types.SimpleNamespace(
+        shards=str(target / "shards"), head=str(target / "head"), server=deployed.server
+    )
+    process = _tool(copy, tmp_path / "device")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]

@@ -1,0 +1,491 @@
+"""The device half of split training without TensorFlow: the LiteRT head against a
+`tfsplit-train-server`, step for step as the Keras device (`tfsplit.training.client`) trains.
+
+Each training batch: the head's `forward` gives the k channels at the epoch's budget; they go to
+the server as a codec payload (`Step(TRAIN)`); the gradient that comes back drives the head's
+`train` signature (the gates' penalty, the local classifier and the optimizers are in the model).
+The phase schedule is `tfsplit.schedule`'s, as the Keras `PhaseSchedule` walks it: the budget and
+rates of each epoch, the gate reset on entering a phase (gates read and written through the
+weight vector), nested budgets on the server. Before each evaluation whose sent channels changed,
+batch norm statistics are recalibrated over training batches on both halves, as
+`BatchNormCalibration` does.
+
+The device's state (weights, optimizer state, step ids, where in the epoch it is, the byte
+ledger) is saved every `checkpoint_every_steps` steps, and the server is told to save its own
+(`Checkpoint`): a device killed and restarted resumes there and loses at most the steps since.
+"""
+
+import json
+import os
+import resource
+import time
+
+import numpy as np
+from absl import logging
+
+from tfsplit import codec
+from tfsplit import schedule as schedule_lib
+from tfsplit.device.spec import DeviceError
+from tfsplit.device.training.head import TAIL_FILE
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol.framing import reply_logits
+
+STATE_FILE, METRICS_FILE, SUMMARY_FILE = "device_state.npz", "metrics.jsonl", "summary.json"
+LEDGER_KEYS = ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down")
+
+
+def build_phases(run):
+    """The run's validated phases; every one must set its learning rate (the device has no
+    optimizer of its own to leave a rate to)."""
+    phases = schedule_lib.build_phases(run["phases"], run["channels"], run["masked"])
+    for number, phase in enumerate(phases, start=1):
+        if phase.learning_rate is None:
+            raise DeviceError(
+                f"Phase {number} leaves its learning rate to the optimizer; a device without "
+                "TensorFlow needs every phase to set one."
+            )
+    return phases
+
+
+def epoch_plan(run, phases, epoch, steps_per_epoch):
+    """What `PhaseSchedule` sets for the 0-based `epoch`: phase, budget, masking, nesting and
+    the rates (the gates' rate in force: the travel rate of the last phase that set one)."""
+    number, phase, in_phase = schedule_lib.locate(phases, epoch)
+    fraction = run["gate_travel_fraction"]
+    masking = phase.budget != 0 and run["masked"]
+    gate_rate = run["gate_learning_rate"]
+    if run["gate_optimizer"] and fraction:
+        for earlier in phases[:number]:
+            if earlier.budget:
+                gate_rate = schedule_lib.gate_travel_rate(earlier, steps_per_epoch, fraction)
+    return dict(
+        phase=number,
+        budget=phase.effective_budget(run["channels"]),
+        learning_rate=phase.learning_rate_at(in_phase),
+        gate_learning_rate=float(gate_rate),
+        penalty_weight=run["budget_eps"] if masking else 0.0,
+        nesting=bool(
+            masking
+            and run["nested_budgets"]
+            and number == len(phases)
+            and in_phase >= schedule_lib.nesting_starts(phase, fraction)
+        ),
+    )
+
+
+def _save_npz(path, **arrays):
+    with open(path + ".partial", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".partial", path)
+
+
+class DeviceTrainer:
+    """Trains `head` (a `TrainableHead`) against the server `client` (a `TrainingClient`).
+
+    Args:
+      head: the trainable head, with its run description.
+      client: the channel to the server.
+      workdir: where the state, `metrics.jsonl` and `summary.json` go (None: nowhere; no resume).
+      device_id: this device's id in the run (its token's, with per-device tokens).
+    """
+
+    def __init__(self, head, client, workdir=None, device_id="device-0"):
+        self.head, self.client, self.workdir, self.device_id = head, client, workdir, device_id
+        self.run = head.run
+        self.phases = build_phases(self.run)
+        self.epochs = sum(phase.epochs for phase in self.phases)
+        self.digest = self.run["model_digest"]
+        self.height, self.width = None, None
+        self.ledger = dict.fromkeys(LEDGER_KEYS, 0)
+        self.remote_step, self.phase, self.budget = 0, 0, self.run["channels"]
+        self.epoch, self.position = 0, 0  # where training resumes: epoch, batches done in it
+        self._calibrated_for = None
+        self._epoch_start = dict(self.ledger)  # the ledger when this epoch began
+        if workdir is not None:
+            os.makedirs(workdir, exist_ok=True)
+
+    # -------------------------------------------------------------------------- the run
+    def connect(self):
+        """Joins the run (a new one starts from the exported tail), then returns the server to
+        this device's saved step, as the Keras device's `connect` and `resume` do."""
+        tail = self._tail_weights()
+        reply = self.client.call("Hello", self._hello(tail_weights=tail))
+        self.parallel = reply.parallel
+        if self.parallel:
+            raise DeviceError(
+                "The server trains devices in parallel (head averaging), which the device "
+                "without TensorFlow does not join yet; run the server in sequential mode."
+            )
+        self.remote_step = reply.next_step
+        self._restore()
+        reply = self.client.call("Hello", self._hello(resume=True, resume_step=self.remote_step))
+        self.remote_step = reply.next_step
+        logging.info("Connected to %s; next step %d.", self.client.address, self.remote_step)
+
+    def _hello(self, **fields):
+        return pb.HelloRequest(
+            model_digest=self.digest,
+            image_shape=self.run["image_shape"],
+            num_classes=self.run["num_classes"],
+            device_id=self.device_id,
+            **fields,
+        )
+
+    def _tail_weights(self):
+        path = os.path.join(self.head.model_dir, TAIL_FILE)
+        try:
+            with open(path, "rb") as f:
+                return list(pb.TailWeightsReply.FromString(f.read()).weights)
+        except OSError as error:
+            raise DeviceError(f"Cannot read the run's starting tail {path}: {error}") from None
+        except Exception:  # noqa: BLE001  (protobuf's DecodeError: any malformed bytes)
+            raise DeviceError(f"{path} is not a TailWeightsReply (the export's tail).") from None
+
+    def fit(
+        self,
+        train_batches,
+        steps_per_epoch,
+        test_batches=None,
+        calibration_batches=None,
+        epochs=None,
+    ):
+        """Trains every epoch of the schedule from where the state left off.
+
+        Args:
+          train_batches: callable(epoch) -> iterable of (images float32, labels int) batches, the
+            same batches for the same epoch (a resumed epoch skips those already trained).
+          steps_per_epoch: how many batches `train_batches` yields per epoch.
+          test_batches: callable() -> iterable of evaluation batches (None: no evaluation).
+          calibration_batches: callable(epoch) -> iterable of training batches for batch norm
+            calibration (None: `train_batches`; it takes the run's `calibration_batches` first).
+          epochs: stop after this many epochs of the schedule (None: all of them).
+
+        Returns:
+          The run's summary (also written to `summary.json`).
+        """
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"`steps_per_epoch` must be >= 1. Received: {steps_per_epoch!r}")
+        calibration_batches = calibration_batches or train_batches
+        fit_started = time.monotonic()
+        history, last = [], self.epochs if epochs is None else min(epochs, self.epochs)
+        while self.epoch < last:
+            epoch = self.epoch
+            plan = epoch_plan(self.run, self.phases, epoch, steps_per_epoch)
+            self._enter(plan)
+            started, totals = time.monotonic(), dict(loss=0.0, correct=0, samples=0, steps=0)
+            if self.position == 0:  # else resumed inside the epoch: its bytes so far count too
+                self._epoch_start = dict(self.ledger)
+            before = self._epoch_start
+            for i, (images, labels) in enumerate(train_batches(epoch)):
+                if i < self.position:
+                    continue  # trained before the restart
+                self._train_step(images, labels, plan, totals)
+                self.position = i + 1
+                if self.workdir and self.remote_step % self.run["checkpoint_every_steps"] == 0:
+                    self.save()
+            logs = dict(
+                epoch=epoch + 1,
+                phase=plan["phase"],
+                budget=plan["budget"],
+                learning_rate=plan["learning_rate"],
+                loss=totals["loss"] / max(totals["steps"], 1),
+                accuracy=totals["correct"] / max(totals["samples"], 1),
+                **{key: self.ledger[key] - before[key] for key in LEDGER_KEYS},
+            )
+            if test_batches is not None:
+                self._calibrate(plan, calibration_batches(epoch))
+                logs.update(self.evaluate(test_batches(), plan["budget"]))
+            logs["seconds"] = time.monotonic() - started
+            self.epoch, self.position = epoch + 1, 0
+            history.append(logs)
+            self._record(logs)
+            if self.workdir:
+                self.save()
+            logging.info("Epoch %d/%d: %s", epoch + 1, self.epochs, _shown(logs))
+        summary = {f"final_{k}": v for k, v in (history[-1] if history else {}).items()}
+        summary.update(  # the keys of the Keras trainer's summary.json, where it has them
+            epochs=self.epoch,
+            final_budget=self.budget,
+            train_payload_bytes_up=self.ledger["payload_bytes_up"],
+            train_payload_bytes_down=self.ledger["payload_bytes_down"],
+            wall_seconds=time.monotonic() - fit_started,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
+        if self.workdir:
+            with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+
+    def leave(self):
+        reply = self.client.call(
+            "Leave", pb.LeaveRequest(model_digest=self.digest, device_id=self.device_id)
+        )
+        return reply.left
+
+    # --------------------------------------------------------------------- the schedule
+    def _enter(self, plan):
+        """A gate reset on entering a phase (not on resuming inside one), then the budget."""
+        number = plan["phase"]
+        if number != self.phase:
+            phase = self.phases[number - 1]
+            if self.run["masked"] and phase.reset != "none":
+                self._reset_gates(number, phase)
+            self.phase = number
+        self.budget = plan["budget"]
+
+    def _reset_gates(self, number, phase):
+        weights = self.head.get_weights()
+        gates = self.head.view(weights, "gates")
+        sent = self._sent_channels(self.budget)  # at the budget of the phase that ends
+        rng = np.random.default_rng([self.run["seed"], number])
+        open_count = int(np.sum(gates >= phase.reset_threshold))
+        gates[:] = phase.apply_reset(gates.copy(), sent, rng)
+        if phase.reset == "deprune":
+            seniority = self.head.view(weights, "seniority")
+            seniority[:] = schedule_lib.promote(seniority.copy(), sent)
+        self.head.set_weights(weights)
+        logging.info(
+            "Phase %d: %s reset after sending %d channels; %d of %d gates were open",
+            number,
+            phase.reset,
+            sent.size,
+            open_count,
+            gates.size,
+        )
+
+    def _sent_channels(self, budget):
+        """The channels the head sends at `budget` (its own top-k, on any one image)."""
+        _, indices = self.head.infer(np.zeros((1,) + self.head.image_shape, np.float32), budget)
+        return np.asarray(indices)
+
+    # ------------------------------------------------------------------------ the steps
+    def _payload(self, values, indices, labels=None):
+        self.height, self.width = values.shape[1:3]
+        return codec.encode(
+            values,
+            indices,
+            self.run["channels"],
+            self.run["activation_dtype"],
+            kind="activations",
+            labels=labels,
+        )
+
+    def _exchange(self, request, payload_bytes, ledger):
+        """The step's reply; its bytes (payloads, and gRPC messages each way) go to `ledger`."""
+        before = list(self.client.wire_bytes)
+        reply = self.client.call("Step", request)
+        ledger["wire_bytes_up"] += self.client.wire_bytes[0] - before[0]
+        ledger["wire_bytes_down"] += self.client.wire_bytes[1] - before[1]
+        ledger["payload_bytes_up"] += payload_bytes[0]
+        ledger["payload_bytes_down"] += payload_bytes[1]
+        return reply
+
+    def _payload_bytes(self, batch, k, training):
+        """The byte ledger's counts, as the Keras device's `payload_bytes` makes them."""
+        run, shape = self.run, (self.height, self.width)
+        up = codec.payload_nbytes(
+            batch, *shape, k, run["activation_dtype"], training, channels=run["channels"]
+        )
+        if not training:
+            return up, 0
+        down = codec.payload_nbytes(
+            batch, *shape, k, run["gradient_dtype"], False, channels=run["channels"]
+        )
+        return up, down
+
+    def _train_step(self, images, labels, plan, totals):
+        labels = np.asarray(labels, np.int32)
+        values, indices, _ = self.head.forward(images, plan["budget"])
+        payload = self._payload(values, indices, labels)
+        step = self.remote_step
+        reply = self._exchange(
+            pb.StepRequest(
+                kind=pb.StepRequest.TRAIN,
+                model_digest=self.digest,
+                device_id=self.device_id,
+                step=step,
+                payload=payload,
+                learning_rate=plan["learning_rate"],
+                nesting=plan["nesting"],
+            ),
+            self._payload_bytes(len(labels), len(indices), training=True),
+            self.ledger,
+        )
+        if reply.step != step:
+            raise RuntimeError(f"The server answered step {reply.step} to step {step}.")
+        self.remote_step = step + 1
+        returned = codec.decode(reply.payload, expect_kind="gradients")
+        gradient = returned.scatter()[..., indices]
+        self.head.train(
+            images,
+            labels,
+            gradient,
+            plan["budget"],
+            (plan["learning_rate"], plan["gate_learning_rate"]),
+            plan["penalty_weight"],
+        )
+        logits = reply_logits(reply)
+        totals["loss"] += reply.loss
+        totals["steps"] += 1
+        totals["correct"] += int(np.sum(np.argmax(logits, -1) == labels))
+        totals["samples"] += len(labels)
+
+    def evaluate(self, batches, budget):
+        """Accuracy and loss of the whole model at `budget` over `batches` (the server's tail
+        with its moving statistics), and the bytes it took."""
+        correct, samples, loss = 0, 0, 0.0
+        ledger = dict.fromkeys(LEDGER_KEYS, 0)  # apart from training's (`sent_payload_bytes`)
+        for images, labels in batches:
+            labels = np.asarray(labels, np.int32)
+            values, indices = self._infer_in_chunks(images, budget)
+            reply = self._exchange(
+                pb.StepRequest(
+                    kind=pb.StepRequest.EVALUATE,
+                    model_digest=self.digest,
+                    device_id=self.device_id,
+                    payload=self._payload(values, indices),
+                ),
+                self._payload_bytes(len(labels), len(indices), training=False),
+                ledger,
+            )
+            logits = reply_logits(reply)
+            correct += int(np.sum(np.argmax(logits, -1) == labels))
+            loss += float(_cross_entropy(logits, labels).sum())
+            samples += len(labels)
+        if not samples:
+            raise ValueError("Evaluation needs at least one batch; none was given.")
+        return dict(
+            test_accuracy=correct / samples,
+            test_loss=loss / samples,
+            **{f"test_{key}": value for key, value in ledger.items()},
+        )
+
+    def _infer_in_chunks(self, images, budget):
+        """`infer` over an evaluation batch, a training batch's worth at a time: the same values
+        (inference has no batch statistics), with the interpreter's memory of a training batch
+        instead of the larger evaluation batch's."""
+        chunk = self.run["batch_size"]
+        parts = [
+            self.head.infer(images[i : i + chunk], budget) for i in range(0, len(images), chunk)
+        ]
+        return np.concatenate([values for values, _ in parts]), parts[0][1]
+
+    def _calibrate(self, plan, batches):
+        """Batch norm statistics for the channels now sent, on both halves, when they changed
+        since the last calibration (`BatchNormCalibration`'s rule)."""
+        count = self.run["calibration_batches"]
+        if not count or not self.run["masked"]:
+            return
+        sent = self._sent_channels(plan["budget"])
+        gates = self.head.view(self.head.get_weights(), "gates")
+        state = (tuple(sent), tuple(np.round(gates[sent], 3)))
+        if state == self._calibrated_for:
+            return
+        slices = self.head.moving_statistics()  # each norm's mean, then its variance
+        cuts = np.cumsum([size for _, size in slices])[:-1]
+        sums = [0.0] * len(slices)  # E[mean] and E[variance + mean^2], as BatchNormAverage
+        batches = iter(batches)
+        upcoming, passes = next(batches, None), 0
+        if upcoming is None:
+            raise ValueError("Batch norm calibration needs at least one batch; none was given.")
+        while upcoming is not None:  # one batch ahead: the last pass tells the server so
+            images, _ = upcoming
+            upcoming = next(batches, None) if passes + 1 < count else None
+            values, indices, moments = self.head.forward(images, plan["budget"])
+            self.client.call(
+                "Step",
+                pb.StepRequest(
+                    kind=pb.StepRequest.CALIBRATE,
+                    model_digest=self.digest,
+                    device_id=self.device_id,
+                    payload=self._payload(values, indices),
+                    calibration_begin=passes == 0,
+                    calibration_finish=upcoming is None,
+                ),
+            )
+            parts = np.split(moments.astype(np.float64), cuts)
+            for j in range(0, len(parts), 2):
+                sums[j] = sums[j] + parts[j]
+                sums[j + 1] = sums[j + 1] + parts[j + 1] + parts[j] * parts[j]
+            passes += 1
+        weights = self.head.get_weights()
+        for j in range(0, len(slices), 2):
+            mean = sums[j] / passes
+            for (offset, size), value in zip(
+                slices[j : j + 2], (mean, sums[j + 1] / passes - mean * mean)
+            ):
+                weights[offset : offset + size] = value
+        self.head.set_weights(weights)
+        self._calibrated_for = state
+
+    # -------------------------------------------------------------------- saved state
+    def save(self):
+        """Saves the device's state, then has the server save its own at the same step."""
+        state = dict(
+            remote_step=self.remote_step,
+            phase=self.phase,
+            budget=self.budget,
+            epoch=self.epoch,
+            position=self.position,
+            ledger=self.ledger,
+            epoch_start_ledger=self._epoch_start,
+            model_digest=self.digest,
+        )
+        path = os.path.join(self.workdir, STATE_FILE)
+        _save_npz(path, weights=self.head.get_weights(), state=np.array(json.dumps(state)))
+        self.client.call(
+            "Checkpoint",
+            pb.CheckpointRequest(
+                model_digest=self.digest, device_id=self.device_id, step=self.remote_step
+            ),
+        )
+
+    def _restore(self):
+        if not self.workdir:
+            return
+        path = os.path.join(self.workdir, STATE_FILE)
+        if not os.path.exists(path):
+            return
+        try:
+            with np.load(path) as saved:
+                weights, state = saved["weights"], json.loads(str(saved["state"]))
+        except (OSError, ValueError, KeyError) as error:
+            raise DeviceError(f"{path} is not a device state this trainer wrote: {error}") from None
+        if state.get("model_digest") != self.digest:
+            raise DeviceError(
+                f"{path} holds the state of another model (digest "
+                f"{str(state.get('model_digest'))[:16]}...); train into a new workdir."
+            )
+        self.head.set_weights(weights)
+        self.remote_step, self.phase, self.budget = (
+            state["remote_step"],
+            state["phase"],
+            state["budget"],
+        )
+        self.epoch, self.position, self.ledger = state["epoch"], state["position"], state["ledger"]
+        self._epoch_start = state["epoch_start_ledger"]
+        logging.info(
+            "Resumed from %s: epoch %d, batch %d, step %d.",
+            path,
+            self.epoch + 1,
+            self.position,
+            self.remote_step,
+        )
+
+    def _record(self, logs):
+        if self.workdir:
+            with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+                f.write(json.dumps(logs) + "\n")
+
+
+def _cross_entropy(logits, labels):
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_sum = np.log(np.exp(shifted).sum(-1))
+    return log_sum - shifted[np.arange(len(labels)), labels]
+
+
+def _shown(logs):
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
+    )

@@ -1,0 +1,132 @@
+"""Trains the device half of a split model against a tfsplit-train-server: no TensorFlow.
+
+  tfsplit-export --config=configs/deprune.py --trainable --out=/tmp/head     # development machine
+  tfsplit-train-server --config=configs/deprune.py --port=50051               # the server
+  tfsplit-device-train --model_dir=/tmp/head --data=/data/shards --server=host:50051 \
+      --workdir=/tmp/device [--token_file=token --tls_ca=server.crt]          # the device
+
+Needs numpy, absl-py, ai-edge-litert, grpcio and protobuf (PNG shards and image folders: Pillow).
+The model directory is what `tfsplit-export --trainable` wrote: head_train.tflite, its layout and
+run description head_train.json, and tail_weights.pb (the tail a new run starts from). The data
+is a shards directory (tfsplit-prepare-data; every shard's sha256 is checked) or an image folder
+(train/<class>/, val/<class>/). Rerun the same command after a crash: the device resumes from its
+last save (every checkpoint_every_steps steps) and the server returns to the same step.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from tfsplit.auth import credentials
+from tfsplit.device import dataset
+from tfsplit.device.spec import DeviceError
+from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
+from tfsplit_tools import cli
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "What tfsplit-export --trainable wrote.", required=True
+)
+_DATA = flags.DEFINE_string(
+    "data", None, "Shards directory (index.json) or image folder.", required=True
+)
+_SERVER = flags.DEFINE_string("server", "127.0.0.1:50051", "host:port of tfsplit-train-server.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "State, metrics.jsonl and summary.json.", required=True
+)
+_DEVICE_ID = flags.DEFINE_string(
+    "device_id", "device-0", "This device's id in the run (its token's, per-device tokens)."
+)
+_SHARD_INDEX = flags.DEFINE_integer(
+    "shard_index", 0, "This device's part of the training data.", lower_bound=0
+)
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", 1, "Devices the training data is split among.", lower_bound=1
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 0, "Image folders: side in pixels; 0 = the model's.", lower_bound=0
+)
+_EPOCHS = flags.DEFINE_integer(
+    "epochs", None, "Stop after this many epochs of the schedule (default: all).", lower_bound=1
+)
+_NUM_THREADS = flags.DEFINE_integer("num_threads", None, "Interpreter threads.", lower_bound=1)
+_TOKEN_FILE = flags.DEFINE_string("token_file", None, "This device's token (or the shared one).")
+_TLS_CA = flags.DEFINE_string("tls_ca", None, "PEM CA of the server's certificate: TLS.")
+_TLS_CLIENT_CERT = flags.DEFINE_string(
+    "tls_client_cert", None, "PEM client certificate (mutual TLS; its CN is the device id)."
+)
+_TLS_CLIENT_KEY = flags.DEFINE_string("tls_client_key", None, "PEM key of --tls_client_cert.")
+_DEADLINE = flags.DEFINE_float("deadline_s", 60.0, "Each call's deadline in seconds.")
+
+
+def _load(run):
+    """(train images, labels, test images, labels, info) of --data, checked against the run."""
+    path = _DATA.value
+    part = dict(shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value, normalized=False)
+    if os.path.isfile(os.path.join(path, "index.json")):
+        train_x, train_y, info = dataset.load_shards(path, "train", **part)
+        test_x, test_y, _ = dataset.load_shards(path, "test", normalized=False)
+    else:
+        size = _IMAGE_SIZE.value or run["image_shape"][0]
+        train_x, train_y, info = dataset.load_image_folder(path, "train", size, **part)
+        test_x, test_y, _ = dataset.load_image_folder(path, "test", size, normalized=False)
+    if list(train_x.shape[1:]) != run["image_shape"] or info["num_classes"] != run["num_classes"]:
+        raise DeviceError(
+            f"{path} holds {info['num_classes']} classes of {list(train_x.shape[1:])} images; "
+            f"the model was built for {run['num_classes']} classes of {run['image_shape']}."
+        )
+    return train_x, train_y, test_x, test_y, info
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    token = _TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value)
+    ca = _TLS_CA.value and credentials.read_pem(_TLS_CA.value, "TLS CA")
+    chain = _TLS_CLIENT_CERT.value and credentials.read_pem(_TLS_CLIENT_CERT.value, "certificate")
+    key = _TLS_CLIENT_KEY.value and credentials.read_pem(_TLS_CLIENT_KEY.value, "private key")
+    head = TrainableHead(_MODEL_DIR.value, _NUM_THREADS.value)
+    run = head.run
+    train_x, train_y, test_x, test_y, info = _load(run)
+    seed, size = run["seed"], run["batch_size"]
+    normalization = (info["mean"], info["std"])  # the sets stay uint8; each batch is normalized
+
+    def train_batches(epoch):
+        return dataset.batches(
+            train_x, train_y, size, seed, epoch, augment=run["augment"], normalization=normalization
+        )
+
+    def test_batches():
+        return dataset.batches(
+            test_x, test_y, run["eval_batch_size"], seed, 0, False, normalization=normalization
+        )
+
+    client = TrainingClient(
+        _SERVER.value,
+        token=token or None,
+        root_certificates=ca or None,
+        deadline_s=_DEADLINE.value,
+        certificate_chain=chain or None,
+        private_key=key or None,
+    )
+    try:
+        trainer = DeviceTrainer(head, client, _WORKDIR.value, _DEVICE_ID.value)
+        trainer.connect()
+        steps = -(-len(train_y) // size)
+        logging.info("%d training images, %d steps an epoch", len(train_y), steps)
+        summary = trainer.fit(train_batches, steps, test_batches, epochs=_EPOCHS.value)
+        trainer.leave()
+    finally:
+        client.close()
+    print(
+        f"Trained {summary['epochs']} epochs: test accuracy "
+        f"{summary.get('final_test_accuracy', float('nan')):.4f} at budget "
+        f"{summary['final_budget']}; training payload bytes up {summary['train_payload_bytes_up']}, "
+        f"down {summary['train_payload_bytes_down']}; {summary['wall_seconds']:.1f} s, peak "
+        f"memory {summary['peak_rss_mib']:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)
