@@ -22,7 +22,9 @@ from tfsplit import callbacks as callbacks_lib
 from tfsplit import data
 from tfsplit.data import shard_writer
 from tfsplit.device.spec import DeviceError
-from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient, epoch_plan
+from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
+from tfsplit.device.training import bench as train_bench
+from tfsplit.device.training import epoch_plan
 from tfsplit.device.training import head as device_head
 from tfsplit.device.training.trainer import build_phases
 from tfsplit.export import trainable, trainable_export
@@ -315,3 +317,15 @@ def test_the_tool_refuses_bad_input_in_one_line(deployed, tmp_path, damage):
     assert process.returncode == 2, err[-2000:]
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and expected in lines[0], err[-2000:]
+
+
+def test_the_trainable_step_is_timed_and_the_installs_are_sized(deployed):
+    rows = train_bench.bench_trainable(deployed.head, batch_sizes=(1, 4), runs=2, warmup=1)
+    assert [row["batch"] for row in rows] == [1, 4]
+    for row in rows:
+        assert 0 < row["forward_ms"] < row["step_ms"]
+        assert row["step_ms_per_sample"] == pytest.approx(row["step_ms"] / row["batch"])
+    litert = train_bench.install_size_mib(train_bench.LITERT_DEVICE)
+    keras = train_bench.install_size_mib(train_bench.KERAS_DEVICE)
+    assert 0 < train_bench.install_size_mib(["numpy"]) < litert < keras
+    assert train_bench.install_size_mib(["no-such-distribution"]) == 0

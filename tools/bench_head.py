@@ -2,10 +2,17 @@
 
   tfsplit-bench-head --export_dir=/tmp/tfsplit/deprune/export
   tfsplit-bench-head --export_dir=... --runs=1000 --num_threads=4
+  tfsplit-bench-head --trainable --export_dir=/tmp/head [--config=configs/deprune.py]
 
 Needs only numpy, absl-py and ai-edge-litert, so it runs on the device too. Each head runs on one
 image per call after --warmup untimed calls; prints file_bytes (the .tflite's size) and
 p50/p95/mean milliseconds, and writes bench_head.json into --out (default the export directory).
+
+--trainable times the trainable head (head_train.tflite) instead: one training step (`forward`
+then `train`) at batch 1, 8 and 32, per sample; with --config (a development machine with
+TensorFlow) beside the Keras device's compiled step for the same model; then the size of what
+each device must install, and the peak memory of a process that runs each step (the LiteRT steps
+run in a fresh interpreter).
 """
 
 import json
@@ -14,8 +21,10 @@ import platform
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from tfsplit import device
+from tfsplit.device.training import bench as train_bench
 from tfsplit_tools import cli
 
 RESULT_FILE = "bench_head.json"
@@ -28,11 +37,66 @@ _DTYPES = flags.DEFINE_list("dtypes", list(device.HEAD_DTYPES), "Head dtypes to 
 _RUNS = flags.DEFINE_integer("runs", 200, "Timed calls per head.", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed calls first.", lower_bound=0)
 _NUM_THREADS = flags.DEFINE_integer("num_threads", 1, "Interpreter threads.", lower_bound=1)
+_TRAINABLE = flags.DEFINE_bool(
+    "trainable", False, "Time the trainable head's training step (head_train.tflite)."
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "--trainable: the run's config, to time the Keras device's step beside it."
+)
+
+
+def _bench_trainable():
+    batches = train_bench.BATCH_SIZES
+    rows, litert_peak = train_bench.bench_trainable_in_fresh_process(
+        _EXPORT_DIR.value, batches, _RUNS.value, _WARMUP.value, _NUM_THREADS.value
+    )
+    memory = {"litert_process_peak_mib": litert_peak}
+    columns = ["batch", "forward_ms", "train_ms", "step_ms", "step_ms_per_sample"]
+    if _CONFIG.value is not None:
+        try:  # optional: TensorFlow, for the Keras device's step (a development machine)
+            from tfsplit.eval.device_step import keras_device_step_ms
+            from tfsplit.training import trainer  # optional: TensorFlow, as the line above
+        except ImportError as error:
+            raise app.UsageError(f"--config needs TensorFlow ({error}).") from None
+        config = _CONFIG.value
+        _, _, info = trainer.build_data(config)
+        split = trainer.build_split_model(config, info)
+        keras_rows = keras_device_step_ms(split, batches, _RUNS.value, _WARMUP.value)
+        for row, keras in zip(rows, keras_rows):
+            row["keras_step_ms"] = keras["keras_step_ms"]
+            row["keras_step_ms_per_sample"] = keras["keras_step_ms"] / row["batch"]
+            row["litert_over_keras"] = row["step_ms"] / keras["keras_step_ms"]
+        columns += ["keras_step_ms", "keras_step_ms_per_sample", "litert_over_keras"]
+        memory["keras_process_peak_mib"] = train_bench.peak_memory_mib()
+    install = {
+        "litert_device_mib": train_bench.install_size_mib(train_bench.LITERT_DEVICE),
+        "keras_device_mib": train_bench.install_size_mib(train_bench.KERAS_DEVICE),
+    }
+    print(f"trainable head {_EXPORT_DIR.value}, {_RUNS.value} steps per batch size (p50)")
+    print(
+        train_bench.format_rows(
+            [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+            columns,
+        )
+    )
+    print(
+        f"install: LiteRT device {install['litert_device_mib']:.0f} MiB, Keras device "
+        f"{install['keras_device_mib']:.0f} MiB (the dependencies each needs, installed here)"
+    )
+    print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    return dict(trainable=True, rows=rows, install=install, memory=memory)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _TRAINABLE.value:
+        result = _bench_trainable()
+        path = os.path.join(_OUT.value or _EXPORT_DIR.value, "bench_head_trainable.json")
+        with open(path, "w") as f:
+            json.dump(dict(result, cpu_count=os.cpu_count()), f, indent=2)
+        print(f"Wrote {path}")
+        return
     rows = device.bench_heads(
         _EXPORT_DIR.value, _DTYPES.value, _RUNS.value, _WARMUP.value, _NUM_THREADS.value
     )

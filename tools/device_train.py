@@ -81,6 +81,7 @@ def _load(run):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.return_freed_buffers_to_the_os()  # a long run's batches and messages, not kept for good
     token = _TOKEN_FILE.value and credentials.read_token_file(_TOKEN_FILE.value)
     ca = _TLS_CA.value and credentials.read_pem(_TLS_CA.value, "TLS CA")
     chain = _TLS_CLIENT_CERT.value and credentials.read_pem(_TLS_CLIENT_CERT.value, "certificate")

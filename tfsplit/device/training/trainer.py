@@ -17,7 +17,6 @@ ledger) is saved every `checkpoint_every_steps` steps, and the server is told to
 
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from absl import logging
 from tfsplit import codec
 from tfsplit import schedule as schedule_lib
 from tfsplit.device.spec import DeviceError
+from tfsplit.device.training.bench import peak_memory_mib
 from tfsplit.device.training.head import TAIL_FILE
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import reply_logits
@@ -95,7 +95,8 @@ class DeviceTrainer:
         self.phases = build_phases(self.run)
         self.epochs = sum(phase.epochs for phase in self.phases)
         self.digest = self.run["model_digest"]
-        self.height, self.width = None, None
+        self.height, self.width = None, None  # the wire's positions, from the first payload
+        self.parallel = False  # the server's mode, from its Hello reply
         self.ledger = dict.fromkeys(LEDGER_KEYS, 0)
         self.remote_step, self.phase, self.budget = 0, 0, self.run["channels"]
         self.epoch, self.position = 0, 0  # where training resumes: epoch, batches done in it
@@ -209,7 +210,7 @@ class DeviceTrainer:
             train_payload_bytes_up=self.ledger["payload_bytes_up"],
             train_payload_bytes_down=self.ledger["payload_bytes_down"],
             wall_seconds=time.monotonic() - fit_started,
-            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            peak_rss_mib=peak_memory_mib(),
         )
         if self.workdir:
             with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
