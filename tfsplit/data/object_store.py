@@ -56,15 +56,15 @@ class S3Files:
         if not isinstance(retry, RetryPolicy):
             raise ValueError(f"`retry` must be a RetryPolicy. Received: retry={retry!r}")
         self.retry = retry
-        self._lock = threading.Lock()
         self._s3 = None
 
     @property
     def client(self):
+        # No lock: two threads that both find none each build one (a spare client, no harm).
+        # Under a lock, a tf.data thread stopped mid-creation (its iterator torn down) held
+        # it for good, and every later call here waited forever.
         if self._s3 is None:
-            with self._lock:
-                if self._s3 is None:
-                    self._s3 = boto3.session.Session().client("s3", config=CLIENT_CONFIG)
+            self._s3 = boto3.session.Session().client("s3", config=CLIENT_CONFIG)
         return self._s3
 
     @property
