@@ -79,11 +79,12 @@ from tfsplit.auth import grpc_server as security
 from tfsplit.auth import identity as identity_lib
 from tfsplit.device import rest as device_rest
 from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol.framing import reply_logits
 from tfsplit.serving import TailServer, tensors
 from tfsplit.serving import validation as serving_validation
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
-from tfsplit.training.messages import model_digest, reply_logits
+from tfsplit.training.messages import model_digest
 from tfsplit.training.server import service as service_lib
 
 import tensorflow as tf  # isort: skip  (after tfsplit, which selects Keras 2)

@@ -57,7 +57,9 @@ def _batches(images, labels, info, batch_size):
 
 
 @pytest.fixture(scope="module")
-def smoke():
+def smoke(tmp_path_factory):
+    """The smoke config's data as fixed batches, and its starting model, exported once (a seeded
+    build gives the same weights again)."""
     config = _smoke_config()
     keras.utils.set_random_seed(config.seed)
     (train_x, train_y), (test_x, test_y), info = trainer.load_run_arrays(config)
@@ -65,21 +67,28 @@ def smoke():
     test, test_ds = _batches(test_x, test_y, info, config.data.eval_batch_size)
     keras.utils.set_random_seed(config.seed)
     split = trainer.build_split_model(config, info, remote=True)
+    head_dir = str(tmp_path_factory.mktemp("smoke") / "head")
+    trainable_export.export_trainable_head(split, head_dir, config)
     return types.SimpleNamespace(
-        config=config, info=info, split=split, train=train, test=test, test_ds=test_ds
+        config=config,
+        info=info,
+        split=split,
+        train=train,
+        test=test,
+        test_ds=test_ds,
+        head=head_dir,
     )
 
 
-def _train_both(smoke, tmp_path, train, epochs=1):
+def _train_both(smoke, train, epochs=1):
     """The Keras device, then the LiteRT device (exported from the same starting model), each
     trained on the batches `train` for `epochs` epochs of the smoke config's schedule against a
     fresh server of the config; returns (Keras history, LiteRT summary, Keras head weights in
     the layout's order, LiteRT head)."""
     config = smoke.config
     keras.utils.set_random_seed(config.seed)
-    split = trainer.build_split_model(config, smoke.info, remote=True)
-    head_dir = str(tmp_path / "head")
-    trainable_export.export_trainable_head(split, head_dir, config)
+    split = trainer.build_split_model(config, smoke.info, remote=True)  # as smoke.head's
+    head_dir = smoke.head
     module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
     train_ds = tf.data.Dataset.from_generator(
         lambda: iter(train),
@@ -130,18 +139,18 @@ def _head_weights(head, keras_weights):
     return pairs
 
 
-def test_the_first_step_through_the_server_trains_the_same_head(smoke, tmp_path):
-    _, _, keras_weights, head = _train_both(smoke, tmp_path, smoke.train[:1])
+def test_the_first_step_through_the_server_trains_the_same_head(smoke):
+    _, _, keras_weights, head = _train_both(smoke, smoke.train[:1])
     for got, want, name in _head_weights(head, keras_weights):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_an_epoch_sends_the_same_bytes_and_ends_as_close_as_the_wire_allows(smoke, tmp_path):
+def test_an_epoch_sends_the_same_bytes_and_ends_as_close_as_the_wire_allows(smoke):
     """A whole epoch: every message the same size, and the same accuracy. The weights drift
     apart by more than float tolerance: the two runtimes' activations differ in the last float32
     bits, a few of them round to another float16 on the wire, and the masked phase's gates
     (an Adam step of several logits per batch) carry that forward (docs/device-training.md)."""
-    history, summary, keras_weights, head = _train_both(smoke, tmp_path, smoke.train)
+    history, summary, keras_weights, head = _train_both(smoke, smoke.train)
     for key in ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down"):
         assert summary[f"final_{key}"] == history[key][0], key
         assert summary[f"final_test_{key}"] == history[f"val_{key}"][0], key
@@ -182,7 +191,7 @@ def test_epoch_plan_follows_the_phase_schedule(smoke):
 
 def test_bad_model_files_are_refused_in_one_line(smoke, tmp_path):
     head_dir = tmp_path / "head"
-    trainable_export.export_trainable_head(smoke.split, str(head_dir), smoke.config)
+    shutil.copytree(smoke.head, head_dir)
     model = head_dir / device_head.MODEL_FILE
     original = model.read_bytes()
     model.write_bytes(original[: len(original) // 3])
@@ -203,9 +212,8 @@ def test_bad_model_files_are_refused_in_one_line(smoke, tmp_path):
         head.set_weights(np.zeros(3, np.float32))
 
 
-def test_a_head_of_another_model_is_refused_by_the_server(smoke, tmp_path):
-    head_dir = tmp_path / "head"
-    trainable_export.export_trainable_head(smoke.split, str(head_dir), smoke.config)
+def test_a_head_of_another_model_is_refused_by_the_server(smoke):
+    head_dir = smoke.head
     other = _smoke_config()
     other.model.width_multiplier = 0.25
     server, client = _serve(other)
