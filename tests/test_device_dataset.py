@@ -18,7 +18,9 @@ from PIL import Image
 
 from tfsplit import data, records
 from tfsplit.data import image_folder, pipeline, shards
+from tfsplit.device import batches as batching
 from tfsplit.device import dataset
+from tfsplit.device import image_folder as device_folder
 from tfsplit.device.dataset import DeviceDataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -200,7 +202,7 @@ def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
     train_ds, test_ds, info = image_folder.build_image_folder_datasets(
         str(folder), 4, 3, image_size=SIZE, augment=False
     )
-    images, labels, got = dataset.load_image_folder(str(folder), "test", SIZE)
+    images, labels, got = device_folder.load_image_folder(str(folder), "test", SIZE)
     assert got["classes"] == ("a_dog", "b_cat", "c") and got["num_classes"] == 3
     want_images, want_labels = _epoch(test_ds)
     np.testing.assert_array_equal(labels, want_labels)
@@ -210,7 +212,7 @@ def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
 
     (x_train, y_train), _, _ = image_folder.load(str(folder), image_size=SIZE)
     want_images, want_labels = _epoch(pipeline.build_eval_dataset(x_train, y_train, info, 4))
-    images, labels, got = dataset.load_image_folder(str(folder), "train", SIZE)
+    images, labels, got = device_folder.load_image_folder(str(folder), "train", SIZE)
     np.testing.assert_array_equal(labels, want_labels)
     assert images.shape == want_images.shape == (6, SIZE, SIZE, 3) and got["size"] == 6
     np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 1])  # x.PNG 1.png only y.jpeg 2.jpg 3.png
@@ -222,30 +224,30 @@ def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
         np.testing.assert_allclose(images[index], want_images[index], rtol=0, atol=levels * level)
     assert np.mean(images[[1, 5]] != want_images[[1, 5]]) < 0.05
 
-    part = dataset.load_image_folder(str(folder), "train", SIZE, shard_index=1, num_shards=2)
+    part = device_folder.load_image_folder(str(folder), "train", SIZE, shard_index=1, num_shards=2)
     np.testing.assert_array_equal(part[1], want_labels[1::2])
 
 
 def test_image_folder_constants_are_the_pipelines():
-    assert dataset.IMAGE_FOLDER_MEAN == image_folder.MEAN
-    assert dataset.IMAGE_FOLDER_STD == image_folder.STD
-    assert dataset.IMAGE_FOLDER_EXTENSIONS == image_folder.EXTENSIONS
-    assert dataset.DEFAULT_IMAGE_SIZE == image_folder.DEFAULT_IMAGE_SIZE
-    assert dataset.CROP_PADDING == pipeline.CROP_PADDING
+    assert device_folder.IMAGE_FOLDER_MEAN == image_folder.MEAN
+    assert device_folder.IMAGE_FOLDER_STD == image_folder.STD
+    assert device_folder.IMAGE_FOLDER_EXTENSIONS == image_folder.EXTENSIONS
+    assert device_folder.DEFAULT_IMAGE_SIZE == image_folder.DEFAULT_IMAGE_SIZE
+    assert batching.CROP_PADDING == pipeline.CROP_PADDING
 
 
 def test_bad_image_folders_fail_clearly(folder, tmp_path):
     broken = pathlib.Path(shutil.copytree(folder, tmp_path / "broken"))
     (broken / "val" / "c" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DeviceDataError, match="1.png could not be read or decoded"):
-        dataset.load_image_folder(str(broken), "test", SIZE)
+        device_folder.load_image_folder(str(broken), "test", SIZE)
     shutil.rmtree(broken / "val" / "c")
     with pytest.raises(DeviceDataError, match="same class directories.*only in val: \\[\\]"):
-        dataset.load_image_folder(str(broken), "train", SIZE)
+        device_folder.load_image_folder(str(broken), "train", SIZE)
     with pytest.raises(DeviceDataError, match="no train/ directory"):
-        dataset.load_image_folder(str(tmp_path), "train", SIZE)
+        device_folder.load_image_folder(str(tmp_path), "train", SIZE)
     with pytest.raises(DeviceDataError, match="image_size"):
-        dataset.load_image_folder(str(folder), "train", 0)
+        device_folder.load_image_folder(str(folder), "train", 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,20 +266,20 @@ def _labels(iterator):
 
 def test_batches_cover_every_sample_once_per_epoch_in_a_seeded_order():
     images, labels = _samples()
-    epoch0 = list(dataset.batches(images, labels, 5, seed=3, epoch=0))
+    epoch0 = list(batching.batches(images, labels, 5, seed=3, epoch=0))
     assert [len(b[1]) for b in epoch0] == [5, 5, 5, 5, 3]  # the last partial batch is kept
     order = np.concatenate([b[1] for b in epoch0])
     assert sorted(order) == list(range(23)) and list(order) != list(range(23))
     for batch_images, batch_labels in epoch0:
         np.testing.assert_array_equal(batch_images, images[batch_labels])
-    again = np.concatenate(_labels(dataset.batches(images, labels, 5, seed=3, epoch=0)))
+    again = np.concatenate(_labels(batching.batches(images, labels, 5, seed=3, epoch=0)))
     np.testing.assert_array_equal(again, order)
     for seed, epoch in ((3, 1), (4, 0)):
-        other = np.concatenate(_labels(dataset.batches(images, labels, 5, seed, epoch)))
+        other = np.concatenate(_labels(batching.batches(images, labels, 5, seed, epoch)))
         assert sorted(other) == list(range(23)) and list(other) != list(order)
-    stored = np.concatenate(_labels(dataset.batches(images, labels, 5, 0, 0, shuffle=False)))
+    stored = np.concatenate(_labels(batching.batches(images, labels, 5, 0, 0, shuffle=False)))
     np.testing.assert_array_equal(stored, labels)
-    dropped = _labels(dataset.batches(images, labels, 5, 0, 0, drop_remainder=True))
+    dropped = _labels(batching.batches(images, labels, 5, 0, 0, drop_remainder=True))
     assert [len(b) for b in dropped] == [5] * 4
 
 
@@ -287,11 +289,11 @@ def test_augment_crops_padded_images_and_flips_them():
     images, labels = dataset.normalize(pixels, mean, std), np.arange(40, dtype=np.int32)
     black = dataset.normalize(np.zeros(3, np.uint8), mean, std)
     args = dict(seed=1, epoch=2, augment=True)
-    augmented = list(dataset.batches(images, labels, 16, pad_value=black, **args))
+    augmented = list(batching.batches(images, labels, 16, pad_value=black, **args))
     assert [b[0].shape for b in augmented] == [(16, 8, 8, 3)] * 2 + [(8, 8, 8, 3)]
     # Padding the normalized images with the normalized black pixel is padding the uint8 pixels
     # with 0 and then normalizing, as the TensorFlow pipeline does.
-    on_pixels = list(dataset.batches(pixels, labels, 16, pad_value=0, **args))
+    on_pixels = list(batching.batches(pixels, labels, 16, pad_value=0, **args))
     for (got, got_labels), (raw, raw_labels) in zip(augmented, on_pixels):
         np.testing.assert_array_equal(got_labels, raw_labels)
         np.testing.assert_array_equal(got, dataset.normalize(raw, mean, std))
@@ -299,7 +301,7 @@ def test_augment_crops_padded_images_and_flips_them():
     assert np.any(np.all(everything == black, axis=-1))  # some padding came in
     assert not np.array_equal(everything, images[np.concatenate([b[1] for b in augmented])])
     with pytest.raises(DeviceDataError, match="pad_value"):
-        dataset.batches(images, labels, 16, seed=1, epoch=0, augment=True)
+        batching.batches(images, labels, 16, seed=1, epoch=0, augment=True)
 
 
 @pytest.mark.parametrize(
@@ -319,7 +321,7 @@ def test_batches_check_their_arguments_up_front(kwargs, match):
     args = dict(images=images, labels=labels, batch_size=4, seed=0, epoch=0)
     args.update(kwargs)
     with pytest.raises(DeviceDataError, match=match):
-        dataset.batches(**args)
+        batching.batches(**args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,10 +335,10 @@ def test_shards_load_in_a_process_where_tensorflow_cannot_be_imported(written, t
         "for name in ('tensorflow', 'tf_keras', 'tensorboard'):\n"
         "    sys.modules[name] = None  # any import of it now fails\n"
         "import numpy as np\n"
-        "from tfsplit.device import dataset\n"
+        "from tfsplit.device import batches as batching, dataset\n"
         f"images, labels, info = dataset.load_shards({str(written)!r}, 'test')\n"
         f"np.save({str(tmp_path / 'images.npy')!r}, images)\n"
-        "batch = next(dataset.batches(images, labels, 4, 0, 0, augment=True,\n"
+        "batch = next(batching.batches(images, labels, 4, 0, 0, augment=True,\n"
         "                             pad_value=info['pad_value']))\n"
         "assert batch[0].shape == (4, *info['image_shape'])\n"
     )

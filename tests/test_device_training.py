@@ -26,7 +26,7 @@ from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
 from tfsplit.device.training import bench as train_bench
 from tfsplit.device.training import epoch_plan
 from tfsplit.device.training import head as device_head
-from tfsplit.device.training.trainer import build_phases
+from tfsplit.device.training.plan import build_phases
 from tfsplit.export import trainable, trainable_export
 from tfsplit.training import trainer
 from tfsplit.training.config import load_config_file

@@ -19,7 +19,9 @@ import sys
 from absl import app, flags, logging
 
 from tfsplit.auth import credentials
+from tfsplit.device import batches as batching
 from tfsplit.device import dataset
+from tfsplit.device import image_folder as device_folder
 from tfsplit.device.spec import DeviceError
 from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
 from tfsplit_tools import cli
@@ -68,8 +70,8 @@ def _load(run):
         test_x, test_y, _ = dataset.load_shards(path, "test", normalized=False)
     else:
         size = _IMAGE_SIZE.value or run["image_shape"][0]
-        train_x, train_y, info = dataset.load_image_folder(path, "train", size, **part)
-        test_x, test_y, _ = dataset.load_image_folder(path, "test", size, normalized=False)
+        train_x, train_y, info = device_folder.load_image_folder(path, "train", size, **part)
+        test_x, test_y, _ = device_folder.load_image_folder(path, "test", size, normalized=False)
     if list(train_x.shape[1:]) != run["image_shape"] or info["num_classes"] != run["num_classes"]:
         raise DeviceError(
             f"{path} holds {info['num_classes']} classes of {list(train_x.shape[1:])} images; "
@@ -93,12 +95,12 @@ def main(argv):
     normalization = (info["mean"], info["std"])  # the sets stay uint8; each batch is normalized
 
     def train_batches(epoch):
-        return dataset.batches(
+        return batching.batches(
             train_x, train_y, size, seed, epoch, augment=run["augment"], normalization=normalization
         )
 
     def test_batches():
-        return dataset.batches(
+        return batching.batches(
             test_x, test_y, run["eval_batch_size"], seed, 0, False, normalization=normalization
         )
 

@@ -11,6 +11,7 @@ both device trainers (this one and the Keras one) use.
 
 from tfsplit.device.training.channel import TrainingClient
 from tfsplit.device.training.head import TrainableHead
-from tfsplit.device.training.trainer import DeviceTrainer, epoch_plan
+from tfsplit.device.training.plan import epoch_plan
+from tfsplit.device.training.trainer import DeviceTrainer
 
 __all__ = ["DeviceTrainer", "TrainableHead", "TrainingClient", "epoch_plan"]

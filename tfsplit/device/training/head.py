@@ -15,6 +15,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from tfsplit import codec
 from tfsplit.device.spec import DeviceError
+from tfsplit.protocol import split_training_pb2 as pb
 
 MODEL_FILE, LAYOUT_FILE, TAIL_FILE = "head_train.tflite", "head_train.json", "tail_weights.pb"
 SIGNATURES = ("forward", "train", "infer", "get_weights", "set_weights")
@@ -146,10 +147,17 @@ class TrainableHead:
         out = self._call("forward", images=self._images(images), budget=np.int32(budget))
         return out["values"], out["indices"], out["moments"]
 
-    def infer(self, images, budget):
-        """As `forward`, with the moving statistics (evaluation)."""
-        out = self._call("infer", images=self._images(images), budget=np.int32(budget))
-        return out["values"], out["indices"]
+    def infer(self, images, budget, chunk=None):
+        """(values, indices) as `forward`, with the moving statistics (evaluation). With `chunk`,
+        `chunk` images at a time: the same values (inference has no batch statistics), and the
+        interpreter's memory of a training batch instead of a larger evaluation batch's."""
+        images = self._images(images)
+        step = chunk or max(len(images), 1)
+        parts = [
+            self._call("infer", images=images[i : i + step], budget=np.int32(budget))
+            for i in range(0, len(images), step)
+        ]
+        return np.concatenate([p["values"] for p in parts]), parts[0]["indices"]
 
     def train(self, images, labels, gradient, budget, rates, penalty_weight):
         """One step of the head for the server's `gradient` of the sent values; `rates` is
@@ -186,6 +194,17 @@ class TrainableHead:
                 f"Received: shape={images.shape}"
             )
         return images
+
+    def starting_tail(self):
+        """The tail weights a new run starts from (serialized TensorProtos, for Hello)."""
+        path = os.path.join(self.model_dir, TAIL_FILE)
+        try:
+            with open(path, "rb") as f:
+                return list(pb.TailWeightsReply.FromString(f.read()).weights)
+        except OSError as error:
+            raise DeviceError(f"Cannot read the run's starting tail {path}: {error}") from None
+        except Exception:  # noqa: BLE001  (protobuf's DecodeError: any malformed bytes)
+            raise DeviceError(f"{path} is not a TailWeightsReply (the export's tail).") from None
 
     # ------------------------------------------------------------------ named weight slices
     def view(self, weights, name):

@@ -3,16 +3,10 @@
 
 Each training batch: the head's `forward` gives the k channels at the epoch's budget; they go to
 the server as a codec payload (`Step(TRAIN)`); the gradient that comes back drives the head's
-`train` signature (the gates' penalty, the local classifier and the optimizers are in the model).
-The phase schedule is `tfsplit.schedule`'s, as the Keras `PhaseSchedule` walks it: the budget and
-rates of each epoch, the gate reset on entering a phase (gates read and written through the
-weight vector), nested budgets on the server. Before each evaluation whose sent channels changed,
-batch norm statistics are recalibrated over training batches on both halves, as
-`BatchNormCalibration` does.
-
-The device's state (weights, optimizer state, step ids, where in the epoch it is, the byte
-ledger) is saved every `checkpoint_every_steps` steps, and the server is told to save its own
-(`Checkpoint`): a device killed and restarted resumes there and loses at most the steps since.
+`train` signature. Each epoch follows `plan.epoch_plan` (gate resets through the weight vector);
+before an evaluation whose sent channels changed, batch norm is recalibrated (`calibration`). The
+state is saved every `checkpoint_every_steps` steps (`state`) and the server saves its own
+(`Checkpoint`): a device killed and restarted loses at most the steps since.
 """
 
 import json
@@ -26,57 +20,14 @@ from tfsplit import codec
 from tfsplit import schedule as schedule_lib
 from tfsplit.device.spec import DeviceError
 from tfsplit.device.training.bench import peak_memory_mib
-from tfsplit.device.training.head import TAIL_FILE
+from tfsplit.device.training.calibration import calibrate_head
+from tfsplit.device.training.plan import build_phases, epoch_plan
+from tfsplit.device.training.state import load_state, save_state
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import reply_logits
 
-STATE_FILE, METRICS_FILE, SUMMARY_FILE = "device_state.npz", "metrics.jsonl", "summary.json"
+METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 LEDGER_KEYS = ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down")
-
-
-def build_phases(run):
-    """The run's validated phases; every one must set its learning rate (the device has no
-    optimizer of its own to leave a rate to)."""
-    phases = schedule_lib.build_phases(run["phases"], run["channels"], run["masked"])
-    for number, phase in enumerate(phases, start=1):
-        if phase.learning_rate is None:
-            raise DeviceError(
-                f"Phase {number} leaves its learning rate to the optimizer; a device without "
-                "TensorFlow needs every phase to set one."
-            )
-    return phases
-
-
-def epoch_plan(run, phases, epoch, steps_per_epoch):
-    """What `PhaseSchedule` sets for the 0-based `epoch`: phase, budget, masking, nesting and
-    the rates (the gates' rate in force: the travel rate of the last phase that set one)."""
-    number, phase, in_phase = schedule_lib.locate(phases, epoch)
-    fraction = run["gate_travel_fraction"]
-    masking = phase.budget != 0 and run["masked"]
-    gate_rate = run["gate_learning_rate"]
-    if run["gate_optimizer"] and fraction:
-        for earlier in phases[:number]:
-            if earlier.budget:
-                gate_rate = schedule_lib.gate_travel_rate(earlier, steps_per_epoch, fraction)
-    return dict(
-        phase=number,
-        budget=phase.effective_budget(run["channels"]),
-        learning_rate=phase.learning_rate_at(in_phase),
-        gate_learning_rate=float(gate_rate),
-        penalty_weight=run["budget_eps"] if masking else 0.0,
-        nesting=bool(
-            masking
-            and run["nested_budgets"]
-            and number == len(phases)
-            and in_phase >= schedule_lib.nesting_starts(phase, fraction)
-        ),
-    )
-
-
-def _save_npz(path, **arrays):
-    with open(path + ".partial", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".partial", path)
 
 
 class DeviceTrainer:
@@ -109,7 +60,7 @@ class DeviceTrainer:
     def connect(self):
         """Joins the run (a new one starts from the exported tail), then returns the server to
         this device's saved step, as the Keras device's `connect` and `resume` do."""
-        tail = self._tail_weights()
+        tail = self.head.starting_tail()
         reply = self.client.call("Hello", self._hello(tail_weights=tail))
         self.parallel = reply.parallel
         if self.parallel:
@@ -131,16 +82,6 @@ class DeviceTrainer:
             device_id=self.device_id,
             **fields,
         )
-
-    def _tail_weights(self):
-        path = os.path.join(self.head.model_dir, TAIL_FILE)
-        try:
-            with open(path, "rb") as f:
-                return list(pb.TailWeightsReply.FromString(f.read()).weights)
-        except OSError as error:
-            raise DeviceError(f"Cannot read the run's starting tail {path}: {error}") from None
-        except Exception:  # noqa: BLE001  (protobuf's DecodeError: any malformed bytes)
-            raise DeviceError(f"{path} is not a TailWeightsReply (the export's tail).") from None
 
     def fit(
         self,
@@ -338,7 +279,7 @@ class DeviceTrainer:
         ledger = dict.fromkeys(LEDGER_KEYS, 0)  # apart from training's (`sent_payload_bytes`)
         for images, labels in batches:
             labels = np.asarray(labels, np.int32)
-            values, indices = self._infer_in_chunks(images, budget)
+            values, indices = self.head.infer(images, budget, chunk=self.run["batch_size"])
             reply = self._exchange(
                 pb.StepRequest(
                     kind=pb.StepRequest.EVALUATE,
@@ -361,16 +302,6 @@ class DeviceTrainer:
             **{f"test_{key}": value for key, value in ledger.items()},
         )
 
-    def _infer_in_chunks(self, images, budget):
-        """`infer` over an evaluation batch, a training batch's worth at a time: the same values
-        (inference has no batch statistics), with the interpreter's memory of a training batch
-        instead of the larger evaluation batch's."""
-        chunk = self.run["batch_size"]
-        parts = [
-            self.head.infer(images[i : i + chunk], budget) for i in range(0, len(images), chunk)
-        ]
-        return np.concatenate([values for values, _ in parts]), parts[0][1]
-
     def _calibrate(self, plan, batches):
         """Batch norm statistics for the channels now sent, on both halves, when they changed
         since the last calibration (`BatchNormCalibration`'s rule)."""
@@ -382,41 +313,23 @@ class DeviceTrainer:
         state = (tuple(sent), tuple(np.round(gates[sent], 3)))
         if state == self._calibrated_for:
             return
-        slices = self.head.moving_statistics()  # each norm's mean, then its variance
-        cuts = np.cumsum([size for _, size in slices])[:-1]
-        sums = [0.0] * len(slices)  # E[mean] and E[variance + mean^2], as BatchNormAverage
-        batches = iter(batches)
-        upcoming, passes = next(batches, None), 0
-        if upcoming is None:
-            raise ValueError("Batch norm calibration needs at least one batch; none was given.")
-        while upcoming is not None:  # one batch ahead: the last pass tells the server so
-            images, _ = upcoming
-            upcoming = next(batches, None) if passes + 1 < count else None
-            values, indices, moments = self.head.forward(images, plan["budget"])
-            self.client.call(
+        calibrate_head(
+            self.head,
+            plan["budget"],
+            batches,
+            count,
+            lambda values, indices, begin, finish: self.client.call(
                 "Step",
                 pb.StepRequest(
                     kind=pb.StepRequest.CALIBRATE,
                     model_digest=self.digest,
                     device_id=self.device_id,
                     payload=self._payload(values, indices),
-                    calibration_begin=passes == 0,
-                    calibration_finish=upcoming is None,
+                    calibration_begin=begin,
+                    calibration_finish=finish,
                 ),
-            )
-            parts = np.split(moments.astype(np.float64), cuts)
-            for j in range(0, len(parts), 2):
-                sums[j] = sums[j] + parts[j]
-                sums[j + 1] = sums[j + 1] + parts[j + 1] + parts[j] * parts[j]
-            passes += 1
-        weights = self.head.get_weights()
-        for j in range(0, len(slices), 2):
-            mean = sums[j] / passes
-            for (offset, size), value in zip(
-                slices[j : j + 2], (mean, sums[j + 1] / passes - mean * mean)
-            ):
-                weights[offset : offset + size] = value
-        self.head.set_weights(weights)
+            ),
+        )
         self._calibrated_for = state
 
     # -------------------------------------------------------------------- saved state
@@ -432,8 +345,7 @@ class DeviceTrainer:
             epoch_start_ledger=self._epoch_start,
             model_digest=self.digest,
         )
-        path = os.path.join(self.workdir, STATE_FILE)
-        _save_npz(path, weights=self.head.get_weights(), state=np.array(json.dumps(state)))
+        save_state(self.workdir, self.head.get_weights(), state)
         self.client.call(
             "Checkpoint",
             pb.CheckpointRequest(
@@ -442,21 +354,10 @@ class DeviceTrainer:
         )
 
     def _restore(self):
-        if not self.workdir:
+        saved = load_state(self.workdir, self.digest) if self.workdir else None
+        if saved is None:
             return
-        path = os.path.join(self.workdir, STATE_FILE)
-        if not os.path.exists(path):
-            return
-        try:
-            with np.load(path) as saved:
-                weights, state = saved["weights"], json.loads(str(saved["state"]))
-        except (OSError, ValueError, KeyError) as error:
-            raise DeviceError(f"{path} is not a device state this trainer wrote: {error}") from None
-        if state.get("model_digest") != self.digest:
-            raise DeviceError(
-                f"{path} holds the state of another model (digest "
-                f"{str(state.get('model_digest'))[:16]}...); train into a new workdir."
-            )
+        weights, state = saved
         self.head.set_weights(weights)
         self.remote_step, self.phase, self.budget = (
             state["remote_step"],
@@ -467,7 +368,7 @@ class DeviceTrainer:
         self._epoch_start = state["epoch_start_ledger"]
         logging.info(
             "Resumed from %s: epoch %d, batch %d, step %d.",
-            path,
+            self.workdir,
             self.epoch + 1,
             self.position,
             self.remote_step,

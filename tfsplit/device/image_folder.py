@@ -1,0 +1,160 @@
+"""Image folders on a device without TensorFlow: train/<class>/ and val/<class>/ (or test/), read
+as `tfsplit.data.image_folder` does: the same classes, labels, file order and normalization.
+
+PNGs already at the target size give the same pixels. Resized images use Pillow's antialiased
+bilinear filter in float32, the filter of tf.image.resize, but the sums round in another order: a
+pixel may be one level (1/255) away. JPEGs differ by a few levels: TensorFlow decodes them with
+libjpeg's fast integer IDCT, Pillow with the accurate one. For pixels identical to TensorFlow's,
+write the folder as shards (`tfsplit-prepare-data`).
+"""
+
+import os
+
+import numpy as np
+from absl import logging
+
+from tfsplit.device.dataset import (
+    DeviceDataError,
+    _check_int,
+    _check_local_dir,
+    _check_split,
+    _device_part,
+    _info,
+    _pillow,
+    normalize,
+)
+
+# As tfsplit.data.image_folder (a test holds them equal): layout, default size and statistics.
+IMAGE_FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_IMAGE_SIZE = 64
+IMAGE_FOLDER_MEAN = (0.485, 0.456, 0.406)
+IMAGE_FOLDER_STD = (0.229, 0.224, 0.225)
+_TEST_FOLDERS = ("val", "test")
+_LAYOUT = "expected path/train/<class>/*.jpg|*.jpeg|*.png and path/val/<class>/* (or test/)"
+
+
+def _subdirectories(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_in(folder):
+    names = [e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
+    return sorted(
+        os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_FOLDER_EXTENSIONS)
+    )
+
+
+def _folder_classes(path):
+    """(train folder, test folder, class names) of the image folder at `path`."""
+    train = os.path.join(path, "train")
+    if not os.path.isdir(train):
+        raise DeviceDataError(f"Image folder {path} has no train/ directory; {_LAYOUT}")
+    tests = [os.path.join(path, n) for n in _TEST_FOLDERS if os.path.isdir(os.path.join(path, n))]
+    if not tests:
+        raise DeviceDataError(f"Image folder {path} has neither val/ nor test/; {_LAYOUT}")
+    classes = _subdirectories(train)
+    if not classes:
+        raise DeviceDataError(f"{train} holds no class directories; {_LAYOUT}")
+    test_classes = _subdirectories(tests[0])
+    if test_classes != classes:
+        raise DeviceDataError(
+            f"{train} and {tests[0]} must hold the same class directories. Only in train: "
+            f"{sorted(set(classes) - set(test_classes))}; only in "
+            f"{os.path.basename(tests[0])}: {sorted(set(test_classes) - set(classes))}"
+        )
+    return train, tests[0], tuple(classes)
+
+
+def _folder_files(folder, classes):
+    """(paths, int32 labels) of one split, round-robin over the classes (first file of every
+    class, then the second, ...), the order of `tfsplit.data.image_folder`."""
+    per_class = []
+    for name in classes:
+        files = _images_in(os.path.join(folder, name))
+        if not files:
+            raise DeviceDataError(
+                f"{os.path.join(folder, name)} holds no images "
+                f"({', '.join(IMAGE_FOLDER_EXTENSIONS)}); {_LAYOUT}"
+            )
+        per_class.append(files)
+    labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(f) for f in per_class])
+    ranks = np.concatenate([np.arange(len(f)) for f in per_class])
+    order = np.lexsort((labels, ranks))  # by rank within the class, then by class
+    paths = [f for files in per_class for f in files]
+    return [paths[i] for i in order], labels[order]
+
+
+def _read_image(Image, path, size):
+    """uint8 (size, size, 3): decoded as RGB (gray repeated, alpha dropped, as TensorFlow's
+    decode_image does), resized when its size differs (see the module docstring)."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise DeviceDataError(f"Image file {path} could not be read or decoded: {error}") from None
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    bilinear = Image.Resampling.BILINEAR  # antialiased when shrinking, as tf.image.resize's
+    channels = [
+        np.asarray(Image.fromarray(rgb[..., c].astype(np.float32)).resize((size, size), bilinear))
+        for c in range(3)  # in float32 ("F" images), as TensorFlow resizes before rounding
+    ]
+    return np.clip(np.round(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def load_image_folder(
+    path, split, image_size=DEFAULT_IMAGE_SIZE, shard_index=0, num_shards=1, normalized=True
+):
+    """One split of an image folder (path/train/<class>/, path/val/<class>/ or test/), decoded
+    with Pillow, resized to image_size x image_size and normalized with ImageNet's statistics.
+
+    Args:
+      path: the dataset directory.
+      split: "train" or "test" (the val/ folder, or test/ when there is no val/).
+      image_size: side of the square images; None: `DEFAULT_IMAGE_SIZE` (64), as tfsplit.data.
+      shard_index, num_shards: this device's part of the training files (every num_shards-th
+        file in the round-robin order from the i-th, as `tfsplit.data` gives it); the test split
+        is read whole.
+
+    Returns:
+      (images, labels, info) as `load_shards`: labels index `info["classes"]`, the class
+      directory names sorted.
+
+    Raises:
+      DeviceDataError: on a bad argument or layout, a class without images, different classes
+        in train/ and val/, an image that cannot be decoded, or no Pillow.
+    """
+    _check_split(split)
+    image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    _check_int("image_size", image_size, 1)
+    path = _check_local_dir(path, "an image folder")
+    if not os.path.isdir(path):
+        raise DeviceDataError(f"Image folder path is not a directory: {path}; {_LAYOUT}")
+    train, test, classes = _folder_classes(path)
+    paths, labels = _folder_files(train if split == "train" else test, classes)
+    title = f"Image folder {path}"
+    paths, labels = (
+        _device_part(items, split, shard_index, num_shards, title, "files")
+        for items in (paths, labels)
+    )
+    Image = _pillow(f"Reading the image folder {path}", "or write it as shards on a workstation")
+    pixels = np.stack([_read_image(Image, p, image_size) for p in paths])
+    logging.info(
+        "Read %d %s images of %s at %dpx (%d classes).",
+        len(labels),
+        split,
+        path,
+        image_size,
+        len(classes),
+    )
+    images = normalize(pixels, IMAGE_FOLDER_MEAN, IMAGE_FOLDER_STD) if normalized else pixels
+    info = _info(
+        "image_folder",
+        len(classes),
+        (image_size, image_size, 3),
+        IMAGE_FOLDER_MEAN,
+        IMAGE_FOLDER_STD,
+        len(labels),
+        classes,
+    )
+    return images, np.asarray(labels, np.int32), info
