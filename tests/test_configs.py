@@ -230,7 +230,7 @@ def test_unknown_variant_is_rejected():
         (
             "sl",
             "grow",
-            r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'local', 'smoke'\)",
+            r"Unknown config variant 'grow'.*\('paper', 'hard', 'small', 'local', 'ushaped', 'smoke'\)",
         ),
         ("casl", "steps,smoke", r"Unknown config variant 'steps'"),
         ("deprune", "finetune", r"Unknown config variant 'finetune'.*'grow', 'lean', 'paper'"),

@@ -115,7 +115,7 @@ def test_unknown_cut_lists_the_layers():
 
 
 def test_cut_at_the_output_layer_raises():
-    with pytest.raises(ValueError, match="empty tail"):
+    with pytest.raises(ValueError, match="nothing after it"):
         split_model(_residual_model(), "logits")
 
 

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # imported on a device without TensorFlow.
 _LAZY = {
     "SplitModel": "tfsplit.engine.split_model",
+    "UShapedSplitModel": "tfsplit.engine.ushaped",
     "split_model": "tfsplit.backbones.splitter",
     "PhaseSchedule": "tfsplit.callbacks",
     "BatchNormCalibration": "tfsplit.callbacks",

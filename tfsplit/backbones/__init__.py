@@ -42,13 +42,19 @@ _REGISTRY = {
 }
 BACKBONES = tuple(_REGISTRY)
 
+# Where a U-shaped split's top (on the device, with the loss) starts, for every backbone: after
+# the last cut point (the top is the classifier) or after the one before it (the last block too).
+TOP_POINTS = ("classifier", "last_block")
+
 __all__ = [
     "BACKBONES",
     "BOTTLENECK_KEYS",
     "SplitModel",
+    "TOP_POINTS",
     "build_backbone",
     "cut_points",
     "resolve_cut",
+    "resolve_top",
     "split_model",
 ]
 
@@ -112,3 +118,21 @@ def resolve_cut(backbone_name, cut):
         f"Unknown cut for {backbone_name}; expected a cut name {list(backbone.cut_points)} or a "
         f"layer name {list(backbone.layer_names)}. Received: {cut=!r}"
     )
+
+
+def resolve_top(backbone_name, top):
+    """The layer whose output a U-shaped split sends back down to the device, for `top`: one of
+    `TOP_POINTS`, or a cut as `resolve_cut` takes it.
+
+    Raises:
+      ValueError: for an unknown backbone, or a `top` that names neither.
+    """
+    backbone = _backbone(backbone_name)
+    if top in TOP_POINTS:
+        cut_layers = set(backbone.cut_points.values())
+        ordered = [name for name in backbone.layer_names if name in cut_layers]
+        return ordered[-1] if top == "classifier" else ordered[-2]
+    try:
+        return resolve_cut(backbone_name, top)
+    except ValueError as error:
+        raise ValueError(f"{error}; or a top point {list(TOP_POINTS)}") from None

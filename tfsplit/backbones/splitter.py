@@ -20,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from tfsplit.engine.split_model import SplitModel
+from tfsplit.engine.ushaped import UShapedSplitModel
 from tfsplit.layers import logits as logits_lib
 from tfsplit.layers.bottleneck import Decoder, MaskedEncoder
 
@@ -86,18 +87,21 @@ def _check_not_shared(nodes):
         )
 
 
-def _cut_output(model, nodes, cut):
+def _cut_output(model, nodes, cut, what="cut"):
     names = [node.layer.name for node in nodes]
     if not isinstance(cut, str) or cut not in names:
-        raise ValueError(f"Unknown cut layer; expected one of {names}. Received: {cut=!r}")
+        raise ValueError(f"Unknown {what} layer; expected one of {names}. Received: {what}={cut!r}")
     node = nodes[names.index(cut)]
     outputs = tf.nest.flatten(node.outputs)
     if len(outputs) != 1:
         raise ValueError(
-            f"The cut layer must have one output tensor. Received: {cut=!r} with {len(outputs)}"
+            f"The {what} layer must have one output tensor. Received: {what}={cut!r} with "
+            f"{len(outputs)}"
         )
     if any(outputs[0] is output for output in model.outputs):
-        raise ValueError(f"Cutting at an output layer leaves an empty tail. Received: {cut=!r}")
+        raise ValueError(
+            f"Cutting at an output layer leaves nothing after it. Received: {what}={cut!r}"
+        )
     return outputs[0]
 
 
@@ -186,9 +190,10 @@ def _tail_nodes(model, nodes, cut, cut_tensor):
     return tail
 
 
-def _replay(model, tail_nodes, cut_tensor, tail_start):
-    """Calls the tail layers again, with their original arguments, on `tail_start`; an output
-    that comes out of a softmax comes out as the logits under it instead."""
+def _replay(model, tail_nodes, cut_tensor, tail_start, ends=None):
+    """Calls the tail layers again, with their original arguments, on `tail_start`, and returns
+    what becomes of `ends` (the model's outputs by default); a model output that comes out of a
+    softmax comes out as the logits under it instead."""
     rebuilt = {id(cut_tensor): tail_start}
     output_ids = {id(tensor) for tensor in model.outputs}
     for node in tail_nodes:
@@ -207,12 +212,31 @@ def _replay(model, tail_nodes, cut_tensor, tail_start):
             outputs = layer(*args, **kwargs)
         for old, new in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
             rebuilt[id(old)] = new
-    outputs = [rebuilt[id(tensor)] for tensor in model.outputs]
+    outputs = [rebuilt[id(tensor)] for tensor in (model.outputs if ends is None else ends)]
     return outputs[0] if len(outputs) == 1 else outputs
 
 
-def split_model(model, cut, bottleneck=None, **options):
-    """Cuts `model` after layer `cut` into head and tail that share its weights.
+def _split_top(model, nodes, cut, tail_nodes, top):
+    """(the nodes of the middle, the second cut's tensor, the nodes of the top) for `top`, the
+    layer whose output goes back down to the device."""
+    top_tensor = _cut_output(model, nodes, top, "top")
+    top_nodes = _tail_nodes(model, nodes, top, top_tensor)
+    ids = {id(node) for node in tail_nodes}
+    if not top_nodes or not all(id(node) in ids for node in top_nodes) or top == cut:
+        raise ValueError(
+            f"The top must start after the cut: `top` names a layer after {cut!r} whose output "
+            f"the device takes back. Received: {top=!r}"
+        )
+    on_top = {id(node) for node in top_nodes}
+    middle = [node for node in tail_nodes if id(node) not in on_top]
+    if not any(node.layer.name == top for node in middle):
+        raise ValueError(f"The middle between {cut!r} and {top!r} is empty. Received: {top=!r}")
+    return middle, top_tensor, top_nodes
+
+
+def split_model(model, cut, bottleneck=None, top=None, **options):
+    """Cuts `model` after layer `cut` into head and tail that share its weights; with `top`,
+    after layer `top` too, into head, middle and top (the U-shape: labels stay on the device).
 
     Args:
       model: a functional tf_keras model with one input (a Sequential with an Input counts).
@@ -224,7 +248,7 @@ def split_model(model, cut, bottleneck=None, **options):
       **options: the wire and budget-loss settings of `tfsplit.SplitModel`.
 
     Returns:
-      A `tfsplit.SplitModel`; with a bottleneck its head ends with the layer "encoder" and its
+      A `tfsplit.SplitModel` (a `tfsplit.UShapedSplitModel` with `top`); with a bottleneck its head ends with the layer "encoder" and its
       tail starts with the layer "decoder". Its tail outputs logits, which its losses, the
       networked server and the exported tail (a softmax on top) all expect. When `model` ends in a
       softmax, as keras.applications models do, the tail leaves it out: a final `Softmax` or
@@ -236,7 +260,8 @@ def split_model(model, cut, bottleneck=None, **options):
 
     Raises:
       ValueError: when `model` is not functional, has several inputs or shared layers; when `cut`
-        is not one of its layers or does not separate the graph (a skip connection across it);
+        or `top` is not one of its layers or does not separate the graph (a skip connection
+        across it), or `top` does not come after `cut`;
         when the bottleneck config is malformed or does not fit the cut's shape.
     """
     _check_functional(model)
@@ -252,9 +277,21 @@ def split_model(model, cut, bottleneck=None, **options):
     head = keras.Model(model.inputs[0], wire, name=f"{model.name}_head")
     wire_input = keras.Input(shape=wire.shape[1:], dtype=wire.dtype, name="wire")
     tail_start = wire_input if decoder is None else decoder(wire_input)
-    outputs = _replay(model, tail_nodes, cut_tensor, tail_start)
-    tail = keras.Model(wire_input, outputs, name=f"{model.name}_tail")
-    split = SplitModel(head, tail, cut=cut, name=f"{model.name}_split", **options)
+    if top is None:
+        outputs = _replay(model, tail_nodes, cut_tensor, tail_start)
+        tail = keras.Model(wire_input, outputs, name=f"{model.name}_tail")
+        split = SplitModel(head, tail, cut=cut, name=f"{model.name}_split", **options)
+    else:
+        middle, top_tensor, top_nodes = _split_top(model, nodes, cut, tail_nodes, top)
+        outputs = _replay(model, middle, cut_tensor, tail_start, [top_tensor])
+        tail = keras.Model(wire_input, outputs, name=f"{model.name}_middle")
+        top_input = keras.Input(shape=top_tensor.shape[1:], dtype=top_tensor.dtype, name="top")
+        top_model = keras.Model(
+            top_input, _replay(model, top_nodes, top_tensor, top_input), name=f"{model.name}_top"
+        )
+        split = UShapedSplitModel(
+            head, tail, top_model, cut=cut, top_cut=top, name=f"{model.name}_split", **options
+        )
     logging.info(
         "Split %s at %r: wire %s, head %d weights, tail %d weights.",
         model.name,

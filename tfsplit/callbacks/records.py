@@ -82,6 +82,11 @@ class RunRecords(keras.callbacks.Callback):
             wall_seconds=wall_seconds,
             elapsed_seconds=previous.get("elapsed_seconds", 0.0) + wall_seconds,
         )
+        top_ledger = getattr(self.model, "sent_top_payload_bytes", None)  # U-shaped: cut 2
+        if top_ledger is not None:
+            for key, total in zip(("top_payload_bytes_down", "top_payload_bytes_up"), top_ledger):
+                record[key] = int(total) - previous.get(f"total_{key}", 0)
+                record[f"total_{key}"] = int(total)
         if "local_loss" in logs:
             record["train_local_loss"] = float(logs["local_loss"])
         if "gates_open_at_reset" in logs:
@@ -128,6 +133,11 @@ def write_summary(workdir, records, model, fixed):
         channels=model.channels,
         train_payload_bytes_up=last["total_payload_bytes_up"],
         train_payload_bytes_down=last["total_payload_bytes_down"],
+        **{
+            f"train_{key}": last[f"total_{key}"]
+            for key in ("top_payload_bytes_down", "top_payload_bytes_up")
+            if f"total_{key}" in last
+        },
         inference_payload_bytes_per_sample=codec.payload_nbytes(
             1,
             model.height,

@@ -158,7 +158,10 @@ class SplitModel(keras.Model):
         self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
         self.gate_optimizer = None
         self._calibration_pass = None
-        self.build((None,) + tuple(head.input.shape[1:]))
+        self._build_for_input()
+
+    def _build_for_input(self):
+        self.build((None,) + tuple(self.head.input.shape[1:]))
 
     def _build_local_classifier(self, weight):
         if not weight >= 0.0:

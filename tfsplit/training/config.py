@@ -10,6 +10,7 @@ Every file offers these generic ones (a file may add its own schedules, applied 
     with the local classifier below at half weight (`hard,local`: at full weight).
   small: the small-data setting: 1500 training images, every phase five times as many epochs.
   local: a device-side classifier's loss for the head (`model.local_loss_weight` 1; no bytes).
+  ushaped: the U-shaped split: the classifier and the loss stay on the device with the labels.
   smoke: seconds (1 epoch a phase, 256 training images, width 1/8); used by the tests.
 """
 
@@ -20,7 +21,7 @@ import ml_collections
 
 # The generic variants, in the order they are applied whatever order they are given in: smoke
 # last, so that it shrinks whatever the others chose.
-GENERIC_VARIANTS = ("paper", "hard", "small", "local", "smoke")
+GENERIC_VARIANTS = ("paper", "hard", "small", "local", "ushaped", "smoke")
 VARIANTS = ("",) + GENERIC_VARIANTS  # what every config file accepts alone; "" = the default.
 # Variants that each set the same key differently; together they would silently drop one.
 _CONFLICTS = ({"hard", "paper"},)
@@ -108,6 +109,10 @@ def base_config(mode):
     # > 0: a classifier on the device's features at the cut adds its loss, times this, to the
     # head's (tfsplit.layers.local_classifier): no bytes, a faster start (docs/method.md); 0 = none.
     config.model.local_loss_weight = 0.0
+    # U-shaped split learning: "" = the plain split (the server computes the loss, so the labels go
+    # up with every batch); "classifier", "last_block" (`tfsplit.backbones.TOP_POINTS`) or a cut
+    # name: the layers after it (the top) and the loss stay on the device with the labels.
+    config.model.top = ""
 
     # Schedule: a list of phases (see `phase`).
     config.phases = [phase(budget=0, epochs=1, learning_rate=0.01)]
@@ -144,6 +149,8 @@ def base_config(mode):
     config.wire = ml_collections.ConfigDict()
     config.wire.activation_dtype = "float16"  # "float32", "float16" or "int8".
     config.wire.gradient_dtype = "float16"
+    config.wire.top_activation_dtype = "float16"  # U-shaped: the middle's output, down.
+    config.wire.top_gradient_dtype = "float16"  # U-shaped: the top's gradient, up.
     config.wire.transport = "fused"  # "fused" (one compiled step) or "codec" (real bytes).
     return config
 
@@ -245,6 +252,10 @@ def _local(config):
     config.model.local_loss_weight = 1.0
 
 
+def _ushaped(config):
+    config.model.top = "classifier"
+
+
 def _smoke(config):
     config.data.train_size = 256
     config.data.test_size = 128
@@ -257,7 +268,14 @@ def _smoke(config):
         entry.anneal_epochs = 0
 
 
-_APPLY = {"paper": _paper, "hard": _hard, "small": _small, "local": _local, "smoke": _smoke}
+_APPLY = {
+    "paper": _paper,
+    "hard": _hard,
+    "small": _small,
+    "local": _local,
+    "ushaped": _ushaped,
+    "smoke": _smoke,
+}
 
 
 def load_config_file(path, variant=""):

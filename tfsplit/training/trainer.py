@@ -39,9 +39,23 @@ def build_split_model(config, info, remote=False):
 
     `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
     """
-    for key in ("activation_dtype", "gradient_dtype"):
+    for key in ("activation_dtype", "gradient_dtype", "top_activation_dtype", "top_gradient_dtype"):
         _check_choice(f"wire.{key}", config.wire[key], codec.WIRE_DTYPES)
     _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
+    top = {}
+    if config.model.top:
+        if remote or config.wire.transport != "fused":
+            raise ValueError(
+                "A U-shaped split (config.model.top) trains in process, with "
+                "config.wire.transport='fused'; the training server and the codec transport "
+                f"carry the plain split. Received: model.top={config.model.top!r}, "
+                f"wire.transport={config.wire.transport!r}, networked={remote}"
+            )
+        top = dict(
+            top=models.resolve_top(config.model.backbone, config.model.top),
+            top_activation_dtype=config.wire.top_activation_dtype,
+            top_gradient_dtype=config.wire.top_gradient_dtype,
+        )
     backbone = models.build_backbone(
         config.model.backbone,
         num_classes=info.num_classes,
@@ -67,6 +81,7 @@ def build_split_model(config, info, remote=False):
         seed=config.seed,
         polarization=config.budget_loss.polarization,
         local_loss_weight=config.model.local_loss_weight,
+        **top,
     )
     if remote or config.wire.transport != "fused":
         model_class = RemoteSplitModel if remote else TRANSPORTS[config.wire.transport]
@@ -167,8 +182,13 @@ def load_model(workdir):
 def restore_weights(split, source_workdir):
     """Copies head and tail weights of another finished run (prune's start model)."""
     source = load_model(source_workdir)
-    split.head.set_weights(source.head.get_weights())
-    split.tail.set_weights(source.tail.get_weights())
+    if hasattr(split, "top") != hasattr(source, "top"):
+        raise ValueError(
+            f"The run in {source_workdir} and this one must both be U-shaped or both plain "
+            "(config.model.top set in both or in neither)."
+        )
+    for part in ("head", "tail", "top") if hasattr(split, "top") else ("head", "tail"):
+        getattr(split, part).set_weights(getattr(source, part).get_weights())
     logging.info("Initialised weights from %s", source_workdir)
 
 
@@ -185,6 +205,8 @@ def build_callbacks(config, workdir, info, train_ds):
         dataset=info.name,
         model=f"{config.model.backbone}@{config.model.cut}",
     )
+    if config.model.top:
+        summary["model"] += f", top after {config.model.top}"
     calibration = config.calibration_batches
     if not isinstance(calibration, int) or calibration < 0:
         raise ValueError(

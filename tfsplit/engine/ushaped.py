@@ -1,0 +1,144 @@
+"""UShapedSplitModel: a model cut twice, so that the labels never leave the device.
+
+The device holds the head and the top (the last layers and the loss); the server holds the
+middle. Each step crosses the network four times: the head's selected channels go up at the first
+cut (without labels), the middle's output comes down at the second, the top's gradient goes up,
+and the head's gradient comes down. The masked bottleneck, budgets, nested budgets and the byte
+ledger work at the first cut as in `SplitModel`; the second cut carries every channel in its own
+wire dtypes.
+"""
+
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import codec
+from tfsplit.codec import wire
+from tfsplit.engine.split_model import SplitModel
+
+
+@keras.utils.register_keras_serializable(package="tfsplit")
+class UShapedSplitModel(SplitModel):
+    """A `SplitModel` whose server part (`tail`, the middle) hands its output back to the device's
+    `top`, which computes the logits and the loss.
+
+    Args:
+      head, tail: as `SplitModel`'s; `tail` is the middle: wire activations -> the second cut.
+      top: functional model, the second cut's activations -> logits; runs on the device.
+      top_cut: name of the original model's layer whose output is the second cut (recorded).
+      top_activation_dtype, top_gradient_dtype: what the second cut carries down (the middle's
+        output) and up (the top's gradient); `codec.WIRE_DTYPES`.
+      **kwargs: `SplitModel`'s.
+
+    Metrics: `SplitModel`'s (`payload_bytes_up` and `payload_bytes_down` are the first cut's,
+    without labels), plus `top_payload_bytes_down` and `top_payload_bytes_up`, the second cut's.
+    """
+
+    def __init__(
+        self,
+        head,
+        tail,
+        top,
+        top_cut=None,
+        top_activation_dtype="float16",
+        top_gradient_dtype="float16",
+        **kwargs,
+    ):
+        super().__init__(head, tail, **kwargs)
+        for name, value in (
+            ("top_activation_dtype", top_activation_dtype),
+            ("top_gradient_dtype", top_gradient_dtype),
+        ):
+            if value not in codec.WIRE_DTYPES:
+                raise ValueError(
+                    f"`{name}` must be one of {codec.WIRE_DTYPES}. Received: {value!r}"
+                )
+        if tuple(tail.output.shape[1:]) != tuple(top.input.shape[1:]):
+            raise ValueError(
+                f"The top must take what the middle outputs: {tuple(tail.output.shape[1:])}. "
+                f"Received: a top whose input is {tuple(top.input.shape[1:])}"
+            )
+        self.top, self.top_cut = top, top_cut
+        self.top_activation_dtype, self.top_gradient_dtype = (
+            top_activation_dtype,
+            top_gradient_dtype,
+        )
+        self.top_wire = wire.make_wire(top_activation_dtype, top_gradient_dtype)
+        top_shape = tuple(int(d) for d in tail.output.shape[1:])
+        self.top_channels = top_shape[-1]
+        self.top_height, self.top_width = (top_shape[:-1] + (1, 1))[:2]
+        self.sent_top_payload_bytes = tf.Variable(
+            [0, 0], dtype=tf.int64, trainable=False, name="sent_top_payload_bytes"
+        )
+        self.top_payload_bytes_down = keras.metrics.Sum(
+            name="top_payload_bytes_down", dtype="float64"
+        )
+        self.top_payload_bytes_up = keras.metrics.Sum(name="top_payload_bytes_up", dtype="float64")
+        self.build((None,) + tuple(head.input.shape[1:]))
+
+    def _build_for_input(self):
+        """Deferred: the top is not attached when `SplitModel.__init__` would build."""
+
+    @property
+    def device_trainable_variables(self):
+        return super().device_trainable_variables + self.top.trainable_variables
+
+    @property
+    def device_only_weights(self):
+        return super().device_only_weights + self.top.weights
+
+    def receive(self, values, indices, training=False, fill=None):
+        """The middle on the k channels, then its output through the second cut's wire and the
+        top: the logits, as `SplitModel.receive` gives them."""
+        middle = super().receive(values, indices, training, fill)
+        return self.top(self.top_wire(middle), training=training)
+
+    def payload_bytes(self, batch, k, training):
+        """The first cut's bytes: no labels go up."""
+        shape = dict(height=self.height, width=self.width, channels=self.channels)
+        up = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.activation_dtype, with_labels=False, **shape
+        )
+        if not training:
+            return up, tf.constant(0, tf.int64)
+        down = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.gradient_dtype, with_labels=False, **shape
+        )
+        return up, down
+
+    def top_payload_bytes(self, batch, training):
+        """The second cut's bytes, (down, up): the middle's output every step, the top's gradient
+        in training."""
+        shape = dict(height=self.top_height, width=self.top_width, channels=self.top_channels)
+        k = self.top_channels
+        down = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.top_activation_dtype, with_labels=False, **shape
+        )
+        if not training:
+            return down, tf.constant(0, tf.int64)
+        up = wire.payload_nbytes_tensor(
+            batch, k, dtype=self.top_gradient_dtype, with_labels=False, **shape
+        )
+        return down, up
+
+    def update_metrics(self, labels, logits, penalty, k, training, local=None):
+        down, up = self.top_payload_bytes(tf.shape(labels)[0], training)
+        if training:
+            self.sent_top_payload_bytes.assign_add(tf.cast(tf.stack([down, up]), tf.int64))
+        self.top_payload_bytes_down.update_state(down)
+        self.top_payload_bytes_up.update_state(up)
+        return super().update_metrics(labels, logits, penalty, k, training, local)
+
+    def get_config(self):
+        return dict(
+            super().get_config(),
+            top=keras.layers.serialize(self.top),
+            top_cut=self.top_cut,
+            top_activation_dtype=self.top_activation_dtype,
+            top_gradient_dtype=self.top_gradient_dtype,
+        )
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["top"] = keras.layers.deserialize(config["top"], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects)
