@@ -78,7 +78,7 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
     for step in range(3):
         images = rng.normal(size=(BATCH, side, side, 3)).astype(np.float32)
         labels = rng.integers(0, 10, BATCH).astype(np.int32)
-        sent = runners["forward"](images=images, budget=np.int32(BUDGET))
+        sent = runners["forward"](images=images, budget=np.array([BUDGET], np.int32))
         upstream = rng.normal(size=sent["values"].shape).astype(np.float32) * 0.1
         values, indices = _tf_device_step(split, images, labels, upstream)
         np.testing.assert_array_equal(sent["indices"], indices.numpy())
@@ -87,10 +87,10 @@ def test_litert_steps_train_the_head_as_the_tensorflow_device(tmp_path, backbone
             images=images,
             labels=labels,
             upstream_gradient=upstream,
-            budget=np.int32(BUDGET),
-            learning_rate=np.float32(split.optimizer.learning_rate.numpy()),
-            gate_learning_rate=np.float32(split.gate_optimizer.learning_rate.numpy()),
-            penalty_weight=np.float32(0.01),
+            budget=np.array([BUDGET], np.int32),
+            learning_rate=np.array([split.optimizer.learning_rate.numpy()], np.float32),
+            gate_learning_rate=np.array([split.gate_optimizer.learning_rate.numpy()], np.float32),
+            penalty_weight=np.array([0.01], np.float32),
         )
     got = runners["get_weights"]()["weights"]
     assert got.shape == (layout["size"],)
@@ -135,7 +135,7 @@ def test_the_readme_models_head_exports(tmp_path):
     assert not [n for n in names if n.startswith("Flex") or n == "CUSTOM"], names
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     infer = litert.Interpreter(model_path=path).get_signature_runner("infer")
-    sent = infer(images=images, budget=np.int32(8))
+    sent = infer(images=images, budget=np.array([8], np.int32))
     indices = split.channel_indices(8)
     np.testing.assert_array_equal(sent["indices"], indices.numpy())
     np.testing.assert_allclose(

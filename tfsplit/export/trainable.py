@@ -17,6 +17,8 @@ wheel has no Flex delegate), with these signatures over resource variables:
 - `get_weights()` / `set_weights(weights)`: every variable as one flat float32 vector, in the
   order of the layout `layout_json` describes (`head_train.json`).
 
+`budget`, the rates and `penalty_weight` are one-element vectors.
+
 The head is re-expressed layer by layer from the Keras model's own variables, with the ops of
 `tfsplit.export.builtin_grads`; a layer it cannot express fails the export with one line that
 names it.
@@ -333,13 +335,35 @@ class TrainableHead(tf.Module):
         image_shape = [None] + [int(d) for d in self._head_input.shape[1:]]
         wire = [None] + [int(d) for d in self._head_output.shape[1:-1]] + [None]
         images = tf.TensorSpec(image_shape, tf.float32, name="images")
-        budget = tf.TensorSpec([], tf.int32, name="budget")
-        scalar = lambda name: tf.TensorSpec([], tf.float32, name=name)  # noqa: E731
+        # Every number goes in as a one-element vector: a 0-d input crashes the aarch64 LiteRT
+        # wheel's signature runner (ai-edge-litert 2.1.6 and 2.3.0 under qemu 7.2 and 10.0).
+        budget = tf.TensorSpec([1], tf.int32, name="budget")
+        scalar = lambda name: tf.TensorSpec([1], tf.float32, name=name)  # noqa: E731
         size = self.layout()["size"]
+
+        def train(
+            images,
+            labels,
+            upstream_gradient,
+            budget,
+            learning_rate,
+            gate_learning_rate,
+            penalty_weight,
+        ):
+            return self.train(
+                images,
+                labels,
+                upstream_gradient,
+                budget[0],
+                learning_rate[0],
+                gate_learning_rate[0],
+                penalty_weight[0],
+            )
+
         functions = dict(
-            forward=tf.function(lambda images, budget: self.forward(images, budget, True)),
-            infer=tf.function(lambda images, budget: self.forward(images, budget, False)),
-            train=tf.function(self.train),
+            forward=tf.function(lambda images, budget: self.forward(images, budget[0], True)),
+            infer=tf.function(lambda images, budget: self.forward(images, budget[0], False)),
+            train=tf.function(train),
             get_weights=tf.function(self.get_weights),
             set_weights=tf.function(self.set_weights),
         )

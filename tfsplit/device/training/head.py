@@ -17,6 +17,13 @@ from tfsplit import codec
 from tfsplit.device.spec import DeviceError
 from tfsplit.protocol import split_training_pb2 as pb
 
+
+def _one(value, dtype):
+    """A number as the signatures take it: a one-element vector (see `signatures` in
+    tfsplit/export/trainable.py)."""
+    return np.array([value], dtype)
+
+
 MODEL_FILE, LAYOUT_FILE, TAIL_FILE = "head_train.tflite", "head_train.json", "tail_weights.pb"
 SIGNATURES = ("forward", "train", "infer", "get_weights", "set_weights")
 # The run description's keys and what each must be (`tfsplit.export.trainable_export`).
@@ -144,7 +151,7 @@ class TrainableHead:
         """(values (N, h, w, k) float32, indices (k,) int32, moments) with batch statistics:
         what a training step sends, and every batch norm's batch mean and variance, flat, in
         the layout's `moments` order (what calibration averages)."""
-        out = self._call("forward", images=self._images(images), budget=np.int32(budget))
+        out = self._call("forward", images=self._images(images), budget=_one(budget, np.int32))
         return out["values"], out["indices"], out["moments"]
 
     def infer(self, images, budget, chunk=None):
@@ -154,7 +161,7 @@ class TrainableHead:
         images = self._images(images)
         step = chunk or max(len(images), 1)
         parts = [
-            self._call("infer", images=images[i : i + step], budget=np.int32(budget))
+            self._call("infer", images=images[i : i + step], budget=_one(budget, np.int32))
             for i in range(0, len(images), step)
         ]
         return np.concatenate([p["values"] for p in parts]), parts[0]["indices"]
@@ -167,10 +174,10 @@ class TrainableHead:
             images=self._images(images),
             labels=np.asarray(labels, np.int32),
             upstream_gradient=np.asarray(gradient, np.float32),
-            budget=np.int32(budget),
-            learning_rate=np.float32(rates[0]),
-            gate_learning_rate=np.float32(rates[1]),
-            penalty_weight=np.float32(penalty_weight),
+            budget=_one(budget, np.int32),
+            learning_rate=_one(rates[0], np.float32),
+            gate_learning_rate=_one(rates[1], np.float32),
+            penalty_weight=_one(penalty_weight, np.float32),
         )
         return float(out["penalty"]), float(out["local_loss"])
 
