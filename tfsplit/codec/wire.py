@@ -20,6 +20,17 @@ def payload_nbytes_tensor(batch, k, height, width, dtype, with_labels, channels)
     return _nbytes(batch, height, width, k, dtype, with_labels, index_count)
 
 
+def step_nbytes(batch, k, dtypes, training, with_labels, height, width, channels):
+    """One step's bytes across one cut, (forward, backward): the k channels forward every step
+    (with the labels when `with_labels`), their gradient back in training; `dtypes` is the
+    (forward, backward) wire dtypes. Int64 tensors, as `payload_nbytes_tensor`."""
+    shape = dict(height=height, width=width, channels=channels)
+    forward = payload_nbytes_tensor(batch, k, dtype=dtypes[0], with_labels=with_labels, **shape)
+    if not training:
+        return forward, tf.constant(0, tf.int64)
+    return forward, payload_nbytes_tensor(batch, k, dtype=dtypes[1], with_labels=False, **shape)
+
+
 def _fake_quantize_int8(x):
     """TensorFlow mirror of `codec_values.quantize` then `dequantize` for int8, op for op."""
     x = tf.where(tf.abs(x) < values_lib.FLOAT32_TINY, tf.zeros_like(x), x)

@@ -87,6 +87,8 @@ class SplitModel(keras.Model):
     what crossed the cut each way; evaluation counts what inference would send up, nothing down).
     """
 
+    labels_go_up = True  # with each training batch, for the server's loss
+
     def __init__(
         self,
         head,
@@ -355,16 +357,16 @@ class SplitModel(keras.Model):
 
     def payload_bytes(self, batch, k, training):
         """Bytes up and down for one step of `batch` samples at budget k, by the codec's formula."""
-        shape = dict(height=self.height, width=self.width, channels=self.channels)
-        up = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.activation_dtype, with_labels=training, **shape
+        return wire.step_nbytes(
+            batch,
+            k,
+            (self.activation_dtype, self.gradient_dtype),
+            training,
+            with_labels=training and self.labels_go_up,
+            height=self.height,
+            width=self.width,
+            channels=self.channels,
         )
-        if not training:
-            return up, tf.constant(0, tf.int64)
-        down = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.gradient_dtype, with_labels=False, **shape
-        )
-        return up, down
 
     def update_metrics(self, labels, logits, penalty, k, training, local=None):
         self.compiled_metrics.update_state(labels, logits)

@@ -19,7 +19,7 @@ from tfsplit.engine.split_model import SplitModel
 @keras.utils.register_keras_serializable(package="tfsplit")
 class UShapedSplitModel(SplitModel):
     """A `SplitModel` whose server part (`tail`, the middle) hands its output back to the device's
-    `top`, which computes the logits and the loss.
+    `top`, which computes the logits and the loss: no labels go up.
 
     Args:
       head, tail: as `SplitModel`'s; `tail` is the middle: wire activations -> the second cut.
@@ -32,6 +32,8 @@ class UShapedSplitModel(SplitModel):
     Metrics: `SplitModel`'s (`payload_bytes_up` and `payload_bytes_down` are the first cut's,
     without labels), plus `top_payload_bytes_down` and `top_payload_bytes_up`, the second cut's.
     """
+
+    labels_go_up = False
 
     def __init__(
         self,
@@ -92,33 +94,19 @@ class UShapedSplitModel(SplitModel):
         middle = super().receive(values, indices, training, fill)
         return self.top(self.top_wire(middle), training=training)
 
-    def payload_bytes(self, batch, k, training):
-        """The first cut's bytes: no labels go up."""
-        shape = dict(height=self.height, width=self.width, channels=self.channels)
-        up = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.activation_dtype, with_labels=False, **shape
-        )
-        if not training:
-            return up, tf.constant(0, tf.int64)
-        down = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.gradient_dtype, with_labels=False, **shape
-        )
-        return up, down
-
     def top_payload_bytes(self, batch, training):
         """The second cut's bytes, (down, up): the middle's output every step, the top's gradient
         in training."""
-        shape = dict(height=self.top_height, width=self.top_width, channels=self.top_channels)
-        k = self.top_channels
-        down = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.top_activation_dtype, with_labels=False, **shape
+        return wire.step_nbytes(
+            batch,
+            self.top_channels,
+            (self.top_activation_dtype, self.top_gradient_dtype),
+            training,
+            with_labels=False,
+            height=self.top_height,
+            width=self.top_width,
+            channels=self.top_channels,
         )
-        if not training:
-            return down, tf.constant(0, tf.int64)
-        up = wire.payload_nbytes_tensor(
-            batch, k, dtype=self.top_gradient_dtype, with_labels=False, **shape
-        )
-        return down, up
 
     def update_metrics(self, labels, logits, penalty, k, training, local=None):
         down, up = self.top_payload_bytes(tf.shape(labels)[0], training)
