@@ -228,11 +228,7 @@ def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
     np.testing.assert_array_equal(part[1], want_labels[1::2])
 
 
-def test_image_folder_constants_are_the_pipelines():
-    assert device_folder.IMAGE_FOLDER_MEAN == image_folder.MEAN
-    assert device_folder.IMAGE_FOLDER_STD == image_folder.STD
-    assert device_folder.IMAGE_FOLDER_EXTENSIONS == image_folder.EXTENSIONS
-    assert device_folder.DEFAULT_IMAGE_SIZE == image_folder.DEFAULT_IMAGE_SIZE
+def test_augmentation_constants_are_the_pipelines():
     assert batching.CROP_PADDING == pipeline.CROP_PADDING
 
 

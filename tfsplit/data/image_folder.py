@@ -5,10 +5,9 @@ Layout:
     path/train/<class>/*.jpg|*.jpeg|*.png
     path/val/<class>/...      (or path/test/<class>/...; val/ wins when both exist)
 
-Class names sorted (Python string order) give the label ids 0..C-1, as in Keras's
-`image_dataset_from_directory`; train and val must hold the same classes. Files are ordered
-round-robin over the classes (the first file of every class, then the second, ...) so that the
-first n samples of a split are balanced, which keeps `train_size`/`test_size` smoke runs sensible.
+Classes, labels and the round-robin file order are `tfsplit.records.image_folder`'s (shared with
+the device's reader): the first n samples of a split are balanced, which keeps
+`train_size`/`test_size` smoke runs sensible.
 
 Every image is decoded by `_decode_image` (JPEG or PNG whatever its extension says, gray and RGBA
 turned into RGB) and resized to image_size x image_size (bilinear, antialiased, aspect ratio not
@@ -22,6 +21,7 @@ kept), in parallel inside tf.data. Two ways use it:
   returned.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -31,37 +31,11 @@ from absl import logging
 from tfsplit.data import common
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.pipeline import augmented_and_normalized, finish_epoch
+from tfsplit.records import image_folder as listing
+from tfsplit.records.image_folder import DEFAULT_IMAGE_SIZE, LAYOUT, MEAN, STD
 
-DEFAULT_IMAGE_SIZE = 64
-EXTENSIONS = (".jpg", ".jpeg", ".png")
-# The images are ImageNet photos (Imagenet100) or photos like them: use ImageNet's statistics.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-_TEST_FOLDERS = ("val", "test")
-_LAYOUT = "expected path/train/<class>/*.jpg|*.jpeg|*.png and path/val/<class>/* (or test/)"
 _MAX_NAMED_FILES = 10
 _UNREADABLE = " could not be read or decoded as JPEG or PNG (its error is logged above)"
-
-
-def _subdirectories(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _images_in(folder):
-    names = [e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
-    return sorted(os.path.join(folder, n) for n in names if n.lower().endswith(EXTENSIONS))
-
-
-def _split_folders(path):
-    """(train folder, test folder) of the dataset at `path`."""
-    train = os.path.join(path, "train")
-    if not os.path.isdir(train):
-        raise DatasetFileError(f"Image folder {path} has no train/ directory; {_LAYOUT}")
-    for name in _TEST_FOLDERS:
-        test = os.path.join(path, name)
-        if os.path.isdir(test):
-            return train, test
-    raise DatasetFileError(f"Image folder {path} has neither val/ nor test/; {_LAYOUT}")
 
 
 def list_classes(path):
@@ -71,35 +45,27 @@ def list_classes(path):
       DatasetFileError: when the layout is wrong, there are no classes, or train/ and val/
         (or test/) hold different classes.
     """
-    train, test = _split_folders(os.fspath(path))
-    classes = _subdirectories(train)
-    if not classes:
-        raise DatasetFileError(f"{train} holds no class directories; {_LAYOUT}")
-    test_classes = _subdirectories(test)
-    if test_classes != classes:
-        raise DatasetFileError(
-            f"{train} and {test} must hold the same class directories. Only in train: "
-            f"{sorted(set(classes) - set(test_classes))}; only in {os.path.basename(test)}: "
-            f"{sorted(set(test_classes) - set(classes))}"
-        )
-    return tuple(classes)
+    with _as_dataset_error():
+        return listing.list_classes(path)
+
+
+@contextlib.contextmanager
+def _as_dataset_error():
+    try:
+        yield
+    except listing.ImageFolderError as error:
+        raise DatasetFileError(str(error)) from None
+
+
+def _split_folders(path):
+    with _as_dataset_error():
+        return listing.split_folders(path)
 
 
 def _list_split(folder, classes):
-    """(file paths, int32 labels) of one split, ordered round-robin over the classes."""
-    per_class = []
-    for name in classes:
-        files = _images_in(os.path.join(folder, name))
-        if not files:
-            raise DatasetFileError(
-                f"{os.path.join(folder, name)} holds no images ({', '.join(EXTENSIONS)}); {_LAYOUT}"
-            )
-        per_class.append(files)
-    labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(f) for f in per_class])
-    ranks = np.concatenate([np.arange(len(f)) for f in per_class])
-    order = np.lexsort((labels, ranks))  # by rank within the class, then by class
-    paths = np.array([f for files in per_class for f in files])
-    return paths[order], labels[order]
+    with _as_dataset_error():
+        paths, labels = listing.list_split(folder, classes)
+    return np.array(paths), labels
 
 
 def _decode_image(path, image_size):
@@ -147,10 +113,10 @@ def _open(path, image_size):
     """(path, classes, train folder, test folder, image side) of the image folder at `path`."""
     common.check_optional_size("image_size", image_size)
     if path is None:
-        raise DatasetFileError(f"The image_folder dataset needs `path`; {_LAYOUT}. Received: None")
+        raise DatasetFileError(f"The image_folder dataset needs `path`; {LAYOUT}. Received: None")
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise DatasetFileError(f"Image folder path is not a directory: {path}; {_LAYOUT}")
+        raise DatasetFileError(f"Image folder path is not a directory: {path}; {LAYOUT}")
     classes = list_classes(path)
     train_folder, test_folder = _split_folders(path)
     logging.info("Image folder %s: %d classes (label: name) %s", path, len(classes), classes)

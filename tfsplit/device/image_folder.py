@@ -1,7 +1,8 @@
 """Image folders on a device without TensorFlow: train/<class>/ and val/<class>/ (or test/), read
 as `tfsplit.data.image_folder` does: the same classes, labels, file order and normalization.
 
-PNGs already at the target size give the same pixels. Resized images use Pillow's antialiased
+The layout, labels and file order are `tfsplit.records.image_folder`'s, shared with tf.data's
+reader. PNGs already at the target size give the same pixels. Resized images use Pillow's antialiased
 bilinear filter in float32, the filter of tf.image.resize, but the sums round in another order: a
 pixel may be one level (1/255) away. JPEGs differ by a few levels: TensorFlow decodes them with
 libjpeg's fast integer IDCT, Pillow with the accurate one. For pixels identical to TensorFlow's,
@@ -23,65 +24,19 @@ from tfsplit.device.dataset import (
     _pillow,
     normalize,
 )
-
-# As tfsplit.data.image_folder (a test holds them equal): layout, default size and statistics.
-IMAGE_FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DEFAULT_IMAGE_SIZE = 64
-IMAGE_FOLDER_MEAN = (0.485, 0.456, 0.406)
-IMAGE_FOLDER_STD = (0.229, 0.224, 0.225)
-_TEST_FOLDERS = ("val", "test")
-_LAYOUT = "expected path/train/<class>/*.jpg|*.jpeg|*.png and path/val/<class>/* (or test/)"
+from tfsplit.records import image_folder as listing
+from tfsplit.records.image_folder import DEFAULT_IMAGE_SIZE, LAYOUT, MEAN, STD
 
 
-def _subdirectories(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _images_in(folder):
-    names = [e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
-    return sorted(
-        os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_FOLDER_EXTENSIONS)
-    )
-
-
-def _folder_classes(path):
-    """(train folder, test folder, class names) of the image folder at `path`."""
-    train = os.path.join(path, "train")
-    if not os.path.isdir(train):
-        raise DeviceDataError(f"Image folder {path} has no train/ directory; {_LAYOUT}")
-    tests = [os.path.join(path, n) for n in _TEST_FOLDERS if os.path.isdir(os.path.join(path, n))]
-    if not tests:
-        raise DeviceDataError(f"Image folder {path} has neither val/ nor test/; {_LAYOUT}")
-    classes = _subdirectories(train)
-    if not classes:
-        raise DeviceDataError(f"{train} holds no class directories; {_LAYOUT}")
-    test_classes = _subdirectories(tests[0])
-    if test_classes != classes:
-        raise DeviceDataError(
-            f"{train} and {tests[0]} must hold the same class directories. Only in train: "
-            f"{sorted(set(classes) - set(test_classes))}; only in "
-            f"{os.path.basename(tests[0])}: {sorted(set(test_classes) - set(classes))}"
-        )
-    return train, tests[0], tuple(classes)
-
-
-def _folder_files(folder, classes):
-    """(paths, int32 labels) of one split, round-robin over the classes (first file of every
-    class, then the second, ...), the order of `tfsplit.data.image_folder`."""
-    per_class = []
-    for name in classes:
-        files = _images_in(os.path.join(folder, name))
-        if not files:
-            raise DeviceDataError(
-                f"{os.path.join(folder, name)} holds no images "
-                f"({', '.join(IMAGE_FOLDER_EXTENSIONS)}); {_LAYOUT}"
-            )
-        per_class.append(files)
-    labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(f) for f in per_class])
-    ranks = np.concatenate([np.arange(len(f)) for f in per_class])
-    order = np.lexsort((labels, ranks))  # by rank within the class, then by class
-    paths = [f for files in per_class for f in files]
-    return [paths[i] for i in order], labels[order]
+def _listed(path, split):
+    """(classes, paths, labels) of one split, as `tfsplit.records.image_folder` lists them."""
+    try:
+        classes = listing.list_classes(path)
+        train, test = listing.split_folders(path)
+        paths, labels = listing.list_split(train if split == "train" else test, classes)
+    except listing.ImageFolderError as error:
+        raise DeviceDataError(str(error)) from None
+    return classes, paths, labels
 
 
 def _read_image(Image, path, size):
@@ -129,9 +84,8 @@ def load_image_folder(
     _check_int("image_size", image_size, 1)
     path = _check_local_dir(path, "an image folder")
     if not os.path.isdir(path):
-        raise DeviceDataError(f"Image folder path is not a directory: {path}; {_LAYOUT}")
-    train, test, classes = _folder_classes(path)
-    paths, labels = _folder_files(train if split == "train" else test, classes)
+        raise DeviceDataError(f"Image folder path is not a directory: {path}; {LAYOUT}")
+    classes, paths, labels = _listed(path, split)
     title = f"Image folder {path}"
     paths, labels = (
         _device_part(items, split, shard_index, num_shards, title, "files")
@@ -147,13 +101,13 @@ def load_image_folder(
         image_size,
         len(classes),
     )
-    images = normalize(pixels, IMAGE_FOLDER_MEAN, IMAGE_FOLDER_STD) if normalized else pixels
+    images = normalize(pixels, MEAN, STD) if normalized else pixels
     info = _info(
         "image_folder",
         len(classes),
         (image_size, image_size, 3),
-        IMAGE_FOLDER_MEAN,
-        IMAGE_FOLDER_STD,
+        MEAN,
+        STD,
         len(labels),
         classes,
     )
