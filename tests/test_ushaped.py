@@ -137,5 +137,5 @@ def test_the_ushaped_variant_trains_and_saves_in_process_only(tmp_path):
     assert isinstance(loaded, tfsplit.UShapedSplitModel) and loaded.top_cut == "pool5"
     config.wire.transport = "codec"
     info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
-    with pytest.raises(ValueError, match="U-shaped split.*trains in process"):
+    with pytest.raises(ValueError, match="U-shaped split.*train in process"):
         trainer.build_split_model(config, info)

@@ -42,6 +42,7 @@ except ImportError:
 TOOLS = (
     "bench_data",
     "bench_head",
+    "bench_leakage",
     "bench_network",
     "bench_train",
     "data_service",

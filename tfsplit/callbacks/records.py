@@ -87,6 +87,7 @@ class RunRecords(keras.callbacks.Callback):
             for key, total in zip(("top_payload_bytes_down", "top_payload_bytes_up"), top_ledger):
                 record[key] = int(total) - previous.get(f"total_{key}", 0)
                 record[f"total_{key}"] = int(total)
+        record.update((k, float(v)) for k, v in logs.items() if k.startswith("leakage_"))
         if "local_loss" in logs:
             record["train_local_loss"] = float(logs["local_loss"])
         if "gates_open_at_reset" in logs:

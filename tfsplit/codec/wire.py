@@ -75,17 +75,28 @@ def fake_quantize(x, dtype):
     return x
 
 
-def make_wire(activation_dtype, gradient_dtype):
+def perturb(gradient, noise):
+    """`gradient` plus Gaussian noise whose standard deviation is `noise` times the gradient's
+    root mean square over the batch: a defence against label leakage with a set noise level
+    (0 = none)."""
+    if not noise:
+        return gradient
+    scale = noise * tf.sqrt(tf.reduce_mean(tf.square(gradient)))
+    return gradient + tf.random.normal(tf.shape(gradient)) * scale
+
+
+def make_wire(activation_dtype, gradient_dtype, gradient_noise=0.0):
     """Quantize what crosses the cut both ways: activations forward, their gradient backward.
 
     A straight-through estimator: the tail sees exactly what the codec would deliver, and the head
-    gets back exactly the gradient the server would encode.
+    gets back exactly the gradient the server would encode, perturbed by `perturb` first when
+    `gradient_noise` is set.
     """
 
     @tf.custom_gradient
     def wire(values):
         def backward(upstream):
-            return fake_quantize(upstream, gradient_dtype)
+            return fake_quantize(perturb(upstream, gradient_noise), gradient_dtype)
 
         return fake_quantize(values, activation_dtype), backward
 

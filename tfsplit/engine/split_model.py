@@ -62,6 +62,8 @@ class SplitModel(keras.Model):
         final softmax out); starts with a `Decoder` when masked.
       cut: name of the original model's layer at the cut (recorded, not used).
       activation_dtype, gradient_dtype: what the wire carries each way (`codec.WIRE_DTYPES`).
+      gradient_noise: the gradient sent back down is perturbed with Gaussian noise of this many
+        times its root mean square (`tfsplit.codec.wire.perturb`; a label-leakage defence).
       budget_eps, budget_delta: the budget loss `eps * cosh-like(delta * (sum(m) - k))`.
       nested_budgets: one model for every budget (the sandwich rule). While nesting is on (see
         `set_budget`; `PhaseSchedule` turns it on late in the final phase), each masked step also
@@ -96,6 +98,7 @@ class SplitModel(keras.Model):
         cut=None,
         activation_dtype="float16",
         gradient_dtype="float16",
+        gradient_noise=0.0,
         budget_eps=1000.0,
         budget_delta=0.1,
         nested_budgets=False,
@@ -154,7 +157,10 @@ class SplitModel(keras.Model):
                 "losses take them so); `tfsplit.split_model` leaves a final softmax out.",
                 self.name,
             )
-        self.wire = wire.make_wire(activation_dtype, gradient_dtype)
+        if not gradient_noise >= 0.0:
+            raise ValueError(f"`gradient_noise` must be >= 0. Received: {gradient_noise!r}")
+        self.gradient_noise = float(gradient_noise)
+        self.wire = wire.make_wire(activation_dtype, gradient_dtype, self.gradient_noise)
         self.budget_loss_tracker = keras.metrics.Mean(name="budget_loss")
         self.payload_bytes_up = keras.metrics.Sum(name="payload_bytes_up", dtype="float64")
         self.payload_bytes_down = keras.metrics.Sum(name="payload_bytes_down", dtype="float64")
@@ -412,6 +418,7 @@ class SplitModel(keras.Model):
             cut=self.cut,
             activation_dtype=self.activation_dtype,
             gradient_dtype=self.gradient_dtype,
+            gradient_noise=self.gradient_noise,
             budget_eps=self.budget_eps,
             budget_delta=self.budget_delta,
             nested_budgets=self.nested_budgets,

@@ -27,6 +27,8 @@ class UShapedSplitModel(SplitModel):
       top_cut: name of the original model's layer whose output is the second cut (recorded).
       top_activation_dtype, top_gradient_dtype: what the second cut carries down (the middle's
         output) and up (the top's gradient); `codec.WIRE_DTYPES`.
+      top_gradient_noise: the top's gradient is perturbed before it goes up, as `SplitModel`'s
+        `gradient_noise` perturbs the first cut's.
       **kwargs: `SplitModel`'s.
 
     Metrics: `SplitModel`'s (`payload_bytes_up` and `payload_bytes_down` are the first cut's,
@@ -43,6 +45,7 @@ class UShapedSplitModel(SplitModel):
         top_cut=None,
         top_activation_dtype="float16",
         top_gradient_dtype="float16",
+        top_gradient_noise=0.0,
         **kwargs,
     ):
         super().__init__(head, tail, **kwargs)
@@ -64,7 +67,12 @@ class UShapedSplitModel(SplitModel):
             top_activation_dtype,
             top_gradient_dtype,
         )
-        self.top_wire = wire.make_wire(top_activation_dtype, top_gradient_dtype)
+        if not top_gradient_noise >= 0.0:
+            raise ValueError(f"`top_gradient_noise` must be >= 0. Received: {top_gradient_noise!r}")
+        self.top_gradient_noise = float(top_gradient_noise)
+        self.top_wire = wire.make_wire(
+            top_activation_dtype, top_gradient_dtype, self.top_gradient_noise
+        )
         top_shape = tuple(int(d) for d in tail.output.shape[1:])
         self.top_channels = top_shape[-1]
         self.top_height, self.top_width = (top_shape[:-1] + (1, 1))[:2]
@@ -88,10 +96,14 @@ class UShapedSplitModel(SplitModel):
     def device_only_weights(self):
         return super().device_only_weights + self.top.weights
 
+    def middle_output(self, values, indices, training=False, fill=None):
+        """The server's half: the k channels placed back, then the middle; what goes down."""
+        return super().receive(values, indices, training, fill)
+
     def receive(self, values, indices, training=False, fill=None):
         """The middle on the k channels, then its output through the second cut's wire and the
         top: the logits, as `SplitModel.receive` gives them."""
-        middle = super().receive(values, indices, training, fill)
+        middle = self.middle_output(values, indices, training, fill)
         return self.top(self.top_wire(middle), training=training)
 
     def top_payload_bytes(self, batch, training):
@@ -123,6 +135,7 @@ class UShapedSplitModel(SplitModel):
             top_cut=self.top_cut,
             top_activation_dtype=self.top_activation_dtype,
             top_gradient_dtype=self.top_gradient_dtype,
+            top_gradient_noise=self.top_gradient_noise,
         )
 
     @classmethod

@@ -94,6 +94,8 @@ def base_config(mode):
     config.data.batch_size = 64
     config.data.eval_batch_size = 500
     config.data.augment = True  # random crop (4-pixel padding) + horizontal flip.
+    # >= 0: the binary task "this class or another" (labels 1 / 0; in process), -1: every class.
+    config.data.binary_class = -1
 
     # Model: backbone, cut and the masked bottleneck.
     config.model = ml_collections.ConfigDict()
@@ -151,6 +153,10 @@ def base_config(mode):
     config.wire.gradient_dtype = "float16"
     config.wire.top_activation_dtype = "float16"  # U-shaped: the middle's output, down.
     config.wire.top_gradient_dtype = "float16"  # U-shaped: the top's gradient, up.
+    # A label-leakage defence (in process): Gaussian noise of this many times the gradient's root
+    # mean square on the gradient sent down at the cut, and on the top's sent up (U-shaped).
+    config.wire.gradient_noise = 0.0
+    config.wire.top_gradient_noise = 0.0
     config.wire.transport = "fused"  # "fused" (one compiled step) or "codec" (real bytes).
     return config
 

@@ -5,6 +5,7 @@ killed run resumes from, every `checkpoint_every_steps` steps, and the final `mo
 `tensorboard/`. Re-running on the same workdir resumes from the last backup.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -39,22 +40,43 @@ def build_split_model(config, info, remote=False):
 
     `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
     """
+    # Runs recorded before the U-shaped split and the noise defence existed have neither key.
+    top_point = config.model.get("top", "")
+    wire_config = dict(top_activation_dtype="float16", top_gradient_dtype="float16")
+    wire_config.update(gradient_noise=0.0, top_gradient_noise=0.0)
+    wire_config.update(config.wire.to_dict())
     for key in ("activation_dtype", "gradient_dtype", "top_activation_dtype", "top_gradient_dtype"):
-        _check_choice(f"wire.{key}", config.wire[key], codec.WIRE_DTYPES)
+        _check_choice(f"wire.{key}", wire_config[key], codec.WIRE_DTYPES)
     _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
+    in_process_only = dict(
+        data_binary_class=config.data.get("binary_class", -1) >= 0,
+        model_top=top_point,
+        wire_gradient_noise=wire_config["gradient_noise"],
+        wire_top_gradient_noise=wire_config["top_gradient_noise"],
+    )
+    if any(in_process_only.values()) and (remote or config.wire.transport != "fused"):
+        raise ValueError(
+            "A U-shaped split (config.model.top), the gradient noise defence and the binary task "
+            "train in process, with config.wire.transport='fused'; the training server and the "
+            f"codec transport carry the plain split without noise. Received: {in_process_only}, "
+            f"wire.transport={config.wire.transport!r}, networked={remote}"
+        )
+    for key in ("gradient_noise", "top_gradient_noise"):
+        noise = wire_config[key]
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+            raise ValueError(f"config.wire.{key} must be a number >= 0. Received: {noise!r}")
     top = {}
-    if config.model.top:
-        if remote or config.wire.transport != "fused":
-            raise ValueError(
-                "A U-shaped split (config.model.top) trains in process, with "
-                "config.wire.transport='fused'; the training server and the codec transport "
-                f"carry the plain split. Received: model.top={config.model.top!r}, "
-                f"wire.transport={config.wire.transport!r}, networked={remote}"
-            )
+    if top_point:
         top = dict(
-            top=models.resolve_top(config.model.backbone, config.model.top),
-            top_activation_dtype=config.wire.top_activation_dtype,
-            top_gradient_dtype=config.wire.top_gradient_dtype,
+            top=models.resolve_top(config.model.backbone, top_point),
+            top_activation_dtype=wire_config["top_activation_dtype"],
+            top_gradient_dtype=wire_config["top_gradient_dtype"],
+            top_gradient_noise=wire_config["top_gradient_noise"],
+        )
+    elif wire_config["top_gradient_noise"]:
+        raise ValueError(
+            "config.wire.top_gradient_noise perturbs a U-shaped split's second cut; set "
+            "config.model.top too, or leave it 0."
         )
     backbone = models.build_backbone(
         config.model.backbone,
@@ -74,6 +96,7 @@ def build_split_model(config, info, remote=False):
         bottleneck=bottleneck,
         activation_dtype=config.wire.activation_dtype,
         gradient_dtype=config.wire.gradient_dtype,
+        gradient_noise=wire_config["gradient_noise"],
         budget_eps=config.budget_loss.eps,
         budget_delta=config.budget_loss.delta,
         nested_budgets=config.budget_sampling.nested,
@@ -154,6 +177,26 @@ def load_run_arrays(config, **sizes):
 
 
 def build_data(config):
+    """(train, test, info) of `config.data`; with `binary_class` >= 0, the task "that class or
+    another" (label 1 or 0), as in the label-leakage literature's binary tasks."""
+    train_ds, test_ds, info = _build_datasets(config)
+    positive = config.data.get("binary_class", -1)
+    if positive < 0:
+        return train_ds, test_ds, info
+    if not isinstance(positive, int) or positive >= info.num_classes:
+        raise ValueError(
+            f"config.data.binary_class must be -1 (off) or a class of {info.name}, 0 to "
+            f"{info.num_classes - 1}. Received: {positive!r}"
+        )
+    binary = lambda images, labels: (
+        images,
+        tf.cast(labels == positive, labels.dtype),
+    )  # noqa: E731
+    info = dataclasses.replace(info, num_classes=2)
+    return train_ds.map(binary), test_ds.map(binary), info
+
+
+def _build_datasets(config):
     return data.build_datasets(
         config.data.name,
         batch_size=config.data.batch_size,
@@ -205,7 +248,7 @@ def build_callbacks(config, workdir, info, train_ds):
         dataset=info.name,
         model=f"{config.model.backbone}@{config.model.cut}",
     )
-    if config.model.top:
+    if config.model.get("top", ""):
         summary["model"] += f", top after {config.model.top}"
     calibration = config.calibration_batches
     if not isinstance(calibration, int) or calibration < 0:
@@ -234,13 +277,15 @@ def build_callbacks(config, workdir, info, train_ds):
     ]
 
 
-def train(config, workdir, verbose="auto", client=None):
+def train(config, workdir, verbose="auto", client=None, measure=()):
     """Trains `config` in `workdir`, resuming from its last backup; returns the run's summary.
 
     A workdir whose run already finished returns its summary without training again. `verbose`
     is `fit`'s; "auto" shows the progress bar on a terminal and a line per epoch elsewhere.
     With `client` (a `TrainingClient` to a `tfsplit-train-server` of the same config), this
-    process is the device and the tail trains on the server.
+    process is the device and the tail trains on the server. `measure` holds callbacks that add
+    logs at each epoch's end for `metrics.jsonl` (keys starting "leakage_"; see
+    `tfsplit.eval.leakage.LeakageProbe`); they run just before the records are written.
     """
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -256,6 +301,8 @@ def train(config, workdir, verbose="auto", client=None):
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
         restore_weights(split, config.init_from)
     callbacks = build_callbacks(config, workdir, info, train_ds)
+    at_records = next(i for i, c in enumerate(callbacks) if isinstance(c, callbacks_lib.RunRecords))
+    callbacks[at_records:at_records] = list(measure)
     if client is not None:
         split.connect(client, device_id=f"device-{config.data.get('shard_index', 0)}")
         records = next(

@@ -1,0 +1,131 @@
+"""How much of the labels the server can read: the norm and cosine attacks of Li et al. (ICLR
+2022) on what the server sees, per method, plain split against U-shaped, with and without the
+gradient noise defence, at every epoch.
+
+  tfsplit-bench-leakage --workdir=/tmp/tfsplit/leakage --tasks=binary,all --noise=0,1
+  tfsplit-bench-leakage --workdir=/tmp/leak-smoke --methods=sl --variant=smoke
+
+Every run is `configs/<method>.py:<variant>` trained in process into --workdir/<run>: the plain
+split, and the U-shaped one (the top after the classifier's input); the binary task is class
+--binary_class against the rest, "all" every class (one-vs-rest AUCs). At each epoch's end the
+attacks run on the first --probe_batches test batches in training mode
+(`tfsplit.eval.leakage.LeakageProbe`): the plain split's gradient at the cut, the U-shape's
+gradient from the top and its first cut's activations, each as sent (noise included). The
+noise perturbs the gradient the server sends down (plain) or the one the top sends up
+(U-shaped). Writes leakage.json (every run's AUCs per epoch and its final test accuracy) and
+prints the final epoch's table.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from tfsplit.callbacks.records import read_records
+from tfsplit.device import stats
+from tfsplit.eval import leakage
+from tfsplit.training import trainer
+from tfsplit.training.config import load_config_file
+from tfsplit_tools import cli
+
+RESULT_FILE = "leakage.json"
+METHODS = ("sl", "casl", "deprune", "prune")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run trains.", required=True)
+_METHODS = flags.DEFINE_list("methods", ["sl", "casl", "deprune"], f"Of {METHODS}.")
+_SPLITS = flags.DEFINE_list("splits", ["plain", "ushaped"], "plain and/or ushaped.")
+_TASKS = flags.DEFINE_list("tasks", ["binary", "all"], "binary and/or all (every class).")
+_NOISE = flags.DEFINE_list("noise", ["0", "1"], "Gradient noise levels (0 = no defence).")
+_VARIANT = flags.DEFINE_string("variant", "", "Config variant of every run, e.g. smoke.")
+_BINARY_CLASS = flags.DEFINE_integer("binary_class", 0, "The binary task's class.", lower_bound=0)
+_PROBE_BATCHES = flags.DEFINE_integer("probe_batches", 2, "Test batches attacked.", lower_bound=1)
+_CONFIGS_DIR = flags.DEFINE_string(
+    "configs_dir", cli.clone_path("configs"), "Folder with sl.py, casl.py and deprune.py."
+)
+
+
+def _choices(values, allowed, flag):
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"--{flag} takes some of {list(allowed)}. Received: {values}")
+    return values
+
+
+def _noise_levels():
+    try:
+        levels = [float(v) for v in _NOISE.value]
+    except ValueError:
+        raise ValueError(f"--noise takes numbers >= 0. Received: {_NOISE.value}") from None
+    if not levels or any(not level >= 0 for level in levels):
+        raise ValueError(f"--noise takes numbers >= 0. Received: {_NOISE.value}")
+    return levels
+
+
+def _config(method, split, task, noise):
+    if method == "prune":
+        raise ValueError("prune starts from another run's model; measure sl, casl or deprune.")
+    config = load_config_file(os.path.join(_CONFIGS_DIR.value, f"{method}.py"), _VARIANT.value)
+    config.data.binary_class = _BINARY_CLASS.value if task == "binary" else -1
+    if split == "ushaped":
+        config.model.top = "classifier"
+        config.wire.top_gradient_noise = noise
+    else:
+        config.wire.gradient_noise = noise
+    return config
+
+
+def _run(name, config):
+    workdir = os.path.join(_WORKDIR.value, name)
+    _, test_ds, _ = trainer.build_data(config)
+    probe = leakage.LeakageProbe(test_ds.take(_PROBE_BATCHES.value), seed=config.seed)
+    summary = trainer.train(config, workdir, verbose=2, measure=[probe])
+    epochs = [
+        dict(epoch=r["epoch"], **{k: v for k, v in r.items() if k.startswith("leakage_")})
+        for r in read_records(workdir)
+    ]
+    return dict(final_test_accuracy=summary["final_test_accuracy"], epochs=epochs)
+
+
+def main(argv):
+    del argv
+    methods = _choices(_METHODS.value, METHODS, "methods")
+    splits = _choices(_SPLITS.value, ("plain", "ushaped"), "splits")
+    tasks = _choices(_TASKS.value, ("binary", "all"), "tasks")
+    runs = {}
+    for method in methods:
+        for split in splits:
+            for task in tasks:
+                for noise in _noise_levels():
+                    name = f"{method}_{split}_{task}_noise{noise:g}"
+                    runs[name] = dict(
+                        method=method,
+                        split=split,
+                        task=task,
+                        noise=noise,
+                        **_run(name, _config(method, split, task, noise)),
+                    )
+    report = dict(command=" ".join(["tfsplit-bench-leakage", *sys.argv[1:]]), runs=runs)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    path = os.path.join(_WORKDIR.value, RESULT_FILE)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    rows = []
+    for name, run in runs.items():
+        last = run["epochs"][-1]
+        rows.append(
+            dict(
+                run=name,
+                accuracy=f"{100 * run['final_test_accuracy']:.2f}%",
+                **{k.removeprefix("leakage_"): f"{v:.3f}" for k, v in last.items() if k != "epoch"},
+            )
+        )
+    columns = sorted({key for row in rows for key in row} - {"run", "accuracy"})
+    rows = [{key: row.get(key, "-") for key in ["run", "accuracy", *columns]} for row in rows]
+    print(stats.format_table(rows, [(key, key) for key in ["run", "accuracy", *columns]]))
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
+    cli.quiet_tensorflow_startup(sys.argv)
+    cli.run(main)
