@@ -11,6 +11,7 @@ backbones' current cut lists; converting all of them takes longer than the test 
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -23,6 +24,18 @@ from tfsplit import backbones
 from tfsplit.export import trainable, trainable_export
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
+
+# The code that decides a trainable head's ops: the record belongs to one version of it.
+EXPORTER_SOURCES = ("builtin_grads.py", "trainable.py", "trainable_export.py")
+
+
+def exporter_fingerprint():
+    """sha256 over the exporter's source files (`EXPORTER_SOURCES` of tfsplit/export)."""
+    digest = hashlib.sha256()
+    for name in EXPORTER_SOURCES:
+        with open(os.path.join(os.path.dirname(trainable.__file__), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def _split(backbone, cut):
@@ -68,7 +81,10 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--backbones", default=",".join(backbones.BACKBONES))
     args = parser.parse_args()
-    report = dict(command=" ".join(["python -m benchmarks.trainable_ops", *sys.argv[1:]]))
+    report = dict(
+        command=" ".join(["python -m benchmarks.trainable_ops", *sys.argv[1:]]),
+        exporter_sha256=exporter_fingerprint(),
+    )
     cuts = report["cuts"] = {}
     for backbone in args.backbones.split(","):
         for layer, names in cut_layers(backbone).items():

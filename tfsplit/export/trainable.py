@@ -231,6 +231,9 @@ class TrainableHead(tf.Module):
         gate_learning_rate,
         penalty_weight,
     ):
+        """The numbers come as one-element vectors (see `signatures`)."""
+        budget, learning_rate = budget[0], learning_rate[0]
+        gate_learning_rate, penalty_weight = gate_learning_rate[0], penalty_weight[0]
         indices = self._indices(budget)
         trainable = self.sgd_variables + ([self.gates] if self.adam is not None else [])
         with tf.GradientTape() as tape:
@@ -341,29 +344,10 @@ class TrainableHead(tf.Module):
         scalar = lambda name: tf.TensorSpec([1], tf.float32, name=name)  # noqa: E731
         size = self.layout()["size"]
 
-        def train(
-            images,
-            labels,
-            upstream_gradient,
-            budget,
-            learning_rate,
-            gate_learning_rate,
-            penalty_weight,
-        ):
-            return self.train(
-                images,
-                labels,
-                upstream_gradient,
-                budget[0],
-                learning_rate[0],
-                gate_learning_rate[0],
-                penalty_weight[0],
-            )
-
         functions = dict(
             forward=tf.function(lambda images, budget: self.forward(images, budget[0], True)),
             infer=tf.function(lambda images, budget: self.forward(images, budget[0], False)),
-            train=tf.function(train),
+            train=tf.function(self.train),
             get_weights=tf.function(self.get_weights),
             set_weights=tf.function(self.set_weights),
         )
