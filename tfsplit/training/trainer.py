@@ -35,11 +35,9 @@ def _check_choice(key, value, allowed):
         raise ValueError(f"config.{key} must be one of {tuple(allowed)}. Received: {value!r}")
 
 
-def build_split_model(config, info, remote=False):
-    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled.
-
-    `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
-    """
+def _wire_and_top(config, remote):
+    """(the wire's settings, `split_model`'s U-shaped arguments) of `config`, checked: the
+    U-shaped split, the noise defence and the binary task train in process only."""
     # Runs recorded before the U-shaped split and the noise defence existed have neither key.
     top_point = config.model.get("top", "")
     wire_config = dict(top_activation_dtype="float16", top_gradient_dtype="float16")
@@ -78,6 +76,15 @@ def build_split_model(config, info, remote=False):
             "config.wire.top_gradient_noise perturbs a U-shaped split's second cut; set "
             "config.model.top too, or leave it 0."
         )
+    return wire_config, top
+
+
+def build_split_model(config, info, remote=False):
+    """The backbone of `config.model`, cut, with the masked bottleneck if enabled; compiled.
+
+    `remote` builds the device half of networked training (`RemoteSplitModel`, to `connect`).
+    """
+    wire_config, top = _wire_and_top(config, remote)
     backbone = models.build_backbone(
         config.model.backbone,
         num_classes=info.num_classes,
@@ -188,10 +195,10 @@ def build_data(config):
             f"config.data.binary_class must be -1 (off) or a class of {info.name}, 0 to "
             f"{info.num_classes - 1}. Received: {positive!r}"
         )
-    binary = lambda images, labels: (
-        images,
-        tf.cast(labels == positive, labels.dtype),
-    )  # noqa: E731
+
+    def binary(images, labels):
+        return images, tf.cast(labels == positive, labels.dtype)
+
     info = dataclasses.replace(info, num_classes=2)
     return train_ds.map(binary), test_ds.map(binary), info
 
