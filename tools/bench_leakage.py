@@ -6,7 +6,7 @@ gradient noise defence, at every epoch.
   tfsplit-bench-leakage --workdir=/tmp/leak-smoke --methods=sl --variant=smoke
 
 Every run is `configs/<method>.py:<variant>` trained in process into --workdir/<run>: the plain
-split, and the U-shaped one (the top after the classifier's input); the binary task is class
+split, and the U-shaped one (the top after --top: by default the classifier's input); the binary task is class
 --binary_class against the rest, "all" every class (one-vs-rest AUCs). At each epoch's end the
 attacks run on the first --probe_batches test batches in training mode
 (`tfsplit.eval.leakage.LeakageProbe`): the plain split's gradient at the cut, the U-shape's
@@ -40,6 +40,9 @@ _NOISE = flags.DEFINE_list("noise", ["0", "1"], "Gradient noise levels (0 = no d
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant of every run, e.g. smoke.")
 _BINARY_CLASS = flags.DEFINE_integer("binary_class", 0, "The binary task's class.", lower_bound=0)
 _PROBE_BATCHES = flags.DEFINE_integer("probe_batches", 2, "Test batches attacked.", lower_bound=1)
+_TOP = flags.DEFINE_string(
+    "top", "classifier", "Where the U-shaped runs' top starts (a top point or a cut name)."
+)
 _CONFIGS_DIR = flags.DEFINE_string(
     "configs_dir", cli.clone_path("configs"), "Folder with sl.py, casl.py and deprune.py."
 )
@@ -68,7 +71,7 @@ def _config(method, split, task, noise):
     config = load_config_file(os.path.join(_CONFIGS_DIR.value, f"{method}.py"), _VARIANT.value)
     config.data.binary_class = _BINARY_CLASS.value if task == "binary" else -1
     if split == "ushaped":
-        config.model.top = "classifier"
+        config.model.top = _TOP.value
         config.wire.top_gradient_noise = noise
     else:
         config.wire.gradient_noise = noise
