@@ -33,7 +33,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_p
 from tfsplit import device
 from tfsplit.auth import credentials
 from tfsplit.device import rest as device_rest
-from tfsplit.serving import TailServer, rest, validation
+from tfsplit.serving import TailServer, rest, rest_json
 from tfsplit.serving.server import DEFAULT_MAX_REQUEST_BYTES
 
 MODEL = "tail"
@@ -267,7 +267,7 @@ def test_rest_refuses_an_oversized_body_before_reading_it(token_server):
     server, calls = token_server
     spec, batch = server.served.spec, server.served.max_batch_size
     limit = server.max_rest_body_bytes
-    assert limit == validation.max_json_body_bytes(spec, batch) < DEFAULT_MAX_REQUEST_BYTES
+    assert limit == rest_json.max_json_body_bytes(spec, batch) < DEFAULT_MAX_REQUEST_BYTES
     authorization = {"Authorization": f"Bearer {TOKEN}"}
     for expect in ({}, {"Expect": "100-continue"}):
         head = _head(Content_Length=limit + 1, **authorization, **expect)
@@ -289,7 +289,7 @@ def test_rest_refuses_an_oversized_body_before_reading_it(token_server):
                  {"instances": [dict(row, values=v) for v in worst.tolist()]}):  # fmt: skip
         assert len(json.dumps(body)) < limit
         text = json.dumps(body).encode()
-        assert sum(text.count(c) for c in b"[,:") <= validation.max_json_values(spec, batch)
+        assert sum(text.count(c) for c in b"[,:") <= rest_json.max_json_values(spec, batch)
     full = fx.make_payload(DTYPE, batch=batch)
     with contextlib.closing(
         device.make_client("rest", server.rest_url, MODEL, 20, token=TOKEN)

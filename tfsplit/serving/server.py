@@ -26,7 +26,7 @@ from absl import logging
 
 from tfsplit.auth import credentials
 from tfsplit.auth import grpc_server as security
-from tfsplit.serving import grpc_service, model, rest
+from tfsplit.serving import grpc_service, model, rest, rest_json
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 # Longest slice of `TailServer.wait`: how late a Ctrl-C or SIGTERM can be noticed.
@@ -130,7 +130,7 @@ class TailServer:
         self.grpc_port = grpc_port
         self.rest_port = rest_port
         self._max_request_bytes = max_request_bytes
-        self.max_rest_body_bytes, _ = rest.body_limit(self.served, max_request_bytes)
+        self.max_rest_body_bytes, _ = rest_json.body_limit(self.served, max_request_bytes)
         self._max_workers = max_workers
         self._rest_limits = dict(
             max_workers=max_workers,

@@ -28,14 +28,6 @@ OUTPUT_NAME = "probabilities"
 SPEC_FILE = os.path.join("assets.extra", "tfsplit_tail.json")
 DEFAULT_SIGNATURE = "serving_default"
 
-# The REST body a request the spec accepts may take: every JSON number within the longest float
-# repr ("-1.2345678901234567e-308") and its ", " separator, with room for brackets; per instance,
-# the row format's repeated keys, scale and zero point; per body, keys and whitespace.
-JSON_NUMBER_BYTES = 32
-JSON_INSTANCE_BYTES = 256
-JSON_FIXED_BYTES = 64 << 10
-JSON_INSTANCE_VALUES = 16
-JSON_FIXED_VALUES = 64
 # The longest refusal message, as a JSON string: a REST error body stays under 1 KB.
 MESSAGE_BYTES = 900
 
@@ -380,29 +372,6 @@ def validate_inputs(spec, arrays, max_batch_size):
     _check_quantization(spec, arrays["scale"], arrays["zero_point"])
     if spec.dtype != "int8" and not np.isfinite(values).all():
         raise invalid(f"Input 'values' must be finite {spec.dtype} numbers; found NaN or inf.")
-
-
-def max_json_body_bytes(spec, max_batch_size):
-    """The largest REST :predict body that a request the spec accepts needs (a full batch of the
-    largest budget, in either format, with whitespace), or None when the spec leaves h, w or k
-    open."""
-    if spec.height is None or spec.width is None or spec.max_budget is None:
-        return None
-    numbers = spec.height * spec.width * spec.max_budget + spec.max_budget  # values, indices
-    return JSON_FIXED_BYTES + max_batch_size * (numbers * JSON_NUMBER_BYTES + JSON_INSTANCE_BYTES)
-
-
-def max_json_values(spec, max_batch_size):
-    """The most JSON values (numbers, lists, objects, keys) a :predict body that the spec accepts
-    holds, in either format, or None when the spec leaves h, w or k open. Every value but the
-    outermost follows a '[', ',' or ':', so counting those bytes bounds what parsing would build,
-    before it does."""
-    if spec.height is None or spec.width is None or spec.max_budget is None:
-        return None
-    pixels, k = spec.height * spec.width, spec.max_budget
-    # Per instance: its numbers, one list per pixel and row (at most two per pixel), its indices,
-    # and the row format's own object, keys and scalars.
-    return JSON_FIXED_VALUES + max_batch_size * (pixels * (k + 2) + k + JSON_INSTANCE_VALUES)
 
 
 def clip_message(text, limit=MESSAGE_BYTES):
