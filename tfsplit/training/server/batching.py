@@ -1,9 +1,13 @@
-"""Training steps on their way through a `TailTrainer`, and several devices' steps as one batch."""
+"""Training steps on their way through a `TailTrainer`: several devices' steps as one batch, and
+that batch's outputs as each step's reply."""
 
 import threading
 
 import numpy as np
 
+from tfsplit import codec
+from tfsplit.protocol.framing import logits_reply
+from tfsplit.serving import validation
 from tfsplit.training.messages import request_digest
 
 
@@ -44,3 +48,29 @@ def joined_inputs(steps):
         np.concatenate([s.payload.labels for s in steps]),
         np.repeat([total / b for b in batches], batches).astype(np.float32),
     )
+
+
+def split_replies(steps, gradient, logits, loss, split):
+    """Each step's StepReply from the joined batch's outputs: its logits and its part of the
+    gradient, encoded as `split` sends gradients."""
+    replies, start = [], 0
+    for step in steps:
+        end = start + step.batch
+        reply = logits_reply(step.request.step, logits[start:end])
+        reply.loss = loss
+        try:
+            reply.payload = codec.encode(
+                gradient[start:end],
+                step.payload.indices,
+                split.channels,
+                split.gradient_dtype,
+                kind="gradients",
+            )
+        except codec.PayloadError as error:
+            raise validation.invalid(
+                f"The gradient of training step {step.request.step} cannot be sent as "
+                f"{split.gradient_dtype}: {error} The tail keeps its weights."
+            ) from None
+        replies.append(reply)
+        start = end
+    return replies

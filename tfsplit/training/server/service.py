@@ -13,14 +13,13 @@ from tfsplit.serving import validation
 from tfsplit.serving.grpc_service import add_servicer, answer_or_abort, parsed
 from tfsplit.training.messages import MAX_MESSAGE_BYTES, model_digest, shown, weights_from_protos
 from tfsplit.training.server import state
+from tfsplit.training.server.checks import check_device_id, check_digest
 from tfsplit.training.server.tail_trainer import (
     DEVICE_TIMEOUT_S,
     MAX_BATCH_SIZE,
     MAX_DEVICES,
     MAX_LEARNING_RATE,
     TailTrainer,
-    check_device_id,
-    check_digest,
 )
 
 _MAX_SIDE, _MAX_CLASSES = 4096, 100000

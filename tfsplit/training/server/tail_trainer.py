@@ -28,12 +28,10 @@ samples per step (`max_batch_size`), the devices (`max_devices`; a device silent
 step log (`max_log_bytes`, past which the server checkpoints itself).
 """
 
-import re
 import threading
 import time
 
 import grpc
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
@@ -50,9 +48,18 @@ from tfsplit.training.messages import (
     weights_to_protos,
 )
 from tfsplit.training.server.averaging import AveragingRounds
-from tfsplit.training.server.batching import PendingStep, joined_inputs
+from tfsplit.training.server.batching import PendingStep, joined_inputs, split_replies
 from tfsplit.training.server.calibration import calibration_pass
+from tfsplit.training.server.checks import (
+    check_device_id,
+    check_digest,
+    check_learning_rate,
+    check_retry,
+    check_shapes,
+)
 from tfsplit.training.server.compiled_tail import CompiledTail
+from tfsplit.training.server.resume import replay_to
+from tfsplit.training.server.slots import slot_to_free
 from tfsplit.training.server.state import MAX_LOG_BYTES, DeviceState, ServerState
 
 MAX_DEVICES = 64
@@ -63,7 +70,6 @@ MAX_DEVICES = 64
 MAX_BATCH_SIZE = 1024
 MAX_LEARNING_RATE = 10.0
 DEVICE_TIMEOUT_S = 600.0
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TRAIN, _EVALUATE, _CALIBRATE = (
     pb.StepRequest.TRAIN,
     pb.StepRequest.EVALUATE,
@@ -145,16 +151,7 @@ class TailTrainer:
     def hello(self, request):
         check_digest(request.model_digest, self.digest)
         check_device_id(request.device_id)
-        expected = list(self.split.head.input.shape[1:])
-        if len(request.image_shape) != len(expected) or list(request.image_shape) != expected:
-            raise validation.invalid(
-                f"image_shape must be {expected}. Received: {shown(request.image_shape)}"
-            )
-        classes = self.split.tail.output.shape[-1]
-        if request.num_classes != classes:
-            raise validation.invalid(
-                f"num_classes must be {classes}. Received: {request.num_classes}"
-            )
+        check_shapes(request, self.split)
         with self._lock:
             if request.device_id not in self.devices:
                 self._make_room()
@@ -197,29 +194,9 @@ class TailTrainer:
         return {p.request.device_id for p in self._pending} | self._rounds.waiting
 
     def _make_room(self):
-        """Frees a slot for a new device when the run is full: that of the device silent the
-        longest, if it has been for `device_timeout_s` and waits for no answer."""
-        if len(self.devices) < self.max_devices:
-            return
-        now, busy = time.monotonic(), self._busy()
-        silent = [
-            (device.last_seen, device_id)
-            for device_id, device in self.devices.items()
-            if device_id not in busy and now - device.last_seen >= self.device_timeout_s
-        ]
-        if not silent:
-            raise validation.RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"This run has its {self.max_devices} devices; a slot frees when one of them "
-                f"leaves or makes no call for {self.device_timeout_s:g} s.",
-            )
-        last_seen, device_id = min(silent)
-        logging.info(
-            "Device %r made no call for %.0f s: its slot goes to a new device.",
-            device_id,
-            now - last_seen,
-        )
-        self._remove(device_id)
+        """Frees a slot for a new device when the run is full (`slot_to_free`)."""
+        if len(self.devices) >= self.max_devices:
+            self._remove(slot_to_free(self.devices, self._busy(), self.device_timeout_s))
 
     def _remove(self, device_id):
         del self.devices[device_id]
@@ -271,42 +248,15 @@ class TailTrainer:
         """Device `device_id` restarted from its backup at `step`: the only device's run goes
         back there (the saved state, then the logged steps before `step`); with other devices
         the shared tail cannot go back, and the device continues from the server's step."""
-        device = self.devices[device_id]
-        shared = len(self.devices) > 1 or self._state is None
-        if not shared:
-            if not self._state.exists():
-                raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Device {shown(device_id)} resumes at step {step}, but this server has no "
-                    f"checkpoint yet to go back to (its next step here is {device.next_step}).",
-                )
-            saved, groups = self._state.saved_devices(), self._state.logged_steps()
-            # Devices gone since the checkpoint trained the tail too: it cannot go back either.
-            shared = set(saved) - {device_id} or any(
-                r.device_id != device_id for g in groups for r in g.requests
-            )
-        if shared:
+        logged = replay_to(self._state, self.devices, device_id, step)
+        if logged is None:
             logging.warning(
                 "Device %r resumes at step %d; the server is at %d and keeps the tail.",
                 device_id,
                 step,
-                device.next_step,
+                self.devices[device_id].next_step,
             )
             return
-        if device_id not in saved or saved[device_id].next_step > step:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"Device {shown(device_id)} resumes at step {step}, before the server's saved "
-                f"state (step {saved.get(device_id, DeviceState()).next_step}).",
-            )
-        # The run's only device: one request per logged group.
-        logged = [g for g in groups if g.requests[0].step < step]
-        if saved[device_id].next_step + len(logged) != step:
-            raise validation.RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"Device {shown(device_id)} resumes at step {step}, which the server's log does "
-                "not reach.",
-            )
         self.devices = self._state.load()
         self._state.truncate_log()
         for group in logged:
@@ -382,22 +332,17 @@ class TailTrainer:
     def _train_request(self, request, payload):
         """Trains the step alone (sequential) or with the other devices' (parallel); a retry of
         the last step gets its kept reply, a retry of a step still waiting gets its reply."""
-        rate = request.learning_rate
-        if not (np.isfinite(rate) and 0 <= rate <= np.float32(self.max_learning_rate)):
-            raise validation.invalid(
-                f"learning_rate must be finite and in [0, {self.max_learning_rate:g}] on this "
-                f"server. Received: {rate}"
-            )
+        check_learning_rate(request.learning_rate, self.max_learning_rate)
         step = PendingStep(request, payload)
         with self._lock:
             device = self._device(request.device_id)
             if request.step == device.next_step - 1 and device.last_reply is not None:
-                _check_retry(step, device.last_digest)
+                check_retry(step, device.last_digest)
                 logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
                 return device.last_reply
             waiting = [p for p in self._pending if p.request.device_id == request.device_id]
             if waiting and waiting[0].request.step == request.step:
-                _check_retry(step, waiting[0].digest)
+                check_retry(step, waiting[0].digest)
                 step, lead = waiting[0], False  # the same step, sent again while it waits
             elif request.step != device.next_step or waiting:
                 raise validation.RequestError(
@@ -472,7 +417,9 @@ class TailTrainer:
                     f"gradient at learning rate {first.request.learning_rate:g}; the tail keeps "
                     "its weights."
                 )
-            replies = self._replies(steps, gradient.numpy(), logits.numpy(), float(loss))
+            replies = split_replies(
+                steps, gradient.numpy(), logits.numpy(), float(loss), self.split
+            )
             if log and self._state is not None:
                 self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
         except BaseException:
@@ -490,56 +437,3 @@ class TailTrainer:
                 self.max_log_bytes,
             )
             self._state.save(self.devices)
-
-    def _replies(self, steps, gradient, logits, loss):
-        """Each step's StepReply: its logits and its part of the gradient, encoded."""
-        replies, start = [], 0
-        for step in steps:
-            end = start + step.batch
-            reply = logits_reply(step.request.step, logits[start:end])
-            reply.loss = loss
-            try:
-                reply.payload = codec.encode(
-                    gradient[start:end],
-                    step.payload.indices,
-                    self.split.channels,
-                    self.split.gradient_dtype,
-                    kind="gradients",
-                )
-            except codec.PayloadError as error:
-                raise validation.invalid(
-                    f"The gradient of training step {step.request.step} cannot be sent as "
-                    f"{self.split.gradient_dtype}: {error} The tail keeps its weights."
-                ) from None
-            replies.append(reply)
-            start = end
-        return replies
-
-
-def check_digest(received, expected):
-    """Refuses a request whose model digest is not `expected` (the server's model's)."""
-    if received != expected:
-        raise validation.RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"The device's model (digest {shown(received[:12])}) differs from this server's "
-            f"({expected[:12]}); start both with the same config.",
-        )
-
-
-def check_device_id(device_id):
-    if not _DEVICE_ID.fullmatch(device_id):
-        raise validation.invalid(
-            "device_id must be 1 to 64 letters, digits, '.', '_' or '-'. "
-            f"Received: {shown(device_id)}"
-        )
-
-
-def _check_retry(step, digest):
-    """A step id sent again must be the same request (a retry), not another step."""
-    if step.digest != digest:
-        raise validation.RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"Training step {step.request.step} of device {shown(step.request.device_id)} was "
-            "already sent with other contents (payload, rate or fields); a retry must resend the "
-            "same request.",
-        )
