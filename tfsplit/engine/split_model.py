@@ -6,7 +6,6 @@ the bottleneck's width, then the tail). Training, evaluation, the budget curve, 
 use them, so what is measured is what is deployed.
 """
 
-import inspect
 import numbers
 
 import tensorflow as tf
@@ -31,24 +30,6 @@ def _only_layer(model, layer_type):
             f"{model.name} holds {len(found)} {layer_type.__name__} layers; expected at most one."
         )
     return found[0] if found else None
-
-
-def _expects_probabilities(loss):
-    """Whether `loss`, as `keras.Model.compile` takes it, is a cross-entropy on probabilities."""
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return False  # not a loss Keras knows by name: `compile` says so itself
-    if isinstance(loss, keras.losses.Loss):
-        return loss.get_config().get("from_logits") is False
-    if not callable(loss):
-        return False
-    try:
-        from_logits = inspect.signature(loss).parameters.get("from_logits")
-    except (TypeError, ValueError):  # a callable without a signature to read
-        return False
-    return from_logits is not None and from_logits.default is False
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
@@ -289,7 +270,7 @@ class SplitModel(keras.Model):
         """
         if loss is None:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        elif _expects_probabilities(loss):
+        elif logits_lib.loss_expects_probabilities(loss):
             raise ValueError(
                 "A SplitModel outputs logits (`split_model` leaves a final softmax out), so its "
                 "cross-entropy must take from_logits=True, e.g. "

@@ -9,6 +9,8 @@ keras.applications' end in a softmax instead, either as a layer of its own (`Sof
 softmax.
 """
 
+import inspect
+
 import tf_keras as keras
 
 
@@ -42,6 +44,24 @@ def ends_in_softmax(model):
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
+def loss_expects_probabilities(loss):
+    """Whether `loss`, as `keras.Model.compile` takes it, is a cross-entropy on probabilities."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return False  # not a loss Keras knows by name: `compile` says so itself
+    if isinstance(loss, keras.losses.Loss):
+        return loss.get_config().get("from_logits") is False
+    if not callable(loss):
+        return False
+    try:
+        from_logits = inspect.signature(loss).parameters.get("from_logits")
+    except (TypeError, ValueError):  # a callable without a signature to read
+        return False
+    return from_logits is not None and from_logits.default is False
+
+
 class Logits(keras.layers.Wrapper):
     """Calls `layer`, whose activation is a softmax, without it: the logits of its probabilities.
 
