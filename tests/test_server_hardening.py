@@ -28,6 +28,7 @@ from tfsplit.serving.grpc_service import answer_or_abort
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 from tfsplit.training.messages import model_digest, weights_from_protos, weights_to_protos
+from tfsplit.training.server import batching
 from tfsplit.training.server import service as service_lib
 from tfsplit.training.server import tail_trainer
 
@@ -346,7 +347,7 @@ def test_a_failed_step_leaves_the_tail_bit_identical(serving, model, tmp_path, m
         raise codec.PayloadError("`values` must lie within float16 range.")
 
     request = train_request(model, 1)
-    monkeypatch.setattr(tail_trainer.codec, "encode", overflowing)
+    monkeypatch.setattr(batching.codec, "encode", overflowing)
     code, details = refusal(lambda: stub.Step(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "float16" in details
     monkeypatch.undo()

@@ -122,7 +122,7 @@ def test_a_top_that_cannot_be_one_is_refused(vgg11):
         backbones.resolve_top("vgg11", "nowhere")
 
 
-def test_the_ushaped_variant_trains_and_saves_in_process_only(tmp_path):
+def test_the_ushaped_variant_trains_and_saves_and_the_codec_transport_refuses_it(tmp_path):
     config = base_config("deprune")
     config.data.train_size, config.data.test_size = 64, 32
     config.data.batch_size, config.data.eval_batch_size = 32, 32
@@ -137,5 +137,5 @@ def test_the_ushaped_variant_trains_and_saves_in_process_only(tmp_path):
     assert isinstance(loaded, tfsplit.UShapedSplitModel) and loaded.top_cut == "pool5"
     config.wire.transport = "codec"
     info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
-    with pytest.raises(ValueError, match="U-shaped split.*train in process"):
+    with pytest.raises(ValueError, match="U-shaped split.*the codec transport carries the plain"):
         trainer.build_split_model(config, info)

@@ -159,9 +159,13 @@ class SplitModel(keras.Model):
         if weight:
             self.device_features = local_loss.cut_features(self.head, self.encoder)
             self.local_classifier = local_loss.LocalClassifier.for_features(
-                self.device_features, int(self.tail.output.shape[-1])
+                self.device_features, self.num_classes
             )
             self.local_loss_tracker = keras.metrics.Mean(name="local_loss")
+
+    @property
+    def num_classes(self):
+        return int(self.tail.output.shape[-1])
 
     @property
     def device_trainable_variables(self):

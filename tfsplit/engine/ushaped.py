@@ -15,6 +15,13 @@ from tfsplit import codec
 from tfsplit.codec import wire
 from tfsplit.engine.split_model import SplitModel
 
+_RANDOM_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+
 
 @keras.utils.register_keras_serializable(package="tfsplit")
 class UShapedSplitModel(SplitModel):
@@ -46,9 +53,11 @@ class UShapedSplitModel(SplitModel):
         top_activation_dtype="float16",
         top_gradient_dtype="float16",
         top_gradient_noise=0.0,
+        local_loss_weight=0.0,
         **kwargs,
     ):
-        super().__init__(head, tail, **kwargs)
+        # The local classifier predicts the top's classes: it is built once the top is known.
+        super().__init__(head, tail, local_loss_weight=0.0, **kwargs)
         for name, value in (
             ("top_activation_dtype", top_activation_dtype),
             ("top_gradient_dtype", top_gradient_dtype),
@@ -63,6 +72,7 @@ class UShapedSplitModel(SplitModel):
                 f"Received: a top whose input is {tuple(top.input.shape[1:])}"
             )
         self.top, self.top_cut = top, top_cut
+        self._build_local_classifier(local_loss_weight)
         self.top_activation_dtype, self.top_gradient_dtype = (
             top_activation_dtype,
             top_gradient_dtype,
@@ -73,9 +83,10 @@ class UShapedSplitModel(SplitModel):
         self.top_wire = wire.make_wire(
             top_activation_dtype, top_gradient_dtype, self.top_gradient_noise
         )
-        top_shape = tuple(int(d) for d in tail.output.shape[1:])
-        self.top_channels = top_shape[-1]
-        self.top_height, self.top_width = (top_shape[:-1] + (1, 1))[:2]
+        # The second cut's tensor without its batch; (h, w, C), or (C,) after a pooling.
+        self.top_shape = tuple(int(d) for d in tail.output.shape[1:])
+        self.top_channels = self.top_shape[-1]
+        self.top_height, self.top_width = (self.top_shape[:-1] + (1, 1))[:2]
         self.sent_top_payload_bytes = tf.Variable(
             [0, 0], dtype=tf.int64, trainable=False, name="sent_top_payload_bytes"
         )
@@ -89,6 +100,10 @@ class UShapedSplitModel(SplitModel):
         """Deferred: the top is not attached when `SplitModel.__init__` would build."""
 
     @property
+    def num_classes(self):
+        return int(self.top.output.shape[-1])
+
+    @property
     def device_trainable_variables(self):
         return super().device_trainable_variables + self.top.trainable_variables
 
@@ -99,6 +114,22 @@ class UShapedSplitModel(SplitModel):
     def middle_output(self, values, indices, training=False, fill=None):
         """The server's half: the k channels placed back, then the middle; what goes down."""
         return super().receive(values, indices, training, fill)
+
+    def check_recomputable_middle(self):
+        """Raises ValueError unless the middle gives the same output when run twice on the same
+        input: over the network the server runs its forward pass again to train on the top's
+        gradient, and a random layer (dropout, noise) would draw other values."""
+        random = [
+            layer.name
+            for layer in self.tail.submodules
+            if isinstance(layer, keras.layers.Layer) and isinstance(layer, _RANDOM_LAYERS)
+        ]
+        if random:
+            raise ValueError(
+                f"The middle holds random layers {random}: over the network the server runs the "
+                "middle's forward pass again for the top's gradient, and these would draw "
+                "other values. Start the top before them (config.model.top)."
+            )
 
     def receive(self, values, indices, training=False, fill=None):
         """The middle on the k channels, then its output through the second cut's wire and the

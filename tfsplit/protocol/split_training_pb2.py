@@ -19,7 +19,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n%tfsplit/protocol/split_training.proto\x12\x10tfsplit.training"\x9c\x01\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_step\x18\x07 \x01(\x03"G\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x10\n\x08parallel\x18\x03 \x01(\x08"\xac\x02\n\x0bStepRequest\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32".tfsplit.training.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c"J\n\x11\x43heckpointRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x01 \x01(\x03"o\n\x13\x41verageHeadsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07weights\x18\x04 \x03(\x0c\x12\x0f\n\x07samples\x18\x05 \x01(\x03"5\n\x11\x41verageHeadsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x05"<\n\tStepGroup\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.tfsplit.training.StepRequest"7\n\x0cLeaveRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t"\x1a\n\nLeaveReply\x12\x0c\n\x04left\x18\x01 \x01(\x08\x32\xec\x03\n\rSplitTraining\x12\x45\n\x05Hello\x12\x1e.tfsplit.training.HelloRequest\x1a\x1c.tfsplit.training.HelloReply\x12\x42\n\x04Step\x12\x1d.tfsplit.training.StepRequest\x1a\x1b.tfsplit.training.StepReply\x12W\n\x0bTailWeights\x12$.tfsplit.training.TailWeightsRequest\x1a".tfsplit.training.TailWeightsReply\x12T\n\nCheckpoint\x12#.tfsplit.training.CheckpointRequest\x1a!.tfsplit.training.CheckpointReply\x12Z\n\x0c\x41verageHeads\x12%.tfsplit.training.AverageHeadsRequest\x1a#.tfsplit.training.AverageHeadsReply\x12\x45\n\x05Leave\x12\x1e.tfsplit.training.LeaveRequest\x1a\x1c.tfsplit.training.LeaveReplyb\x06proto3'
+    b'\n%tfsplit/protocol/split_training.proto\x12\x10tfsplit.training"\x9c\x01\n\x0cHelloRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x14\n\x0ctail_weights\x18\x04 \x03(\x0c\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_step\x18\x07 \x01(\x03"G\n\nHelloReply\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x10\n\x08parallel\x18\x03 \x01(\x08"\xcf\x02\n\x0bStepRequest\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32".tfsplit.training.StepRequest.Kind\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0f\n\x07nesting\x18\x06 \x01(\x08\x12\x19\n\x11\x63\x61libration_begin\x18\x07 \x01(\x08\x12\x1a\n\x12\x63\x61libration_finish\x18\x08 \x01(\x08\x12\x11\n\tdevice_id\x18\t \x01(\t\x12\x14\n\x0ctop_gradient\x18\n \x01(\x0c"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\r\n\tCALIBRATE\x10\x03\x12\x0b\n\x07\x46ORWARD\x10\x04"]\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x02"*\n\x12TailWeightsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t"#\n\x10TailWeightsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c"J\n\x11\x43heckpointRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x01 \x01(\x03"o\n\x13\x41verageHeadsRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0f\n\x07weights\x18\x04 \x03(\x0c\x12\x0f\n\x07samples\x18\x05 \x01(\x03"5\n\x11\x41verageHeadsReply\x12\x0f\n\x07weights\x18\x01 \x03(\x0c\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x05"<\n\tStepGroup\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.tfsplit.training.StepRequest"7\n\x0cLeaveRequest\x12\x14\n\x0cmodel_digest\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t"\x1a\n\nLeaveReply\x12\x0c\n\x04left\x18\x01 \x01(\x08\x32\xec\x03\n\rSplitTraining\x12\x45\n\x05Hello\x12\x1e.tfsplit.training.HelloRequest\x1a\x1c.tfsplit.training.HelloReply\x12\x42\n\x04Step\x12\x1d.tfsplit.training.StepRequest\x1a\x1b.tfsplit.training.StepReply\x12W\n\x0bTailWeights\x12$.tfsplit.training.TailWeightsRequest\x1a".tfsplit.training.TailWeightsReply\x12T\n\nCheckpoint\x12#.tfsplit.training.CheckpointRequest\x1a!.tfsplit.training.CheckpointReply\x12Z\n\x0c\x41verageHeads\x12%.tfsplit.training.AverageHeadsRequest\x1a#.tfsplit.training.AverageHeadsReply\x12\x45\n\x05Leave\x12\x1e.tfsplit.training.LeaveRequest\x1a\x1c.tfsplit.training.LeaveReplyb\x06proto3'
 )
 
 _globals = globals()
@@ -32,29 +32,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_HELLOREPLY"]._serialized_start = 218
     _globals["_HELLOREPLY"]._serialized_end = 289
     _globals["_STEPREQUEST"]._serialized_start = 292
-    _globals["_STEPREQUEST"]._serialized_end = 592
-    _globals["_STEPREQUEST_KIND"]._serialized_start = 524
-    _globals["_STEPREQUEST_KIND"]._serialized_end = 592
-    _globals["_STEPREPLY"]._serialized_start = 594
-    _globals["_STEPREPLY"]._serialized_end = 687
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 689
-    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 731
-    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 733
-    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 768
-    _globals["_CHECKPOINTREQUEST"]._serialized_start = 770
-    _globals["_CHECKPOINTREQUEST"]._serialized_end = 844
-    _globals["_CHECKPOINTREPLY"]._serialized_start = 846
-    _globals["_CHECKPOINTREPLY"]._serialized_end = 877
-    _globals["_AVERAGEHEADSREQUEST"]._serialized_start = 879
-    _globals["_AVERAGEHEADSREQUEST"]._serialized_end = 990
-    _globals["_AVERAGEHEADSREPLY"]._serialized_start = 992
-    _globals["_AVERAGEHEADSREPLY"]._serialized_end = 1045
-    _globals["_STEPGROUP"]._serialized_start = 1047
-    _globals["_STEPGROUP"]._serialized_end = 1107
-    _globals["_LEAVEREQUEST"]._serialized_start = 1109
-    _globals["_LEAVEREQUEST"]._serialized_end = 1164
-    _globals["_LEAVEREPLY"]._serialized_start = 1166
-    _globals["_LEAVEREPLY"]._serialized_end = 1192
-    _globals["_SPLITTRAINING"]._serialized_start = 1195
-    _globals["_SPLITTRAINING"]._serialized_end = 1687
+    _globals["_STEPREQUEST"]._serialized_end = 627
+    _globals["_STEPREQUEST_KIND"]._serialized_start = 546
+    _globals["_STEPREQUEST_KIND"]._serialized_end = 627
+    _globals["_STEPREPLY"]._serialized_start = 629
+    _globals["_STEPREPLY"]._serialized_end = 722
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_start = 724
+    _globals["_TAILWEIGHTSREQUEST"]._serialized_end = 766
+    _globals["_TAILWEIGHTSREPLY"]._serialized_start = 768
+    _globals["_TAILWEIGHTSREPLY"]._serialized_end = 803
+    _globals["_CHECKPOINTREQUEST"]._serialized_start = 805
+    _globals["_CHECKPOINTREQUEST"]._serialized_end = 879
+    _globals["_CHECKPOINTREPLY"]._serialized_start = 881
+    _globals["_CHECKPOINTREPLY"]._serialized_end = 912
+    _globals["_AVERAGEHEADSREQUEST"]._serialized_start = 914
+    _globals["_AVERAGEHEADSREQUEST"]._serialized_end = 1025
+    _globals["_AVERAGEHEADSREPLY"]._serialized_start = 1027
+    _globals["_AVERAGEHEADSREPLY"]._serialized_end = 1080
+    _globals["_STEPGROUP"]._serialized_start = 1082
+    _globals["_STEPGROUP"]._serialized_end = 1142
+    _globals["_LEAVEREQUEST"]._serialized_start = 1144
+    _globals["_LEAVEREQUEST"]._serialized_end = 1199
+    _globals["_LEAVEREPLY"]._serialized_start = 1201
+    _globals["_LEAVEREPLY"]._serialized_end = 1227
+    _globals["_SPLITTRAINING"]._serialized_start = 1230
+    _globals["_SPLITTRAINING"]._serialized_end = 1722
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class RemoteSplitModel(SplitModel):
             pb.HelloRequest(
                 model_digest=self.digest,
                 image_shape=list(self.head.input.shape[1:]),
-                num_classes=int(self.tail.output.shape[-1]),
+                num_classes=self.num_classes,
                 tail_weights=weights_to_protos(self.tail.get_weights()),
                 device_id=device_id,
             ),
@@ -73,7 +73,7 @@ class RemoteSplitModel(SplitModel):
             pb.HelloRequest(
                 model_digest=self.digest,
                 image_shape=list(self.head.input.shape[1:]),
-                num_classes=int(self.tail.output.shape[-1]),
+                num_classes=self.num_classes,
                 device_id=self.device_id,
                 resume=True,
                 resume_step=int(self.remote_step.numpy()),
@@ -146,6 +146,13 @@ class RemoteSplitModel(SplitModel):
         return reply, np.array(sent, np.float64)
 
     def _train_call(self, values, indices, labels, learning_rate, nesting):
+        reply, wire = self._send_train(
+            self._payload(values, indices, labels), learning_rate, nesting
+        )
+        return self._returned_gradient(reply, indices), reply_logits(reply), wire
+
+    def _send_train(self, payload, learning_rate, nesting):
+        """The TRAIN of this device's next step; returns (its reply, the wire bytes)."""
         step = int(self.remote_step.numpy())
         reply, wire = self._exchange(
             pb.StepRequest(
@@ -153,7 +160,7 @@ class RemoteSplitModel(SplitModel):
                 model_digest=self.digest,
                 device_id=self.device_id,
                 step=step,
-                payload=self._payload(values, indices, labels),
+                payload=payload,
                 learning_rate=float(learning_rate.numpy()),
                 nesting=bool(nesting.numpy()),
             )
@@ -161,15 +168,37 @@ class RemoteSplitModel(SplitModel):
         if reply.step != step:
             raise RuntimeError(f"The server answered step {reply.step} to step {step}.")
         self.remote_step.assign(step + 1)
+        return reply, wire
+
+    @staticmethod
+    def _returned_gradient(reply, indices):
         returned = codec.decode(reply.payload, expect_kind="gradients")
         # In the channels' order sent (a payload of every channel comes back in channel order).
-        gradient = returned.scatter()[..., indices.numpy()]
-        return gradient, reply_logits(reply), wire
+        return returned.scatter()[..., indices.numpy()]
+
+    def _learning_rate(self):
+        """The rate this step uses, also when a LearningRateSchedule drives it (the server
+        applies it)."""
+        schedule = learning_rate_schedule(self.optimizer)
+        if schedule is None:
+            return self.optimizer.learning_rate
+        return schedule(self.optimizer.iterations)
 
     def _forward_call(self, values, indices, calibrate=False, begin=False, finish=False):
-        reply, wire = self._exchange(
+        reply, wire = self._forward_exchange(
+            pb.StepRequest.CALIBRATE if calibrate else pb.StepRequest.EVALUATE,
+            values,
+            indices,
+            begin,
+            finish,
+        )
+        return reply_logits(reply), wire
+
+    def _forward_exchange(self, kind, values, indices, begin=False, finish=False, step=0):
+        return self._exchange(
             pb.StepRequest(
-                kind=pb.StepRequest.CALIBRATE if calibrate else pb.StepRequest.EVALUATE,
+                kind=kind,
+                step=step,
                 model_digest=self.digest,
                 device_id=self.device_id,
                 payload=self._payload(values, indices),
@@ -177,7 +206,6 @@ class RemoteSplitModel(SplitModel):
                 calibration_finish=finish,
             )
         )
-        return reply_logits(reply), wire
 
     # ----------------------------------------------------------------------- keras steps
     def train_step(self, data):
@@ -186,20 +214,13 @@ class RemoteSplitModel(SplitModel):
         with tf.GradientTape() as tape:
             values, penalty, local = self.device_step(images, labels, indices)
             device_loss = penalty + local
-        # The rate this step uses, also when a LearningRateSchedule drives it (the server applies it).
-        schedule = learning_rate_schedule(self.optimizer)
-        rate = (
-            schedule(self.optimizer.iterations)
-            if schedule is not None
-            else self.optimizer.learning_rate
-        )
         gradient, logits, wire = tf.py_function(
             self._train_call,
-            [values, indices, labels, rate, self.step_nesting],
+            [values, indices, labels, self._learning_rate(), self.step_nesting],
             [tf.float32, tf.float32, tf.float64],
         )
         gradient = tf.ensure_shape(gradient, values.shape)
-        logits = tf.ensure_shape(logits, [None, self.tail.output.shape[-1]])
+        logits = tf.ensure_shape(logits, [None, self.num_classes])
         variables = self.device_trainable_variables
         gradients = tape.gradient(
             [values, device_loss], variables, output_gradients=[gradient, tf.ones([])]
@@ -216,7 +237,7 @@ class RemoteSplitModel(SplitModel):
         logits, wire = tf.py_function(
             self._forward_call, [values, indices], [tf.float32, tf.float64]
         )
-        logits = tf.ensure_shape(logits, [None, self.tail.output.shape[-1]])
+        logits = tf.ensure_shape(logits, [None, self.num_classes])
         self.compute_loss(images, labels, logits)
         self._count_wire(wire)
         return self.update_metrics(labels, logits, tf.constant(0.0), self.budget, training=False)

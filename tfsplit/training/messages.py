@@ -62,7 +62,14 @@ def model_digest(split):
         weights=[(w.shape.as_list(), w.dtype.name) for w in shared],
         wire=[split.activation_dtype, split.gradient_dtype, split.channels],
         wire_shape=list(split.wire_shape),
+        classes=split.num_classes,
     )
+    if hasattr(split, "top"):  # U-shaped: the second cut's wire too
+        description["top"] = [
+            split.top_activation_dtype,
+            split.top_gradient_dtype,
+            list(split.tail.output.shape[1:]),
+        ]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
@@ -134,7 +141,8 @@ def _dtype_name(enum):
 
 def decode_activations(payload, split, with_labels, max_batch_size=None):
     """The activations payload a device sent, checked against `split`'s wire (dtype, channels,
-    positions) and, for a training step, its labels against the classes.
+    positions) and, for a training step, its labels against the classes. A U-shaped split's
+    payloads must carry no labels at all.
 
     `max_batch_size` is checked on the header first: the tail places the k channels sent among
     all C, so a small payload of many one-channel samples would take C/k times its size.
@@ -159,10 +167,56 @@ def decode_activations(payload, split, with_labels, max_batch_size=None):
             f"The payload's positions must be {split.height}x{split.width}. Received: "
             f"{spatial[0]}x{spatial[1]}"
         )
+    if hasattr(split, "top") and decoded.labels is not None:
+        raise validation.invalid(
+            "This server trains a U-shaped split: the labels stay on the device, and a payload "
+            "must carry none."
+        )
     if with_labels:
         if decoded.labels is None:
             raise validation.invalid("A training payload must carry the batch's labels.")
-        classes = split.tail.output.shape[-1]
+        classes = split.num_classes
         if decoded.labels.min() < 0 or decoded.labels.max() >= classes:
             raise validation.invalid(f"Labels must be in 0..{classes - 1}.")
     return decoded
+
+
+def encode_second_cut(values, split, dtype, kind):
+    """A U-shaped split's second-cut tensor (the middle's output going down, or the top's
+    gradient going up) as a codec payload of every channel; a flat (N, C) one travels as
+    (N, 1, 1, C)."""
+    shape = (-1, split.top_height, split.top_width, split.top_channels)
+    values = np.asarray(values, np.float32).reshape(shape)
+    channels = np.arange(split.top_channels, dtype=np.int32)
+    return codec.encode(values, channels, split.top_channels, dtype, kind=kind)
+
+
+def decode_second_cut(payload, split, dtype, kind, batch=None):
+    """The float32 tensor, shaped as the middle's output, of a second-cut payload, checked:
+    `kind`, `dtype`, every channel in order, the positions, no labels and (given) the batch."""
+    what = "middle output" if kind == "activations" else "top gradient"
+    try:
+        decoded = codec.decode(
+            payload, expect_kind=kind, expect_dtype=dtype, max_channels=split.top_channels
+        )
+    except codec.PayloadError as error:
+        raise validation.invalid(f"Bad {what} payload: {error}") from None
+    shape = decoded.values.shape
+    expected = (split.top_height, split.top_width, split.top_channels)
+    problem = None
+    if decoded.channels != split.top_channels or tuple(shape[1:]) != expected:
+        problem = f"shape {tuple(shape)} of a {decoded.channels}-channel cut"
+    elif not np.array_equal(decoded.indices, np.arange(split.top_channels)):
+        problem = "channels out of order"
+    elif decoded.labels is not None:
+        problem = "labels"
+    elif batch is not None and shape[0] != batch:
+        problem = f"a batch of {shape[0]}"
+    if problem is not None:
+        wanted = f"{dtype}, every channel in order, shaped (N, h, w, C) = (N, {', '.join(map(str, expected))})"
+        if batch is not None:
+            wanted += f" with N = {batch}"
+        raise validation.invalid(
+            f"The {what} must be {wanted}, without labels. Received: {problem}"
+        )
+    return decoded.dequantized().reshape((-1,) + split.top_shape)

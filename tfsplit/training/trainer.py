@@ -20,6 +20,7 @@ from tfsplit import codec, data
 from tfsplit.engine.split_model import SplitModel
 from tfsplit.training.client import HeadAveraging, RemoteCheckpoint, RemoteSplitModel, RemoteTail
 from tfsplit.training.codec_step import CodecSplitModel
+from tfsplit.training.ushaped_client import RemoteUShapedSplitModel
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -37,7 +38,7 @@ def _check_choice(key, value, allowed):
 
 def _wire_and_top(config, remote):
     """(the wire's settings, `split_model`'s U-shaped arguments) of `config`, checked: the
-    U-shaped split, the noise defence and the binary task train in process only."""
+    first cut's noise defence and the binary task train in process only."""
     # Runs recorded before the U-shaped split and the noise defence existed have neither key.
     top_point = config.model.get("top", "")
     wire_config = dict(top_activation_dtype="float16", top_gradient_dtype="float16")
@@ -48,16 +49,19 @@ def _wire_and_top(config, remote):
     _check_choice("wire.transport", config.wire.transport, TRANSPORTS)
     in_process_only = dict(
         data_binary_class=config.data.get("binary_class", -1) >= 0,
-        model_top=top_point,
         wire_gradient_noise=wire_config["gradient_noise"],
-        wire_top_gradient_noise=wire_config["top_gradient_noise"],
     )
     if any(in_process_only.values()) and (remote or config.wire.transport != "fused"):
         raise ValueError(
-            "A U-shaped split (config.model.top), the gradient noise defence and the binary task "
-            "train in process, with config.wire.transport='fused'; the training server and the "
-            f"codec transport carry the plain split without noise. Received: {in_process_only}, "
-            f"wire.transport={config.wire.transport!r}, networked={remote}"
+            "The gradient noise defence at the first cut and the binary task train in process, "
+            "with config.wire.transport='fused'; the training server carries neither. Received: "
+            f"{in_process_only}, wire.transport={config.wire.transport!r}, networked={remote}"
+        )
+    if top_point and config.wire.transport != "fused":
+        raise ValueError(
+            "A U-shaped split (config.model.top) trains in process with "
+            "config.wire.transport='fused', or over the network; the codec transport carries "
+            f"the plain split. Received: wire.transport={config.wire.transport!r}"
         )
     for key in ("gradient_noise", "top_gradient_noise"):
         noise = wire_config[key]
@@ -114,9 +118,12 @@ def build_split_model(config, info, remote=False):
         **top,
     )
     if remote or config.wire.transport != "fused":
-        model_class = RemoteSplitModel if remote else TRANSPORTS[config.wire.transport]
+        if remote:
+            model_class = RemoteUShapedSplitModel if top else RemoteSplitModel
+        else:
+            model_class = TRANSPORTS[config.wire.transport]
         other = model_class.from_config(split.get_config())
-        for part in ("head", "tail"):
+        for part in ("head", "tail", "top") if top else ("head", "tail"):
             getattr(other, part).set_weights(getattr(split, part).get_weights())
         split = other
     return compile_split(split, config)

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 
 from tfsplit import codec
+from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
 from tfsplit.training.messages import request_digest
@@ -13,10 +14,12 @@ from tfsplit.training.messages import request_digest
 
 class PendingStep:
     """A training step waiting to be trained: the request, its digest (a retry must match it),
-    its decoded payload, and the reply or error once trained (`result` waits for them)."""
+    its decoded payload, its targets (the labels; a U-shaped split's top gradient), and the reply
+    or error once trained (`result` waits for them)."""
 
-    def __init__(self, request, payload):
+    def __init__(self, request, payload, targets=None):
         self.request, self.payload = request, payload
+        self.targets = payload.labels if targets is None else targets
         self.digest = request_digest(request)
         self.batch = payload.values.shape[0]
         self.reply, self.error = None, None
@@ -30,7 +33,7 @@ class PendingStep:
 
 
 def joined_inputs(steps):
-    """(values, indices, labels, gradient scale) of `steps` as one batch.
+    """(values, indices, targets, gradient scale) of `steps` as one batch.
 
     One step keeps its (k,) selection; several get a (N, k) selection per sample. The scale
     (total / the sample's step's batch) makes each device's gradient that of its own batch's mean
@@ -45,18 +48,21 @@ def joined_inputs(steps):
     return (
         np.concatenate([s.payload.dequantized() for s in steps]),
         indices,
-        np.concatenate([s.payload.labels for s in steps]),
+        np.concatenate([s.targets for s in steps]),
         np.repeat([total / b for b in batches], batches).astype(np.float32),
     )
 
 
 def split_replies(steps, gradient, logits, loss, split):
-    """Each step's StepReply from the joined batch's outputs: its logits and its part of the
-    gradient, encoded as `split` sends gradients."""
+    """Each step's StepReply from the joined batch's outputs: its logits (None: none, for a
+    U-shaped split) and its part of the gradient, encoded as `split` sends gradients."""
     replies, start = [], 0
     for step in steps:
         end = start + step.batch
-        reply = logits_reply(step.request.step, logits[start:end])
+        if logits is None:
+            reply = pb.StepReply(step=step.request.step)
+        else:
+            reply = logits_reply(step.request.step, logits[start:end])
         reply.loss = loss
         try:
             reply.payload = codec.encode(

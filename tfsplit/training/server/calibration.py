@@ -1,15 +1,15 @@
 """The server's side of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`)."""
 
-from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
 
 
-def calibration_pass(norms, forward, device, request, values, indices):
-    """One pass of `device`'s calibration of the tail's batch `norms` (`forward` runs the tail).
+def calibration_pass(norms, forward, reply, device, request, values, indices):
+    """One pass of `device`'s calibration of the tail's batch `norms` (`forward` runs the tail,
+    `reply(step, outputs)` answers).
 
     Its batch's statistics are added up apart from other devices' and the moving statistics are
     left as they were; the last pass (`calibration_finish`) assigns the averages. Returns the
-    pass's StepReply (the logits).
+    pass's StepReply (the tail's outputs).
     """
     if request.calibration_begin:
         device.calibration = [0.0, 0.0, 0]
@@ -19,7 +19,7 @@ def calibration_pass(norms, forward, device, request, values, indices):
     try:
         for norm in norms:
             norm.momentum = 0.0  # the pass leaves exactly its batch's statistics
-        logits = forward(values, indices, True)
+        outputs = forward(values, indices, True)
         means = [n.moving_mean.numpy() for n in norms]
         squares = [n.moving_variance.numpy() + m * m for n, m in zip(norms, means)]
     finally:
@@ -40,4 +40,4 @@ def calibration_pass(norms, forward, device, request, values, indices):
             norm.moving_mean.assign(mean)
             norm.moving_variance.assign(total_square / passes - mean * mean)
         device.calibration = None
-    return logits_reply(request.step, logits)
+    return reply(request.step, outputs)

@@ -36,7 +36,7 @@ def check_shapes(hello, split):
         raise validation.invalid(
             f"image_shape must be {expected}. Received: {shown(hello.image_shape)}"
         )
-    classes = split.tail.output.shape[-1]
+    classes = split.num_classes
     if hello.num_classes != classes:
         raise validation.invalid(f"num_classes must be {classes}. Received: {hello.num_classes}")
 

@@ -4,7 +4,9 @@ A trace per new shape would grow the server's memory with every batch size a dev
 attacker) sends. `compute` returns a training step's gradients, loss and reply values without
 changing the tail's weights; `apply` then updates them, and `put_back` undoes what `compute`'s
 forward pass changed (batch norm's moving statistics, the nested budgets' fill and draws) when
-the step is refused.
+the step is refused. For a U-shaped split the tail is the middle: a step's targets are the top's
+gradient at the middle's output rather than labels, and `forward_unchanged` gives the output a
+training step's forward pass computes, changing nothing.
 """
 
 import functools
@@ -30,19 +32,31 @@ class CompiledTail:
         self._changed = list({id(v): v for v in changed}.values())
         self._kept = [tf.Variable(v, trainable=False) for v in self._changed]
 
-        def compute(values, indices, labels, gradient_scale, learning_rate, nesting):
+        ushaped = hasattr(split, "top")
+
+        def loss_and_outputs(values, indices, targets, gradient_scale):
+            if not ushaped:
+                return split.server_loss(None, targets, values, indices)
+            # U-shaped: the targets are the top's gradient at the middle's output. <output, g>
+            # has the middle's gradient for that upstream gradient; each step of a joined batch
+            # weighs by its share of the batch (1 / scale), as the plain split's mean loss does.
+            output = split.middle_output(values, indices, training=True)
+            share = tf.reshape(1.0 / gradient_scale, [-1] + [1] * (len(output.shape) - 1))
+            return tf.reduce_sum(output * targets * share), output
+
+        def compute(values, indices, targets, gradient_scale, learning_rate, nesting):
             for kept, variable in zip(self._kept, self._changed):
                 kept.assign(variable)
             split.step_nesting.assign(nesting)
             with tf.GradientTape() as tape:
                 tape.watch(values)
-                loss, logits = split.server_loss(None, labels, values, indices)
+                loss, outputs = loss_and_outputs(values, indices, targets, gradient_scale)
             tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
             norm = tf.linalg.global_norm([g for g in tail_gradients if g is not None])
             # The update is finite: a finite loss, gradient and rate times gradient.
             finite = tf.reduce_all(tf.math.is_finite([loss, norm, learning_rate * norm]))
             scaled = value_gradient * gradient_scale[:, None, None, None]
-            return tail_gradients, scaled, logits, loss, finite
+            return tail_gradients, scaled, outputs, loss, finite
 
         def apply(tail_gradients, learning_rate):
             split.optimizer.learning_rate.assign(learning_rate)
@@ -52,14 +66,17 @@ class CompiledTail:
         values = tf.TensorSpec([None, height, width, None], tf.float32)
         per_sample = tf.TensorSpec([None], tf.float32)
         scalar_rate, flag = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.bool)
-        labels = tf.TensorSpec([None], tf.int32)
+        if ushaped:
+            targets = tf.TensorSpec((None,) + split.top_shape, tf.float32)
+        else:
+            targets = tf.TensorSpec([None], tf.int32)  # the labels
         self.compute = {
             rank: tf.function(
                 compute,
                 input_signature=[
                     values,
                     tf.TensorSpec([None] * rank, tf.int32),
-                    labels,
+                    targets,
                     per_sample,
                     scalar_rate,
                     flag,
@@ -68,14 +85,30 @@ class CompiledTail:
             for rank in (1, 2)
         }
         self.apply = tf.function(apply, reduce_retracing=True)  # one shape: the tail's weights
+        # The tail's forward pass: the logits; a U-shaped split's middle: its output.
+        tail_forward = split.middle_output if ushaped else split.receive
         forwards = {
             training: tf.function(
-                functools.partial(split.receive, training=training),
+                functools.partial(tail_forward, training=training),
                 input_signature=[values, tf.TensorSpec([None], tf.int32)],
             )
             for training in (False, True)
         }
         self.forward = lambda values, indices, training: forwards[bool(training)](values, indices)
+
+        def forward_unchanged(values, indices):
+            for kept, variable in zip(self._kept, self._changed):
+                kept.assign(variable)
+            output = tail_forward(values, indices, training=True)
+            with tf.control_dependencies([output]):
+                for kept, variable in zip(self._kept, self._changed):
+                    variable.assign(kept)
+            return tf.identity(output)
+
+        # U-shaped FORWARD: the training step's forward pass, as its TRAIN will run it again.
+        self.forward_unchanged = tf.function(
+            forward_unchanged, input_signature=[values, tf.TensorSpec([None], tf.int32)]
+        )
 
     def put_back(self):
         """What the last `compute` changed in its forward pass, as it was before."""

@@ -17,7 +17,8 @@ MAX_LOG_BYTES = 1 << 30
 class DeviceState:
     """What the server keeps per device: its next step id, its last reply and the digest of the
     request that got it (a retry must be the same request), when it last called (a silent device
-    gives up its slot) and the batch norm statistics of a calibration in progress."""
+    gives up its slot), the batch norm statistics of a calibration in progress and, for a
+    U-shaped split, the step id and activations of its last FORWARD."""
 
     def __init__(self, next_step=0):
         self.next_step = next_step
@@ -25,6 +26,7 @@ class DeviceState:
         self.last_digest = None
         self.last_seen = time.monotonic()
         self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
+        self.forward = None  # (step, activations payload)
 
 
 class ServerState:

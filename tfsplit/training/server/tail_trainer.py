@@ -21,6 +21,9 @@ as one batch (the trainer waits up to `gather_timeout_s` for every active device
 gradient being that of its own batch's mean loss, and the devices average their heads after every
 epoch (`AverageHeads`, SplitFed).
 
+A U-shaped split's tail is the middle; `tfsplit.training.server.ushaped` says how its steps
+differ.
+
 Every request is validated; a bad one gets INVALID_ARGUMENT or FAILED_PRECONDITION and changes
 nothing, and the server keeps serving. What a device can make the server hold is bounded: the
 samples per step (`max_batch_size`), the devices (`max_devices`; a device silent for
@@ -36,7 +39,6 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from tfsplit import codec
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
@@ -47,6 +49,7 @@ from tfsplit.training.messages import (
     weights_from_protos,
     weights_to_protos,
 )
+from tfsplit.training.server import ushaped
 from tfsplit.training.server.averaging import AveragingRounds
 from tfsplit.training.server.batching import PendingStep, joined_inputs, split_replies
 from tfsplit.training.server.calibration import calibration_pass
@@ -70,10 +73,11 @@ MAX_DEVICES = 64
 MAX_BATCH_SIZE = 1024
 MAX_LEARNING_RATE = 10.0
 DEVICE_TIMEOUT_S = 600.0
-_TRAIN, _EVALUATE, _CALIBRATE = (
+_TRAIN, _EVALUATE, _CALIBRATE, _FORWARD = (
     pb.StepRequest.TRAIN,
     pb.StepRequest.EVALUATE,
     pb.StepRequest.CALIBRATE,
+    pb.StepRequest.FORWARD,
 )
 
 
@@ -122,6 +126,9 @@ class TailTrainer:
         ).items():
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ValueError(f"`{name}` must be a finite number > 0. Received: {value!r}")
+        self.ushaped = hasattr(split, "top")
+        if self.ushaped:
+            ushaped.check_trainable(split, parallel)
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
@@ -237,12 +244,14 @@ class TailTrainer:
         """Trains a logged StepGroup again, as it was trained (one batch)."""
         steps = []
         for request in group.requests:
-            payload = codec.decode(request.payload, expect_kind="activations")
             self.devices.setdefault(request.device_id, DeviceState())
-            steps.append(PendingStep(request, payload))
+            steps.append(self._pending_step(request))
         self._train_together(steps, log=False)
         for step in steps:
             step.result()  # a step that fails again stops the replay
+            if self.ushaped:  # a retry of its TRAIN finds the FORWARD it came after
+                request = step.request
+                self.devices[request.device_id].forward = (request.step, request.payload)
 
     def _resume(self, device_id, step):
         """Device `device_id` restarted from its backup at `step`: the only device's run goes
@@ -266,26 +275,68 @@ class TailTrainer:
 
     def step(self, request):
         check_digest(request.model_digest, self.digest)
-        if request.kind not in (_TRAIN, _EVALUATE, _CALIBRATE):
-            raise validation.invalid(f"Unknown step kind {request.kind}.")
-        payload = decode_activations(
-            request.payload,
-            self.split,
-            with_labels=request.kind == _TRAIN,
-            max_batch_size=self.max_batch_size,
-        )
+        kinds = (_TRAIN, _EVALUATE, _CALIBRATE) + ((_FORWARD,) if self.ushaped else ())
+        if request.kind not in kinds:
+            raise validation.invalid(f"Unknown step kind {request.kind} on this server.")
+        if request.top_gradient:
+            raise validation.invalid("top_gradient is kept in the server's step log; never sent.")
+        if self.ushaped and request.nesting:
+            raise validation.invalid("A U-shaped split trains without nested budgets.")
         if request.kind == _TRAIN:
-            return self._train_request(request, payload)
+            if self.ushaped:
+                with self._lock:
+                    forward = self._device(request.device_id).forward
+                request = ushaped.with_forward(request, forward)
+            return self._train_request(self._pending_step(request))
+        payload = decode_activations(
+            request.payload, self.split, with_labels=False, max_batch_size=self.max_batch_size
+        )
         values = tf.constant(payload.dequantized(), tf.float32)
         indices = tf.constant(payload.indices, tf.int32)
         with self._lock:
             device = self._device(request.device_id)
             if request.kind == _CALIBRATE:
                 return calibration_pass(
-                    self._norms, self._tail.forward, device, request, values, indices
+                    self._norms,
+                    self._tail.forward,
+                    self._answer_forward,
+                    device,
+                    request,
+                    values,
+                    indices,
                 )
-            logits = self._tail.forward(values, indices, False)
-            return logits_reply(request.step, logits)
+            if request.kind == _EVALUATE:
+                return self._answer_forward(
+                    request.step, self._tail.forward(values, indices, False)
+                )
+            if request.step != device.next_step:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Expected the FORWARD of training step {device.next_step}. Received: step "
+                    f"{request.step}",
+                )
+            reply = self._answer_forward(
+                request.step, self._tail.forward_unchanged(values, indices)
+            )
+            device.forward = (request.step, request.payload)
+            return reply
+
+    def _answer_forward(self, step, outputs):
+        if self.ushaped:
+            return ushaped.middle_reply(self.split, step, outputs)
+        return logits_reply(step, outputs)
+
+    def _pending_step(self, request):
+        """A (logged) training request decoded and checked, ready to train."""
+        payload = decode_activations(
+            request.payload,
+            self.split,
+            with_labels=not self.ushaped,
+            max_batch_size=self.max_batch_size,
+        )
+        if not self.ushaped:
+            return PendingStep(request, payload)
+        return PendingStep(request, payload, ushaped.top_gradient(self.split, request, payload))
 
     def average_heads(self, request):
         """Parallel mode: the device's head joins its round; returns the round's average."""
@@ -329,11 +380,11 @@ class TailTrainer:
         device.last_seen = time.monotonic()
         return device
 
-    def _train_request(self, request, payload):
+    def _train_request(self, step):
         """Trains the step alone (sequential) or with the other devices' (parallel); a retry of
         the last step gets its kept reply, a retry of a step still waiting gets its reply."""
+        request = step.request
         check_learning_rate(request.learning_rate, self.max_learning_rate)
-        step = PendingStep(request, payload)
         with self._lock:
             device = self._device(request.device_id)
             if request.step == device.next_step - 1 and device.last_reply is not None:
@@ -400,12 +451,12 @@ class TailTrainer:
         """The step's replies are made and checked, and the step logged, before the update is
         applied: a step that fails leaves the tail and every device's state as they were."""
         first = steps[0]
-        values, indices, labels, scale = joined_inputs(steps)
+        values, indices, targets, scale = joined_inputs(steps)
         learning_rate = tf.constant(first.request.learning_rate, tf.float32)
-        tail_gradients, gradient, logits, loss, finite = self._tail.compute[indices.ndim](
+        tail_gradients, gradient, outputs, loss, finite = self._tail.compute[indices.ndim](
             tf.constant(values, tf.float32),
             tf.constant(indices, tf.int32),
-            tf.constant(labels),
+            tf.constant(targets),
             tf.constant(scale),
             learning_rate,
             tf.constant(first.request.nesting),
@@ -417,9 +468,8 @@ class TailTrainer:
                     f"gradient at learning rate {first.request.learning_rate:g}; the tail keeps "
                     "its weights."
                 )
-            replies = split_replies(
-                steps, gradient.numpy(), logits.numpy(), float(loss), self.split
-            )
+            logits = None if self.ushaped else outputs.numpy()
+            replies = split_replies(steps, gradient.numpy(), logits, float(loss), self.split)
             if log and self._state is not None:
                 self._state.log(pb.StepGroup(requests=[s.request for s in steps]))
         except BaseException:

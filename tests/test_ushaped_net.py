@@ -1,0 +1,272 @@
+"""The U-shaped split over gRPC: a device (`RemoteUShapedSplitModel`) holding the head, the top and
+the labels, and a training server holding the middle. It trains the in-process model, no message
+that reaches the server carries a label, and its steps keep the plain protocol's guarantees."""
+
+# isort: off
+import tfsplit  # (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: on
+import types
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import backbones, codec
+from tfsplit.device.training.channel import TrainingClient
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
+from tfsplit.training import trainer
+from tfsplit.training.config import base_config, phase
+from tfsplit.training.messages import encode_second_cut, model_digest
+from tfsplit.training.server import service as service_lib
+from tfsplit.training.server import tail_trainer
+
+INFO = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
+
+
+def ushaped_config(dtype="float32"):
+    """ResNet-18 (no dropout) at 1/8 width, the top after its last block's pooling."""
+    config = base_config("deprune")
+    config.model.backbone = "resnet18"
+    config.model.cut = "stage2"
+    config.model.width_multiplier = 0.125
+    config.model.top = "classifier"
+    for key in ("activation_dtype", "gradient_dtype", "top_activation_dtype", "top_gradient_dtype"):
+        config.wire[key] = dtype
+    config.phases = [phase(budget=4, epochs=1, learning_rate=0.05)]
+    return config
+
+
+def _servicer(config, state_dir=None, **options):
+    def build_split(image_shape, num_classes):
+        info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
+        return trainer.build_split_model(config, info)
+
+    return service_lib.TrainingServicer(build_split, state_dir, **options)
+
+
+class RecordingInterceptor(grpc.ServerInterceptor):
+    """Keeps every request message that reaches the server's handlers."""
+
+    def __init__(self):
+        self.received = []
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+
+        def recorded(request, context):
+            self.received.append(request)
+            return behaviour(request, context)
+
+        return handler._replace(unary_unary=recorded)
+
+
+@pytest.fixture
+def serving():
+    servers = []
+
+    def start(config, state_dir=None, interceptors=(), **options):
+        servicer = _servicer(config, state_dir, **options)
+        server, port = service_lib.serve(servicer, 0, interceptors=interceptors)
+        servers.append(server)
+        return servicer, port
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def _data(count=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(count, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, count)
+
+
+def _pair(config, port):
+    """An in-process U-shaped model and a networked one with the same weights, connected."""
+    keras.utils.set_random_seed(0)
+    local = trainer.build_split_model(config, INFO)
+    remote = trainer.build_split_model(config, INFO, remote=True)
+    for part in ("head", "tail", "top"):
+        getattr(remote, part).set_weights(getattr(local, part).get_weights())
+    remote.connect(TrainingClient(f"127.0.0.1:{port}"))
+    return local, remote
+
+
+def test_a_networked_ushaped_fit_trains_the_in_process_model(serving):
+    config = ushaped_config()
+    servicer, port = serving(config)
+    local, remote = _pair(config, port)
+    images, labels = _data()
+    logs = []
+    for model in (local, remote):
+        model.set_budget(4)
+        history = model.fit(images, labels, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        logs.append({key: values[-1] for key, values in history.history.items()})
+    for key in ("loss", "accuracy", "payload_bytes_up", "top_payload_bytes_down"):
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5), key
+    pairs = [
+        (local.head.get_weights(), remote.head.get_weights()),
+        (local.top.get_weights(), remote.top.get_weights()),
+        (local.tail.get_weights(), servicer.trainer.split.tail.get_weights()),
+    ]
+    for expected, trained in pairs:
+        for x, y in zip(expected, trained):
+            np.testing.assert_allclose(y, x, atol=1e-5)
+    evaluated = [m.evaluate(images, labels, batch_size=16, verbose=0) for m in (local, remote)]
+    np.testing.assert_allclose(evaluated[1][:2], evaluated[0][:2], rtol=1e-5)
+
+
+def test_no_message_that_reaches_the_server_carries_labels(serving):
+    """Every request the server's handlers receive during fit, evaluation and calibration: no
+    codec payload holds labels, and no message has a field for them."""
+    recorder = RecordingInterceptor()
+    config = ushaped_config(dtype="float16")
+    _, port = serving(config, interceptors=[recorder])
+    _, remote = _pair(config, port)
+    images, labels = _data()
+    remote.set_budget(4)
+    remote.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+    remote.evaluate(images, labels, batch_size=16, verbose=0)
+    remote.calibrate_batch_norm(tf.data.Dataset.from_tensor_slices((images, labels)).batch(16), 2)
+    remote.fetch_tail()
+    kinds = [r.kind for r in recorder.received if isinstance(r, pb.StepRequest)]
+    assert kinds.count(pb.StepRequest.FORWARD) == kinds.count(pb.StepRequest.TRAIN) == 2
+    assert pb.StepRequest.EVALUATE in kinds and pb.StepRequest.CALIBRATE in kinds
+    for request in recorder.received:
+        assert not any("label" in field.name for field, _ in request.ListFields())
+        if isinstance(request, pb.StepRequest):
+            assert codec.decode(request.payload).labels is None
+            assert not request.top_gradient
+
+
+@pytest.fixture
+def opened(serving, tmp_path):
+    """A U-shaped server with an open run (its state in tmp_path/state); yields (stub, device
+    model, servicer)."""
+    config = ushaped_config()
+    servicer, port = serving(config, state_dir=str(tmp_path / "state"))
+    keras.utils.set_random_seed(0)
+    model = trainer.build_split_model(config, INFO)
+    stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    stub.Hello(
+        pb.HelloRequest(
+            model_digest=model_digest(model),
+            image_shape=[32, 32, 3],
+            num_classes=10,
+            device_id="device-0",
+        ),
+        timeout=60,
+    )
+    stub.Checkpoint(pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0"))
+    return stub, model, servicer
+
+
+def _step(model, kind, step, batch=4, labels=None, **fields):
+    values = np.random.default_rng(step).normal(size=(batch,) + model.wire_shape[:-1] + (4,))
+    if kind == pb.StepRequest.TRAIN and "payload" not in fields:
+        middle = np.random.default_rng(step + 100).normal(size=(batch,) + model.top_shape)
+        fields["payload"] = encode_second_cut(middle * 1e-3, model, "float32", "gradients")
+    else:
+        fields.setdefault(
+            "payload",
+            codec.encode(
+                values.astype(np.float32), [3, 1, 2, 0], model.channels, "float32", labels=labels
+            ),
+        )
+    return pb.StepRequest(
+        kind=kind,
+        model_digest=model_digest(model),
+        device_id="device-0",
+        step=step,
+        learning_rate=0.05 if kind == pb.StepRequest.TRAIN else 0.0,
+        **fields,
+    )
+
+
+def tail_after(servicer):
+    return servicer.trainer.split.tail.get_weights()
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value.code()
+
+
+def test_a_step_is_forward_then_train_and_a_retry_gets_the_kept_reply(opened):
+    stub, model, servicer = opened
+    FORWARD, TRAIN = pb.StepRequest.FORWARD, pb.StepRequest.TRAIN  # noqa: N806
+    failed = grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(lambda: stub.Step(_step(model, TRAIN, 0))) == failed  # no FORWARD yet
+    tail = servicer.trainer.split.tail.get_weights()
+    first = stub.Step(_step(model, FORWARD, 0))
+    assert first == stub.Step(_step(model, FORWARD, 0))  # a FORWARD changes nothing
+    for x, y in zip(tail, servicer.trainer.split.tail.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    reply = stub.Step(_step(model, TRAIN, 0))
+    assert codec.decode(reply.payload, expect_kind="gradients").values.shape == (
+        4,
+    ) + model.wire_shape[:-1] + (4,)
+    assert not reply.logits and servicer.trainer.devices["device-0"].next_step == 1
+    assert stub.Step(_step(model, TRAIN, 0)) == reply  # a retry: the kept reply
+    other = _step(model, TRAIN, 0, payload=_step(model, TRAIN, 5).payload)
+    assert _code(lambda: stub.Step(other)) == failed  # the same id with another gradient
+    assert _code(lambda: stub.Step(_step(model, FORWARD, 3))) == failed  # not the next step
+    # A restarted server replays the logged step, and finds the FORWARD that a retry of its
+    # TRAIN (its answer lost) came after.
+    restarted = _servicer(ushaped_config(), servicer.trainer._state.directory)
+    for x, y in zip(restarted.trainer.split.tail.get_weights(), tail_after(servicer)):
+        np.testing.assert_array_equal(x, y)
+    assert restarted.trainer.step(_step(model, TRAIN, 0)) == reply
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: _step(m, pb.StepRequest.FORWARD, 0, labels=np.arange(4)),
+        lambda m: _step(m, pb.StepRequest.FORWARD, 0, top_gradient=b"x"),
+        lambda m: _step(m, pb.StepRequest.FORWARD, 0, nesting=True),
+    ],
+    ids=["labels", "top_gradient", "nesting"],
+)
+def test_labels_and_log_only_fields_are_refused(opened, mutate):
+    stub, model, _ = opened
+    assert _code(lambda: stub.Step(mutate(model))) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bad_top_gradient_is_refused_and_changes_nothing(opened):
+    stub, model, servicer = opened
+    stub.Step(_step(model, pb.StepRequest.FORWARD, 0))
+    tail = servicer.trainer.split.tail.get_weights()
+    middle = np.zeros((3,) + model.top_shape, np.float32)  # a batch of 3 for 4 activations
+    for payload in (
+        encode_second_cut(middle, model, "float32", "gradients"),
+        encode_second_cut(np.zeros((4,) + model.top_shape), model, "float16", "gradients"),
+        encode_second_cut(np.full((4,) + model.top_shape, 3e38), model, "float32", "gradients"),
+    ):
+        request = _step(model, pb.StepRequest.TRAIN, 0, payload=payload)
+        assert _code(lambda: stub.Step(request)) == grpc.StatusCode.INVALID_ARGUMENT
+    for x, y in zip(tail, servicer.trainer.split.tail.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    assert servicer.trainer.devices["device-0"].next_step == 0
+
+
+def test_what_a_networked_ushape_cannot_train_is_refused_clearly(serving):
+    keras.utils.set_random_seed(0)
+    vgg = backbones.build_backbone("vgg11", 10, (32, 32, 3), 0.125, classifier="imagenet")
+    split = tfsplit.split_model(vgg, "conv5_relu", top="fc2_relu")  # fc1's dropout: the middle
+    with pytest.raises(ValueError, match=r"random layers \['fc1_dropout'\]"):
+        tail_trainer.TailTrainer(split)
+    config = ushaped_config()
+    config.budget_sampling.nested = True
+    with pytest.raises(ValueError, match="without nested budgets"):
+        trainer.build_split_model(config, INFO, remote=True)
+    split = trainer.build_split_model(ushaped_config(), INFO)
+    with pytest.raises(ValueError, match="sequentially"):
+        tail_trainer.TailTrainer(split, parallel=True)
