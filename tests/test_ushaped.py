@@ -9,7 +9,7 @@ import pytest
 import tf_keras as keras
 
 import tfsplit
-from tfsplit import backbones, codec
+from tfsplit import backbones, codec, export
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 
@@ -122,7 +122,8 @@ def test_a_top_that_cannot_be_one_is_refused(vgg11):
         backbones.resolve_top("vgg11", "nowhere")
 
 
-def test_the_ushaped_variant_trains_and_saves_and_the_codec_transport_refuses_it(tmp_path):
+def test_the_ushaped_variant_trains_and_saves_and_the_plain_paths_refuse_it(tmp_path):
+    """The codec transport and the plain split's exports refuse a U-shaped run with a message."""
     config = base_config("deprune")
     config.data.train_size, config.data.test_size = 64, 32
     config.data.batch_size, config.data.eval_batch_size = 32, 32
@@ -139,3 +140,5 @@ def test_the_ushaped_variant_trains_and_saves_and_the_codec_transport_refuses_it
     info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)
     with pytest.raises(ValueError, match="U-shaped split.*the codec transport carries the plain"):
         trainer.build_split_model(config, info)
+    with pytest.raises(export.ExportError, match="U-shaped split.*after 'pool5'"):
+        export.load_run(str(tmp_path))

@@ -72,6 +72,12 @@ def main(argv):
             raise app.UsageError(
                 "--config exports a new run's trainable head: add --trainable " "and --out."
             )
+        if _CONFIG.value.model.get("top", ""):
+            raise app.UsageError(
+                "--trainable exports the plain split's head for the device without TensorFlow; "
+                "a U-shaped config (config.model.top) trains with the Keras device: "
+                "tfsplit-train --server=..."
+            )
         path = export_lib.export_trainable_start(_CONFIG.value, _OUT.value)
         print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
         return

@@ -64,6 +64,14 @@ class TrainedRun:
     config: ml_collections.ConfigDict = None
     summary: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        if hasattr(self.split, "top"):
+            raise ExportError(
+                f"This is a U-shaped split (its top after {self.split.top_cut!r} stays on the device with the "
+                "labels). The exports here deploy the plain split, head and tail: its tail "
+                "would carry the top to the server. Export a plain run (config.model.top unset)."
+            )
+
     @classmethod
     def from_model(cls, model, info, train, test, budget=None, **settings):
         """A run from a trained `SplitModel` and its data, to export a model built in Python.
