@@ -127,7 +127,9 @@ def estimate_traffic(config):
 
     Counts training steps (activations and labels up; gradients and logits down), each epoch's
     evaluation of the test set and, with a bottleneck, each epoch's batch norm calibration (up to
-    `calibration_batches` training batches). gRPC framing (a few dozen bytes a call) is left out.
+    `calibration_batches` training batches). A U-shaped run sends no labels and makes two calls a
+    training step: the middle's output comes down instead of logits, and the top's gradient goes
+    up. gRPC framing (a few dozen bytes a call) is left out.
 
     Returns:
       dict with bytes_up, bytes_down, calls and wire_shape.
@@ -135,26 +137,40 @@ def estimate_traffic(config):
     _, _, info = trainer.load_run_arrays(config)
     split = trainer.build_split_model(config, info)
     height, width, channels = split.wire_shape
-    classes, data = info.num_classes, config.data
+    ushaped, data = hasattr(split, "top"), config.data
     train, test = info.train_size, info.test_size
 
-    def nbytes(samples, k, dtype, labels):
+    def nbytes(samples, k, dtype, labels=False):
         return codec.payload_nbytes(samples, height, width, k, dtype, labels, channels)
 
+    def answer(samples, dtype):
+        """What a forward pass sends back: the logits, or the middle's output."""
+        if not ushaped:
+            return 4 * info.num_classes * samples
+        top = (split.top_height, split.top_width, split.top_channels)
+        return codec.payload_nbytes(samples, *top, dtype, False, split.top_channels)
+
+    top_down, top_up = (
+        (config.wire.top_activation_dtype, config.wire.top_gradient_dtype)
+        if ushaped
+        else ("float32", "float32")
+    )
     up = down = calls = 0
     steps = math.ceil(train / data.batch_size)
     for entry in config.phases:
         k = entry.budget or channels
-        epoch_up = nbytes(train, k, config.wire.activation_dtype, True)
-        epoch_down = nbytes(train, k, config.wire.gradient_dtype, False) + 4 * classes * train
-        epoch_up += nbytes(test, k, config.wire.activation_dtype, False)  # evaluation
-        epoch_down += 4 * classes * test
-        epoch_calls = steps + math.ceil(test / data.eval_batch_size)
+        epoch_up = nbytes(train, k, config.wire.activation_dtype, labels=not ushaped)
+        epoch_down = nbytes(train, k, config.wire.gradient_dtype) + answer(train, top_down)
+        if ushaped:
+            epoch_up += answer(train, top_up)  # the top's gradient, the same shape
+        epoch_up += nbytes(test, k, config.wire.activation_dtype)  # evaluation
+        epoch_down += answer(test, top_down)
+        epoch_calls = steps * (2 if ushaped else 1) + math.ceil(test / data.eval_batch_size)
         if split.encoder is not None and config.calibration_batches:
             batches = min(config.calibration_batches, steps)
             samples = min(train, batches * data.batch_size)
-            epoch_up += nbytes(samples, k, config.wire.activation_dtype, False)
-            epoch_down += 4 * classes * samples
+            epoch_up += nbytes(samples, k, config.wire.activation_dtype)
+            epoch_down += answer(samples, top_down)
             epoch_calls += batches
         up, down, calls = (
             up + entry.epochs * epoch_up,

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from benchmarks import links, namespaces, network_benchmark, network_report
+from tfsplit import codec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -285,6 +286,29 @@ def test_estimates_follow_the_codec():
     seconds = network_benchmark.link_seconds(estimate, poor)
     expected = (estimate["bytes_up"] + estimate["bytes_down"]) * 8 / 2e6 + 2 * 0.1
     assert seconds == pytest.approx(expected)
+
+
+def test_a_ushaped_estimate_sends_no_labels_and_crosses_the_second_cut():
+    """The plain estimate without the labels, plus the middle's output down (training,
+    evaluation) and the top's gradient up: 128 float16 values a sample at the top (pool5, 1x1)."""
+    sizes = {
+        variant: network_benchmark.Sizes(variant, train_size=64, test_size=32, epochs_scale=0.1)
+        for variant in ("", "ushaped")
+    }
+    plain, ushaped = (
+        network_benchmark.estimate_traffic(
+            network_benchmark.method_runs(CONFIG_DIR, ["sl"], sizes[v], "")["sl"].config
+        )
+        for v in sizes
+    )
+    labels = codec.payload_nbytes(64, 4, 4, 128, "float16", True, 128) - codec.payload_nbytes(
+        64, 4, 4, 128, "float16", False, 128
+    )
+    second = {n: codec.payload_nbytes(n, 1, 1, 128, "float16", False, 128) for n in (32, 64)}
+    assert ushaped["bytes_up"] == plain["bytes_up"] - labels + second[64]
+    logits = 4 * 10 * (64 + 32)
+    assert ushaped["bytes_down"] == plain["bytes_down"] - logits + second[64] + second[32]
+    assert ushaped["calls"] == 3  # FORWARD and TRAIN of the one step, one evaluation batch
 
 
 def _row(link, method, seconds, accuracy, curve):
