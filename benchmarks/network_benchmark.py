@@ -297,12 +297,22 @@ def run_method(emulated, run, run_dir, timeout_s):
         process_seconds=process_seconds,
         fit_seconds=summary["wall_seconds"],
         final_test_accuracy=summary["final_test_accuracy"],
-        payload_mb_up=summary["train_payload_bytes_up"] / 1e6,
-        payload_mb_down=summary["train_payload_bytes_down"] / 1e6,
+        **payload_megabytes(summary),
         epochs=summary["epochs"],
         records=[{k: r[k] for k in ("epoch", "elapsed_seconds", "test_accuracy")} for r in records],
         note=PRUNE_NOTE if run.method == "prune" else "",
     )
+
+
+def payload_megabytes(summary):
+    """A run's training payload each way in MB: both cuts' of a U-shaped run."""
+    return {
+        f"payload_mb_{way}": (
+            summary[f"train_payload_bytes_{way}"] + summary.get(f"train_top_payload_bytes_{way}", 0)
+        )
+        / 1e6
+        for way in ("up", "down")
+    }
 
 
 def choose_target(rows, links, target_accuracy, target_fraction):
