@@ -1757,7 +1757,7 @@ class TailFuzzer(_Fuzzer):
         if protocol == "grpc":
             response = predict_pb2.PredictResponse.FromString(reply)
             return tensors.from_tensor_proto(response.outputs[serving_validation.OUTPUT_NAME])
-        return device_rest.probabilities_from_answer(json.loads(reply))
+        return device_rest.output_from_answer(json.loads(reply))
 
     def _verify(self, protocol, batch):
         """A check of an accepted request's answer: (batch, classes) finite probabilities."""

@@ -98,7 +98,11 @@ def test_write_results(result, tmp_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     byte_columns = [name for name in rows[0] if "bytes" in name]
-    assert byte_columns == ["request_bytes_per_sample", "payload_bytes_per_sample"]
+    assert byte_columns == [
+        "request_bytes_per_sample",
+        "payload_bytes_per_sample",
+        "answer_bytes_per_sample",
+    ]
     assert [row["dtype"] for row in rows] == [row["dtype"] for row in result.rows]
     assert float(rows[0]["agreement"]) == result.rows[0]["agreement"]
 

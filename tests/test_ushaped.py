@@ -123,7 +123,8 @@ def test_a_top_that_cannot_be_one_is_refused(vgg11):
 
 
 def test_the_ushaped_variant_trains_and_saves_and_the_plain_paths_refuse_it(tmp_path):
-    """The codec transport and the plain split's exports refuse a U-shaped run with a message."""
+    """The codec transport and the plain split's tail export refuse a U-shaped run with a
+    message."""
     config = base_config("deprune")
     config.data.train_size, config.data.test_size = 64, 32
     config.data.batch_size, config.data.eval_batch_size = 32, 32
@@ -141,4 +142,4 @@ def test_the_ushaped_variant_trains_and_saves_and_the_plain_paths_refuse_it(tmp_
     with pytest.raises(ValueError, match="U-shaped split.*the codec transport carries the plain"):
         trainer.build_split_model(config, info)
     with pytest.raises(export.ExportError, match="U-shaped split.*after 'pool5'"):
-        export.load_run(str(tmp_path))
+        export.export_tail(str(tmp_path), str(tmp_path / "serving"))

@@ -82,8 +82,12 @@ def main(argv):
         print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
         return
     try:
+        run = export_lib.load_run(_WORKDIR.value)
+        if hasattr(run.split, "top"):
+            _export_ushaped(run)
+            return
         result = export_lib.export_split(
-            _WORKDIR.value,
+            run,
             out_dir=_OUT.value,
             budget=_BUDGET.value,
             dtypes=_DTYPES.value,
@@ -102,6 +106,35 @@ def main(argv):
     if _TRAINABLE.value:
         path = export_lib.export_trainable_run(_WORKDIR.value, result.out_dir)
         print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
+
+
+def _export_ushaped(run):
+    """A U-shaped run: heads and the top for the device, a middle per wire dtype."""
+    if _TRAINABLE.value:
+        raise app.UsageError(
+            "--trainable exports the plain split's head for the device without TensorFlow; a "
+            "U-shaped run trains with the Keras device (tfsplit-train --server=...)."
+        )
+    dtypes = _DTYPES.value if flags.FLAGS["dtypes"].present else export_lib.USHAPED_DTYPES
+    result = export_lib.export_ushaped(
+        run,
+        out_dir=_OUT.value,
+        budget=_BUDGET.value,
+        dtypes=dtypes,
+        model_name=_MODEL_NAME.value,
+        version=_VERSION.value,
+        overwrite=_OVERWRITE.value,
+    )
+    print(f"Exported the U-shaped split {run.workdir} to {result.out_dir}")
+    print(f"top: {result.top_path} ({os.path.getsize(result.top_path)} bytes)")
+    for row in result.rows:
+        middle = result.middles[row["dtype"]]
+        print(
+            f"{row['dtype']}: head {result.heads[row['dtype']].model_path}, middle {middle.path}; "
+            f"top-1 {row['accuracy']:.2%} (Keras {row['keras_accuracy']:.2%}), agreement "
+            f"{row['agreement']:.2%}, {row['payload_bytes']} bytes up and "
+            f"{row['answer_bytes']} down per image"
+        )
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)

@@ -84,7 +84,7 @@ def _print(record, batch_size, labels):
             f"request_bytes {record.request_bytes[r]}  payload_bytes {record.payload_bytes[r]}"
         )
     summary = record.summary()
-    print("p50 ms: " + "  ".join(f"{s} {summary[f'{s}_p50_ms']:.3f}" for s in device.STAGES))
+    print("p50 ms: " + "  ".join(f"{s} {summary[f'{s}_p50_ms']:.3f}" for s in record.seconds))
     print(
         f"per image: request_bytes {summary['request_bytes_per_sample']:.1f}, "
         f"payload_bytes {summary['payload_bytes_per_sample']:.1f}"

@@ -9,6 +9,9 @@ Raspberry Pi or any device that has the LiteRT runtime:
     prediction = DeviceRunner(head, client).predict(images)   # uint8 (N, H, W, C)
     prediction.classes, prediction.seconds, prediction.request_bytes, prediction.payload_bytes
 
+A U-shaped split's head JSON names its top (`HeadSpec.top`): the client then reads the middle's
+output (`make_client(..., output=spec.top.output)`), and the runner runs the top on it.
+
 The clients speak TF Serving's own REST and gRPC protocols (the protobuf written by hand), so they
 work unchanged against `tfsplit-serve` and against a real TF Serving. `make_client(...,
 token=..., root_certificates=...)` sends the token of a server that asks for one (`tfsplit-serve
@@ -19,10 +22,11 @@ from tfsplit.device.bench import bench_head, bench_heads, find_heads, format_ben
 from tfsplit.device.head import HeadRunner, LiteModel, normalize_images, quantize_input
 from tfsplit.device.images import load_images
 from tfsplit.device.payload import WirePayload, build_payload, wire_payload
-from tfsplit.device.rest import RestClient, ServingError, predict_body
+from tfsplit.device.rest import OUTPUT_NAME, RestClient, ServingError, predict_body
 from tfsplit.device.runner import (
     PROTOCOLS,
     STAGES,
+    USHAPED_STAGES,
     DeviceRunner,
     Prediction,
     RunRecord,
@@ -34,8 +38,10 @@ from tfsplit.device.stats import format_table, latency_summary
 
 __all__ = [
     "HEAD_DTYPES",
+    "OUTPUT_NAME",
     "PROTOCOLS",
     "STAGES",
+    "USHAPED_STAGES",
     "DeviceError",
     "DeviceRunner",
     "HeadRunner",

@@ -36,6 +36,7 @@ class GrpcClient:
       root_certificates: PEM bytes of the CA that signed the server's certificate (for a
         self-signed one, the certificate), e.g. `tfsplit.auth.credentials.read_pem(path, "TLS CA")`:
         the channel is TLS. None: plain TCP.
+      output: the answer's output that `send` returns (a U-shaped split's middle output).
 
     Raises:
       DeviceError: a bad target, name, timeout, token or CA, or a token that would travel in
@@ -54,6 +55,7 @@ class GrpcClient:
         max_message_bytes=_DEFAULT_MAX_MESSAGE_BYTES,
         token=None,
         root_certificates=None,
+        output=OUTPUT_NAME,
     ):
         check_client_args(model_name, timeout_s)
         check_security_args(token, root_certificates)
@@ -65,7 +67,7 @@ class GrpcClient:
         # A token goes over TLS, or in clear text to loopback only.
         check_security_args(token, None, target, tls=root_certificates is not None)
         self.model_name = model_name
-        self.signature = signature
+        self.signature, self.output = signature, output
         self.version = version
         self.timeout_s = timeout_s
         self.url = target
@@ -88,12 +90,17 @@ class GrpcClient:
         )
 
     def send(self, request):
-        """Sends a serialized PredictRequest; returns the (N, classes) float32 probabilities.
+        """Sends a serialized PredictRequest; returns the (N, ...) float32 `output` (the
+        probabilities).
 
         Raises:
           ServingError: the server refused the request (gRPC status and message), its answer is
             unreadable, or it cannot be reached.
         """
+        return self.exchange(request)[0]
+
+    def exchange(self, request):
+        """`send`, with the answer's size in bytes (the serialized PredictResponse)."""
         try:
             answer = self._predict(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -102,13 +109,13 @@ class GrpcClient:
             outputs = protowire.read_outputs(answer)
         except protowire.ProtoError as error:
             raise ServingError(f"Unreadable PredictResponse: {error}") from None
-        probabilities = outputs.get(OUTPUT_NAME)
-        if probabilities is None or probabilities.ndim != 2:
+        output = outputs.get(self.output)
+        if output is None or output.ndim < 2:
             raise ServingError(
-                f"The answer lacks (N, classes) {OUTPUT_NAME!r}; it has "
+                f"The answer lacks (N, ...) {self.output!r}; it has "
                 f"{ {name: array.shape for name, array in outputs.items()} }."
             )
-        return probabilities.astype("float32")
+        return output.astype("float32"), len(answer)
 
     def predict(self, payload):
         """encode + send."""

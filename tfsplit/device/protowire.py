@@ -98,6 +98,14 @@ def _read_varint(data, offset):
             return value, offset
 
 
+def _packed_varints(data):
+    values, offset = [], 0
+    while offset < len(data):
+        value, offset = _read_varint(data, offset)
+        values.append(value)
+    return values
+
+
 def fields(data):
     """Yields (field number, wire type, value) of a message: ints, or bytes for lengths/fixed."""
     offset, sizes = 0, {_FIXED64: 8, _FIXED32: 4}
@@ -128,8 +136,9 @@ def _shape(data):
 
 
 def read_tensor(data):
-    """A serialized TensorProto -> numpy array (dtypes of DATA_TYPES; content or float_val)."""
-    dtype, shape, content, floats = None, (), None, []
+    """A serialized TensorProto -> numpy array (dtypes of DATA_TYPES; content, float_val or
+    half_val)."""
+    dtype, shape, content, floats, halves = None, (), None, [], []
     for field, wire_type, value in fields(data):
         if field == 1:
             dtype = value
@@ -139,6 +148,8 @@ def read_tensor(data):
             content = value
         elif field == 5:  # float_val: packed (length) or one fixed32 per element
             floats.append(np.frombuffer(value, "<f4"))
+        elif field == 13:  # half_val: float16 bit patterns as varints, packed or one each
+            halves += [value] if wire_type == _VARINT else _packed_varints(value)
     if dtype not in _NUMPY:
         raise ProtoError(f"Unsupported tensor DataType {dtype}; expected {sorted(DATA_TYPES)}.")
     count = int(np.prod(shape, dtype=np.int64))
@@ -146,6 +157,8 @@ def read_tensor(data):
         array = np.frombuffer(content, _NUMPY[dtype])
     elif dtype == DATA_TYPES["float32"]:
         array = np.concatenate(floats) if floats else np.zeros(0, np.float32)
+    elif dtype == DATA_TYPES["float16"]:  # TF Serving answers float16 in half_val
+        array = np.asarray(halves, np.uint16).view(np.float16)
     else:
         raise ProtoError(f"A DataType {dtype} tensor must carry tensor_content.")
     if array.size != count:

@@ -86,20 +86,19 @@ def predict_body(payload, signature="serving_default"):
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def probabilities_from_answer(answer):
-    """(N, classes) float32 from a :predict answer; TF Serving drops the name of a lone output."""
+def output_from_answer(answer, name=OUTPUT_NAME):
+    """The (N, ...) float32 output `name` of a :predict answer (the probabilities, or a U-shaped
+    split's middle output); TF Serving drops the name of a lone output."""
     outputs = answer.get("outputs") if isinstance(answer, dict) else None
     if isinstance(outputs, dict):
-        outputs = outputs.get(OUTPUT_NAME)
+        outputs = outputs.get(name)
     try:
-        probabilities = np.asarray(outputs, np.float32)
+        array = np.asarray(outputs, np.float32)
     except (TypeError, ValueError):
-        probabilities = None
-    if probabilities is None or probabilities.ndim != 2:
-        raise ServingError(
-            f"The answer lacks (N, classes) {OUTPUT_NAME!r} outputs: {answer!r:.200}"
-        )
-    return probabilities
+        array = None
+    if array is None or array.ndim < 2:
+        raise ServingError(f"The answer lacks (N, ...) {name!r} outputs: {answer!r:.200}")
+    return array
 
 
 class RestClient:
@@ -117,6 +116,7 @@ class RestClient:
       root_certificates: PEM bytes of the CA that signed the server's certificate (for a
         self-signed one, the certificate), e.g. `tfsplit.auth.credentials.read_pem(path, "TLS CA")`;
         needs an https:// URL. None: an https:// server is verified against the system's CAs.
+      output: the answer's output that `send` returns (a U-shaped split's middle output).
 
     Raises:
       DeviceError: a bad URL, name, timeout, token or CA, or a token for an http:// URL that is
@@ -134,6 +134,7 @@ class RestClient:
         version=None,
         token=None,
         root_certificates=None,
+        output=OUTPUT_NAME,
     ):
         check_client_args(model_name, timeout_s)
         check_security_args(token, root_certificates)
@@ -151,7 +152,7 @@ class RestClient:
                 f"A CA (`root_certificates`) is for TLS: use an https:// URL. "
                 f"Received: {base_url!r}"
             )
-        self.signature = signature
+        self.signature, self.output = signature, output
         versions = "" if version is None else f"/versions/{int(version)}"
         self._model_path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}{versions}"
         # Bytes, so that http.client sends a non-ASCII token as UTF-8 instead of failing.
@@ -184,6 +185,10 @@ class RestClient:
 
     def _call(self, method, path, body=None):
         """One HTTP exchange -> the parsed JSON answer; a refusal raises its error message."""
+        return self._call_sized(method, path, body)[0]
+
+    def _call_sized(self, method, path, body=None):
+        """`_call`, with the answer's size in bytes (its body)."""
         try:
             with self._lock:
                 try:
@@ -197,6 +202,7 @@ class RestClient:
         except (OSError, http.client.HTTPException) as error:
             self._connection.close()
             raise ServingError(f"Cannot reach {self.url}: {error}", code="UNAVAILABLE") from None
+        size = len(answer)
         try:
             answer = json.loads(answer)
         except ValueError as error:
@@ -204,16 +210,21 @@ class RestClient:
         if status != http.HTTPStatus.OK:
             message = answer.get("error") if isinstance(answer, dict) else None
             raise ServingError(message or repr(answer), http_status=status)
-        return answer
+        return answer, size
 
     def send(self, body):
-        """Posts an encoded body; returns the (N, classes) float32 probabilities.
+        """Posts an encoded body; returns the (N, ...) float32 `output` (the probabilities).
 
         Raises:
           ServingError: the server refused the request (its message and HTTP status), sent an
             unreadable answer, or could not be reached.
         """
-        return probabilities_from_answer(self._call("POST", f"{self._model_path}:predict", body))
+        return self.exchange(body)[0]
+
+    def exchange(self, body):
+        """`send`, with the answer's size in bytes (the JSON body)."""
+        answer, size = self._call_sized("POST", f"{self._model_path}:predict", body)
+        return output_from_answer(answer, self.output), size
 
     def predict(self, payload):
         """encode + send."""

@@ -6,25 +6,30 @@
 
 Each request is timed in three stages: `head` (normalize, quantize, interpreter, wire cast),
 `encode` (building the request body) and `network_tail` (send, the server's dequantize and tail,
-answer, parse). TF Serving's predict API reports no server-side time, so the network and the tail
-are measured together. Bytes are counted two ways: `request_bytes`, what the request weighs on the
+answer, parse); a U-shaped split's device then runs its top on the middle's answer (`top`). TF
+Serving's predict API reports no server-side time, so the network and the tail are measured
+together. Bytes are counted two ways: `request_bytes`, what the request weighs on the
 wire (JSON text for REST, the protobuf for gRPC), and `payload_bytes`, what the codec's encoding of
 the same selection weighs (`codec.payload_nbytes`), the protocol-independent figure that training
 reports too.
 """
 
 import dataclasses
+import os
 import time
 
 import numpy as np
 
 from tfsplit.device import payload as payload_lib
 from tfsplit.device import stats
+from tfsplit.device.head import LiteModel
 from tfsplit.device.rest import RestClient
 from tfsplit.device.spec import DeviceError, check_count
 
 PROTOCOLS = ("rest", "grpc")
 STAGES = ("head", "encode", "network_tail", "total")
+# A U-shaped split's device also runs its top on the middle's answer.
+USHAPED_STAGES = ("head", "encode", "network_tail", "top", "total")
 DEFAULT_SERVERS = {"rest": "http://127.0.0.1:8501", "grpc": "127.0.0.1:8500"}
 
 
@@ -73,16 +78,18 @@ class Prediction:
     """The answer to one request, with its cost.
 
     Attributes:
-      probabilities: (N, num_classes) float32 from the tail.
+      probabilities: (N, num_classes) float32 from the tail (a U-shaped split's top).
       seconds: dict stage -> duration of this request (see STAGES).
       request_bytes: what the request weighs on the wire (its serialized body).
       payload_bytes: the codec's encoding of the same payload (`WirePayload.payload_bytes`).
+      answer_bytes: what the answer weighed on the wire (its serialized body).
     """
 
     probabilities: np.ndarray
     seconds: dict
     request_bytes: int
     payload_bytes: int
+    answer_bytes: int
 
     @property
     def classes(self):
@@ -90,16 +97,27 @@ class Prediction:
 
 
 class DeviceRunner:
-    """Runs a head and sends its payload to the tail, one request per call.
+    """Runs a head and sends its payload to the tail, one request per call; for a U-shaped
+    split (the head's spec names a top) the server answers the middle's output, and the top runs
+    here on it.
 
     Args:
       head: a `HeadRunner`.
-      client: a `RestClient` or `GrpcClient` (see `make_client`) for the matching tail.
+      client: a `RestClient` or `GrpcClient` (see `make_client`) for the matching tail; for a
+        U-shaped split it is set to read the middle's output (`client.output`).
+      num_threads: the top's interpreter threads.
     """
 
-    def __init__(self, head, client):
+    def __init__(self, head, client, num_threads=1):
         self.head = head
         self.client = client
+        self.top, self.stages = None, STAGES
+        top = head.spec.top
+        if top is not None:
+            self.top = LiteModel(
+                os.path.join(os.path.dirname(head.spec.path), top.model_file), num_threads
+            )
+            self.stages, client.output = USHAPED_STAGES, top.output
 
     def predict(self, images):
         """uint8 (N, H, W, C) images -> a `Prediction` (one request for the whole batch).
@@ -114,21 +132,28 @@ class DeviceRunner:
         encode_start = time.perf_counter()
         request = self.client.encode(payload)
         send_start = time.perf_counter()
-        probabilities = self.client.send(request)
-        end = time.perf_counter()
-        expected = (len(images), self.head.spec.num_classes)
-        if probabilities.shape != expected:
+        answer, answer_bytes = self.client.exchange(request)
+        received = time.perf_counter()
+        spec = self.head.spec
+        expected = (len(images),) + ((spec.num_classes,) if self.top is None else spec.top.shape)
+        if answer.shape != expected:
             raise DeviceError(
-                f"The tail answered probabilities of shape {probabilities.shape}, expected "
+                f"The tail answered {self.client.output!r} of shape {answer.shape}, expected "
                 f"{expected}: is the server serving this head's tail?"
             )
         seconds = {
             "head": encode_start - start,
             "encode": send_start - encode_start,
-            "network_tail": end - send_start,
-            "total": end - start,
+            "network_tail": received - send_start,
+            "total": received - start,
         }
-        return Prediction(probabilities, seconds, len(request), payload.payload_bytes)
+        probabilities = answer
+        if self.top is not None:
+            top_start = time.perf_counter()
+            probabilities = self.top(answer.astype(np.float32))
+            end = time.perf_counter()
+            seconds.update(top=end - top_start, total=end - start)
+        return Prediction(probabilities, seconds, len(request), payload.payload_bytes, answer_bytes)
 
 
 @dataclasses.dataclass
@@ -137,8 +162,8 @@ class RunRecord:
 
     Attributes:
       probabilities: (samples, num_classes) float32.
-      seconds: dict stage -> (requests,) float64 durations.
-      request_bytes, payload_bytes: (requests,) int64 per request.
+      seconds: dict stage -> (requests,) float64 durations, in the runner's stage order.
+      request_bytes, payload_bytes, answer_bytes: (requests,) int64 per request.
       complete: False when a time limit stopped the run before every image was sent.
     """
 
@@ -146,6 +171,7 @@ class RunRecord:
     seconds: dict
     request_bytes: np.ndarray
     payload_bytes: np.ndarray
+    answer_bytes: np.ndarray
     complete: bool
 
     @property
@@ -153,15 +179,17 @@ class RunRecord:
         return len(self.probabilities)
 
     def summary(self):
-        """Samples, requests, request_bytes and payload_bytes per sample, ms per stage; flat."""
+        """Samples, requests, request_bytes, payload_bytes and answer_bytes per sample, ms per
+        stage; flat."""
         row = {
             "samples": self.samples,
             "requests": len(self.request_bytes),
             "complete": self.complete,
             "request_bytes_per_sample": float(self.request_bytes.sum() / self.samples),
             "payload_bytes_per_sample": float(self.payload_bytes.sum() / self.samples),
+            "answer_bytes_per_sample": float(self.answer_bytes.sum() / self.samples),
         }
-        for stage in STAGES:
+        for stage in self.seconds:
             for key, value in stats.latency_summary(self.seconds[stage]).items():
                 row[f"{stage}_{key}"] = value
         return row
@@ -197,8 +225,9 @@ def run_images(runner, images, batch_size=1, max_seconds=None):
     sent = sum(len(p.probabilities) for p in predictions)
     return RunRecord(
         probabilities=np.concatenate([p.probabilities for p in predictions]),
-        seconds={s: np.array([p.seconds[s] for p in predictions]) for s in STAGES},
+        seconds={s: np.array([p.seconds[s] for p in predictions]) for s in runner.stages},
         request_bytes=np.array([p.request_bytes for p in predictions], np.int64),
         payload_bytes=np.array([p.payload_bytes for p in predictions], np.int64),
+        answer_bytes=np.array([p.answer_bytes for p in predictions], np.int64),
         complete=sent == len(images),
     )

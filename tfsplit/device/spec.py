@@ -116,6 +116,41 @@ def _floats(record, key, length, positive):
     return np.asarray(_list(record, key, "normalization.", length, item, expected), np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class TopSpec:
+    """A U-shaped split's top, which the device runs on the middle's answer.
+
+    Attributes:
+      model_file: the top's .tflite file name, relative to the head JSON's directory.
+      output: the name of the middle's output in the server's answer.
+      shape: the shape of one answer (the middle's output without its batch).
+    """
+
+    model_file: str
+    output: str
+    shape: tuple
+
+
+def _top(meta):
+    """The `TopSpec` of a head JSON's optional `top` object (None without one)."""
+    if "top" not in meta:
+        return None
+    record = _object(meta, "top")
+    name = lambda v: isinstance(v, str) and v  # noqa: E731
+    shape = _field(
+        record,
+        "shape",
+        "top.",
+        lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(map(_positive_int, v)),
+        "a list of 1 to 3 positive integers",
+    )
+    return TopSpec(
+        model_file=_field(record, "model", "top.", name, "a file name"),
+        output=_field(record, "output", "top.", name, "an output name"),
+        shape=tuple(shape),
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class HeadSpec:
     """What a device needs to know about a head besides the model file.
@@ -132,9 +167,11 @@ class HeadSpec:
       wire_scale, wire_zero_point: int8 quantization sent with the values (1.0, 0 for floats).
       indices: (k,) int32 channel indices of the sent values, in order.
       channels: bottleneck width C; every index is below it.
-      num_classes: width of the tail's probabilities.
+      num_classes: width of the tail's probabilities (of the top's, for a U-shaped split).
       dataset: name of the training dataset ("" if the JSON has none).
       source_workdir: the training workdir that made the head ("" if the JSON has none).
+      top: a U-shaped split's `TopSpec`: the server answers the middle's output, which the
+        device's top turns into probabilities; None for a plain split.
     """
 
     path: str
@@ -153,6 +190,7 @@ class HeadSpec:
     num_classes: int
     dataset: str
     source_workdir: str
+    top: TopSpec | None = None
 
     @property
     def budget(self):
@@ -252,6 +290,7 @@ def spec_from_json(meta, path):
         num_classes=num_classes,
         dataset=str(meta.get("dataset", "")),
         source_workdir=str(source.get("workdir", "")),
+        top=_top(meta),
     )
 
 

@@ -115,10 +115,17 @@ class UShapedSplitModel(SplitModel):
         """The server's half: the k channels placed back, then the middle; what goes down."""
         return super().receive(values, indices, training, fill)
 
-    def check_recomputable_middle(self):
-        """Raises ValueError unless the middle gives the same output when run twice on the same
-        input: over the network the server runs its forward pass again to train on the top's
-        gradient, and a random layer (dropout, noise) would draw other values."""
+    def check_networkable(self):
+        """Raises ValueError unless this split can train over the network: its middle must give
+        the same output when run twice on the same input (the server runs the forward pass again
+        to train on the top's gradient, and a random layer, dropout or noise, would draw other
+        values), and it trains without nested budgets (their distillation needs the top)."""
+        if self.nesting is not None:
+            raise ValueError(
+                "A U-shaped split over the network trains without nested budgets (their "
+                "distillation needs the top, which the server does not hold); set "
+                "config.budget_sampling.nested = False."
+            )
         random = [
             layer.name
             for layer in self.tail.submodules

@@ -97,10 +97,13 @@ def _tail_base(export_dir, model_name, dtype):
     return os.path.join(export_dir, report_lib.SERVING_DIR, f"{model_name}_{dtype}")
 
 
-def _is_exported(export_dir, model_name, dtype, version):
+def _is_exported(export_dir, model_name, dtype, version, ushaped):
     head = _head_path(export_dir, dtype)
     tail = os.path.join(_tail_base(export_dir, model_name, dtype), str(version), "saved_model.pb")
-    return all(os.path.isfile(p) for p in (head, os.path.splitext(head)[0] + ".json", tail))
+    paths = [head, os.path.splitext(head)[0] + ".json", tail]
+    if ushaped:
+        paths.append(os.path.join(export_dir, export_lib.ushaped.TOP_FILE))
+    return all(os.path.isfile(p) for p in paths)
 
 
 def _source_workdir(export_dir, dtypes):
@@ -144,12 +147,18 @@ def prepare_export(
         raise InferError("Pass a training `workdir`, an `export_dir`, or both.")
     if workdir is None:
         workdir = _source_workdir(export_dir, dtypes)
-    run = run_lib.as_run(workdir)
+    run = run_lib.as_run(workdir, ushaped=None)
     if export_dir is None:
         export_dir = os.path.join(run.workdir, report_lib.EXPORT_DIR)
     export_dir = os.fspath(export_dir)
-    missing = [d for d in dtypes if not _is_exported(export_dir, model_name, d, version)]
-    if missing:
+    ushaped = hasattr(run.split, "top")
+    missing = [d for d in dtypes if not _is_exported(export_dir, model_name, d, version, ushaped)]
+    if missing and ushaped:  # the top is one file for every head: all of it again
+        logging.info("Exporting the U-shaped split's %s heads, top and middles", list(dtypes))
+        export_lib.export_ushaped(
+            run, export_dir, dtypes=dtypes, model_name=model_name, version=version, overwrite=True
+        )
+    elif missing:
         logging.info("Exporting %s heads and tails to %s", missing, export_dir)
         export_lib.export_split(
             run, export_dir, dtypes=missing, qat=qat, model_name=model_name, version=version
@@ -199,7 +208,7 @@ def _serve_and_run(run, export_dir, dtype, protocols, images, options, keras_cac
         for protocol in protocols:
             address = server.rest_url if protocol == "rest" else server.grpc_target
             client = device_lib.make_client(protocol, address, name, options["timeout_s"])
-            runner = device_lib.DeviceRunner(head, client)
+            runner = device_lib.DeviceRunner(head, client, options["num_threads"])
             try:
                 record = device_lib.run_images(runner, images, batch_size, options["max_seconds"])
             finally:
@@ -277,8 +286,18 @@ def run_split_inference(
 
 
 def format_table(rows):
-    """The rows of `run_split_inference` as a plain-text table (latencies in ms)."""
-    return device_lib.format_table(rows, TABLE_COLUMNS)
+    """The rows of `run_split_inference` as a plain-text table (latencies in ms); a U-shaped
+    split's also shows the answers' bytes and the top's latency."""
+    columns = TABLE_COLUMNS
+    if any("top_p50_ms" in row for row in rows):
+        at = columns.index(next(c for c in columns if c[0] == "total_p50_ms"))
+        columns = (
+            columns[:at]
+            + (("answer_bytes_per_sample", "answer_bytes", ".0f"),)
+            + tuple(stats.latency_columns("top"))
+            + columns[at:]
+        )
+    return device_lib.format_table(rows, columns)
 
 
 def write_results(result, out_dir):

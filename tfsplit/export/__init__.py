@@ -10,6 +10,8 @@ or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_p
 
   run = TrainedRun.from_model(model, info, (x_train, y_train), (x_test, y_test))
   exports = export_split(run, out_dir="/tmp/deploy")
+
+A U-shaped run deploys in three parts, its top staying on the device: `export_ushaped(workdir)`.
 """
 
 from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
@@ -21,6 +23,7 @@ from tfsplit.export.trainable_export import (
     export_trainable_run,
     export_trainable_start,
 )
+from tfsplit.export.ushaped import USHAPED_DTYPES, UShapedExport, export_ushaped
 
 __all__ = [
     "ExportError",
@@ -31,6 +34,8 @@ __all__ = [
     "TAIL_DTYPES",
     "TailExport",
     "TrainedRun",
+    "USHAPED_DTYPES",
+    "UShapedExport",
     "evaluate_exports",
     "export_head",
     "export_split",
@@ -38,6 +43,7 @@ __all__ = [
     "export_trainable_head",
     "export_trainable_run",
     "export_trainable_start",
+    "export_ushaped",
     "format_table",
     "load_run",
     "load_run_test_images",

@@ -268,7 +268,7 @@ def export_head(
     Raises:
       ExportError: bad arguments, a workdir that is not a finished run, or existing files.
     """
-    run = run_lib.as_run(workdir)
+    run = run_lib.as_run(workdir, ushaped=None)
     dtypes = check_dtypes(dtypes)
     run_lib.check_count(
         "representative_samples", representative_samples, len(run.train_images), "training set size"

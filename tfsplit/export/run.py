@@ -64,14 +64,6 @@ class TrainedRun:
     config: ml_collections.ConfigDict = None
     summary: dict = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
-        if hasattr(self.split, "top"):
-            raise ExportError(
-                f"This is a U-shaped split (its top after {self.split.top_cut!r} stays on the device with the "
-                "labels). The exports here deploy the plain split, head and tail: its tail "
-                "would carry the top to the server. Export a plain run (config.model.top unset)."
-            )
-
     @classmethod
     def from_model(cls, model, info, train, test, budget=None, **settings):
         """A run from a trained `SplitModel` and its data, to export a model built in Python.
@@ -247,10 +239,27 @@ def load_run_test_images(workdir, count):
     return images[:count], labels[:count]
 
 
-def as_run(source):
-    """A `TrainedRun` from a workdir path, or the run itself (lets callers load only once)."""
-    if isinstance(source, TrainedRun):
-        return source
+def as_run(source, ushaped=False):
+    """A `TrainedRun` from a workdir path, or the run itself (lets callers load only once), of
+    a plain split (`ushaped` False), a U-shaped one (True) or either (None: the head, which both
+    deploy alike).
+
+    Raises:
+      ExportError: a workdir that is not a finished run, or a run of the other kind.
+    """
+    run = source if isinstance(source, TrainedRun) else _load(source)
+    if hasattr(run.split, "top") and ushaped is False:
+        raise ExportError(
+            f"This is a U-shaped split (its top after {run.split.top_cut!r} stays on the device "
+            "with the labels): this export would carry the top to the server. Export it with "
+            "`export_ushaped` (tfsplit-export does for a U-shaped run)."
+        )
+    if ushaped is True and not hasattr(run.split, "top"):
+        raise ExportError("This run is a plain split: export it with `export_split`.")
+    return run
+
+
+def _load(source):
     if isinstance(source, SplitModel):
         raise ExportError(
             "Exporting a SplitModel needs its data: pass "

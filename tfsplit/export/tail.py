@@ -19,6 +19,7 @@ so any budget up to max_budget works; decoder and tail in inference mode) and a 
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ TAIL_DTYPES = codec.WIRE_DTYPES
 SIGNATURE = "serving_default"
 OUTPUT = "probabilities"
 METADATA_FILE = os.path.join("assets.extra", "tfsplit_tail.json")
-_TF_DTYPES = {"float32": tf.float32, "float16": tf.float16, "int8": tf.int8}
+TF_DTYPES = {"float32": tf.float32, "float16": tf.float16, "int8": tf.int8}
 
 
 @dataclasses.dataclass
@@ -91,11 +92,16 @@ def _payload_checks(values, indices, scale, zero_point, dtype, channels, max_bud
     return checks
 
 
-def serving_function(split, dtype, max_budget):
-    """The `serving_default` function of a tail taking `dtype` payloads of up to max_budget."""
+def _probabilities(split, real, indices):
+    return {OUTPUT: tf.nn.softmax(tf.cast(split.receive(real, indices), tf.float32))}
+
+
+def serving_function(split, dtype, max_budget, outputs=_probabilities):
+    """The `serving_default` function of a tail taking `dtype` payloads of up to max_budget;
+    `outputs(split, real values, indices)` gives its outputs (the probabilities)."""
     height, width, channels = split.wire_shape
     specs = [
-        tf.TensorSpec([None, height, width, None], _TF_DTYPES[dtype], name="values"),
+        tf.TensorSpec([None, height, width, None], TF_DTYPES[dtype], name="values"),
         tf.TensorSpec([None], tf.int32, name="indices"),
         tf.TensorSpec([], tf.float32, name="scale"),
         tf.TensorSpec([], tf.int32, name="zero_point"),
@@ -107,8 +113,7 @@ def serving_function(split, dtype, max_budget):
             real = tf.cast(values, tf.float32)
             if dtype == "int8":  # the codec's order of operations
                 real = (real - tf.cast(zero_point, tf.float32)) * scale
-        logits = split.receive(real, indices)
-        return {OUTPUT: tf.nn.softmax(tf.cast(logits, tf.float32))}
+        return outputs(split, real, indices)
 
     return tf.function(serve, input_signature=specs)
 
@@ -134,8 +139,8 @@ def _check_args(dtype, model_name, version, max_budget, channels):
         )
 
 
-def run_tail(signature, values, indices, scale=1.0, zero_point=0, batch_size=256):
-    """Calls a tail signature on a payload batch by batch; returns the probabilities (numpy)."""
+def run_tail(signature, values, indices, scale=1.0, zero_point=0, batch_size=256, output=OUTPUT):
+    """Calls a tail signature on a payload batch by batch; returns its `output` (numpy)."""
     shared = {
         "indices": tf.constant(indices, tf.int32),
         "scale": tf.constant(scale, tf.float32),
@@ -143,7 +148,7 @@ def run_tail(signature, values, indices, scale=1.0, zero_point=0, batch_size=256
     }
     starts = range(0, len(values), batch_size)
     outputs = [signature(values=tf.constant(values[i : i + batch_size]), **shared) for i in starts]
-    return np.concatenate([output[OUTPUT].numpy() for output in outputs])
+    return np.concatenate([answer[output].numpy() for answer in outputs])
 
 
 def keras_tail_probabilities(run, values, indices, scale=1.0, zero_point=0):
@@ -152,37 +157,45 @@ def keras_tail_probabilities(run, values, indices, scale=1.0, zero_point=0):
     return tf.nn.softmax(run_lib.keras_tail_logits(run, real, indices)).numpy()
 
 
-def tail_parity(run, signature, dtype, indices, images):
+def tail_parity(run, signature, dtype, indices, images, reference=None, output=OUTPUT):
     """Compares a tail signature with the Keras tail on payloads made from `images`.
 
-    The payload is the Keras head's selected channels encoded in `dtype` by the codec.
+    The payload is the Keras head's selected channels encoded in `dtype` by the codec;
+    `reference(run, values, indices, scale, zero_point)` is what the signature's `output` should
+    be (`keras_tail_probabilities` by default).
 
     Returns:
       dict: samples, budget, max_abs_diff (same payload through SavedModel and Keras tail),
       max_abs_diff_vs_float (against the Keras split model with an unquantized float32 wire)
       and agreement_vs_float (share of equal top-1 predictions).
     """
+    reference = reference or keras_tail_probabilities
     sent = run.split.send(tf.constant(images), indices).numpy()
     wire, scale, zero_point = codec.quantize(sent, dtype)
-    served = run_tail(signature, wire, indices, scale, zero_point)
-    same_payload = keras_tail_probabilities(run, wire, indices, scale, zero_point)
-    float_wire = keras_tail_probabilities(run, sent, indices)
+    served = run_tail(signature, wire, indices, scale, zero_point, output=output)
+    same_payload = reference(run, wire, indices, scale, zero_point)
+    float_wire = reference(run, sent, indices)
     return {
         "samples": int(len(images)),
         "budget": int(len(indices)),
         "max_abs_diff": float(np.abs(served - same_payload).max()),
         "max_abs_diff_vs_float": float(np.abs(served - float_wire).max()),
-        "agreement_vs_float": float(np.mean(served.argmax(-1) == float_wire.argmax(-1))),
+        "agreement_vs_float": float(
+            np.mean(
+                served.reshape(len(served), -1).argmax(-1)
+                == float_wire.reshape(len(served), -1).argmax(-1)
+            )
+        ),
     }
 
 
-def _save(run, metadata, path, overwrite):
+def _save(run, metadata, path, overwrite, function):
     """Saves into a hidden sibling directory first: TF Serving never sees a half-written version."""
     if os.path.exists(path) and not overwrite:
         raise ExportError(f"{path} already exists; pass overwrite=True or another version.")
     staging = os.path.join(os.path.dirname(path), f".staging-{os.path.basename(path)}")
     shutil.rmtree(staging, ignore_errors=True)
-    function = serving_function(run.split, metadata["dtype"], metadata["max_budget"])
+    function = function(run.split, metadata["dtype"], metadata["max_budget"])
     module = tf.Module()
     module.tail_variables = list(run.split.tail.variables)
     module.serve = function
@@ -204,6 +217,7 @@ def export_tail(
     max_budget=None,
     parity_samples=100,
     overwrite=False,
+    outputs=None,
 ):
     """Writes the tail SavedModel to `<base_path>/<model_name>/<version>/` and checks it.
 
@@ -216,6 +230,9 @@ def export_tail(
       max_budget: the largest k accepted; the run's final budget by default, at most C.
       parity_samples: test images whose payloads check the reloaded model against Keras.
       overwrite: replace an existing version directory instead of failing.
+      outputs: what the tail answers, when not the probabilities: (the outputs' function as
+        `serving_function` takes it, the output's name, its shape without the batch, the
+        reference function as `tail_parity` takes it); a U-shaped split's middle.
 
     Returns:
       A `TailExport`.
@@ -223,7 +240,7 @@ def export_tail(
     Raises:
       ExportError: bad arguments, a workdir that is not a finished run, or an existing version.
     """
-    run = run_lib.as_run(workdir)
+    run = run_lib.as_run(workdir, ushaped=outputs is not None)
     _check_args(dtype, model_name, version, max_budget, run.channels)
     max_budget, indices = run.select(max_budget)
     run_lib.check_count("parity_samples", parity_samples, len(run.test_images), "test set size")
@@ -239,10 +256,15 @@ def export_tail(
         "signature": SIGNATURE,
         "source": run.source["workdir"],
     }
+    function, output, reference = serving_function, OUTPUT, None
+    if outputs is not None:
+        function, output, shape, reference = outputs
+        metadata.update(output=output, output_shape=[int(d) for d in shape])
+        function = functools.partial(serving_function, outputs=function)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _save(run, metadata, path, overwrite)
+    _save(run, metadata, path, overwrite, function)
     signature = tf.saved_model.load(path).signatures[SIGNATURE]
     images = run.normalize(run.test_images[:parity_samples])
-    parity = tail_parity(run, signature, dtype, indices, images)
+    parity = tail_parity(run, signature, dtype, indices, images, reference, output)
     logging.info("Wrote tail %s (%s wire, k <= %d), parity %s", path, dtype, max_budget, parity)
     return TailExport(dtype, path, metadata, parity)

@@ -78,6 +78,8 @@ class TailSpec:
       max_budget: the largest k accepted; None when C is unknown.
       num_classes: width of `probabilities`; None if unknown.
       output_names: the signature's output keys.
+      output: the tail's answer: `probabilities`, or what the spec file names (a U-shaped
+        split's middle answers its output, `middle`).
     """
 
     signature_name: str
@@ -88,6 +90,7 @@ class TailSpec:
     max_budget: int | None
     num_classes: int | None
     output_names: tuple
+    output: str = OUTPUT_NAME
 
 
 def _static(dim):
@@ -118,13 +121,13 @@ def _signature_specs(signature):
     return inputs
 
 
-def _output_names(signature):
+def _output_names(signature, name):
     outputs = signature.structured_outputs
-    if not isinstance(outputs, dict) or OUTPUT_NAME not in outputs:
+    if not isinstance(outputs, dict) or name not in outputs:
         raise TailModelError(
-            f"A tail signature must return a dict with {OUTPUT_NAME!r}. Received: {outputs!r}"
+            f"A tail signature must return a dict with {name!r}. Received: {outputs!r}"
         )
-    return tuple(sorted(outputs)), outputs[OUTPUT_NAME].shape
+    return tuple(sorted(outputs)), outputs[name].shape
 
 
 def read_spec_file(path):
@@ -155,6 +158,14 @@ def read_spec_file(path):
         raise TailModelError(
             f"The tail spec {path} needs max_budget <= channels. Received: {sizes}"
         )
+    output, shape = data.get("output", OUTPUT_NAME), data.get("output_shape", [])
+    if not (isinstance(output, str) and output) or not (
+        isinstance(shape, list) and all(type(d) is int and d >= 1 for d in shape)
+    ):
+        raise TailModelError(
+            f"The tail spec {path} needs an output name and a list of positive output sizes. "
+            f"Received: output={output!r}, output_shape={shape!r}"
+        )
     return data
 
 
@@ -182,9 +193,11 @@ def build_tail_spec(signature, signature_name, spec_file=None, channels=None):
       TailModelError: the signature is not a tail's, or the file and signature disagree.
     """
     inputs = _signature_specs(signature)
-    output_names, output_shape = _output_names(signature)
+    output = OUTPUT_NAME if spec_file is None else spec_file.get("output", OUTPUT_NAME)
+    output_names, output_shape = _output_names(signature, output)
     _, height, width, _ = (_static(dim) for dim in inputs["values"].shape)
-    num_classes = _static(output_shape[-1]) if output_shape.rank == 2 else None
+    probabilities = output == OUTPUT_NAME and output_shape.rank == 2
+    num_classes = _static(output_shape[-1]) if probabilities else None
     dtype = inputs["values"].dtype.name
     if spec_file is None:
         if channels is not None and (type(channels) is not int or channels < 1):
@@ -196,7 +209,7 @@ def build_tail_spec(signature, signature_name, spec_file=None, channels=None):
     for name, value in dict(given, signature=signature_name, channels=channels).items():
         _agree(name, spec_file[name], value)  # None (open or not given) agrees with anything.
     sizes = (spec_file[key] for key in ("height", "width", "channels", "max_budget", "num_classes"))
-    return TailSpec(signature_name, dtype, *sizes, output_names)
+    return TailSpec(signature_name, dtype, *sizes, output_names, output)
 
 
 def check_target(spec, served_name, served_version, name, version, label, signature_name):

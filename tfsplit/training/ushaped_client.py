@@ -33,13 +33,7 @@ class RemoteUShapedSplitModel(RemoteSplitModel, UShapedSplitModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._forward = types.SimpleNamespace(sent=None)  # the last FORWARD's (values, indices)
-        self.check_recomputable_middle()
-        if self.nesting is not None:
-            raise ValueError(
-                "A U-shaped split over the network trains without nested budgets (their "
-                "distillation needs the top, which the server does not hold); set "
-                "config.budget_sampling.nested = False."
-            )
+        self.check_networkable()
 
     # ------------------------------------------------------------------ the calls, in numpy
     def _middle(self, kind, values, indices, begin=False, finish=False):

@@ -23,15 +23,9 @@ PARALLEL = (
 
 def check_trainable(split, parallel):
     """Raises ValueError for a U-shaped split that a server cannot train."""
-    split.check_recomputable_middle()
+    split.check_networkable()
     if parallel:
         raise ValueError(PARALLEL)
-    if split.nesting is not None:
-        raise ValueError(
-            "A U-shaped split over the network trains without nested budgets (their "
-            "distillation needs the top, which is on the device); set "
-            "config.budget_sampling.nested = False."
-        )
 
 
 def middle_reply(split, step, outputs):
