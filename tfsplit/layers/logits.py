@@ -43,7 +43,6 @@ def ends_in_softmax(model):
     return is_softmax_layer(layer) or has_softmax_activation(layer)
 
 
-@keras.utils.register_keras_serializable(package="tfsplit")
 def loss_expects_probabilities(loss):
     """Whether `loss`, as `keras.Model.compile` takes it, is a cross-entropy on probabilities."""
     if isinstance(loss, str):
@@ -62,6 +61,7 @@ def loss_expects_probabilities(loss):
     return from_logits is not None and from_logits.default is False
 
 
+@keras.utils.register_keras_serializable(package="tfsplit")
 class Logits(keras.layers.Wrapper):
     """Calls `layer`, whose activation is a softmax, without it: the logits of its probabilities.
 
