@@ -6,6 +6,7 @@ that reaches the server carries a label, and its steps keep the plain protocol's
 import tfsplit  # (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 
 # isort: on
+import concurrent.futures
 import types
 
 import grpc
@@ -87,14 +88,14 @@ def _data(count=32, seed=0):
     return rng.normal(size=(count, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, count)
 
 
-def _pair(config, port):
+def _pair(config, port, device_id="device-0"):
     """An in-process U-shaped model and a networked one with the same weights, connected."""
     keras.utils.set_random_seed(0)
     local = trainer.build_split_model(config, INFO)
     remote = trainer.build_split_model(config, INFO, remote=True)
     for part in ("head", "tail", "top"):
         getattr(remote, part).set_weights(getattr(local, part).get_weights())
-    remote.connect(TrainingClient(f"127.0.0.1:{port}"))
+    remote.connect(TrainingClient(f"127.0.0.1:{port}"), device_id=device_id)
     return local, remote
 
 
@@ -267,6 +268,28 @@ def test_what_a_networked_ushape_cannot_train_is_refused_clearly(serving):
     config.budget_sampling.nested = True
     with pytest.raises(ValueError, match="without nested budgets"):
         trainer.build_split_model(config, INFO, remote=True)
-    split = trainer.build_split_model(ushaped_config(), INFO)
-    with pytest.raises(ValueError, match="sequentially"):
-        tail_trainer.TailTrainer(split, parallel=True)
+
+
+def test_a_parallel_server_trains_ushaped_steps_as_they_come_and_averages_heads(serving):
+    """Two devices against a parallel server: each step trains alone, as on a sequential server
+    given the same order, and the heads are averaged after the epoch (SplitFed)."""
+    config = ushaped_config()
+    tails = {}
+    for mode in ("sequential", "parallel"):
+        options = dict(parallel=True, average_timeout_s=30.0) if mode == "parallel" else {}
+        servicer, port = serving(config, **options)
+        devices = []
+        for index in range(2):
+            _, remote = _pair(config, port, f"device-{index}")
+            remote.set_budget(4)
+            images, labels = _data(seed=index)
+            remote.fit(images, labels, batch_size=16, epochs=1, verbose=0, shuffle=False)
+            devices.append(remote)
+        tails[mode] = servicer.trainer.split.tail.get_weights()
+    for x, y in zip(tails["sequential"], tails["parallel"]):
+        np.testing.assert_allclose(y, x, atol=1e-6)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(lambda d: d.average_heads(0, 32), devices))
+    assert counts == [2, 2]
+    for x, y in zip(devices[0].head.get_weights(), devices[1].head.get_weights()):
+        np.testing.assert_array_equal(x, y)

@@ -40,7 +40,6 @@ from tfsplit.auth import identity as identity_lib
 from tfsplit.auth import transport
 from tfsplit.training import trainer
 from tfsplit.training.server import service as service_lib
-from tfsplit.training.server import ushaped
 from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -179,8 +178,6 @@ def main(argv):
     cli.return_freed_buffers_to_the_os()
     service_lib.one_inter_op_thread()
     config = _CONFIG.value
-    if config.model.get("top", "") and _MODE.value == "parallel":
-        raise app.UsageError(ushaped.PARALLEL)
     credentials, interceptors, identity = _security()
     if identity is not None and identity.tokens is not None:
         _reload_on_sighup(identity)

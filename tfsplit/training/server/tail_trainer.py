@@ -96,7 +96,8 @@ class TailTrainer:
       max_log_bytes: the step log's size past which the server saves a checkpoint of its own; a
         device resuming from a backup older than that checkpoint is then refused, as one
         resuming before the first checkpoint.
-      parallel: train concurrent devices' steps as one batch and average their heads.
+      parallel: train concurrent devices' steps as one batch (a U-shaped split's one at a time)
+        and average their heads.
       gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
       average_timeout_s: parallel: how long an averaging round waits for its last devices.
     """
@@ -128,7 +129,7 @@ class TailTrainer:
                 raise ValueError(f"`{name}` must be a finite number > 0. Received: {value!r}")
         self.ushaped = hasattr(split, "top")
         if self.ushaped:
-            ushaped.check_trainable(split, parallel)
+            split.check_networkable()
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
@@ -400,7 +401,7 @@ class TailTrainer:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Expected training step {device.next_step}. Received: step {request.step}",
                 )
-            elif not self.parallel:
+            elif not self.parallel or self.ushaped:  # a U-shaped step trains as its FORWARD ran
                 self._train_together([step])
                 return step.result()
             else:

@@ -4,8 +4,10 @@ The device holds the top and the labels, and trains a step in two calls. FORWARD
 activations without labels and gets the middle's output, changing nothing. TRAIN sends the top's
 gradient at that output: the server runs the middle's forward pass again on the FORWARD's
 activations (so the middle must draw nothing at random) and trains it on that gradient. The step
-log keeps both in one request, which a restarted server trains again as it was trained. Devices
-train in sequence.
+log keeps both in one request, which a restarted server trains again as it was trained. In
+parallel mode the steps train one at a time as they come, each as its FORWARD ran alone (their
+forward passes are not joined into one batch); the devices still average their heads after every
+epoch.
 """
 
 import grpc
@@ -14,18 +16,6 @@ from tfsplit import codec
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.serving import validation
 from tfsplit.training.messages import decode_second_cut, encode_second_cut
-
-PARALLEL = (
-    "A U-shaped split trains its devices sequentially (--mode=sequential): in parallel mode the "
-    "devices' forward passes would need joining as their training steps are."
-)
-
-
-def check_trainable(split, parallel):
-    """Raises ValueError for a U-shaped split that a server cannot train."""
-    split.check_networkable()
-    if parallel:
-        raise ValueError(PARALLEL)
 
 
 def middle_reply(split, step, outputs):
