@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import tfsplit  # noqa: F401
+from tfsplit import callbacks
 from tfsplit.training import config as config_lib
 from tfsplit.training import train
 
@@ -201,10 +202,19 @@ def test_variant_list_passes_through_the_config_flag():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_smoke_variant_trains(path, tmp_path):
-    summary = train(load(path, "smoke"), str(tmp_path))
+    config = load(path, "smoke")
+    summary = train(config, str(tmp_path))
     assert summary["epochs"] >= 1
-    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    _assert_final_accuracy_is_the_last_epochs(summary, str(tmp_path), config)
     assert summary["train_payload_bytes_up"] > 0
+
+
+def _assert_final_accuracy_is_the_last_epochs(summary, workdir, config):
+    """The summary's accuracy is the last epoch's evaluation: a count of the test images."""
+    last = callbacks.read_records(workdir)[-1]
+    assert summary["final_test_accuracy"] == last["test_accuracy"]
+    correct = summary["final_test_accuracy"] * config.data.test_size
+    assert correct == pytest.approx(round(correct), abs=1e-3)
 
 
 @pytest.mark.parametrize("name, arg", [("deprune", "grow,smoke"), ("prune", "steps,smoke")])
@@ -214,7 +224,7 @@ def test_composed_smoke_variant_trains(name, arg, tmp_path):
     assert summary["epochs"] == len(config.phases)
     # grow ends with every channel open; steps at budget 4.
     assert summary["final_budget"] == (summary["channels"] if name == "deprune" else 4)
-    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    _assert_final_accuracy_is_the_last_epochs(summary, str(tmp_path), config)
     assert summary["train_payload_bytes_up"] > 0
 
 

@@ -404,6 +404,49 @@ def test_parallel_steps_of_two_devices_train_as_one_batch(serving):
     assert stub.Step(_as_device(_train_request(model, 0), "device-1")) == replies[1]
 
 
+def test_parallel_steps_keep_each_devices_channel_selection(serving):
+    """Two devices with their own batch sizes and channel selections, trained as one batch, move
+    the tail as one step of both batches with every channel sent (zeros where a device sent
+    none) would; each device's gradient is its own rows and channels of that step's, scaled to
+    its own batch's mean loss."""
+    stub, model, servicer = _parallel_run(serving)
+    alone_stub, _, alone = _parallel_run(serving, devices=["device-0"], model=model)
+    height, width, channels = model.wire_shape
+    rng = np.random.default_rng(7)
+    sent = {"device-0": (4, [3, 1, 2, 0]), "device-1": (6, [5, 2, 7, 1])}
+    requests, full, labels = [], [], []
+    for device, (batch, indices) in sent.items():
+        values = rng.normal(size=(batch, height, width, 4)).astype(np.float16)
+        label = rng.integers(0, 10, batch)
+        request = _train_request(model, 0)
+        request.device_id = device
+        request.payload = codec.encode(values, indices, channels, "float16", labels=label)
+        requests.append(request)
+        placed = np.zeros((batch, height, width, channels), np.float16)
+        placed[..., indices] = values
+        full.append(placed)
+        labels.append(label)
+    replies = _at_once(stub.Step, requests)
+    reference = _train_request(model, 0)
+    reference.payload = codec.encode(
+        np.concatenate(full),
+        np.arange(channels),
+        channels,
+        "float16",
+        labels=np.concatenate(labels),
+    )
+    whole = codec.decode(alone_stub.Step(reference).payload).scatter()
+    tails = servicer.trainer.split.tail, alone.trainer.split.tail
+    for x, y in zip(*(t.trainable_weights for t in tails)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    start, total = 0, sum(batch for batch, _ in sent.values())
+    for reply, (batch, indices) in zip(replies, sent.values()):
+        rows = whole[start : start + batch][..., indices] * (total / batch)
+        got = codec.decode(reply.payload).dequantized()
+        np.testing.assert_allclose(got, rows, rtol=2e-3, atol=1e-6)
+        start += batch
+
+
 def test_a_parallel_step_does_not_wait_again_for_a_device_that_stopped_sending(serving):
     stub, model, servicer = _parallel_run(serving, gather_timeout_s=0.05)
     assert stub.Step(_train_request(model, 0)).step == 0  # device-1 sent nothing in time

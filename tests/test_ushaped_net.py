@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from tensorflow.core.framework import tensor_pb2
 
 from tfsplit import backbones, codec
 from tfsplit.device.training.channel import TrainingClient
@@ -21,7 +22,7 @@ from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
-from tfsplit.training.messages import encode_second_cut, model_digest
+from tfsplit.training.messages import encode_second_cut, model_digest, weights_to_protos
 from tfsplit.training.server import service as service_lib
 from tfsplit.training.server import tail_trainer
 
@@ -146,6 +147,16 @@ def test_no_message_that_reaches_the_server_carries_labels(serving):
             assert not request.top_gradient
 
 
+def _hello_request(model, device_id="device-0", **fields):
+    return pb.HelloRequest(
+        model_digest=model_digest(model),
+        image_shape=[32, 32, 3],
+        num_classes=10,
+        device_id=device_id,
+        **fields,
+    )
+
+
 @pytest.fixture
 def opened(serving, tmp_path):
     """A U-shaped server with an open run (its state in tmp_path/state); yields (stub, device
@@ -155,15 +166,7 @@ def opened(serving, tmp_path):
     keras.utils.set_random_seed(0)
     model = trainer.build_split_model(config, INFO)
     stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    stub.Hello(
-        pb.HelloRequest(
-            model_digest=model_digest(model),
-            image_shape=[32, 32, 3],
-            num_classes=10,
-            device_id="device-0",
-        ),
-        timeout=60,
-    )
+    stub.Hello(_hello_request(model), timeout=60)
     stub.Checkpoint(pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0"))
     return stub, model, servicer
 
@@ -272,24 +275,40 @@ def test_what_a_networked_ushape_cannot_train_is_refused_clearly(serving):
 
 def test_a_parallel_server_trains_ushaped_steps_as_they_come_and_averages_heads(serving):
     """Two devices against a parallel server: each step trains alone, as on a sequential server
-    given the same order, and the heads are averaged after the epoch (SplitFed)."""
+    given the same steps in the same order, and the heads are averaged (SplitFed)."""
     config = ushaped_config()
-    tails = {}
+    keras.utils.set_random_seed(0)
+    model = trainer.build_split_model(config, INFO)
+    FORWARD, TRAIN = pb.StepRequest.FORWARD, pb.StepRequest.TRAIN  # noqa: N806
+    tails, stubs = {}, {}
     for mode in ("sequential", "parallel"):
         options = dict(parallel=True, average_timeout_s=30.0) if mode == "parallel" else {}
         servicer, port = serving(config, **options)
-        devices = []
-        for index in range(2):
-            _, remote = _pair(config, port, f"device-{index}")
-            remote.set_budget(4)
-            images, labels = _data(seed=index)
-            remote.fit(images, labels, batch_size=16, epochs=1, verbose=0, shuffle=False)
-            devices.append(remote)
-        tails[mode] = servicer.trainer.split.tail.get_weights()
+        stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        start = weights_to_protos(model.tail.get_weights())  # both servers' tails start alike
+        for device in ("device-0", "device-1"):
+            stub.Hello(_hello_request(model, device, tail_weights=start), timeout=60)
+        for step, device in ((0, "device-0"), (0, "device-1"), (1, "device-0")):
+            for kind in (FORWARD, TRAIN):
+                request = _step(model, kind, step, batch=4 + step)
+                request.device_id = device
+                stub.Step(request)
+        tails[mode], stubs[mode] = servicer.trainer.split.tail.get_weights(), stub
     for x, y in zip(tails["sequential"], tails["parallel"]):
-        np.testing.assert_allclose(y, x, atol=1e-6)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        counts = list(pool.map(lambda d: d.average_heads(0, 32), devices))
-    assert counts == [2, 2]
-    for x, y in zip(devices[0].head.get_weights(), devices[1].head.get_weights()):
         np.testing.assert_array_equal(x, y)
+    heads = [[np.full_like(w, value) for w in model.head.get_weights()] for value in (1.0, 3.0)]
+    requests = [
+        pb.AverageHeadsRequest(
+            model_digest=model_digest(model),
+            device_id=f"device-{i}",
+            round=0,
+            weights=weights_to_protos(head),
+            samples=samples,
+        )
+        for i, (head, samples) in enumerate(zip(heads, (1, 3)))
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(stubs["parallel"].AverageHeads, requests))
+    assert [reply.devices for reply in replies] == [2, 2]
+    average = tf.make_ndarray(tensor_pb2.TensorProto.FromString(replies[0].weights[0]))
+    np.testing.assert_allclose(average, 2.5)  # (1 x 1 + 3 x 3) / 4
