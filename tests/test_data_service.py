@@ -10,6 +10,7 @@ import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow
 # isort: on
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,28 +39,82 @@ def written(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service_address():
     """A dispatcher and 2 workers in a tfsplit-data-service process, stopped after the tests."""
+    process, address = _start_service()
+    try:
+        assert address, "tfsplit-data-service did not start"
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _start_service(*wrapper, cwd=REPO_ROOT):
+    """A tfsplit-data-service process (under `wrapper`, a command that execs the rest) and its
+    dispatcher's address."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "tfsplit_tools.data_service", "--workers=2"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tfsplit_tools.data_service", "--workers=2"],
-        cwd=REPO_ROOT,
+        [*wrapper, *command],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    deadline, line = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and not line:
+        line = process.stdout.readline()
+        if process.poll() is not None:
+            break
+    match = re.match(r"data.service_address=(grpc://127\.0\.0\.1:\d+) \(2 workers", line)
+    return process, match and match.group(1)
+
+
+@pytest.fixture(scope="module")
+def worker_only_shards(written, tmp_path_factory):
+    """Shards that only the workers can read: this process sees decoys (the same index, files of
+    the same sizes, all zeros) where the workers' own mount namespace sees the real shards."""
+    real, _ = written
+    seen = tmp_path_factory.mktemp("decoy") / "shards"
+    seen.mkdir()
+    for name in os.listdir(real):
+        source = real / name
+        if name == "index.json":
+            shutil.copy(source, seen / name)
+        else:
+            (seen / name).write_bytes(bytes(source.stat().st_size))
+    bind = f'mount --bind "{real}" "{seen}" && exec "$0" "$@"'
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("needs a mount namespace (unshare --mount): run as root")
+    process, address = _start_service(
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", bind
+    )
     try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline and not line:
-            line = process.stdout.readline()
-            if process.poll() is not None:
-                break
-        match = re.match(r"data.service_address=(grpc://127\.0\.0\.1:\d+) \(2 workers", line)
-        assert match, f"tfsplit-data-service did not start: {line!r}"
-        yield match.group(1)
+        assert address, "tfsplit-data-service did not start in its mount namespace"
+        yield seen, address
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_workers_do_the_reading(written, worker_only_shards):
+    """Read through the service, the decoys give the real training set; read here, they fail:
+    a pipeline that ignored `service_address` could not pass."""
+    _, (x, y) = written
+    seen, address = worker_only_shards
+    train_ds, _, info = shards.build_shard_datasets(
+        str(seen), 32, 16, augment=False, verify_checksums=False, service_address=address
+    )
+    images, labels = (np.concatenate(part) for part in zip(*train_ds.as_numpy_iterator()))
+    label_of = {image.tobytes(): label for image, label in zip(x, y)}
+    recovered = [image.tobytes() for image in _pixels(images, info)]
+    assert sorted(recovered) == sorted(label_of)
+    assert [label_of[image] for image in recovered] == labels.tolist()
+    local, _, _ = shards.build_shard_datasets(
+        str(seen), 32, 16, augment=False, verify_checksums=False
+    )
+    with pytest.raises(Exception, match="corrupted record|DataLoss|truncated|Corrupted"):
+        next(local.as_numpy_iterator())
 
 
 def _pixels(images, info):
