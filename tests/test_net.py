@@ -34,6 +34,8 @@ from tfsplit.training.messages import model_digest, weights_from_protos, weights
 from tfsplit.training.server import service as service_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fuzzed training steps in CI; `python -m benchmarks.fuzz_servers` sends 20,000 of all kinds.
+FUZZED_STEPS = 2_000
 
 
 def tiny_config():
@@ -165,15 +167,21 @@ def test_labels_out_of_range_and_missing_labels_are_refused(opened):
     assert _code(lambda: stub.Step(no_labels)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_ten_thousand_fuzzed_messages_crash_nothing(opened):
-    """Random bit flips, truncations and field values: refused or served, never a crash; then
-    the next good step is served."""
+def test_fuzzed_training_steps_are_trained_or_refused_and_change_only_what_they_train(
+    opened, serving
+):
+    """Random bit flips, truncations and field values in training steps sent at the device's
+    next step id: each is trained (OK, one step further, a gradient of its batch's shape) or
+    refused as INVALID_ARGUMENT or FAILED_PRECONDITION with a short message, never a crash; and
+    the tail ends as a clean server's does after the same accepted steps."""
     stub, model, servicer = opened
+    start = servicer.trainer.split.tail.get_weights()
     rng = np.random.default_rng(0)
     good = _train_request(model, 0).SerializeToString()
     deadline = time.monotonic() + 120
-    codes = {}
-    for i in range(10_000):
+    codes, accepted = {}, []
+    refusals = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+    for i in range(FUZZED_STEPS):
         message = bytearray(good)
         for _ in range(rng.integers(1, 6)):
             message[rng.integers(len(message))] = rng.integers(256)
@@ -183,16 +191,35 @@ def test_ten_thousand_fuzzed_messages_crash_nothing(opened):
             request = pb.StepRequest.FromString(bytes(message))
         except Exception:  # noqa: BLE001  (not even a message: send raw bytes below)
             request = pb.StepRequest(payload=bytes(message))
-        request.step = 10_000  # never a valid step: nothing is trained
+        before = servicer.trainer.next_step
+        request.step = before  # a step id the server would train
         try:
-            stub.Step(request, timeout=10)
-            codes["OK"] = codes.get("OK", 0) + 1
+            reply = stub.Step(request, timeout=10)
         except grpc.RpcError as error:
-            assert error.code() != grpc.StatusCode.INTERNAL, error.details()
+            assert error.code() in refusals, (error.code(), error.details())
+            assert len(error.details().encode()) < 1024
+            assert servicer.trainer.next_step == before
             codes[error.code().name] = codes.get(error.code().name, 0) + 1
+        else:
+            assert reply.step == before and servicer.trainer.next_step == before + 1
+            sent = codec.decode(request.payload)
+            assert codec.decode(reply.payload).values.shape == sent.values.shape
+            accepted.append(request)
+            codes["OK"] = codes.get("OK", 0) + 1
         assert time.monotonic() < deadline
-    assert sum(codes.values()) == 10_000 and servicer.trainer.next_step == 0
-    assert stub.Step(_train_request(model, 0)).step == 0
+    assert sum(codes.values()) == FUZZED_STEPS, codes
+    assert min(codes.values()) > 50 and len(codes) == 3, codes  # every path, often
+    # A clean server given the accepted steps, in order, trains the same tail.
+    clean, port = serving(tiny_config())
+    clean_stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    _hello(clean_stub, model, tail_weights=weights_to_protos(start))
+    for request in accepted:
+        clean_stub.Step(request)
+    for x, y in zip(
+        clean.trainer.split.tail.get_weights(), servicer.trainer.split.tail.get_weights()
+    ):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    assert stub.Step(_train_request(model, servicer.trainer.next_step)).step == len(accepted)
 
 
 def test_a_call_without_the_token_is_refused_and_changes_nothing(serving):
