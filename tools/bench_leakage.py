@@ -13,14 +13,16 @@ attacks run on the first --probe_batches test batches in training mode
 gradient from the top and its first cut's activations, each as sent (noise included). The
 noise perturbs the gradient the server sends down (plain) or the one the top sends up
 (U-shaped). Writes leakage.json (every run's AUCs per epoch and its final test accuracy) and
-prints the final epoch's table.
+prints the final epoch's table (with several --seeds, each setting's mean and standard deviation
+over them).
 """
 
 import json
 import os
 import sys
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 
 from tfsplit.callbacks.records import read_records
 from tfsplit.device import stats
@@ -39,6 +41,7 @@ _TASKS = flags.DEFINE_list("tasks", ["binary", "all"], "binary and/or all (every
 _NOISE = flags.DEFINE_list("noise", ["0", "1"], "Gradient noise levels (0 = no defence).")
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant of every run, e.g. smoke.")
 _BINARY_CLASS = flags.DEFINE_integer("binary_class", 0, "The binary task's class.", lower_bound=0)
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; with several, the table gives mean and std.")
 _PROBE_BATCHES = flags.DEFINE_integer("probe_batches", 2, "Test batches attacked.", lower_bound=1)
 _TOP = flags.DEFINE_string(
     "top", "classifier", "Where the U-shaped runs' top starts (a top point or a cut name)."
@@ -65,10 +68,21 @@ def _noise_levels():
     return levels
 
 
-def _config(method, split, task, noise):
+def _seeds():
+    try:
+        seeds = [int(v) for v in _SEEDS.value]
+    except ValueError:
+        raise ValueError(f"--seeds takes integers >= 0. Received: {_SEEDS.value}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds takes distinct integers >= 0. Received: {_SEEDS.value}")
+    return seeds
+
+
+def _config(method, split, task, noise, seed):
     if method == "prune":
         raise ValueError("prune starts from another run's model; measure sl, casl or deprune.")
     config = load_config_file(os.path.join(_CONFIGS_DIR.value, f"{method}.py"), _VARIANT.value)
+    config.seed = seed
     config.data.binary_class = _BINARY_CLASS.value if task == "binary" else -1
     if split == "ushaped":
         config.model.top = _TOP.value
@@ -95,38 +109,62 @@ def main(argv):
     methods = _choices(_METHODS.value, METHODS, "methods")
     splits = _choices(_SPLITS.value, ("plain", "ushaped"), "splits")
     tasks = _choices(_TASKS.value, ("binary", "all"), "tasks")
+    seeds = _seeds()
     runs = {}
     for method in methods:
         for split in splits:
             for task in tasks:
                 for noise in _noise_levels():
-                    name = f"{method}_{split}_{task}_noise{noise:g}"
-                    runs[name] = dict(
-                        method=method,
-                        split=split,
-                        task=task,
-                        noise=noise,
-                        **_run(name, _config(method, split, task, noise)),
-                    )
+                    for seed in seeds:
+                        name = f"{method}_{split}_{task}_noise{noise:g}"
+                        name += f"_seed{seed}" if seeds != [0] else ""
+                        runs[name] = dict(
+                            method=method,
+                            split=split,
+                            task=task,
+                            noise=noise,
+                            seed=seed,
+                            **_run(name, _config(method, split, task, noise, seed)),
+                        )
     report = dict(command=" ".join(["tfsplit-bench-leakage", *sys.argv[1:]]), runs=runs)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     path = os.path.join(_WORKDIR.value, RESULT_FILE)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    rows = []
-    for name, run in runs.items():
-        last = run["epochs"][-1]
-        rows.append(
-            dict(
-                run=name,
-                accuracy=f"{100 * run['final_test_accuracy']:.2f}%",
-                **{k.removeprefix("leakage_"): f"{v:.3f}" for k, v in last.items() if k != "epoch"},
-            )
-        )
+    rows = _table(runs, seeds)
     columns = sorted({key for row in rows for key in row} - {"run", "accuracy"})
     rows = [{key: row.get(key, "-") for key in ["run", "accuracy", *columns]} for row in rows]
     print(stats.format_table(rows, [(key, key) for key in ["run", "accuracy", *columns]]))
     print(f"Wrote {path}")
+
+
+def _table(runs, seeds):
+    """The last epoch of each run, or with several seeds each setting's mean and standard
+    deviation over them."""
+    groups = {}
+    for name, run in runs.items():
+        key = name.rsplit("_seed", 1)[0] if len(seeds) > 1 else name
+        last = {k: v for k, v in run["epochs"][-1].items() if k != "epoch"}
+        groups.setdefault(key, []).append(dict(last, accuracy=run["final_test_accuracy"]))
+
+    def shown(values, scale=1.0, digits=3):
+        values = np.asarray(values) * scale
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{values.mean():.{digits}f} +- {values.std(ddof=1):.{digits}f}"
+
+    return [
+        dict(
+            run=key,
+            accuracy=shown([r["accuracy"] for r in group], 100, 2),
+            **{
+                k.removeprefix("leakage_"): shown([r[k] for r in group])
+                for k in group[0]
+                if k != "accuracy"
+            },
+        )
+        for key, group in groups.items()
+    ]
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
