@@ -58,24 +58,16 @@ def _choices(values, allowed, flag):
     return values
 
 
-def _noise_levels():
+def _numbers(holder, convert, what):
+    """A list flag's values as distinct numbers >= 0 (`convert`: int or float)."""
+    flag, values = holder.name, holder.value
     try:
-        levels = [float(v) for v in _NOISE.value]
+        numbers = [convert(v) for v in values]
     except ValueError:
-        raise ValueError(f"--noise takes numbers >= 0. Received: {_NOISE.value}") from None
-    if not levels or any(not level >= 0 for level in levels):
-        raise ValueError(f"--noise takes numbers >= 0. Received: {_NOISE.value}")
-    return levels
-
-
-def _seeds():
-    try:
-        seeds = [int(v) for v in _SEEDS.value]
-    except ValueError:
-        raise ValueError(f"--seeds takes integers >= 0. Received: {_SEEDS.value}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds takes distinct integers >= 0. Received: {_SEEDS.value}")
-    return seeds
+        numbers = []
+    if not numbers or len(set(numbers)) != len(numbers) or not min(numbers) >= 0:
+        raise ValueError(f"--{flag} takes distinct {what} >= 0. Received: {values}")
+    return numbers
 
 
 def _config(method, split, task, noise, seed):
@@ -109,12 +101,12 @@ def main(argv):
     methods = _choices(_METHODS.value, METHODS, "methods")
     splits = _choices(_SPLITS.value, ("plain", "ushaped"), "splits")
     tasks = _choices(_TASKS.value, ("binary", "all"), "tasks")
-    seeds = _seeds()
+    seeds = _numbers(_SEEDS, int, "integers")
     runs = {}
     for method in methods:
         for split in splits:
             for task in tasks:
-                for noise in _noise_levels():
+                for noise in _numbers(_NOISE, float, "numbers"):
                     for seed in seeds:
                         name = f"{method}_{split}_{task}_noise{noise:g}"
                         name += f"_seed{seed}" if seeds != [0] else ""

@@ -15,6 +15,7 @@ from absl import logging
 from tfsplit import codec
 from tfsplit.codec import wire
 from tfsplit.engine import budget as budget_lib
+from tfsplit.engine.ledger import StepLedger
 from tfsplit.engine.nesting import NestedBudgets
 from tfsplit.layers import local_classifier as local_loss
 from tfsplit.layers import logits as logits_lib
@@ -33,7 +34,7 @@ def _only_layer(model, layer_type):
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
-class SplitModel(keras.Model):
+class SplitModel(StepLedger, keras.Model):
     """A classifier cut at a masked bottleneck; `fit` trains it as device and server would.
 
     Args:
@@ -345,37 +346,6 @@ class SplitModel(keras.Model):
         logits = self(images, training=False)
         self.compute_loss(images, labels, logits)
         return self.update_metrics(labels, logits, tf.constant(0.0), self.budget, training=False)
-
-    def payload_bytes(self, batch, k, training):
-        """Bytes up and down for one step of `batch` samples at budget k, by the codec's formula."""
-        return wire.step_nbytes(
-            batch,
-            k,
-            (self.activation_dtype, self.gradient_dtype),
-            training,
-            with_labels=training and self.labels_go_up,
-            height=self.height,
-            width=self.width,
-            channels=self.channels,
-        )
-
-    def update_metrics(self, labels, logits, penalty, k, training, local=None):
-        self.compiled_metrics.update_state(labels, logits)
-        self.track_device_losses(penalty, local)
-        up, down = self.payload_bytes(tf.shape(labels)[0], k, training)
-        self.count_sent(up, down, training)
-        return self.get_metrics_result()
-
-    def track_device_losses(self, penalty, local=None):
-        self.budget_loss_tracker.update_state(penalty)
-        if local is not None and self.local_classifier is not None:
-            self.local_loss_tracker.update_state(local)
-
-    def count_sent(self, up, down, training=True):
-        if training:
-            self.sent_payload_bytes.assign_add(tf.cast(tf.stack([up, down]), tf.int64))
-        self.payload_bytes_up.update_state(up)
-        self.payload_bytes_down.update_state(down)
 
     def calibrate_batch_norm(self, dataset, batches):
         """Recomputes every batch norm's statistics at the budget in force, weights unchanged.
