@@ -35,7 +35,7 @@ from tfsplit.training.server import service as service_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fuzzed training steps in CI; `python -m benchmarks.fuzz_servers` sends 20,000 of all kinds.
-FUZZED_STEPS = 2_000
+FUZZED_STEPS = 1_000
 
 
 def tiny_config():
@@ -208,7 +208,7 @@ def test_fuzzed_training_steps_are_trained_or_refused_and_change_only_what_they_
             codes["OK"] = codes.get("OK", 0) + 1
         assert time.monotonic() < deadline
     assert sum(codes.values()) == FUZZED_STEPS, codes
-    assert min(codes.values()) > 50 and len(codes) == 3, codes  # every path, often
+    assert min(codes.values()) > 20 and len(codes) == 3, codes  # every path, often
     # A clean server given the accepted steps, in order, trains the same tail.
     clean, port = serving(tiny_config())
     clean_stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
