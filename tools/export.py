@@ -58,7 +58,8 @@ _TRAINABLE = flags.DEFINE_bool(
     "trainable",
     False,
     "Also write head_train.tflite (builtin ops only) and head_train.json: the head's training "
-    "step for a device that trains without TensorFlow.",
+    "step for a device that trains without TensorFlow; for a U-shaped config or run, "
+    "top_train.tflite and top_train.json too (the top's step, with the labels).",
 )
 
 
@@ -72,14 +73,10 @@ def main(argv):
             raise app.UsageError(
                 "--config exports a new run's trainable head: add --trainable " "and --out."
             )
-        if _CONFIG.value.model.get("top", ""):
-            raise app.UsageError(
-                "--trainable exports the plain split's head for the device without TensorFlow; "
-                "a U-shaped config (config.model.top) trains with the Keras device: "
-                "tfsplit-train --server=..."
-            )
-        path = export_lib.export_trainable_start(_CONFIG.value, _OUT.value)
-        print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
+        if _CONFIG.value.model.get("top", ""):  # U-shaped: the top trains on the device too
+            _print_trainable(*export_lib.export_trainable_ushaped_start(_CONFIG.value, _OUT.value))
+        else:
+            _print_trainable(export_lib.export_trainable_start(_CONFIG.value, _OUT.value))
         return
     try:
         run = export_lib.load_run(_WORKDIR.value)
@@ -104,17 +101,18 @@ def main(argv):
     for dtype, tail in result.tails.items():
         print(f"tail {dtype}: {tail.path} ({tail.size_bytes} bytes)")
     if _TRAINABLE.value:
-        path = export_lib.export_trainable_run(_WORKDIR.value, result.out_dir)
-        print(f"trainable head: {path} ({os.path.getsize(path)} bytes)")
+        _print_trainable(export_lib.export_trainable_run(_WORKDIR.value, result.out_dir))
+
+
+def _print_trainable(head, top=None):
+    print(f"trainable head: {head} ({os.path.getsize(head)} bytes)")
+    if top is not None:
+        print(f"trainable top: {top} ({os.path.getsize(top)} bytes)")
 
 
 def _export_ushaped(run):
-    """A U-shaped run: heads and the top for the device, a middle per wire dtype."""
-    if _TRAINABLE.value:
-        raise app.UsageError(
-            "--trainable exports the plain split's head for the device without TensorFlow; a "
-            "U-shaped run trains with the Keras device (tfsplit-train --server=...)."
-        )
+    """A U-shaped run: heads and the top for the device, a middle per wire dtype (and with
+    --trainable, the head and top that a device without TensorFlow trains)."""
     dtypes = _DTYPES.value if flags.FLAGS["dtypes"].present else export_lib.USHAPED_DTYPES
     result = export_lib.export_ushaped(
         run,
@@ -135,6 +133,8 @@ def _export_ushaped(run):
             f"{row['agreement']:.2%}, {row['payload_bytes']} bytes up and "
             f"{row['answer_bytes']} down per image"
         )
+    if _TRAINABLE.value:
+        _print_trainable(*export_lib.export_trainable_ushaped_run(run.workdir, result.out_dir))
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)

@@ -11,7 +11,9 @@ or piece by piece: `export_head(workdir, out_dir)`, `export_tail(workdir, base_p
   run = TrainedRun.from_model(model, info, (x_train, y_train), (x_test, y_test))
   exports = export_split(run, out_dir="/tmp/deploy")
 
-A U-shaped run deploys in three parts, its top staying on the device: `export_ushaped(workdir)`.
+A U-shaped run deploys in three parts, its top staying on the device: `export_ushaped(workdir)`;
+its device trains head and top without TensorFlow from `export_trainable_ushaped_run(workdir,
+out_dir)`.
 """
 
 from tfsplit.export.head import HEAD_DTYPES, HeadExport, export_head, run_head
@@ -22,6 +24,11 @@ from tfsplit.export.trainable_export import (
     export_trainable_head,
     export_trainable_run,
     export_trainable_start,
+)
+from tfsplit.export.trainable_top import (
+    export_trainable_ushaped,
+    export_trainable_ushaped_run,
+    export_trainable_ushaped_start,
 )
 from tfsplit.export.ushaped import USHAPED_DTYPES, UShapedExport, export_ushaped
 
@@ -43,6 +50,9 @@ __all__ = [
     "export_trainable_head",
     "export_trainable_run",
     "export_trainable_start",
+    "export_trainable_ushaped",
+    "export_trainable_ushaped_run",
+    "export_trainable_ushaped_start",
     "export_ushaped",
     "format_table",
     "load_run",

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
 
 from tfsplit import codec
+from tfsplit.codec import second_cut
 from tfsplit.protocol.framing import MAX_MESSAGE_BYTES, payload_batch  # noqa: F401
 from tfsplit.serving import validation
 
@@ -182,41 +183,14 @@ def decode_activations(payload, split, with_labels, max_batch_size=None):
 
 
 def encode_second_cut(values, split, dtype, kind):
-    """A U-shaped split's second-cut tensor (the middle's output going down, or the top's
-    gradient going up) as a codec payload of every channel; a flat (N, C) one travels as
-    (N, 1, 1, C)."""
-    shape = (-1, split.top_height, split.top_width, split.top_channels)
-    values = np.asarray(values, np.float32).reshape(shape)
-    channels = np.arange(split.top_channels, dtype=np.int32)
-    return codec.encode(values, channels, split.top_channels, dtype, kind=kind)
+    """A U-shaped split's second-cut tensor as a codec payload (`codec.second_cut`)."""
+    return second_cut.encode_second_cut(values, split.top_shape, dtype, kind)
 
 
 def decode_second_cut(payload, split, dtype, kind, batch=None):
-    """The float32 tensor, shaped as the middle's output, of a second-cut payload, checked:
-    `kind`, `dtype`, every channel in order, the positions, no labels and (given) the batch."""
-    what = "middle output" if kind == "activations" else "top gradient"
+    """The float32 tensor, shaped as the middle's output, of a second-cut payload, checked as
+    `codec.second_cut.decode_second_cut` checks it; a bad one is an invalid request."""
     try:
-        decoded = codec.decode(
-            payload, expect_kind=kind, expect_dtype=dtype, max_channels=split.top_channels
-        )
+        return second_cut.decode_second_cut(payload, split.top_shape, dtype, kind, batch)
     except codec.PayloadError as error:
-        raise validation.invalid(f"Bad {what} payload: {error}") from None
-    shape = decoded.values.shape
-    expected = (split.top_height, split.top_width, split.top_channels)
-    problem = None
-    if decoded.channels != split.top_channels or tuple(shape[1:]) != expected:
-        problem = f"shape {tuple(shape)} of a {decoded.channels}-channel cut"
-    elif not np.array_equal(decoded.indices, np.arange(split.top_channels)):
-        problem = "channels out of order"
-    elif decoded.labels is not None:
-        problem = "labels"
-    elif batch is not None and shape[0] != batch:
-        problem = f"a batch of {shape[0]}"
-    if problem is not None:
-        wanted = f"{dtype}, every channel in order, shaped (N, h, w, C) = (N, {', '.join(map(str, expected))})"
-        if batch is not None:
-            wanted += f" with N = {batch}"
-        raise validation.invalid(
-            f"The {what} must be {wanted}, without labels. Received: {problem}"
-        )
-    return decoded.dequantized().reshape((-1,) + split.top_shape)
+        raise validation.invalid(str(error)) from None

@@ -21,16 +21,16 @@ from tfsplit import schedule as schedule_lib
 from tfsplit.device.spec import DeviceError
 from tfsplit.device.training.bench import peak_memory_mib
 from tfsplit.device.training.calibration import calibrate_head
+from tfsplit.device.training.messages import LEDGER_KEYS, StepMessages
 from tfsplit.device.training.plan import build_phases, epoch_plan
 from tfsplit.device.training.state import load_state, save_state
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import reply_logits
 
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
-LEDGER_KEYS = ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down")
 
 
-class DeviceTrainer:
+class DeviceTrainer(StepMessages):
     """Trains `head` (a `TrainableHead`) against the server `client` (a `TrainingClient`).
 
     Args:
@@ -40,13 +40,14 @@ class DeviceTrainer:
       device_id: this device's id in the run (its token's, with per-device tokens).
     """
 
+    top = None  # a U-shaped split's top, which then calibrates on the middle's answers
+
     def __init__(self, head, client, workdir=None, device_id="device-0"):
         self.head, self.client, self.workdir, self.device_id = head, client, workdir, device_id
         self.run = head.run
         self.phases = build_phases(self.run)
         self.epochs = sum(phase.epochs for phase in self.phases)
         self.digest = self.run["model_digest"]
-        self.height, self.width = None, None  # the wire's positions, from the first payload
         self.parallel = False  # the server's mode, from its Hello reply
         self.ledger = dict.fromkeys(LEDGER_KEYS, 0)
         self.remote_step, self.phase, self.budget = 0, 0, self.run["channels"]
@@ -132,7 +133,7 @@ class DeviceTrainer:
                 learning_rate=plan["learning_rate"],
                 loss=totals["loss"] / max(totals["steps"], 1),
                 accuracy=totals["correct"] / max(totals["samples"], 1),
-                **{key: self.ledger[key] - before[key] for key in LEDGER_KEYS},
+                **{key: self.ledger[key] - before[key] for key in self.ledger},
             )
             if test_batches is not None:
                 self._calibrate(plan, calibration_batches(epoch))
@@ -150,6 +151,7 @@ class DeviceTrainer:
             final_budget=self.budget,
             train_payload_bytes_up=self.ledger["payload_bytes_up"],
             train_payload_bytes_down=self.ledger["payload_bytes_down"],
+            **{f"train_{k}": v for k, v in self.ledger.items() if k.startswith("top_")},
             wall_seconds=time.monotonic() - fit_started,
             peak_rss_mib=peak_memory_mib(),
         )
@@ -201,52 +203,16 @@ class DeviceTrainer:
         return np.asarray(indices)
 
     # ------------------------------------------------------------------------ the steps
-    def _payload(self, values, indices, labels=None):
-        self.height, self.width = values.shape[1:3]
-        return codec.encode(
-            values,
-            indices,
-            self.run["channels"],
-            self.run["activation_dtype"],
-            kind="activations",
-            labels=labels,
-        )
-
-    def _exchange(self, request, payload_bytes, ledger):
-        """The step's reply; its bytes (payloads, and gRPC messages each way) go to `ledger`."""
-        before = list(self.client.wire_bytes)
-        reply = self.client.call("Step", request)
-        ledger["wire_bytes_up"] += self.client.wire_bytes[0] - before[0]
-        ledger["wire_bytes_down"] += self.client.wire_bytes[1] - before[1]
-        ledger["payload_bytes_up"] += payload_bytes[0]
-        ledger["payload_bytes_down"] += payload_bytes[1]
-        return reply
-
-    def _payload_bytes(self, batch, k, training):
-        """The byte ledger's counts, as the Keras device's `payload_bytes` makes them."""
-        run, shape = self.run, (self.height, self.width)
-        up = codec.payload_nbytes(
-            batch, *shape, k, run["activation_dtype"], training, channels=run["channels"]
-        )
-        if not training:
-            return up, 0
-        down = codec.payload_nbytes(
-            batch, *shape, k, run["gradient_dtype"], False, channels=run["channels"]
-        )
-        return up, down
-
     def _train_step(self, images, labels, plan, totals):
         labels = np.asarray(labels, np.int32)
         values, indices, _ = self.head.forward(images, plan["budget"])
         payload = self._payload(values, indices, labels)
         step = self.remote_step
         reply = self._exchange(
-            pb.StepRequest(
-                kind=pb.StepRequest.TRAIN,
-                model_digest=self.digest,
-                device_id=self.device_id,
-                step=step,
-                payload=payload,
+            self._request(
+                pb.StepRequest.TRAIN,
+                payload,
+                step,
                 learning_rate=plan["learning_rate"],
                 nesting=plan["nesting"],
             ),
@@ -276,21 +242,16 @@ class DeviceTrainer:
         """Accuracy and loss of the whole model at `budget` over `batches` (the server's tail
         with its moving statistics), and the bytes it took."""
         correct, samples, loss = 0, 0, 0.0
-        ledger = dict.fromkeys(LEDGER_KEYS, 0)  # apart from training's (`sent_payload_bytes`)
+        ledger = dict.fromkeys(self.ledger, 0)  # apart from training's
         for images, labels in batches:
             labels = np.asarray(labels, np.int32)
-            values, indices = self.head.infer(images, budget, chunk=self.run["batch_size"])
+            values, indices = self.head.infer(images, budget)
             reply = self._exchange(
-                pb.StepRequest(
-                    kind=pb.StepRequest.EVALUATE,
-                    model_digest=self.digest,
-                    device_id=self.device_id,
-                    payload=self._payload(values, indices),
-                ),
+                self._request(pb.StepRequest.EVALUATE, self._payload(values, indices)),
                 self._payload_bytes(len(labels), len(indices), training=False),
                 ledger,
             )
-            logits = reply_logits(reply)
+            logits = self._answer_logits(reply, len(labels), ledger)
             correct += int(np.sum(np.argmax(logits, -1) == labels))
             loss += float(_cross_entropy(logits, labels).sum())
             samples += len(labels)
@@ -301,6 +262,10 @@ class DeviceTrainer:
             test_loss=loss / samples,
             **{f"test_{key}": value for key, value in ledger.items()},
         )
+
+    def _answer_logits(self, reply, batch, ledger):
+        """The logits of an EVALUATE's reply (the server's tail computed them)."""
+        return reply_logits(reply)
 
     def _calibrate(self, plan, batches):
         """Batch norm statistics for the channels now sent, on both halves, when they changed
@@ -313,26 +278,30 @@ class DeviceTrainer:
         state = (tuple(sent), tuple(np.round(gates[sent], 3)))
         if state == self._calibrated_for:
             return
-        calibrate_head(
-            self.head,
-            plan["budget"],
-            batches,
-            count,
-            lambda values, indices, begin, finish: self.client.call(
-                "Step",
-                pb.StepRequest(
-                    kind=pb.StepRequest.CALIBRATE,
-                    model_digest=self.digest,
-                    device_id=self.device_id,
-                    payload=self._payload(values, indices),
-                    calibration_begin=begin,
-                    calibration_finish=finish,
-                ),
-            ),
-        )
+        self._calibrate_passes(plan, batches, count)
         self._calibrated_for = state
 
+    def _calibrate_passes(self, plan, batches, count):
+        def send_pass(values, indices, begin, finish):
+            request = self._request(
+                pb.StepRequest.CALIBRATE,
+                self._payload(values, indices),
+                calibration_begin=begin,
+                calibration_finish=finish,
+            )
+            reply = self.client.call("Step", request)
+            return None if self.top is None else self._middle(reply, len(values))
+
+        calibrate_head(self.head, plan["budget"], batches, count, send_pass, self.top)
+
     # -------------------------------------------------------------------- saved state
+    def _saved_weights(self):
+        """What the state file keeps of the models: the head's weight vector."""
+        return self.head.get_weights()
+
+    def _restore_weights(self, weights):
+        self.head.set_weights(weights)
+
     def save(self):
         """Saves the device's state, then has the server save its own at the same step."""
         state = dict(
@@ -345,7 +314,7 @@ class DeviceTrainer:
             epoch_start_ledger=self._epoch_start,
             model_digest=self.digest,
         )
-        save_state(self.workdir, self.head.get_weights(), state)
+        save_state(self.workdir, self._saved_weights(), state)
         self.client.call(
             "Checkpoint",
             pb.CheckpointRequest(
@@ -358,7 +327,7 @@ class DeviceTrainer:
         if saved is None:
             return
         weights, state = saved
-        self.head.set_weights(weights)
+        self._restore_weights(weights)
         self.remote_step, self.phase, self.budget = (
             state["remote_step"],
             state["phase"],
