@@ -22,6 +22,8 @@ from tfsplit.device import batches as batching
 from tfsplit.device import dataset
 from tfsplit.device import image_folder as device_folder
 from tfsplit.device.dataset import DeviceDataError
+from tfsplit.device.disk_images import DiskImages
+from tfsplit.device.spec import DeviceError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_SIZE, TEST_SIZE = 48, 20
@@ -81,6 +83,29 @@ def test_shards_load_the_tensorflow_eval_images_bit_for_bit(written, arrays):
     assert got_info["mean"] == info.mean and got_info["std"] == info.std
     black = pipeline.normalize(np.zeros((1, 1, 3), np.uint8), info).numpy().reshape(-1)
     np.testing.assert_array_equal(np.float32(got_info["pad_value"]), black)
+
+
+def test_pixels_on_disk_give_the_same_batches_as_pixels_in_memory(written, tmp_path):
+    """`disk_dir` keeps the uint8 pixels in a file read batch by batch: the same augmented,
+    shuffled batches as the pixels in memory, and the file is checked for its size."""
+    in_memory = dataset.load_shards(str(written), "train", 1, 2, normalized=False)
+    on_disk = dataset.load_shards(str(written), "train", 1, 2, False, disk_dir=str(tmp_path))
+    assert isinstance(on_disk[0], DiskImages) and on_disk[0].shape == in_memory[0].shape
+    np.testing.assert_array_equal(on_disk[1], in_memory[1])
+    norm = (in_memory[2]["mean"], in_memory[2]["std"])
+    for (x, y), (want_x, want_y) in zip(
+        batching.batches(*on_disk[:2], 5, 0, 3, augment=True, normalization=norm),
+        batching.batches(*in_memory[:2], 5, 0, 3, augment=True, normalization=norm),
+    ):
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+    path = on_disk[0].path
+    with open(path, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DeviceError, match="rewrite it"):
+        DiskImages(path, len(on_disk[1]), in_memory[0].shape[1:])
+    with pytest.raises(DeviceDataError, match="normalized=False"):
+        dataset.load_shards(str(written), "test", disk_dir=str(tmp_path))
 
 
 def test_a_device_part_is_the_tensorflow_device_part(written):

@@ -189,6 +189,19 @@ def test_epoch_plan_follows_the_phase_schedule(smoke):
         assert plan["nesting"] == bool(split.step_nesting.numpy())
 
 
+def test_a_warm_up_changes_no_weight_and_trains_as_before(smoke):
+    """The warm-up's calls leave the head as it was: a step after it equals a step without."""
+    images, labels = smoke.train[0]
+    heads = [TrainableHead(smoke.head), TrainableHead(smoke.head)]
+    before = heads[0].get_weights()
+    heads[0].warm_up(len(labels), heads[0].run["channels"])
+    np.testing.assert_array_equal(heads[0].get_weights(), before)
+    for head in heads:
+        values, _, _ = head.forward(images, 4)
+        head.train(images, labels, np.ones_like(values), 4, (0.05, 0.05), 0.01)
+    np.testing.assert_array_equal(heads[0].get_weights(), heads[1].get_weights())
+
+
 def test_bad_model_files_are_refused_in_one_line(smoke, tmp_path):
     head_dir = tmp_path / "head"
     shutil.copytree(smoke.head, head_dir)

@@ -9,12 +9,18 @@ Needs numpy, absl-py, ai-edge-litert, grpcio and protobuf (PNG shards and image 
 The model directory is what `tfsplit-export --trainable` wrote: head_train.tflite, its layout and
 run description head_train.json, and tail_weights.pb (the tail a new run starts from). The data
 is a shards directory (tfsplit-prepare-data; every shard's sha256 is checked) or an image folder
-(train/<class>/, val/<class>/). Rerun the same command after a crash: the device resumes from its
-last save (every checkpoint_every_steps steps) and the server returns to the same step.
+(train/<class>/, val/<class>/); a shard directory's pixels are copied to <workdir>/data (a
+temporary directory without --workdir) and read batch by batch. Rerun the same command after a
+crash: the device resumes from its last save (every checkpoint_every_steps steps) and the server
+returns to the same step.
+
+A U-shaped config's export adds top_train.tflite and top_train.json: the device then trains the
+top as well, and no label leaves it (the server runs the same config, with its `ushaped` variant).
 """
 
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -24,6 +30,9 @@ from tfsplit.device import dataset
 from tfsplit.device import image_folder as device_folder
 from tfsplit.device.spec import DeviceError
 from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
+from tfsplit.device.training.plan import build_phases
+from tfsplit.device.training.top import TrainableTop, has_top
+from tfsplit.device.training.ushaped import UShapedDeviceTrainer
 from tfsplit_tools import cli
 
 _MODEL_DIR = flags.DEFINE_string(
@@ -61,13 +70,14 @@ _TLS_CLIENT_KEY = flags.DEFINE_string("tls_client_key", None, "PEM key of --tls_
 _DEADLINE = flags.DEFINE_float("deadline_s", 60.0, "Each call's deadline in seconds.")
 
 
-def _load(run):
-    """(train images, labels, test images, labels, info) of --data, checked against the run."""
+def _load(run, disk_dir):
+    """(train images, labels, test images, labels, info) of --data, checked against the run;
+    a shard directory's pixels go to files in `disk_dir`, read batch by batch."""
     path = _DATA.value
     part = dict(shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value, normalized=False)
     if os.path.isfile(os.path.join(path, "index.json")):
-        train_x, train_y, info = dataset.load_shards(path, "train", **part)
-        test_x, test_y, _ = dataset.load_shards(path, "test", normalized=False)
+        train_x, train_y, info = dataset.load_shards(path, "train", disk_dir=disk_dir, **part)
+        test_x, test_y, _ = dataset.load_shards(path, "test", normalized=False, disk_dir=disk_dir)
     else:
         size = _IMAGE_SIZE.value or run["image_shape"][0]
         train_x, train_y, info = device_folder.load_image_folder(path, "train", size, **part)
@@ -90,7 +100,12 @@ def main(argv):
     key = _TLS_CLIENT_KEY.value and credentials.read_pem(_TLS_CLIENT_KEY.value, "private key")
     head = TrainableHead(_MODEL_DIR.value, _NUM_THREADS.value)
     run = head.run
-    train_x, train_y, test_x, test_y, info = _load(run)
+    budgets = [phase.effective_budget(run["channels"]) for phase in build_phases(run)]
+    head.warm_up(run["batch_size"], max(budgets))  # before the data: its peak stays low
+    scratch = None if _WORKDIR.value else tempfile.TemporaryDirectory(prefix="tfsplit-device-")
+    disk_dir = os.path.join(_WORKDIR.value, "data") if _WORKDIR.value else scratch.name
+    os.makedirs(disk_dir, exist_ok=True)
+    train_x, train_y, test_x, test_y, info = _load(run, disk_dir)
     seed, size = run["seed"], run["batch_size"]
     normalization = (info["mean"], info["std"])  # the sets stay uint8; each batch is normalized
 
@@ -113,7 +128,11 @@ def main(argv):
         private_key=key or None,
     )
     try:
-        trainer = DeviceTrainer(head, client, _WORKDIR.value, _DEVICE_ID.value)
+        if has_top(_MODEL_DIR.value):  # U-shaped: the top and the labels stay here
+            top = TrainableTop(_MODEL_DIR.value, _NUM_THREADS.value)
+            trainer = UShapedDeviceTrainer(head, top, client, _WORKDIR.value, _DEVICE_ID.value)
+        else:
+            trainer = DeviceTrainer(head, client, _WORKDIR.value, _DEVICE_ID.value)
         trainer.connect()
         steps = -(-len(train_y) // size)
         logging.info("%d training images, %d steps an epoch", len(train_y), steps)
@@ -128,6 +147,11 @@ def main(argv):
         f"down {summary['train_payload_bytes_down']}; {summary['wall_seconds']:.1f} s, peak "
         f"memory {summary['peak_rss_mib']:.0f} MiB"
     )
+    if "train_top_payload_bytes_down" in summary:
+        print(
+            f"Second cut: middle output down {summary['train_top_payload_bytes_down']}, top "
+            f"gradient up {summary['train_top_payload_bytes_up']} bytes"
+        )
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)

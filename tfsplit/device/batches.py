@@ -7,6 +7,7 @@ stream.
 import numpy as np
 
 from tfsplit.device.dataset import DeviceDataError, _check_int, normalize
+from tfsplit.device.disk_images import DiskImages
 
 CROP_PADDING = 4  # As tfsplit.data.pipeline: random crop of the image zero-padded by 4 pixels.
 
@@ -32,9 +33,10 @@ def _augment_batch(images, rng, pad_value):
 
 
 def _check_batches(images, labels, batch_size, seed, epoch, shuffle, augment, drop_remainder):
-    if not isinstance(images, np.ndarray) or images.ndim != 4:
+    if not isinstance(images, (np.ndarray, DiskImages)) or images.ndim != 4:
         raise DeviceDataError(
-            f"`images` must be a numpy array (N, H, W, C). Received: shape {np.shape(images)}"
+            "`images` must be a numpy array (N, H, W, C) or `DiskImages`. Received: "
+            f"{type(images).__name__} of shape {getattr(images, 'shape', None)}"
         )
     if not isinstance(labels, np.ndarray) or labels.shape != images.shape[:1]:
         raise DeviceDataError(
@@ -78,7 +80,8 @@ def batches(
     and so does this by default (`drop_remainder=False`).
 
     Args:
-      images: (N, H, W, C) array, e.g. `load_shards`'s normalized float32 images.
+      images: (N, H, W, C) array, e.g. `load_shards`'s normalized float32 images, or the
+        `DiskImages` of its uint8 pixels.
       labels: (N,) array.
       batch_size: samples per batch.
       seed, epoch: ints >= 0; the epoch's order (and augmentation) are drawn from both, so the

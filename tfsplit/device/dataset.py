@@ -18,6 +18,7 @@ import re
 import numpy as np
 from absl import logging
 
+from tfsplit.device.disk_images import DiskImages
 from tfsplit.device.spec import DeviceError
 from tfsplit.records import RecordError, ShardIndexError, parse_example, read_index, split_records
 
@@ -218,7 +219,7 @@ def _read_shard(shard, parsed):
     return images, labels
 
 
-def load_shards(path, split, shard_index=0, num_shards=1, normalized=True):
+def load_shards(path, split, shard_index=0, num_shards=1, normalized=True, disk_dir=None):
     """One split of a local shard directory, as the TensorFlow pipeline normalizes it.
 
     Args:
@@ -230,6 +231,9 @@ def load_shards(path, split, shard_index=0, num_shards=1, normalized=True):
         read whole (evaluation is not split across devices).
       normalized: False keeps the uint8 pixels (a quarter of the memory): pass
         `normalization=(info["mean"], info["std"])` to `batches`, which normalizes each batch.
+      disk_dir: with `normalized=False`, a directory where the uint8 pixels go to one file
+        (`DiskImages`, read batch by batch) instead of the process's memory; each shard is
+        checked and parsed as without it.
 
     Returns:
       (images, labels, info): float32 (N, H, W, C) images (pixel / 255 - mean) / std with the
@@ -252,11 +256,23 @@ def load_shards(path, split, shard_index=0, num_shards=1, normalized=True):
         parsed.split(split), split, shard_index, num_shards, "The shard index", "shards", advice
     )
     _check_sizes(shards)
-    parts = [_read_shard(shard, parsed) for shard in shards]
-    images = np.concatenate([p[0] for p in parts])
-    if normalized:
-        images = normalize(images, parsed.mean, parsed.std)
-    labels = np.concatenate([p[1] for p in parts])
+    if disk_dir is not None:
+        if normalized:
+            raise DeviceDataError("`disk_dir` keeps the uint8 pixels: pass normalized=False.")
+        name = f"{split}-{shard_index}-of-{num_shards}.u8"
+        writer = DiskImages.writer(os.path.join(disk_dir, name), parsed.image_shape)
+        labels = []
+        for shard in shards:
+            images, shard_labels = _read_shard(shard, parsed)
+            writer.append(images)
+            labels.append(shard_labels)
+        images, labels = writer.finish(), np.concatenate(labels)
+    else:
+        parts = [_read_shard(shard, parsed) for shard in shards]
+        images = np.concatenate([p[0] for p in parts])
+        if normalized:
+            images = normalize(images, parsed.mean, parsed.std)
+        labels = np.concatenate([p[1] for p in parts])
     logging.info(
         "Read %d %s samples of %s from %d shards of %s (device %d of %d, %s).",
         len(labels),
