@@ -100,11 +100,7 @@ def _train_both(smoke, train, epochs=1):
     server, client = _serve(config)
     try:
         split.connect(client)
-        schedule = callbacks_lib.PhaseSchedule(
-            config.phases,
-            seed=config.seed,
-            gate_travel_fraction=config.optimizer.gate_travel_fraction,
-        )
+        schedule = trainer.phase_schedule(config)
         calibration = callbacks_lib.BatchNormCalibration(train_ds, config.calibration_batches)
         history = split.fit(
             train_ds,

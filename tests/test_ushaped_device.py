@@ -128,11 +128,7 @@ def test_the_litert_device_trains_the_keras_devices_ushaped_model(exported):
     server, keras_server, client = _serve(config)
     try:
         split.connect(client)
-        schedule = callbacks_lib.PhaseSchedule(
-            config.phases,
-            seed=config.seed,
-            gate_travel_fraction=config.optimizer.gate_travel_fraction,
-        )
+        schedule = trainer.phase_schedule(config)
         calibration_data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
         calibration = callbacks_lib.BatchNormCalibration(
             calibration_data, config.calibration_batches

@@ -269,13 +269,7 @@ def build_callbacks(config, workdir, info, train_ds):
         raise ValueError(
             f"config.calibration_batches must be an integer >= 0. Received: {calibration!r}"
         )
-    schedule = [
-        callbacks_lib.PhaseSchedule(
-            config.phases,
-            seed=config.seed,
-            gate_travel_fraction=config.optimizer.gate_travel_fraction,
-        )
-    ]
+    schedule = [phase_schedule(config)]
     if calibration:
         schedule.append(callbacks_lib.BatchNormCalibration(train_ds, calibration))
     return schedule + [
@@ -289,6 +283,13 @@ def build_callbacks(config, workdir, info, train_ds):
             os.path.join(workdir, BACKUP_DIR), save_freq=config.checkpoint_every_steps
         ),
     ]
+
+
+def phase_schedule(config):
+    """The `PhaseSchedule` callback of `config`'s phases, seed and gates' travel rate."""
+    return callbacks_lib.PhaseSchedule(
+        config.phases, seed=config.seed, gate_travel_fraction=config.optimizer.gate_travel_fraction
+    )
 
 
 def train(config, workdir, verbose="auto", client=None, measure=()):
