@@ -11,6 +11,7 @@ head's gradient back for the head's `train`. The top's dropout masks and noise a
 calibration finish on the top with the middle's output.
 """
 
+import grpc
 import numpy as np
 from absl import logging
 
@@ -124,9 +125,9 @@ class UShapedDeviceTrainer(DeviceTrainer):
         same."""
         try:
             reply = self._exchange(train, (0, down), self.ledger)
-        except Exception as error:  # noqa: BLE001  (grpc.RpcError: the channel's errors)
-            details = getattr(error, "details", lambda: "")() or ""
-            if _LOST_FORWARD not in details:
+        except grpc.RpcError as error:
+            lost = error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            if not lost or _LOST_FORWARD not in (error.details() or ""):
                 raise
             logging.warning("The server lost this step's FORWARD (a restart): sending it again.")
             self._exchange(forward, (0, 0), self.ledger)
