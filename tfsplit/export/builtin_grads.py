@@ -7,8 +7,9 @@ graph may hold nothing but builtins. TensorFlow's own gradients of a convolution
 builtin forward op and writes its gradient from builtins, gathering the kernel's taps as strided
 slices of the padded input (one slice per tap, built when the graph is traced), so that a weight
 gradient is one matmul or one reduction over whole tensors. A convolution is itself a matmul of
-those slices side by side (its patch rows) with the kernel: LiteRT's XNNPACK runs such a matmul
-with weights that change, but not a CONV_2D (measured: a training step 2.0x faster at batch 32).
+its patch rows (every window's values, gathered by a depthwise convolution with constant one-hot
+kernels) with the kernel: LiteRT's XNNPACK runs such a matmul with weights that change, but not a
+CONV_2D (measured: a training step 2.0x faster at batch 32).
 Its weight gradient reuses the forward's patch rows; its input gradient is the same kind of
 matmul on the output gradient with the flipped kernel (stride 1), or a transposed convolution.
 
@@ -16,6 +17,7 @@ Tests compare every gradient with TensorFlow's own, and convert each op to a bui
 LiteRT model.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -60,10 +62,23 @@ def _taps(padded, kernel, strides, outs):
 
 
 def _patch_rows(padded, kernel, strides, outs):
-    """The (N * ho * wo, kh * kw * C) matrix of every window of `padded`, taps row-major then
-    channels: one matmul with the kernel reshaped to (kh * kw * C, C_out) is the convolution."""
-    patches = tf.concat(_taps(padded, kernel, strides, outs), axis=-1)
-    return tf.reshape(patches, [-1, patches.shape[-1]])
+    """The (N * ho * wo, C * kh * kw) matrix of every window of `padded`, channels then taps
+    row-major: one matmul with `_kernel_rows(kernel)` is the convolution. A depthwise
+    convolution with constant one-hot kernels gathers the taps, which XNNPACK runs; slices and a
+    concatenation ran in LiteRT's own kernels (8.5 to 9.5% slower per step at batch 32)."""
+    channels, taps = padded.shape[-1], kernel[0] * kernel[1]
+    one_hot = np.zeros((kernel[0], kernel[1], channels, taps), np.float32)
+    for tap in range(taps):
+        one_hot[tap // kernel[1], tap % kernel[1], :, tap] = 1.0
+    windows = tf.nn.depthwise_conv2d(
+        padded, tf.constant(one_hot), (1,) + tuple(strides) + (1,), "VALID"
+    )
+    return tf.reshape(windows, [-1, channels * taps])
+
+
+def _kernel_rows(kernel):
+    """A (kh, kw, C, C_out) kernel as the (C * kh * kw, C_out) matrix of `_patch_rows`' order."""
+    return tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [-1, kernel.shape[-1]])
 
 
 def _rows_to_map(rows, x, outs):
@@ -111,11 +126,13 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME"):
     def forward(x, kernel):
         pads, outs = _paddings(x, size, strides, padding)
         rows = _patch_rows(_pad(x, pads), size, strides, outs)
-        y = _rows_to_map(tf.matmul(rows, tf.reshape(kernel, [-1, kernel.shape[-1]])), x, outs)
+        y = _rows_to_map(tf.matmul(rows, _kernel_rows(kernel)), x, outs)
 
         def backward(dy):
             flat_dy = tf.reshape(dy, [-1, dy.shape[-1]])
-            dkernel = tf.reshape(tf.matmul(rows, flat_dy, transpose_a=True), kernel.shape)
+            by_channel = tf.matmul(rows, flat_dy, transpose_a=True)  # (C * kh * kw, C_out)
+            shape = [kernel.shape[2], size[0], size[1], kernel.shape[-1]]
+            dkernel = tf.transpose(tf.reshape(by_channel, shape), [1, 2, 0, 3])
             if strides != (1, 1):
                 dx = tf.nn.conv2d_transpose(dy, kernel, tf.shape(x), (1,) + strides + (1,), padding)
                 return dx, dkernel
@@ -123,7 +140,7 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME"):
             full = [(k - 1 - before, k - 1 - after) for k, (before, after) in zip(size, pads)]
             flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
             drows = _patch_rows(_pad(dy, full), size, (1, 1), x.shape[1:3])
-            dx = tf.matmul(drows, tf.reshape(flipped, [-1, flipped.shape[-1]]))
+            dx = tf.matmul(drows, _kernel_rows(flipped))
             return _rows_to_map(dx, x, x.shape[1:3]), dkernel
 
         return y, backward
