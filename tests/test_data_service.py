@@ -85,7 +85,11 @@ def worker_only_shards(written, tmp_path_factory):
             (seen / name).write_bytes(bytes(source.stat().st_size))
     bind = f'mount --bind "{real}" "{seen}" && exec "$0" "$@"'
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
-        pytest.skip("needs a mount namespace (unshare --mount): run as root")
+        pytest.skip(
+            "the workers must see the real shards where this process sees decoys, which takes a "
+            "mount namespace of their own; `unshare --mount` makes one only as root (CI runs as "
+            "root, so CI runs this test)"
+        )
     process, address = _start_service(
         "unshare", "--mount", "--propagation", "private", "sh", "-c", bind
     )
