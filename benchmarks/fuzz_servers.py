@@ -8,9 +8,9 @@ its generator accepts, and after each one (every `good_every`) a good request th
 correctly.
 
 Training (`TrainingFuzzer`): the tiny ResNet-18 run of tests/test_net.py behind
-`TrainingServicer`s started with `service.serve`, a `TokenInterceptor` and the bounds
-`tfsplit-train-server` derives from the config: a pool of sequential ones (each with its state
-directory) and of parallel ones (for AverageHeads). Runs open with a valid
+`TrainingServicer`s started with `service.serve`, a `TokenInterceptor`, the bounds
+`tfsplit-train-server` derives from the config and its `--warm_up`: a pool of sequential ones
+(each with its state directory) and of parallel ones (for AverageHeads). Runs open with a valid
 Hello carrying the real model digest. The stream reaches the training path: valid step ids with
 mutated payloads (bit flips, truncation, header fields, k, channels, indices, duplicate indices, a
 huge declared batch with few bytes, real batches of thousands, labels out of range, dtypes,
@@ -213,9 +213,9 @@ def _write_ready(workdir, ready):
 def serve_training(workdir, sequential, parallel, identity="devices"):
     """The child's training servers: `sequential` and `parallel` TrainingServicers, none opened,
     each on its own port with the bounds `tfsplit-train-server` derives from the config (largest
-    batch and learning rate), and either per-device tokens (`identity="devices"`, the tokens file
-    `<workdir>/tokens`) or one shared token (`"shared"`, `<workdir>/token`); runs until stdin
-    closes."""
+    batch and learning rate) and its `--warm_up`, and either per-device tokens
+    (`identity="devices"`, the tokens file `<workdir>/tokens`) or one shared token (`"shared"`,
+    `<workdir>/token`); runs until stdin closes."""
     service_lib.one_inter_op_thread()  # as tfsplit-train-server
     if identity == "devices":
         device_identity = identity_lib.DeviceIdentity(
@@ -229,7 +229,7 @@ def serve_training(workdir, sequential, parallel, identity="devices"):
     build_split = _builder(config)
     servers, ports = [], {"sequential": [], "parallel": []}
     for mode, count in (("sequential", sequential), ("parallel", parallel)):
-        options = service_lib.config_limits(config)
+        options = dict(service_lib.config_limits(config), warm_up=True)  # as --warm_up
         if mode == "parallel":
             options.update(parallel=True, average_timeout_s=5.0)
         for i in range(count):

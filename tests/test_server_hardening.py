@@ -410,3 +410,19 @@ def test_an_internal_error_logs_one_line_and_returns_no_detail(caplog):
     code, details = raised.value.args
     assert code == grpc.StatusCode.INTERNAL and "/secret" not in details
     assert [r.exc_info for r in caplog.records] == [None]
+
+
+def test_the_warm_up_changes_nothing_and_the_steps_after_it_are_the_same(serving, model):
+    tail = weights_to_protos(model.tail.get_weights())
+    runs = {}
+    for warm_up in (False, True):
+        servicer, stub = serving(max_batch_size=6, warm_up=warm_up)
+        stub.Hello(hello_request(model, tail_weights=tail))
+        before = all_weights(servicer)
+        replies = [stub.Step(train_request(model, step, batch=2 + step)) for step in range(2)]
+        runs[warm_up] = before, replies, all_weights(servicer)
+    assert_identical(runs[False][0], runs[True][0])  # what the warm-up ran, it put back
+    assert [r.SerializeToString() for r in runs[False][1]] == [
+        r.SerializeToString() for r in runs[True][1]
+    ]
+    assert_identical(runs[False][2], runs[True][2])

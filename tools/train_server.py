@@ -115,6 +115,13 @@ _AVERAGE_TIMEOUT_S = flags.DEFINE_float(
     "--mode=parallel: how long an epoch's head averaging waits for the last devices.",
     lower_bound=1.0,
 )
+_WARM_UP = flags.DEFINE_bool(
+    "warm_up",
+    False,
+    "Before the run's first step, run the tail's steps once at every batch size up to "
+    "--max_batch_size: the server's memory then reaches its level at the start and stays there "
+    "whatever sizes devices send (recommended for devices you do not trust; seconds to a minute).",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -208,6 +215,7 @@ def main(argv):
         parallel=_MODE.value == "parallel",
         gather_timeout_s=_GATHER_TIMEOUT_MS.value / 1000,
         average_timeout_s=_AVERAGE_TIMEOUT_S.value,
+        warm_up=_WARM_UP.value,
     )
     server, port = service_lib.serve(
         servicer, _PORT.value, _HOST.value, credentials=credentials, interceptors=interceptors

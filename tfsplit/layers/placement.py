@@ -33,8 +33,14 @@ def _place_with_mask(values, indices, channels):
     indices = tf.convert_to_tensor(indices)
     if indices.shape.rank == 2:
         return _place_per_sample(values, indices, channels)
-    placement = tf.one_hot(indices, channels, dtype=values.dtype)
-    return tf.tensordot(values, placement, axes=1), tf.reduce_sum(placement, axis=0)
+    # A gather, not a product with one-hot columns: a matmul's kernel would be compiled (and
+    # cached by oneDNN, on a server) for every batch size and budget a device sends.
+    indices = tf.cast(indices, tf.int32)
+    k = tf.shape(indices)[0]
+    positions = tf.tensor_scatter_nd_update(tf.fill([channels], k), indices[:, None], tf.range(k))
+    rank = values.shape.rank
+    padded = tf.pad(values, [[0, 0]] * (rank - 1) + [[0, 1]])
+    return tf.gather(padded, positions, axis=rank - 1), tf.cast(positions < k, values.dtype)
 
 
 def _place_per_sample(values, indices, channels):

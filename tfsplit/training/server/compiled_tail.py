@@ -10,8 +10,10 @@ training step's forward pass computes, changing nothing.
 """
 
 import functools
+import time
 
 import tensorflow as tf
+from absl import logging
 
 
 class CompiledTail:
@@ -108,6 +110,42 @@ class CompiledTail:
         # U-shaped FORWARD: the training step's forward pass, as its TRAIN will run it again.
         self.forward_unchanged = tf.function(
             forward_unchanged, input_signature=[values, tf.TensorSpec([None], tf.int32)]
+        )
+        self._split, self._ushaped = split, ushaped
+
+    def warm_up(self, max_batch_size):
+        """Runs every function a device's steps reach at each batch size 1..`max_batch_size`,
+        and puts back what they changed (the weights are never touched).
+
+        TensorFlow's oneDNN kernels compile and keep a primitive per layer and batch size, so a
+        server otherwise grows with every new size that devices (or an attacker) send, up to
+        that cache's bound, and a size's first step is slow: TF Serving warms a model up for the
+        same reason. Afterwards the memory stays where the warm-up left it. Joined batches
+        (parallel mode) larger than `max_batch_size` are not warmed.
+        """
+        started = time.monotonic()
+        height, width = self._split.tail.input.shape[1:3]
+        for kept, variable in zip(self._kept, self._changed):
+            kept.assign(variable)
+        for batch in range(1, max_batch_size + 1):
+            values, indices = tf.zeros([batch, height, width, 1]), tf.zeros([1], tf.int32)
+            if self._ushaped:
+                targets = tf.zeros((batch,) + self._split.top_shape)
+            else:
+                targets = tf.zeros([batch], tf.int32)
+            nestings = (False, True) if self._split.nesting is not None else (False,)
+            for nesting in nestings:
+                self.compute[1](
+                    values, indices, targets, tf.ones([batch]), tf.constant(0.0), nesting
+                )
+                self.put_back()
+            for training in (False, True):  # evaluation; calibration (U: the FORWARD)
+                self.forward(values, indices, training)
+                self.put_back()
+        logging.info(
+            "Warmed up the tail's steps at batch sizes 1 to %d in %.1f s.",
+            max_batch_size,
+            time.monotonic() - started,
         )
 
     def put_back(self):

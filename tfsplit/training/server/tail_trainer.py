@@ -95,6 +95,9 @@ class TailTrainer(StepTraining):
         and average their heads.
       gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
       average_timeout_s: parallel: how long an averaging round waits for its last devices.
+      warm_up: run the tail's steps once at every batch size up to `max_batch_size` before
+        serving (`CompiledTail.warm_up`), so that the server's memory reaches its level at the
+        start and stays there, whatever sizes devices send.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class TailTrainer(StepTraining):
         parallel=False,
         gather_timeout_s=0.2,
         average_timeout_s=120.0,
+        warm_up=False,
     ):
         if not gather_timeout_s > 0:
             raise ValueError(f"`gather_timeout_s` must be > 0. Received: {gather_timeout_s!r}")
@@ -143,6 +147,8 @@ class TailTrainer(StepTraining):
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
         self._tail = CompiledTail(split)
+        if warm_up:
+            self._tail.warm_up(max_batch_size)
 
     @property
     def next_step(self):
