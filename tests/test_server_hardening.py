@@ -416,10 +416,10 @@ def test_the_warm_up_changes_nothing_and_the_steps_after_it_are_the_same(serving
     tail = weights_to_protos(model.tail.get_weights())
     runs = {}
     for warm_up in (False, True):
-        servicer, stub = serving(max_batch_size=6, warm_up=warm_up)
+        servicer, stub = serving(max_batch_size=4, warm_up=warm_up)
         stub.Hello(hello_request(model, tail_weights=tail))
         before = all_weights(servicer)
-        replies = [stub.Step(train_request(model, step, batch=2 + step)) for step in range(2)]
+        replies = [stub.Step(train_request(model, step, batch=3 + step)) for step in range(2)]
         runs[warm_up] = before, replies, all_weights(servicer)
     assert_identical(runs[False][0], runs[True][0])  # what the warm-up ran, it put back
     assert [r.SerializeToString() for r in runs[False][1]] == [

@@ -109,8 +109,8 @@ def serving_function(split, dtype, max_budget, outputs=_probabilities):
 
     def serve(values, indices, scale, zero_point):
         checks = _payload_checks(values, indices, scale, zero_point, dtype, channels, max_budget)
-        with tf.control_dependencies(checks):
-            real = tf.cast(values, tf.float32)
+        with tf.control_dependencies(checks):  # the indices too: placing them scatters
+            real, indices = tf.cast(values, tf.float32), tf.identity(indices)
             if dtype == "int8":  # the codec's order of operations
                 real = (real - tf.cast(zero_point, tf.float32)) * scale
         return outputs(split, real, indices)
