@@ -22,7 +22,12 @@ from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol import split_training_pb2_grpc as pb_grpc
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
-from tfsplit.training.messages import encode_second_cut, model_digest, weights_to_protos
+from tfsplit.training.messages import (
+    decode_second_cut,
+    encode_second_cut,
+    model_digest,
+    weights_to_protos,
+)
 from tfsplit.training.server import service as service_lib
 from tfsplit.training.server import tail_trainer
 
@@ -273,9 +278,64 @@ def test_what_a_networked_ushape_cannot_train_is_refused_clearly(serving):
         trainer.build_split_model(config, INFO, remote=True)
 
 
+def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving):
+    """Two devices send a U-shaped step at the same time. Their FORWARDs run as one batch and
+    their TRAINs train together: what one device sending both batches as one step gets, each
+    device's gradient scaled to its own batch's mean loss."""
+    config = ushaped_config()
+    keras.utils.set_random_seed(0)
+    model = trainer.build_split_model(config, INFO)
+    FORWARD, TRAIN = pb.StepRequest.FORWARD, pb.StepRequest.TRAIN  # noqa: N806
+    start = weights_to_protos(model.tail.get_weights())
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(2, 4) + model.wire_shape[:-1] + (4,)).astype(np.float32)
+    gradients = rng.normal(size=(2, 4) + model.top_shape).astype(np.float32) * 1e-3
+
+    def step(stub, device, kind, values, gradient=None):
+        fields = {}
+        if kind == TRAIN:
+            fields["payload"] = encode_second_cut(gradient, model, "float32", "gradients")
+        else:
+            fields["payload"] = codec.encode(values, [3, 1, 2, 0], model.channels, "float32")
+        request = _step(model, kind, 0, batch=len(values), **fields)
+        request.device_id = device
+        return stub.Step(request, timeout=60)
+
+    def device_step(stub, device, i):
+        forward = step(stub, device, FORWARD, values[i])
+        output = decode_second_cut(forward.payload, model, "float32", "activations", batch=4)
+        trained = step(stub, device, TRAIN, values[i], gradients[i])
+        return output, codec.decode(trained.payload, expect_kind="gradients").dequantized()
+
+    servicer, port = serving(config, parallel=True, gather_timeout_s=30.0)
+    stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    for device in ("device-0", "device-1"):
+        stub.Hello(_hello_request(model, device, tail_weights=start), timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        joined = list(pool.map(device_step, [stub] * 2, ["device-0", "device-1"], [0, 1]))
+    alone_servicer, alone_port = serving(config)
+    alone = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{alone_port}"))
+    alone.Hello(_hello_request(model, tail_weights=start), timeout=60)
+    both = values.reshape((8,) + values.shape[2:])
+    forward = step(alone, "device-0", FORWARD, both)
+    output = decode_second_cut(forward.payload, model, "float32", "activations", batch=8)
+    # One device's top gradient is that of its mean loss over all 8 samples.
+    trained = step(alone, "device-0", TRAIN, both, gradients.reshape((8,) + model.top_shape) / 2)
+    gradient = codec.decode(trained.payload, expect_kind="gradients").dequantized()
+    for i, (device_output, device_gradient) in enumerate(joined):
+        rows = slice(4 * i, 4 * i + 4)
+        np.testing.assert_allclose(device_output, output[rows], atol=1e-6)
+        np.testing.assert_allclose(device_gradient, 2 * gradient[rows], rtol=1e-5, atol=1e-9)
+    for x, y in zip(tail_after(servicer), tail_after(alone_servicer)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    group = servicer.trainer.devices["device-0"].forward_group
+    assert sorted(group) == [("device-0", 0), ("device-1", 0)]
+
+
 def test_a_parallel_server_trains_ushaped_steps_as_they_come_and_averages_heads(serving):
-    """Two devices against a parallel server: each step trains alone, as on a sequential server
-    given the same steps in the same order, and the heads are averaged (SplitFed)."""
+    """Two devices against a parallel server, their steps sent one after the other: each trains
+    alone, as on a sequential server given the same steps in the same order, and the heads are
+    averaged (SplitFed)."""
     config = ushaped_config()
     keras.utils.set_random_seed(0)
     model = trainer.build_split_model(config, INFO)

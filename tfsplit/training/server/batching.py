@@ -15,10 +15,12 @@ from tfsplit.training.messages import request_digest
 class PendingStep:
     """A training step waiting to be trained: the request, its digest (a retry must match it),
     its decoded payload, its targets (the labels; a U-shaped split's top gradient), and the reply
-    or error once trained (`result` waits for them)."""
+    or error once trained (`result` waits for them). A U-shaped split's step also names the
+    FORWARDs that ran with its own (`forward_group`), and trains with them; a FORWARD waits here
+    too."""
 
-    def __init__(self, request, payload, targets=None):
-        self.request, self.payload = request, payload
+    def __init__(self, request, payload, targets=None, forward_group=None):
+        self.request, self.payload, self.forward_group = request, payload, forward_group
         self.targets = payload.labels if targets is None else targets
         self.digest = request_digest(request)
         self.batch = payload.values.shape[0]
@@ -32,22 +34,34 @@ class PendingStep:
         return self.reply
 
 
-def joined_inputs(steps):
-    """(values, indices, targets, gradient scale) of `steps` as one batch.
+class Gather:
+    """Parallel mode: the steps of one kind (TRAIN, or a U-shaped split's FORWARD) waiting to run
+    as one batch, and whether a request thread is gathering them."""
 
-    One step keeps its (k,) selection; several get a (N, k) selection per sample. The scale
-    (total / the sample's step's batch) makes each device's gradient that of its own batch's mean
-    loss, so that a head learns at the same pace alone or batched with others.
-    """
+    def __init__(self):
+        self.steps, self.gathering = [], False
+
+
+def joined_values(steps):
+    """(values, indices) of `steps` as one batch: one step keeps its (k,) selection, several get
+    a (N, k) selection per sample."""
     if len(steps) == 1:
         indices = steps[0].payload.indices
     else:
         indices = np.concatenate([np.tile(s.payload.indices, (s.batch, 1)) for s in steps])
+    return np.concatenate([s.payload.dequantized() for s in steps]), indices
+
+
+def joined_inputs(steps):
+    """(values, indices, targets, gradient scale) of `steps` as one batch.
+
+    The scale (total / the sample's step's batch) makes each device's gradient that of its own
+    batch's mean loss, so that a head learns at the same pace alone or batched with others.
+    """
     batches = [s.batch for s in steps]
     total = sum(batches)
     return (
-        np.concatenate([s.payload.dequantized() for s in steps]),
-        indices,
+        *joined_values(steps),
         np.concatenate([s.targets for s in steps]),
         np.repeat([total / b for b in batches], batches).astype(np.float32),
     )

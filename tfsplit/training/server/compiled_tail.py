@@ -17,7 +17,8 @@ from absl import logging
 
 
 class CompiledTail:
-    """`compute[rank]`, `apply` and `forward(values, indices, training)` of `split`'s tail.
+    """`compute[rank]`, `apply`, `forward(values, indices, training)` and
+    `forward_unchanged[rank]` of `split`'s tail.
 
     The rank of the indices picks the placement: (k,) for a device's step, (N, k) for devices'
     steps batched (a selection per sample).
@@ -108,9 +109,12 @@ class CompiledTail:
             return tf.identity(output)
 
         # U-shaped FORWARD: the training step's forward pass, as its TRAIN will run it again.
-        self.forward_unchanged = tf.function(
-            forward_unchanged, input_signature=[values, tf.TensorSpec([None], tf.int32)]
-        )
+        self.forward_unchanged = {
+            rank: tf.function(
+                forward_unchanged, input_signature=[values, tf.TensorSpec([None] * rank, tf.int32)]
+            )
+            for rank in (1, 2)
+        }
         self._split, self._ushaped = split, ushaped
 
     def warm_up(self, max_batch_size):

@@ -27,6 +27,7 @@ class DeviceState:
         self.last_seen = time.monotonic()
         self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
         self.forward = None  # (step, activations payload)
+        self.forward_group = None  # the (device, step) FORWARDs it ran with, in order
 
 
 class ServerState:

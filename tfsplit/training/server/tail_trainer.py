@@ -51,7 +51,7 @@ from tfsplit.training.messages import (
 )
 from tfsplit.training.server import ushaped
 from tfsplit.training.server.averaging import AveragingRounds
-from tfsplit.training.server.batching import PendingStep
+from tfsplit.training.server.batching import Gather, PendingStep
 from tfsplit.training.server.calibration import calibration_pass
 from tfsplit.training.server.checks import check_device_id, check_digest, check_shapes
 from tfsplit.training.server.compiled_tail import CompiledTail
@@ -91,7 +91,7 @@ class TailTrainer(StepTraining):
       max_log_bytes: the step log's size past which the server saves a checkpoint of its own; a
         device resuming from a backup older than that checkpoint is then refused, as one
         resuming before the first checkpoint.
-      parallel: train concurrent devices' steps as one batch (a U-shaped split's one at a time)
+      parallel: train concurrent devices' steps as one batch (a U-shaped split's FORWARDs too)
         and average their heads.
       gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
       average_timeout_s: parallel: how long an averaging round waits for its last devices.
@@ -138,8 +138,7 @@ class TailTrainer(StepTraining):
         self._started = False  # Whether the tail left its initial state (a device joined).
         self.parallel, self.gather_timeout_s = bool(parallel), gather_timeout_s
         self._lock = threading.Condition()
-        self._pending = []  # Parallel: training steps waiting to be trained together.
-        self._gathering = False  # Whether a request thread is gathering `_pending`.
+        self._gathers = {_TRAIN: Gather(), _FORWARD: Gather()}  # Parallel: steps waiting.
         self._idle = set()  # Devices whose steps missed a gather: not waited for until they step.
         self._rounds = AveragingRounds(self._lock, average_timeout_s)
         self._state = None if state_dir is None else ServerState(state_dir, split)
@@ -200,7 +199,8 @@ class TailTrainer(StepTraining):
             return True
 
     def _busy(self):
-        return {p.request.device_id for p in self._pending} | self._rounds.waiting
+        waiting = [p for gather in self._gathers.values() for p in gather.steps]
+        return {p.request.device_id for p in waiting} | self._rounds.waiting
 
     def _make_room(self):
         """Frees a slot for a new device when the run is full (`slot_to_free`)."""
@@ -285,11 +285,16 @@ class TailTrainer(StepTraining):
         if self.ushaped and request.nesting:
             raise validation.invalid("A U-shaped split trains without nested budgets.")
         if request.kind == _TRAIN:
-            if self.ushaped:
-                with self._lock:
-                    forward = self._device(request.device_id).forward
-                request = ushaped.with_forward(request, forward)
-            return self._train_request(self._pending_step(request))
+            if not self.ushaped:
+                return self._train_request(self._pending_step(request))
+            with self._lock:
+                device = self._device(request.device_id)
+                forward, group = device.forward, device.forward_group
+            step = self._pending_step(ushaped.with_forward(request, forward))
+            step.forward_group = group
+            return self._train_request(step)
+        if request.kind == _FORWARD:
+            return self._forward_request(self._pending_step(request))
         payload = decode_activations(
             request.payload, self.split, with_labels=False, max_batch_size=self.max_batch_size
         )
@@ -307,21 +312,7 @@ class TailTrainer(StepTraining):
                     values,
                     indices,
                 )
-            if request.kind == _EVALUATE:
-                return self._answer_forward(
-                    request.step, self._tail.forward(values, indices, False)
-                )
-            if request.step != device.next_step:
-                raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Expected the FORWARD of training step {device.next_step}. Received: step "
-                    f"{request.step}",
-                )
-            reply = self._answer_forward(
-                request.step, self._tail.forward_unchanged(values, indices)
-            )
-            device.forward = (request.step, request.payload)
-            return reply
+            return self._answer_forward(request.step, self._tail.forward(values, indices, False))
 
     def _answer_forward(self, step, outputs):
         if self.ushaped:
@@ -329,14 +320,14 @@ class TailTrainer(StepTraining):
         return logits_reply(step, outputs)
 
     def _pending_step(self, request):
-        """A (logged) training request decoded and checked, ready to train."""
+        """A (logged) training request, or a FORWARD, decoded and checked, ready to run."""
         payload = decode_activations(
             request.payload,
             self.split,
             with_labels=not self.ushaped,
             max_batch_size=self.max_batch_size,
         )
-        if not self.ushaped:
+        if not self.ushaped or request.kind == _FORWARD:
             return PendingStep(request, payload)
         return PendingStep(request, payload, ushaped.top_gradient(self.split, request, payload))
 

@@ -1,10 +1,12 @@
-"""How `TailTrainer` trains: a training step alone (sequential, and every U-shaped step) or with
-the other devices' steps sent at the same time (parallel), and the atomic update.
+"""How `TailTrainer` trains: a training step alone (sequential) or with the other devices' steps
+sent at the same time (parallel), a U-shaped split's FORWARD likewise, and the atomic update.
 
 A step's replies are made and checked (finite, within the wire dtype's range) and the step is
 logged before the update is applied, so a step that fails leaves the tail and every device's state
 as they were. A retry of the last step gets its kept reply; a retry of a step still waiting for
-its group gets that group's reply.
+its group gets that group's reply. In parallel mode a U-shaped split's FORWARDs are joined too,
+and each TRAIN trains with those whose FORWARDs ran with its own, in the same order: the middle's
+batch norm then computes in the TRAIN the statistics that its FORWARD's output was made with.
 """
 
 import time
@@ -15,13 +17,16 @@ from absl import logging
 
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.serving import validation
-from tfsplit.training.server.batching import joined_inputs, split_replies
+from tfsplit.training.server import ushaped
+from tfsplit.training.server.batching import joined_inputs, joined_values, split_replies
 from tfsplit.training.server.checks import check_learning_rate, check_retry
+
+TRAIN, FORWARD = pb.StepRequest.TRAIN, pb.StepRequest.FORWARD
 
 
 class StepTraining:
     """The training steps of `TailTrainer`, which holds the state they share: the lock, the
-    devices, the pending steps and the compiled tail."""
+    devices, the steps gathered for parallel mode (`_gathers`, by kind) and the compiled tail."""
 
     def _train_request(self, step):
         """Trains the step alone (sequential) or with the other devices' (parallel); a retry of
@@ -34,7 +39,7 @@ class StepTraining:
                 check_retry(step, device.last_digest)
                 logging.info("Step %d again (a retry): answered from the kept reply.", request.step)
                 return device.last_reply
-            waiting = [p for p in self._pending if p.request.device_id == request.device_id]
+            waiting = self._waiting(TRAIN, request.device_id)
             if waiting and waiting[0].request.step == request.step:
                 check_retry(step, waiting[0].digest)
                 step, lead = waiting[0], False  # the same step, sent again while it waits
@@ -43,40 +48,119 @@ class StepTraining:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Expected training step {device.next_step}. Received: step {request.step}",
                 )
-            elif not self.parallel or self.ushaped:  # a U-shaped step trains as its FORWARD ran
+            elif not self.parallel:
                 self._train_together([step])
                 return step.result()
             else:
-                lead = not self._gathering
-                self._pending.append(step)
-                self._idle.discard(request.device_id)
-                self._gathering = True
-                self._lock.notify_all()
+                lead = self._join(TRAIN, step)
         if lead:
-            self._gather_and_train()
+            self._gather_and_run(TRAIN)
         return step.result()
 
-    def _gather_and_train(self):
-        """Waits until every active device has a step pending (at most `gather_timeout_s`),
-        then trains them; a device that did not send in time is not waited for again until its
-        next step arrives (it may be evaluating, averaging, finished or gone)."""
+    def _forward_request(self, step):
+        """A U-shaped split's FORWARD: the middle's output for the step's activations, changing
+        nothing; alone (sequential) or joined with the other devices' FORWARDs (parallel), as
+        their TRAINs will train together."""
+        request = step.request
+        with self._lock:
+            device = self._device(request.device_id)
+            waiting = self._waiting(FORWARD, request.device_id)
+            if waiting and waiting[0].request.step == request.step:
+                step, lead = waiting[0], False  # sent again while it waits
+            elif request.step != device.next_step or waiting:
+                raise validation.RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Expected the FORWARD of training step {device.next_step}. Received: step "
+                    f"{request.step}",
+                )
+            elif not self.parallel:
+                self._forward_together([step])
+                return step.result()
+            else:
+                lead = self._join(FORWARD, step)
+        if lead:
+            self._gather_and_run(FORWARD)
+        return step.result()
+
+    def _waiting(self, kind, device_id):
+        return [p for p in self._gathers[kind].steps if p.request.device_id == device_id]
+
+    def _join(self, kind, step):
+        """Parallel: `step` waits with the others of its kind; returns whether its thread
+        gathers them (the first to arrive does)."""
+        gather = self._gathers[kind]
+        lead = not gather.gathering
+        gather.steps.append(step)
+        self._idle.discard(step.request.device_id)
+        gather.gathering = True
+        self._lock.notify_all()
+        return lead
+
+    def _gather_and_run(self, kind):
+        """Waits until every active device has a step of `kind` waiting (at most
+        `gather_timeout_s`), then runs them, one batch per group that can be joined; a device
+        that did not send in time is not waited for again until its next step arrives (it may
+        be evaluating, averaging, finished or gone)."""
         deadline = time.monotonic() + self.gather_timeout_s
+        gather = self._gathers[kind]
         with self._lock:
             while True:
-                sent = {p.request.device_id for p in self._pending}
+                sent = {p.request.device_id for p in gather.steps}
                 missing = set(self.devices) - self._idle - self._rounds.waiting - sent
                 remaining = deadline - time.monotonic()
                 if not missing or remaining <= 0:
                     break
                 self._lock.wait(remaining)
             self._idle |= missing
-            steps, self._pending, self._gathering = self._pending, [], False
-            by_kind = {}  # Steps train together when their budget, rate and nesting agree.
+            steps, gather.steps, gather.gathering = gather.steps, [], False
+            groups = {}
             for step in steps:
-                key = (len(step.payload.indices), step.request.learning_rate, step.request.nesting)
-                by_kind.setdefault(key, []).append(step)
-            for together in by_kind.values():
-                self._train_together(together)
+                groups.setdefault(self._group_key(kind, step), []).append(step)
+            for together in groups.values():
+                if kind == FORWARD:
+                    self._forward_together(together)
+                else:
+                    if self.ushaped:  # in the order their FORWARDs ran
+                        together.sort(key=lambda s: s.forward_group.index(_step_id(s)))
+                    self._train_together(together)
+
+    def _group_key(self, kind, step):
+        """What steps that run as one batch share: for a FORWARD, its number of channels; for a
+        U-shaped TRAIN, the FORWARDs its own ran with; for a plain TRAIN, the budget. And the
+        learning rate and nesting of a TRAIN."""
+        request = step.request
+        if kind == FORWARD:
+            return step.payload.values.shape[-1]
+        if self.ushaped:
+            return step.forward_group or (_step_id(step),), request.learning_rate
+        return len(step.payload.indices), request.learning_rate, request.nesting
+
+    def _forward_together(self, steps):
+        """The middle's output for `steps` as one batch (its batch norm's statistics those of
+        the joined batch, as their TRAINs will compute them), each step's part as its reply; or
+        the error for each."""
+        try:
+            values, indices = joined_values(steps)
+            outputs = self._tail.forward_unchanged[indices.ndim](
+                tf.constant(values, tf.float32), tf.constant(indices, tf.int32)
+            ).numpy()
+            replies, start, group = [], 0, tuple(_step_id(s) for s in steps)
+            for step in steps:
+                end = start + step.batch
+                replies.append(
+                    ushaped.middle_reply(self.split, step.request.step, outputs[start:end])
+                )
+                start = end
+            for step, reply in zip(steps, replies):
+                device = self.devices[step.request.device_id]
+                device.forward = (step.request.step, step.request.payload)
+                device.forward_group, step.reply = group, reply
+        except Exception as error:  # noqa: BLE001  (each waiting request gets it)
+            for step in steps:
+                step.error = error
+        finally:
+            for step in steps:
+                step.done.set()
 
     def _train_together(self, steps, log=True):
         """One update of the tail from `steps` (one per device) as one batch (`joined_inputs`),
@@ -130,3 +214,7 @@ class StepTraining:
                 self.max_log_bytes,
             )
             self._state.save(self.devices)
+
+
+def _step_id(step):
+    return step.request.device_id, step.request.step

@@ -5,12 +5,13 @@ activations without labels and gets the middle's output, changing nothing. TRAIN
 gradient at that output: the server runs the middle's forward pass again on the FORWARD's
 activations (so the middle must draw nothing at random) and trains it on that gradient. The step
 log keeps both in one request, which a restarted server trains again as it was trained. In
-parallel mode the steps train one at a time as they come, each as its FORWARD ran alone (their
-forward passes are not joined into one batch); the devices still average their heads after every
+parallel mode the FORWARDs that devices send at the same time run as one batch, and their TRAINs
+train together in the same order (`training_steps`); the devices average their heads after every
 epoch.
 """
 
 import grpc
+import numpy as np
 
 from tfsplit import codec
 from tfsplit.protocol import split_training_pb2 as pb
@@ -19,10 +20,11 @@ from tfsplit.training.messages import decode_second_cut, encode_second_cut
 
 
 def middle_reply(split, step, outputs):
-    """The StepReply of a forward pass: the middle's output as the second cut's payload."""
+    """The StepReply of a forward pass: the middle's output (an array) as the second cut's
+    payload."""
     try:
         payload = encode_second_cut(
-            outputs.numpy(), split, split.top_activation_dtype, "activations"
+            np.asarray(outputs), split, split.top_activation_dtype, "activations"
         )
     except codec.PayloadError as error:
         raise validation.invalid(
