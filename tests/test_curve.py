@@ -31,6 +31,16 @@ def test_ds(smoke_workdir):
         return trainer.build_data(ml_collections.ConfigDict(json.load(f)))[1]
 
 
+def test_served_budgets_are_the_final_one_or_the_nested_range():
+    config = ml_collections.ConfigDict(dict(budget_sampling=dict(nested=False, min_fraction=0.125)))
+    assert curve.served_budgets(config, 32) == (32, 32)
+    config.budget_sampling.nested = True
+    assert curve.served_budgets(config, 32) == (4, 32)
+    assert curve.served_budgets(config, 5) == (1, 5)
+    config.budget_sampling.min_fraction = 0.5
+    assert curve.served_budgets(config, 5) == (3, 5)
+
+
 def test_default_budgets():
     assert curve.default_budgets(32) == [4, 8, 16, 32]
     assert curve.default_budgets(4) == [1, 2, 4]
@@ -90,6 +100,8 @@ def test_evaluate_workdir_writes_csv_and_png(smoke_workdir, tmp_path):
     rows, summary = curve.evaluate_workdir(smoke_workdir)
     budgets = curve.default_budgets(summary["final_budget"])
     assert [r["budget"] for r in rows] == budgets
+    assert summary["served_budgets"] == (summary["final_budget"],) * 2
+    assert [r["served"] for r in rows] == [b == summary["final_budget"] for b in budgets]
     csv_path, png_path = curve.write_curve(rows, str(tmp_path), "test")
     with open(csv_path) as f:
         written = list(csv.DictReader(f))
@@ -123,4 +135,12 @@ def test_tool_prints_the_curve(smoke_workdir, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["budget", "test", "accuracy", "payload", "bytes/sample"]
     assert [line.split()[0] for line in lines[1:3]] == ["2", "4"]
+    # The smoke run ends at one budget, above 4, without nested budgets: 2 and 4 are below it.
+    with open(os.path.join(smoke_workdir, "summary.json")) as f:
+        final_budget = json.load(f)["final_budget"]
+    assert final_budget > 4
+    assert all(line.endswith("(not trained)") for line in lines[1:3])
+    assert lines[3] == f"the model was trained to serve budget {final_budget}"
+    served = f"trained to serve budgets {final_budget} to {final_budget}"
+    assert f"Budget 2: this model was {served}" in result.stderr
     assert (tmp_path / curve.CSV_FILE).exists() and (tmp_path / curve.PNG_FILE).exists()

@@ -4,7 +4,9 @@
 
 Evaluates the trained SplitModel at each budget k' (its top-k' channels by gate importance) on
 the run's test set and reports test accuracy and inference payload bytes per sample; writes
-budget_curve.csv and budget_curve.png into --out (default: the run's workdir).
+budget_curve.csv and budget_curve.png into --out (default: the run's workdir). Says which budgets
+the run was trained to serve (its final budget; with nested budgets, k/8 to k by default) and
+warns for each budget asked for outside them.
 """
 
 import sys
@@ -42,8 +44,11 @@ def main(argv):
     for row in rows:
         print(
             f"{row['budget']:>7} {100 * row['test_accuracy']:>13.2f}% "
-            f"{row['payload_bytes_per_sample']:>21,}"
+            f"{row['payload_bytes_per_sample']:>21,}" + ("" if row["served"] else "  (not trained)")
         )
+    smallest, largest = summary["served_budgets"]
+    served = f"{smallest}" if smallest == largest else f"{smallest} to {largest}"
+    print(f"the model was trained to serve budget {served}")
     print(f"wrote {csv_path} and {png_path}")
 
 

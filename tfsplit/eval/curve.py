@@ -8,10 +8,12 @@ sends up, in the codec's encoding), so the curve and the training records agree 
 
 import csv
 import json
+import math
 import os
 
 import ml_collections
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from absl import logging
 from matplotlib.figure import Figure
 
 from tfsplit import callbacks
@@ -25,6 +27,16 @@ FIELDS = ("budget", "test_accuracy", "payload_bytes_per_sample")
 def default_budgets(final_budget):
     """1/8, 1/4, 1/2 and all of the final budget (at least one channel each)."""
     return sorted({max(1, final_budget // fraction) for fraction in (8, 4, 2, 1)})
+
+
+def served_budgets(config, final_budget):
+    """(smallest, largest) budget a run was trained to serve: its final budget alone, or with
+    nested budgets (`config.budget_sampling.nested`) every budget from ceil(k * min_fraction)
+    up to k. At a smaller budget the tail meets inputs it never saw in training: accuracy falls
+    far below that of a model trained at that budget."""
+    if config.budget_sampling.nested:
+        return max(1, math.ceil(config.budget_sampling.min_fraction * final_budget)), final_budget
+    return final_budget, final_budget
 
 
 def _count_samples(dataset):
@@ -92,7 +104,9 @@ def evaluate_workdir(workdir, budgets=None):
       budgets: default 1/8, 1/4, 1/2 and all of the run's final budget.
 
     Returns:
-      (rows, summary): the curve and the run's summary.json.
+      (rows, summary): the curve and the run's summary.json, with `served_budgets` added: the
+      (smallest, largest) budget the run was trained to serve. Each row says whether its budget
+      is among them (`served`); a warning is logged for each one that is not.
 
     Raises:
       FileNotFoundError: `workdir` is not a finished run.
@@ -101,8 +115,28 @@ def evaluate_workdir(workdir, budgets=None):
     summary = _read_json(workdir, callbacks.SUMMARY_FILE)
     split = trainer.load_model(workdir)
     _, test_ds, _ = trainer.build_data(config)
-    budgets = default_budgets(int(summary["final_budget"])) if budgets is None else budgets
-    return budget_curve(split, test_ds, budgets), summary
+    final_budget = int(summary["final_budget"])
+    budgets = default_budgets(final_budget) if budgets is None else budgets
+    smallest, largest = summary["served_budgets"] = served_budgets(config, final_budget)
+    rows = budget_curve(split, test_ds, budgets)
+    for row in rows:
+        row["served"] = smallest <= row["budget"] <= largest
+        if not row["served"]:
+            logging.warning(
+                "Budget %d: this model was trained to serve budgets %d to %d%s; expect an "
+                "accuracy far below a model trained at %d.",
+                row["budget"],
+                smallest,
+                largest,
+                (
+                    ""
+                    if config.budget_sampling.nested
+                    else " (train with nested budgets, "
+                    "--config.budget_sampling.nested=True, to serve smaller ones)"
+                ),
+                row["budget"],
+            )
+    return rows, summary
 
 
 def write_curve(rows, out_dir, title):
