@@ -12,8 +12,8 @@ import math
 import os
 
 import ml_collections
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from absl import logging
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tfsplit import callbacks

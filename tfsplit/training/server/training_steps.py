@@ -120,7 +120,7 @@ class StepTraining:
                 if kind == FORWARD:
                     self._forward_together(together)
                 else:
-                    if self.ushaped:  # in the order their FORWARDs ran
+                    if self.ushaped and len(together) > 1:  # in the order their FORWARDs ran
                         together.sort(key=lambda s: s.forward_group.index(_step_id(s)))
                     self._train_together(together)
 
