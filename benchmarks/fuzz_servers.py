@@ -210,12 +210,12 @@ def _write_ready(workdir, ready):
     os.replace(path + ".partial", path)
 
 
-def serve_training(workdir, sequential, parallel, identity="devices"):
+def serve_training(workdir, sequential, parallel, identity="devices", warm_up=True):
     """The child's training servers: `sequential` and `parallel` TrainingServicers, none opened,
     each on its own port with the bounds `tfsplit-train-server` derives from the config (largest
-    batch and learning rate) and its `--warm_up`, and either per-device tokens
-    (`identity="devices"`, the tokens file `<workdir>/tokens`) or one shared token (`"shared"`,
-    `<workdir>/token`); runs until stdin closes."""
+    batch and learning rate) and its `--warm_up` (unless `warm_up` is False), and either
+    per-device tokens (`identity="devices"`, the tokens file `<workdir>/tokens`) or one shared
+    token (`"shared"`, `<workdir>/token`); runs until stdin closes."""
     service_lib.one_inter_op_thread()  # as tfsplit-train-server
     if identity == "devices":
         device_identity = identity_lib.DeviceIdentity(
@@ -229,7 +229,7 @@ def serve_training(workdir, sequential, parallel, identity="devices"):
     build_split = _builder(config)
     servers, ports = [], {"sequential": [], "parallel": []}
     for mode, count in (("sequential", sequential), ("parallel", parallel)):
-        options = dict(service_lib.config_limits(config), warm_up=True)  # as --warm_up
+        options = dict(service_lib.config_limits(config), warm_up=warm_up)
         if mode == "parallel":
             options.update(parallel=True, average_timeout_s=5.0)
         for i in range(count):
@@ -854,17 +854,25 @@ class TrainingFuzzer(_Fuzzer):
         to act as device-0); "shared": one token for every device.
       sequential, parallel: servicers in the child's pools (sequential: the first is fuzzed,
         the next ones get stray first Hellos, then replace a broken run).
+      warm_up: the servers warm their tails up at every batch size (`--warm_up`).
       guard_mib, spike_mib, max_restarts: see the module docstring.
     """
 
     target = "training"
 
     def __init__(
-        self, workdir, check_tail=True, identity="devices", sequential=4, parallel=2, **kwargs
+        self,
+        workdir,
+        check_tail=True,
+        identity="devices",
+        sequential=4,
+        parallel=2,
+        warm_up=True,
+        **kwargs,
     ):
         super().__init__(workdir, **kwargs)
         self.check_tail = check_tail
-        self.identity = identity
+        self.identity, self.warm_up = identity, warm_up
         self.other_token = secrets.token_urlsafe(24)
         self.pool_sizes = dict(sequential=sequential, parallel=parallel)
         self.pools = dict(sequential=[], parallel=[])
@@ -877,7 +885,7 @@ class TrainingFuzzer(_Fuzzer):
             f"--sequential={self.pool_sizes['sequential']}",
             f"--parallel={self.pool_sizes['parallel']}",
             f"--identity={self.identity}",
-        ]
+        ] + ([] if self.warm_up else ["--no_warm_up"])
 
     def _server_files(self):
         if self.identity == "shared":
@@ -2336,6 +2344,11 @@ def _parser():
         default="devices",
         help="training: per-device tokens, or one shared token",
     )
+    parser.add_argument(
+        "--no_warm_up",
+        action="store_true",
+        help="training: the server without its warm-up (tfsplit-train-server --nowarm_up)",
+    )
     parser.add_argument("--out", default=None, help="also write the summary there")
     parser.add_argument(
         "--mmap_threshold",
@@ -2367,7 +2380,9 @@ def report(summary, out=None):
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.serve == "training":
-        serve_training(args.workdir, args.sequential, args.parallel, args.identity)
+        serve_training(
+            args.workdir, args.sequential, args.parallel, args.identity, not args.no_warm_up
+        )
         return 0
     if args.serve == "tail":
         serve_tail(args.workdir, args.max_batch_size)
@@ -2376,7 +2391,11 @@ def main(argv=None):
         good_every=args.good_every, deadline_s=args.deadline_s, mmap_threshold=args.mmap_threshold
     )
     if args.target == "training":
-        options.update(check_tail=not args.no_check_tail, identity=args.identity)
+        options.update(
+            check_tail=not args.no_check_tail,
+            identity=args.identity,
+            warm_up=not args.no_warm_up,
+        )
     summary = fuzz(
         args.target, args.messages, args.seed, args.workdir, args.time_limit_s, **options
     )

@@ -591,3 +591,4 @@ def test_an_insecure_server_off_loopback_starts_and_warns(tmp_path):
     assert re.match(r"listening on 0\.0\.0\.0:\d+", line), line + log[-3000:]
     assert "--insecure: listening on '0.0.0.0' without TLS" in log, log[-3000:]
     assert "with no token and no client certificates" in log, log[-3000:]
+    assert "before the run's first step (--warm_up)" in log, log[-3000:]  # on off loopback

@@ -117,10 +117,11 @@ _AVERAGE_TIMEOUT_S = flags.DEFINE_float(
 )
 _WARM_UP = flags.DEFINE_bool(
     "warm_up",
-    False,
+    None,
     "Before the run's first step, run the tail's steps once at every batch size up to "
     "--max_batch_size: the server's memory then reaches its level at the start and stays there "
-    "whatever sizes devices send (recommended for devices you do not trust; seconds to a minute).",
+    "whatever sizes devices send (seconds to a minute). Default: on for a --host other than "
+    "loopback (devices you may not trust), off on loopback.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -205,6 +206,15 @@ def main(argv):
     ):
         if flag.value is not None:
             limits[name] = flag.value
+    warm_up = _WARM_UP.value
+    if warm_up is None:
+        warm_up = not transport.is_loopback(_HOST.value)
+    if warm_up:
+        logging.info(
+            "The tail's steps run once at every batch size up to %d before the run's first step "
+            "(--warm_up).",
+            limits["max_batch_size"],
+        )
     servicer = service_lib.TrainingServicer(
         build_split,
         state_dir=_WORKDIR.value,
@@ -215,7 +225,7 @@ def main(argv):
         parallel=_MODE.value == "parallel",
         gather_timeout_s=_GATHER_TIMEOUT_MS.value / 1000,
         average_timeout_s=_AVERAGE_TIMEOUT_S.value,
-        warm_up=_WARM_UP.value,
+        warm_up=warm_up,
     )
     server, port = service_lib.serve(
         servicer, _PORT.value, _HOST.value, credentials=credentials, interceptors=interceptors
