@@ -278,10 +278,11 @@ def test_what_a_networked_ushape_cannot_train_is_refused_clearly(serving):
         trainer.build_split_model(config, INFO, remote=True)
 
 
-def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving):
+def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving, tmp_path):
     """Two devices send a U-shaped step at the same time. Their FORWARDs run as one batch and
     their TRAINs train together: what one device sending both batches as one step gets, each
-    device's gradient scaled to its own batch's mean loss."""
+    device's gradient scaled to its own batch's mean loss. A restarted server replays the
+    joined step as one batch."""
     config = ushaped_config()
     keras.utils.set_random_seed(0)
     model = trainer.build_split_model(config, INFO)
@@ -307,10 +308,12 @@ def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving
         trained = step(stub, device, TRAIN, values[i], gradients[i])
         return output, codec.decode(trained.payload, expect_kind="gradients").dequantized()
 
-    servicer, port = serving(config, parallel=True, gather_timeout_s=30.0)
+    state_dir = str(tmp_path / "state")
+    servicer, port = serving(config, state_dir, parallel=True, gather_timeout_s=30.0)
     stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     for device in ("device-0", "device-1"):
         stub.Hello(_hello_request(model, device, tail_weights=start), timeout=60)
+    stub.Checkpoint(pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         joined = list(pool.map(device_step, [stub] * 2, ["device-0", "device-1"], [0, 1]))
     alone_servicer, alone_port = serving(config)
@@ -330,6 +333,15 @@ def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     group = servicer.trainer.devices["device-0"].forward_group
     assert sorted(group) == [("device-0", 0), ("device-1", 0)]
+    (logged,) = list(servicer.trainer._state.logged_steps())
+    assert sorted(r.device_id for r in logged.requests) == ["device-0", "device-1"]
+    restarted = _servicer(config, state_dir, parallel=True)
+    assert {d: v.next_step for d, v in restarted.trainer.devices.items()} == {
+        "device-0": 1,
+        "device-1": 1,
+    }
+    for x, y in zip(tail_after(restarted), tail_after(servicer)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_a_parallel_server_trains_ushaped_steps_as_they_come_and_averages_heads(serving):

@@ -42,44 +42,40 @@ class StepTraining:
             waiting = self._waiting(TRAIN, request.device_id)
             if waiting and waiting[0].request.step == request.step:
                 check_retry(step, waiting[0].digest)
-                step, lead = waiting[0], False  # the same step, sent again while it waits
-            elif request.step != device.next_step or waiting:
-                raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Expected training step {device.next_step}. Received: step {request.step}",
-                )
-            elif not self.parallel:
-                self._train_together([step])
-                return step.result()
-            else:
-                lead = self._join(TRAIN, step)
-        if lead:
-            self._gather_and_run(TRAIN)
-        return step.result()
+            step, lead = self._queue(TRAIN, step, "training step")
+        return self._finish(TRAIN, step, lead)
 
     def _forward_request(self, step):
         """A U-shaped split's FORWARD: the middle's output for the step's activations, changing
         nothing; alone (sequential) or joined with the other devices' FORWARDs (parallel), as
         their TRAINs will train together."""
-        request = step.request
         with self._lock:
-            device = self._device(request.device_id)
-            waiting = self._waiting(FORWARD, request.device_id)
-            if waiting and waiting[0].request.step == request.step:
-                step, lead = waiting[0], False  # sent again while it waits
-            elif request.step != device.next_step or waiting:
-                raise validation.RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"Expected the FORWARD of training step {device.next_step}. Received: step "
-                    f"{request.step}",
-                )
-            elif not self.parallel:
-                self._forward_together([step])
-                return step.result()
-            else:
-                lead = self._join(FORWARD, step)
+            step, lead = self._queue(FORWARD, step, "the FORWARD of training step")
+        return self._finish(FORWARD, step, lead)
+
+    def _queue(self, kind, step, expected):
+        """Holding the lock: runs `step` at once (sequential), or puts it with the other
+        devices' steps of its kind (parallel); the same step sent again while it waits becomes
+        the waiting one. Returns (the step to wait for, whether this thread gathers them)."""
+        request = step.request
+        device = self._device(request.device_id)
+        waiting = self._waiting(kind, request.device_id)
+        if waiting and waiting[0].request.step == request.step:
+            return waiting[0], False
+        if request.step != device.next_step or waiting:
+            raise validation.RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Expected {expected} {device.next_step}. Received: step {request.step}",
+            )
+        if self.parallel:
+            return step, self._join(kind, step)
+        (self._forward_together if kind == FORWARD else self._train_together)([step])
+        return step, False
+
+    def _finish(self, kind, step, lead):
+        """The step's reply, once it ran (the thread that leads a gather runs it first)."""
         if lead:
-            self._gather_and_run(FORWARD)
+            self._gather_and_run(kind)
         return step.result()
 
     def _waiting(self, kind, device_id):
