@@ -48,8 +48,7 @@ class CompiledTail:
             return tf.reduce_sum(output * targets * share), output
 
         def compute(values, indices, targets, gradient_scale, learning_rate, nesting):
-            for kept, variable in zip(self._kept, self._changed):
-                kept.assign(variable)
+            self._keep()
             split.step_nesting.assign(nesting)
             with tf.GradientTape() as tape:
                 tape.watch(values)
@@ -100,12 +99,10 @@ class CompiledTail:
         self.forward = lambda values, indices, training: forwards[bool(training)](values, indices)
 
         def forward_unchanged(values, indices):
-            for kept, variable in zip(self._kept, self._changed):
-                kept.assign(variable)
+            self._keep()
             output = tail_forward(values, indices, training=True)
             with tf.control_dependencies([output]):
-                for kept, variable in zip(self._kept, self._changed):
-                    variable.assign(kept)
+                self.put_back()
             return tf.identity(output)
 
         # U-shaped FORWARD: the training step's forward pass, as its TRAIN will run it again.
@@ -129,15 +126,14 @@ class CompiledTail:
         """
         started = time.monotonic()
         height, width = self._split.tail.input.shape[1:3]
-        for kept, variable in zip(self._kept, self._changed):
-            kept.assign(variable)
+        self._keep()
+        nestings = (False, True) if self._split.nesting is not None else (False,)
         for batch in range(1, max_batch_size + 1):
             values, indices = tf.zeros([batch, height, width, 1]), tf.zeros([1], tf.int32)
             if self._ushaped:
                 targets = tf.zeros((batch,) + self._split.top_shape)
             else:
                 targets = tf.zeros([batch], tf.int32)
-            nestings = (False, True) if self._split.nesting is not None else (False,)
             for nesting in nestings:
                 self.compute[1](
                     values, indices, targets, tf.ones([batch]), tf.constant(0.0), nesting
@@ -151,6 +147,11 @@ class CompiledTail:
             max_batch_size,
             time.monotonic() - started,
         )
+
+    def _keep(self):
+        """Keeps what a forward pass changes, for `put_back` (eagerly, or inside a function)."""
+        for kept, variable in zip(self._kept, self._changed):
+            kept.assign(variable)
 
     def put_back(self):
         """What the last `compute` changed in its forward pass, as it was before."""

@@ -135,40 +135,27 @@ class StepTraining:
         """The middle's output for `steps` as one batch (its batch norm's statistics those of
         the joined batch, as their TRAINs will compute them), each step's part as its reply; or
         the error for each."""
-        try:
-            values, indices = joined_values(steps)
-            outputs = self._tail.forward_unchanged[indices.ndim](
-                tf.constant(values, tf.float32), tf.constant(indices, tf.int32)
-            ).numpy()
-            replies, start, group = [], 0, tuple(_step_id(s) for s in steps)
-            for step in steps:
-                end = start + step.batch
-                replies.append(
-                    ushaped.middle_reply(self.split, step.request.step, outputs[start:end])
-                )
-                start = end
-            for step, reply in zip(steps, replies):
-                device = self.devices[step.request.device_id]
-                device.forward = (step.request.step, step.request.payload)
-                device.forward_group, step.reply = group, reply
-        except Exception as error:  # noqa: BLE001  (each waiting request gets it)
-            for step in steps:
-                step.error = error
-        finally:
-            for step in steps:
-                step.done.set()
+        _answer_each(steps, lambda: self._forward_or_refuse(steps))
+
+    def _forward_or_refuse(self, steps):
+        values, indices = joined_values(steps)
+        outputs = self._tail.forward_unchanged[indices.ndim](
+            tf.constant(values, tf.float32), tf.constant(indices, tf.int32)
+        ).numpy()
+        replies, start, group = [], 0, tuple(_step_id(s) for s in steps)
+        for step in steps:
+            end = start + step.batch
+            replies.append(ushaped.middle_reply(self.split, step.request.step, outputs[start:end]))
+            start = end
+        for step, reply in zip(steps, replies):
+            device = self.devices[step.request.device_id]
+            device.forward = (step.request.step, step.request.payload)
+            device.forward_group, step.reply = group, reply
 
     def _train_together(self, steps, log=True):
         """One update of the tail from `steps` (one per device) as one batch (`joined_inputs`),
         or none; each step gets its reply (or the error) in `steps`."""
-        try:
-            self._train_or_refuse(steps, log)
-        except Exception as error:  # noqa: BLE001  (each waiting request gets it)
-            for step in steps:
-                step.error = error
-        finally:
-            for step in steps:
-                step.done.set()
+        _answer_each(steps, lambda: self._train_or_refuse(steps, log))
 
     def _train_or_refuse(self, steps, log):
         """The step's replies are made and checked, and the step logged, before the update is
@@ -210,6 +197,19 @@ class StepTraining:
                 self.max_log_bytes,
             )
             self._state.save(self.devices)
+
+
+def _answer_each(steps, run):
+    """Calls `run`; then each of `steps` has its reply or the error, and its waiting request
+    goes on."""
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001  (each waiting request gets it)
+        for step in steps:
+            step.error = error
+    finally:
+        for step in steps:
+            step.done.set()
 
 
 def _step_id(step):
