@@ -269,7 +269,9 @@ def deployed(tmp_path_factory):
     trainable_export.export_trainable_start(config, head_dir)
     server, client = _serve(config, str(root / "server"))  # it goes back with the device
     client.close()
-    yield types.SimpleNamespace(root=root, shards=shards_dir, head=head_dir, server=client.address)
+    yield types.SimpleNamespace(
+        root=root, shards=shards_dir, head=head_dir, server=client.address, config=config
+    )
     server.stop(0)
 
 
@@ -284,6 +286,9 @@ def _tool(deployed, workdir, *flags):
 
 
 def test_the_tool_trains_without_tensorflow_and_resumes_after_kill_9(deployed, tmp_path):
+    """Killed after its first save and started again, the device (and the server, which goes
+    back with it) ends as the same run uninterrupted: its batches are a function of the epoch,
+    and the resumed epoch skips those already trained."""
     workdir = tmp_path / "device"
     first = _tool(deployed, workdir)
     state = workdir / "device_state.npz"
@@ -307,6 +312,26 @@ def test_the_tool_trains_without_tensorflow_and_resumes_after_kill_9(deployed, t
     assert final["remote_step"] == 16 and saved_step >= 3  # 8 steps an epoch; none trained twice
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["train_payload_bytes_up"] == sum(r["payload_bytes_up"] for r in records)
+
+    server, client = _serve(deployed.config, str(tmp_path / "server"))
+    alone = types.SimpleNamespace(head=deployed.head, shards=deployed.shards, server=client.address)
+    try:
+        whole = _tool(alone, tmp_path / "whole")
+        _, err = whole.communicate(timeout=300)
+        assert whole.returncode == 0, err[-3000:]
+        written = (tmp_path / "whole" / "summary.json").read_text()
+        again = _tool(alone, tmp_path / "whole")  # a finished run started again keeps its summary
+        _, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err[-3000:]
+    finally:
+        client.close()
+        server.stop(0)
+    assert (tmp_path / "whole" / "summary.json").read_text() == written
+    uninterrupted = json.loads(written)
+    for key in ("final_test_accuracy", "final_test_loss", "train_payload_bytes_up"):
+        assert summary[key] == uninterrupted[key], key
+    with np.load(state) as resumed, np.load(tmp_path / "whole" / state.name) as straight:
+        np.testing.assert_array_equal(resumed["weights"], straight["weights"])  # bit for bit
 
 
 @pytest.mark.parametrize("damage", ["shard", "model", "layout"])

@@ -104,7 +104,8 @@ def opened(serving):
 
 
 def _train_request(model, step, batch=4, labels=None, **fields):
-    values = np.random.default_rng(step).normal(size=(batch, 16, 16, 4)).astype(np.float32)
+    height, width = model.tail.input.shape[1:3]
+    values = np.random.default_rng(step).normal(size=(batch, height, width, 4)).astype(np.float32)
     labels = np.arange(batch) % 10 if labels is None else labels
     payload = codec.encode(values, [3, 1, 2, 0], model.channels, "float16", labels=labels)
     return pb.StepRequest(
@@ -287,8 +288,14 @@ def test_tls_with_a_self_signed_test_pair(serving, tmp_path):
         plain.call("Hello", _hello_request(model))
 
 
-def test_a_resumed_device_takes_the_server_back_and_a_restarted_server_replays(serving, tmp_path):
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg11"])
+def test_a_resumed_device_takes_the_server_back_and_a_restarted_server_replays(
+    serving, tmp_path, backbone
+):
+    """Exactly: VGG's tail draws dropout masks, which the server's checkpoint keeps with it."""
     config = tiny_config()
+    if backbone == "vgg11":
+        config.model.backbone, config.model.cut = "vgg11", "conv5"
     servicer, port = serving(config, state_dir=str(tmp_path / "state"))
     model = trainer.build_split_model(
         config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10)

@@ -13,14 +13,8 @@ import tf_keras as keras
 
 from tfsplit import codec
 from tfsplit.codec import wire
+from tfsplit.engine import randomness
 from tfsplit.engine.split_model import SplitModel
-
-_RANDOM_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-)
 
 
 @keras.utils.register_keras_serializable(package="tfsplit")
@@ -126,11 +120,7 @@ class UShapedSplitModel(SplitModel):
                 "distillation needs the top, which the server does not hold); set "
                 "config.budget_sampling.nested = False."
             )
-        random = [
-            layer.name
-            for layer in self.tail.submodules
-            if isinstance(layer, keras.layers.Layer) and isinstance(layer, _RANDOM_LAYERS)
-        ]
+        random = [layer.name for layer in randomness.random_layers(self.tail)]
         if random:
             raise ValueError(
                 f"The middle holds random layers {random}: over the network the server runs the "

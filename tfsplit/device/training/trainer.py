@@ -145,6 +145,11 @@ class DeviceTrainer(StepMessages):
             if self.workdir:
                 self.save()
             logging.info("Epoch %d/%d: %s", epoch + 1, self.epochs, _shown(logs))
+        summary_path = os.path.join(self.workdir, SUMMARY_FILE) if self.workdir else None
+        if not history and summary_path and os.path.exists(summary_path):
+            logging.info("The run had trained all its epochs before; its summary is kept.")
+            with open(summary_path) as f:
+                return json.load(f)
         summary = {f"final_{k}": v for k, v in (history[-1] if history else {}).items()}
         summary.update(  # the keys of the Keras trainer's summary.json, where it has them
             epochs=self.epoch,
@@ -155,8 +160,8 @@ class DeviceTrainer(StepMessages):
             wall_seconds=time.monotonic() - fit_started,
             peak_rss_mib=peak_memory_mib(),
         )
-        if self.workdir:
-            with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
+        if summary_path:
+            with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=1)
         return summary
 

@@ -15,6 +15,8 @@ import time
 import tensorflow as tf
 from absl import logging
 
+from tfsplit.engine import randomness
+
 
 class CompiledTail:
     """`compute[rank]`, `apply`, `forward(values, indices, training)` and
@@ -24,12 +26,14 @@ class CompiledTail:
     steps batched (a selection per sample).
     """
 
-    def __init__(self, split):
+    def __init__(self, split, draws=()):
         variables = split.tail.trainable_variables
         split.optimizer.build(variables)  # its slots exist before the first (compiled) update
         # What the forward pass itself changes (batch norm's moving statistics, the nested
-        # budgets' fill and draws): kept before each step, put back if the step fails.
-        changed = list(split.tail.non_trainable_variables) + [split.budget_draws.state]
+        # budgets' fill and draws, the dropout's `draws`): kept before each step, put back if
+        # the step fails.
+        draw_states = randomness.states([split.budget_draws, *draws])
+        changed = list(split.tail.non_trainable_variables) + draw_states
         if split.nesting is not None:
             changed.append(split.nesting.fill)
         self._changed = list({id(v): v for v in changed}.values())
@@ -89,12 +93,25 @@ class CompiledTail:
         self.apply = tf.function(apply, reduce_retracing=True)  # one shape: the tail's weights
         # The tail's forward pass: the logits; a U-shaped split's middle: its output.
         tail_forward = split.middle_output if ushaped else split.receive
+
+        def forward_drawing_nothing(values, indices):
+            """A training-mode forward pass (a calibration's) that leaves the draws where they
+            were: training's masks do not depend on when the device calibrated."""
+            kept = [state.read_value() for state in draw_states]
+            output = tail_forward(values, indices, training=True)
+            with tf.control_dependencies([output]):
+                for state, value in zip(draw_states, kept):
+                    state.assign(value)
+            return tf.identity(output)
+
         forwards = {
             training: tf.function(
-                functools.partial(tail_forward, training=training),
-                input_signature=[values, tf.TensorSpec([None], tf.int32)],
+                function, input_signature=[values, tf.TensorSpec([None], tf.int32)]
             )
-            for training in (False, True)
+            for training, function in (
+                (False, functools.partial(tail_forward, training=False)),
+                (True, forward_drawing_nothing),
+            )
         }
         self.forward = lambda values, indices, training: forwards[bool(training)](values, indices)
 

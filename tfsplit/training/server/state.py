@@ -31,20 +31,23 @@ class DeviceState:
 
 
 class ServerState:
-    """A server's durable state in its workdir: a checkpoint of the tail and its optimizer with
-    every device's next step (`state.json`, written last), and a log of every training step
-    since (`steps.log`: length-prefixed StepGroups, the steps trained as one batch, appended and
-    flushed before the reply).
+    """A server's durable state in its workdir: a checkpoint of the tail, its optimizer and its
+    random generators (`draws`: the tail's dropout; the nested budgets') with every device's next
+    step (`state.json`, written last), and a log of every training step since (`steps.log`:
+    length-prefixed StepGroups, the steps trained as one batch, appended and flushed before the
+    reply).
 
     After a kill, the checkpoint plus the replayed log give the state of the last step answered;
     a step killed before its log entry is redone by the device's retry.
     """
 
-    def __init__(self, directory, split):
+    def __init__(self, directory, split, draws=()):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         split.optimizer.build(split.tail.trainable_variables)
-        self._checkpoint = tf.train.Checkpoint(tail=split.tail, optimizer=split.optimizer)
+        self._checkpoint = tf.train.Checkpoint(
+            tail=split.tail, optimizer=split.optimizer, draws=[split.budget_draws, *draws]
+        )
         self._log_path = os.path.join(directory, "steps.log")
         self._json = os.path.join(directory, "state.json")
         self._log_file = open(self._log_path, "ab")

@@ -39,6 +39,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from tfsplit.engine import randomness
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
@@ -141,11 +142,14 @@ class TailTrainer(StepTraining):
         self._gathers = {_TRAIN: Gather(), _FORWARD: Gather()}  # Parallel: steps waiting.
         self._idle = set()  # Devices whose steps missed a gather: not waited for until they step.
         self._rounds = AveragingRounds(self._lock, average_timeout_s)
-        self._state = None if state_dir is None else ServerState(state_dir, split)
+        # The tail's dropout draws are saved with it, so that a run that goes back to its
+        # checkpoint (a restart, a device resuming from its backup) draws the same masks again.
+        draws = randomness.checkpointed_draws(split.tail, split.seed)
+        self._state = None if state_dir is None else ServerState(state_dir, split, draws)
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
-        self._tail = CompiledTail(split)
+        self._tail = CompiledTail(split, draws)
         if warm_up:
             self._tail.warm_up(max_batch_size)
 
