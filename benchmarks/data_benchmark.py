@@ -54,7 +54,7 @@ def _with_data(config, **data):
 
 
 def _tf_source(name, config):
-    return Source(name, lambda: trainer.build_data(config)[0])
+    return Source(name, lambda: trainer.build_data(config).train)
 
 
 def write_image_folder(images, labels, out_dir, split):
@@ -168,7 +168,7 @@ def _fit_input(source, info):
 def measure_training(config, sources, repeats):
     """samples/s of `fit` of the config's split model over one whole epoch fed by each source
     (the fastest of `repeats` passes), as training runs it: a new pipeline every epoch."""
-    _, _, info = trainer.build_data(config)
+    info = trainer.build_data(config).info
     model, _, _ = first_phase_model(config, info)
     seconds = {source.name: [] for source in sources}
     for round_ in range(repeats + 1):  # Round 0 warms up: traces the step, fills caches.
@@ -187,6 +187,9 @@ def benchmark_data(config, workdir, repeats=3, s3_url=None, s3_name="S3 shards",
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive integer. Received: repeats={repeats!r}")
     os.makedirs(workdir, exist_ok=True)
+    # Every source reads the whole training set, as the shards written here hold it (no
+    # validation split: this measures reading, not a model).
+    config = _with_data(config, validation_fraction=0.0)
     sources = prepare_sources(config, workdir, s3_url, s3_name, grain)
     loader = {source.name: [] for source in sources}
     for _ in range(repeats):

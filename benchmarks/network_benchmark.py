@@ -296,10 +296,11 @@ def run_method(emulated, run, run_dir, timeout_s):
         method=run.method,
         process_seconds=process_seconds,
         fit_seconds=summary["wall_seconds"],
+        final_val_accuracy=summary["final_val_accuracy"],
         final_test_accuracy=summary["final_test_accuracy"],
         **payload_megabytes(summary),
         epochs=summary["epochs"],
-        records=[{k: r[k] for k in ("epoch", "elapsed_seconds", "test_accuracy")} for r in records],
+        records=[{k: r[k] for k in ("epoch", "elapsed_seconds", "val_accuracy")} for r in records],
         note=PRUNE_NOTE if run.method == "prune" else "",
     )
 
@@ -316,10 +317,10 @@ def payload_megabytes(summary):
 
 
 def choose_target(rows, links, target_accuracy, target_fraction):
-    """The accuracy that times to target count to, and how it was chosen.
+    """The validation accuracy that times to target count to, and how it was chosen.
 
-    Default: `target_fraction` of SL's final accuracy on the fastest link (or of the best final
-    accuracy there, without SL).
+    Default: `target_fraction` of SL's final validation accuracy on the fastest link (or of the
+    best there, without SL).
     """
     if target_accuracy is not None:
         return target_accuracy, "given"
@@ -329,9 +330,12 @@ def choose_target(rows, links, target_accuracy, target_fraction):
     reference = sl or finished
     if not reference:
         return None, f"no finished run on {fastest} to take it from"
-    accuracy = max(r["final_test_accuracy"] for r in reference)
+    accuracy = max(r["final_val_accuracy"] for r in reference)
     who = "SL" if sl else "the best method"
-    return target_fraction * accuracy, f"{target_fraction:g} x {who}'s final accuracy on {fastest}"
+    return (
+        target_fraction * accuracy,
+        f"{target_fraction:g} x {who}'s final validation accuracy on {fastest}",
+    )
 
 
 def benchmark_network(
@@ -354,8 +358,8 @@ def benchmark_network(
         workdir/prune_start.
       sizes: `Sizes` applied to every method.
       methods: some of METHODS.
-      target_accuracy: accuracy for "time to target"; None: `target_fraction` of SL's final
-        accuracy on the fastest link.
+      target_accuracy: validation accuracy for "time to target"; None: `target_fraction` of
+        SL's final validation accuracy on the fastest link.
       timeout_s: a device that trains longer is killed and its row records the error.
       namespaces: try network namespaces and tc (else the proxy emulates each link).
 

@@ -92,7 +92,7 @@ def benchmark_training(config, steps=50, repeats=3):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     keras.utils.set_random_seed(config.seed)
-    train_ds, _, info = trainer.build_data(config)
+    train_ds, _, _, info = trainer.build_data(config)
     split, budget, learning_rate = first_phase_model(config, info)
     unsplit = build_unsplit_model(split, config, learning_rate)
     dataset = _cached_batches(train_ds, steps)
@@ -147,7 +147,7 @@ def benchmark_networked(config, steps=50, repeats=3):
       payload_bytes_per_step.
     """
     keras.utils.set_random_seed(config.seed)
-    train_ds, _, info = trainer.build_data(config)
+    train_ds, _, _, info = trainer.build_data(config)
     split, budget, _ = first_phase_model(config, info)
     remote = trainer.build_split_model(config, info, remote=True)
     for part in ("head", "tail"):
@@ -192,7 +192,7 @@ def _device_worker(config, port, shard_index, num_shards, steps, ready, start, r
     with config.unlocked():
         config.data.shard_index, config.data.num_shards = shard_index, num_shards
     keras.utils.set_random_seed(config.seed + shard_index)
-    train_ds, _, info = trainer.build_data(config)
+    train_ds, _, _, info = trainer.build_data(config)
     remote, budget, _ = first_phase_model(config, info, remote=True)
     remote.connect(TrainingClient(f"127.0.0.1:{port}"), device_id=f"device-{shard_index}")
     batch_size = config.data.batch_size  # Full batches, the shard's as often as needed.

@@ -41,7 +41,7 @@ def test_benchmark_runs_and_reports_both_sides():
     )
     budget, batch = config.phases[0].budget, config.data.batch_size
     assert (result["steps"], result["budget"], result["batch_size"]) == (2, budget, batch)
-    _, _, info = trainer.build_data(config)
+    _, _, _, info = trainer.build_data(config)
     height, width, channels = trainer.build_split_model(config, info).wire_shape
     up = codec.payload_nbytes(batch, height, width, budget, "float16", True, channels)
     down = codec.payload_nbytes(batch, height, width, budget, "float16", False, channels)
@@ -51,7 +51,7 @@ def test_benchmark_runs_and_reports_both_sides():
 
 def test_unsplit_model_is_the_same_network():
     config = _smoke_config()
-    _, test_ds, info = trainer.build_data(config)
+    _, _, test_ds, info = trainer.build_data(config)
     split = trainer.build_split_model(config, info)
     unsplit = benchmark.build_unsplit_model(split, config, 0.01)
     assert {v.ref() for v in unsplit.trainable_variables} == {

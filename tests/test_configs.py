@@ -210,11 +210,17 @@ def test_smoke_variant_trains(path, tmp_path):
 
 
 def _assert_final_accuracy_is_the_last_epochs(summary, workdir, config):
-    """The summary's accuracy is the last epoch's evaluation: a count of the test images."""
+    """The summary's validation accuracy is the last epoch's evaluation, a count of the held-out
+    images; its test accuracy, evaluated once at the end, a count of the test images."""
     last = callbacks.read_records(workdir)[-1]
-    assert summary["final_test_accuracy"] == last["test_accuracy"]
-    correct = summary["final_test_accuracy"] * config.data.test_size
-    assert correct == pytest.approx(round(correct), abs=1e-3)
+    assert summary["final_val_accuracy"] == last["val_accuracy"]
+    held_out = round(config.data.train_size * config.data.validation_fraction)
+    for key, count in (
+        ("final_val_accuracy", held_out),
+        ("final_test_accuracy", config.data.test_size),
+    ):
+        correct = summary[key] * count
+        assert correct == pytest.approx(round(correct), abs=1e-3), key
 
 
 @pytest.mark.parametrize("name, arg", [("deprune", "grow,smoke"), ("prune", "steps,smoke")])

@@ -28,7 +28,7 @@ def split(smoke_workdir):
 def test_ds(smoke_workdir):
     """The run's test pipeline, built from its recorded config as training built it."""
     with open(os.path.join(smoke_workdir, trainer.CONFIG_FILE)) as f:
-        return trainer.build_data(ml_collections.ConfigDict(json.load(f)))[1]
+        return trainer.build_data(ml_collections.ConfigDict(json.load(f))).test
 
 
 def test_served_budgets_are_the_final_one_or_the_nested_range():
@@ -64,7 +64,7 @@ def test_bad_budgets_are_rejected(split, test_ds, budgets, message):
 
 def test_a_model_without_bottleneck_only_has_its_full_width():
     config = load_config_file(str(REPO_ROOT / "configs" / "sl.py"), "smoke")
-    _, sl_test_ds, info = trainer.build_data(config)
+    _, _, sl_test_ds, info = trainer.build_data(config)
     unmasked = trainer.build_split_model(config, info)
     with pytest.raises(ValueError, match="Without a masked bottleneck"):
         curve.budget_curve(unmasked, sl_test_ds, [8])

@@ -160,7 +160,8 @@ def test_augment_batch_rejects_unbatched_images():
 def _build(**kwargs):
     args = dict(batch_size=32, eval_batch_size=40, train_size=100, test_size=50, seed=5)
     args.update(kwargs)
-    return data.build_datasets("synthetic", **args)
+    splits = data.build_datasets("synthetic", **args)
+    return splits.train, splits.test, splits.info  # what these tests check
 
 
 def _epoch(dataset):
@@ -263,6 +264,24 @@ def test_pipelines_keep_any_image_shape(shape):
     test_images, test_labels = _epoch(test)
     np.testing.assert_allclose(test_images, (images / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(test_labels, labels)
+
+
+def test_the_validation_split_is_held_out_of_training_and_drawn_from_the_seed():
+    args = dict(batch_size=32, eval_batch_size=40, train_size=100, test_size=50, augment=False)
+    splits = data.build_datasets("synthetic", seed=5, validation_fraction=0.2, **args)
+    assert (splits.info.train_size, splits.info.validation_size) == (80, 20)
+    (x_train, _), _, _ = data.load_arrays("synthetic", seed=5, train_size=100, test_size=50)
+    info = splits.info
+    trained = {image.tobytes() for image in _pixels(_epoch(splits.train)[0], info)}
+    held = {image.tobytes() for image in _pixels(_epoch(splits.validation)[0], info)}
+    assert len(trained) == 80 and len(held) == 20 and not trained & held
+    assert trained | held == {image.tobytes() for image in x_train}
+    other = data.build_datasets("synthetic", seed=6, validation_fraction=0.2, **args)
+    assert {i.tobytes() for i in _pixels(_epoch(other.validation)[0], other.info)} != held
+    assert data.build_datasets("synthetic", seed=5, **args).validation is None  # 0: none
+    for fraction in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="validation_fraction"):
+            data.build_datasets("synthetic", validation_fraction=fraction, **args)
 
 
 def test_pipeline_feeds_keras_fit():

@@ -106,7 +106,7 @@ def test_the_workers_do_the_reading(written, worker_only_shards):
     a pipeline that ignored `service_address` could not pass."""
     _, (x, y) = written
     seen, address = worker_only_shards
-    train_ds, _, info = shards.build_shard_datasets(
+    train_ds, _, _, info = shards.build_shard_datasets(
         str(seen), 32, 16, augment=False, verify_checksums=False, service_address=address
     )
     images, labels = (np.concatenate(part) for part in zip(*train_ds.as_numpy_iterator()))
@@ -114,7 +114,7 @@ def test_the_workers_do_the_reading(written, worker_only_shards):
     recovered = [image.tobytes() for image in _pixels(images, info)]
     assert sorted(recovered) == sorted(label_of)
     assert [label_of[image] for image in recovered] == labels.tolist()
-    local, _, _ = shards.build_shard_datasets(
+    local, _, _, _ = shards.build_shard_datasets(
         str(seen), 32, 16, augment=False, verify_checksums=False
     )
     with pytest.raises(Exception, match="corrupted record|DataLoss|truncated|Corrupted"):
@@ -127,7 +127,7 @@ def _pixels(images, info):
 
 def test_workers_read_every_training_sample_once_per_epoch(written, service_address):
     path, (x, y) = written
-    train_ds, test_ds, info = data.build_datasets(
+    train_ds, _, test_ds, info = data.build_datasets(
         "shards", 32, 16, augment=False, path=str(path), service_address=service_address
     )
     label_of = {image.tobytes(): label for image, label in zip(x, y)}
@@ -144,7 +144,7 @@ def test_workers_read_every_training_sample_once_per_epoch(written, service_addr
 
 def test_a_device_part_goes_through_the_service(written, service_address):
     path, _ = written
-    train_ds, _, info = data.build_datasets(
+    train_ds, _, _, info = data.build_datasets(
         "shards",
         32,
         16,

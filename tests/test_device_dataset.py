@@ -6,6 +6,7 @@ batches with numpy."""
 import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 
 # isort: on
+import functools
 import json
 import pathlib
 import shutil
@@ -66,7 +67,7 @@ def _sorted(images, labels):
 
 def test_shards_load_the_tensorflow_eval_images_bit_for_bit(written, arrays):
     info = arrays[2]
-    _, test_ds, _ = shards.build_shard_datasets(str(written), batch_size=16, eval_batch_size=7)
+    _, _, test_ds, _ = shards.build_shard_datasets(str(written), batch_size=16, eval_batch_size=7)
     (x_train, y_train), _, _ = shards.load_shard_arrays(str(written))
     expected = {
         "test": _epoch(test_ds),  # the streamed shards' evaluation pipeline
@@ -110,7 +111,7 @@ def test_pixels_on_disk_give_the_same_batches_as_pixels_in_memory(written, tmp_p
 
 def test_a_device_part_is_the_tensorflow_device_part(written):
     for shard_index in range(2):
-        train_ds, _, info = shards.build_shard_datasets(
+        train_ds, _, _, info = shards.build_shard_datasets(
             str(written), 8, 8, augment=False, shard_index=shard_index, num_shards=2
         )
         images, labels, got = dataset.load_shards(str(written), "train", shard_index, 2)
@@ -224,7 +225,7 @@ def folder(tmp_path_factory):
 
 
 def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
-    train_ds, test_ds, info = image_folder.build_image_folder_datasets(
+    train_ds, _, test_ds, info = image_folder.build_image_folder_datasets(
         str(folder), 4, 3, image_size=SIZE, augment=False
     )
     images, labels, got = device_folder.load_image_folder(str(folder), "test", SIZE)
@@ -251,6 +252,26 @@ def test_image_folder_matches_the_tensorflow_image_folder_pipeline(folder):
 
     part = device_folder.load_image_folder(str(folder), "train", SIZE, shard_index=1, num_shards=2)
     np.testing.assert_array_equal(part[1], want_labels[1::2])
+
+
+def test_image_folder_holds_out_the_same_validation_files_as_tensorflow(folder):
+    """A third of train/'s 6 files (2, drawn from the seed) is the validation split on both
+    sides, and neither side trains on them."""
+    args = dict(image_size=SIZE, augment=False, validation_fraction=1 / 3, seed=7)
+    splits = image_folder.build_image_folder_datasets(str(folder), 4, 3, **args)
+    assert (splits.info.train_size, splits.info.validation_size) == (4, 2)
+    want_images, want_labels = _epoch(splits.validation)
+    load = functools.partial(
+        device_folder.load_image_folder, str(folder), image_size=SIZE, validation_fraction=1 / 3
+    )
+    images, labels, _ = load("validation", seed=7)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(images, want_images, rtol=0, atol=6 / 255 / min(image_folder.STD))
+    train_images, _, _ = load("train", seed=7)
+    assert len(train_images) == 4
+    for image in images:  # held out: in no training batch
+        assert not any(np.array_equal(image, train) for train in train_images)
+    assert not np.array_equal(load("validation", seed=8)[0], images)  # another seed, other files
 
 
 def test_augmentation_constants_are_the_pipelines():

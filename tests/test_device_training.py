@@ -149,8 +149,8 @@ def test_an_epoch_sends_the_same_bytes_and_ends_as_close_as_the_wire_allows(smok
     history, summary, keras_weights, head = _train_both(smoke, smoke.train)
     for key in ("payload_bytes_up", "payload_bytes_down", "wire_bytes_up", "wire_bytes_down"):
         assert summary[f"final_{key}"] == history[key][0], key
-        assert summary[f"final_test_{key}"] == history[f"val_{key}"][0], key
-    assert abs(summary["final_test_accuracy"] - history["val_accuracy"][0]) <= 0.05
+        assert summary[f"final_val_{key}"] == history[f"val_{key}"][0], key
+    assert abs(summary["final_val_accuracy"] - history["val_accuracy"][0]) <= 0.05
     assert abs(summary["final_accuracy"] - history["accuracy"][0]) <= 0.05
     distance = sum(
         float(np.sum((got - want) ** 2)) for got, want, _ in _head_weights(head, keras_weights)
@@ -328,7 +328,13 @@ def test_the_tool_trains_without_tensorflow_and_resumes_after_kill_9(deployed, t
         server.stop(0)
     assert (tmp_path / "whole" / "summary.json").read_text() == written
     uninterrupted = json.loads(written)
-    for key in ("final_test_accuracy", "final_test_loss", "train_payload_bytes_up"):
+    keys = (
+        "final_val_accuracy",
+        "final_test_accuracy",
+        "final_test_loss",
+        "train_payload_bytes_up",
+    )
+    for key in keys:
         assert summary[key] == uninterrupted[key], key
     with np.load(state) as resumed, np.load(tmp_path / "whole" / state.name) as straight:
         np.testing.assert_array_equal(resumed["weights"], straight["weights"])  # bit for bit

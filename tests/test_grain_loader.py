@@ -162,7 +162,7 @@ def test_truncated_shard_names_the_file(shard_dir, tmp_path):
         (dict(seed=-1), "seed"),
         (dict(augment=1), "augment"),
         (dict(num_threads=0), "num_threads"),
-        (dict(split="validation"), "split"),
+        (dict(split="val"), "split"),
     ],
 )
 def test_bad_arguments_raise(shard_dir, kwargs, message):

@@ -68,7 +68,8 @@ def copy(folder, tmp_path):
 def _build(path, **kwargs):
     args = dict(batch_size=8, eval_batch_size=5, image_size=SIZE, seed=3)
     args.update(kwargs)
-    return image_folder.build_image_folder_datasets(path, **args)
+    splits = image_folder.build_image_folder_datasets(path, **args)
+    return splits.train, splits.test, splits.info  # what these tests check
 
 
 def _epoch(dataset):
@@ -223,8 +224,8 @@ def test_bad_paths_raise_dataset_file_error(tmp_path):
 def test_build_datasets_streams_image_folders_unless_cached(folder, arrays):
     """Streamed by default; `cache` holds the decoded set and gives the same batches."""
     args = dict(path=str(folder), image_size=SIZE, seed=5)
-    streamed, _, info = data.build_datasets("image_folder", 8, 5, **args)
-    cached, _, cached_info = data.build_datasets("image_folder", 8, 5, cache=True, **args)
+    streamed, _, _, info = data.build_datasets("image_folder", 8, 5, **args)
+    cached, _, _, cached_info = data.build_datasets("image_folder", 8, 5, cache=True, **args)
     assert info == cached_info
     for (images, labels), (cached_images, cached_labels) in zip(streamed, cached):
         np.testing.assert_array_equal(images.numpy(), cached_images.numpy())

@@ -97,7 +97,7 @@ def _binary_config(**changes):
 
 def test_the_probe_writes_each_epochs_aucs_on_the_binary_task(tmp_path):
     config = _binary_config()
-    _, test_ds, info = trainer.build_data(config)
+    _, _, test_ds, info = trainer.build_data(config)
     assert info.num_classes == 2
     probe = leakage.LeakageProbe(test_ds.take(1))
     ((_, probe_labels),) = probe.batches

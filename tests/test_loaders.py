@@ -164,7 +164,7 @@ def test_cifar_sizes_take_the_first_samples(tmp_path):
 def test_cifar_pipelines_from_local_files(tmp_path):
     files, _ = _fake_cifar("cifar100")
     _write_tar(tmp_path / "cifar-100-python.tar.gz", files)
-    train, test, info = data.build_datasets(
+    train, _, test, info = data.build_datasets(
         "cifar100", 2, 4, path=tmp_path / "cifar-100-python.tar.gz"
     )
     assert info.num_classes == 100
@@ -427,7 +427,7 @@ def test_fashion_keras_download_path_is_padded_and_converted(monkeypatch):
 @pytest.mark.parametrize("channels", [None, 3])
 def test_fashion_pipelines_yield_padded_batches(monkeypatch, channels):
     _fake_fashion_download(monkeypatch)
-    train, test, info = data.build_datasets("fashion_mnist", 4, 3, seed=1, channels=channels)
+    train, _, test, info = data.build_datasets("fashion_mnist", 4, 3, seed=1, channels=channels)
     depth = 1 if channels is None else 3
     assert train.element_spec[0].shape.as_list() == [None, 32, 32, depth]
     images, labels = _epoch(train)
@@ -546,7 +546,7 @@ def test_stl10_rejects_bad_files(tmp_path):
 def test_stl10_pipelines_yield_96_pixel_batches(tmp_path):
     files, expected = _fake_stl(train=5, test=3)
     _write_folder(tmp_path, files)
-    train, test, _ = data.build_datasets("stl10", 2, 2, path=tmp_path)
+    train, _, test, _ = data.build_datasets("stl10", 2, 2, path=tmp_path)
     assert train.element_spec[0].shape.as_list() == [None, 96, 96, 3]
     images, labels = _epoch(train)
     assert images.shape == (5, 96, 96, 3) and images.dtype == np.float32
@@ -669,7 +669,7 @@ def test_image_folder_class_and_file_errors(tmp_path):
 
 def test_image_folder_pipelines(tmp_path):
     _image_folder(tmp_path)
-    train, test, info = data.build_datasets("image_folder", 4, 5, path=tmp_path, image_size=16)
+    train, _, test, info = data.build_datasets("image_folder", 4, 5, path=tmp_path, image_size=16)
     assert info.num_classes == 3
     images, labels = _epoch(train)
     assert images.shape == (11, 16, 16, 3) and images.dtype == np.float32

@@ -72,7 +72,8 @@ def _epoch(dataset):
 def _build(path, **kwargs):
     args = dict(batch_size=16, eval_batch_size=16, seed=3, augment=False)
     args.update(kwargs)
-    return shards.build_shard_datasets(str(path), **args)
+    splits = shards.build_shard_datasets(str(path), **args)
+    return splits.train, splits.test, splits.info  # what these tests check
 
 
 def _key(url):
@@ -118,8 +119,8 @@ def test_prepare_data_writes_a_bucket_and_training_reads_it(s3_bucket, tmp_path)
     assert summary["dataset"] == "synthetic" and summary["train_payload_bytes_up"] > 0
     index = data.load_index(url)
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(
-        f"{s.sha256}.tfrecord" for s in index.train + index.test
-    )
+        f"{s.sha256}.tfrecord" for s in index.train + index.validation + index.test
+    )  # the validation split's shards too: every epoch is evaluated on it
 
 
 def test_a_local_cache_keeps_training_when_the_bucket_is_gone(arrays, own_moto_server, tmp_path):

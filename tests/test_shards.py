@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 
@@ -71,7 +72,8 @@ def _pixels(images, info):
 def _build(path, **kwargs):
     args = dict(batch_size=32, eval_batch_size=16, seed=3)
     args.update(kwargs)
-    return shards.build_shard_datasets(str(path), **args)
+    splits = shards.build_shard_datasets(str(path), **args)
+    return splits.train, splits.test, splits.info  # what these tests check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,12 +201,12 @@ def test_devices_read_disjoint_whole_shards_that_cover_the_training_set(written,
 
 def test_build_datasets_reads_shards_and_splits_in_memory_sets_per_device(written, arrays):
     (x, y), _, info = arrays
-    train_ds, _, shard_info = data.build_datasets(
+    train_ds, _, _, shard_info = data.build_datasets(
         "shards", 32, 16, path=str(written), shard_index=1, num_shards=2
     )
     assert shard_info.train_size == 100
     args = dict(seed=1, train_size=TRAIN_SIZE, test_size=TEST_SIZE, augment=False)
-    train_ds, _, device_info = data.build_datasets("synthetic", 32, 16, **args, num_shards=3)
+    train_ds, _, _, device_info = data.build_datasets("synthetic", 32, 16, **args, num_shards=3)
     assert device_info.train_size == 67
     images, labels = _epoch(train_ds)
     expected = sorted(image.tobytes() for image in x[0::3])
@@ -369,9 +371,11 @@ def test_prepare_data_tool_writes_shards_and_refuses_foreign_directories(tmp_pat
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         written, refused = pool.map(lambda argv: _prepare_data(*argv), runs)
     assert written.returncode == 0, written.stderr[-3000:]
-    assert "train         40       2" in written.stdout
+    assert re.search(r"^train +36 +2 ", written.stdout, re.M), written.stdout
+    assert re.search(r"^validation +4 +2 ", written.stdout, re.M), written.stdout  # 0.1 of 40
     assert f"wrote {tmp_path / 'out' / 'index.json'}" in written.stdout
-    assert data.load_index(str(tmp_path / "out")).info.test_size == 20
+    info = data.load_index(str(tmp_path / "out")).info
+    assert (info.train_size, info.validation_size, info.test_size) == (36, 4, 20)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
     assert lines[0].startswith("tfsplit-prepare-data: error: ") and "keep.txt" in lines[0]
@@ -388,7 +392,14 @@ def test_export_reloads_a_shards_run_from_its_shard_directory(written, arrays):
     np.testing.assert_array_equal(yt, arrays[1][1])
 
 
-def test_training_from_shards_end_to_end(written, tmp_path):
+def test_training_from_shards_end_to_end(arrays, tmp_path):
+    """Validated every epoch on the shards' validation split, tested once at the end."""
+    train_arrays, test_arrays, info = arrays
+    written = tmp_path / "shards"
+    index = shards.write_array_shards(
+        train_arrays, test_arrays, info, str(written), num_shards=2, validation_fraction=0.1
+    )
+    assert (index.info.train_size, index.info.validation_size) == (180, 20)
     config = base_config("deprune")
     config.data.name = "shards"
     config.data.path = str(written)
@@ -406,3 +417,10 @@ def test_training_from_shards_end_to_end(written, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert len(metrics) == 2 and all(np.isfinite(m["train_cross_entropy"]) for m in metrics)
     assert summary["train_payload_bytes_up"] > 0
+    # 20 validation samples: accuracy in twentieths; 50 test samples: in fiftieths.
+    assert [round(20 * m["val_accuracy"], 4) % 1 for m in metrics] == [0, 0]
+    assert round(50 * summary["final_test_accuracy"], 4) % 1 == 0
+    assert summary["final_val_accuracy"] == metrics[-1]["val_accuracy"]
+    config.data.validation_fraction = 0.2
+    with pytest.raises(ValueError, match="hold out 0.1 of the training set .* not 0.2"):
+        train(config, str(tmp_path / "other"))

@@ -46,10 +46,12 @@ def test_fused_ledger_equals_the_encoded_payload_lengths(tmp_path):
     real = train(tiny_config("codec"), str(tmp_path / "codec"))
     assert fused["train_payload_bytes_up"] == real["train_payload_bytes_up"] > 0
     assert fused["train_payload_bytes_down"] == real["train_payload_bytes_down"] > 0
-    # 96 samples in batches of 32: 3 steps per epoch; budget 4 then 16 of 64 channels at 4x4
-    # (VGG-11 width 1/8 after conv 5), float16, labels upstream only.
+    # 96 samples, 10 held out for validation: batches of 32, 32 and 22 per epoch; budget 4 then
+    # 16 of 64 channels at 4x4 (VGG-11 width 1/8 after conv 5), float16, labels upstream only.
     expected_up = sum(
-        3 * codec.payload_nbytes(32, 4, 4, k, "float16", True, channels=64) for k in (4, 16)
+        codec.payload_nbytes(n, 4, 4, k, "float16", True, channels=64)
+        for k in (4, 16)
+        for n in (32, 32, 22)
     )
     assert fused["train_payload_bytes_up"] == expected_up
     assert fused["inference_payload_bytes_per_sample"] == 20 + 2 * 16 + 4 * 4 * 16 * 2
@@ -73,8 +75,9 @@ def test_metrics_summary_and_tensorboard_files(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["phase"] for r in records] == [1, 2]
     assert [r["budget"] for r in records] == [4, 16]
-    for key in ("test_accuracy", "payload_bytes_up", "payload_bytes_down", "wall_seconds"):
+    for key in ("val_accuracy", "val_loss", "payload_bytes_up", "payload_bytes_down"):
         assert all(key in r for r in records)
+    assert not any("test_accuracy" in r for r in records)  # the test set: once, at the end
     assert summary["train_payload_bytes_up"] == sum(r["payload_bytes_up"] for r in records)
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
@@ -82,7 +85,9 @@ def test_metrics_summary_and_tensorboard_files(tmp_path):
         "mode",
         "dataset",
         "model",
+        "final_val_accuracy",
         "final_test_accuracy",
+        "final_test_loss",
         "final_budget",
         "channels",
         "train_payload_bytes_up",
@@ -192,10 +197,12 @@ def test_each_device_trains_on_its_own_part_of_the_data():
     parts = []
     for shard_index in range(2):
         config.data.shard_index = shard_index
-        train_ds, test_ds, info = build_data(config)
-        assert info.train_size == 48 and info.test_size == 64  # the test set is not split.
+        train_ds, _, test_ds, info = build_data(config)
+        # 96 samples: 10 held out for validation (before the devices' parts), 43 each; the
+        # validation and test sets are not split.
+        assert (info.train_size, info.validation_size, info.test_size) == (43, 10, 64)
         parts.append(np.concatenate([labels.numpy() for _, labels in train_ds]))
-    whole = np.concatenate([labels.numpy() for _, labels in build_data(tiny_config())[0]])
+    whole = np.concatenate([labels.numpy() for _, labels in build_data(tiny_config()).train])
     assert sorted(np.concatenate(parts)) == sorted(whole)
 
 
@@ -292,10 +299,10 @@ def test_kill_9_mid_epoch_then_rerun_resumes_from_the_backup(tmp_path):
     resumed, uninterrupted = read_metrics(killed), read_metrics(clean)
     assert [r["epoch"] for r in resumed] == [1, 2]
     assert resumed[0] == first
-    assert resumed[0]["test_accuracy"] == uninterrupted[0]["test_accuracy"]
+    assert resumed[0]["val_accuracy"] == uninterrupted[0]["val_accuracy"]
     # The rerun started from a backup inside epoch 2; the ledger counts
     # the steps it redid (at most checkpoint_every_steps = 5 steps of 32 samples) as sent again.
     step_bytes = codec.payload_nbytes(32, 4, 4, 32, "float16", True, channels=64)
     extra = resumed[1]["payload_bytes_up"] - uninterrupted[1]["payload_bytes_up"]
     assert 0 <= extra <= 5 * step_bytes
-    assert abs(resumed[-1]["test_accuracy"] - uninterrupted[-1]["test_accuracy"]) <= 0.01
+    assert abs(resumed[-1]["val_accuracy"] - uninterrupted[-1]["val_accuracy"]) <= 0.01

@@ -163,9 +163,9 @@ def test_the_litert_device_trains_the_keras_devices_ushaped_model(exported):
     kinds = [pb.StepRequest.FORWARD, pb.StepRequest.TRAIN] * 2 + [pb.StepRequest.CALIBRATE] * 2
     assert [r.kind for r in steps] == kinds + [pb.StepRequest.EVALUATE]
     assert all(codec.decode(r.payload).labels is None for r in steps)
-    for key in ("payload_bytes_up", "test_payload_bytes_up", "test_top_payload_bytes_down"):
-        assert summary[f"final_{key}"] == history[key.replace("test_", "val_")][0], key
-    assert summary["final_test_loss"] == pytest.approx(history["val_loss"][0], rel=1e-4)
+    for key in ("payload_bytes_up", "val_payload_bytes_up", "val_top_payload_bytes_down"):
+        assert summary[f"final_{key}"] == history[key][0], key
+    assert summary["final_val_loss"] == pytest.approx(history["val_loss"][0], rel=1e-4)
     for key in ("payload_bytes_up", "payload_bytes_down"):
         assert summary[f"train_{key}"] == history[key][0], key
     for key in ("top_payload_bytes_down", "top_payload_bytes_up"):

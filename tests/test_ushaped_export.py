@@ -79,7 +79,7 @@ def test_plain_exports_refuse_a_ushaped_run_and_the_ushaped_one_a_plain_run(usha
         export.export_split(ushaped_run, str(tmp_path))
     config = base_config("deprune")
     config.model.width_multiplier = 0.125
-    _, _, info = trainer.build_data(config)
+    _, _, _, info = trainer.build_data(config)
     plain = trainer.build_split_model(config, info)
     images = np.zeros((4, 32, 32, 3), np.uint8)
     run = export.TrainedRun.from_model(plain, info, (images, [0] * 4), (images, [0] * 4))

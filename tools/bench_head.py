@@ -59,7 +59,7 @@ def _bench_trainable():
         except ImportError as error:
             raise app.UsageError(f"--config needs TensorFlow ({error}).") from None
         config = _CONFIG.value
-        _, _, info = trainer.build_data(config)
+        info = trainer.build_data(config).info
         split = trainer.build_split_model(config, info)
         keras_rows = keras_device_step_ms(split, batches, _RUNS.value, _WARMUP.value)
         for row, keras in zip(rows, keras_rows):

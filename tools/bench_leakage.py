@@ -86,7 +86,7 @@ def _config(method, split, task, noise, seed):
 
 def _run(name, config):
     workdir = os.path.join(_WORKDIR.value, name)
-    _, test_ds, _ = trainer.build_data(config)
+    test_ds = trainer.build_data(config).test
     probe = leakage.LeakageProbe(test_ds.take(_PROBE_BATCHES.value), seed=config.seed)
     summary = trainer.train(config, workdir, verbose=2, measure=[probe])
     epochs = [

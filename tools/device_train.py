@@ -18,6 +18,7 @@ A U-shaped config's export adds top_train.tflite and top_train.json: the device 
 top as well, and no label leaves it (the server runs the same config, with its `ushaped` variant).
 """
 
+import functools
 import os
 import sys
 import tempfile
@@ -71,23 +72,34 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 60.0, "Each call's deadline in seco
 
 
 def _load(run, disk_dir):
-    """(train images, labels, test images, labels, info) of --data, checked against the run;
-    a shard directory's pixels go to files in `disk_dir`, read batch by batch."""
+    """{split: (images, labels)} of --data's train, validation (when the run has one) and test
+    splits, and the info, checked against the run; a shard directory's pixels go to files in
+    `disk_dir`, read batch by batch."""
     path = _DATA.value
-    part = dict(shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value, normalized=False)
+    splits = (
+        ("train", "validation", "test") if run.get("validation_fraction") else ("train", "test")
+    )
     if os.path.isfile(os.path.join(path, "index.json")):
-        train_x, train_y, info = dataset.load_shards(path, "train", disk_dir=disk_dir, **part)
-        test_x, test_y, _ = dataset.load_shards(path, "test", normalized=False, disk_dir=disk_dir)
+        load = functools.partial(dataset.load_shards, path, disk_dir=disk_dir, normalized=False)
     else:
         size = _IMAGE_SIZE.value or run["image_shape"][0]
-        train_x, train_y, info = device_folder.load_image_folder(path, "train", size, **part)
-        test_x, test_y, _ = device_folder.load_image_folder(path, "test", size, normalized=False)
+        load = functools.partial(
+            device_folder.load_image_folder,
+            path,
+            image_size=size,
+            normalized=False,
+            validation_fraction=run.get("validation_fraction", 0.0),
+            seed=run["seed"],
+        )
+    part = dict(shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value)
+    loaded = {split: load(split, **(part if split == "train" else {})) for split in splits}
+    train_x, _, info = loaded["train"]
     if list(train_x.shape[1:]) != run["image_shape"] or info["num_classes"] != run["num_classes"]:
         raise DeviceError(
             f"{path} holds {info['num_classes']} classes of {list(train_x.shape[1:])} images; "
             f"the model was built for {run['num_classes']} classes of {run['image_shape']}."
         )
-    return train_x, train_y, test_x, test_y, info
+    return {split: (images, labels) for split, (images, labels, _) in loaded.items()}, info
 
 
 def main(argv):
@@ -105,8 +117,8 @@ def main(argv):
     scratch = None if _WORKDIR.value else tempfile.TemporaryDirectory(prefix="tfsplit-device-")
     disk_dir = os.path.join(_WORKDIR.value, "data") if _WORKDIR.value else scratch.name
     os.makedirs(disk_dir, exist_ok=True)
-    train_x, train_y, test_x, test_y, info = _load(run, disk_dir)
-    seed, size = run["seed"], run["batch_size"]
+    loaded, info = _load(run, disk_dir)
+    (train_x, train_y), seed, size = loaded["train"], run["seed"], run["batch_size"]
     normalization = (info["mean"], info["std"])  # the sets stay uint8; each batch is normalized
 
     def train_batches(epoch):
@@ -114,9 +126,12 @@ def main(argv):
             train_x, train_y, size, seed, epoch, augment=run["augment"], normalization=normalization
         )
 
-    def test_batches():
-        return batching.batches(
-            test_x, test_y, run["eval_batch_size"], seed, 0, False, normalization=normalization
+    def eval_batches(split):
+        if split not in loaded:
+            return None
+        images, labels = loaded[split]
+        return lambda: batching.batches(
+            images, labels, run["eval_batch_size"], seed, 0, False, normalization=normalization
         )
 
     client = TrainingClient(
@@ -136,12 +151,19 @@ def main(argv):
         trainer.connect()
         steps = -(-len(train_y) // size)
         logging.info("%d training images, %d steps an epoch", len(train_y), steps)
-        summary = trainer.fit(train_batches, steps, test_batches, epochs=_EPOCHS.value)
+        summary = trainer.fit(
+            train_batches,
+            steps,
+            eval_batches("validation"),
+            epochs=_EPOCHS.value,
+            test_batches=eval_batches("test"),
+        )
         trainer.leave()
     finally:
         client.close()
     print(
-        f"Trained {summary['epochs']} epochs: test accuracy "
+        f"Trained {summary['epochs']} epochs: validation accuracy "
+        f"{summary.get('final_val_accuracy', float('nan')):.4f}, test accuracy "
         f"{summary.get('final_test_accuracy', float('nan')):.4f} at budget "
         f"{summary['final_budget']}; training payload bytes up {summary['train_payload_bytes_up']}, "
         f"down {summary['train_payload_bytes_down']}; {summary['wall_seconds']:.1f} s, peak "

@@ -17,6 +17,7 @@ from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
 from tfsplit.data import DATASETS, shards
+from tfsplit.records import holdout
 from tfsplit_tools import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, DATASETS, "Dataset to write.", required=True)
@@ -28,6 +29,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side of the square image
 _CHANNELS = flags.DEFINE_integer("channels", None, "3 repeats a gray dataset's channel.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the shards into.", required=True)
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "Shards per split.")
+_VALIDATION_FRACTION = flags.DEFINE_float(
+    "validation_fraction",
+    holdout.VALIDATION_FRACTION,
+    "Share of the training set held out (drawn from --seed) and written as the validation "
+    "split; training asks for the same (config.data.validation_fraction). 0: none.",
+)
 _ENCODING = flags.DEFINE_enum(
     "encoding",
     shards.DEFAULT_ENCODING,
@@ -54,15 +61,17 @@ def main(argv):
         channels=_CHANNELS.value,
         overwrite=_OVERWRITE.value,
         encoding=_ENCODING.value,
+        validation_fraction=_VALIDATION_FRACTION.value,
     )
     info = index.info
     print(f"{info.name}: {info.num_classes} classes, images {'x'.join(map(str, info.image_shape))}")
-    print(f"{'split':<6} {'samples':>9} {'shards':>7} {'bytes':>14}")
+    print(f"{'split':<10} {'samples':>9} {'shards':>7} {'bytes':>14}")
     for split in shards.SPLITS:
         entries = index.split(split)
         samples = sum(s.num_samples for s in entries)
         size = sum(s.num_bytes for s in entries)
-        print(f"{split:<6} {samples:>9,} {len(entries):>7} {size:>14,}")
+        if entries:
+            print(f"{split:<10} {samples:>9,} {len(entries):>7} {size:>14,}")
     print(f"wrote {index.path}")
 
 

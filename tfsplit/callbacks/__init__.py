@@ -13,6 +13,7 @@ from tfsplit.callbacks.records import (
     METRICS_FILE,
     SUMMARY_FILE,
     RunRecords,
+    add_test_result,
     read_records,
     write_summary,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "BatchNormCalibration",
     "PhaseSchedule",
     "RunRecords",
+    "add_test_result",
     "read_records",
     "write_summary",
 ]

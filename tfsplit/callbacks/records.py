@@ -72,7 +72,6 @@ class RunRecords(keras.callbacks.Callback):
             train_cross_entropy=float(logs["loss"]),
             train_budget_loss=float(logs["budget_loss"]),
             train_accuracy=float(logs["accuracy"]),
-            test_accuracy=float(logs["val_accuracy"]),
             payload_bytes_up=up,
             payload_bytes_down=down,
             total_payload_bytes_up=total_up,
@@ -87,6 +86,10 @@ class RunRecords(keras.callbacks.Callback):
             for key, total in zip(("top_payload_bytes_down", "top_payload_bytes_up"), top_ledger):
                 record[key] = int(total) - previous.get(f"total_{key}", 0)
                 record[f"total_{key}"] = int(total)
+        if "val_accuracy" in logs:  # the validation split's; a run without one has none
+            record.update(
+                val_accuracy=float(logs["val_accuracy"]), val_loss=float(logs["val_loss"])
+            )
         record.update((k, float(v)) for k, v in logs.items() if k.startswith("leakage_"))
         if "local_loss" in logs:
             record["train_local_loss"] = float(logs["local_loss"])
@@ -106,10 +109,10 @@ class RunRecords(keras.callbacks.Callback):
             total_payload_megabytes_down=record["total_payload_bytes_down"] / 1e6,
         )
         logging.info(
-            "epoch %d (budget %s): test accuracy %.4f, %.2f MB up, %.2f MB down, %.1f s",
+            "epoch %d (budget %s): validation accuracy %s, %.2f MB up, %.2f MB down, %.1f s",
             record["epoch"],
             record.get("budget"),
-            record["test_accuracy"],
+            f"{record['val_accuracy']:.4f}" if "val_accuracy" in record else "(no split)",
             up / 1e6,
             down / 1e6,
             wall_seconds,
@@ -124,12 +127,13 @@ class RunRecords(keras.callbacks.Callback):
 
 
 def write_summary(workdir, records, model, fixed):
-    """summary.json from a run's records: final accuracy and budget, bytes, time."""
+    """summary.json from a run's records: final validation accuracy and budget, bytes, time (the
+    test accuracy is added once it is evaluated: `add_test_result`)."""
     last = records[-1]
     budget = int(last.get("budget", model.channels))
     summary = dict(
         fixed,
-        final_test_accuracy=last["test_accuracy"],
+        final_val_accuracy=last.get("val_accuracy"),
         final_budget=budget,
         channels=model.channels,
         train_payload_bytes_up=last["total_payload_bytes_up"],
@@ -153,6 +157,20 @@ def write_summary(workdir, records, model, fixed):
     )
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
+    return summary
+
+
+def add_test_result(workdir, logs):
+    """Adds the test set's evaluation (`evaluate`'s logs, made once at the end of the run) to
+    the summary.json in `workdir`; returns the summary."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path) as f:
+        summary = json.load(f)
+    summary.update(final_test_accuracy=float(logs["accuracy"]), final_test_loss=float(logs["loss"]))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, path)
     return summary
 
 

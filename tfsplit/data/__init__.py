@@ -39,7 +39,7 @@ Modules, bottom-up; each imports only modules listed before it:
 
 from tfsplit.data.arrays import DATASETS, load_arrays
 from tfsplit.data.builder import SOURCES, build_datasets
-from tfsplit.data.common import DatasetDownloadError, DatasetFileError, DatasetInfo
+from tfsplit.data.common import DatasetDownloadError, DatasetFileError, DatasetInfo, Splits
 from tfsplit.data.pipeline import (
     CROP_PADDING,
     augment_batch,
@@ -70,6 +70,7 @@ __all__ = [
     "SYNTHETIC_TEST_SIZE",
     "SYNTHETIC_TRAIN_SIZE",
     "SOURCES",
+    "Splits",
     "ShardIndex",
     "DatasetDownloadError",
     "DatasetFileError",

@@ -9,6 +9,7 @@ import dataclasses
 from tfsplit.data import common, image_folder, shards
 from tfsplit.data.arrays import DATASETS, load_arrays
 from tfsplit.data.pipeline import build_eval_dataset, build_train_dataset
+from tfsplit.records import holdout
 
 # What `build_datasets` reads: the datasets, and TFRecord shards streamed from disk (not arrays).
 SOURCES = (*DATASETS, "shards")
@@ -30,8 +31,10 @@ def build_datasets(
     cache=False,
     service_address=None,
     local_cache_dir=None,
+    validation_fraction=0.0,
 ):
-    """Training and test pipelines of (float32 normalized images, int32 labels) batches.
+    """Training, validation and test pipelines of (float32 normalized images, int32 labels)
+    batches.
 
     Args:
       name: one of `SOURCES`: a `load_arrays` dataset (held in memory), "image_folder" (files
@@ -52,9 +55,14 @@ def build_datasets(
       service_address: shards: a tf.data service dispatcher whose workers read and decode the
         shards (see `build_shard_datasets`).
       local_cache_dir: s3:// shards: a local directory that keeps the verified shards.
+      validation_fraction: the share of the training set held out for validation, drawn from
+        `seed` (`tfsplit.records.holdout`) before the devices' parts; 0 holds out nothing.
+        Shards hold the validation split they were written with (`tfsplit-prepare-data
+        --validation_fraction`), so for them it must be 0 or the fraction they were written with.
 
     Returns:
-      (train_ds, test_ds, info); `info.train_size` counts this device's training samples.
+      `Splits(train, validation, test, info)`: `validation` is None when nothing is held out;
+      `info.train_size` counts this device's training samples.
     """
     common.check_pipeline_arguments(
         batch_size, eval_batch_size, seed, shard_index, num_shards, augment=augment
@@ -78,6 +86,7 @@ def build_datasets(
             cache,
             service_address=service_address,
             local_cache_dir=local_cache_dir,
+            validation_fraction=validation_fraction,
         )
     if name not in SOURCES:
         raise ValueError(f"`name` must be one of {SOURCES}. Received: name={name!r}")
@@ -100,6 +109,7 @@ def build_datasets(
             num_shards,
             train_size,
             test_size,
+            validation_fraction,
         )
     if service_address is not None:
         raise ValueError(
@@ -110,13 +120,19 @@ def build_datasets(
     (x_train, y_train), (x_test, y_test), info = load_arrays(
         name, path, seed, train_size, test_size, image_size, channels
     )
+    kept, held = holdout.held_out(len(x_train), validation_fraction, seed)
+    validation = x_train[held], y_train[held]
     x_train, y_train = (
-        common.device_part(a, shard_index, num_shards, name, "samples") for a in (x_train, y_train)
+        common.device_part(a[kept], shard_index, num_shards, name, "samples")
+        for a in (x_train, y_train)
     )
-    info = dataclasses.replace(info, train_size=len(x_train))
-    train = build_train_dataset(x_train, y_train, info, batch_size, augment=augment, seed=seed)
-    test = build_eval_dataset(x_test, y_test, info, eval_batch_size)
-    return train, test, info
+    info = dataclasses.replace(info, train_size=len(x_train), validation_size=len(held))
+    return common.Splits(
+        build_train_dataset(x_train, y_train, info, batch_size, augment=augment, seed=seed),
+        build_eval_dataset(*validation, info, eval_batch_size) if len(held) else None,
+        build_eval_dataset(x_test, y_test, info, eval_batch_size),
+        info,
+    )
 
 
 def _check_unset_for_shards(path, **fixed):

@@ -8,6 +8,7 @@ resized, what an offline download says).
 import contextlib
 import dataclasses
 import socket
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +27,16 @@ class DatasetDownloadError(RuntimeError):
     """A dataset could not be downloaded (the machine is offline or the download failed)."""
 
 
+class Splits(typing.NamedTuple):
+    """A source's pipelines: `validation` is held out of the training data (None where the
+    run asked for none), `test` is evaluated once at the end of a run."""
+
+    train: object
+    validation: object
+    test: object
+    info: object
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a model and an exporter need to know about a dataset.
@@ -38,6 +49,7 @@ class DatasetInfo:
       test_size: number of test samples actually loaded.
       mean: per-channel mean used by `normalize`, in [0, 1] pixel units.
       std: per-channel standard deviation used by `normalize`, in [0, 1] pixel units.
+      validation_size: number of samples held out of the training set for validation.
     """
 
     name: str
@@ -47,6 +59,7 @@ class DatasetInfo:
     test_size: int
     mean: tuple
     std: tuple
+    validation_size: int = 0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -57,7 +70,7 @@ class DatasetInfo:
             raise ValueError(
                 f"`image_shape` must be (H, W, C) of positive ints. Received: image_shape={shape}"
             )
-        for field in ("train_size", "test_size"):
+        for field in ("train_size", "test_size", "validation_size"):
             value = getattr(self, field)
             if not is_int(value) or value < 0:
                 raise ValueError(f"`{field}` must be an int >= 0. Received: {field}={value!r}")

@@ -31,6 +31,7 @@ from absl import logging
 from tfsplit.data import common
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.pipeline import augmented_and_normalized, finish_epoch
+from tfsplit.records import holdout
 from tfsplit.records import image_folder as listing
 from tfsplit.records.image_folder import DEFAULT_IMAGE_SIZE, LAYOUT, MEAN, STD
 
@@ -215,9 +216,10 @@ def build_image_folder_datasets(
     num_shards=1,
     train_size=None,
     test_size=None,
+    validation_fraction=0.0,
 ):
-    """Training and test pipelines that decode the image files every epoch, as `build_datasets`
-    gives.
+    """Training, validation and test pipelines that decode the image files every epoch, as
+    `build_datasets` gives.
 
     Only the file list (paths and labels) is held in memory. Training: this device's files in an
     order shuffled from `seed` every epoch (the index shuffle of `pipeline.build_train_dataset`, so
@@ -235,10 +237,12 @@ def build_image_folder_datasets(
         file (round-robin order) from the i-th, as `build_datasets` splits in-memory arrays.
       train_size, test_size: the first n files of each split (round-robin order, so balanced
         over the classes), before the device split; None takes all.
+      validation_fraction: the share of the training files held out for validation
+        (`tfsplit.records.holdout`, drawn from `seed`), before the device split.
 
     Returns:
-      (train_ds, test_ds, info): float32 normalized (B, S, S, 3) images and int32 (B,) labels;
-      `info.train_size` counts this device's samples. Both know their batches per epoch.
+      `Splits` of float32 normalized (B, S, S, 3) images and int32 (B,) labels; `info.train_size`
+      counts this device's samples. Each knows its batches per epoch.
 
     Raises:
       ValueError: on a bad argument, a size larger than its split, or more devices than files.
@@ -250,22 +254,36 @@ def build_image_folder_datasets(
     path, classes, train_folder, test_folder, size = _open(path, image_size)
     train_paths, train_labels = _split_files(train_folder, classes, train_size, "train")
     test_paths, test_labels = _split_files(test_folder, classes, test_size, "test")
+    kept, held = holdout.held_out(len(train_paths), validation_fraction, seed)
+    val_paths, val_labels = train_paths[held], train_labels[held]
     train_paths, train_labels = (
-        common.device_part(items, shard_index, num_shards, f"Image folder {path}", "files")
+        common.device_part(items[kept], shard_index, num_shards, f"Image folder {path}", "files")
         for items in (train_paths, train_labels)
     )
     info = common.DatasetInfo(
-        "image_folder", len(classes), (size, size, 3), len(train_paths), len(test_paths), MEAN, STD
+        "image_folder",
+        len(classes),
+        (size, size, 3),
+        len(train_paths),
+        len(test_paths),
+        MEAN,
+        STD,
+        validation_size=len(held),
     )
     logging.info(
-        "Streaming image folder %s at %dpx: device %d of %d, %d training and %d test files.",
+        "Streaming image folder %s at %dpx: device %d of %d, %d training, %d validation and %d "
+        "test files.",
         path,
         size,
         shard_index,
         num_shards,
         info.train_size,
+        info.validation_size,
         info.test_size,
     )
-    train = _train_batches(train_paths, train_labels, info, batch_size, augment, seed)
-    test = _eval_batches(test_paths, test_labels, info, eval_batch_size)
-    return train, test, info
+    return common.Splits(
+        _train_batches(train_paths, train_labels, info, batch_size, augment, seed),
+        _eval_batches(val_paths, val_labels, info, eval_batch_size) if len(held) else None,
+        _eval_batches(test_paths, test_labels, info, eval_batch_size),
+        info,
+    )

@@ -33,7 +33,7 @@ from tfsplit.records.shard_index import (  # noqa: F401  (the format's names, re
 
 PARTIAL_SUFFIX = ".partial"  # Files being written; renamed into place once complete.
 MAX_SHARDS = 99999  # Five digits in the file names.
-_SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}\.tfrecord$")
+_SHARD_NAME = re.compile(r"^(train|validation|test)-\d{5}-of-\d{5}\.tfrecord$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,16 +97,20 @@ def file_sha256(path):
 
 @dataclasses.dataclass(frozen=True)
 class ShardIndex:
-    """A validated index.json: the dataset's `DatasetInfo` and the shards of each split."""
+    """A validated index.json: the dataset's `DatasetInfo` and the shards of each split
+    (`validation`: the samples held out of the training set, none in older shards, with the
+    share `validation_fraction` of it)."""
 
     path: str
     info: DatasetInfo
     train: tuple
     test: tuple
     encoding: str
+    validation: tuple = ()
+    validation_fraction: float = 0.0
 
     def split(self, name):
-        return {"train": self.train, "test": self.test}[name]
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
 def shard_name(split, index, count):
@@ -131,8 +135,17 @@ def _from_parsed(parsed):
         sum(s.num_samples for s in parsed.test),
         parsed.mean,
         parsed.std,
+        validation_size=sum(s.num_samples for s in parsed.validation),
     )
-    return ShardIndex(parsed.path, info, parsed.train, parsed.test, parsed.encoding)
+    return ShardIndex(
+        parsed.path,
+        info,
+        parsed.train,
+        parsed.test,
+        parsed.encoding,
+        parsed.validation,
+        parsed.validation_fraction,
+    )
 
 
 def _parse_index(obj, index_path):
@@ -169,8 +182,9 @@ def load_index(path):
     return _from_parsed(parsed)
 
 
-def write_index(out_dir, info, splits, encoding):
-    """Writes index.json for `info` and the written `splits` (each split's entries by name).
+def write_index(out_dir, info, splits, encoding, validation_fraction=0.0):
+    """Writes index.json for `info` and the written `splits` (each split's entries by name;
+    a "validation" split holds `validation_fraction` of the training set).
 
     Written through a partial file and a rename, so a reader never sees half an index.
 
@@ -189,6 +203,8 @@ def write_index(out_dir, info, splits, encoding):
         shard_assignment="contiguous",
         splits=splits,
     )
+    if "validation" in splits:
+        obj["validation_fraction"] = validation_fraction
     files = filesystem(out_dir)
     path = files.join(out_dir, INDEX_FILE)
     with files.open(path + PARTIAL_SUFFIX, "w") as f:

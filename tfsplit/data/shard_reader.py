@@ -26,6 +26,7 @@ from tfsplit.data import common
 from tfsplit.data.pipeline import augmented_and_normalized, build_train_dataset, finish_epoch
 from tfsplit.data.shard_fetch import check_shard_files, local_records, remote_records
 from tfsplit.data.shard_index import is_local, load_index
+from tfsplit.records import holdout
 
 # Shards decoded and shuffled together; fixed (not AUTOTUNE) so that the order is machine-free.
 # Memory holds about two windows of decoded samples (one being batched, one being read).
@@ -188,14 +189,16 @@ def build_shard_datasets(
     verify_checksums=True,
     service_address=None,
     local_cache_dir=None,
+    validation_fraction=0.0,
 ):
-    """Training and test pipelines streamed from a shard directory, as `build_datasets` gives.
+    """Training, validation and test pipelines streamed from a shard directory, as
+    `build_datasets` gives.
 
     Training: this device's shard files in an order shuffled from `seed` every epoch, read and
     decoded whole `_WINDOW_SHARDS` at a time in parallel, the samples of each window permuted
     (seeded), rebatched, then augmented and normalized by one map per batch. Same seed, same
-    batches on any machine. Test: all test shards in stored order, normalized, not augmented
-    (evaluation is not split across devices).
+    batches on any machine. Validation and test: all their shards in stored order, normalized,
+    not augmented (evaluation is not split across devices).
 
     Args:
       path: the shard directory (or its index.json): a local path or `s3://bucket/prefix`.
@@ -211,13 +214,16 @@ def build_shard_datasets(
         this process windows, batches and augments. Local (or shared) shard paths only.
       local_cache_dir: object-store shards: keep each verified shard in this local directory
         (named by its sha256) and read it from there on later epochs and runs.
+      validation_fraction: 0 reads no validation split; otherwise the shards' validation split,
+        which must have been written with this fraction (`tfsplit-prepare-data
+        --validation_fraction`).
 
     Returns:
-      (train_ds, test_ds, info): float32 normalized (B, H, W, C) images and int32 (B,) labels;
+      `Splits` of float32 normalized (B, H, W, C) images and int32 (B,) labels;
       `info.train_size` counts this device's samples.
 
     Raises:
-      ValueError: on a bad argument.
+      ValueError: on a bad argument, or shards written with another validation split.
       DatasetFileError: on a bad index, or a missing shard or one whose size or checksum differs.
     """
     common.check_pipeline_arguments(
@@ -230,11 +236,24 @@ def build_shard_datasets(
         cache=cache,
         verify_checksums=verify_checksums,
     )
+    holdout.check_validation_fraction(validation_fraction)
     index = load_index(path)
     _check_service(service_address, index, cache)
+    if validation_fraction and validation_fraction != index.validation_fraction:
+        raise ValueError(
+            f"The shards at {index.path} hold out {index.validation_fraction:g} of the training "
+            f"set for validation, not {validation_fraction:g}: write them again with "
+            f"tfsplit-prepare-data --validation_fraction={validation_fraction:g}, or ask for "
+            f"{index.validation_fraction:g}."
+        )
     train_shards = device_shards(index.train, shard_index, num_shards)
-    check_shard_files(train_shards + index.test, verify_checksums)
-    info = dataclasses.replace(index.info, train_size=sum(s.num_samples for s in train_shards))
+    validation = index.validation if validation_fraction else ()
+    check_shard_files(train_shards + validation + index.test, verify_checksums)
+    info = dataclasses.replace(
+        index.info,
+        train_size=sum(s.num_samples for s in train_shards),
+        validation_size=sum(s.num_samples for s in validation),
+    )
     _check_local_cache_dir(local_cache_dir, index)
     reader = _Reader(info, index.encoding, not is_local(index.path), local_cache_dir)
     logging.info(
@@ -254,8 +273,12 @@ def build_shard_datasets(
         train = build_train_dataset(images, labels, info, batch_size, augment, seed)
     else:
         train = _train_batches(reader, train_shards, batch_size, augment, seed, service_address)
-    test = _eval_batches(reader, index.test, eval_batch_size)
-    return train, test, info
+    return common.Splits(
+        train,
+        _eval_batches(reader, validation, eval_batch_size) if validation else None,
+        _eval_batches(reader, index.test, eval_batch_size),
+        info,
+    )
 
 
 def _check_local_cache_dir(local_cache_dir, index):

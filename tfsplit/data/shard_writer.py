@@ -1,10 +1,12 @@
 """Writes a dataset once as TFRecord shards plus index.json (what `tfsplit-prepare-data` runs).
 
 Each split becomes `num_shards` files of tf.train.Example records: "image" (the uint8 pixels,
-raw or as a lossless PNG, as the index's "encoding" says) and "label" (int64). Samples go to
-shards in contiguous blocks (shard i of a split holds the i-th slice of the stored order,
-`np.array_split` sizes), so reading a split's shards in file order gives the stored order. Every file is written under a
-partial name and renamed into place once complete; the index goes last (see `shard_index`).
+raw or as a lossless PNG, as the index's "encoding" says) and "label" (int64); the "validation"
+split, held out of the training set, gets as many as it has samples, up to `num_shards`. Samples
+go to shards in contiguous blocks (shard i of a split holds the i-th slice of the stored order,
+`np.array_split` sizes), so reading a split's shards in file order gives the stored order. Every
+file is written under a partial name and renamed into place once complete; the index goes last
+(see `shard_index`).
 """
 
 import os
@@ -32,6 +34,7 @@ from tfsplit.data.shard_index import (
     shard_name,
     write_index,
 )
+from tfsplit.records import holdout
 
 DEFAULT_ENCODING = "raw"
 _UPLOAD_CHUNK_BYTES = 8 << 20
@@ -144,7 +147,15 @@ def _write_split(out_dir, split, images, labels, num_shards, encoding):
 
 
 def write_array_shards(
-    train, test, info, out_dir, num_shards=8, overwrite=False, encoding=DEFAULT_ENCODING
+    train,
+    test,
+    info,
+    out_dir,
+    num_shards=8,
+    overwrite=False,
+    encoding=DEFAULT_ENCODING,
+    validation_fraction=0.0,
+    seed=0,
 ):
     """Writes arrays as `num_shards` TFRecord shards per split plus index.json (see module doc).
 
@@ -161,12 +172,16 @@ def write_array_shards(
       overwrite: write into a directory that also holds other files (they are left alone).
       encoding: "raw" (the uint8 pixels; decoding is a reshape, the fastest to train from) or
         "png" (lossless and smaller, decoded image by image).
+      validation_fraction: the share of `train` held out (drawn from `seed`, as
+        `tfsplit.records.holdout` draws it for every source) and written as the "validation"
+        split, in at most `num_shards` shards; 0 writes none.
+      seed: the draw of the held-out samples.
 
     Returns:
       The written `ShardIndex`.
 
     Raises:
-      ValueError: on bad arrays or `num_shards`.
+      ValueError: on bad arrays, `num_shards` or `validation_fraction`.
       FileExistsError: when `out_dir` holds other files and `overwrite` is False.
     """
     if not isinstance(info, DatasetInfo):
@@ -176,12 +191,18 @@ def write_array_shards(
     if encoding == "png" and info.image_shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"PNG holds 1 to 4 channels. Received: image_shape={info.image_shape}")
     _check_num_shards(num_shards)
-    for split, arrays in zip(SPLITS, (train, test)):
+    for split, arrays in (("train", train), ("test", test)):
         _check_arrays(split, arrays, info)
-        if not num_shards <= len(arrays[1]):
+    kept, held = holdout.held_out(len(train[1]), validation_fraction, seed)
+    arrays = {"train": (train[0][kept], np.asarray(train[1])[kept]), "test": test}
+    if len(held):
+        arrays["validation"] = (train[0][held], np.asarray(train[1])[held])
+    counts = {"train": num_shards, "validation": min(num_shards, len(held)), "test": num_shards}
+    for split in ("train", "test"):
+        if not num_shards <= len(arrays[split][1]):
             raise ValueError(
-                f"Every shard needs a sample: the {split} split has {len(arrays[1])} samples. "
-                f"Received: num_shards={num_shards}"
+                f"Every shard needs a sample: the {split} split has {len(arrays[split][1])} "
+                f"samples. Received: num_shards={num_shards}"
             )
     out_dir = _check_out_dir(out_dir, overwrite)
     files = filesystem(out_dir)
@@ -190,16 +211,21 @@ def write_array_shards(
     if INDEX_FILE in old:
         files.remove(files.join(out_dir, INDEX_FILE))
     splits = {
-        split: _write_split(out_dir, split, arrays[0], np.asarray(arrays[1]), num_shards, encoding)
-        for split, arrays in zip(SPLITS, (train, test))
+        split: _write_split(out_dir, split, images, np.asarray(labels), counts[split], encoding)
+        for split, (images, labels) in arrays.items()
     }
     listed = {e["file"] for s in splits.values() for e in s["shards"]}
     for name in old:  # Stale shards and partial files of an earlier (or crashed) run.
         stale = files.join(out_dir, name)
         if name != INDEX_FILE and name not in listed and files.exists(stale):
             files.remove(stale)
-    index = write_index(out_dir, info, splits, encoding)
-    logging.info("Wrote %d + %d shards of %s to %s", num_shards, num_shards, info.name, out_dir)
+    index = write_index(out_dir, info, splits, encoding, validation_fraction)
+    logging.info(
+        "Wrote %s shards of %s to %s",
+        " + ".join(f"{len(splits[s]['shards'])} {s}" for s in SPLITS if s in splits),
+        info.name,
+        out_dir,
+    )
     return index
 
 
@@ -215,17 +241,23 @@ def write_shards(
     channels=None,
     overwrite=False,
     encoding=DEFAULT_ENCODING,
+    validation_fraction=holdout.VALIDATION_FRACTION,
 ):
     """Writes the dataset `load_arrays(name, path, seed, ...)` gives as TFRecord shards.
 
     Args:
-      name, path, seed, train_size, test_size, image_size, channels: as in `load_arrays`.
-      out_dir, num_shards, overwrite, encoding: as in `write_array_shards`.
+      name, path, seed, train_size, test_size, image_size, channels: as in `load_arrays`
+        (`seed` also draws the validation split).
+      out_dir, num_shards, overwrite, encoding, validation_fraction: as in
+        `write_array_shards`.
 
     Returns:
       The written `ShardIndex`.
     """
     _check_num_shards(num_shards)  # Fail before a long load or download.
+    holdout.check_validation_fraction(validation_fraction)
     _check_out_dir(out_dir, overwrite)
     train, test, info = load_arrays(name, path, seed, train_size, test_size, image_size, channels)
-    return write_array_shards(train, test, info, out_dir, num_shards, overwrite, encoding)
+    return write_array_shards(
+        train, test, info, out_dir, num_shards, overwrite, encoding, validation_fraction, seed
+    )

@@ -22,7 +22,7 @@ from tfsplit.device.disk_images import DiskImages
 from tfsplit.device.spec import DeviceError
 from tfsplit.records import RecordError, ShardIndexError, parse_example, read_index, split_records
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # Pillow's 8-bit modes by channel count.
 
@@ -224,7 +224,8 @@ def load_shards(path, split, shard_index=0, num_shards=1, normalized=True, disk_
 
     Args:
       path: the shard directory written by `tfsplit-prepare-data` (or its index.json).
-      split: "train" or "test".
+      split: "train", "validation" (held out of the training set when the shards were written)
+        or "test".
       shard_index: this device's number, 0 <= shard_index < num_shards.
       num_shards: devices sharing the training shards: device i reads every num_shards-th shard
         file from the i-th, as `tfsplit.data.shards.device_shards` does. The test split is
@@ -251,6 +252,11 @@ def load_shards(path, split, shard_index=0, num_shards=1, normalized=True, disk_
         parsed = read_index(path)
     except ShardIndexError as error:
         raise DeviceDataError(str(error)) from None
+    if not parsed.split(split):
+        raise DeviceDataError(
+            f"The shards at {parsed.path} hold no {split} split: write them again with "
+            "tfsplit-prepare-data (its --validation_fraction holds one out of the training set)."
+        )
     advice = " (each device reads whole shard files: write more with tfsplit-prepare-data)"
     shards = _device_part(
         parsed.split(split), split, shard_index, num_shards, "The shard index", "shards", advice

@@ -24,17 +24,23 @@ from tfsplit.device.dataset import (
     _pillow,
     normalize,
 )
+from tfsplit.records import holdout
 from tfsplit.records import image_folder as listing
 from tfsplit.records.image_folder import DEFAULT_IMAGE_SIZE, LAYOUT, MEAN, STD
 
 
-def _listed(path, split):
-    """(classes, paths, labels) of one split, as `tfsplit.records.image_folder` lists them."""
+def _listed(path, split, validation_fraction, seed):
+    """(classes, paths, labels) of one split, as `tfsplit.records.image_folder` lists them and
+    `tfsplit.records.holdout` holds the validation files out of the training ones."""
     try:
         classes = listing.list_classes(path)
         train, test = listing.split_folders(path)
-        paths, labels = listing.list_split(train if split == "train" else test, classes)
-    except listing.ImageFolderError as error:
+        paths, labels = listing.list_split(test if split == "test" else train, classes)
+        if split != "test":
+            kept, held = holdout.held_out(len(paths), validation_fraction, seed)
+            chosen = held if split == "validation" else kept
+            paths, labels = [paths[i] for i in chosen], np.asarray(labels)[chosen]
+    except (listing.ImageFolderError, ValueError) as error:
         raise DeviceDataError(str(error)) from None
     return classes, paths, labels
 
@@ -58,14 +64,23 @@ def _read_image(Image, path, size):
 
 
 def load_image_folder(
-    path, split, image_size=DEFAULT_IMAGE_SIZE, shard_index=0, num_shards=1, normalized=True
+    path,
+    split,
+    image_size=DEFAULT_IMAGE_SIZE,
+    shard_index=0,
+    num_shards=1,
+    normalized=True,
+    validation_fraction=0.0,
+    seed=0,
 ):
     """One split of an image folder (path/train/<class>/, path/val/<class>/ or test/), decoded
     with Pillow, resized to image_size x image_size and normalized with ImageNet's statistics.
 
     Args:
       path: the dataset directory.
-      split: "train" or "test" (the val/ folder, or test/ when there is no val/).
+      split: "train", "validation" (`validation_fraction` of train/'s files, drawn from `seed`
+        as `tfsplit.data` draws them, and left out of "train") or "test" (the val/ folder, or
+        test/ when there is no val/).
       image_size: side of the square images; None: `DEFAULT_IMAGE_SIZE` (64), as tfsplit.data.
       shard_index, num_shards: this device's part of the training files (every num_shards-th
         file in the round-robin order from the i-th, as `tfsplit.data` gives it); the test split
@@ -85,7 +100,12 @@ def load_image_folder(
     path = _check_local_dir(path, "an image folder")
     if not os.path.isdir(path):
         raise DeviceDataError(f"Image folder path is not a directory: {path}; {LAYOUT}")
-    classes, paths, labels = _listed(path, split)
+    classes, paths, labels = _listed(path, split, validation_fraction, seed)
+    if not len(paths):
+        raise DeviceDataError(
+            f"The image folder {path} holds no {split} files (validation: "
+            f"validation_fraction={validation_fraction!r})."
+        )
     title = f"Image folder {path}"
     paths, labels = (
         _device_part(items, split, shard_index, num_shards, title, "files")

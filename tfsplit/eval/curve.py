@@ -114,7 +114,7 @@ def evaluate_workdir(workdir, budgets=None):
     config = ml_collections.ConfigDict(_read_json(workdir, trainer.CONFIG_FILE))
     summary = _read_json(workdir, callbacks.SUMMARY_FILE)
     split = trainer.load_model(workdir)
-    _, test_ds, _ = trainer.build_data(config)
+    test_ds = trainer.build_data(config).test
     final_budget = int(summary["final_budget"])
     budgets = default_budgets(final_budget) if budgets is None else budgets
     smallest, largest = summary["served_budgets"] = served_budgets(config, final_budget)

@@ -15,7 +15,7 @@ from absl import logging
 from tfsplit.eval import reproduce as reproduce_lib
 
 # Row columns that differ between seeds and are shown seed by seed beside their mean.
-PER_SEED_COLUMNS = ("final_test_accuracy", "last_epoch_change_points")
+PER_SEED_COLUMNS = ("final_val_accuracy", "final_test_accuracy", "last_epoch_change_points")
 CURVE_COLUMNS = ("deprune_test_accuracy", "casl_test_accuracy")
 
 

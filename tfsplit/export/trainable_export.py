@@ -101,6 +101,8 @@ def run_description(split, config):
         batch_size=int(data.batch_size),
         eval_batch_size=int(data.eval_batch_size),
         augment=bool(data.augment),
+        # Its validation split: shards hold it; an image folder's is drawn from the seed.
+        validation_fraction=float(data.get("validation_fraction", 0.0)),
         calibration_batches=int(config.calibration_batches),
         checkpoint_every_steps=int(config.checkpoint_every_steps),
     )
@@ -140,6 +142,6 @@ def export_trainable_start(config, out_dir):
     """`export_trainable_head` of the model a new run of `config` starts from (seeded as
     `tfsplit-train` builds it): what a device without TensorFlow opens the run with."""
     keras.utils.set_random_seed(config.seed)
-    _, _, info = trainer.build_data(config)
+    info = trainer.build_data(config).info
     split = trainer.build_split_model(config, info, remote=True)
     return export_trainable_head(split, out_dir, config)

@@ -255,6 +255,6 @@ def export_trainable_ushaped_start(config, out_dir):
     """`export_trainable_ushaped` of the model a new U-shaped run of `config` starts from, as
     `export_trainable_start` builds the plain split's."""
     keras.utils.set_random_seed(config.seed)
-    _, _, info = trainer.build_data(config)
+    info = trainer.build_data(config).info
     split = trainer.build_split_model(config, info, remote=True)
     return export_trainable_ushaped(split, out_dir, config)

@@ -17,7 +17,7 @@ import re
 INDEX_FILE = "index.json"
 FORMAT = "tfsplit-shards"
 FORMAT_VERSION = 1
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")  # validation: optional (indexes written before it)
 ENCODINGS = ("raw", "png")  # How "image" holds the pixels: uint8 bytes as stored, or a PNG.
 _CHUNK_BYTES = 1 << 20  # Checksums stream the files in 1 MiB reads.
 
@@ -48,6 +48,9 @@ class ParsedIndex:
       mean, std: per-channel normalization, in [0, 1] pixel units.
       encoding: one of `ENCODINGS`.
       train, test: the `Shard`s of each split, in stored order.
+      validation: the `Shard`s of the samples held out of the training set (none in shards
+        written without a validation split).
+      validation_fraction: the share of the training set they hold (0: none).
     """
 
     path: str
@@ -59,11 +62,13 @@ class ParsedIndex:
     encoding: str
     train: tuple
     test: tuple
+    validation: tuple = ()
+    validation_fraction: float = 0.0
 
     def split(self, name):
         if name not in SPLITS:
             raise ShardIndexError(f"`split` must be one of {SPLITS}. Received: split={name!r}")
-        return {"train": self.train, "test": self.test}[name]
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
 class _Fields:
@@ -183,16 +188,26 @@ def parse_index(obj, index_path, join=os.path.join):
     encoding = fields.get(obj, "encoding", "", lambda v: v in ENCODINGS, f"one of {ENCODINGS}")
     splits = fields.get(obj, "splits", "", lambda v: isinstance(v, dict), "an object")
     directory = os.path.dirname(index_path)
-    train, test = (
-        _parse_shards(
+    present = [split for split in SPLITS if split != "validation" or split in splits]
+    parsed = {
+        split: _parse_shards(
             fields,
             split,
             fields.get(splits, split, "splits", _is_dict, "an object"),
             directory,
             join,
         )
-        for split in SPLITS
-    )
+        for split in present
+    }
+    fraction = 0.0
+    if "validation" in parsed:
+        fraction = fields.get(
+            obj,
+            "validation_fraction",
+            "",
+            lambda v: _is_number(v) and 0 < v < 1,
+            "the share of the training set held out, in (0, 1)",
+        )
     return ParsedIndex(
         index_path,
         name,
@@ -201,8 +216,10 @@ def parse_index(obj, index_path, join=os.path.join):
         tuple(float(v) for v in mean),
         tuple(float(v) for v in std),
         encoding,
-        train,
-        test,
+        parsed["train"],
+        parsed["test"],
+        parsed.get("validation", ()),
+        float(fraction),
     )
 
 

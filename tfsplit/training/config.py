@@ -91,6 +91,10 @@ def base_config(mode):
     config.data.channels = 0  # 0 = the dataset's own; 3 repeats Fashion-MNIST's gray channel.
     config.data.train_size = 0  # 0 = the whole training set.
     config.data.test_size = 0
+    # Held out of the training set (seeded): every epoch's evaluation, target and choice is made
+    # on it; the test set is evaluated once, at the end. Shards hold the split they were written
+    # with (tfsplit-prepare-data --validation_fraction), which must be this one.
+    config.data.validation_fraction = 0.1
     config.data.batch_size = 64
     config.data.eval_batch_size = 500
     config.data.augment = True  # random crop (4-pixel padding) + horizontal flip.

@@ -3,6 +3,9 @@
 A workdir holds `config.json`, `metrics.jsonl`, `summary.json`, `checkpoints/` (the backup a
 killed run resumes from, every `checkpoint_every_steps` steps, and the final `model.keras`) and
 `tensorboard/`. Re-running on the same workdir resumes from the last backup.
+
+Every epoch is evaluated on the validation split held out of the training set; the test set is
+evaluated once, after the last epoch, and only reported (`final_test_accuracy`).
 """
 
 import dataclasses
@@ -191,12 +194,14 @@ def load_run_arrays(config, **sizes):
 
 
 def build_data(config):
-    """(train, test, info) of `config.data`; with `binary_class` >= 0, the task "that class or
-    another" (label 1 or 0), as in the label-leakage literature's binary tasks."""
-    train_ds, test_ds, info = _build_datasets(config)
+    """`Splits(train, validation, test, info)` of `config.data`; with `binary_class` >= 0, the
+    task "that class or another" (label 1 or 0), as in the label-leakage literature's binary
+    tasks. A run recorded before the validation split existed has none (validation is None)."""
+    splits = _build_datasets(config)
     positive = config.data.get("binary_class", -1)
     if positive < 0:
-        return train_ds, test_ds, info
+        return splits
+    info = splits.info
     if not isinstance(positive, int) or positive >= info.num_classes:
         raise ValueError(
             f"config.data.binary_class must be -1 (off) or a class of {info.name}, 0 to "
@@ -206,8 +211,10 @@ def build_data(config):
     def binary(images, labels):
         return images, tf.cast(labels == positive, labels.dtype)
 
-    info = dataclasses.replace(info, num_classes=2)
-    return train_ds.map(binary), test_ds.map(binary), info
+    return data.Splits(
+        *(None if ds is None else ds.map(binary) for ds in splits[:3]),
+        dataclasses.replace(info, num_classes=2),
+    )
 
 
 def _build_datasets(config):
@@ -222,6 +229,7 @@ def _build_datasets(config):
         cache=config.data.get("cache", False),
         service_address=config.data.get("service_address", "") or None,
         local_cache_dir=config.data.get("local_cache_dir", "") or None,
+        validation_fraction=config.data.get("validation_fraction", 0.0),
         **data_arguments(config),
     )
 
@@ -307,11 +315,16 @@ def train(config, workdir, verbose="auto", client=None, measure=()):
     write_config(config, workdir)
     summary_path = os.path.join(workdir, callbacks_lib.SUMMARY_FILE)
     if os.path.exists(summary_path) and os.path.exists(os.path.join(workdir, MODEL_FILE)):
-        logging.info("%s already holds a finished run.", workdir)
         with open(summary_path) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if "final_test_accuracy" in summary:
+            logging.info("%s already holds a finished run.", workdir)
+            return summary
+        logging.info("%s holds a trained model; its test set is evaluated now.", workdir)
+        return _test_once(load_model(workdir), build_data(config).test, workdir)
     keras.utils.set_random_seed(config.seed)
-    train_ds, test_ds, info = build_data(config)
+    splits = build_data(config)
+    train_ds, info = splits.train, splits.info
     split = build_split_model(config, info, remote=client is not None)
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
         restore_weights(split, config.init_from)
@@ -332,14 +345,28 @@ def train(config, workdir, verbose="auto", client=None, measure=()):
     split.fit(
         train_ds,
         epochs=callbacks[0].epochs,
-        validation_data=test_ds,
+        validation_data=splits.validation,
         callbacks=callbacks,
         verbose=verbose,
     )
+    calibration = [c for c in callbacks if isinstance(c, callbacks_lib.BatchNormCalibration)]
+    summary = _test_once(split, splits.test, workdir, calibration)
     if client is not None:
         split.leave()  # its slot frees now, not after the server's device timeout
-    with open(summary_path) as f:
-        return json.load(f)
+    return summary
+
+
+def _test_once(split, test_ds, workdir, callbacks=()):
+    """Evaluates the trained `split` on the test set, once, and adds the result to the run's
+    summary (every choice before was made on the validation split)."""
+    logs = split.evaluate(test_ds, callbacks=list(callbacks), return_dict=True, verbose=0)
+    summary = callbacks_lib.add_test_result(workdir, logs)
+    logging.info(
+        "Test accuracy %.4f (validation %s), evaluated once at the end.",
+        summary["final_test_accuracy"],
+        "none" if summary.get("final_val_accuracy") is None else summary["final_val_accuracy"],
+    )
+    return summary
 
 
 def write_config(config, workdir):

@@ -3,8 +3,10 @@
 
 Each training batch: the head's `forward` gives the k channels at the epoch's budget; they go to
 the server as a codec payload (`Step(TRAIN)`); the gradient that comes back drives the head's
-`train` signature. Each epoch follows `plan.epoch_plan` (gate resets through the weight vector);
-before an evaluation whose sent channels changed, batch norm is recalibrated (`calibration`). The
+`train` signature. Each epoch follows `plan.epoch_plan` (gate resets through the weight vector)
+and ends with an evaluation on the validation split; the test set is evaluated once, after the
+last epoch. Before an evaluation whose sent channels changed, batch norm is recalibrated
+(`calibration`). The
 state is saved every `checkpoint_every_steps` steps (`state`) and the server saves its own
 (`Checkpoint`): a device killed and restarted loses at most the steps since.
 """
@@ -88,9 +90,10 @@ class DeviceTrainer(StepMessages):
         self,
         train_batches,
         steps_per_epoch,
-        test_batches=None,
+        validation_batches=None,
         calibration_batches=None,
         epochs=None,
+        test_batches=None,
     ):
         """Trains every epoch of the schedule from where the state left off.
 
@@ -98,7 +101,10 @@ class DeviceTrainer(StepMessages):
           train_batches: callable(epoch) -> iterable of (images float32, labels int) batches, the
             same batches for the same epoch (a resumed epoch skips those already trained).
           steps_per_epoch: how many batches `train_batches` yields per epoch.
-          test_batches: callable() -> iterable of evaluation batches (None: no evaluation).
+          validation_batches: callable() -> iterable of the batches each epoch is evaluated on
+            (None: no evaluation per epoch).
+          test_batches: callable() -> iterable of the test batches, evaluated once, after the
+            schedule's last epoch (None: not evaluated).
           calibration_batches: callable(epoch) -> iterable of training batches for batch norm
             calibration (None: `train_batches`; it takes the run's `calibration_batches` first).
           epochs: stop after this many epochs of the schedule (None: all of them).
@@ -135,9 +141,9 @@ class DeviceTrainer(StepMessages):
                 accuracy=totals["correct"] / max(totals["samples"], 1),
                 **{key: self.ledger[key] - before[key] for key in self.ledger},
             )
-            if test_batches is not None:
+            if validation_batches is not None:
                 self._calibrate(plan, calibration_batches(epoch))
-                logs.update(self.evaluate(test_batches(), plan["budget"]))
+                logs.update(self.evaluate(validation_batches(), plan["budget"], "val"))
             logs["seconds"] = time.monotonic() - started
             self.epoch, self.position = epoch + 1, 0
             history.append(logs)
@@ -150,7 +156,14 @@ class DeviceTrainer(StepMessages):
             logging.info("The run had trained all its epochs before; its summary is kept.")
             with open(summary_path) as f:
                 return json.load(f)
-        summary = {f"final_{k}": v for k, v in (history[-1] if history else {}).items()}
+        last_logs = history[-1] if history else self._last_record()
+        summary = {f"final_{k}": v for k, v in last_logs.items()}
+        if test_batches is not None and self.epoch == self.epochs:  # once, at the very end
+            plan = epoch_plan(self.run, self.phases, self.epochs - 1, steps_per_epoch)
+            self._calibrate(plan, calibration_batches(self.epochs - 1))
+            tested = self.evaluate(test_batches(), self.budget, "test")
+            summary.update(final_test_accuracy=tested["test_accuracy"])
+            summary.update(final_test_loss=tested["test_loss"])
         summary.update(  # the keys of the Keras trainer's summary.json, where it has them
             epochs=self.epoch,
             final_budget=self.budget,
@@ -243,9 +256,9 @@ class DeviceTrainer(StepMessages):
         totals["correct"] += int(np.sum(np.argmax(logits, -1) == labels))
         totals["samples"] += len(labels)
 
-    def evaluate(self, batches, budget):
+    def evaluate(self, batches, budget, split="test"):
         """Accuracy and loss of the whole model at `budget` over `batches` (the server's tail
-        with its moving statistics), and the bytes it took."""
+        with its moving statistics), and the bytes it took, as `<split>_<key>`."""
         correct, samples, loss = 0, 0, 0.0
         ledger = dict.fromkeys(self.ledger, 0)  # apart from training's
         for images, labels in batches:
@@ -262,11 +275,11 @@ class DeviceTrainer(StepMessages):
             samples += len(labels)
         if not samples:
             raise ValueError("Evaluation needs at least one batch; none was given.")
-        return dict(
-            test_accuracy=correct / samples,
-            test_loss=loss / samples,
-            **{f"test_{key}": value for key, value in ledger.items()},
-        )
+        return {
+            f"{split}_accuracy": correct / samples,
+            f"{split}_loss": loss / samples,
+            **{f"{split}_{key}": value for key, value in ledger.items()},
+        }
 
     def _answer_logits(self, reply, batch, ledger):
         """The logits of an EVALUATE's reply (the server's tail computed them)."""
@@ -347,6 +360,15 @@ class DeviceTrainer(StepMessages):
             self.position,
             self.remote_step,
         )
+
+    def _last_record(self):
+        """The last epoch's logs in `metrics.jsonl` ({} when there is none)."""
+        path = self.workdir and os.path.join(self.workdir, METRICS_FILE)
+        if not path or not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
 
     def _record(self, logs):
         if self.workdir:
