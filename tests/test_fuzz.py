@@ -15,7 +15,7 @@ import json
 
 from benchmarks import fuzz_servers
 
-TRAINING_MESSAGES = 200  # the CI share: the whole suite stays under 10 minutes
+TRAINING_MESSAGES = 120  # the CI share: the whole suite stays under 10 minutes
 TAIL_MESSAGES = 150
 TIME_LIMIT_S = 300  # a server that slows to a crawl fails the test instead of holding up CI
 

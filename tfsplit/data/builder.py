@@ -32,6 +32,7 @@ def build_datasets(
     service_address=None,
     local_cache_dir=None,
     validation_fraction=0.0,
+    position=None,
 ):
     """Training, validation and test pipelines of (float32 normalized images, int32 labels)
     batches.
@@ -59,6 +60,10 @@ def build_datasets(
         `seed` (`tfsplit.records.holdout`) before the devices' parts; 0 holds out nothing.
         Shards hold the validation split they were written with (`tfsplit-prepare-data
         --validation_fraction`), so for them it must be 0 or the fraction they were written with.
+      position: in-memory sets and image folders: the int64 variable that holds the training
+        step the next epoch's iterator starts at (`pipeline.build_train_dataset`); a run that
+        sets it after a resume trains on the batches the uninterrupted run would have. Shards
+        draw their order anew in each process (a resumed epoch reads them in another order).
 
     Returns:
       `Splits(train, validation, test, info)`: `validation` is None when nothing is held out;
@@ -110,6 +115,7 @@ def build_datasets(
             train_size,
             test_size,
             validation_fraction,
+            position,
         )
     if service_address is not None:
         raise ValueError(
@@ -128,7 +134,7 @@ def build_datasets(
     )
     info = dataclasses.replace(info, train_size=len(x_train), validation_size=len(held))
     return common.Splits(
-        build_train_dataset(x_train, y_train, info, batch_size, augment=augment, seed=seed),
+        build_train_dataset(x_train, y_train, info, batch_size, augment, seed, position),
         build_eval_dataset(*validation, info, eval_batch_size) if len(held) else None,
         build_eval_dataset(x_test, y_test, info, eval_batch_size),
         info,

@@ -22,15 +22,23 @@ kept), in parallel inside tf.data. Two ways use it:
 """
 
 import contextlib
+import math
 import os
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfsplit.data import common
+from tfsplit.data import common, pipeline
 from tfsplit.data.common import DatasetFileError
-from tfsplit.data.pipeline import augmented_and_normalized, finish_epoch
+from tfsplit.data.pipeline import (
+    augment_batch,
+    augmented_and_normalized,
+    batch_seeds,
+    epoch_plans,
+    finish_epoch,
+    normalize,
+)
 from tfsplit.records import holdout
 from tfsplit.records import image_folder as listing
 from tfsplit.records.image_folder import DEFAULT_IMAGE_SIZE, LAYOUT, MEAN, STD
@@ -182,18 +190,29 @@ def _decoded_in_order(paths, labels, order, image_size):
     return samples.concatenate(end).scan(tf.constant(0, tf.int64), check).take(count)
 
 
-def _train_batches(paths, labels, info, batch_size, augment, seed):
-    """This device's files in a new order every epoch, decoded, batched, augmented, normalized."""
-    count = len(paths)
+def _train_batches(paths, labels, info, batch_size, augment, seed, position):
+    """This device's files in a new order every epoch, decoded, batched, augmented, normalized:
+    the order and crops of `pipeline.epoch_plans` and `batch_seeds`, so the same seed gives the
+    batches the in-memory pipeline gives, and a resumed run the batches it would have seen."""
+    count, steps = len(paths), math.ceil(len(paths) / batch_size)
     paths, labels = tf.constant(paths), tf.constant(labels)
-    # Each epoch's order is one permutation of the indices: the index shuffle of pipeline.py, so
-    # the same seed gives the order the in-memory pipeline gives.
-    indices = tf.data.Dataset.range(count)
-    orders = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True).batch(count)
-    samples = orders.flat_map(
-        lambda order: _decoded_in_order(paths, labels, order, info.image_shape[0])
-    )
-    batches = augmented_and_normalized(samples.batch(batch_size), info, augment, seed)
+
+    def epoch_batches(order, epoch, first):
+        batches = _decoded_in_order(paths, labels, order, info.image_shape[0]).batch(batch_size)
+        if not augment:
+            return batches
+        return tf.data.Dataset.zip(batches, batch_seeds(seed, epoch, first, steps))
+
+    def make_batch(batch, augment_seed=None):
+        images, batch_labels = batch
+        if augment_seed is not None:
+            images = augment_batch(images, augment_seed)
+        return normalize(images, info), batch_labels
+
+    batches = epoch_plans(count, batch_size, seed, position).flat_map(epoch_batches)
+    if not augment:
+        batches = batches.map(lambda images, batch_labels: ((images, batch_labels),))
+    batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return finish_epoch(batches, count, batch_size)
 
 
@@ -217,6 +236,7 @@ def build_image_folder_datasets(
     train_size=None,
     test_size=None,
     validation_fraction=0.0,
+    position=None,
 ):
     """Training, validation and test pipelines that decode the image files every epoch, as
     `build_datasets` gives.
@@ -239,6 +259,7 @@ def build_image_folder_datasets(
         over the classes), before the device split; None takes all.
       validation_fraction: the share of the training files held out for validation
         (`tfsplit.records.holdout`, drawn from `seed`), before the device split.
+      position: as in `pipeline.build_train_dataset`.
 
     Returns:
       `Splits` of float32 normalized (B, S, S, 3) images and int32 (B,) labels; `info.train_size`
@@ -251,6 +272,7 @@ def build_image_folder_datasets(
     common.check_pipeline_arguments(
         batch_size, eval_batch_size, seed, shard_index, num_shards, augment=augment
     )
+    position = pipeline.new_position() if position is None else position
     path, classes, train_folder, test_folder, size = _open(path, image_size)
     train_paths, train_labels = _split_files(train_folder, classes, train_size, "train")
     test_paths, test_labels = _split_files(test_folder, classes, test_size, "test")
@@ -282,7 +304,7 @@ def build_image_folder_datasets(
         info.test_size,
     )
     return common.Splits(
-        _train_batches(train_paths, train_labels, info, batch_size, augment, seed),
+        _train_batches(train_paths, train_labels, info, batch_size, augment, seed, position),
         _eval_batches(val_paths, val_labels, info, eval_batch_size) if len(held) else None,
         _eval_batches(test_paths, test_labels, info, eval_batch_size),
         info,

@@ -3,9 +3,14 @@
 `build_train_dataset` and `build_eval_dataset` batch arrays held in memory: indices are shuffled
 instead of images, and each batch is gathered, augmented and normalized by one vectorised map,
 faster than a per-image tf.image pipeline (measured: docs/results.md). The streamed sources
-(image folders, shards) finish their batches with `augmented_and_normalized` and `finish_epoch`,
-so the same seed gives the same crops everywhere. `normalize` is shared with export code, so a
-deployed model sees the pixels it was trained on.
+(image folders, shards) finish their batches with `augmented_and_normalized` and `finish_epoch`.
+`normalize` is shared with export code, so a deployed model sees the pixels it was trained on.
+
+The training order of in-memory sets and image folders is a function of the seed and the
+epoch (`epoch_plans`): epoch e's order and batch b's crops depend on (seed, e) and (seed, e, b)
+only, and an iterator starts at the (epoch, batch) its `position` variable holds. A run resumed
+from a backup in the middle of an epoch (`tfsplit.callbacks.DataPosition`) so trains on the
+batches the uninterrupted run trained on, from the one after its last backup.
 """
 
 import math
@@ -95,6 +100,49 @@ def augmented_and_normalized(batches, info, augment=False, seed=None):
     return batches.map(batch_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def epoch_plans(count, batch_size, seed, position):
+    """The plan of the epoch an iterator starts in: one element, (order, epoch, first batch).
+
+    `position` (an int64 variable of shape (2,)) holds (epoch, first batch) for the next
+    iterator, which reads it when it starts and moves it on to (epoch + 1, 0): each iterator
+    (an epoch of `fit`, or a calibration's pass) draws a new order. `order` is the epoch's
+    permutation of the `count` samples, drawn from `seed` and the epoch alone, from the first
+    batch on.
+    """
+
+    def plan(_):
+        start = tf.identity(position.read_value())
+        epoch, first = start[0], start[1]
+        with tf.control_dependencies([start]):
+            moved = position.assign(tf.stack([epoch + 1, tf.constant(0, tf.int64)]))
+        with tf.control_dependencies([moved]):
+            shuffle_seed = tf.random.experimental.stateless_fold_in(_seed_pair(seed, 0), epoch)
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=shuffle_seed
+            )
+        return order[first * batch_size :], epoch, first
+
+    return tf.data.Dataset.range(1).map(plan)
+
+
+def new_position():
+    """The (epoch, first batch) variable of a training pipeline that starts at the beginning."""
+    return tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="data_position")
+
+
+def batch_seeds(seed, epoch, first, steps):
+    """The augmentation seeds of an epoch's batches `first`..`steps - 1`: batch b of epoch e
+    gets a (2,) seed drawn from (`seed`, e x steps + b)."""
+    pair = _seed_pair(seed, 1)
+    return tf.data.Dataset.range(first, steps).map(
+        lambda batch: tf.random.experimental.stateless_fold_in(pair, epoch * steps + batch)
+    )
+
+
+def _seed_pair(seed, stream):
+    return tf.constant([seed, stream], tf.int64)
+
+
 def finish_epoch(batches, total, batch_size):
     """Streamed batches with their count per epoch asserted (Keras's steps; an epoch that ends
     short fails), then prefetched."""
@@ -102,11 +150,12 @@ def finish_epoch(batches, total, batch_size):
     return batches.apply(cardinality).prefetch(tf.data.AUTOTUNE)
 
 
-def _batches(images, labels, info, batch_size, shuffle_seed=None, augment=False):
+def _batches(images, labels, info, batch_size, shuffle_seed=None, augment=False, position=None):
     """Batches of indices gathered, augmented (when asked) and normalized by one map.
 
-    With `shuffle_seed` the order is shuffled anew every epoch and the augmentation seeds come
-    from the same seed; without it the stored order is kept. The last partial batch is kept.
+    With `shuffle_seed` the order is `epoch_plans`' (a new one every epoch, from `position`) and
+    the augmentation seeds `batch_seeds`'; without it the stored order is kept. The last partial
+    batch is kept.
     """
     if np.ndim(images) != 4 or np.ndim(labels) != 1 or len(images) != len(labels):
         raise ValueError(
@@ -125,21 +174,30 @@ def _batches(images, labels, info, batch_size, shuffle_seed=None, augment=False)
         return normalize(batch, info), tf.gather(labels, index)
 
     count = int(images.shape[0])
-    indices = tf.data.Dataset.range(count)
-    if shuffle_seed is not None:
-        indices = indices.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
-    batches = indices.batch(batch_size)
-    if augment:
-        seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
-        batches = tf.data.Dataset.zip(batches, seeds.batch(2))
-    return batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if shuffle_seed is None:
+        batches = tf.data.Dataset.range(count).batch(batch_size)
+        return batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+            tf.data.AUTOTUNE
+        )
+    steps = math.ceil(count / batch_size)
+
+    def epoch_batches(order, epoch, first):
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        if not augment:
+            return batches
+        return tf.data.Dataset.zip(batches, batch_seeds(shuffle_seed, epoch, first, steps))
+
+    batches = epoch_plans(count, batch_size, shuffle_seed, position).flat_map(epoch_batches)
+    batches = batches.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return finish_epoch(batches, count, batch_size)
 
 
-def build_train_dataset(images, labels, info, batch_size, augment=True, seed=0):
+def build_train_dataset(images, labels, info, batch_size, augment=True, seed=0, position=None):
     """Shuffled, augmented, normalized batches; a new order and new crops every epoch.
 
-    The order and the augmentation come from `seed`, so two runs with the same seed see the same
-    batches. The last partial batch is kept.
+    The order and the augmentation come from `seed` and the epoch (`epoch_plans`), so two runs
+    with the same seed see the same batches, and a resumed run sees the batches the
+    uninterrupted one saw. The last partial batch is kept.
 
     Args:
       images: uint8 (N, H, W, C) array.
@@ -148,12 +206,15 @@ def build_train_dataset(images, labels, info, batch_size, augment=True, seed=0):
       batch_size: samples per batch.
       augment: whether to apply `augment_batch`.
       seed: int >= 0 fixing the order and the augmentation.
+      position: the (epoch, first batch) variable of `epoch_plans` (None: `new_position()`);
+        `tfsplit.callbacks.DataPosition` sets it from the steps trained, after a resume too.
 
     Returns:
       A tf.data.Dataset of (float32 (B, H, W, C), int32 (B,)) batches.
     """
     common.check_seed(seed)
-    return _batches(images, labels, info, batch_size, shuffle_seed=seed, augment=augment)
+    position = new_position() if position is None else position
+    return _batches(images, labels, info, batch_size, seed, augment, position)
 
 
 def build_eval_dataset(images, labels, info, batch_size):

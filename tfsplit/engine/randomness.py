@@ -2,9 +2,10 @@
 
 Keras's random layers draw from generators that no checkpoint holds (on purpose, for
 compatibility), so a run that goes back to a checkpoint draws other masks than it drew the first
-time. The split training server must go back exactly: a device restored from its backup takes the
-run back to its step (the checkpoint, then the logged steps trained again), and the run must then
-go on as if it had never stopped.
+time. A run must go back exactly: a training run resumed from its backup (`BackupAndRestore`
+keeps the generators as the model's `dropout_draws`), and the split training server, which a
+device restored from its backup takes back to its step (the checkpoint, then the logged steps
+trained again), go on as if they had never stopped.
 """
 
 import tf_keras as keras
@@ -28,16 +29,18 @@ def random_layers(model):
 
 def checkpointed_draws(model, seed):
     """Has each random layer of `model` draw from a `tf.random.Generator` of its own, seeded
-    from `seed` and the layer's position, and returns those generators, for the caller's
-    checkpoint to keep. Call it before the model's first compiled call (a trace keeps the draws
-    it found)."""
+    from `seed` and the layer's position (a layer given one before keeps it), and returns those
+    generators, for the caller's checkpoint to keep. Call it before the model's first compiled
+    call (a trace keeps the draws it found)."""
     generators = []
     for number, layer in enumerate(random_layers(model)):
-        # Keras's own RandomGenerator, in its tf.random.Generator mode: the layers' code stays
-        # Keras's; only where the draws come from changes.
-        drawer = type(layer._random_generator)(seed * 1000 + number, rng_type="stateful")
-        drawer._maybe_init()
-        layer._random_generator = drawer
+        drawer = layer._random_generator
+        if getattr(drawer, "_generator", None) is None:  # not given a generator before
+            # Keras's own RandomGenerator, in its tf.random.Generator mode: the layers' code
+            # stays Keras's; only where the draws come from changes.
+            drawer = type(drawer)(seed * 1000 + number, rng_type="stateful")
+            drawer._maybe_init()
+            layer._random_generator = drawer
         generators.append(drawer._generator)
     return generators
 

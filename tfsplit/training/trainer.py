@@ -20,6 +20,7 @@ from absl import logging
 from tfsplit import backbones as models
 from tfsplit import callbacks as callbacks_lib
 from tfsplit import codec, data
+from tfsplit.engine import randomness
 from tfsplit.engine.split_model import SplitModel
 from tfsplit.training.client import HeadAveraging, RemoteCheckpoint, RemoteSplitModel, RemoteTail
 from tfsplit.training.codec_step import CodecSplitModel
@@ -129,6 +130,8 @@ def build_split_model(config, info, remote=False):
         for part in ("head", "tail", "top") if top else ("head", "tail"):
             getattr(other, part).set_weights(getattr(split, part).get_weights())
         split = other
+    # Dropout draws from generators the backup keeps: a resumed run draws the masks it would have.
+    split.dropout_draws = randomness.checkpointed_draws(split, config.seed)
     return compile_split(split, config)
 
 
@@ -193,11 +196,12 @@ def load_run_arrays(config, **sizes):
     return data.load_arrays(config.data.name, **dict(data_arguments(config), **sizes))
 
 
-def build_data(config):
+def build_data(config, position=None):
     """`Splits(train, validation, test, info)` of `config.data`; with `binary_class` >= 0, the
     task "that class or another" (label 1 or 0), as in the label-leakage literature's binary
-    tasks. A run recorded before the validation split existed has none (validation is None)."""
-    splits = _build_datasets(config)
+    tasks. A run recorded before the validation split existed has none (validation is None).
+    `position`: the training data's position variable (`data.build_datasets`)."""
+    splits = _build_datasets(config, position)
     positive = config.data.get("binary_class", -1)
     if positive < 0:
         return splits
@@ -217,7 +221,7 @@ def build_data(config):
     )
 
 
-def _build_datasets(config):
+def _build_datasets(config, position):
     return data.build_datasets(
         config.data.name,
         batch_size=config.data.batch_size,
@@ -230,6 +234,7 @@ def _build_datasets(config):
         service_address=config.data.get("service_address", "") or None,
         local_cache_dir=config.data.get("local_cache_dir", "") or None,
         validation_fraction=config.data.get("validation_fraction", 0.0),
+        position=None if config.data.name == "shards" else position,
         **data_arguments(config),
     )
 
@@ -323,7 +328,8 @@ def train(config, workdir, verbose="auto", client=None, measure=()):
         logging.info("%s holds a trained model; its test set is evaluated now.", workdir)
         return _test_once(load_model(workdir), build_data(config).test, workdir)
     keras.utils.set_random_seed(config.seed)
-    splits = build_data(config)
+    position = data.pipeline.new_position()
+    splits = build_data(config, position)
     train_ds, info = splits.train, splits.info
     split = build_split_model(config, info, remote=client is not None)
     if config.init_from and not os.path.isdir(os.path.join(workdir, BACKUP_DIR)):
@@ -340,6 +346,7 @@ def train(config, workdir, verbose="auto", client=None, measure=()):
         if split.parallel:  # before the evaluation and the records: they see the average
             callbacks.insert(1, HeadAveraging(info.train_size))
         callbacks.append(RemoteCheckpoint(config.checkpoint_every_steps))  # after the backup
+    callbacks.append(callbacks_lib.DataPosition(position))  # after the backup is restored
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
     keras.utils.set_random_seed(config.seed)
     split.fit(
