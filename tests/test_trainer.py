@@ -256,10 +256,10 @@ def test_nested_budgets_send_the_same_bytes_and_both_paths_agree(tmp_path):
 
 
 # The smoke deprune run (VGG-11, dropout in its classifier) at its own learning rates, killed in
-# its second phase, after the deprune reset: 29 steps an epoch, a backup every 5.
+# its second phase, after the deprune reset: 18 steps an epoch, a backup every 5.
 KILL_OVERRIDES = [
     "--config=configs/deprune.py:smoke",
-    "--config.data.train_size=1024",
+    "--config.data.train_size=640",
     "--config.data.test_size=500",
     "--config.data.eval_batch_size=500",
     "--config.checkpoint_every_steps=5",

@@ -52,6 +52,7 @@ TOOLS = (
     "infer",
     "prepare_data",
     "reproduce",
+    "results_pages",
     "run_head",
     "serve",
     "train",

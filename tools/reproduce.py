@@ -26,7 +26,7 @@ import sys
 from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.eval import reproduce, seeds
+from tfsplit.eval import archive, reproduce, seeds
 from tfsplit.training import config as config_lib
 from tfsplit_tools import cli
 
@@ -66,6 +66,13 @@ _DATA_PATH = flags.DEFINE_string(
     None,
     "Local dataset archive for every method (config data.path), e.g. a CIFAR-10 python tar.gz.",
 )
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir",
+    None,
+    "Also keep the runs as data here (replaced): the configs, each run's summary and epoch "
+    "records, and the aggregate that tfsplit-results-pages draws the docs' tables and plots "
+    "from (e.g. results/quick).",
+)
 _SEEDS = flags.DEFINE_integer(
     "seeds",
     1,
@@ -91,18 +98,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     configs = load_configs()
+    first = configs["deprune"].seed
+    trained = list(range(first, first + _SEEDS.value))
     if _SEEDS.value == 1:
         result = reproduce.reproduce(configs, _WORKDIR.value, _TARGET.value, _INIT_FROM.value)
     else:
-        first = configs["deprune"].seed
         result = seeds.reproduce_at_seeds(
-            configs,
-            _WORKDIR.value,
-            range(first, first + _SEEDS.value),
-            _TARGET.value,
-            _INIT_FROM.value,
+            configs, _WORKDIR.value, trained, _TARGET.value, _INIT_FROM.value
         )
     paths = reproduce.write_results(result, _WORKDIR.value)
+    if _RESULTS_DIR.value:
+        count = archive.archive(_WORKDIR.value, _RESULTS_DIR.value, configs, trained, result)
+        print(f"kept {count} runs in {_RESULTS_DIR.value}")
     print(reproduce.format_markdown(result))
     print("wrote " + ", ".join(paths.values()))
 

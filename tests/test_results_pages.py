@@ -1,0 +1,111 @@
+"""Results kept as data (`tfsplit.eval.archive`) and the page generated from them
+(`tfsplit.eval.pages`): the committed docs/results.md sections are what the committed results
+give, and a section is drawn from the runs' own files."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import tfsplit  # noqa: F401
+from tfsplit.eval import archive, pages, seeds
+from tfsplit.training.config import base_config
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGE = REPO_ROOT / "docs" / "results.md"
+
+
+def test_the_committed_sections_are_what_the_committed_results_give():
+    names = pages.sections(PAGE.read_text())
+    assert names, "docs/results.md holds no generated section"
+    for name in names:
+        directory = REPO_ROOT / name
+        rendered = pages.render(name, str(directory), "plots")
+        assert pages.section_text(str(PAGE), name) == rendered, (
+            f"docs/results.md's {name} differs from what its results give: run "
+            "tfsplit-results-pages"
+        )
+        for line in rendered.splitlines():  # the plots it shows are committed
+            if line.startswith("!["):
+                assert (PAGE.parent / line.split("(")[1].rstrip(")")).is_file(), line
+        result, runs = archive.load(str(directory))
+        assert len(result["seeds"]) >= 3
+        for by_run in runs.values():  # every run kept with its records
+            assert {"sl", "casl", "deprune", "prune"} <= set(by_run)
+
+
+def _write_run(directory, val, test, epochs_val):
+    os.makedirs(directory)
+    summary = dict(final_val_accuracy=val, final_test_accuracy=test)
+    (pathlib.Path(directory) / "summary.json").write_text(json.dumps(summary))
+    lines = [json.dumps(dict(epoch=i + 1, val_accuracy=v)) for i, v in enumerate(epochs_val)]
+    (pathlib.Path(directory) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _seed_result(shift):
+    row = dict(final_budget=32, payload_mb_up=1.0, payload_mb_down=0.5, epochs=2)
+    row.update(wall_seconds=10.0, last_epoch_change_points=None)
+    rows = [
+        dict(row, method=label, final_val_accuracy=0.8 + shift, final_test_accuracy=0.7 + shift)
+        for label in ("SL", "deprune")
+    ]
+    curve = [
+        dict(
+            budget=4,
+            deprune_test_accuracy=0.5 + shift,
+            casl_test_accuracy=0.6,
+            payload_bytes_per_sample=84.0,
+        )
+    ]
+    ratios = dict(
+        deprune_vs_sl_network=2.0,
+        deprune_vs_sl_accuracy_points=0.0,
+        deprune_vs_casl_accuracy_points=1.5,
+        same_final_budget=True,
+        prune_vs_casl_time_to_target=None,
+        prune_vs_casl_time_to_target_with_start=None,
+    )
+    return dict(rows=rows, ratios=ratios, curve=curve, target_accuracy=0.79)
+
+
+def test_a_section_is_drawn_from_the_runs_files(tmp_path):
+    workdir = tmp_path / "work"
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        _write_run(workdir / f"seed_{seed}" / "sl", 0.8, 0.7, [0.5, 0.8 + shift])
+        _write_run(workdir / f"seed_{seed}" / "deprune", 0.8, 0.7, [0.795, 0.8])
+    result = seeds.combine([_seed_result(0.0), _seed_result(0.02)], [0, 1])
+    configs = {"sl": base_config("sl")}
+    out = tmp_path / "results" / "toy"
+    assert archive.archive(str(workdir), str(out), configs, [0, 1], result) == 4
+    assert json.loads((out / "config" / "sl.json").read_text())["mode"] == "sl"
+    text = pages.render("results/toy", str(out), "plots")
+    # SL: validation 80% and 82% -> 81.00 ± 1.41 (n - 1); it moved 30 and 32 points last epoch.
+    assert f"| SL | 32 | 81.00 ± {100 * np.std([0.8, 0.82], ddof=1):.2f}% | 71.00 ± 1.41%" in text
+    assert "| +30.00 / +32.00 |" in text and "| +0.50 / +0.50 |" in text
+    assert "Not converged (the last epoch moved validation accuracy by 1 point or more" in text
+    assert "at some seed): sl." in text  # deprune moved half a point: settled
+    assert "| 4 | 51.00 ± 1.41% | 60.00 ± 0.00% | 84.0 |" in text
+    page = tmp_path / "page.md"
+    start, end = (marker.format(name="results/toy") for marker in (pages.START, pages.END))
+    page.write_text(f"# Page\n\nkept\n\n{start}\nstale\n{end}\n\nkept too\n")
+    assert pages.update_page(str(page), str(tmp_path / "results"), str(tmp_path / "plots")) == [
+        "results/toy"
+    ]
+    written = page.read_text()
+    assert written.startswith("# Page\n\nkept\n\n") and written.endswith(f"{end}\n\nkept too\n")
+    assert pages.section_text(str(page), "results/toy") == pages.render(
+        "results/toy", str(out), "plots"
+    )
+    for plot in pages.PLOTS:
+        assert (tmp_path / "plots" / f"results_toy_{plot}.png").stat().st_size > 1000
+
+
+def test_a_page_without_sections_or_results_is_refused(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Nothing generated\n")
+    with pytest.raises(ValueError, match="no generated section"):
+        pages.update_page(str(page), str(tmp_path), str(tmp_path / "plots"))
+    with pytest.raises(FileNotFoundError, match="tfsplit-reproduce --results_dir"):
+        archive.load(str(tmp_path / "missing"))
