@@ -60,10 +60,11 @@ def build_datasets(
         `seed` (`tfsplit.records.holdout`) before the devices' parts; 0 holds out nothing.
         Shards hold the validation split they were written with (`tfsplit-prepare-data
         --validation_fraction`), so for them it must be 0 or the fraction they were written with.
-      position: in-memory sets and image folders: the int64 variable that holds the training
-        step the next epoch's iterator starts at (`pipeline.build_train_dataset`); a run that
-        sets it after a resume trains on the batches the uninterrupted run would have. Shards
-        draw their order anew in each process (a resumed epoch reads them in another order).
+      position: in-memory sets and image folders: the variable that holds the (epoch, first
+        batch) the next iterator starts at (`pipeline.epoch_plans`); a run that sets it after a
+        resume (`tfsplit.callbacks.DataPosition`) trains on the batches the uninterrupted run
+        would have. Shards draw their order anew in each process (a resumed epoch reads them in
+        another order).
 
     Returns:
       `Splits(train, validation, test, info)`: `validation` is None when nothing is held out;

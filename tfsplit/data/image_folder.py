@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfsplit.data import common, pipeline
+from tfsplit.data import common
 from tfsplit.data.common import DatasetFileError
 from tfsplit.data.pipeline import (
     augment_batch,
@@ -37,6 +37,7 @@ from tfsplit.data.pipeline import (
     batch_seeds,
     epoch_plans,
     finish_epoch,
+    new_position,
     normalize,
 )
 from tfsplit.records import holdout
@@ -272,7 +273,7 @@ def build_image_folder_datasets(
     common.check_pipeline_arguments(
         batch_size, eval_batch_size, seed, shard_index, num_shards, augment=augment
     )
-    position = pipeline.new_position() if position is None else position
+    position = new_position() if position is None else position
     path, classes, train_folder, test_folder, size = _open(path, image_size)
     train_paths, train_labels = _split_files(train_folder, classes, train_size, "train")
     test_paths, test_labels = _split_files(test_folder, classes, test_size, "test")

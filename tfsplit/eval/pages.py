@@ -169,18 +169,22 @@ def draw(name, results_dir, plots_dir):
             label=row["method"],
         )
     axes.set(xscale="log", xlabel="training payload, MB up + down", ylabel="test accuracy, %")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.legend(fontsize=8)
     save(figure, "accuracy_vs_bytes")
 
     figure, axes = pyplot.subplots(figsize=(6, 4))
+    lengths = {}
     for run, label in RUNS.items():
         curves = [by_run[run][1] for by_run in runs.values() if run in by_run]
         if not curves or not all("val_accuracy" in r for c in curves for r in c):
             continue
-        length = min(len(c) for c in curves)
+        length = lengths[run] = min(len(c) for c in curves)
         mean = np.mean([[100 * r["val_accuracy"] for r in c[:length]] for c in curves], axis=0)
-        axes.plot(range(1, length + 1), mean, marker=".", label=label)
-    axes.set(xlabel="epoch", ylabel="validation accuracy, %")
+        start = lengths.get("prune_start", 0) if run == "prune" else 0  # it goes on from there
+        axes.plot(range(start + 1, start + length + 1), mean, marker=".", label=label)
+    axes.set(xlabel="epoch (prune's after its start model's)", ylabel="validation accuracy, %")
     axes.legend(fontsize=8)
     save(figure, "accuracy_vs_epoch")
 
@@ -195,6 +199,7 @@ def draw(name, results_dir, plots_dir):
         axes.errorbar(budgets, [np.mean(v) for v in values], yerr=spread, marker="o", capsize=4,
                       label=label)  # fmt: skip
     axes.set(xscale="log", xlabel="budget (channels sent)", ylabel="test accuracy, %")
+    axes.minorticks_off()
     axes.set_xticks(budgets, [str(b) for b in budgets])
     axes.legend(fontsize=8)
     save(figure, "budget_curve")
