@@ -15,6 +15,9 @@ import os
 import re
 
 import numpy as np
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from tfsplit.eval import archive
 
@@ -140,23 +143,23 @@ def _plot_name(name, plot):
 
 def draw(name, results_dir, plots_dir):
     """Writes the section's plots (PNG) into `plots_dir`; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
     result, runs = archive.load(results_dir)
     os.makedirs(plots_dir, exist_ok=True)
     paths = []
+
+    def new_axes():
+        # A Figure on its own Agg canvas, not pyplot: no global backend is set for the caller.
+        figure = Figure(figsize=(6, 4))
+        FigureCanvasAgg(figure)
+        return figure, figure.add_subplot()
 
     def save(figure, plot):
         path = os.path.join(plots_dir, _plot_name(name, plot))
         figure.tight_layout()
         figure.savefig(path, dpi=100, metadata={"Software": None})
-        pyplot.close(figure)
         paths.append(path)
 
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+    figure, axes = new_axes()
     for row in result["rows"]:
         values = [100 * v for v in _seeds_of(row, "final_test_accuracy")]
         spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
@@ -169,12 +172,12 @@ def draw(name, results_dir, plots_dir):
             label=row["method"],
         )
     axes.set(xscale="log", xlabel="training payload, MB up + down", ylabel="test accuracy, %")
-    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(ticker.NullFormatter())
     axes.legend(fontsize=8)
     save(figure, "accuracy_vs_bytes")
 
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+    figure, axes = new_axes()
     lengths = {}
     for run, label in RUNS.items():
         curves = [by_run[run][1] for by_run in runs.values() if run in by_run]
@@ -188,7 +191,7 @@ def draw(name, results_dir, plots_dir):
     axes.legend(fontsize=8)
     save(figure, "accuracy_vs_epoch")
 
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+    figure, axes = new_axes()
     budgets = [point["budget"] for point in result["curve"]]
     for key, label in (
         ("deprune_test_accuracy", "deprune, one model (nested budgets)"),
