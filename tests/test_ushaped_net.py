@@ -172,7 +172,10 @@ def opened(serving, tmp_path):
     model = trainer.build_split_model(config, INFO)
     stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     stub.Hello(_hello_request(model), timeout=60)
-    stub.Checkpoint(pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0"))
+    # A checkpoint before the first step: the state a restarted server replays its log from.
+    stub.Checkpoint(
+        pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0", step=0)
+    )
     return stub, model, servicer
 
 
@@ -313,7 +316,10 @@ def test_a_parallel_server_joins_concurrent_ushaped_steps_into_one_batch(serving
     stub = pb_grpc.SplitTrainingStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     for device in ("device-0", "device-1"):
         stub.Hello(_hello_request(model, device, tail_weights=start), timeout=60)
-    stub.Checkpoint(pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0"))
+    # A checkpoint before the first step: the state a restarted server replays its log from.
+    stub.Checkpoint(
+        pb.CheckpointRequest(model_digest=model_digest(model), device_id="device-0", step=0)
+    )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         joined = list(pool.map(device_step, [stub] * 2, ["device-0", "device-1"], [0, 1]))
     alone_servicer, alone_port = serving(config)

@@ -234,7 +234,7 @@ def _build_datasets(config, position):
         service_address=config.data.get("service_address", "") or None,
         local_cache_dir=config.data.get("local_cache_dir", "") or None,
         validation_fraction=config.data.get("validation_fraction", 0.0),
-        position=None if config.data.name == "shards" else position,
+        position=position,
         **data_arguments(config),
     )
 
