@@ -12,10 +12,10 @@ workdir:
   tfsplit-train --config=configs/prune.py:finetune --config.init_from=/tmp/tfsplit/start \
       --workdir=/tmp/tfsplit/prune
 
-Default (embedded dataset, 10 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
+Default (embedded dataset, 20 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
 e.g. `:steps,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
-  steps: the research code's prune 32 -> 4: 10 epochs, 2 at 32, 2 at 4 (paper 30, 10, 10).
+  steps: the research code's prune 32 -> 4: 20 epochs, 4 at 32, 4 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
   hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
     images, 5x epochs; the device-side local classifier (tfsplit/layers/local_classifier.py);
@@ -73,8 +73,8 @@ def get_config(arg=None):
     # (paper, steps): (pretraining epochs, its anneal epochs and learning rate, [(budget, epochs),
     # ...], learning rate, boost epochs, anneal epochs).
     schedules = {
-        (False, False): (10, 3, 0.02, [(32, 3)], 0.01, 0, 3),
-        (False, True): (10, 3, 0.02, [(32, 2), (4, 2)], 0.02, 1, 1),
+        (False, False): (20, 6, 0.02, [(32, 3)], 0.01, 0, 3),
+        (False, True): (20, 6, 0.02, [(32, 4), (4, 4)], 0.02, 2, 2),
         (True, False): (20, 0, 0.001, [(16, 5)], 0.01, 2, 0),
         (True, True): (30, 0, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),
     }

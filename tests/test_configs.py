@@ -127,29 +127,29 @@ def test_smoke_shrinks_every_composition_whatever_the_order(path):
 def test_deprune_schedules():
     path = os.path.join(CONFIG_DIR, "deprune.py")
     assert schedule(load(path)) == [
-        (8, 6, 0.02, 0.0, 0, "none"),
-        (32, 4, 0.02, 0.0, 0, "deprune"),
+        (8, 12, 0.02, 0.0, 0, "none"),
+        (32, 8, 0.02, 0.0, 0, "deprune"),
     ]
-    assert load(path).phases[1].anneal_epochs == 3
+    assert load(path).phases[1].anneal_epochs == 6
     assert schedule(load(path, "paper")) == [
         (4, 25, 0.01, 0.0, 0, "none"),
         (16, 15, 0.01, 0.05, 3, "deprune"),
     ]
     # grow: the de-prune reset opens every channel (budget 0: no masking).
     assert schedule(load(path, "grow")) == [
-        (4, 6, 0.02, 0.0, 0, "none"),
-        (0, 4, 0.02, 0.05, 1, "deprune"),
+        (4, 12, 0.02, 0.0, 0, "none"),
+        (0, 8, 0.02, 0.05, 2, "deprune"),
     ]
     # lean: the first phase sends 4 channels; the schedules that already start at 4 are unchanged.
     assert schedule(load(path, "lean")) == [
-        (4, 6, 0.02, 0.0, 0, "none"),
-        (32, 4, 0.02, 0.0, 0, "deprune"),
+        (4, 12, 0.02, 0.0, 0, "none"),
+        (32, 8, 0.02, 0.0, 0, "deprune"),
     ]
     assert schedule(load(path, "lean,grow")) == schedule(load(path, "grow"))
     # hard: phase 1 at 16, where 8 starved the 80-class cut; lean and grow still start at 4.
     assert schedule(load(path, "hard")) == [
-        (16, 6, 0.02, 0.0, 0, "none"),
-        (32, 4, 0.02, 0.0, 0, "deprune"),
+        (16, 12, 0.02, 0.0, 0, "none"),
+        (32, 8, 0.02, 0.0, 0, "deprune"),
     ]
     assert schedule(load(path, "hard,lean"))[0][0] == 4
     assert schedule(load(path, "hard,grow")) == schedule(load(path, "grow"))
@@ -170,14 +170,14 @@ def test_prune_schedules():
     path = os.path.join(CONFIG_DIR, "prune.py")
     # No boost: a learning rate falling from 0.01 over the whole fine-tuning (all 3 epochs).
     default = load(path)
-    assert schedule(default) == [(0, 10, 0.02, 0.0, 0, "none"), (32, 3, 0.01, 0.0, 0, "prune")]
+    assert schedule(default) == [(0, 20, 0.02, 0.0, 0, "none"), (32, 3, 0.01, 0.0, 0, "prune")]
     assert default.phases[1].anneal_epochs == 3
     paper = load(path, "paper")
     assert schedule(paper) == [(0, 20, 0.001, 0.0, 0, "none"), (16, 5, 0.01, 0.05, 2, "prune")]
     assert paper.optimizer.momentum == 0.9
     # steps: prune 32 -> 4, the second step without a reset.
-    steps = [(32, 2, 0.02, 0.05, 1, "prune"), (4, 2, 0.02, 0.0, 0, "none")]
-    assert schedule(load(path, "steps")) == [(0, 10, 0.02, 0.0, 0, "none")] + steps
+    steps = [(32, 4, 0.02, 0.05, 2, "prune"), (4, 4, 0.02, 0.0, 0, "none")]
+    assert schedule(load(path, "steps")) == [(0, 20, 0.02, 0.0, 0, "none")] + steps
     assert schedule(load(path, "finetune,steps")) == steps
     assert schedule(load(path, "steps,finetune")) == steps
     assert schedule(load(path, "finetune")) == [(32, 3, 0.01, 0.0, 0, "prune")]
