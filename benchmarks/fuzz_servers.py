@@ -210,10 +210,19 @@ def _write_ready(workdir, ready):
     os.replace(path + ".partial", path)
 
 
-def serve_training(workdir, sequential, parallel, identity="devices", warm_up=True):
+def serve_training(
+    workdir,
+    sequential,
+    parallel,
+    identity="devices",
+    warm_up=True,
+    max_devices=None,
+    average_timeout_s=5.0,
+):
     """The child's training servers: `sequential` and `parallel` TrainingServicers, none opened,
     each on its own port with the bounds `tfsplit-train-server` derives from the config (largest
-    batch and learning rate) and its `--warm_up` (unless `warm_up` is False), and either
+    batch and learning rate), `max_devices` (None: the server's default), parallel mode's
+    `average_timeout_s` and its `--warm_up` (unless `warm_up` is False), and either
     per-device tokens (`identity="devices"`, the tokens file `<workdir>/tokens`) or one shared
     token (`"shared"`, `<workdir>/token`); runs until stdin closes."""
     service_lib.one_inter_op_thread()  # as tfsplit-train-server
@@ -229,9 +238,9 @@ def serve_training(workdir, sequential, parallel, identity="devices", warm_up=Tr
     build_split = _builder(config)
     servers, ports = [], {"sequential": [], "parallel": []}
     for mode, count in (("sequential", sequential), ("parallel", parallel)):
-        options = dict(service_lib.config_limits(config), warm_up=warm_up)
+        options = dict(service_lib.config_limits(config), warm_up=warm_up, max_devices=max_devices)
         if mode == "parallel":
-            options.update(parallel=True, average_timeout_s=5.0)
+            options.update(parallel=True, average_timeout_s=average_timeout_s)
         for i in range(count):
             state_dir = os.path.join(workdir, f"state-{mode}-{i}")
             servicer = service_lib.TrainingServicer(
@@ -286,7 +295,8 @@ class ServerProcess:
     """A `--serve` child of this module, with `files` (name -> text) written in its workdir
     first: started, watched (RSS, log) and stopped."""
 
-    def __init__(self, target, workdir, files, args=(), env=None):
+    def __init__(self, target, workdir, files, args=(), env=None, cpu=None):
+        """`cpu`: the one CPU (number) the child runs on (`taskset`), None: any."""
         os.makedirs(workdir, exist_ok=True)
         for name, text in files.items():  # the credentials, readable by this user only
             fd = os.open(os.path.join(workdir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -300,6 +310,8 @@ class ServerProcess:
         env = dict(os.environ, **(env or {}))
         env.update(PYTHONPATH=os.pathsep.join(path), TF_CPP_MIN_LOG_LEVEL="2")
         command = [sys.executable, "-m", "benchmarks.fuzz_servers", f"--serve={target}"]
+        if cpu is not None:
+            command = ["taskset", "--cpu-list", str(cpu)] + command
         command += [f"--workdir={workdir}", *args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -2364,6 +2376,8 @@ def _parser():
     parser.add_argument(
         "--max_batch_size", type=int, default=TAIL_MAX_BATCH, help=argparse.SUPPRESS
     )
+    parser.add_argument("--max_devices", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--average_timeout_s", type=float, default=5.0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -2381,7 +2395,13 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.serve == "training":
         serve_training(
-            args.workdir, args.sequential, args.parallel, args.identity, not args.no_warm_up
+            args.workdir,
+            args.sequential,
+            args.parallel,
+            args.identity,
+            not args.no_warm_up,
+            args.max_devices,
+            args.average_timeout_s,
         )
         return 0
     if args.serve == "tail":

@@ -135,11 +135,13 @@ class LoadTest:
         sample_interval_s=0.5,
         max_failures=20,
         mmap_threshold=None,
+        server_cpu=None,
+        average_timeout_s=5.0,
     ):
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}. Received: {mode!r}")
-        if not 1 <= devices <= MAX_DEVICES:
-            raise ValueError(f"`devices` must be in 1..{MAX_DEVICES}. Received: {devices}")
+        if devices < 1:
+            raise ValueError(f"`devices` must be >= 1. Received: {devices}")
         if steps < 1:
             raise ValueError(f"`steps` must be >= 1. Received: {steps}")
         self.workdir, self.devices_count, self.steps, self.mode = workdir, devices, steps, mode
@@ -149,6 +151,7 @@ class LoadTest:
         self.server_env = (
             {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
         )
+        self.server_cpu, self.average_timeout_s = server_cpu, average_timeout_s
         self.warmup_steps = warmup_steps(steps)
         self.tokens = {f"device-{i}": secrets.token_urlsafe(24) for i in range(devices)}
         self._lock = threading.Lock()
@@ -160,6 +163,7 @@ class LoadTest:
         self.samples = []
         self.warmup = None  # the sample at the warm-up level
         self.server = None
+        self.opened_rss = None  # the server's RSS once the first device opened the run
         self.began = None
 
     # ------------------------------------------------------------------------------ the server
@@ -168,12 +172,16 @@ class LoadTest:
         if self.mode == "parallel":
             counts = ["--sequential=0", "--parallel=1"]
         tokens = "".join(f"{device} {token}\n" for device, token in self.tokens.items())
+        slots = [f"--max_devices={self.devices_count}"] if self.devices_count > MAX_DEVICES else []
         self.server = fuzz_servers.ServerProcess(
             "training",
             os.path.join(self.workdir, "server"),
             {"tokens": tokens},
-            counts + ["--identity=devices"],
+            counts
+            + slots
+            + ["--identity=devices", f"--average_timeout_s={self.average_timeout_s}"],
             self.server_env,
+            cpu=self.server_cpu,
         )
         ready = self.server.wait_ready()
         return ready["ports"][self.mode][0], ready["model"]
@@ -200,6 +208,8 @@ class LoadTest:
                 raise RuntimeError(f"{device_id} could not open the run: {problem}")
             if device.next_step != 0:
                 raise RuntimeError(f"{device_id} joined at step {device.next_step}, not 0")
+            if i == 0:  # the run is open: its model built, its tail warmed up
+                self.opened_rss = self.server.rss()
         return devices
 
     # ------------------------------------------------------------------------------ memory

@@ -554,7 +554,8 @@ def test_a_sequential_server_refuses_to_average_heads(opened):
 @pytest.mark.slow
 def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tmp_path):
     """Each device reads its own half of the data and trains its head; their steps train one
-    tail as one batch, and after the last epoch's averaging their heads agree."""
+    tail as one batch, split across the server's two replicas (`--strategy=mirrored` on two
+    logical CPU devices), and after the last epoch's averaging their heads agree."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     (tmp_path / "token").write_text("t0ken\n")
     config = ["--config=configs/deprune.py:smoke", f"--token_file={tmp_path / 'token'}"]
@@ -566,12 +567,13 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
             *config,
             "--port=0",
             "--mode=parallel",
+            "--strategy=mirrored",
             f"--workdir={tmp_path / 'server'}",
         ],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "server.log").open("w"),
         text=True,
     )
     try:
@@ -608,6 +610,7 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
             heads.append(trainer.load_model(str(tmp_path / f"device{i}")).head)
         for x, y in zip(*(h.trainable_weights for h in heads)):
             np.testing.assert_array_equal(x, y)
+        assert "Training steps split across 2 replicas" in (tmp_path / "server.log").read_text()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -1,5 +1,6 @@
-"""The training server's memory under load (benchmarks/load_server.py, issue 25): a bounded share
-of the full run, the server in a child process on 127.0.0.1 with per-device tokens.
+"""The training server's memory under load (benchmarks/load_server.py, issue 25, through the swarm
+of benchmarks/server_swarm.py): a bounded share of the full run, the server in a child process on
+127.0.0.1 with per-device tokens.
 
 Device threads, each with its own channel, token and step ids, send good TRAIN steps until all are
 answered; every reply must be a trained step's (a finite gradient of the shape sent), and every
@@ -11,10 +12,11 @@ then. The full runs (16 devices, 10,000 steps):
 """
 
 import json
+import pathlib
 
 import pytest
 
-from benchmarks import load_server
+from benchmarks import load_server, server_swarm
 
 DEVICES = 4
 
@@ -25,8 +27,17 @@ def _report(summary):
 
 @pytest.mark.parametrize("mode, steps", [("sequential", 4 * 50), ("parallel", 4 * 50)])
 def test_the_training_servers_memory_stays_flat_under_load(tmp_path, mode, steps):
-    summary = load_server.load(DEVICES, steps, mode, workdir=str(tmp_path))
+    """Through `tfsplit-bench-server`'s swarm, which adds the idle devices' memory and, in
+    parallel mode, a SplitFed round of every device's head."""
+    summary = server_swarm.SwarmTest(str(tmp_path), DEVICES, steps, mode).run()
     report = _report(summary)
+    assert summary["idle_bytes_per_device"] < 1 << 20, report
+    assert summary["samples_per_s"] > 0 and summary["mean_batch_formed"] >= 16, report
+    if mode == "parallel":
+        assert summary["averaging"]["devices_averaged"] == DEVICES, report
+        assert summary["averaging"]["problem"] == "", report
+    else:
+        assert summary["averaging"] is None, report
     assert summary["answered_ok"] == steps and summary["failed"] == 0, report
     assert summary["server_tracebacks"] == 0, report
     memory = summary["memory"]
@@ -47,3 +58,18 @@ def test_the_warm_up_is_a_tenth_of_the_steps_within_100_and_500():
     assert load_server.warmup_steps(2000) == 200
     assert load_server.warmup_steps(600) == 100
     assert load_server.warmup_steps(50) == 50
+
+
+def test_the_docs_swarm_table_is_the_committed_results():
+    """docs/networked-training.md's table is what `tfsplit-bench-server` printed, drawn again from
+    the summaries it wrote."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    name = "results/server_scale/bench_server.json"
+    runs = json.loads((root / name).read_text())["runs"]
+    page = (root / "docs" / "networked-training.md").read_text()
+    section = page.split(f"<!-- {name}: the table tfsplit-bench-server printed -->")[1]
+    assert section.split(f"<!-- end of {name} -->")[0].strip() == server_swarm.table(runs)
+    assert [(r["devices"], r["mode"]) for r in runs] == [
+        (n, mode) for n in (1, 10, 100, 1000) for mode in ("sequential", "parallel")
+    ]
+    assert all(r["failed"] == 0 and r["problems"] == [] for r in runs)

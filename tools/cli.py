@@ -44,6 +44,7 @@ TOOLS = (
     "bench_head",
     "bench_leakage",
     "bench_network",
+    "bench_server",
     "bench_train",
     "data_service",
     "device_train",

@@ -39,6 +39,7 @@ from tfsplit.auth import grpc_server as security
 from tfsplit.auth import identity as identity_lib
 from tfsplit.auth import transport
 from tfsplit.training import trainer
+from tfsplit.training.server import distributed
 from tfsplit.training.server import service as service_lib
 from tfsplit_tools import cli
 
@@ -123,6 +124,20 @@ _WARM_UP = flags.DEFINE_bool(
     "whatever sizes devices send (seconds to a minute). Default: on for a --host other than "
     "loopback (devices you may not trust), off on loopback.",
 )
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "none",
+    list(distributed.STRATEGIES),
+    "none: the tail on one device; mirrored: each training step's batch split across the local "
+    "GPUs, or across --cpu_replicas logical CPU devices where there is none "
+    "(docs/networked-training.md#a-tail-on-several-accelerators).",
+)
+_CPU_REPLICAS = flags.DEFINE_integer(
+    "cpu_replicas",
+    2,
+    "--strategy=mirrored without a GPU: the logical CPU devices the batch is split across.",
+    lower_bound=1,
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -184,8 +199,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.return_freed_buffers_to_the_os()
-    service_lib.one_inter_op_thread()
     config = _CONFIG.value
+    if _STRATEGY.value != "none" and config.budget_sampling.nested:
+        raise app.UsageError(
+            "--strategy: a run with nested budgets (config.budget_sampling.nested) trains its "
+            "tail without a strategy; its distillation keeps the whole batch's channel means."
+        )
+    service_lib.one_inter_op_thread()
+    strategy = distributed.make_strategy(_STRATEGY.value, _CPU_REPLICAS.value)  # before any op
     credentials, interceptors, identity = _security()
     if identity is not None and identity.tokens is not None:
         _reload_on_sighup(identity)
@@ -193,7 +214,10 @@ def main(argv):
 
     def build_split(image_shape, num_classes):
         info = types.SimpleNamespace(image_shape=image_shape, num_classes=num_classes)
-        split = trainer.build_split_model(config, info)
+        with distributed.scope(strategy):
+            split = trainer.build_split_model(config, info)
+        if strategy is not None:
+            distributed.synchronize_batch_norm(split.tail)
         # The tail's random draws (dropout) from the run's seed: a rerun trains the same model.
         tf_keras.utils.set_random_seed(config.seed)
         return split
@@ -226,6 +250,7 @@ def main(argv):
         gather_timeout_s=_GATHER_TIMEOUT_MS.value / 1000,
         average_timeout_s=_AVERAGE_TIMEOUT_S.value,
         warm_up=warm_up,
+        strategy=strategy,
     )
     server, port = service_lib.serve(
         servicer, _PORT.value, _HOST.value, credentials=credentials, interceptors=interceptors

@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfsplit.engine import randomness
+from tfsplit.training.server import distributed
 
 
 class CompiledTail:
@@ -23,10 +24,12 @@ class CompiledTail:
     `forward_unchanged[rank]` of `split`'s tail.
 
     The rank of the indices picks the placement: (k,) for a device's step, (N, k) for devices'
-    steps batched (a selection per sample).
+    steps batched (a selection per sample). Under a `strategy` (made in its scope, as the
+    split), a training step's batch is split across its replicas (`distributed`); the forward
+    passes (evaluation, calibration, a U-shaped FORWARD) run whole.
     """
 
-    def __init__(self, split, draws=()):
+    def __init__(self, split, draws=(), strategy=None):
         variables = split.tail.trainable_variables
         split.optimizer.build(variables)  # its slots exist before the first (compiled) update
         # What the forward pass itself changes (batch norm's moving statistics, the nested
@@ -51,13 +54,56 @@ class CompiledTail:
             share = tf.reshape(1.0 / gradient_scale, [-1] + [1] * (len(output.shape) - 1))
             return tf.reduce_sum(output * targets * share), output
 
-        def compute(values, indices, targets, gradient_scale, learning_rate, nesting):
-            self._keep()
-            split.step_nesting.assign(nesting)
+        def gradients(values, indices, targets, gradient_scale, weight=1.0):
+            """(tail gradients, value gradient, outputs, loss) of `weight` times the loss."""
+            if strategy is not None:
+                # tf.gradients walks the graph in one fixed order on every replica, so that their
+                # backward passes' all-reduces (the synchronized batch norm's) pair up.
+                loss, outputs = loss_and_outputs(values, indices, targets, gradient_scale)
+                loss *= weight
+                *tail_gradients, value_gradient = tf.gradients(loss, variables + [values])
+                return tail_gradients, value_gradient, outputs, loss
             with tf.GradientTape() as tape:
                 tape.watch(values)
                 loss, outputs = loss_and_outputs(values, indices, targets, gradient_scale)
+                loss *= weight
             tail_gradients, value_gradient = tape.gradient(loss, [variables, values])
+            return tail_gradients, value_gradient, outputs, loss
+
+        def replica_gradients(values, indices, targets, gradient_scale):
+            """A replica's part of the batch; the sums and the joins are the whole batch's."""
+            batch = tf.shape(values)[0]
+            begin, end, copied = distributed.replica_part(batch)
+            if indices.shape.rank == 2:  # a selection per sample
+                indices = indices[begin:end]
+            # The whole batch's mean loss is the sum of each part's mean weighted by its share
+            # (Keras divides each replica's mean by the replicas: undone here); copies of the
+            # whole batch each weigh 1 / replicas. A U-shaped middle's loss is a sum already.
+            replicas = tf.cast(distributed.replicas_in_sync(), tf.float32)
+            share = tf.cast(end - begin, tf.float32) / tf.cast(batch, tf.float32)
+            if ushaped:
+                weight = tf.where(copied, 1.0 / replicas, 1.0)
+            else:
+                weight = tf.where(copied, 1.0, share * replicas)
+            tail_gradients, value_gradient, outputs, loss = gradients(
+                values[begin:end], indices, targets[begin:end], gradient_scale[begin:end], weight
+            )
+            value_gradient = distributed.joined(value_gradient, batch, copied, add_copies=True)
+            outputs = distributed.joined(outputs, batch, copied, add_copies=False)
+            tail_gradients, (loss,) = distributed.summed(tail_gradients), distributed.summed([loss])
+            return tail_gradients, value_gradient, outputs, loss
+
+        def compute(values, indices, targets, gradient_scale, learning_rate, nesting):
+            self._keep()
+            split.step_nesting.assign(nesting)
+            inputs = (values, indices, targets, gradient_scale)
+            if strategy is None:
+                results = gradients(*inputs)
+            else:
+                results = distributed.first_result(
+                    strategy, strategy.run(replica_gradients, args=inputs)
+                )
+            tail_gradients, value_gradient, outputs, loss = results
             norm = tf.linalg.global_norm([g for g in tail_gradients if g is not None])
             # The update is finite: a finite loss, gradient and rate times gradient.
             finite = tf.reduce_all(tf.math.is_finite([loss, norm, learning_rate * norm]))
@@ -66,7 +112,16 @@ class CompiledTail:
 
         def apply(tail_gradients, learning_rate):
             split.optimizer.learning_rate.assign(learning_rate)
-            split.optimizer.apply_gradients(zip(tail_gradients, variables))
+            if strategy is None:
+                split.optimizer.apply_gradients(zip(tail_gradients, variables))
+                return
+            # Every replica holds the summed gradients: each updates its copy, adding nothing.
+            strategy.run(
+                lambda summed: split.optimizer.apply_gradients(
+                    zip(summed, variables), skip_gradients_aggregation=True
+                ),
+                args=(tail_gradients,),
+            )
 
         height, width = split.tail.input.shape[1:3]
         values = tf.TensorSpec([None, height, width, None], tf.float32)
@@ -138,8 +193,9 @@ class CompiledTail:
         TensorFlow's oneDNN kernels compile and keep a primitive per layer and batch size, so a
         server otherwise grows with every new size that devices (or an attacker) send, up to
         that cache's bound, and a size's first step is slow: TF Serving warms a model up for the
-        same reason. Afterwards the memory stays where the warm-up left it. Joined batches
-        (parallel mode) larger than `max_batch_size` are not warmed.
+        same reason. Afterwards the memory stays where the warm-up left it. Parallel mode's
+        joined steps are traced at `max_batch_size`; joined batches of other sizes are not
+        warmed.
         """
         started = time.monotonic()
         height, width = self._split.tail.input.shape[1:3]
@@ -159,6 +215,11 @@ class CompiledTail:
             for training in (False, True):  # evaluation; calibration (U: the FORWARD)
                 self.forward(values, indices, training)
                 self.put_back()
+        # Parallel mode's joined steps (a selection per sample), traced once here rather than at
+        # the run's first joined step.
+        per_sample = tf.zeros([max_batch_size, 1], tf.int32)
+        self.compute[2](values, per_sample, targets, tf.ones([max_batch_size]), 0.0, False)
+        self.put_back()
         logging.info(
             "Warmed up the tail's steps at batch sizes 1 to %d in %.1f s.",
             max_batch_size,

@@ -50,7 +50,7 @@ from tfsplit.training.messages import (
     weights_from_protos,
     weights_to_protos,
 )
-from tfsplit.training.server import ushaped
+from tfsplit.training.server import distributed, ushaped
 from tfsplit.training.server.averaging import AveragingRounds
 from tfsplit.training.server.batching import Gather, PendingStep
 from tfsplit.training.server.calibration import calibration_pass
@@ -61,7 +61,9 @@ from tfsplit.training.server.slots import slot_to_free
 from tfsplit.training.server.state import MAX_LOG_BYTES, DeviceState, ServerState
 from tfsplit.training.server.training_steps import StepTraining
 
-MAX_DEVICES = 64
+# The devices a run admits unless told (`max_devices`): a bound on what devices can make the
+# server hold, which an idle device's state keeps small (tfsplit-bench-server measures it).
+MAX_DEVICES = 1024
 # Without a config to say otherwise: the most samples one step carries (an evaluation batch of
 # the configs' default size fits), the largest SGD rate accepted (well above any rate the
 # configs' phases use), and how long a device may stay silent before a new device may take its
@@ -99,6 +101,9 @@ class TailTrainer(StepTraining):
       warm_up: run the tail's steps once at every batch size up to `max_batch_size` before
         serving (`CompiledTail.warm_up`), so that the server's memory reaches its level at the
         start and stays there, whatever sizes devices send.
+      strategy: a `tf.distribute` strategy whose replicas split each training step's batch
+        (`tfsplit.training.server.distributed`); `split` was built in its scope. None: one
+        device.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class TailTrainer(StepTraining):
         gather_timeout_s=0.2,
         average_timeout_s=120.0,
         warm_up=False,
+        strategy=None,
     ):
         if not gather_timeout_s > 0:
             raise ValueError(f"`gather_timeout_s` must be > 0. Received: {gather_timeout_s!r}")
@@ -130,6 +136,8 @@ class TailTrainer(StepTraining):
         self.ushaped = hasattr(split, "top")
         if self.ushaped:
             split.check_networkable()
+        if strategy is not None:
+            distributed.check_distributable(split)
         self.split = split
         self.digest = model_digest(split)
         self.devices = {}
@@ -144,12 +152,13 @@ class TailTrainer(StepTraining):
         self._rounds = AveragingRounds(self._lock, average_timeout_s)
         # The tail's dropout draws are saved with it, so that a run that goes back to its
         # checkpoint (a restart, a device resuming from its backup) draws the same masks again.
-        draws = randomness.checkpointed_draws(split.tail, split.seed)
-        self._state = None if state_dir is None else ServerState(state_dir, split, draws)
+        with distributed.scope(strategy):
+            draws = randomness.checkpointed_draws(split.tail, split.seed)
+            self._state = None if state_dir is None else ServerState(state_dir, split, draws)
+            self._tail = CompiledTail(split, draws, strategy)
         self._norms = [
             m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
         ]
-        self._tail = CompiledTail(split, draws)
         if warm_up:
             self._tail.warm_up(max_batch_size)
 

@@ -100,14 +100,13 @@ class StepTraining:
         deadline = time.monotonic() + self.gather_timeout_s
         gather = self._gathers[kind]
         with self._lock:
-            while True:
-                sent = {p.request.device_id for p in gather.steps}
-                missing = set(self.devices) - self._idle - self._rounds.waiting - sent
+            while self._some_missing(gather):
                 remaining = deadline - time.monotonic()
-                if not missing or remaining <= 0:
+                if remaining <= 0:
                     break
                 self._lock.wait(remaining)
-            self._idle |= missing
+            sent = {p.request.device_id for p in gather.steps}
+            self._idle |= set(self.devices) - self._idle - self._rounds.waiting - sent
             steps, gather.steps, gather.gathering = gather.steps, [], False
             groups = {}
             for step in steps:
@@ -119,6 +118,16 @@ class StepTraining:
                     if self.ushaped and len(together) > 1:  # in the order their FORWARDs ran
                         together.sort(key=lambda s: s.forward_group.index(_step_id(s)))
                     self._train_together(together)
+
+    def _some_missing(self, gather):
+        """Whether an active device has no step in `gather` yet. Each arriving step wakes the
+        gatherer: the sizes tell in O(1) that some must still be missing, so that a gather of N
+        devices costs O(N) rather than O(N^2)."""
+        accounted = len(gather.steps) + len(self._idle) + len(self._rounds.waiting)
+        if accounted < len(self.devices):
+            return True
+        sent = {p.request.device_id for p in gather.steps}
+        return bool(set(self.devices) - self._idle - self._rounds.waiting - sent)
 
     def _group_key(self, kind, step):
         """What steps that run as one batch share: for a FORWARD, its number of channels; for a
