@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import numpy as np
+import tf_keras as keras
 from test_server_hardening import SHAPES, build_split, hello_request, train_request
 
 from tfsplit import codec
@@ -45,9 +46,12 @@ def test_a_mirrored_tail_trains_as_the_tail_on_one_device():
     assert report["replicas"] == 2
     assert len(report["steps"]) == len(TRAIN_BATCHES)
     # Float rounding, relative to each quantity's size: the replicas add the batch's parts in
-    # another order. The gradients go back in float16, whose step is 1e-3 relative.
+    # another order. A tiny tail on random data amplifies it: on one device alone, weights moved
+    # by 1e-7 (relative) moved a step's gradient by up to 3e-3, and updates differed here by
+    # about 1e-6, and 1.7e-4 in one of six unseeded runs. Without the synchronized batch norm they
+    # differ by 7e-2. The gradients go back in float16, whose step is 1e-3 relative.
     for step in report["steps"]:
-        assert step["update"] < 1e-4, report
+        assert step["update"] < 1e-3, report
         assert step["gradient"] < 2e-3, report
         assert step["logits"] < 1e-5, report
     assert report["calibration_logits"] < 1e-5, report
@@ -79,6 +83,7 @@ def _relative(x, y):
 
 def _compare():
     strategy = distributed.make_strategy("mirrored", cpu_replicas=2)
+    keras.utils.set_random_seed(0)  # the same tail and data each run
     one = build_split(*SHAPES)
     with distributed.scope(strategy):
         mirrored_split = build_split(*SHAPES)

@@ -552,13 +552,23 @@ def test_a_sequential_server_refuses_to_average_heads(opened):
 
 
 @pytest.mark.slow
-def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tmp_path):
+@pytest.mark.parametrize(
+    "strategy, every_steps", [("none", 0), ("mirrored", 2)], ids=["epochs", "mirrored-steps"]
+)
+def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(
+    tmp_path, strategy, every_steps
+):
     """Each device reads its own half of the data and trains its head; their steps train one
-    tail as one batch, split across the server's two replicas (`--strategy=mirrored` on two
-    logical CPU devices), and after the last epoch's averaging their heads agree."""
+    tail as one batch (split across the server's two replicas with `--strategy=mirrored` on two
+    logical CPU devices), and after the last averaging (after every epoch, or every 2 steps)
+    their heads agree."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     (tmp_path / "token").write_text("t0ken\n")
-    config = ["--config=configs/deprune.py:smoke", f"--token_file={tmp_path / 'token'}"]
+    config = [
+        "--config=configs/deprune.py:smoke",
+        f"--token_file={tmp_path / 'token'}",
+        f"--config.average_every_steps={every_steps}",
+    ]
     server = subprocess.Popen(
         [
             sys.executable,
@@ -567,7 +577,7 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
             *config,
             "--port=0",
             "--mode=parallel",
-            "--strategy=mirrored",
+            f"--strategy={strategy}",
             f"--workdir={tmp_path / 'server'}",
         ],
         cwd=REPO_ROOT,
@@ -600,9 +610,11 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
             )
             for i in range(2)
         ]
+        logs = []
         for device in devices:
             _, stderr = device.communicate(timeout=300)
             assert device.returncode == 0, stderr[-3000:]
+            logs.append(stderr)
         heads = []
         for i in range(2):
             summary = json.loads((tmp_path / f"device{i}" / "summary.json").read_text())
@@ -610,7 +622,17 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(tm
             heads.append(trainer.load_model(str(tmp_path / f"device{i}")).head)
         for x, y in zip(*(h.trainable_weights for h in heads)):
             np.testing.assert_array_equal(x, y)
-        assert "Training steps split across 2 replicas" in (tmp_path / "server.log").read_text()
+        split_across = (
+            "Training steps split across 2 replicas" in (tmp_path / "server.log").read_text()
+        )
+        assert split_across == (strategy == "mirrored")
+        rounds = [
+            re.findall(r"(Epoch|Step) (\d+): head averaged over 2 devices", log) for log in logs
+        ]
+        expected = [("Step", "2"), ("Step", "4"), ("Step", "6"), ("Step", "8")]
+        if not every_steps:
+            expected = [("Epoch", "1"), ("Epoch", "2")]
+        assert rounds == [expected, expected], logs[0][-3000:]
     finally:
         server.terminate()
         server.wait(timeout=30)

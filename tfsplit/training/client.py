@@ -271,33 +271,45 @@ class RemoteTail(keras.callbacks.Callback):
 
 
 class HeadAveraging(keras.callbacks.Callback):
-    """Parallel mode: after the last training batch of every epoch (before its evaluation), the
-    device's head becomes the average of the run's heads (weighted by their training samples).
+    """Parallel mode: after the last training batch of every epoch (before its evaluation), or
+    every `every_steps` training steps, the device's head becomes the average of the run's heads
+    (weighted by their training samples).
 
     Args:
       samples: this device's training samples.
+      every_steps: average every this many steps (counted by the optimizer's iterations, so a
+        resumed run keeps the rounds' numbers), round r after step (r + 1) * every_steps;
+        0: after every epoch, round e after epoch e.
     """
 
-    def __init__(self, samples):
+    def __init__(self, samples, every_steps=0):
         super().__init__()
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"`samples` must be a positive integer. Received: {samples!r}")
-        self.samples, self._epoch = samples, 0
+        if not isinstance(every_steps, int) or isinstance(every_steps, bool) or every_steps < 0:
+            raise ValueError(
+                f"`every_steps` must be an integer >= 0 (0: every epoch). Received: {every_steps!r}"
+            )
+        self.samples, self.every_steps, self._epoch = samples, every_steps, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 == self.params.get("steps"):
-            self._average()
+        if self.every_steps:
+            step = int(self.model.optimizer.iterations.numpy())
+            if step % self.every_steps == 0:
+                self._average(step // self.every_steps - 1, f"Step {step}")
+        elif batch + 1 == self.params.get("steps"):
+            self._average(self._epoch, f"Epoch {self._epoch + 1}")
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.params.get("steps"):  # an epoch of unknown length: average after it
-            self._average()
+        if not self.every_steps and not self.params.get("steps"):  # of unknown length
+            self._average(self._epoch, f"Epoch {self._epoch + 1}")
 
-    def _average(self):
-        devices = self.model.average_heads(self._epoch, self.samples)
-        logging.info("Epoch %d: head averaged over %d devices.", self._epoch + 1, devices)
+    def _average(self, round_id, when):
+        devices = self.model.average_heads(round_id, self.samples)
+        logging.info("%s: head averaged over %d devices.", when, devices)
 
 
 class RemoteCheckpoint(keras.callbacks.Callback):

@@ -60,6 +60,9 @@ def base_config(mode):
     config.init_from = ""  # workdir of an earlier run whose weights start this one (prune).
     # Back up the whole training state every this many steps; a killed run resumes from there.
     config.checkpoint_every_steps = 100
+    # Against a parallel-mode server: the devices average their heads every this many training
+    # steps (0 = after every epoch's last training batch).
+    config.average_every_steps = 0
     # Before each evaluation whose sent channels (or their gates) changed since the last one, batch
     # norm statistics are recomputed over this many training batches (0 = never).
     config.calibration_batches = 20

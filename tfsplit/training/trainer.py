@@ -344,7 +344,7 @@ def train(config, workdir, verbose="auto", client=None, measure=()):
         )
         callbacks.insert(records, RemoteTail())
         if split.parallel:  # before the evaluation and the records: they see the average
-            callbacks.insert(1, HeadAveraging(info.train_size))
+            callbacks.insert(1, HeadAveraging(info.train_size, config.average_every_steps))
         callbacks.append(RemoteCheckpoint(config.checkpoint_every_steps))  # after the backup
     callbacks.append(callbacks_lib.DataPosition(position))  # after the backup is restored
     # Training randomness (dropout) starts from the seed whatever building the model consumed.
