@@ -56,13 +56,6 @@ class CompiledTail:
 
         def gradients(values, indices, targets, gradient_scale, weight=1.0):
             """(tail gradients, value gradient, outputs, loss) of `weight` times the loss."""
-            if strategy is not None:
-                # tf.gradients walks the graph in one fixed order on every replica, so that their
-                # backward passes' all-reduces (the synchronized batch norm's) pair up.
-                loss, outputs = loss_and_outputs(values, indices, targets, gradient_scale)
-                loss *= weight
-                *tail_gradients, value_gradient = tf.gradients(loss, variables + [values])
-                return tail_gradients, value_gradient, outputs, loss
             with tf.GradientTape() as tape:
                 tape.watch(values)
                 loss, outputs = loss_and_outputs(values, indices, targets, gradient_scale)
@@ -78,13 +71,10 @@ class CompiledTail:
                 indices = indices[begin:end]
             # The whole batch's mean loss is the sum of each part's mean weighted by its share
             # (Keras divides each replica's mean by the replicas: undone here); copies of the
-            # whole batch each weigh 1 / replicas. A U-shaped middle's loss is a sum already.
+            # whole batch keep Keras's division, and together weigh one.
             replicas = tf.cast(distributed.replicas_in_sync(), tf.float32)
             share = tf.cast(end - begin, tf.float32) / tf.cast(batch, tf.float32)
-            if ushaped:
-                weight = tf.where(copied, 1.0 / replicas, 1.0)
-            else:
-                weight = tf.where(copied, 1.0, share * replicas)
+            weight = tf.where(copied, 1.0, share * replicas)
             tail_gradients, value_gradient, outputs, loss = gradients(
                 values[begin:end], indices, targets[begin:end], gradient_scale[begin:end], weight
             )

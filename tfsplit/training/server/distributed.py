@@ -133,7 +133,12 @@ def _unbiased_moving_average(layer, assign, variable, value, momentum, inputs_si
 
 def check_distributable(split):
     """Fails for what the strategy does not split: nested budgets keep one fill of the whole
-    batch's channel means."""
+    batch's channel means; a U-shaped split's middle has not been checked under one."""
+    if hasattr(split, "top"):
+        raise ValueError(
+            "A U-shaped split (config.model.top) trains its middle without a strategy here. Use "
+            "--strategy=none."
+        )
     if split.nesting is not None:
         raise ValueError(
             "A run with nested budgets (config.budget_sampling.nested) trains its tail without a "
