@@ -4,12 +4,12 @@
 Each run is a load test (`benchmarks/load_server.py`): the tiny ResNet-18 run's server in a child
 process on 127.0.0.1, per-device tokens, and N device threads with no model, each with its own
 gRPC channel, token, device id and step ids, replaying codec payloads of the run's wire at its
-budget. Every reply is checked. With `server_cpu` and `swarm_cpu` the server runs on one core
-(`taskset`) and the devices on another, so that the figures are the server's own.
+budget. Every reply is checked. With `server_cpu` the server runs on that one core (`taskset`);
+tfsplit-bench-server puts the devices on another, so that the figures are the server's own.
 
 Besides the load test's figures (steps/s, p50 and p99 step latency, RSS, the devices' steps per
-tail update: the batch parallel mode forms; the RSS's peak, which grows with that batch, is reported
-and not held flat here) a run measures:
+tail update: the batch parallel mode forms; the RSS's peak, which grows with that batch, is
+reported and not held flat here) a run measures:
 - how busy the server's process was: its CPU seconds over the load's seconds (1.0: its core
   was never idle, so the server set the pace);
 - the server's memory per idle device: what its RSS grew by from the first device's Hello (which
@@ -44,6 +44,7 @@ class SwarmTest(load_server.LoadTest):
         super().__init__(workdir, devices, steps, mode, **options)
         self.average = average and mode == "parallel"
         self.idle_rss = None  # the server's RSS once every device said Hello
+        self.cpu_at_start = None  # (time, the server's CPU seconds) when the load starts
         self.averaging = None
 
     def _devices(self, port, model):
@@ -58,7 +59,7 @@ class SwarmTest(load_server.LoadTest):
         # it is pinned to means the server, not the devices, sets the pace.
         busy = (_cpu_seconds(self.server.pid) - cpu) / (time.monotonic() - began)
         if self.average:
-            self.averaging = _average_round(devices, model, self.deadline_s)
+            self.averaging = _average_round(devices, model)
         summary = super()._summary(model, devices, startup_s, seconds, final)
         # What each device after the first (which opened the run) added by its Hello.
         summary["idle_bytes_per_device"] = (
@@ -90,7 +91,7 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _average_round(devices, model, deadline_s):
+def _average_round(devices, model):
     """Every device sends its head to round 0 at once; returns the round's time and whether every
     reply is the weighted average of all the heads."""
     rng = np.random.default_rng(len(devices))

@@ -243,11 +243,10 @@ BAD_COMMANDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def parse_errors():
-    """{where: the command's flag-parsing error, None when it parses}, BAD_COMMANDS included."""
-    commands = all_commands() + [(f"bad:{i}", argv) for i, argv in enumerate(BAD_COMMANDS)]
-    jobs = [(tool_module(argv[0]), argv) for _, argv in commands]
+def flag_errors(commands):
+    """Each argv's flag-parsing error by its console script's module (None: it parses), parsed in
+    one subprocess."""
+    jobs = [(tool_module(argv[0]), argv) for argv in commands]
     result = subprocess.run(
         [sys.executable, "-c", _PARSE_PROGRAM],
         input=json.dumps(jobs),
@@ -259,7 +258,14 @@ def parse_errors():
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("PARSED ")]
     assert lines, result.stderr[-3000:]
-    errors = json.loads(lines[-1][len("PARSED ") :])
+    return json.loads(lines[-1][len("PARSED ") :])
+
+
+@pytest.fixture(scope="module")
+def parse_errors():
+    """{where: the command's flag-parsing error, None when it parses}, BAD_COMMANDS included."""
+    commands = all_commands() + [(f"bad:{i}", argv) for i, argv in enumerate(BAD_COMMANDS)]
+    errors = flag_errors([argv for _, argv in commands])
     return {where: error for (where, _), error in zip(commands, errors)}
 
 

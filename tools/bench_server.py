@@ -14,9 +14,8 @@ every reply must be the weighted average of all N heads.
 Prints one Markdown table: steps/s and samples/s, p50 and p99 step latency, how busy the server
 was (its CPU seconds over the load's seconds: 100% means the server set the pace), its memory
 per idle device (what its RSS grew by over the N - 1 Hellos after the one that opened the run),
-the mean batch the tail trained
-(parallel mode joins concurrent steps) and the averaging round's time. Writes every summary to
---out as JSON. Exits 1 when a step or the averaging failed. Runs from a clone of tfsplit: the
+the mean batch the tail trained (parallel mode joins concurrent steps), its peak memory and the
+averaging round's time. Writes every summary to --out as JSON. Exits 1 when a step or the averaging failed. Runs from a clone of tfsplit: the
 benchmark programs (benchmarks/) are not installed.
 """
 

@@ -96,8 +96,8 @@ def _counted_moments(layer, moments, x, reduction_axes, keep_dims, mask=None):
     notes the whole batch's count of values per channel for the moving variance.
 
     The variance is the mean squared difference from the whole batch's mean, as one device
-    computes it: Keras's E[x^2] - E[x]^2 cancels catastrophically in a channel of small
-    variance, and the replicas' gradients then differed from one device's by 1e-3 in a step.
+    computes it; Keras's synchronized layer takes E[x^2] - E[x]^2, which loses the precision of
+    a channel of small variance.
     """
     if mask is not None:
         raise ValueError(f"{layer.name}: a masked batch norm is not synchronized here.")
@@ -122,9 +122,7 @@ def _counted_moments(layer, moments, x, reduction_axes, keep_dims, mask=None):
 
 
 def _unbiased_moving_average(layer, assign, variable, value, momentum, inputs_size):
-    # Off the gradient tape: connected to it, the updates' ops were ready first in the backward
-    # pass in an order of their own on each replica, and the replicas' sums paired up wrongly.
-    value = tf.stop_gradient(value)
+    value = tf.stop_gradient(value)  # the moving statistics take no gradient
     if variable is layer.moving_variance:
         count = _replica.counts[layer.name]
         value = value * count / tf.maximum(count - 1.0, 1.0)
