@@ -438,6 +438,22 @@ def test_parallel_steps_of_two_devices_train_as_one_batch(serving):
     assert stub.Step(_as_device(_train_request(model, 0), "device-1")) == replies[1]
 
 
+def test_a_joined_batch_larger_than_its_bound_trains_in_parts(serving, tmp_path):
+    """Three devices' steps of 4 samples at once, at most 8 samples a joined batch: the first two
+    arrived train as one batch, the third as another, and every device gets its reply."""
+    devices = ["device-0", "device-1", "device-2"]
+    stub, model, servicer = _parallel_run(
+        serving, str(tmp_path), devices=devices, max_joined_batch=8
+    )
+    replies = _at_once(stub.Step, [_as_device(_train_request(model, 0), d) for d in devices])
+    assert [reply.step for reply in replies] == [0, 0, 0]
+    groups = [len(group.requests) for group in servicer.trainer._state.logged_steps()]
+    assert groups == [2, 1]
+    assert {d: v.next_step for d, v in servicer.trainer.devices.items()} == dict.fromkeys(
+        devices, 1
+    )
+
+
 def test_parallel_steps_keep_each_devices_channel_selection(serving):
     """Two devices with their own batch sizes and channel selections, trained as one batch, move
     the tail as one step of both batches with every channel sent (zeros where a device sent

@@ -41,6 +41,7 @@ from tfsplit.auth import transport
 from tfsplit.training import trainer
 from tfsplit.training.server import distributed
 from tfsplit.training.server import service as service_lib
+from tfsplit.training.server.tail_trainer import MAX_JOINED_BATCH
 from tfsplit_tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,6 +110,13 @@ _GATHER_TIMEOUT_MS = flags.DEFINE_float(
     200.0,
     "--mode=parallel: how long a step waits for the other devices' steps.",
     lower_bound=1.0,
+)
+_MAX_JOINED_BATCH = flags.DEFINE_integer(
+    "max_joined_batch",
+    MAX_JOINED_BATCH,
+    "--mode=parallel: the most samples one joined batch trains; more steps at once train as "
+    "several batches, in the order they arrived.",
+    lower_bound=1,
 )
 _AVERAGE_TIMEOUT_S = flags.DEFINE_float(
     "average_timeout_s",
@@ -248,6 +256,7 @@ def main(argv):
         **limits,
         parallel=_MODE.value == "parallel",
         gather_timeout_s=_GATHER_TIMEOUT_MS.value / 1000,
+        max_joined_batch=_MAX_JOINED_BATCH.value,
         average_timeout_s=_AVERAGE_TIMEOUT_S.value,
         warm_up=warm_up,
         strategy=strategy,

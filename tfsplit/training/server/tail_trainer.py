@@ -64,6 +64,9 @@ from tfsplit.training.server.training_steps import StepTraining
 # The devices a run admits unless told (`max_devices`): a bound on what devices can make the
 # server hold, which an idle device's state keeps small (tfsplit-bench-server measures it).
 MAX_DEVICES = 1024
+# Parallel mode: the most samples one joined batch trains; more steps at once train as several.
+# Without it, N devices at once make the server hold a batch of N times their steps' samples.
+MAX_JOINED_BATCH = 4096
 # Without a config to say otherwise: the most samples one step carries (an evaluation batch of
 # the configs' default size fits), the largest SGD rate accepted (well above any rate the
 # configs' phases use), and how long a device may stay silent before a new device may take its
@@ -97,6 +100,8 @@ class TailTrainer(StepTraining):
       parallel: train concurrent devices' steps as one batch (a U-shaped split's FORWARDs too)
         and average their heads.
       gather_timeout_s: parallel: how long a step waits for the other active devices' steps.
+      max_joined_batch: parallel: the most samples one joined batch trains; the steps gathered
+        beyond it train as further batches, in the order they arrived.
       average_timeout_s: parallel: how long an averaging round waits for its last devices.
       warm_up: run the tail's steps once at every batch size up to `max_batch_size` before
         serving (`CompiledTail.warm_up`), so that the server's memory reaches its level at the
@@ -117,6 +122,7 @@ class TailTrainer(StepTraining):
         max_log_bytes=MAX_LOG_BYTES,
         parallel=False,
         gather_timeout_s=0.2,
+        max_joined_batch=MAX_JOINED_BATCH,
         average_timeout_s=120.0,
         warm_up=False,
         strategy=None,
@@ -124,7 +130,10 @@ class TailTrainer(StepTraining):
         if not gather_timeout_s > 0:
             raise ValueError(f"`gather_timeout_s` must be > 0. Received: {gather_timeout_s!r}")
         for name, value in dict(
-            max_devices=max_devices, max_batch_size=max_batch_size, max_log_bytes=max_log_bytes
+            max_devices=max_devices,
+            max_batch_size=max_batch_size,
+            max_log_bytes=max_log_bytes,
+            max_joined_batch=max_joined_batch,
         ).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {value!r}")
@@ -146,6 +155,7 @@ class TailTrainer(StepTraining):
         self.max_log_bytes = max_log_bytes
         self._started = False  # Whether the tail left its initial state (a device joined).
         self.parallel, self.gather_timeout_s = bool(parallel), gather_timeout_s
+        self.max_joined = max_joined_batch
         self._lock = threading.Condition()
         self._gathers = {_TRAIN: Gather(), _FORWARD: Gather()}  # Parallel: steps waiting.
         self._idle = set()  # Devices whose steps missed a gather: not waited for until they step.

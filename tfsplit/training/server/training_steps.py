@@ -111,7 +111,8 @@ class StepTraining:
             groups = {}
             for step in steps:
                 groups.setdefault(self._group_key(kind, step), []).append(step)
-            for together in groups.values():
+            batches = [b for group in groups.values() for b in _bounded(group, self.max_joined)]
+            for together in batches:
                 if kind == FORWARD:
                     self._forward_together(together)
                 else:
@@ -219,6 +220,19 @@ def _answer_each(steps, run):
     finally:
         for step in steps:
             step.done.set()
+
+
+def _bounded(steps, max_samples):
+    """`steps` in arrival order as consecutive batches of at most `max_samples` samples (a step
+    larger than that alone), so that what many devices send at once is trained in parts."""
+    batches, samples = [[]], 0
+    for step in steps:
+        if batches[-1] and samples + step.batch > max_samples:
+            batches.append([])
+            samples = 0
+        batches[-1].append(step)
+        samples += step.batch
+    return batches
 
 
 def _step_id(step):
