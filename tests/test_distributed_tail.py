@@ -1,6 +1,6 @@
 """The server's tail under `tf.distribute.MirroredStrategy` on 2 logical CPU devices trains as the
 tail on one device: the same steps give the same replies, weights, optimizer state and batch norm
-statistics, and its checkpoint restores.
+statistics, and its checkpoint and step log restore on a new mirrored server.
 
 TensorFlow fixes its devices at its first op, so the comparison runs in a process of its own: this
 file, run as a program, prints what it measured as JSON.
@@ -134,16 +134,18 @@ def _compare():
         trainer._tail.put_back()
         joined.append(gradient.numpy())
     report["joined_batch_gradient"] = _relative(*joined)
-    # The mirrored server's checkpoint, restored by a new mirrored server.
+    # The mirrored server's checkpoint and a step logged after it, restored by a new mirrored
+    # server: the checkpoint, then the logged step trained again.
     mirrored = trainers[1]
     mirrored.checkpoint(
         pb.CheckpointRequest(model_digest=model_digest(one), device_id="device-0", step=step)
     )
+    mirrored.step(train_request(one, step, batch=16))
     with distributed.scope(strategy):
         again_split = build_split(*SHAPES)
     distributed.synchronize_batch_norm(again_split.tail)
     again = TailTrainer(again_split, str(workdir / "mirrored"), strategy=strategy)
-    assert again.restore()
+    assert again.restore() and again.devices["device-0"].next_step == step + 1
     report["restored_difference"] = max(
         float(np.max(np.abs(x - y))) for x, y in zip(_values(mirrored), _values(again))
     )
