@@ -290,16 +290,18 @@ class HeadAveraging(keras.callbacks.Callback):
             raise ValueError(
                 f"`every_steps` must be an integer >= 0 (0: every epoch). Received: {every_steps!r}"
             )
-        self.samples, self.every_steps, self._epoch = samples, every_steps, 0
+        self.samples, self.every_steps, self._epoch, self._step = samples, every_steps, 0, 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        # The optimizer's count, read once an epoch (after a resume's restore), then counted here:
+        # no read of a device variable at every step.
+        self._epoch, self._step = epoch, int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
         if self.every_steps:
-            step = int(self.model.optimizer.iterations.numpy())
-            if step % self.every_steps == 0:
-                self._average(step // self.every_steps - 1, f"Step {step}")
+            if self._step % self.every_steps == 0:
+                self._average(self._step // self.every_steps - 1, f"Step {self._step}")
         elif batch + 1 == self.params.get("steps"):
             self._average(self._epoch, f"Epoch {self._epoch + 1}")
 

@@ -105,8 +105,7 @@ class StepTraining:
                 if remaining <= 0:
                     break
                 self._lock.wait(remaining)
-            sent = {p.request.device_id for p in gather.steps}
-            self._idle |= set(self.devices) - self._idle - self._rounds.waiting - sent
+            self._idle |= self._missing(gather)
             steps, gather.steps, gather.gathering = gather.steps, [], False
             groups = {}
             for step in steps:
@@ -125,10 +124,12 @@ class StepTraining:
         gatherer: the sizes tell in O(1) that some must still be missing, so that a gather of N
         devices costs O(N) rather than O(N^2)."""
         accounted = len(gather.steps) + len(self._idle) + len(self._rounds.waiting)
-        if accounted < len(self.devices):
-            return True
+        return accounted < len(self.devices) or bool(self._missing(gather))
+
+    def _missing(self, gather):
+        """The active devices (not idle, not averaging) without a step in `gather`."""
         sent = {p.request.device_id for p in gather.steps}
-        return bool(set(self.devices) - self._idle - self._rounds.waiting - sent)
+        return set(self.devices) - self._idle - self._rounds.waiting - sent
 
     def _group_key(self, kind, step):
         """What steps that run as one batch share: for a FORWARD, its number of channels; for a
