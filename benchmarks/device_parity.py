@@ -1,0 +1,217 @@
+"""Why the Keras device and the LiteRT device end an epoch apart: one measurement per suspect.
+
+  python -m benchmarks.device_parity --out=results/device_training/parity.json
+
+The smoke deprune config (no augmentation), the same starting model and batches, each device
+against a fresh `tfsplit-train-server` on 127.0.0.1 (`tfsplit.eval.device_parity`). Measures:
+- the epoch: the heads' relative L2 distance at its end;
+- the runtime: each LiteRT `train` step replayed from the weights it started from, with the same
+  inputs, by the exported graph run in TensorFlow;
+- the server: the LiteRT run's calls sent again to two fresh servers (identical replies?);
+- the wire: per training step, how many activations differ on the wire and how far apart the
+  server's gradients are, and where that difference sits; step 1 again with step 0's payload
+  made the Keras device's;
+- the gates: the LiteRT head's gate logits after each step;
+- the same gradients: the LiteRT device trained on the gradients the Keras device received,
+  over 4 steps and over the whole epoch;
+- each device against itself: the epoch run again, each device's head against its first run's.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+# isort: off
+import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: on
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from tfsplit import codec
+from tfsplit.device.training import TrainableHead
+from tfsplit.eval import device_parity
+from tfsplit.export import trainable, trainable_export
+from tfsplit.protocol import split_training_pb2 as pb
+from tfsplit.schedule.phases import GATE_LOGIT_CLOSED
+from tfsplit.training import trainer
+from tfsplit.training.config import load_config_file
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RecordedHead(TrainableHead):
+    """A LiteRT head that keeps, for every `train` step, the weights before and after it and
+    its inputs."""
+
+    def __init__(self, model_dir):
+        super().__init__(model_dir)
+        self.steps = []
+
+    def train(self, images, labels, gradient, budget, rates, penalty_weight):
+        before = self.get_weights().copy()
+        out = super().train(images, labels, gradient, budget, rates, penalty_weight)
+        inputs = (images, labels, gradient, budget, rates, penalty_weight)
+        self.steps.append((before, self.get_weights().copy(), inputs))
+        return out
+
+
+def _relative(got, want):
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _head_slices(head):
+    return [e for e in head.layout["variables"] if e["kind"] in device_parity.HEAD_KINDS]
+
+
+def _relative_of_head(head, got, want):
+    parts = [slice(e["offset"], e["offset"] + e["size"]) for e in _head_slices(head)]
+    return _relative(
+        np.concatenate([got[p] for p in parts]), np.concatenate([want[p] for p in parts])
+    )
+
+
+def runtime_steps(setup, head):
+    """Each recorded LiteRT step against the exported graph's step in TensorFlow, from the
+    same weights with the same inputs: the relative distance of the head after it."""
+    keras.utils.set_random_seed(setup.config.seed)
+    split = trainer.build_split_model(setup.config, setup.info, remote=True)
+    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    step = tf.function(module.train)
+    distances = []
+    for before, after, (images, labels, gradient, budget, rates, penalty) in head.steps:
+        module.set_weights(tf.constant(before))
+        step(
+            images=tf.constant(images, tf.float32),
+            labels=tf.constant(labels, tf.int32),
+            upstream_gradient=tf.constant(gradient, tf.float32),
+            budget=tf.constant([budget], tf.int32),
+            learning_rate=tf.constant([rates[0]], tf.float32),
+            gate_learning_rate=tf.constant([rates[1]], tf.float32),
+            penalty_weight=tf.constant([penalty], tf.float32),
+        )
+        distances.append(_relative_of_head(head, module.get_weights()["weights"].numpy(), after))
+    return distances
+
+
+def gate_steps(head):
+    """The gate logits after each step: the lowest, the highest, and how many are closed."""
+    gates = head.layout["gates"]
+    rows = []
+    for _, after, _ in head.steps:
+        logits = after[gates["offset"] : gates["offset"] + gates["size"]]
+        closed = int(np.sum(logits <= GATE_LOGIT_CLOSED + 1e-3))
+        rows.append(dict(min=float(logits.min()), max=float(logits.max()), closed=closed))
+    return rows
+
+
+def _values(payload, kind):
+    return np.asarray(codec.decode(payload, expect_kind=kind).scatter(), np.float32)
+
+
+def wire_steps(runs):
+    """Per training step: activations that differ on the wire, and the gradients' distance."""
+    rows = []
+    for step in sorted(runs.keras_log.steps):
+        (sent_k, got_k), (sent_l, got_l) = runs.keras_log.steps[step], runs.litert_log.steps[step]
+        activations = _values(sent_k, "activations") != _values(sent_l, "activations")
+        keras_gradient, litert_gradient = _values(got_k, "gradients"), _values(got_l, "gradients")
+        squared = (keras_gradient - litert_gradient) ** 2
+        ranked = np.sort(squared.ravel())[::-1]
+        per_sample = squared.reshape(len(squared), -1).sum(1)
+        above_median = np.abs(keras_gradient) > np.median(np.abs(keras_gradient))
+        change = np.abs(keras_gradient - litert_gradient) / np.maximum(
+            np.abs(keras_gradient), 1e-30
+        )
+        rows.append(
+            dict(
+                step=step,
+                activations_differing=int(activations.sum()),
+                activations=int(activations.size),
+                gradient_relative_l2=_relative(litert_gradient, keras_gradient),
+                largest_percent_share=float(
+                    ranked[: len(ranked) // 100].sum() / max(ranked.sum(), 1e-30)
+                ),
+                one_sample_share=float(per_sample.max() / max(per_sample.sum(), 1e-30)),
+                largest_change_above_median=float(np.max(change * above_median)),
+            )
+        )
+    return rows
+
+
+def _replay(config, calls):
+    server, client = device_parity.serve(config)
+    try:
+        return [client.call(method, request) for method, request, _ in calls]
+    finally:
+        server.stop(0)
+
+
+def server_checks(setup, runs):
+    """The LiteRT run's calls to two fresh servers; then step 1 with step 0's payload made the
+    Keras device's: its gradient's distance from the Keras device's step 1."""
+    calls = runs.litert_log.calls
+    first, second = _replay(setup.config, calls), _replay(setup.config, calls)
+    same = all(a.SerializeToString() == b.SerializeToString() for a, b in zip(first, second))
+    swapped = []
+    for method, request, reply in calls:
+        if method == "Step" and request.kind == request.TRAIN and request.step == 0:
+            request = pb.StepRequest.FromString(request.SerializeToString())
+            request.payload = runs.keras_log.steps[0][0]
+        swapped.append((method, request, reply))
+    replies = _replay(setup.config, swapped)
+    gap = None
+    for (method, request, _), reply in zip(swapped, replies):
+        if method == "Step" and request.kind == request.TRAIN and request.step == 1:
+            want = _values(runs.keras_log.steps[1][1], "gradients")
+            gap = _relative(_values(reply.payload, "gradients"), want)
+    return dict(identical_replies=same, step1_gradient_gap_with_step0_the_same=gap)
+
+
+def repeat_distances(first, second):
+    """How far each device's head ends from its own first run's: (Keras, LiteRT)."""
+    keras_first = np.concatenate([want for _, want, _ in first.head_pairs()])
+    keras_second = np.concatenate([want for _, want, _ in second.head_pairs()])
+    litert_first = np.concatenate([got for got, _, _ in first.head_pairs()])
+    litert_second = np.concatenate([got for got, _, _ in second.head_pairs()])
+    return _relative(keras_second, keras_first), _relative(litert_second, litert_first)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="Write the measurements here as JSON.")
+    args = parser.parse_args()
+    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"), "smoke")
+    config.data.augment = False  # both devices must see the same batches
+    with tempfile.TemporaryDirectory() as scratch:
+        setup = device_parity.prepare(config, os.path.join(scratch, "head"))
+        epoch = device_parity.train_both(setup, setup.train, head_class=RecordedHead)
+        same_4 = device_parity.train_both(setup, setup.train[:4], same_gradients=True)
+        same_epoch = device_parity.train_both(setup, setup.train, same_gradients=True)
+        keras_again, litert_again = repeat_distances(
+            epoch, device_parity.train_both(setup, setup.train)
+        )
+        result = dict(
+            config="configs/deprune.py:smoke, no augmentation",
+            steps_per_epoch=len(setup.train),
+            epoch_relative_l2=epoch.relative_distance(),
+            runtime_step_relative_l2=runtime_steps(setup, epoch.head),
+            server=server_checks(setup, epoch),
+            wire=wire_steps(epoch),
+            gates=gate_steps(epoch.head),
+            same_gradients_4_steps_relative_l2=same_4.relative_distance(),
+            same_gradients_epoch_relative_l2=same_epoch.relative_distance(),
+            keras_run_again_relative_l2=keras_again,
+            litert_run_again_relative_l2=litert_again,
+        )
+    print(json.dumps(result, indent=1))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
