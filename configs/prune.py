@@ -1,8 +1,8 @@
 """Prune (transfer learning): start from an unmasked model, close channels, fine-tune at a budget.
 
 By default the run first trains its own starting model (an unmasked phase with the bottleneck in
-place), then the prune reset closes every weak gate and the open ones compete for budget 32 over 3
-epochs, at a learning rate falling from 0.01 to 0 over all three (no boost: the start model has
+place), then the prune reset closes every weak gate and the open ones compete for budget 32 over 6
+epochs, at a learning rate falling from 0.01 to 0 over all six (no boost: the start model has
 learned already, and a boost only shakes it; see docs/experiments.md). To start from an earlier
 run instead, drop the first phase with the `:finetune` variant and point `init_from` at that run's
 workdir:
@@ -12,10 +12,10 @@ workdir:
   tfsplit-train --config=configs/prune.py:finetune --config.init_from=/tmp/tfsplit/start \
       --workdir=/tmp/tfsplit/prune
 
-Default (embedded dataset, 20 + 3 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
+Default (embedded dataset, 30 + 6 epochs): a few minutes on 2 CPU cores. Variants (comma-separated,
 e.g. `:steps,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10; 20 epochs SGD 1e-3 momentum 0.9, then budget 16 for 5; a GPU.
-  steps: the research code's prune 32 -> 4: 20 epochs, 4 at 32, 4 at 4 (paper 30, 10, 10).
+  steps: the research code's prune 32 -> 4: 30 epochs, 4 at 32, 4 at 4 (paper 30, 10, 10).
   finetune: drops the pretraining phase (start from `init_from`).
   hard, small, local, smoke: the harder embedded set (local classifier at half weight); 1500
     images, 5x epochs; the device-side local classifier (tfsplit/layers/local_classifier.py);
@@ -73,8 +73,8 @@ def get_config(arg=None):
     # (paper, steps): (pretraining epochs, its anneal epochs and learning rate, [(budget, epochs),
     # ...], learning rate, boost epochs, anneal epochs).
     schedules = {
-        (False, False): (20, 6, 0.02, [(32, 3)], 0.01, 0, 3),
-        (False, True): (20, 6, 0.02, [(32, 4), (4, 4)], 0.02, 2, 2),
+        (False, False): (30, 9, 0.02, [(32, 6)], 0.01, 0, 6),
+        (False, True): (30, 9, 0.02, [(32, 4), (4, 4)], 0.02, 2, 2),
         (True, False): (20, 0, 0.001, [(16, 5)], 0.01, 2, 0),
         (True, True): (30, 0, 0.001, [(32, 10), (4, 10)], 0.01, 2, 0),
     }

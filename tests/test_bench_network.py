@@ -252,7 +252,7 @@ def test_a_link_between_namespaces_has_its_rtt_and_rate():
 
 
 def test_sizes_shrink_every_method_and_prune_fine_tunes_from_its_start():
-    sizes = network_benchmark.Sizes(train_size=300, test_size=100, epochs_scale=0.25)
+    sizes = network_benchmark.Sizes(train_size=300, test_size=100, epochs_scale=1 / 6)
     runs = network_benchmark.method_runs(CONFIG_DIR, ["sl", "deprune", "prune"], sizes, "/start")
     sl = runs["sl"]
     assert sl.flags[0] == f"--config={CONFIG_DIR}/sl.py"
@@ -276,7 +276,7 @@ def test_sizes_shrink_every_method_and_prune_fine_tunes_from_its_start():
 
 def test_estimates_follow_the_codec():
     """SL sends all 128 channels of its 4x4 cut in float16: 4 KB a sample each way and more."""
-    sizes = network_benchmark.Sizes(train_size=64, test_size=32, epochs_scale=0.05)
+    sizes = network_benchmark.Sizes(train_size=64, test_size=32, epochs_scale=0.02)
     config = network_benchmark.method_runs(CONFIG_DIR, ["sl"], sizes, "")["sl"].config
     estimate = network_benchmark.estimate_traffic(config)
     assert estimate["wire_shape"] == [4, 4, 128]
@@ -292,7 +292,7 @@ def test_a_ushaped_estimate_sends_no_labels_and_crosses_the_second_cut():
     """The plain estimate without the labels, plus the middle's output down (training,
     evaluation) and the top's gradient up: 128 float16 values a sample at the top (pool5, 1x1)."""
     sizes = {
-        variant: network_benchmark.Sizes(variant, train_size=64, test_size=32, epochs_scale=0.05)
+        variant: network_benchmark.Sizes(variant, train_size=64, test_size=32, epochs_scale=0.02)
         for variant in ("", "ushaped")
     }
     plain, ushaped = (

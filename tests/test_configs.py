@@ -92,15 +92,16 @@ def test_generic_variants_set_the_data_they_name(path):
     if method(path) != "deprune":
         assert schedule(hard) == schedule(default)
     small = load(path, "small")
-    assert small.data.name == "synthetic" and small.data.train_size == 1500
+    assert small.data.name == "synthetic" and small.data.train_size == 2500
+    assert small.data.validation_fraction == 0.4  # 1500 to train on, 1000 to validate on
     factor = config_lib.SMALL_EPOCH_FACTOR
     assert [(p.budget, p.epochs, p.boost_epochs, p.anneal_epochs) for p in small.phases] == [
         (p.budget, factor * p.epochs, factor * p.boost_epochs, factor * p.anneal_epochs)
         for p in default.phases
     ]
     both = load(path, "small,hard")
-    assert (both.data.name, both.data.train_size) == ("synthetic_hard", 1500)
-    assert load(path, "small,paper").data.train_size == 1500
+    assert (both.data.name, both.data.train_size) == ("synthetic_hard", 2500)
+    assert load(path, "small,paper").data.train_size == 2500
     local = load(path, "local")
     assert local.model.local_loss_weight == 1.0 and local.data.name == "synthetic"
     assert schedule(local) == schedule(default)
@@ -127,10 +128,10 @@ def test_smoke_shrinks_every_composition_whatever_the_order(path):
 def test_deprune_schedules():
     path = os.path.join(CONFIG_DIR, "deprune.py")
     assert schedule(load(path)) == [
-        (8, 12, 0.02, 0.0, 0, "none"),
-        (32, 8, 0.02, 0.0, 0, "deprune"),
+        (8, 18, 0.02, 0.0, 0, "none"),
+        (32, 12, 0.02, 0.0, 0, "deprune"),
     ]
-    assert load(path).phases[1].anneal_epochs == 6
+    assert load(path).phases[1].anneal_epochs == 9
     assert schedule(load(path, "paper")) == [
         (4, 25, 0.01, 0.0, 0, "none"),
         (16, 15, 0.01, 0.05, 3, "deprune"),
@@ -142,14 +143,14 @@ def test_deprune_schedules():
     ]
     # lean: the first phase sends 4 channels; the schedules that already start at 4 are unchanged.
     assert schedule(load(path, "lean")) == [
-        (4, 12, 0.02, 0.0, 0, "none"),
-        (32, 8, 0.02, 0.0, 0, "deprune"),
+        (4, 18, 0.02, 0.0, 0, "none"),
+        (32, 12, 0.02, 0.0, 0, "deprune"),
     ]
     assert schedule(load(path, "lean,grow")) == schedule(load(path, "grow"))
     # hard: phase 1 at 16, where 8 starved the 80-class cut; lean and grow still start at 4.
     assert schedule(load(path, "hard")) == [
-        (16, 12, 0.02, 0.0, 0, "none"),
-        (32, 8, 0.02, 0.0, 0, "deprune"),
+        (16, 18, 0.02, 0.0, 0, "none"),
+        (32, 12, 0.02, 0.0, 0, "deprune"),
     ]
     assert schedule(load(path, "hard,lean"))[0][0] == 4
     assert schedule(load(path, "hard,grow")) == schedule(load(path, "grow"))
@@ -168,19 +169,19 @@ def test_deprune_schedules():
 
 def test_prune_schedules():
     path = os.path.join(CONFIG_DIR, "prune.py")
-    # No boost: a learning rate falling from 0.01 over the whole fine-tuning (all 3 epochs).
+    # No boost: a learning rate falling from 0.01 over the whole fine-tuning (all 6 epochs).
     default = load(path)
-    assert schedule(default) == [(0, 20, 0.02, 0.0, 0, "none"), (32, 3, 0.01, 0.0, 0, "prune")]
-    assert default.phases[1].anneal_epochs == 3
+    assert schedule(default) == [(0, 30, 0.02, 0.0, 0, "none"), (32, 6, 0.01, 0.0, 0, "prune")]
+    assert default.phases[1].anneal_epochs == 6
     paper = load(path, "paper")
     assert schedule(paper) == [(0, 20, 0.001, 0.0, 0, "none"), (16, 5, 0.01, 0.05, 2, "prune")]
     assert paper.optimizer.momentum == 0.9
     # steps: prune 32 -> 4, the second step without a reset.
     steps = [(32, 4, 0.02, 0.05, 2, "prune"), (4, 4, 0.02, 0.0, 0, "none")]
-    assert schedule(load(path, "steps")) == [(0, 20, 0.02, 0.0, 0, "none")] + steps
+    assert schedule(load(path, "steps")) == [(0, 30, 0.02, 0.0, 0, "none")] + steps
     assert schedule(load(path, "finetune,steps")) == steps
     assert schedule(load(path, "steps,finetune")) == steps
-    assert schedule(load(path, "finetune")) == [(32, 3, 0.01, 0.0, 0, "prune")]
+    assert schedule(load(path, "finetune")) == [(32, 6, 0.01, 0.0, 0, "prune")]
     steps_paper = load(path, "steps,paper")
     assert schedule(steps_paper) == [
         (0, 30, 0.001, 0.0, 0, "none"),

@@ -285,7 +285,7 @@ def test_tool_presets_load_the_data_they_name():
         "quick_hard,local": ["synthetic_hard", 1.0],
         "quick": ["synthetic", 0, 0.0],
         "quick_hard": ["synthetic_hard", 0, 0.5],  # the local classifier at half weight
-        "quick_small": ["synthetic", 1500, 0.0],
+        "quick_small": ["synthetic", 2500, 0.0],  # 1500 to train on, 1000 held out
         "paper": ["cifar10", 0, 0.0],
     }
     assert set(loaded) == set(expected)
