@@ -109,3 +109,47 @@ def test_a_page_without_sections_or_results_is_refused(tmp_path):
         pages.update_page(str(page), str(tmp_path), str(tmp_path / "plots"))
     with pytest.raises(FileNotFoundError, match="tfsplit-reproduce --results_dir"):
         archive.load(str(tmp_path / "missing"))
+
+
+def _short(value):
+    """1.8e-2 for 0.0184, the way the docs write a distance; 0 for 0."""
+    return "0" if value == 0 else f"{value:.1e}".replace("e-0", "e-")
+
+
+def test_the_device_parity_table_is_the_committed_measurement():
+    """docs/device-training.md's table of distances is results/device_training/parity.json."""
+    result = json.loads((REPO_ROOT / "results" / "device_training" / "parity.json").read_text())
+    runtime, wire = sorted(result["runtime_step_relative_l2"]), result["wire"]
+    expected = {
+        "the heads after the epoch": _short(result["epoch_relative_l2"]),
+        "each device's epoch run again, against its own first run": (
+            f"{_short(result['keras_run_again_relative_l2'])} and "
+            f"{_short(result['litert_run_again_relative_l2'])} (each is deterministic)"
+        ),
+        "each LiteRT `train` step against the exported graph run by TensorFlow, from the same "
+        "weights with the same inputs": (
+            f"at most {_short(runtime[-2])} (one step: {_short(runtime[-1])})"
+        ),
+        "the LiteRT run's calls sent again to two fresh servers": (
+            "0 (the same replies, bit for bit)" if result["server"]["identical_replies"] else "-"
+        ),
+        "the server's gradients, step 0": _short(wire[0]["gradient_relative_l2"]),
+        "the server's gradients, step 1": _short(wire[1]["gradient_relative_l2"]),
+        "step 1, with step 0's payload made the Keras device's": _short(
+            result["server"]["step1_gradient_gap_with_step0_the_same"]
+        ),
+        "the heads, trained on the same gradients for 4 steps": _short(
+            result["same_gradients_4_steps_relative_l2"]
+        ),
+        "the heads, trained on the same gradients for the whole epoch": _short(
+            result["same_gradients_epoch_relative_l2"]
+        ),
+    }
+    page = (REPO_ROOT / "docs" / "device-training.md").read_text()
+    rows = dict(
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in page.splitlines()
+        if line.startswith("| ") and line.count("|") == 3
+    )
+    for measurement, value in expected.items():
+        assert rows.get(measurement) == value, measurement
