@@ -62,17 +62,6 @@ def _relative(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def _head_slices(head):
-    return [e for e in head.layout["variables"] if e["kind"] in device_parity.HEAD_KINDS]
-
-
-def _relative_of_head(head, got, want):
-    parts = [slice(e["offset"], e["offset"] + e["size"]) for e in _head_slices(head)]
-    return _relative(
-        np.concatenate([got[p] for p in parts]), np.concatenate([want[p] for p in parts])
-    )
-
-
 def runtime_steps(setup, head):
     """Each recorded LiteRT step against the exported graph's step in TensorFlow, from the
     same weights with the same inputs: the relative distance of the head after it."""
@@ -92,7 +81,13 @@ def runtime_steps(setup, head):
             gate_learning_rate=tf.constant([rates[1]], tf.float32),
             penalty_weight=tf.constant([penalty], tf.float32),
         )
-        distances.append(_relative_of_head(head, module.get_weights()["weights"].numpy(), after))
+        got = module.get_weights()["weights"].numpy()
+        distances.append(
+            _relative(
+                device_parity.head_values(head.layout, got),
+                device_parity.head_values(head.layout, after),
+            )
+        )
     return distances
 
 

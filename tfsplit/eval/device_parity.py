@@ -14,11 +14,23 @@ from tfsplit import callbacks as callbacks_lib
 from tfsplit import data
 from tfsplit.device.training import DeviceTrainer, TrainableHead, TrainingClient
 from tfsplit.export import trainable, trainable_export
+from tfsplit.records import holdout
 from tfsplit.training import trainer
 from tfsplit.training.server import service as service_lib
 
 # The layout's kinds that are the head itself (not the optimizers' state).
 HEAD_KINDS = ("weight", "local_classifier", "state")
+
+
+def head_values(layout, weights):
+    """The head's own variables in a flat weight vector of `layout`, one after the other."""
+    return np.concatenate(
+        [
+            weights[e["offset"] : e["offset"] + e["size"]]
+            for e in layout["variables"]
+            if e["kind"] in HEAD_KINDS
+        ]
+    )
 
 
 class StepLog(TrainingClient):
@@ -59,12 +71,16 @@ def batches(images, labels, info, batch_size):
 
 
 def prepare(config, head_dir):
-    """`config`'s data as fixed batches, and its starting model exported trainable to `head_dir`
-    (a seeded build gives the same weights again)."""
+    """`config`'s training data as fixed batches, its validation split held out of them as the
+    runs' training does (`config.data.validation_fraction`), and its starting model exported
+    trainable to `head_dir` (a seeded build gives the same weights again)."""
     keras.utils.set_random_seed(config.seed)
-    (train_x, train_y), (test_x, test_y), info = trainer.load_run_arrays(config)
-    train, _ = batches(train_x, train_y, info, config.data.batch_size)
-    test, test_ds = batches(test_x, test_y, info, config.data.eval_batch_size)
+    (images, labels), _, info = trainer.load_run_arrays(config)
+    kept, held = holdout.held_out(len(images), config.data.validation_fraction, config.seed)
+    train, _ = batches(images[kept], labels[kept], info, config.data.batch_size)
+    validation, validation_ds = batches(
+        images[held], labels[held], info, config.data.eval_batch_size
+    )
     keras.utils.set_random_seed(config.seed)
     split = trainer.build_split_model(config, info, remote=True)
     trainable_export.export_trainable_head(split, head_dir, config)
@@ -73,8 +89,8 @@ def prepare(config, head_dir):
         info=info,
         split=split,
         train=train,
-        test=test,
-        test_ds=test_ds,
+        validation=validation,
+        validation_ds=validation_ds,
         head=head_dir,
     )
 
@@ -131,7 +147,7 @@ def train_both(setup, train, epochs=1, same_gradients=False, head_class=Trainabl
         history = split.fit(
             train_ds,
             epochs=epochs,
-            validation_data=setup.test_ds,
+            validation_data=setup.validation_ds,
             callbacks=[schedule, calibration],
             verbose=0,
         ).history
@@ -145,7 +161,9 @@ def train_both(setup, train, epochs=1, same_gradients=False, head_class=Trainabl
         head = head_class(setup.head)
         device = DeviceTrainer(head, litert_log)
         device.connect()
-        summary = device.fit(lambda epoch: train, len(train), lambda: setup.test, epochs=epochs)
+        summary = device.fit(
+            lambda epoch: train, len(train), lambda: setup.validation, epochs=epochs
+        )
     finally:
         server.stop(0)
     keras_weights = [(kind, v.numpy().ravel()) for kind, v in module.state]
