@@ -252,9 +252,9 @@ def _hard(config):
 
 
 def _small(config):
-    # 1500 training images and 1000 more held out for validation: a tenth of 1500 would validate
-    # on 150 images, where one image moves accuracy by 0.67 points, too coarse to tell whether a
-    # run changes by less than a point at its end.
+    # 1500 training images and 1000 more held out for validation: a tenth of 1500 is too few
+    # images to tell whether a run changes by less than a point at its end
+    # (docs/experiments.md#small-data).
     config.data.train_size = 2500
     config.data.validation_fraction = 0.4
     # 23 steps an epoch: five times the epochs, so that runs end where they level off instead of
