@@ -430,5 +430,6 @@ def _train_prune_start(config, workdir):
         workdir=workdir,
         fit_seconds=summary["wall_seconds"],
         seconds=time.monotonic() - start,
+        final_val_accuracy=summary["final_val_accuracy"],
         final_test_accuracy=summary["final_test_accuracy"],
     )

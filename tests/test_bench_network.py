@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from benchmarks import links, namespaces, network_benchmark, network_report
+from benchmarks import links, namespaces, network_benchmark
 from tfsplit import codec
+from tfsplit.eval import link_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -350,13 +351,13 @@ def test_target_table_and_speedup_lines():
             for link in (wifi, poor)
         ],
     )
-    table = network_report.markdown_table(result).splitlines()
+    table = link_report.markdown_table(result).splitlines()
     assert table[0].startswith("| link | method | shaping |") and len(table) == 2 + len(rows)
     assert "not reached" in table[2] and "failed: boom" in table[5]
-    assert network_report.speedups(result) == [
+    assert link_report.speedups(result) == [
         "wifi: deprune finishes 1.33x sooner than SL (30.0 s vs 40.0 s)"
     ]
-    assert network_report.speedups(result, fast="sl", slow="deprune") == [
+    assert link_report.speedups(result, fast="sl", slow="deprune") == [
         "wifi: sl finishes 1.33x later than DEPRUNE (40.0 s vs 30.0 s)"
     ]
 

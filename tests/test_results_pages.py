@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit.eval import archive, pages, seeds
+from tfsplit.eval import archive, link_report, pages, seeds
 from tfsplit.training.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,6 +30,13 @@ def test_the_committed_sections_are_what_the_committed_results_give():
         for line in rendered.splitlines():  # the plots it shows are committed
             if line.startswith("!["):
                 assert (PAGE.parent / line.split("(")[1].rstrip(")")).is_file(), line
+        if link_report.holds(str(directory)):  # every method trained on every link
+            result = link_report.load(str(directory))
+            assert all("error" not in row and row["records"] for row in result["rows"])
+            assert len(result["rows"]) == len(result["links"]) * len(
+                {row["method"] for row in result["rows"]}
+            )
+            continue
         result, runs = archive.load(str(directory))
         assert len(result["seeds"]) >= 3
         for by_run in runs.values():  # every run kept with its records
@@ -100,6 +107,70 @@ def test_a_section_is_drawn_from_the_runs_files(tmp_path):
     )
     for plot in pages.PLOTS:
         assert (tmp_path / "plots" / f"results_toy_{plot}.png").stat().st_size > 1000
+
+
+def _link_row(link, method, curve, note=""):
+    records = [
+        dict(epoch=i + 1, elapsed_seconds=10.0 * (i + 1), val_accuracy=v)
+        for i, v in enumerate(curve)
+    ]
+    return dict(
+        link=link,
+        method=method,
+        shaping="tc tbf",
+        process_seconds=12.0 * len(curve),
+        fit_seconds=10.0 * len(curve),
+        final_val_accuracy=curve[-1],
+        final_test_accuracy=curve[-1] - 0.01,
+        payload_mb_up=2.0,
+        payload_mb_down=1.0,
+        epochs=len(curve),
+        records=records,
+        note=note,
+        seconds_to_target=None,
+    )
+
+
+def test_a_network_benchmark_section_is_drawn_from_its_file(tmp_path):
+    links = [
+        dict(name="wifi", rate_mbit=100.0, rtt_ms=5.0, shaping="tc tbf", note=""),
+        dict(name="poor", rate_mbit=2.0, rtt_ms=100.0, shaping="proxy", note="not root"),
+    ]
+    rows = [
+        _link_row("wifi", "sl", [0.5, 0.8]),
+        _link_row("wifi", "prune", [0.7, 0.75, 0.78], note="fine-tuning only"),
+        dict(_link_row("poor", "sl", [0.5, 0.8, 0.8, 0.8]), shaping="proxy"),
+    ]
+    result = dict(
+        rows=rows,
+        links=links,
+        target_accuracy=0.72,
+        target_source="0.9 x SL's final validation accuracy on wifi",
+        prune_start=dict(seconds=5.0, final_val_accuracy=0.6),
+        command="tfsplit-bench-network --workdir=/tmp/x",
+    )
+    out = tmp_path / "results" / "links" / "plain"
+    out.mkdir(parents=True)
+    (out / link_report.RESULTS_FILE).write_text(json.dumps(result))
+    text = pages.render("results/links/plain", str(out), "plots")
+    assert "| wifi (100 Mbit/s, 5 ms) | prune * | tc tbf | 2.00 | 1.00 | 36.0 | 30.0 |" in text
+    assert (
+        "| poor (2 Mbit/s, 100 ms) | sl | proxy | 2.00 | 1.00 | 48.0 | 40.0 | not reached" in text
+    )
+    assert "| 80.00% | 79.00% |" in text
+    assert "- poor: shaped by proxy (not root)." in text
+    assert "- Target: 72.00% validation accuracy (0.9 x SL's final validation" in text
+    assert "- \\* prune: fine-tuning only (5.0 s, 60.00% validation accuracy)." in text
+    assert "- Command: `tfsplit-bench-network --workdir=/tmp/x`." in text
+    assert text.endswith("![time_to_accuracy of results/links/plain]"
+                         "(plots/results_links_plain_time_to_accuracy.png)")  # fmt: skip
+    [path] = pages.draw("results/links/plain", str(out), str(tmp_path / "plots"))
+    assert path.endswith("results_links_plain_time_to_accuracy.png")
+    assert os.path.getsize(path) > 1000
+    del result["target_accuracy"]
+    (out / link_report.RESULTS_FILE).write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="lacks target_accuracy"):
+        pages.render("results/links/plain", str(out), "plots")
 
 
 def test_a_page_without_sections_or_results_is_refused(tmp_path):

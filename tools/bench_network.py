@@ -10,9 +10,10 @@ elsewhere through a proxy on loopback that shapes the rate and adds the delay (t
 which). The configs are shrunk (--train_size, --test_size, --epochs_scale, --variant) so that the
 default table runs on 2 CPU cores (its time: docs/results.md); the expected bytes and link time
 of each run are printed first (--plan_only prints them alone). Prints one Markdown table and
-writes bench_network.json into --workdir. Wall time is the device process's, start to exit; time to
+writes bench_network.json into --workdir (and --results_dir, from which tfsplit-results-pages
+draws a section of docs/results.md and its plot of accuracy against time). Wall time is the device process's, start to exit; time to
 target is the run's own training time (metrics.jsonl) until its first epoch at the target accuracy
-(default: 0.9 x SL's final accuracy on the fastest link). Prune fine-tunes over the link from a
+(default: 0.9 x SL's final validation accuracy on the fastest link). Prune fine-tunes over the link from a
 start model trained in this process first, not over the link; its rows time the fine-tuning.
 Runs from a clone of tfsplit: the benchmark programs (benchmarks/) are not installed.
 """
@@ -20,13 +21,14 @@ Runs from a clone of tfsplit: the benchmark programs (benchmarks/) are not insta
 import json
 import os
 import platform
+import shlex
 import signal
 import sys
 
 from absl import app, flags
 
 import tfsplit  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfsplit.eval import reproduce
+from tfsplit.eval import link_report, reproduce
 from tfsplit_tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and results go.", required=True)
@@ -49,6 +51,12 @@ _TARGET_FRACTION = flags.DEFINE_float(
 )
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 1800, "Kill a device that trains longer.", 1)
 _NAMESPACES = flags.DEFINE_bool("namespaces", True, "Try network namespaces and tc first.")
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir",
+    None,
+    f"Also write {link_report.RESULTS_FILE} here (e.g. results/links/<name>), which "
+    "tfsplit-results-pages draws a section of docs/results.md from.",
+)
 _PLAN_ONLY = flags.DEFINE_bool("plan_only", False, "Print the sizes and estimates; train nothing.")
 
 
@@ -74,7 +82,6 @@ def main(argv):
     # benchmarks/ is not installed: imported from the clone, once its root is on sys.path.
     links_lib = cli.import_benchmark("links")
     network_benchmark = cli.import_benchmark("network_benchmark")
-    network_report = cli.import_benchmark("network_report")
     # A plain `kill` unwinds like Ctrl-C: child processes stopped, namespaces deleted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     links = [links_lib.parse_link(spec) for spec in _LINKS.value]
@@ -100,7 +107,7 @@ def main(argv):
         namespaces=_NAMESPACES.value,
     )
     result["estimates"] = estimates
-    print(network_report.markdown_table(result))
+    print(link_report.markdown_table(result))
     print()
     for entry in result["links"]:
         note = f" ({entry['note']})" if entry["note"] else ""
@@ -112,13 +119,16 @@ def main(argv):
         start = result["prune_start"]
         print(
             f"* prune: {network_benchmark.PRUNE_NOTE} ({start['seconds']:.1f} s, "
-            f"{100 * start['final_test_accuracy']:.2f}%)"
+            f"{100 * start['final_val_accuracy']:.2f}% validation accuracy)"
         )
-    for line in network_report.speedups(result):
+    for line in link_report.speedups(result):
         print(line)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    with open(os.path.join(_WORKDIR.value, "bench_network.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    result["command"] = shlex.join(["tfsplit-bench-network", *sys.argv[1:]])
+    for directory in filter(None, (_WORKDIR.value, _RESULTS_DIR.value)):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, link_report.RESULTS_FILE), "w") as f:
+            json.dump(result, f, indent=2)
     failed = [f"{row['method']} on {row['link']}" for row in result["rows"] if "error" in row]
     if failed:
         raise SystemExit(f"{len(failed)} runs failed ({', '.join(failed)}); see their logs.")
