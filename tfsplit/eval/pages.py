@@ -138,8 +138,39 @@ def _reproduce_lines(result, runs):
         f"accuracy: {_ratio(ratios['prune_vs_casl_time_to_target'], 'x')} faster fine-tuning, "
         f"{_ratio(ratios['prune_vs_casl_time_to_target_with_start'], 'x')} counting the start "
         "model.",
+        *_nested_lines(result),
         "",
     ]
+    return lines
+
+
+def _nested_lines(result):
+    """What one model for every budget costs: its gap to CA-SL trained at each budget (every
+    seed) and, where deprune also ran without nesting, what nesting costs at the final budget."""
+    gaps = [
+        100 * (mine - theirs)
+        for point in result["curve"]
+        for mine, theirs in zip(
+            _seeds_of(point, "deprune_test_accuracy"), _seeds_of(point, "casl_test_accuracy")
+        )
+    ]
+    budgets = sorted({point["budget"] for point in result["curve"]})
+    span = f"budgets {budgets[0]} to {budgets[-1]}" if len(budgets) > 1 else f"budget {budgets[0]}"
+    lines = [
+        f"- one model for every budget against CA-SL trained at that budget, at {span} and "
+        f"every seed: {min(gaps):+.2f} to {max(gaps):+.2f} test points."
+    ]
+    by_method = {row["method"]: row for row in result["rows"]}
+    nested_label = RUNS["deprune_nested"]  # its own row where deprune's default is not nested
+    if "deprune" in by_method and nested_label in by_method:
+        alone, nested = (
+            np.mean(_seeds_of(by_method[m], "final_val_accuracy"))
+            for m in ("deprune", nested_label)
+        )
+        lines.append(
+            f"- nesting costs {100 * (alone - nested):.2f} validation points at the final "
+            "budget (deprune without nested budgets against with them, mean over the seeds)."
+        )
     return lines
 
 
