@@ -10,7 +10,7 @@ e.g. `:grow,smoke`; see tfsplit/training/config.py):
   paper: VGG-11, CIFAR-10, budget 4 -> 16 of 512, 25 + 15 epochs, SGD 1e-2 (5e-2 for 3); a GPU.
   grow: the research code's growth to every channel: budget 4 -> 0 (all), 12 + 8 (paper 15 + 7).
   lean: phase 1 at 4 channels instead of 8, for less training payload still (measured:
-    docs/results.md#embedded-set); the others already start at 4.
+    docs/results.md#embedded-set-10-epochs); the others already start at 4.
   hard, small, local, smoke: the harder embedded set (local classifier at half weight, phase 1
     at 16); 1500 images, 5x epochs; the device-side local classifier
     (tfsplit/layers/local_classifier.py); seconds.

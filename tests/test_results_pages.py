@@ -95,6 +95,8 @@ def test_a_section_is_drawn_from_the_runs_files(tmp_path):
     assert "at some seed): sl." in text  # deprune moved half a point: settled
     assert "| 4 | 51.00 ± 1.41% | 60.00 ± 0.00% | 84.0 |" in text
     assert "at budget 4 and every seed: -10.00 to -8.00 test points." in text
+    assert "- CA-SL trained at the smallest budget (4) against SL: -11.00 points" in text
+    assert "(not reached at every seed: not reached / not reached) in fine-tuning" in text
     assert "nesting costs" not in text  # no row of deprune without nesting beside it
     page = tmp_path / "page.md"
     start, end = (marker.format(name="results/toy") for marker in (pages.START, pages.END))

@@ -246,7 +246,7 @@ def _hard(config):
     # Without a loss of its own the head starves on 80 classes: ten epochs end mid-climb, so the
     # comparisons measured how soon each run took off. At full weight (`hard,local`) the
     # classifier lifts every method but carries the cut so well that the budget matters
-    # less; at half weight it matters again (measured: docs/results.md#hard-set and
+    # less; at half weight it matters again (measured: docs/results.md#hard-set-10-epochs and
     # docs/experiments.md#hard-set-without-the-local-classifier).
     config.model.local_loss_weight = 0.5
 
