@@ -201,6 +201,15 @@ def test_readme_has_a_results_section_that_links_to_the_results_page():
     assert "(docs/results.md)" in section
 
 
+def test_every_figure_in_the_readmes_results_is_on_the_results_page():
+    """The README quotes docs/results.md, whose method tables are generated from results/."""
+    section = README.read_text().split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    page = (DOCS / "results.md").read_text()
+    figures = re.findall(r"\d+\.\d+", section)
+    assert figures
+    assert [f for f in figures if f not in page] == []
+
+
 def test_docs_hold_the_guides_results_and_experiments():
     for name in PAGES:
         page = DOCS / name
