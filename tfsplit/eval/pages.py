@@ -93,9 +93,8 @@ def _reproduce_lines(result, runs):
         "seed) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    by_label = {label: run for run, label in RUNS.items()}
     for row in result["rows"]:
-        run = by_label.get(row["method"], row["method"])
+        run = _run_of(row)
         moved = " / ".join(f"{c:+.2f}" for c in changes.get(run, [])) or "-"
         lines.append(
             f"| {row['method']} | {row['final_budget']} | "
@@ -145,6 +144,11 @@ def _reproduce_lines(result, runs):
     return lines
 
 
+def _run_of(row):
+    """The run (directory) a table row is of: rows name it, or its label in `RUNS`."""
+    return {label: run for run, label in RUNS.items()}.get(row["method"], row["method"])
+
+
 def _budget_lines(result):
     """What a narrow cut costs (CA-SL at the smallest budget against SL), what one model for
     every budget costs against CA-SL trained at each budget (every seed) and, where deprune also
@@ -156,8 +160,7 @@ def _budget_lines(result):
             _seeds_of(point, "deprune_test_accuracy"), _seeds_of(point, "casl_test_accuracy")
         )
     ]
-    by_label = {label: run for run, label in RUNS.items()}  # rows name a run or its label
-    by_run = {by_label.get(row["method"], row["method"]): row for row in result["rows"]}
+    by_run = {_run_of(row): row for row in result["rows"]}
     smallest = min(result["curve"], key=lambda point: point["budget"])
     lines = []
     if "sl" in by_run:  # what the cut itself costs, at its narrowest
