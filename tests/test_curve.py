@@ -100,8 +100,9 @@ def test_evaluate_workdir_writes_csv_and_png(smoke_workdir, tmp_path):
     rows, summary = curve.evaluate_workdir(smoke_workdir)
     budgets = curve.default_budgets(summary["final_budget"])
     assert [r["budget"] for r in rows] == budgets
-    assert summary["served_budgets"] == (summary["final_budget"],) * 2
-    assert [r["served"] for r in rows] == [b == summary["final_budget"] for b in budgets]
+    final = summary["final_budget"]
+    assert summary["served_budgets"] == (final // 8, final)  # deprune nests by default
+    assert [r["served"] for r in rows] == [final // 8 <= b <= final for b in budgets]
     csv_path, png_path = curve.write_curve(rows, str(tmp_path), "test")
     with open(csv_path) as f:
         written = list(csv.DictReader(f))
@@ -135,12 +136,14 @@ def test_tool_prints_the_curve(smoke_workdir, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["budget", "test", "accuracy", "payload", "bytes/sample"]
     assert [line.split()[0] for line in lines[1:3]] == ["2", "4"]
-    # The smoke run ends at one budget, above 4, without nested budgets: 2 and 4 are below it.
+    # The smoke run nests its budgets (deprune's default) from an eighth of its final one, 4.
     with open(os.path.join(smoke_workdir, "summary.json")) as f:
         final_budget = json.load(f)["final_budget"]
-    assert final_budget > 4
-    assert all(line.endswith("(not trained)") for line in lines[1:3])
-    assert lines[3] == f"the model was trained to serve budget {final_budget}"
-    served = f"trained to serve budgets {final_budget} to {final_budget}"
-    assert f"Budget 2: this model was {served}" in result.stderr
+    assert final_budget == 32
+    assert lines[1].endswith("(not trained)") and not lines[2].endswith("(not trained)")
+    assert lines[3] == f"the model was trained to serve budgets 4 to {final_budget}"
+    assert f"Budget 2: this model was trained to serve budgets 4 to {final_budget};" in (
+        result.stderr
+    )
+    assert "Budget 4:" not in result.stderr
     assert (tmp_path / curve.CSV_FILE).exists() and (tmp_path / curve.PNG_FILE).exists()

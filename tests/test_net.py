@@ -584,6 +584,8 @@ def test_a_server_and_two_device_processes_train_the_smoke_config_in_parallel(
         "--config=configs/deprune.py:smoke",
         f"--token_file={tmp_path / 'token'}",
         f"--config.average_every_steps={every_steps}",
+        # A strategy trains a tail without nested budgets (deprune's default).
+        f"--config.budget_sampling.nested={strategy == 'none'}",
     ]
     server = subprocess.Popen(
         [

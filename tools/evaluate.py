@@ -47,8 +47,8 @@ def main(argv):
             f"{row['payload_bytes_per_sample']:>21,}" + ("" if row["served"] else "  (not trained)")
         )
     smallest, largest = summary["served_budgets"]
-    served = f"{smallest}" if smallest == largest else f"{smallest} to {largest}"
-    print(f"the model was trained to serve budget {served}")
+    served = f"budget {smallest}" if smallest == largest else f"budgets {smallest} to {largest}"
+    print(f"the model was trained to serve {served}")
     print(f"wrote {csv_path} and {png_path}")
 
 

@@ -210,8 +210,10 @@ def main(argv):
     config = _CONFIG.value
     if _STRATEGY.value != "none" and config.budget_sampling.nested:
         raise app.UsageError(
-            "--strategy: a run with nested budgets (config.budget_sampling.nested) trains its "
-            "tail without a strategy; its distillation keeps the whole batch's channel means."
+            "--strategy: a run with nested budgets (config.budget_sampling.nested, deprune's "
+            "default) trains its tail without a strategy; its distillation keeps the whole "
+            "batch's channel means. Give --config.budget_sampling.nested=False, or "
+            "--strategy=none."
         )
     service_lib.one_inter_op_thread()
     strategy = distributed.make_strategy(_STRATEGY.value, _CPU_REPLICAS.value)  # before any op

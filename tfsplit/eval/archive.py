@@ -6,8 +6,8 @@ Layout of a results directory (one per preset, committed under `results/`):
                                   curve, target), what the docs' tables are generated from
     config/<method>.json          each method's resolved config
     seed_<s>/<run>/summary.json   each run's summary and epoch records, as its workdir held
-    seed_<s>/<run>/metrics.jsonl  them (<run>: sl, casl, deprune, deprune_nested, prune_start,
-                                  prune, casl_<budget>)
+    seed_<s>/<run>/metrics.jsonl  them (<run>: sl, casl, deprune, deprune_nested or
+                                  deprune_unnested, prune_start, prune, casl_<budget>)
 
 Nothing is computed here: the figures are the runs' own, copied, so anyone can check a table
 against the runs it came from, or draw it again.

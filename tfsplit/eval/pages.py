@@ -30,6 +30,7 @@ RUNS = {
     "casl": "CA-SL",
     "deprune": "deprune",
     "deprune_nested": "deprune (nested budgets)",
+    "deprune_unnested": "deprune (without nested budgets)",
     "prune_start": "prune (start model)",
     "prune": "prune",
 }
@@ -177,11 +178,14 @@ def _budget_lines(result):
         f"- one model for every budget against CA-SL trained at that budget, at {span} and "
         f"every seed: {min(gaps):+.2f} to {max(gaps):+.2f} test points."
     )
-    if "deprune" in by_run and "deprune_nested" in by_run:  # nesting is not deprune's default
-        alone, nested = (
-            np.mean(_seeds_of(by_run[run], "final_val_accuracy"))
-            for run in ("deprune", "deprune_nested")
-        )
+    # Deprune's other run: with nested budgets where its default has none, or without them.
+    pair = (
+        ("deprune", "deprune_nested")
+        if "deprune_nested" in by_run
+        else ("deprune_unnested", "deprune")
+    )
+    if set(pair) <= set(by_run):
+        alone, nested = (np.mean(_seeds_of(by_run[run], "final_val_accuracy")) for run in pair)
         lines.append(
             f"- nesting costs {100 * (alone - nested):.2f} validation points at the final "
             "budget (deprune without nested budgets against with them, mean over the seeds)."

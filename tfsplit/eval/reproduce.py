@@ -20,6 +20,7 @@ from tfsplit.training import trainer as trainer_lib
 
 METHODS = ("sl", "casl", "deprune", "prune")
 NESTED = "deprune (nested budgets)"  # deprune trained to serve every budget: the curve's model.
+UNNESTED = "deprune (without nested budgets)"  # deprune trained for its final budget alone.
 # The "section.key" settings every method's config must share.
 _SHARED = "data.name model.backbone model.cut model.width_multiplier wire.activation_dtype"
 
@@ -118,21 +119,23 @@ def reproduce(configs, workdir, target_accuracy=None, init_from=None):
     Returns:
       dict with "rows" (the table), "ratios", "curve" (one deprune model with nested budgets, at
       1/8, 1/4, 1/2 and all of its final budget, next to CA-SL trained at each), and
-      "target_accuracy". Without nested budgets in the deprune config, that model is trained as
-      an extra run and row, "deprune (nested budgets)".
+      "target_accuracy". Deprune is also trained the other way, with nested budgets where its
+      config has none ("deprune (nested budgets)", the curve's model) or without them
+      ("deprune (without nested budgets)"), as an extra run and row.
     """
     _check_same_setting(configs)
     runs = {}
     for method in ("sl", "casl", "deprune"):
         logging.info("reproduce: training %s", method)
         runs[method] = _train(configs[method], os.path.join(workdir, method))
-    curve_dir = "deprune"
-    if not configs["deprune"].budget_sampling.nested:
-        # One model for every budget is its own run: nesting costs accuracy at the final budget.
-        curve_dir = "deprune_nested"
-        nested = copy.deepcopy(configs["deprune"])
-        nested.budget_sampling.nested = True
-        runs[NESTED] = _train(nested, os.path.join(workdir, curve_dir))
+    # Deprune with and without nested budgets, whichever its config makes, so that what one
+    # model for every budget costs at the final budget is measured: the other is its own run.
+    other = copy.deepcopy(configs["deprune"])
+    nested = not other.budget_sampling.nested
+    other.budget_sampling.nested = nested
+    other_dir = "deprune_nested" if nested else "deprune_unnested"
+    runs[NESTED if nested else UNNESTED] = _train(other, os.path.join(workdir, other_dir))
+    curve_dir = other_dir if nested else "deprune"
     if init_from:
         finetune = copy.deepcopy(configs["prune"])
         if finetune.phases[0].budget == 0:  # the start model is given: skip its phase.
@@ -149,7 +152,7 @@ def reproduce(configs, workdir, target_accuracy=None, init_from=None):
     target = target_accuracy
     if target is None:
         target = runs["casl"][0]["final_val_accuracy"] - 0.01
-    order = ["sl", "casl", "deprune", NESTED, "prune (start model)", "prune"]
+    order = ["sl", "casl", "deprune", NESTED, UNNESTED, "prune (start model)", "prune"]
     rows = [table_row(m, *runs[m], target) for m in order if m in runs]
     return dict(rows=rows, ratios=paper_ratios(rows), curve=curve_rows, target_accuracy=target)
 
