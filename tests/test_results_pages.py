@@ -99,6 +99,7 @@ def test_a_section_is_drawn_from_the_runs_files(tmp_path):
     assert "- CA-SL trained at the smallest budget (4) against SL: -11.00 points" in text
     assert "(not reached at every seed: not reached / not reached) in fine-tuning" in text
     # deprune's default nested, its other run without: 80% / 82% against 81% / 81%.
+    assert "The row deprune is deprune as its config made it in these runs, with nested " in text
     assert "- nesting costs 0.00 validation points at the final budget" in text
     page = tmp_path / "page.md"
     start, end = (marker.format(name="results/toy") for marker in (pages.START, pages.END))

@@ -88,6 +88,7 @@ def _reproduce_lines(result, runs):
         f"Seeds {', '.join(map(str, seeds))}: the mean ± the standard deviation over them. "
         "Validation: the split held out of the training data, evaluated every epoch (targets "
         "and the last epoch's change are on it); test: evaluated once, at the end of each run.",
+        *_deprune_line(result),
         "",
         "| method | final budget | validation accuracy | test accuracy | training payload MB "
         "up / down | epochs | wall seconds | last epoch's change on validation (points, per "
@@ -178,19 +179,36 @@ def _budget_lines(result):
         f"- one model for every budget against CA-SL trained at that budget, at {span} and "
         f"every seed: {min(gaps):+.2f} to {max(gaps):+.2f} test points."
     )
-    # Deprune's other run: with nested budgets where its default has none, or without them.
-    pair = (
-        ("deprune", "deprune_nested")
-        if "deprune_nested" in by_run
-        else ("deprune_unnested", "deprune")
-    )
-    if set(pair) <= set(by_run):
+    pair = _nesting_pair(by_run)
+    if pair:
         alone, nested = (np.mean(_seeds_of(by_run[run], "final_val_accuracy")) for run in pair)
         lines.append(
             f"- nesting costs {100 * (alone - nested):.2f} validation points at the final "
             "budget (deprune without nested budgets against with them, mean over the seeds)."
         )
     return lines
+
+
+def _nesting_pair(by_run):
+    """(deprune's run without nested budgets, its run with them) where both ran, else None:
+    `reproduce` trains deprune as its config had it and the other way as an extra run."""
+    for pair in (("deprune", "deprune_nested"), ("deprune_unnested", "deprune")):
+        if set(pair) <= set(by_run):
+            return pair
+    return None
+
+
+def _deprune_line(result):
+    """Which of deprune's two rows its config made, as nesting has not always been its default."""
+    pair = _nesting_pair({_run_of(row) for row in result["rows"]})
+    if not pair:
+        return []
+    made, other = ("without", RUNS[pair[1]]) if pair[0] == "deprune" else ("with", RUNS[pair[0]])
+    return [
+        "",
+        f"The row deprune is deprune as its config made it in these runs, {made} nested budgets; "
+        f"{other} is the same config the other way.",
+    ]
 
 
 def _speedup(result, key):
