@@ -1,6 +1,28 @@
 """Batch norm statistics averaged over forward passes: the calibration both halves run."""
 
+import contextlib
+
 import tf_keras as keras
+
+
+def norms_of(model):
+    """`model`'s batch norm layers, nested ones included."""
+    return [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
+
+
+@contextlib.contextmanager
+def zero_momentum(norms):
+    """Inside, every norm's momentum is 0: a training-mode pass leaves exactly its batch's
+    statistics. Momentum is a Python attribute, read when a pass runs eagerly and when a
+    `tf.function` is traced: a compiled calibration pass must be traced inside."""
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
 
 
 class BatchNormAverage:
@@ -19,14 +41,13 @@ class BatchNormAverage:
     @classmethod
     def of(cls, model):
         """The averager of `model`'s batch norms, or None when it has none."""
-        norms = [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
+        norms = norms_of(model)
         return cls(norms) if norms else None
 
     def __enter__(self):
-        self._momenta = [norm.momentum for norm in self.norms]
+        self._zero_momentum = zero_momentum(self.norms)
+        self._zero_momentum.__enter__()
         self._means, self._squares, self.count = [0.0] * len(self.norms), [0.0] * len(self.norms), 0
-        for norm in self.norms:
-            norm.momentum = 0.0
         return self
 
     def record(self):
@@ -37,8 +58,7 @@ class BatchNormAverage:
         self.count += 1
 
     def __exit__(self, error_type, error, traceback):
-        for norm, momentum in zip(self.norms, self._momenta):
-            norm.momentum = momentum
+        self._zero_momentum.__exit__(None, None, None)
         if error_type is not None:
             return False
         if not self.count:

@@ -15,16 +15,13 @@ def calibration_pass(norms, forward, reply, device, request, values, indices):
         device.calibration = [0.0, 0.0, 0]
     elif device.calibration is None:
         raise validation.invalid("A calibration starts with calibration_begin.")
-    saved = [(n.momentum, n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
+    saved = [(n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
     try:
-        for norm in norms:
-            norm.momentum = 0.0  # the pass leaves exactly its batch's statistics
-        outputs = forward(values, indices, True)
+        outputs = forward(values, indices, True)  # leaves exactly its batch's statistics
         means = [n.moving_mean.numpy() for n in norms]
         squares = [n.moving_variance.numpy() + m * m for n, m in zip(norms, means)]
     finally:
-        for norm, (momentum, mean, variance) in zip(norms, saved):
-            norm.momentum = momentum
+        for norm, (mean, variance) in zip(norms, saved):
             norm.moving_mean.assign(mean)
             norm.moving_variance.assign(variance)
     sums, sum_squares, passes = device.calibration

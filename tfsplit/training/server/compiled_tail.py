@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfsplit.engine import randomness
+from tfsplit.layers import batch_norm
 from tfsplit.training.server import distributed
 
 
@@ -139,11 +140,16 @@ class CompiledTail:
         # The tail's forward pass: the logits; a U-shaped split's middle: its output.
         tail_forward = split.middle_output if ushaped else split.receive
 
-        def forward_drawing_nothing(values, indices):
-            """A training-mode forward pass (a calibration's) that leaves the draws where they
-            were: training's masks do not depend on when the device calibrated."""
+        norms = batch_norm.norms_of(split.tail)
+
+        def calibration_forward(values, indices):
+            """A calibration's training-mode forward pass: it leaves exactly its batch's
+            statistics in the moving ones, whenever it was traced (a warm-up traces it before
+            any calibration), and the draws where they were: training's masks do not depend on
+            when the device calibrated."""
             kept = [state.read_value() for state in draw_states]
-            output = tail_forward(values, indices, training=True)
+            with batch_norm.zero_momentum(norms):
+                output = tail_forward(values, indices, training=True)
             with tf.control_dependencies([output]):
                 for state, value in zip(draw_states, kept):
                     state.assign(value)
@@ -155,7 +161,7 @@ class CompiledTail:
             )
             for training, function in (
                 (False, functools.partial(tail_forward, training=False)),
-                (True, forward_drawing_nothing),
+                (True, calibration_forward),
             )
         }
         self.forward = lambda values, indices, training: forwards[bool(training)](values, indices)

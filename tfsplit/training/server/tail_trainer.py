@@ -36,10 +36,10 @@ import time
 
 import grpc
 import tensorflow as tf
-import tf_keras as keras
 from absl import logging
 
 from tfsplit.engine import randomness
+from tfsplit.layers import batch_norm
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.protocol.framing import logits_reply
 from tfsplit.serving import validation
@@ -166,9 +166,7 @@ class TailTrainer(StepTraining):
             draws = randomness.checkpointed_draws(split.tail, split.seed)
             self._state = None if state_dir is None else ServerState(state_dir, split, draws)
             self._tail = CompiledTail(split, draws, strategy)
-        self._norms = [
-            m for m in split.tail.submodules if isinstance(m, keras.layers.BatchNormalization)
-        ]
+        self._norms = batch_norm.norms_of(split.tail)
         if warm_up:
             self._tail.warm_up(max_batch_size)
 
