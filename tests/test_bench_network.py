@@ -354,11 +354,14 @@ def test_target_table_and_speedup_lines():
     table = link_report.markdown_table(result).splitlines()
     assert table[0].startswith("| link | method | shaping |") and len(table) == 2 + len(rows)
     assert "not reached" in table[2] and "failed: boom" in table[5]
+    result["rows"][1]["fit_seconds"] = 35.0  # a slower fit, sooner done: a shorter start-up
     assert link_report.speedups(result) == [
-        "wifi: deprune finishes 1.33x sooner than SL (30.0 s vs 40.0 s)"
+        "wifi: deprune finishes 1.33x sooner than SL (30.0 s vs 40.0 s); its fit ends 1.17x "
+        "later (35.0 s vs 30.0 s)"
     ]
     assert link_report.speedups(result, fast="sl", slow="deprune") == [
-        "wifi: sl finishes 1.33x later than DEPRUNE (40.0 s vs 30.0 s)"
+        "wifi: sl finishes 1.33x later than DEPRUNE (40.0 s vs 30.0 s); its fit ends 1.17x "
+        "sooner (30.0 s vs 35.0 s)"
     ]
 
 
