@@ -5,9 +5,10 @@ LiteRT device without TensorFlow (`tfsplit-device-train`), each against a fresh
   python -m benchmarks.device_training --config=configs/deprune.py \
       --out=results/device_training/deprune.json
 
-Writes each device's summary (final test accuracy, training bytes), its wall time and peak
-memory (the device process's own, from wait4), and the differences. The Keras device augments
-with TensorFlow's random crops and the LiteRT device with numpy's: the same recipe, other draws.
+Writes each device's summary (final validation and test accuracy, training bytes), its wall time
+and peak memory (the device process's own, from wait4), and the differences. The Keras device
+augments with TensorFlow's random crops and the LiteRT device with numpy's: the same recipe, other
+draws.
 """
 
 import argparse
@@ -110,6 +111,7 @@ def main():
         with open(os.path.join(workdir, "summary.json")) as f:
             summary = json.load(f)
         results[name] = dict(
+            final_val_accuracy=summary["final_val_accuracy"],
             final_test_accuracy=summary["final_test_accuracy"],
             final_budget=summary["final_budget"],
             train_payload_bytes_up=summary["train_payload_bytes_up"],
@@ -124,9 +126,12 @@ def main():
         dataset=args.dataset,
         command=" ".join(sys.argv),
         devices=results,
-        accuracy_points_litert_minus_keras=round(
-            100 * (litert["final_test_accuracy"] - keras["final_test_accuracy"]), 2
-        ),
+        **{
+            f"{split}_accuracy_points_litert_minus_keras": round(
+                100 * (litert[f"final_{split}_accuracy"] - keras[f"final_{split}_accuracy"]), 2
+            )
+            for split in ("val", "test")
+        },
         time_ratio_litert_over_keras=round(litert["process_seconds"] / keras["process_seconds"], 3),
         memory_ratio_litert_over_keras=round(litert["peak_rss_mib"] / keras["peak_rss_mib"], 3),
     )

@@ -4,8 +4,9 @@ from tfsplit.serving import validation
 
 
 def calibration_pass(norms, forward, reply, device, request, values, indices):
-    """One pass of `device`'s calibration of the tail's batch `norms` (`forward` runs the tail,
-    `reply(step, outputs)` answers).
+    """One pass of `device`'s calibration of the tail's batch `norms` (`forward(values, indices,
+    True)` runs the tail's calibration pass, which leaves exactly its batch's statistics in the
+    moving ones, as `CompiledTail.forward` does; `reply(step, outputs)` answers).
 
     Its batch's statistics are added up apart from other devices' and the moving statistics are
     left as they were; the last pass (`calibration_finish`) assigns the averages. Returns the
