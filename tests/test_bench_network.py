@@ -354,6 +354,7 @@ def test_target_table_and_speedup_lines():
     table = link_report.markdown_table(result).splitlines()
     assert table[0].startswith("| link | method | shaping |") and len(table) == 2 + len(rows)
     assert "not reached" in table[2] and "failed: boom" in table[5]
+    assert "| 80.00% | +30.00 | 79.00% |" in table[2] and "| 70.00% | - | 69.00% |" in table[3]
     result["rows"][1]["fit_seconds"] = 35.0  # a slower fit, sooner done: a shorter start-up
     assert link_report.speedups(result) == [
         "wifi: deprune finishes 1.33x sooner than SL (30.0 s vs 40.0 s); its fit ends 1.17x "

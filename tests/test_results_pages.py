@@ -164,7 +164,8 @@ def test_a_network_benchmark_section_is_drawn_from_its_file(tmp_path):
     assert (
         "| poor (2 Mbit/s, 100 ms) | sl | proxy | 2.00 | 1.00 | 48.0 | 40.0 | not reached" in text
     )
-    assert "| 80.00% | 79.00% |" in text
+    # final validation, the last epoch's change on it, final test
+    assert "| 80.00% | +30.00 | 79.00% |" in text and "| 80.00% | +0.00 | 79.00% |" in text
     assert "- poor: shaped by proxy (not root)." in text
     assert "- Target: 72.00% validation accuracy (0.9 x SL's final validation" in text
     assert "- \\* prune: fine-tuning only (5.0 s, 60.00% validation accuracy)." in text

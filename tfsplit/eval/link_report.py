@@ -44,20 +44,27 @@ def _link_label(entry):
     return f"{entry['name']} ({entry['rate_mbit']:g} Mbit/s, {entry['rtt_ms']:g} ms)"
 
 
+def _last_change(records):
+    """How far the last epoch moved validation accuracy, in points ('-' after one epoch)."""
+    if len(records) < 2:
+        return "-"
+    return f"{100 * (records[-1]['val_accuracy'] - records[-2]['val_accuracy']):+.2f}"
+
+
 def markdown_table(result):
     """The rows as one Markdown table: every method on every link."""
     lines = [
         "| link | method | shaping | payload MB up | payload MB down | training wall s "
         "(process) | fit s (records) | time to target s (fit) | final validation accuracy | "
-        "final test accuracy |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "last epoch's change on validation (points) | final test accuracy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_link = {entry["name"]: entry for entry in result["links"]}
     for row in result["rows"]:
         name = _link_label(by_link[row["link"]])
         method = row["method"] + (" *" if row.get("note") else "")
         if "error" in row:
-            cells = [name, method, row["shaping"], f"failed: {row['error']}", *[""] * 6]
+            cells = [name, method, row["shaping"], f"failed: {row['error']}", *[""] * 7]
         else:
             cells = [
                 name,
@@ -69,6 +76,7 @@ def markdown_table(result):
                 f"{row['fit_seconds']:.1f}",
                 _cell(row["seconds_to_target"], 1),
                 f"{100 * row['final_val_accuracy']:.2f}%",
+                _last_change(row["records"]),
                 f"{100 * row['final_test_accuracy']:.2f}%",
             ]
         lines.append("| " + " | ".join(cells) + " |")
