@@ -34,6 +34,7 @@ RUNS = {
     "prune_start": "prune (start model)",
     "prune": "prune",
 }
+_RUN_OF_LABEL = {label: run for run, label in RUNS.items()}
 SETTLED_POINTS = 1.0  # a run has converged when its last epoch moved less than this
 PLOTS = ("accuracy_vs_bytes", "accuracy_vs_epoch", "budget_curve")
 
@@ -148,7 +149,7 @@ def _reproduce_lines(result, runs):
 
 def _run_of(row):
     """The run (directory) a table row is of: rows name it, or its label in `RUNS`."""
-    return {label: run for run, label in RUNS.items()}.get(row["method"], row["method"])
+    return _RUN_OF_LABEL.get(row["method"], row["method"])
 
 
 def _budget_lines(result):
