@@ -1,5 +1,6 @@
 """The server's side of a device's batch norm calibration (`SplitModel.calibrate_batch_norm`)."""
 
+from tfsplit.layers import batch_norm
 from tfsplit.serving import validation
 
 
@@ -13,29 +14,18 @@ def calibration_pass(norms, forward, reply, device, request, values, indices):
     pass's StepReply (the tail's outputs).
     """
     if request.calibration_begin:
-        device.calibration = [0.0, 0.0, 0]
+        device.calibration = batch_norm.StatisticsSum()
     elif device.calibration is None:
         raise validation.invalid("A calibration starts with calibration_begin.")
     saved = [(n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
     try:
         outputs = forward(values, indices, True)  # leaves exactly its batch's statistics
-        means = [n.moving_mean.numpy() for n in norms]
-        squares = [n.moving_variance.numpy() + m * m for n, m in zip(norms, means)]
+        device.calibration.add(norms)
     finally:
         for norm, (mean, variance) in zip(norms, saved):
             norm.moving_mean.assign(mean)
             norm.moving_variance.assign(variance)
-    sums, sum_squares, passes = device.calibration
-    device.calibration = [
-        [a + b for a, b in zip(sums, means)] if passes else means,
-        [a + b for a, b in zip(sum_squares, squares)] if passes else squares,
-        passes + 1,
-    ]
     if request.calibration_finish:
-        sums, sum_squares, passes = device.calibration
-        for norm, total, total_square in zip(norms, sums, sum_squares):
-            mean = total / passes
-            norm.moving_mean.assign(mean)
-            norm.moving_variance.assign(total_square / passes - mean * mean)
+        device.calibration.assign(norms)
         device.calibration = None
     return reply(request.step, outputs)

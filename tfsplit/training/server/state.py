@@ -25,7 +25,7 @@ class DeviceState:
         self.last_reply = None
         self.last_digest = None
         self.last_seen = time.monotonic()
-        self.calibration = None  # [sums of E[x] per norm, sums of E[x^2] per norm, passes]
+        self.calibration = None  # a calibration in progress: its batch_norm.StatisticsSum
         self.forward = None  # (step, activations payload)
         self.forward_group = None  # the (device, step) FORWARDs it ran with, in order
 
