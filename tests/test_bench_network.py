@@ -364,6 +364,11 @@ def test_target_table_and_speedup_lines():
         "wifi: sl finishes 1.33x later than DEPRUNE (40.0 s vs 30.0 s); its fit ends 1.17x "
         "sooner (30.0 s vs 35.0 s)"
     ]
+    for row, seconds in zip(result["rows"][:2], (20.0, 5.0)):  # both reach it: a third ratio
+        row["seconds_to_target"] = seconds
+    assert link_report.speedups(result)[0].endswith(
+        "; it reaches the target 4.00x sooner (5.0 s vs 20.0 s)"
+    )
 
 
 def test_without_root_the_link_falls_back_to_the_proxy_and_says_why(monkeypatch):

@@ -170,6 +170,9 @@ def test_a_network_benchmark_section_is_drawn_from_its_file(tmp_path):
     assert "- Target: 72.00% validation accuracy (0.9 x SL's final validation" in text
     assert "- \\* prune: fine-tuning only (5.0 s, 60.00% validation accuracy)." in text
     assert "- Command: `tfsplit-bench-network --workdir=/tmp/x`." in text
+    # wifi's SL moved 30 points in its last epoch, prune 3; poor's SL settled.
+    assert "- Not converged (the last epoch moved validation accuracy by 1 point or more): " \
+        "prune on wifi, sl on wifi.\n" in text  # fmt: skip
     assert text.endswith("![time_to_accuracy of results/links/plain]"
                          "(plots/results_links_plain_time_to_accuracy.png)")  # fmt: skip
     [path] = pages.draw("results/links/plain", str(out), str(tmp_path / "plots"))

@@ -40,15 +40,30 @@ def _cell(value, digits):
     return "not reached" if value is None else f"{value:,.{digits}f}"
 
 
+def _points(moved):
+    return "-" if moved is None else f"{moved:+.2f}"
+
+
 def _link_label(entry):
     return f"{entry['name']} ({entry['rate_mbit']:g} Mbit/s, {entry['rtt_ms']:g} ms)"
 
 
 def _last_change(records):
-    """How far the last epoch moved validation accuracy, in points ('-' after one epoch)."""
+    """How far the last epoch moved validation accuracy, in points (None after one epoch)."""
     if len(records) < 2:
-        return "-"
-    return f"{100 * (records[-1]['val_accuracy'] - records[-2]['val_accuracy']):+.2f}"
+        return None
+    return 100 * (records[-1]["val_accuracy"] - records[-2]["val_accuracy"])
+
+
+def last_changes(result):
+    """{'<method> on <link>': [points its last epoch moved validation accuracy]}, the runs that
+    trained more than one epoch."""
+    changes = {}
+    for row in result["rows"]:
+        moved = None if "error" in row else _last_change(row["records"])
+        if moved is not None:
+            changes[f"{row['method']} on {row['link']}"] = [moved]
+    return changes
 
 
 def markdown_table(result):
@@ -76,7 +91,7 @@ def markdown_table(result):
                 f"{row['fit_seconds']:.1f}",
                 _cell(row["seconds_to_target"], 1),
                 f"{100 * row['final_val_accuracy']:.2f}%",
-                _last_change(row["records"]),
+                _points(_last_change(row["records"])),
                 f"{100 * row['final_test_accuracy']:.2f}%",
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -94,7 +109,7 @@ def _sooner(fast, slow, than=""):
 def speedups(result, fast="deprune", slow="sl"):
     """A line per link: how much sooner `fast` finishes than `slow`, by the device process's
     time (which also holds start-up and the server's warm-up before the first step) and by
-    `fit`'s own."""
+    `fit`'s own, and reaches the target where both do."""
     lines = []
     for entry in result["links"]:
         rows = {
@@ -108,7 +123,11 @@ def speedups(result, fast="deprune", slow="sl"):
                 fast_row["process_seconds"], slow_row["process_seconds"], f" than {slow.upper()}"
             )
             fit = _sooner(fast_row["fit_seconds"], slow_row["fit_seconds"])
-            lines.append(f"{entry['name']}: {fast} finishes {process}; its fit ends {fit}")
+            line = f"{entry['name']}: {fast} finishes {process}; its fit ends {fit}"
+            to_target = fast_row["seconds_to_target"], slow_row["seconds_to_target"]
+            if None not in to_target:
+                line += f"; it reaches the target {_sooner(*to_target)}"
+            lines.append(line)
     return lines
 
 

@@ -72,13 +72,29 @@ def render(name, results_dir, plots_link):
     """The section of results directory `name` (its text between the markers): a reproduce
     run's (`archive`) or the network benchmark's (`link_report`)."""
     if link_report.holds(results_dir):
-        lines = link_report.section_lines(link_report.load(results_dir))
+        result = link_report.load(results_dir)
+        lines = link_report.section_lines(result)
+        # A bullet of its own before the section's closing blank line.
+        lines.insert(-1, f"- {_settled_line(link_report.last_changes(result))}")
         plots = link_report.PLOTS
     else:
         lines = _reproduce_lines(*archive.load(results_dir))
         plots = PLOTS
     lines += [f"![{plot} of {name}]({plots_link}/{_plot_name(name, plot)})" for plot in plots]
     return "\n".join(lines)
+
+
+def _settled_line(changes, where=""):
+    """Whether every run converged, from {run: [points its last epoch moved, ...]}."""
+    unsettled = sorted(
+        run for run, moved in changes.items() if max(map(abs, moved)) >= SETTLED_POINTS
+    )
+    if not unsettled:
+        return f"Every run's last epoch moved validation accuracy by less than {SETTLED_POINTS:g} point."
+    return (
+        f"Not converged (the last epoch moved validation accuracy by {SETTLED_POINTS:g} point or "
+        f"more{where}): {', '.join(unsettled)}."
+    )
 
 
 def _reproduce_lines(result, runs):
@@ -106,18 +122,9 @@ def _reproduce_lines(result, runs):
             f"{row['payload_mb_up']:.2f} / {row['payload_mb_down']:.2f} | {row['epochs']} | "
             f"{row['wall_seconds']:.1f} | {moved} |"
         )
-    unsettled = sorted(
-        run for run, moved in changes.items() if max(map(abs, moved)) >= SETTLED_POINTS
-    )
     lines += [
         "",
-        (
-            f"Every run's last epoch moved validation accuracy by less than {SETTLED_POINTS:g} "
-            "point."
-            if not unsettled
-            else f"Not converged (the last epoch moved validation accuracy by "
-            f"{SETTLED_POINTS:g} point or more at some seed): {', '.join(unsettled)}."
-        ),
+        _settled_line(changes, " at some seed"),
         "",
         "| budget | deprune, one model with nested budgets (test) | CA-SL trained at that budget "
         "(test) | inference payload bytes/sample |",
