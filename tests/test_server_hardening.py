@@ -422,11 +422,16 @@ def test_the_warm_up_changes_nothing_and_the_steps_after_it_are_the_same(serving
         replies = [stub.Step(train_request(model, step, batch=3 + step)) for step in range(2)]
         # A calibration after it leaves its batch's statistics (the warm-up traced its pass
         # before any calibration), which the evaluation then uses.
-        for kind, flags in (
-            (pb.StepRequest.CALIBRATE, dict(calibration_begin=True, calibration_finish=True)),
-            (pb.StepRequest.EVALUATE, {}),
-        ):
-            replies.append(stub.Step(train_request(model, 2, batch=4, kind=kind, **flags)))
+        calibrate = train_request(
+            model,
+            2,
+            batch=4,
+            kind=pb.StepRequest.CALIBRATE,
+            calibration_begin=True,
+            calibration_finish=True,
+        )
+        evaluate = train_request(model, 2, batch=4, kind=pb.StepRequest.EVALUATE)
+        replies += [stub.Step(calibrate), stub.Step(evaluate)]
         runs[warm_up] = before, replies, all_weights(servicer)
     assert_identical(runs[False][0], runs[True][0])  # what the warm-up ran, it put back
     assert [r.SerializeToString() for r in runs[False][1]] == [

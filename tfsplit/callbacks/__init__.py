@@ -16,6 +16,7 @@ from tfsplit.callbacks.records import (
     SUMMARY_FILE,
     RunRecords,
     add_test_result,
+    last_epoch_change,
     read_records,
     write_summary,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "PhaseSchedule",
     "RunRecords",
     "add_test_result",
+    "last_epoch_change",
     "read_records",
     "write_summary",
 ]

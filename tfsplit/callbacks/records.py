@@ -183,6 +183,14 @@ def read_records(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def last_epoch_change(records):
+    """How settled a run ended: the points its last epoch moved validation accuracy (None
+    before two validated epochs)."""
+    if len(records) < 2 or "val_accuracy" not in records[-1]:
+        return None
+    return 100 * (records[-1]["val_accuracy"] - records[-2]["val_accuracy"])
+
+
 def _write_lines(path, records):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from tfsplit.callbacks.records import last_epoch_change
+
 RESULTS_FILE = "bench_network.json"
 PLOTS = ("time_to_accuracy",)
 _KEYS = ("rows", "links", "target_accuracy", "target_source")
@@ -48,19 +50,12 @@ def _link_label(entry):
     return f"{entry['name']} ({entry['rate_mbit']:g} Mbit/s, {entry['rtt_ms']:g} ms)"
 
 
-def _last_change(records):
-    """How far the last epoch moved validation accuracy, in points (None after one epoch)."""
-    if len(records) < 2:
-        return None
-    return 100 * (records[-1]["val_accuracy"] - records[-2]["val_accuracy"])
-
-
 def last_changes(result):
     """{'<method> on <link>': [points its last epoch moved validation accuracy]}, the runs that
     trained more than one epoch."""
     changes = {}
     for row in result["rows"]:
-        moved = None if "error" in row else _last_change(row["records"])
+        moved = None if "error" in row else last_epoch_change(row["records"])
         if moved is not None:
             changes[f"{row['method']} on {row['link']}"] = [moved]
     return changes
@@ -91,7 +86,7 @@ def markdown_table(result):
                 f"{row['fit_seconds']:.1f}",
                 _cell(row["seconds_to_target"], 1),
                 f"{100 * row['final_val_accuracy']:.2f}%",
-                _points(_last_change(row["records"])),
+                _points(last_epoch_change(row["records"])),
                 f"{100 * row['final_test_accuracy']:.2f}%",
             ]
         lines.append("| " + " | ".join(cells) + " |")

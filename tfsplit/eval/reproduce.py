@@ -62,12 +62,7 @@ def table_row(method, summary, records, target):
         epochs=summary["epochs"],
         seconds_to_target=seconds,
         epochs_to_target=epochs,
-        # How settled the run ended: validation accuracy change over its last epoch, in points.
-        last_epoch_change_points=(
-            100 * (records[-1]["val_accuracy"] - records[-2]["val_accuracy"])
-            if len(records) > 1
-            else None
-        ),
+        last_epoch_change_points=callbacks.last_epoch_change(records),
     )
 
 
