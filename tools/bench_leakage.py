@@ -8,25 +8,25 @@ gradient noise defence, at every epoch.
 Every run is `configs/<method>.py:<variant>` trained in process into --workdir/<run>: the plain
 split, and the U-shaped one (the top after --top: by default the classifier's input); the binary task is class
 --binary_class against the rest, "all" every class (one-vs-rest AUCs). At each epoch's end the
-attacks run on the first --probe_batches test batches in training mode
+attacks run on the first --probe_batches validation batches in training mode
 (`tfsplit.eval.leakage.LeakageProbe`): the plain split's gradient at the cut, the U-shape's
 gradient from the top and its first cut's activations, each as sent (noise included). The
 noise perturbs the gradient the server sends down (plain) or the one the top sends up
-(U-shaped). Writes leakage.json (every run's AUCs per epoch and its final test accuracy) and
-prints the final epoch's table (with several --seeds, each setting's mean and standard deviation
-over them).
+(U-shaped). Writes leakage.json (every run's AUCs and validation accuracy per epoch, its final
+validation and test accuracy) and prints the final epoch's table (with several --seeds, each
+setting's mean and standard deviation over them); `tfsplit-results-pages` draws a section of
+docs/results.md from a copy of it in results/leakage/<name>/ (`tfsplit.eval.leakage_report`).
 """
 
 import json
 import os
 import sys
 
-import numpy as np
 from absl import flags
 
 from tfsplit.callbacks.records import read_records
 from tfsplit.device import stats
-from tfsplit.eval import leakage
+from tfsplit.eval import leakage, leakage_report
 from tfsplit.training import trainer
 from tfsplit.training.config import load_config_file
 from tfsplit_tools import cli
@@ -42,7 +42,9 @@ _NOISE = flags.DEFINE_list("noise", ["0", "1"], "Gradient noise levels (0 = no d
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant of every run, e.g. smoke.")
 _BINARY_CLASS = flags.DEFINE_integer("binary_class", 0, "The binary task's class.", lower_bound=0)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; with several, the table gives mean and std.")
-_PROBE_BATCHES = flags.DEFINE_integer("probe_batches", 2, "Test batches attacked.", lower_bound=1)
+_PROBE_BATCHES = flags.DEFINE_integer(
+    "probe_batches", 2, "Validation batches attacked.", lower_bound=1
+)
 _TOP = flags.DEFINE_string(
     "top", "classifier", "Where the U-shaped runs' top starts (a top point or a cut name)."
 )
@@ -86,14 +88,27 @@ def _config(method, split, task, noise, seed):
 
 def _run(name, config):
     workdir = os.path.join(_WORKDIR.value, name)
-    test_ds = trainer.build_data(config).test
-    probe = leakage.LeakageProbe(test_ds.take(_PROBE_BATCHES.value), seed=config.seed)
+    validation = trainer.build_data(config).validation
+    if validation is None:
+        raise ValueError(
+            f"{name}: the attacks run on the validation split, and config.data has none "
+            "(config.data.validation_fraction > 0 holds one out)."
+        )
+    probe = leakage.LeakageProbe(validation.take(_PROBE_BATCHES.value), seed=config.seed)
     summary = trainer.train(config, workdir, verbose=2, measure=[probe])
     epochs = [
-        dict(epoch=r["epoch"], **{k: v for k, v in r.items() if k.startswith("leakage_")})
+        dict(
+            epoch=r["epoch"],
+            val_accuracy=r["val_accuracy"],
+            **{k: v for k, v in r.items() if k.startswith("leakage_")},
+        )
         for r in read_records(workdir)
     ]
-    return dict(final_test_accuracy=summary["final_test_accuracy"], epochs=epochs)
+    return dict(
+        final_val_accuracy=summary["final_val_accuracy"],
+        final_test_accuracy=summary["final_test_accuracy"],
+        epochs=epochs,
+    )
 
 
 def main(argv):
@@ -108,8 +123,9 @@ def main(argv):
             for task in tasks:
                 for noise in _numbers(_NOISE, float, "numbers"):
                     for seed in seeds:
-                        name = f"{method}_{split}_{task}_noise{noise:g}"
-                        name += f"_seed{seed}" if seeds != [0] else ""
+                        # A finished run's directory is reused, so a later command over
+                        # more seeds in the same --workdir trains only the new ones.
+                        name = f"{method}_{split}_{task}_noise{noise:g}_seed{seed}"
                         runs[name] = dict(
                             method=method,
                             split=split,
@@ -123,40 +139,9 @@ def main(argv):
     path = os.path.join(_WORKDIR.value, RESULT_FILE)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    rows = _table(runs, seeds)
-    columns = sorted({key for row in rows for key in row} - {"run", "accuracy"})
-    rows = [{key: row.get(key, "-") for key in ["run", "accuracy", *columns]} for row in rows]
-    print(stats.format_table(rows, [(key, key) for key in ["run", "accuracy", *columns]]))
+    rows = leakage_report.rows(report)
+    print(stats.format_table(rows, [(key, key) for key in rows[0]]))
     print(f"Wrote {path}")
-
-
-def _table(runs, seeds):
-    """The last epoch of each run, or with several seeds each setting's mean and standard
-    deviation over them."""
-    groups = {}
-    for name, run in runs.items():
-        key = name.rsplit("_seed", 1)[0] if len(seeds) > 1 else name
-        last = {k: v for k, v in run["epochs"][-1].items() if k != "epoch"}
-        groups.setdefault(key, []).append(dict(last, accuracy=run["final_test_accuracy"]))
-
-    def shown(values, scale=1.0, digits=3):
-        values = np.asarray(values) * scale
-        if len(values) == 1:
-            return f"{values[0]:.{digits}f}"
-        return f"{values.mean():.{digits}f} +- {values.std(ddof=1):.{digits}f}"
-
-    return [
-        dict(
-            run=key,
-            accuracy=shown([r["accuracy"] for r in group], 100, 2),
-            **{
-                k.removeprefix("leakage_"): shown([r[k] for r in group])
-                for k in group[0]
-                if k != "accuracy"
-            },
-        )
-        for key, group in groups.items()
-    ]
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)

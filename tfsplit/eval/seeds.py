@@ -52,6 +52,13 @@ def reproduce_at_seeds(configs, workdir, seeds, target_accuracy=None, init_from=
     return combine(results, seeds)
 
 
+def spread_text(values, digits, unit=""):
+    """'mean ± sd' of values over seeds (sd with n - 1), or the one value alone."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}{unit}"
+
+
 def _mean(values):
     """Mean of the values, or None when any is None (a target some seed never reached)."""
     if any(value is None for value in values):
