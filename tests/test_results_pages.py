@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfsplit  # noqa: F401
-from tfsplit.eval import archive, link_report, pages, seeds
+from tfsplit.eval import archive, leakage_report, link_report, pages, seeds
 from tfsplit.training.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,6 +36,9 @@ def test_the_committed_sections_are_what_the_committed_results_give():
             assert len(result["rows"]) == len(result["links"]) * len(
                 {row["method"] for row in result["rows"]}
             )
+            continue
+        if leakage_report.holds(str(directory)):  # load checks every run's validated epochs
+            assert leakage_report.load(str(directory))["runs"]
             continue
         result, runs = archive.load(str(directory))
         assert len(result["seeds"]) >= 3
@@ -182,6 +185,50 @@ def test_a_network_benchmark_section_is_drawn_from_its_file(tmp_path):
     (out / link_report.RESULTS_FILE).write_text(json.dumps(result))
     with pytest.raises(ValueError, match="lacks target_accuracy"):
         pages.render("results/links/plain", str(out), "plots")
+
+
+def _leakage_run(method, split, seed, vals, aucs):
+    epochs = [dict(epoch=i + 1, val_accuracy=v) for i, v in enumerate(vals)]
+    epochs[-1].update(aucs)
+    return dict(method=method, split=split, task="binary", noise=0.0, seed=seed,
+                final_val_accuracy=vals[-1], final_test_accuracy=vals[-1] - 0.01, epochs=epochs)  # fmt: skip
+
+
+def test_a_leakage_section_is_drawn_from_its_file(tmp_path):
+    cut = "leakage_cut_gradient_"
+    runs = {
+        "sl_plain_binary_noise0_seed0": _leakage_run(
+            "sl", "plain", 0, [0.5, 0.80], {cut + "norm": 0.9, cut + "cosine": 0.6}
+        ),
+        "sl_plain_binary_noise0_seed1": _leakage_run(
+            "sl", "plain", 1, [0.5, 0.90], {cut + "norm": 0.7, cut + "cosine": 0.8}
+        ),
+        "deprune_ushaped_binary_noise0_seed0": _leakage_run(
+            "deprune", "ushaped", 0, [0.9, 0.905],
+            {"leakage_top_gradient_norm": 0.95, "leakage_top_gradient_cosine": 1.0},
+        ),  # fmt: skip
+    }
+    out = tmp_path / "results" / "leakage" / "x"
+    out.mkdir(parents=True)
+    result = dict(command="tfsplit-bench-leakage --workdir=/tmp/x", runs=runs)
+    (out / leakage_report.RESULTS_FILE).write_text(json.dumps(result))
+    text = pages.render("results/leakage/x", str(out), "plots")
+    assert text.startswith("Seeds 0, 1: the mean ± the standard deviation over them.")
+    # two seeds of SL: the mean ± sd of each figure; the split shows no top, so no top column
+    assert "| sl | plain | binary | 0 | 85.00 ± 7.07% | +30.00 / +40.00 | 84.00 ± 7.07% | " \
+        "0.800 ± 0.141 / 0.700 ± 0.141 | - |" in text  # fmt: skip
+    assert (
+        "| deprune | ushaped | binary | 0 | 90.50% | +0.50 | 89.50% | - | 0.950 / 1.000 |" in text
+    )
+    assert "cut-1 activations" not in text
+    assert "- Command: `tfsplit-bench-leakage --workdir=/tmp/x`." in text
+    assert text.endswith("- Not converged (the last epoch moved validation accuracy by 1 point or "
+                         "more): sl_plain_binary_noise0.\n")  # fmt: skip
+    assert pages.draw("results/leakage/x", str(out), str(tmp_path / "plots")) == []
+    del runs["sl_plain_binary_noise0_seed1"]["epochs"][-1]["val_accuracy"]
+    (out / leakage_report.RESULTS_FILE).write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="run sl_plain_binary_noise0_seed1 lacks validated epochs"):
+        pages.render("results/leakage/x", str(out), "plots")
 
 
 def test_a_page_without_sections_or_results_is_refused(tmp_path):
