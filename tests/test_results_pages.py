@@ -15,18 +15,23 @@ from tfsplit.training.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = REPO_ROOT / "docs" / "results.md"
+HISTORY = REPO_ROOT / "docs" / "history.md"
 
 
-def test_the_committed_sections_are_what_the_committed_results_give():
-    names = pages.sections(PAGE.read_text())
-    assert names, "docs/results.md holds no generated section"
+@pytest.mark.parametrize("page", [PAGE, HISTORY], ids=lambda page: page.name)
+def test_the_committed_sections_are_what_the_committed_results_give(page):
+    names = pages.sections(page.read_text())
+    assert names, f"docs/{page.name} holds no generated section"
     for name in names:
         directory = REPO_ROOT / name
         rendered = pages.render(name, str(directory), "plots")
-        assert pages.section_text(str(PAGE), name) == rendered, (
-            f"docs/results.md's {name} differs from what its results give: run "
+        assert pages.section_text(str(page), name) == rendered, (
+            f"docs/{page.name}'s {name} differs from what its results give: run "
             "tfsplit-results-pages"
         )
+        if page == PAGE:  # the results page quotes converged runs only; history keeps the rest
+            assert "Every run's last epoch moved validation accuracy by less than" in rendered
+            assert "Not converged" not in rendered, f"{name} has runs that did not converge"
         for line in rendered.splitlines():  # the plots it shows are committed
             if line.startswith("!["):
                 assert (PAGE.parent / line.split("(")[1].rstrip(")")).is_file(), line
