@@ -1,14 +1,17 @@
 """tfsplit.eval.leakage: the AUC, the norm and cosine attacks, and what the server of each split
 sees, with and without the noise defence."""
 
+import json
+
 import numpy as np
 import pytest
 import tf_keras as keras
+from test_tools import run_tool  # the tools in a subprocess, as test_tools runs them
 
 import tfsplit
 from tfsplit import backbones, data
 from tfsplit.callbacks.records import read_records
-from tfsplit.eval import leakage
+from tfsplit.eval import leakage, leakage_report
 from tfsplit.training import trainer
 from tfsplit.training.config import base_config, phase
 
@@ -110,3 +113,31 @@ def test_the_probe_writes_each_epochs_aucs_on_the_binary_task(tmp_path):
     assert all(keys <= set(r) for r in records)
     with pytest.raises(ValueError, match="binary_class must be -1 .off. or a class"):
         trainer.build_data(_binary_config(binary_class=10))
+
+
+def test_the_benchmark_attacks_on_validation_and_reuses_finished_runs(tmp_path):
+    argv = [
+        "--workdir={tmp}/leak",
+        "--methods=sl",
+        "--variant=smoke",
+        "--tasks=binary",
+        "--noise=0",
+    ]
+    first = run_tool("bench_leakage", argv, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = leakage_report.load(str(tmp_path / "leak"))
+    assert set(result["runs"]) == {"sl_plain_binary_noise0_seed0", "sl_ushaped_binary_noise0_seed0"}
+    for name, run in result["runs"].items():
+        records = read_records(str(tmp_path / "leak" / name))
+        assert [e["val_accuracy"] for e in run["epochs"]] == [r["val_accuracy"] for r in records]
+        assert run["final_val_accuracy"] == records[-1]["val_accuracy"]
+    # A second command over two seeds trains seed 2 only: seed 0's runs are reused as they were.
+    # (Seed 1 holds out smoke's 25 validation images without one of class 0: no binary AUC.)
+    second = run_tool("bench_leakage", [*argv, "--splits=plain", "--seeds=0,2"], tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "sl_plain_binary_noise0_seed0 already holds a finished run" in second.stderr
+    again = json.loads((tmp_path / "leak" / leakage_report.RESULTS_FILE).read_text())["runs"]
+    assert again["sl_plain_binary_noise0_seed0"] == result["runs"]["sl_plain_binary_noise0_seed0"]
+    assert "sl_plain_binary_noise0_seed2" in again
+    assert "sl | plain | binary | 0 |" in "\n".join(leakage_report.section_lines(
+        {"command": "x", "runs": again}))  # fmt: skip

@@ -62,16 +62,18 @@ def archive(workdir, out_dir, configs, seeds, result):
     return runs
 
 
+def read_result(results_dir, file_name, writer):
+    """The JSON file `file_name` of a results directory, which the command `writer` writes."""
+    path = os.path.join(results_dir, file_name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: expected a directory written by {writer}.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def load(results_dir):
     """(aggregate, {seed: {run: (summary, records)}}) of a results directory."""
-    path = os.path.join(results_dir, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} is missing: expected a directory written by tfsplit-reproduce "
-            "--results_dir."
-        )
-    with open(path) as f:
-        result = json.load(f)
+    result = read_result(results_dir, RESULTS_FILE, "tfsplit-reproduce --results_dir")
     runs = {}
     for seed in result["seeds"]:
         seed_dir = os.path.join(results_dir, f"seed_{seed}")

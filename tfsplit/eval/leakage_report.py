@@ -6,10 +6,10 @@ method, split, task, noise and seed, its final validation and test accuracy, and
 validation accuracy and attack AUCs (`leakage_<what>_<attack>`).
 """
 
-import json
 import os
 
 from tfsplit.callbacks.records import last_epoch_change
+from tfsplit.eval import archive
 from tfsplit.eval.seeds import spread_text
 
 RESULTS_FILE = "leakage.json"
@@ -32,12 +32,9 @@ def holds(results_dir):
 def load(results_dir):
     """The benchmark's result dict, checked for what a section needs."""
     path = os.path.join(results_dir, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No {RESULTS_FILE} in {results_dir}: `tfsplit-bench-leakage` writes it in its workdir."
-        )
-    with open(path) as f:
-        result = json.load(f)
+    result = archive.read_result(
+        results_dir, RESULTS_FILE, "tfsplit-bench-leakage (leakage.json, copied from its workdir)"
+    )
     if not isinstance(result.get("runs"), dict) or not result["runs"]:
         raise ValueError(f"{path} has no runs: write it again with the benchmark.")
     for name, run in result["runs"].items():

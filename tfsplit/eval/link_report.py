@@ -6,12 +6,12 @@ row on each link (payload, times, final accuracies and its per-epoch validation 
 links and how they were shaped, and the target that times to target count to.
 """
 
-import json
 import os
 
 import numpy as np
 
 from tfsplit.callbacks.records import last_epoch_change
+from tfsplit.eval import archive
 
 RESULTS_FILE = "bench_network.json"
 PLOTS = ("time_to_accuracy",)
@@ -25,13 +25,8 @@ def holds(results_dir):
 
 def load(results_dir):
     """The benchmark's result dict, checked for the keys a section needs."""
+    result = archive.read_result(results_dir, RESULTS_FILE, "tfsplit-bench-network --results_dir")
     path = os.path.join(results_dir, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No {RESULTS_FILE} in {results_dir}: `tfsplit-bench-network --results_dir` writes it."
-        )
-    with open(path) as f:
-        result = json.load(f)
     missing = [key for key in _KEYS if key not in result]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: write it again with the benchmark.")
