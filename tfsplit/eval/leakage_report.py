@@ -10,17 +10,17 @@ import os
 
 from tfsplit.callbacks.records import last_epoch_change
 from tfsplit.eval import archive
+from tfsplit.eval.leakage import ATTACKS
 from tfsplit.eval.seeds import spread_text
 
 RESULTS_FILE = "leakage.json"
 PLOTS = ()
-# What the server sees, as the records name it, with the table's heading.
+# What the server sees, as `leakage.observed` names it, with the table's heading.
 TARGETS = {
     "cut_gradient": "cut gradient",
     "top_gradient": "top's gradient",
     "activations": "cut-1 activations",
 }
-ATTACKS = ("norm", "cosine")
 _RUN_KEYS = ("method", "split", "task", "noise", "final_val_accuracy", "final_test_accuracy")
 
 
