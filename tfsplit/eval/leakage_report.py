@@ -110,5 +110,5 @@ def section_lines(result):
     lines.append("| " + " | ".join(shown) + " |")
     lines.append("|" + "|".join("---" if i < 4 else "---:" for i in range(len(shown))) + "|")
     lines += ["| " + " | ".join(row[key] for key in shown) + " |" for row in table]
-    lines += ["", f"- Command: `{result['command']}`.", ""]
+    lines += ["", f"- Command: `{result['command']}`."]
     return lines

@@ -80,7 +80,7 @@ def render(name, results_dir, plots_link):
     elif leakage_report.holds(results_dir):
         result = leakage_report.load(results_dir)
         lines = leakage_report.section_lines(result)
-        lines.insert(-1, f"- {_settled_line(leakage_report.last_changes(result))}")
+        lines.append(f"- {_settled_line(leakage_report.last_changes(result))}")
         plots = leakage_report.PLOTS
     else:
         lines = _reproduce_lines(*archive.load(results_dir))
