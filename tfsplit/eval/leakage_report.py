@@ -70,7 +70,7 @@ def rows(result):
     """Each setting's last epoch: accuracies and each attack's AUC ('-' where the split does not
     show that target), as text; over several seeds the mean ± the standard deviation."""
     table = []
-    for setting, runs in settings(result).items():
+    for runs in settings(result).values():
         first = runs[0]
         moved = [last_epoch_change(run["epochs"]) for run in runs]
         row = {

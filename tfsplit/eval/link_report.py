@@ -142,7 +142,7 @@ def section_lines(result):
         lines.append(f"- Machine: {result['machine']}.")
     if result.get("command"):
         lines.append(f"- Command: `{result['command']}`.")
-    return lines + [""]
+    return lines
 
 
 def draw_time_to_accuracy(result, figure):

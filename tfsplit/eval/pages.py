@@ -71,17 +71,12 @@ def last_changes(runs):
 def render(name, results_dir, plots_link):
     """The section of results directory `name` (its text between the markers): a reproduce
     run's (`archive`), the network benchmark's (`link_report`) or the leakage benchmark's."""
-    if link_report.holds(results_dir):
-        result = link_report.load(results_dir)
-        lines = link_report.section_lines(result)
-        # A bullet of its own before the section's closing blank line.
-        lines.insert(-1, f"- {_settled_line(link_report.last_changes(result))}")
-        plots = link_report.PLOTS
-    elif leakage_report.holds(results_dir):
-        result = leakage_report.load(results_dir)
-        lines = leakage_report.section_lines(result)
-        lines.append(f"- {_settled_line(leakage_report.last_changes(result))}")
-        plots = leakage_report.PLOTS
+    report = next((r for r in (link_report, leakage_report) if r.holds(results_dir)), None)
+    if report is not None:  # a benchmark's: its lines, how settled its runs ended, its plots
+        result = report.load(results_dir)
+        lines = report.section_lines(result) + [f"- {_settled_line(report.last_changes(result))}"]
+        plots = report.PLOTS
+        lines += [""] if plots else []
     else:
         lines = _reproduce_lines(*archive.load(results_dir))
         plots = PLOTS
