@@ -14,7 +14,13 @@ against a fresh `tfsplit-train-server` on 127.0.0.1 (`tfsplit.eval.device_parity
 - the gates: the LiteRT head's gate logits after each step;
 - the same gradients: the LiteRT device trained on the gradients the Keras device received,
   over 4 steps and over the whole epoch;
-- each device against itself: the epoch run again, each device's head against its first run's.
+- each device against itself: the epoch run again, each device's head against its first run's;
+- LiteRT's kernel sets: the first batch's sent values from each of the interpreter's op
+  resolvers against TensorFlow's run of the same exported graph (float32 values and float16
+  roundings that differ);
+- the config changed one way at a time, each epoch and same-gradients run again: the gates at a
+  fixed Adam rate of `gate_learning_rate` (not the smoke phase's travel rate), a float32 wire,
+  and both. Diagnostics only: the parity test keeps the smoke config.
 """
 
 import argparse
@@ -29,9 +35,11 @@ import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from ai_edge_litert import interpreter as litert
 
 from tfsplit import codec
 from tfsplit.device.training import TrainableHead
+from tfsplit.device.training import head as device_head
 from tfsplit.eval import device_parity
 from tfsplit.export import trainable, trainable_export
 from tfsplit.protocol import split_training_pb2 as pb
@@ -136,6 +144,17 @@ def wire_steps(runs):
     return rows
 
 
+def same_channels(runs):
+    """Whether both devices sent the same channel indices at every training step."""
+    return all(
+        np.array_equal(
+            codec.decode(runs.keras_log.steps[step][0], expect_kind="activations").indices,
+            codec.decode(runs.litert_log.steps[step][0], expect_kind="activations").indices,
+        )
+        for step in runs.keras_log.steps
+    )
+
+
 def _replay(config, calls):
     server, client = device_parity.serve(config)
     try:
@@ -174,14 +193,76 @@ def repeat_distances(first, second):
     return _relative(keras_second, keras_first), _relative(litert_second, litert_first)
 
 
+def kernel_sets(setup):
+    """The first batch's sent values from the LiteRT forward, once per op resolver, against
+    TensorFlow's run of the exported graph from the same weights: how many float32 values and
+    float16 roundings differ."""
+    keras.utils.set_random_seed(setup.config.seed)
+    split = trainer.build_split_model(setup.config, setup.info, remote=True)
+    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    images, _ = setup.train[0]
+    budget = setup.config.phases[0].budget
+    want = module.forward(tf.constant(images), tf.constant(budget))["values"].numpy()
+    with open(os.path.join(setup.head, device_head.MODEL_FILE), "rb") as f:
+        model = f.read()
+    rows = {}
+    for name in ("AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"):
+        interpreter = litert.Interpreter(
+            model_content=model, experimental_op_resolver_type=litert.OpResolverType[name]
+        )
+        forward = interpreter.get_signature_runner("forward")
+        got = forward(images=images, budget=np.array([budget], np.int32))["values"]
+        rows[name] = dict(
+            float32_differing=int(np.sum(got != want)),
+            float16_differing=int(np.sum(got.astype(np.float16) != want.astype(np.float16))),
+            values=int(want.size),
+        )
+    return rows
+
+
+# Each diagnostic variant: its name and what it changes in the smoke config.
+VARIANTS = (
+    ("gates_at_fixed_rate", dict(gate_travel_fraction=0.0)),
+    ("float32_wire", dict(wire="float32")),
+    ("gates_at_fixed_rate_and_float32_wire", dict(gate_travel_fraction=0.0, wire="float32")),
+)
+
+
+def smoke_config(gate_travel_fraction=None, wire=None):
+    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"), "smoke")
+    config.data.augment = False  # both devices must see the same batches
+    if gate_travel_fraction is not None:
+        config.optimizer.gate_travel_fraction = gate_travel_fraction
+    if wire is not None:
+        config.wire.activation_dtype = config.wire.gradient_dtype = wire
+    return config
+
+
+def variant_distances(scratch):
+    """Per variant: the epoch's and the same-gradients epoch's relative L2 distances, the
+    same-gradients run's runtime steps (as `runtime_steps`), and whether both devices sent the
+    same channels at every step of it."""
+    rows = {}
+    for name, changes in VARIANTS:
+        setup = device_parity.prepare(smoke_config(**changes), os.path.join(scratch, name))
+        same = device_parity.train_both(
+            setup, setup.train, same_gradients=True, head_class=RecordedHead
+        )
+        rows[name] = dict(
+            epoch_relative_l2=device_parity.train_both(setup, setup.train).relative_distance(),
+            same_gradients_epoch_relative_l2=same.relative_distance(),
+            same_gradients_runtime_step_relative_l2=runtime_steps(setup, same.head),
+            same_gradients_same_channels=same_channels(same),
+        )
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="Write the measurements here as JSON.")
     args = parser.parse_args()
-    config = load_config_file(os.path.join(REPO_ROOT, "configs", "deprune.py"), "smoke")
-    config.data.augment = False  # both devices must see the same batches
     with tempfile.TemporaryDirectory() as scratch:
-        setup = device_parity.prepare(config, os.path.join(scratch, "head"))
+        setup = device_parity.prepare(smoke_config(), os.path.join(scratch, "head"))
         epoch = device_parity.train_both(setup, setup.train, head_class=RecordedHead)
         same_4 = device_parity.train_both(setup, setup.train[:4], same_gradients=True)
         same_epoch = device_parity.train_both(setup, setup.train, same_gradients=True)
@@ -200,6 +281,8 @@ def main():
             same_gradients_epoch_relative_l2=same_epoch.relative_distance(),
             keras_run_again_relative_l2=keras_again,
             litert_run_again_relative_l2=litert_again,
+            kernel_sets=kernel_sets(setup),
+            config_changes=variant_distances(scratch),
         )
     print(json.dumps(result, indent=1))
     if args.out:

@@ -284,6 +284,16 @@ def test_the_device_parity_table_is_the_committed_measurement():
             result["same_gradients_epoch_relative_l2"]
         ),
     }
+    for key, change in (
+        ("gates_at_fixed_rate", "the gates at a fixed Adam rate of 0.05 a step"),
+        ("float32_wire", "a float32 wire"),
+        ("gates_at_fixed_rate_and_float32_wire", "both changes"),
+    ):
+        changed = result["config_changes"][key]
+        expected[f"the epoch, {change}"] = _short(changed["epoch_relative_l2"])
+        expected[f"the same gradients, {change}"] = _short(
+            changed["same_gradients_epoch_relative_l2"]
+        )
     page = (REPO_ROOT / "docs" / "device-training.md").read_text()
     rows = dict(
         [cell.strip() for cell in line.strip("|").split("|")]
@@ -292,3 +302,32 @@ def test_the_device_parity_table_is_the_committed_measurement():
     )
     for measurement, value in expected.items():
         assert rows.get(measurement) == value, measurement
+    # The float32 wire's same-gradients runs: the same channels sent, and one runtime step apart.
+    float32_wire = result["config_changes"]["float32_wire"]
+    both = result["config_changes"]["gates_at_fixed_rate_and_float32_wire"]
+    assert float32_wire["same_gradients_same_channels"] and both["same_gradients_same_channels"]
+    steps = float32_wire["same_gradients_runtime_step_relative_l2"]
+    others = sorted(steps[:1] + steps[2:])
+    prose = " ".join(page.split())
+    assert (
+        f"end {_short(steps[1])} apart (every other step {_short(others[-1])} at most; with both "
+        f"changes {_short(both['same_gradients_runtime_step_relative_l2'][1])} at step 1)"
+    ) in prose
+    kernels = {
+        cells[0]: cells[1:]
+        for cells in (
+            [cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in page.splitlines()
+            if line.strip().startswith("| ") and line.count("|") == 4
+        )
+    }
+    for resolver, label in (
+        ("AUTO", "XNNPACK (`AUTO`, the device's)"),
+        ("BUILTIN_WITHOUT_DEFAULT_DELEGATES", "builtin, no delegate"),
+        ("BUILTIN_REF", "reference"),
+    ):
+        measured = result["kernel_sets"][resolver]
+        assert kernels[label] == [
+            f"{measured['float32_differing']:,} of {measured['values']:,}",
+            f"{measured['float16_differing']:,}",
+        ], resolver
