@@ -235,6 +235,18 @@ def test_composed_smoke_variant_trains(name, arg, tmp_path):
     assert summary["train_payload_bytes_up"] > 0
 
 
+def test_scaling_epochs_keeps_the_schedules_shape_and_refuses_a_bad_factor():
+    config = config_lib.load_config_file(os.path.join(CONFIG_DIR, "deprune.py"))
+    before = [(p.epochs, p.boost_epochs, p.anneal_epochs) for p in config.phases]
+    config_lib.scale_epochs(config, 2)
+    assert [(p.epochs, p.boost_epochs, p.anneal_epochs) for p in config.phases] == [
+        tuple(2 * n for n in phase) for phase in before
+    ]
+    for factor in (0, 1.5):
+        with pytest.raises(ValueError, match="epochs factor must be an integer >= 1"):
+            config_lib.scale_epochs(config, factor)
+
+
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="Unknown config variant 'huge'"):
         load(CONFIG_FILES[0], "huge")

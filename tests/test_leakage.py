@@ -133,11 +133,21 @@ def test_the_benchmark_attacks_on_validation_and_reuses_finished_runs(tmp_path):
         assert run["final_val_accuracy"] == records[-1]["val_accuracy"]
     # A second command over two seeds trains seed 2 only: seed 0's runs are reused as they were.
     # (Seed 1 holds out smoke's 25 validation images without one of class 0: no binary AUC.)
-    second = run_tool("bench_leakage", [*argv, "--splits=plain", "--seeds=0,2"], tmp_path)
+    # Its noisy runs train twice smoke's one epoch, and their names say so.
+    second = run_tool(
+        "bench_leakage",
+        [*argv, "--splits=plain", "--seeds=0,2", "--noise=0,1", "--noise_epochs_factor=2"],
+        tmp_path,
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert "sl_plain_binary_noise0_seed0 already holds a finished run" in second.stderr
     again = json.loads((tmp_path / "leak" / leakage_report.RESULTS_FILE).read_text())["runs"]
     assert again["sl_plain_binary_noise0_seed0"] == result["runs"]["sl_plain_binary_noise0_seed0"]
-    assert "sl_plain_binary_noise0_seed2" in again
-    assert "sl | plain | binary | 0 |" in "\n".join(leakage_report.section_lines(
+    assert {name: len(run["epochs"]) for name, run in again.items()} == {
+        "sl_plain_binary_noise0_seed0": 1,
+        "sl_plain_binary_noise0_seed2": 1,
+        "sl_plain_binary_noise1_epochs2x_seed0": 2,
+        "sl_plain_binary_noise1_epochs2x_seed2": 2,
+    }
+    assert "sl | plain | binary | 0 | 1 |" in "\n".join(leakage_report.section_lines(
         {"command": "x", "runs": again}))  # fmt: skip

@@ -6,16 +6,17 @@ gradient noise defence, at every epoch.
   tfsplit-bench-leakage --workdir=/tmp/leak-smoke --methods=sl --variant=smoke
 
 Every run is `configs/<method>.py:<variant>` trained in process into --workdir/<run>: the plain
-split, and the U-shaped one (the top after --top: by default the classifier's input); the binary task is class
---binary_class against the rest, "all" every class (one-vs-rest AUCs). At each epoch's end the
-attacks run on the first --probe_batches validation batches in training mode
+split, and the U-shaped one (the top after --top: by default the classifier's input); the binary
+task is class --binary_class against the rest, "all" every class (one-vs-rest AUCs). At each
+epoch's end the attacks run on the first --probe_batches validation batches in training mode
 (`tfsplit.eval.leakage.LeakageProbe`): the plain split's gradient at the cut, the U-shape's
-gradient from the top and its first cut's activations, each as sent (noise included). The
-noise perturbs the gradient the server sends down (plain) or the one the top sends up
-(U-shaped). Writes leakage.json (every run's AUCs and validation accuracy per epoch, its final
-validation and test accuracy) and prints the final epoch's table (with several --seeds, each
-setting's mean and standard deviation over them); `tfsplit-results-pages` draws a section of
-docs/results.md from a copy of it in results/leakage/<name>/ (`tfsplit.eval.leakage_report`).
+gradient from the top and its first cut's activations, each as sent (noise included). The noise
+perturbs the gradient the server sends down (plain) or the one the top sends up (U-shaped); with
+--noise_epochs_factor those runs train longer (named `..._noise<n>_epochs<f>x_seed<s>`). Writes
+leakage.json (every run's AUCs and validation accuracy per epoch, its final validation and test
+accuracy) and prints the final epoch's table (with several --seeds, each setting's mean and
+standard deviation over them); `tfsplit-results-pages` draws a section of docs/results.md from a
+copy of it in results/leakage/<name>/ (`tfsplit.eval.leakage_report`).
 """
 
 import json
@@ -28,7 +29,7 @@ from tfsplit.callbacks.records import read_records
 from tfsplit.device import stats
 from tfsplit.eval import leakage, leakage_report
 from tfsplit.training import trainer
-from tfsplit.training.config import load_config_file
+from tfsplit.training.config import load_config_file, scale_epochs
 from tfsplit_tools import cli
 
 RESULT_FILE = "leakage.json"
@@ -44,6 +45,13 @@ _BINARY_CLASS = flags.DEFINE_integer("binary_class", 0, "The binary task's class
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; with several, the table gives mean and std.")
 _PROBE_BATCHES = flags.DEFINE_integer(
     "probe_batches", 2, "Validation batches attacked.", lower_bound=1
+)
+_NOISE_EPOCHS_FACTOR = flags.DEFINE_integer(
+    "noise_epochs_factor",
+    1,
+    "Runs with noise train every phase this many times as many epochs: the noise slows "
+    "training, and the defence's cost is measured where its runs have levelled off.",
+    lower_bound=1,
 )
 _TOP = flags.DEFINE_string(
     "top", "classifier", "Where the U-shaped runs' top starts (a top point or a cut name)."
@@ -78,6 +86,8 @@ def _config(method, split, task, noise, seed):
     config = load_config_file(os.path.join(_CONFIGS_DIR.value, f"{method}.py"), _VARIANT.value)
     config.seed = seed
     config.data.binary_class = _BINARY_CLASS.value if task == "binary" else -1
+    if noise:
+        scale_epochs(config, _NOISE_EPOCHS_FACTOR.value)
     if split == "ushaped":
         config.model.top = _TOP.value
         config.wire.top_gradient_noise = noise
@@ -125,7 +135,9 @@ def main(argv):
                     for seed in seeds:
                         # A finished run's directory is reused, so a later command over
                         # more seeds in the same --workdir trains only the new ones.
-                        name = f"{method}_{split}_{task}_noise{noise:g}_seed{seed}"
+                        longer = noise and _NOISE_EPOCHS_FACTOR.value > 1
+                        epochs = f"_epochs{_NOISE_EPOCHS_FACTOR.value}x" if longer else ""
+                        name = f"{method}_{split}_{task}_noise{noise:g}{epochs}_seed{seed}"
                         runs[name] = dict(
                             method=method,
                             split=split,

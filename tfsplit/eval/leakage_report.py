@@ -78,6 +78,7 @@ def rows(result):
             "split": first["split"],
             "task": first["task"],
             "noise": f"{first['noise']:g}",
+            "epochs": str(len(first["epochs"])),
             "val accuracy": spread_text([100 * r["final_val_accuracy"] for r in runs], 2, "%"),
             "last epoch's change": " / ".join("-" if m is None else f"{m:+.2f}" for m in moved),
             "test accuracy": spread_text([100 * r["final_test_accuracy"] for r in runs], 2, "%"),
