@@ -34,17 +34,14 @@ import tfsplit  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS before TensorFlow
 # isort: on
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 from ai_edge_litert import interpreter as litert
 
 from tfsplit import codec
 from tfsplit.device.training import TrainableHead
 from tfsplit.device.training import head as device_head
 from tfsplit.eval import device_parity
-from tfsplit.export import trainable, trainable_export
 from tfsplit.protocol import split_training_pb2 as pb
 from tfsplit.schedule.phases import GATE_LOGIT_CLOSED
-from tfsplit.training import trainer
 from tfsplit.training.config import load_config_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +70,7 @@ def _relative(got, want):
 def runtime_steps(setup, head):
     """Each recorded LiteRT step against the exported graph's step in TensorFlow, from the
     same weights with the same inputs: the relative distance of the head after it."""
-    keras.utils.set_random_seed(setup.config.seed)
-    split = trainer.build_split_model(setup.config, setup.info, remote=True)
-    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    module = device_parity.exported_graph(device_parity.starting_model(setup.config, setup.info))
     step = tf.function(module.train)
     distances = []
     for before, after, (images, labels, gradient, budget, rates, penalty) in head.steps:
@@ -197,9 +192,7 @@ def kernel_sets(setup):
     """The first batch's sent values from the LiteRT forward, once per op resolver, against
     TensorFlow's run of the exported graph from the same weights: how many float32 values and
     float16 roundings differ."""
-    keras.utils.set_random_seed(setup.config.seed)
-    split = trainer.build_split_model(setup.config, setup.info, remote=True)
-    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    module = device_parity.exported_graph(device_parity.starting_model(setup.config, setup.info))
     images, _ = setup.train[0]
     budget = setup.config.phases[0].budget
     want = module.forward(tf.constant(images), tf.constant(budget))["values"].numpy()

@@ -5,7 +5,6 @@ give, and a section is drawn from the runs' own files."""
 import json
 import os
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -17,9 +16,6 @@ from tfsplit.training.config import base_config
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = REPO_ROOT / "docs" / "results.md"
 HISTORY = REPO_ROOT / "docs" / "history.md"
-# The results page's runs that did not settle (their last epoch moved validation accuracy by a
-# point or more), each to be discussed in its section; any other is a failure.
-UNSETTLED = {}
 
 
 @pytest.mark.parametrize("page", [PAGE, HISTORY], ids=lambda page: page.name)
@@ -33,10 +29,9 @@ def test_the_committed_sections_are_what_the_committed_results_give(page):
             f"docs/{page.name}'s {name} differs from what its results give: run "
             "tfsplit-results-pages"
         )
-        if page == PAGE:  # the results page quotes converged runs, and says which did not
-            assert re.search(r"^(- )?(Every run's last epoch|Not converged)", rendered, re.M)
-            unsettled = re.findall(r"^(?:- )?Not converged \(.*?\): (.*)\.$", rendered, re.M)
-            assert unsettled == ([UNSETTLED[name]] if name in UNSETTLED else []), name
+        if page == PAGE:  # the results page quotes converged runs only; history keeps the rest
+            assert "Every run's last epoch moved validation accuracy by less than" in rendered
+            assert "Not converged" not in rendered, f"{name} has runs that did not converge"
         for line in rendered.splitlines():  # the plots it shows are committed
             if line.startswith("!["):
                 assert (PAGE.parent / line.split("(")[1].rstrip(")")).is_file(), line

@@ -70,6 +70,17 @@ def batches(images, labels, info, batch_size):
     return [(x.numpy(), y.numpy()) for x, y in dataset], dataset
 
 
+def starting_model(config, info):
+    """The config's networked split model as a seeded build makes it: the same weights again."""
+    keras.utils.set_random_seed(config.seed)
+    return trainer.build_split_model(config, info, remote=True)
+
+
+def exported_graph(split):
+    """The trainable head's exported graph over `split`'s variables, run by TensorFlow."""
+    return trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+
+
 def prepare(config, head_dir):
     """`config`'s training data as fixed batches, its validation split held out of them as the
     runs' training does (`config.data.validation_fraction`), and its starting model exported
@@ -81,8 +92,7 @@ def prepare(config, head_dir):
     validation, validation_ds = batches(
         images[held], labels[held], info, config.data.eval_batch_size
     )
-    keras.utils.set_random_seed(config.seed)
-    split = trainer.build_split_model(config, info, remote=True)
+    split = starting_model(config, info)
     trainable_export.export_trainable_head(split, head_dir, config)
     return types.SimpleNamespace(
         config=config,
@@ -129,9 +139,8 @@ def train_both(setup, train, epochs=1, same_gradients=False, head_class=Trainabl
     With `same_gradients` the LiteRT device trains on the gradients the server returned to the
     Keras device at each step, not on its own: the wire and the tail cannot come between them."""
     config = setup.config
-    keras.utils.set_random_seed(config.seed)
-    split = trainer.build_split_model(config, setup.info, remote=True)  # as setup.head's
-    module = trainable.TrainableHead(split, *trainable_export.optimizer_settings(split))
+    split = starting_model(config, setup.info)  # as setup.head's
+    module = exported_graph(split)
     train_ds = tf.data.Dataset.from_generator(
         lambda: iter(train),
         output_signature=(
