@@ -6,7 +6,8 @@ The smoke deprune config (no augmentation), the same starting model and batches,
 against a fresh `tfsplit-train-server` on 127.0.0.1 (`tfsplit.eval.device_parity`). Measures:
 - the epoch: the heads' relative L2 distance at its end;
 - the runtime: each LiteRT `train` step replayed from the weights it started from, with the same
-  inputs, by the exported graph run in TensorFlow;
+  inputs, by the exported graph run in TensorFlow (in the changed configs below, also which
+  head variables the farthest such step moved apart);
 - the server: the LiteRT run's calls sent again to two fresh servers (identical replies?);
 - the wire: per training step, how many activations differ on the wire and how far apart the
   server's gradients are, and where that difference sits; step 1 again with step 0's payload
@@ -15,12 +16,15 @@ against a fresh `tfsplit-train-server` on 127.0.0.1 (`tfsplit.eval.device_parity
 - the same gradients: the LiteRT device trained on the gradients the Keras device received,
   over 4 steps and over the whole epoch;
 - each device against itself: the epoch run again, each device's head against its first run's;
+  and again from the starting weights with one value one float32 step up (the first value of
+  the head's first weight variable, then of its middle one): the training's own sensitivity to a
+  single last-bit difference;
 - LiteRT's kernel sets: the first batch's sent values from each of the interpreter's op
   resolvers against TensorFlow's run of the same exported graph (float32 values and float16
   roundings that differ);
-- the config changed one way at a time, each epoch and same-gradients run again: the gates at a
-  fixed Adam rate of `gate_learning_rate` (not the smoke phase's travel rate), a float32 wire,
-  and both. Diagnostics only: the parity test keeps the smoke config.
+- the config changed one way at a time, each epoch, same-gradients and nudged run again: the
+  gates at a fixed Adam rate of `gate_learning_rate` (not the smoke phase's travel rate), a
+  float32 wire, and both. Diagnostics only: the parity test keeps the smoke config.
 """
 
 import argparse
@@ -67,12 +71,12 @@ def _relative(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def runtime_steps(setup, head):
-    """Each recorded LiteRT step against the exported graph's step in TensorFlow, from the
-    same weights with the same inputs: the relative distance of the head after it."""
+def tensorflow_steps(setup, head):
+    """Each recorded LiteRT step again as the exported graph's step in TensorFlow, from the same
+    weights with the same inputs: per step, (TensorFlow's weights after it, LiteRT's)."""
     module = device_parity.exported_graph(device_parity.starting_model(setup.config, setup.info))
     step = tf.function(module.train)
-    distances = []
+    pairs = []
     for before, after, (images, labels, gradient, budget, rates, penalty) in head.steps:
         module.set_weights(tf.constant(before))
         step(
@@ -84,14 +88,36 @@ def runtime_steps(setup, head):
             gate_learning_rate=tf.constant([rates[1]], tf.float32),
             penalty_weight=tf.constant([penalty], tf.float32),
         )
-        got = module.get_weights()["weights"].numpy()
-        distances.append(
-            _relative(
-                device_parity.head_values(head.layout, got),
-                device_parity.head_values(head.layout, after),
-            )
-        )
-    return distances
+        pairs.append((module.get_weights()["weights"].numpy(), after))
+    return pairs
+
+
+def runtime_distances(layout, pairs):
+    """The head's relative distance after each step of `tensorflow_steps`' `pairs`."""
+    return [
+        _relative(device_parity.head_values(layout, got), device_parity.head_values(layout, after))
+        for got, after in pairs
+    ]
+
+
+# How far apart a value of the head must be, after one step, to count as moved by it.
+STEP_APART = 1e-6
+
+
+def farthest_step_values(layout, pairs):
+    """At the step of `tensorflow_steps`' `pairs` whose heads end farthest apart: per head
+    variable, how many of its values are more than STEP_APART apart (variables with none left
+    out)."""
+    step = int(np.argmax(runtime_distances(layout, pairs)))
+    got, after = pairs[step]
+    counts = {}
+    for e in layout["variables"]:
+        if e["kind"] in device_parity.HEAD_KINDS:
+            where = slice(e["offset"], e["offset"] + e["size"])
+            apart = int(np.sum(np.abs(got[where] - after[where]) > STEP_APART))
+            if apart:
+                counts[e["name"]] = apart
+    return dict(step=step, values_apart=counts)
 
 
 def gate_steps(head):
@@ -188,6 +214,25 @@ def repeat_distances(first, second):
     return _relative(keras_second, keras_first), _relative(litert_second, litert_first)
 
 
+def nudge_offsets(layout):
+    """Where the sensitivity runs nudge a starting weight: the first value of the head's first
+    weight variable and of its middle one, by name."""
+    weights = [e for e in layout["variables"] if e["kind"] == "weight"]
+    return {e["name"]: e["offset"] for e in (weights[0], weights[len(weights) // 2])}
+
+
+def sensitivity(setup, base):
+    """Each device's epoch from the starting weights with one value one float32 step up (at each
+    of `nudge_offsets`), against its own run `base` from the unnudged ones: how far a single
+    last-bit difference carries the same runtime."""
+    rows = {}
+    for name, offset in nudge_offsets(base.head.layout).items():
+        nudged = device_parity.train_both(setup, setup.train, nudge=offset)
+        keras_distance, litert_distance = repeat_distances(base, nudged)
+        rows[name] = dict(keras_relative_l2=keras_distance, litert_relative_l2=litert_distance)
+    return rows
+
+
 def kernel_sets(setup):
     """The first batch's sent values from the LiteRT forward, once per op resolver, against
     TensorFlow's run of the exported graph from the same weights: how many float32 values and
@@ -232,19 +277,24 @@ def smoke_config(gate_travel_fraction=None, wire=None):
 
 
 def variant_distances(scratch):
-    """Per variant: the epoch's and the same-gradients epoch's relative L2 distances, the
-    same-gradients run's runtime steps (as `runtime_steps`), and whether both devices sent the
-    same channels at every step of it."""
+    """Per variant: the epoch's and the same-gradients epoch's relative L2 distances, each
+    device's `sensitivity`, the same-gradients run's runtime steps (`runtime_distances`) and
+    where its farthest one moved the head (`farthest_step_values`), and whether both devices
+    sent the same channels at every step of it."""
     rows = {}
     for name, changes in VARIANTS:
         setup = device_parity.prepare(smoke_config(**changes), os.path.join(scratch, name))
         same = device_parity.train_both(
             setup, setup.train, same_gradients=True, head_class=RecordedHead
         )
+        epoch = device_parity.train_both(setup, setup.train)
+        steps = tensorflow_steps(setup, same.head)
         rows[name] = dict(
-            epoch_relative_l2=device_parity.train_both(setup, setup.train).relative_distance(),
+            epoch_relative_l2=epoch.relative_distance(),
+            one_weight_nudged=sensitivity(setup, epoch),
             same_gradients_epoch_relative_l2=same.relative_distance(),
-            same_gradients_runtime_step_relative_l2=runtime_steps(setup, same.head),
+            same_gradients_runtime_step_relative_l2=runtime_distances(same.head.layout, steps),
+            same_gradients_farthest_step=farthest_step_values(same.head.layout, steps),
             same_gradients_same_channels=same_channels(same),
         )
     return rows
@@ -266,7 +316,9 @@ def main():
             config="configs/deprune.py:smoke, no augmentation",
             steps_per_epoch=len(setup.train),
             epoch_relative_l2=epoch.relative_distance(),
-            runtime_step_relative_l2=runtime_steps(setup, epoch.head),
+            runtime_step_relative_l2=runtime_distances(
+                epoch.head.layout, tensorflow_steps(setup, epoch.head)
+            ),
             server=server_checks(setup, epoch),
             wire=wire_steps(epoch),
             gates=gate_steps(epoch.head),
@@ -274,6 +326,7 @@ def main():
             same_gradients_epoch_relative_l2=same_epoch.relative_distance(),
             keras_run_again_relative_l2=keras_again,
             litert_run_again_relative_l2=litert_again,
+            one_weight_nudged=sensitivity(setup, epoch),
             kernel_sets=kernel_sets(setup),
             config_changes=variant_distances(scratch),
         )

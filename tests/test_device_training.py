@@ -80,6 +80,14 @@ def test_an_epoch_sends_the_same_bytes_and_ends_as_close_as_the_wire_allows(smok
     assert runs.relative_distance() < 0.05
 
 
+def test_a_nudge_moves_one_value_by_one_float32_step():
+    """What the parity benchmark's sensitivity runs start both devices from."""
+    weights = np.array([0.5, -2.0, 0.0], np.float32)
+    got = device_parity.nudged(weights, 1)
+    assert got[1] == np.nextafter(np.float32(-2.0), np.float32(np.inf)) and got[1] > -2.0
+    assert got[0] == 0.5 and got[2] == 0.0 and weights[1] == -2.0  # a copy: the input is kept
+
+
 def test_epoch_plan_follows_the_phase_schedule(smoke):
     """The plan the device follows is what `PhaseSchedule` sets on the Keras model, epoch by
     epoch (budget, rates, penalty, nesting)."""

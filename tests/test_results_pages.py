@@ -251,6 +251,16 @@ def _short(value):
     return "0" if value == 0 else f"{value:.1e}".replace("e-0", "e-")
 
 
+def _nudged(rows):
+    """'Keras a to b; LiteRT c to d' of `sensitivity`'s rows, the way the table writes it."""
+
+    def span(key):
+        low, high = sorted(row[key] for row in rows.values())[:: len(rows) - 1]
+        return _short(low) if _short(low) == _short(high) else f"{_short(low)} to {_short(high)}"
+
+    return f"{span('keras_relative_l2')}; {span('litert_relative_l2')}"
+
+
 def test_the_device_parity_table_is_the_committed_measurement():
     """docs/device-training.md's table of distances is results/device_training/parity.json."""
     result = json.loads((REPO_ROOT / "results" / "device_training" / "parity.json").read_text())
@@ -273,6 +283,8 @@ def test_the_device_parity_table_is_the_committed_measurement():
         "step 1, with step 0's payload made the Keras device's": _short(
             result["server"]["step1_gradient_gap_with_step0_the_same"]
         ),
+        "each device's epoch from the starting weights with one value one float32 step up, "
+        "against its own run (Keras; LiteRT)": _nudged(result["one_weight_nudged"]),
         "the heads, trained on the same gradients for 4 steps": _short(
             result["same_gradients_4_steps_relative_l2"]
         ),
@@ -290,6 +302,15 @@ def test_the_device_parity_table_is_the_committed_measurement():
         expected[f"the same gradients, {change}"] = _short(
             changed["same_gradients_epoch_relative_l2"]
         )
+        expected[f"one value nudged, {change} (Keras; LiteRT)"] = _nudged(
+            changed["one_weight_nudged"]
+        )
+    # One last-bit difference carries each device more than ten times the target from itself.
+    assert all(
+        distance > 10 * 1e-4
+        for row in result["one_weight_nudged"].values()
+        for distance in row.values()
+    )
     page = (REPO_ROOT / "docs" / "device-training.md").read_text()
     rows = dict(
         [cell.strip() for cell in line.strip("|").split("|")]
@@ -305,6 +326,16 @@ def test_the_device_parity_table_is_the_committed_measurement():
     steps = float32_wire["same_gradients_runtime_step_relative_l2"]
     others = sorted(steps[:1] + steps[2:])
     prose = " ".join(page.split())
+    # Its farthest runtime step moved conv1 to conv3 and one channel of conv3's batch norm.
+    farthest = float32_wire["same_gradients_farthest_step"]
+    assert farthest["step"] == 1
+    assert sorted(farthest["values_apart"]) == [
+        f"conv{layer}{part}:0"
+        for layer in (1, 2, 3)
+        for part in ("/kernel", "_bn/beta", "_bn/gamma")
+        if (layer, part) != (3, "_bn/gamma")
+    ]
+    assert farthest["values_apart"]["conv3_bn/beta:0"] == 1
     assert (
         f"end {_short(steps[1])} apart (every other step {_short(others[-1])} at most; with both "
         f"changes {_short(both['same_gradients_runtime_step_relative_l2'][1])} at step 1)"

@@ -133,14 +133,25 @@ class BothRuns:
         return float(np.sqrt(distance / sum(float(np.sum(want**2)) for _, want, _ in pairs)))
 
 
-def train_both(setup, train, epochs=1, same_gradients=False, head_class=TrainableHead):
+def nudged(weights, offset):
+    """A copy of the flat float32 `weights` with the value at `offset` one float32 step up."""
+    weights = np.array(weights, np.float32)
+    weights[offset] = np.nextafter(weights[offset], np.float32(np.inf))
+    return weights
+
+
+def train_both(setup, train, epochs=1, same_gradients=False, head_class=TrainableHead, nudge=None):
     """The Keras device, then the LiteRT device (a `head_class` of `setup.head`), each trained on
     the batches `train` for `epochs` epochs of the config's schedule against a fresh server.
     With `same_gradients` the LiteRT device trains on the gradients the server returned to the
-    Keras device at each step, not on its own: the wire and the tail cannot come between them."""
+    Keras device at each step, not on its own: the wire and the tail cannot come between them.
+    With `nudge` (an offset in the weight layout) both start from the starting weights `nudged`
+    there: how far one last-bit difference carries each device from its own unnudged run."""
     config = setup.config
     split = starting_model(config, setup.info)  # as setup.head's
     module = exported_graph(split)
+    if nudge is not None:
+        module.set_weights(tf.constant(nudged(module.get_weights()["weights"].numpy(), nudge)))
     train_ds = tf.data.Dataset.from_generator(
         lambda: iter(train),
         output_signature=(
@@ -168,6 +179,8 @@ def train_both(setup, train, epochs=1, same_gradients=False, head_class=Trainabl
     )
     try:
         head = head_class(setup.head)
+        if nudge is not None:
+            head.set_weights(nudged(head.get_weights(), nudge))
         device = DeviceTrainer(head, litert_log)
         device.connect()
         summary = device.fit(
