@@ -306,3 +306,17 @@ def test_the_trainable_step_is_timed_and_the_installs_are_sized(deployed):
     keras = train_bench.install_size_mib(train_bench.KERAS_DEVICE)
     assert 0 < train_bench.install_size_mib(["numpy"]) < litert < keras
     assert train_bench.install_size_mib(["no-such-distribution"]) == 0
+
+
+def test_the_bench_tool_times_the_trainable_head_into_a_new_directory(deployed, tmp_path):
+    """`tfsplit-bench-head --trainable` without TensorFlow, its --out made as the other mode's."""
+    out = tmp_path / "new" / "results"
+    argv = [
+        sys.executable, "-c", TOOL.replace("tfsplit-device-train", "tfsplit-bench-head"),
+        "--trainable", f"--export_dir={deployed.head}", "--runs=1", "--warmup=0", f"--out={out}",
+    ]  # fmt: skip
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((out / "bench_head_trainable.json").read_text())
+    assert [row["batch"] for row in written["rows"]] == list(train_bench.BATCH_SIZES)
+    assert written["memory"]["litert_process_peak_mib"] > 0

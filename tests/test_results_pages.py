@@ -358,3 +358,56 @@ def test_the_device_parity_table_is_the_committed_measurement():
             f"{measured['float32_differing']:,} of {measured['values']:,}",
             f"{measured['float16_differing']:,}",
         ], resolver
+
+
+def _table(page, header):
+    """The rows of the markdown table under the line `header`, as lists of cells."""
+    lines = page[page.index(header) :].splitlines()[1:]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_device_step_tables_are_the_committed_measurements():
+    """docs/results.md's LiteRT step and profile tables, and the oneDNN-off ratios, are the
+    committed files'."""
+    results = REPO_ROOT / "results" / "device_training"
+    step = json.loads((results / "bench_head_trainable.json").read_text())
+    onednn_off = json.loads((results / "onednn_off" / "bench_head_trainable.json").read_text())
+    profile = json.loads((results / "step_profile.json").read_text())["share_by_op"]
+    page = PAGE.read_text()
+    assert _table(page, "One training step of the head (the third command") == [
+        [
+            str(row["batch"]),
+            f"{row['step_ms']:.2f}",
+            f"{row['step_ms_per_sample']:.2f}",
+            f"{row['keras_step_ms']:.2f}",
+            f"{row['keras_step_ms_per_sample']:.2f}",
+            f"{row['litert_over_keras']:.2f}",
+        ]
+        for row in step["rows"]
+    ]
+    at = {row["batch"]: row for row in step["rows"]}
+    off = {row["batch"]: row for row in onednn_off["rows"]}
+    prose = " ".join(page.split())
+    assert f"the LiteRT step costs {at[32]['litert_over_keras']:.2f}x the Keras step" in prose
+    assert (
+        f"takes {off[32]['keras_step_ms']:.2f} ms at batch 32, and the LiteRT step "
+        f"{off[32]['litert_over_keras']:.2f}x it ({off[8]['litert_over_keras']:.2f}x at batch 8, "
+        f"{off[1]['litert_over_keras']:.2f}x at batch 1)"
+    ) in prose
+    rows = _table(page, "Where the time goes, op by op (the fifth command")
+    *named, (rest_label, rest_share) = rows
+    assert rest_label.startswith("interpreter, ")
+    # "XNNPACK matmul (the convolutions, ...)" is the profile's "XNNPACK matmul (gemm)".
+    keys = [
+        label.split(" (")[0].replace("XNNPACK matmul", "XNNPACK matmul (gemm)")
+        for label, _ in named
+    ]
+    for key, (label, share) in zip(keys, named):
+        assert share == f"{100 * profile[key]:.1f}%", label
+    assert rest_share == f"{100 * (sum(profile.values()) - sum(profile[k] for k in keys)):.1f}%"

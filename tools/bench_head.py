@@ -92,7 +92,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _TRAINABLE.value:
         result = _bench_trainable()
-        path = os.path.join(_OUT.value or _EXPORT_DIR.value, "bench_head_trainable.json")
+        out_dir = _OUT.value or _EXPORT_DIR.value
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "bench_head_trainable.json")
         with open(path, "w") as f:
             json.dump(dict(result, cpu_count=os.cpu_count()), f, indent=2)
         print(f"Wrote {path}")
