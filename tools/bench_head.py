@@ -32,7 +32,12 @@ RESULT_FILE = "bench_head.json"
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Directory with head_<dtype>.tflite + .json.", required=True
 )
-_OUT = flags.DEFINE_string("out", None, "Where to write bench_head.json; default --export_dir.")
+_OUT = flags.DEFINE_string(
+    "out",
+    None,
+    "Where to write bench_head.json (bench_head_trainable.json with --trainable); default "
+    "--export_dir.",
+)
 _DTYPES = flags.DEFINE_list("dtypes", list(device.HEAD_DTYPES), "Head dtypes to time.")
 _RUNS = flags.DEFINE_integer("runs", 200, "Timed calls per head.", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed calls first.", lower_bound=0)
