@@ -18,7 +18,7 @@ against a fresh `tfsplit-train-server` on 127.0.0.1 (`tfsplit.eval.device_parity
 - each device against itself: the epoch run again, each device's head against its first run's;
   and again from the starting weights with one value one float32 step up (the first value of
   the head's first weight variable, then of its middle one): the training's own sensitivity to a
-  single last-bit difference;
+  single last-bit difference, in the head after the epoch and in the server's gradients per step;
 - LiteRT's kernel sets: the first batch's sent values from each of the interpreter's op
   resolvers against TensorFlow's run of the same exported graph (float32 values and float16
   roundings that differ);
@@ -229,8 +229,24 @@ def sensitivity(setup, base):
     for name, offset in nudge_offsets(base.head.layout).items():
         nudged = device_parity.train_both(setup, setup.train, nudge=offset)
         keras_distance, litert_distance = repeat_distances(base, nudged)
-        rows[name] = dict(keras_relative_l2=keras_distance, litert_relative_l2=litert_distance)
+        rows[name] = dict(
+            keras_relative_l2=keras_distance,
+            litert_relative_l2=litert_distance,
+            keras_gradient_steps=gradient_distances(base.keras_log, nudged.keras_log),
+            litert_gradient_steps=gradient_distances(base.litert_log, nudged.litert_log),
+        )
     return rows
+
+
+def gradient_distances(first, second):
+    """Per training step, the relative distance of the gradients the server returned in two
+    `StepLog`s."""
+    return [
+        _relative(
+            _values(second.steps[step][1], "gradients"), _values(first.steps[step][1], "gradients")
+        )
+        for step in sorted(first.steps)
+    ]
 
 
 def kernel_sets(setup):
