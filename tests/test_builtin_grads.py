@@ -79,6 +79,20 @@ def test_max_pool_gradients_are_tensorflows(pool, strides, padding):
     )
 
 
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_max_pool_over_tiles_routes_as_tensorflow(padding):
+    """2x2 windows at stride 2 over an even input take the whole-tensor route, ties included:
+    a plateau sends each window's gradient to its first value, as TensorFlow does."""
+    x = _images((2, 8, 6, 3))
+    plateau = tf.concat([x[:1], tf.ones_like(x[:1])], 0)
+    for images in (x, plateau):
+        _assert_same_gradients(
+            lambda x: builtin_grads.max_pool2d(x, (2, 2), (2, 2), padding),
+            lambda x: tf.nn.max_pool2d(x, (2, 2), (2, 2), padding),
+            [images],
+        )
+
+
 def test_max_pool_after_relu_sends_ties_to_one_zero():
     x = builtin_grads.relu(_images((1, 4, 4, 2)))
     _assert_same_gradients(
@@ -127,9 +141,10 @@ class _Step(tf.Module):
         y = builtin_grads.relu(y)
         y = builtin_grads.depthwise_conv2d(y, self.depthwise, (1, 1), "SAME")
         y = builtin_grads.relu(y, 6.0)
-        return builtin_grads.max_pool2d(y, (2, 2), (2, 2))
+        y = builtin_grads.max_pool2d(y, (2, 2), (2, 2))  # windows that tile the input
+        return builtin_grads.max_pool2d(y, (3, 3), (2, 2), "SAME")  # windows that overlap
 
-    @tf.function(input_signature=[tf.TensorSpec([2, 8, 8, 3]), tf.TensorSpec([2, 2, 2, 4])])
+    @tf.function(input_signature=[tf.TensorSpec([2, 8, 8, 3]), tf.TensorSpec([2, 1, 1, 4])])
     def gradients(self, x, upstream):
         variables = [self.kernel, self.depthwise, self.gamma, self.beta]
         with tf.GradientTape() as tape:
@@ -146,7 +161,7 @@ def test_the_ops_convert_to_builtins_only_and_run_in_litert():
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     model = converter.convert()  # fails on any op that needs Flex
-    x, upstream = _images((2, 8, 8, 3)), _images((2, 2, 2, 4))
+    x, upstream = _images((2, 8, 8, 3)), _images((2, 1, 1, 4))
     interpreter = litert.Interpreter(model_content=model)
     runner = interpreter.get_signature_runner()
     got = runner(x=x.numpy(), upstream=upstream.numpy())

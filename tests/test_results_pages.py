@@ -413,3 +413,26 @@ def test_the_device_step_tables_are_the_committed_measurements():
     for key, (label, share) in zip(keys, named):
         assert share == f"{100 * profile[key]:.1f}%", label
     assert rest_share == f"{100 * (sum(profile.values()) - sum(profile[k] for k in keys)):.1f}%"
+
+
+def test_the_device_training_table_is_the_committed_run():
+    """docs/results.md's two device trainers are results/device_training/deprune.json's."""
+    result = json.loads((REPO_ROOT / "results" / "device_training" / "deprune.json").read_text())
+    rows = {
+        cells[0]: cells[1:]
+        for cells in _table(PAGE.read_text(), "`results/device_training/deprune.json`:")
+    }
+    for device, label in (
+        ("keras", "Keras (`tfsplit-train --server`)"),
+        ("litert", "LiteRT (`tfsplit-device-train`)"),
+    ):
+        run = result["devices"][device]
+        peak = f"{run['peak_rss_mib']:,.1f} MiB"
+        assert rows[label] == [
+            f"{100 * run['final_val_accuracy']:.2f}%",
+            f"{100 * run['final_test_accuracy']:.2f}%",
+            f"{run['train_payload_bytes_up']:,} / {run['train_payload_bytes_down']:,}",
+            f"{run['process_seconds']:.1f} s",
+            f"**{peak}**" if device == "litert" else peak,
+        ], device
+    assert result["devices"]["litert"]["peak_rss_mib"] * 2**20 < 250e6  # the device's budget
