@@ -28,6 +28,7 @@ from tfsplit.device.training import bench as train_bench
 from tfsplit_tools import cli
 
 RESULT_FILE = "bench_head.json"
+TRAINABLE_RESULT_FILE = "bench_head_trainable.json"
 
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Directory with head_<dtype>.tflite + .json.", required=True
@@ -35,7 +36,7 @@ _EXPORT_DIR = flags.DEFINE_string(
 _OUT = flags.DEFINE_string(
     "out",
     None,
-    "Where to write bench_head.json (bench_head_trainable.json with --trainable); default "
+    f"Where to write {RESULT_FILE} ({TRAINABLE_RESULT_FILE} with --trainable); default "
     "--export_dir.",
 )
 _DTYPES = flags.DEFINE_list("dtypes", list(device.HEAD_DTYPES), "Head dtypes to time.")
@@ -92,17 +93,21 @@ def _bench_trainable():
     return dict(trainable=True, rows=rows, install=install, memory=memory)
 
 
+def _write(name, result):
+    """`result` as JSON in --out (default --export_dir), made if missing."""
+    out_dir = _OUT.value or _EXPORT_DIR.value
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"Wrote {path}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _TRAINABLE.value:
-        result = _bench_trainable()
-        out_dir = _OUT.value or _EXPORT_DIR.value
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "bench_head_trainable.json")
-        with open(path, "w") as f:
-            json.dump(dict(result, cpu_count=os.cpu_count()), f, indent=2)
-        print(f"Wrote {path}")
+        _write(TRAINABLE_RESULT_FILE, dict(_bench_trainable(), cpu_count=os.cpu_count()))
         return
     rows = device.bench_heads(
         _EXPORT_DIR.value, _DTYPES.value, _RUNS.value, _WARMUP.value, _NUM_THREADS.value
@@ -110,12 +115,7 @@ def main(argv):
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     print(f"{_RUNS.value} runs per head after {_WARMUP.value} warm-up, {machine}")
     print(device.format_bench_table(rows))
-    out_dir = _OUT.value or _EXPORT_DIR.value
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, RESULT_FILE)
-    with open(path, "w") as f:
-        json.dump({"machine": machine, "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
-    print(f"Wrote {path}")
+    _write(RESULT_FILE, {"machine": machine, "cpu_count": os.cpu_count(), "rows": rows})
 
 
 if __name__ == "__main__":  # python -m: the quieting reaches only what is still to load (cli)
